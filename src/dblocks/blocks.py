@@ -1,0 +1,96 @@
+"""Block denoisers and the converter from a residual layer stack to B of them.
+
+A block denoiser is stem -> its contiguous slice of layers -> head, wrapped in EDM preconditioning:
+``D(z, x, sigma) = task.denoise(F(c_in z, x, c_noise), z, sigma)``. In the independent (default) mode every
+block owns its own stem and head; in the paper's single-process mode the blocks share one stem and head.
+The same converter builds both, so they differ only in whether the stem/head objects are shared.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from dblocks import edm
+from dblocks.noise import Partition, layer_ranges
+from dblocks.tasks import Task
+
+
+@dataclass
+class DenoiserOutput:
+    raw: torch.Tensor        # what the head returned: logits (classification) or F (images)
+    denoised: torch.Tensor   # D, in target space
+
+
+class BlockDenoiser(nn.Module):
+    def __init__(self, stem: nn.Module, layers: Sequence[nn.Module], head: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.stem = stem
+        self.layers = nn.ModuleList(layers)
+        self.head = head
+        self.task = task  # not a module: the target space is fixed, never trained
+
+    def network(self, z_in: torch.Tensor | None, cond: torch.Tensor | None,
+                c_noise: torch.Tensor | None) -> torch.Tensor:
+        """F: the raw network, with its inputs already preconditioned."""
+        h, c = self.stem(z_in, cond, c_noise)
+        for layer in self.layers:
+            h = layer(h, c)
+        return self.head(h, c)
+
+    def forward(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None) -> DenoiserOutput:
+        sigma = sigma.to(z.dtype).reshape(-1).expand(z.shape[0])
+        p = edm.preconditioning(sigma, self.task.sigma_data)
+        raw = self.network(edm.per_example(p.c_in, z) * z, cond, p.c_noise)
+        return DenoiserOutput(raw=raw, denoised=self.task.denoise(raw, z, sigma))
+
+
+def convert_stack(layers: Sequence[nn.Module], split: Sequence[int], stem: nn.Module, head: nn.Module,
+                  task: Task, share_stem_head: bool = False) -> nn.ModuleList:
+    """Turn a stack of L residual layers ``layer(h, c) -> h`` into B block denoisers.
+
+    ``split`` gives the layers per block, block 1 (highest noise) first, and must sum to L. With
+    ``share_stem_head=False`` each block gets its own deep copy of the stem and head, so the blocks share
+    no parameter and can be trained in separate processes; with True they share the given instances
+    (the paper's single-process mode)."""
+    layers = list(layers)
+    if sum(split) != len(layers):
+        raise ValueError(f"layer split {list(split)} sums to {sum(split)} but the stack has {len(layers)} layers")
+    blocks = []
+    for index, span in enumerate(layer_ranges(split)):
+        own_stem = stem if share_stem_head or index == 0 else copy.deepcopy(stem)
+        own_head = head if share_stem_head or index == 0 else copy.deepcopy(head)
+        blocks.append(BlockDenoiser(own_stem, [layers[i] for i in span], own_head, task))
+    return nn.ModuleList(blocks)
+
+
+class AssembledModel(nn.Module):
+    """B block denoisers behind one denoiser interface that routes each sigma to the block owning it."""
+
+    def __init__(self, blocks: Sequence[BlockDenoiser], partition: Partition) -> None:
+        super().__init__()
+        if len(blocks) != partition.blocks:
+            raise ValueError(f"{len(blocks)} blocks given for a partition into {partition.blocks}")
+        self.blocks = nn.ModuleList(blocks)
+        self.partition = partition
+        self.calls = [0] * partition.blocks  # per-block evaluation counter (sampling cost, tests)
+
+    @property
+    def task(self) -> Task:
+        return self.blocks[0].task
+
+    def block_for(self, sigma: float) -> int:
+        return self.partition.route(float(sigma))
+
+    def forward(self, z: torch.Tensor, sigma: float, cond: torch.Tensor | None) -> DenoiserOutput:
+        """Denoise at one noise level shared by the batch: exactly one block runs."""
+        b = self.block_for(sigma)
+        self.calls[b - 1] += 1
+        return self.blocks[b - 1](z, torch.full((z.shape[0],), float(sigma), device=z.device), cond)
+
+
+Denoise = Callable[[torch.Tensor, float, "torch.Tensor | None"], DenoiserOutput]

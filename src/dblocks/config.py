@@ -1,0 +1,169 @@
+"""Experiment configuration: defaults, loading from a params file, dotted overrides, validation and the
+config hash that ties block checkpoints to the exact configuration that produced them.
+
+Validation happens before any work starts and fails with one line naming the key and what is allowed.
+The JSON schema (``schema/experiment.schema.json``) checks types, ranges and enumerations; the checks in
+``validate`` cover what a schema cannot express (registry names, layer split vs depth and B)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from dblocks.models import ARCHITECTURES, get_arch
+from dblocks.noise import layer_split
+
+DEFAULTS: dict[str, Any] = {
+    "name": "vit-digits",
+    "task": "classification",
+    "arch": "ViT-tiny",
+    "dataset": "digits",
+    "data_root": None,
+    "blocks": 3,
+    "partition": "equiprobable",
+    "overlap": 0.05,
+    "layer_split": None,
+    "seed": 0,
+    "device": "auto",
+    "noise": {"p_mean": -1.2, "p_std": 1.2, "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5},
+    "train": {"steps": 1500, "batch_size": 128, "lr": 5e-4, "weight_decay": 0.0, "warmup": 50,
+              "schedule": "cosine", "grad_clip": 1.0, "max_loss_weight": None, "checkpoint_every": 250,
+              "log_every": 25},
+    "sample": {"steps": 50, "guidance": 2.0, "num_images": 64, "batch_size": 256, "seed": 0},
+}
+
+#: keys that do not change what a block learns; left out of the config hash
+UNHASHED_KEYS = ("device", "data_root", "sample")
+
+TASK_FAMILY = {"classification": "vit", "generation": "dit"}
+
+
+class ConfigError(ValueError):
+    """An invalid parameter: the message names the key and what is allowed."""
+
+
+def _schema() -> dict:
+    return json.loads(resources.files("dblocks").joinpath("schema/experiment.schema.json").read_text())
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``train.lr=1e-3`` -> {"train": {"lr": 0.001}}; the value is parsed as YAML (numbers, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    out: dict = {}
+    cursor = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return out
+
+
+def load_params(path: str | Path, experiment: str | None = None) -> dict:
+    """Read one experiment from a YAML params file.
+
+    A file holds either one experiment mapping, or ``experiments: {name: mapping}`` (with an optional
+    ``defaults:`` mapping merged under each), from which ``experiment`` picks one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping at the top level")
+    if "experiments" not in data:
+        if experiment is not None and data.get("name", experiment) != experiment:
+            raise ConfigError(f"--experiment {experiment!r}: {path} holds only {data.get('name')!r}")
+        return data
+    experiments = data["experiments"] or {}
+    if experiment is None:
+        if len(experiments) != 1:
+            raise ConfigError(f"--experiment is required: {path} defines {', '.join(experiments)}")
+        experiment = next(iter(experiments))
+    if experiment not in experiments:
+        raise ConfigError(f"--experiment {experiment!r}: not in {path}; allowed: {', '.join(experiments)}")
+    return deep_merge(data.get("defaults") or {}, {**(experiments[experiment] or {}), "name": experiment})
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    key = _key_path(error)
+    schema = error.schema
+    if error.validator == "enum":
+        return f"{key}={error.instance!r} is not allowed; allowed: {', '.join(map(str, error.validator_value))}"
+    if error.validator == "additionalProperties":
+        allowed = ", ".join(sorted(schema.get("properties", {})))
+        return f"{key}: unknown key ({error.message.split('(')[-1].rstrip(')')}); allowed keys: {allowed}"
+    bounds = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+    if error.validator in bounds:
+        return f"{key}={error.instance!r} is out of range; allowed: {bounds[error.validator]} {error.validator_value}"
+    if error.validator == "type":
+        return f"{key}={error.instance!r} has the wrong type; allowed: {error.validator_value}"
+    if error.validator == "pattern":
+        return f"{key}={error.instance!r} is malformed; allowed: {schema.get('description', error.validator_value)}"
+    return f"{key}: {error.message}"
+
+
+def validate(config: dict) -> dict:
+    """Raise ConfigError (first problem, one line) or return the config unchanged."""
+    errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(config),
+                    key=lambda e: (len(e.absolute_path), _key_path(e)))
+    if errors:
+        raise ConfigError(_describe(errors[0]))
+    if config["arch"] not in ARCHITECTURES:
+        raise ConfigError(f"arch={config['arch']!r} is not a registered architecture; "
+                          f"allowed: {', '.join(ARCHITECTURES)}")
+    spec = get_arch(config["arch"])
+    family = TASK_FAMILY[config["task"]]
+    if spec.family != family:
+        allowed = [n for n, s in ARCHITECTURES.items() if s.family == family]
+        raise ConfigError(f"arch={config['arch']!r} is a {spec.family} model but task={config['task']!r} "
+                          f"needs one of: {', '.join(allowed)}")
+    noise = config["noise"]
+    if noise["sigma_min"] >= noise["sigma_max"]:
+        raise ConfigError(f"noise.sigma_min={noise['sigma_min']} must be below noise.sigma_max={noise['sigma_max']}")
+    if config["blocks"] > spec.depth:
+        raise ConfigError(f"blocks={config['blocks']} exceeds the depth of {config['arch']} "
+                          f"({spec.depth} layers); allowed: 1..{spec.depth}")
+    try:
+        layer_split(spec.depth, config["blocks"], config["layer_split"])
+    except ValueError as exc:
+        raise ConfigError(f"layer_split: {exc}") from None
+    return config
+
+
+def resolve(params: dict | None = None, overrides: list[dict] | None = None) -> dict:
+    """Defaults <- params file <- overrides, validated."""
+    config = deep_merge(DEFAULTS, params or {})
+    for update in overrides or []:
+        config = deep_merge(config, update)
+    return validate(config)
+
+
+def config_hash(config: dict) -> str:
+    hashed = {k: v for k, v in config.items() if k not in UNHASHED_KEYS}
+    return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]

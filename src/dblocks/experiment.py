@@ -1,0 +1,105 @@
+"""An experiment = task x architecture x partition, built from a resolved config.
+
+This is the only place that turns a config into objects. Building block b constructs that block and
+nothing else: no other block's layers, stem or head are created, loaded or touched."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from dblocks.blocks import AssembledModel, BlockDenoiser, convert_stack
+from dblocks.data import ImageDataset, load_image_dataset
+from dblocks.models import Architecture, get_arch
+from dblocks.noise import NoiseDistribution, Partition, layer_ranges, layer_split
+from dblocks.tasks import ClassificationTask, ImageGenerationTask, Task
+
+METHODS = ("blockwise", "paper", "e2e")
+
+#: (channels, height, width) and class count of each dataset, known without loading it
+DATASET_SHAPES = {"digits": ((1, 8, 8), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from the experiment seed and a purpose, e.g. derive_seed(0, "block", 2)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass
+class Experiment:
+    config: dict
+
+    @property
+    def name(self) -> str:
+        return self.config["name"]
+
+    @cached_property
+    def noise(self) -> NoiseDistribution:
+        n = self.config["noise"]
+        return NoiseDistribution(n["p_mean"], n["p_std"], n["sigma_min"], n["sigma_max"])
+
+    @cached_property
+    def partition(self) -> Partition:
+        return Partition.make(self.config["blocks"], self.config["partition"], self.config["overlap"], self.noise)
+
+    @cached_property
+    def full_range(self) -> Partition:
+        """One block over the whole range: the end-to-end denoiser's schedule."""
+        return Partition.make(1, "equiprobable", 0.0, self.noise)
+
+    @cached_property
+    def arch(self) -> Architecture:
+        image_shape, num_classes = DATASET_SHAPES[self.config["dataset"]]
+        return Architecture(get_arch(self.config["arch"]), image_shape, num_classes)
+
+    @cached_property
+    def split(self) -> list[int]:
+        return layer_split(self.arch.spec.depth, self.config["blocks"], self.config["layer_split"])
+
+    @cached_property
+    def task(self) -> Task:
+        sd = self.config["noise"]["sigma_data"]
+        if self.config["task"] == "classification":
+            # the shared target space: every job derives the same table from the experiment seed
+            return ClassificationTask(self.arch.num_classes, self.arch.target_dim,
+                                      derive_seed(self.config["seed"], "label-embedding"), sd)
+        return ImageGenerationTask(self.arch.image_shape, self.arch.num_classes, sd)
+
+    def load_data(self, split: str) -> ImageDataset:
+        return load_image_dataset(self.config["dataset"], split, self.config["data_root"])
+
+    # --- model construction -------------------------------------------------------------------------
+    def block(self, b: int) -> BlockDenoiser:
+        """Block b alone (independent mode): its own stem, its L_b layers and its own head."""
+        self.partition.interval(b)  # validates b
+        torch.manual_seed(derive_seed(self.config["seed"], "init-block", b))
+        return BlockDenoiser(self.arch.stem(), self.arch.layers(self.split[b - 1]), self.arch.head(), self.task)
+
+    def shared_blocks(self) -> AssembledModel:
+        """The paper's single-process mode: one stem and head shared by all B blocks."""
+        torch.manual_seed(derive_seed(self.config["seed"], "init-shared"))
+        layers = self.arch.layers(self.arch.spec.depth)
+        blocks = convert_stack(layers, self.split, self.arch.stem(), self.arch.head(), self.task,
+                               share_stem_head=True)
+        return AssembledModel(list(blocks), self.partition)
+
+    def e2e(self) -> BlockDenoiser:
+        """The end-to-end baseline on the same architecture: all L layers, one stem and head.
+
+        Classification: a plain ViT (learned class token, no noise input) trained with cross-entropy.
+        Generation: one EDM denoiser over the whole sigma range."""
+        torch.manual_seed(derive_seed(self.config["seed"], "init-e2e"))
+        noisy = self.config["task"] != "classification"
+        return BlockDenoiser(self.arch.stem(noisy_target=noisy), self.arch.layers(self.arch.spec.depth),
+                             self.arch.head(), self.task)
+
+    def empty_blocks(self) -> list[BlockDenoiser]:
+        """All B blocks freshly built, to load assembled weights into (inference only)."""
+        return [self.block(b) for b in range(1, self.config["blocks"] + 1)]
+
+    def layer_indices(self, b: int) -> list[int]:
+        return list(layer_ranges(self.split)[b - 1])

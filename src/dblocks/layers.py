@@ -1,0 +1,109 @@
+"""Noise-conditioned transformer layers (SPEC section 4).
+
+Every residual layer in this project has the signature ``layer(h, c) -> h`` where ``h`` is the token
+sequence (N, T, d) and ``c`` the conditioning vector (N, d_c). The block converter accepts any module
+with that signature, so a user's own residual layers can be split into blocks the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Fixed sinusoidal features of a scalar (here c_noise = ln(sigma)/4), as in DiT's timestep embedder."""
+
+    def __init__(self, dim: int, max_period: float = 10_000.0) -> None:
+        super().__init__()
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # c_noise lives in roughly [-1.6, 1.1]; scale so the lowest frequencies still vary across that span.
+        args = 1000.0 * x.float().reshape(-1, 1) * self.freqs.reshape(1, -1)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if self.dim % 2:
+            emb = F.pad(emb, (0, 1))
+        return emb
+
+
+class NoiseEmbedding(nn.Module):
+    """Sinusoidal embedding of c_noise followed by an MLP: the conditioning vector c."""
+
+    def __init__(self, width: int, frequency_dim: int = 256) -> None:
+        super().__init__()
+        self.sinusoid = SinusoidalEmbedding(frequency_dim)
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.sinusoid(c_noise))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class AdaLNZeroLayer(nn.Module):
+    """Pre-norm transformer layer modulated by c (shift, scale, gate for attention and MLP).
+
+    The modulation is zero-initialised, so every gate starts at 0 and the layer starts as the identity:
+    a freshly converted block is a no-op on h until it learns otherwise."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, cond_dim: int | None = None) -> None:
+        super().__init__()
+        cond_dim = cond_dim or width
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * width))
+        nn.init.zeros_(self.modulation[1].weight)
+        nn.init.zeros_(self.modulation[1].bias)
+        self.attn_mask: torch.Tensor | None = None  # set by architectures that need one (causal text)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c).chunk(6, dim=-1)
+        h = h + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(h), shift_a, scale_a), self.attn_mask)
+        h = h + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift_m, scale_m))
+        return h
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and a zero-initialised linear read-out (DiT's final layer)."""
+
+    def __init__(self, width: int, out_dim: int, cond_dim: int | None = None) -> None:
+        super().__init__()
+        cond_dim = cond_dim or width
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * width))
+        self.linear = nn.Linear(width, out_dim)
+        for module in (self.modulation[1], self.linear):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(h), shift, scale))

@@ -1,0 +1,85 @@
+"""The named architecture registry (``DiT-S/2`` -> sizes -> parts), as the CLI and params files use it.
+
+An architecture is a family (``vit`` classifier or ``dit`` generator) and sizes. It builds the three kinds
+of part a block denoiser needs: a stem, residual layers ``layer(h, c) -> h`` and a head. It knows nothing
+about blocks; ``dblocks.blocks`` composes the parts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from dblocks.layers import AdaLNZeroLayer
+from dblocks.models.dit import DiTHead, DiTStem
+from dblocks.models.vit import ViTHead, ViTStem
+
+FAMILIES = ("vit", "dit")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    depth: int
+    width: int
+    heads: int
+    patch: int
+    mlp_ratio: float = 4.0
+    class_dropout: float = 0.1  # DiT only: label dropout for classifier-free guidance
+    target_dim: int | None = None  # ViT only: label-embedding size (defaults to width)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    # paper sizes (SPEC section 5)
+    "ViT-paper": ArchSpec("vit", depth=12, width=128, heads=4, patch=4),
+    "DiT-S/2": ArchSpec("dit", depth=12, width=384, heads=6, patch=2),
+    "DiT-B/2": ArchSpec("dit", depth=12, width=768, heads=12, patch=2),
+    "DiT-L/2": ArchSpec("dit", depth=24, width=1024, heads=16, patch=2),
+    # CPU sizes for the embedded 8x8 digits
+    "ViT-tiny": ArchSpec("vit", depth=6, width=64, heads=4, patch=2),
+    "DiT-tiny": ArchSpec("dit", depth=6, width=64, heads=4, patch=2),
+    # the smallest sizes, for tests
+    "ViT-micro": ArchSpec("vit", depth=3, width=32, heads=2, patch=4),
+    "DiT-micro": ArchSpec("dit", depth=3, width=32, heads=2, patch=4),
+}
+
+
+def get_arch(name: str) -> ArchSpec:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture {name!r}; allowed: {', '.join(ARCHITECTURES)}") from None
+
+
+class Architecture:
+    """Factories for one architecture's parts, bound to a data shape."""
+
+    def __init__(self, spec: ArchSpec, image_shape: tuple[int, int, int], num_classes: int) -> None:
+        if spec.family not in FAMILIES:
+            raise ValueError(f"unknown family {spec.family!r}; allowed: {', '.join(FAMILIES)}")
+        self.spec = spec
+        self.image_shape = tuple(image_shape)
+        self.num_classes = num_classes
+
+    @property
+    def target_dim(self) -> int:
+        return self.spec.target_dim or self.spec.width
+
+    def stem(self, noisy_target: bool = True) -> nn.Module:
+        s = self.spec
+        if s.family == "vit":
+            return ViTStem(self.image_shape, s.patch, s.width, self.target_dim, noisy_target)
+        return DiTStem(self.image_shape, s.patch, s.width, self.num_classes, s.class_dropout)
+
+    def layers(self, count: int) -> list[nn.Module]:
+        s = self.spec
+        return [AdaLNZeroLayer(s.width, s.heads, s.mlp_ratio) for _ in range(count)]
+
+    def head(self) -> nn.Module:
+        s = self.spec
+        if s.family == "vit":
+            return ViTHead(s.width, self.num_classes)
+        return DiTHead(self.image_shape, s.patch, s.width)

@@ -1,0 +1,144 @@
+"""One training loop for every method. Block-wise, paper mode and end-to-end differ only in the
+objective they pass in (which parameters it touches and which sigmas it draws); the loop itself owns
+the optimizer, schedule, gradient clipping, NaN guard, progress bar and resumable state."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from dblocks import edm
+from dblocks.blocks import AssembledModel, BlockDenoiser
+from dblocks.checkpoint import load_training_state, save_training_state
+from dblocks.data import ImageDataset
+from dblocks.noise import Partition
+
+Batch = dict[str, torch.Tensor]
+Objective = Callable[[Batch, torch.Generator], torch.Tensor]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. the loss became NaN); nothing poisoned is written."""
+
+
+def denoising_objective(model: BlockDenoiser, sample_sigma: Callable[[int, torch.Generator], torch.Tensor],
+                        max_loss_weight: float | None = None) -> Objective:
+    """lambda(sigma)-weighted denoising loss of one denoiser with sigma from ``sample_sigma``."""
+    task = model.task
+
+    def objective(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        y = task.target(batch)
+        sigma = sample_sigma(y.shape[0], gen).to(y.device)
+        z = edm.add_noise(y, sigma, gen)
+        out = model(z, sigma, task.condition(batch))
+        weight = edm.loss_weight(sigma, task.sigma_data, max_loss_weight)
+        return task.loss(out.raw, out.denoised, batch, weight)
+
+    return objective
+
+
+def block_objective(model: BlockDenoiser, partition: Partition, block: int,
+                    max_loss_weight: float | None = None) -> Objective:
+    """Independent block training: sigma from block b's (widened) interval only."""
+    return denoising_objective(model, lambda n, g: partition.sample_sigma(block, n, generator=g), max_loss_weight)
+
+
+def paper_mode_objective(model: AssembledModel, max_loss_weight: float | None = None) -> Objective:
+    """The paper's single process: each step picks one block uniformly and trains it (and the shared parts)."""
+    partition = model.partition
+    per_block = [block_objective(blk, partition, b, max_loss_weight) for b, blk in enumerate(model.blocks, 1)]
+
+    def objective(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        b = int(torch.randint(partition.blocks, (1,), generator=gen))
+        return per_block[b](batch, gen)
+
+    return objective
+
+
+def cross_entropy_objective(model: BlockDenoiser) -> Objective:
+    """The ordinary end-to-end classifier: no noise, plain cross-entropy on the logits."""
+
+    def objective(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        return F.cross_entropy(model.network(None, batch["image"], None), batch["label"])
+
+    return objective
+
+
+def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since last log)
+    resumed_from: int = 0
+
+
+def train(module: nn.Module, objective: Objective, data: ImageDataset, cfg: dict, *, seed: int,
+          device: torch.device, state_path: Path | None = None, steps: int | None = None,
+          on_log: Callable[[int, float, float], None] | None = None, desc: str = "train",
+          progress: bool = True) -> TrainResult:
+    """Run ``steps`` (default cfg['steps']) optimizer steps on the parameters of ``module``.
+
+    If ``state_path`` holds a training state from an interrupted run it is resumed exactly (model,
+    optimizer, schedule, RNG and data-sampling state); the state is refreshed every
+    cfg['checkpoint_every'] steps."""
+    total = steps or cfg["steps"]
+    module.to(device).train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg["warmup"], total, cfg["schedule"]))
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)  # data order, sigma and noise draws
+    start = 0
+    if state_path is not None and Path(state_path).exists():
+        start = load_training_state(state_path, module, optimizer, scheduler, {"data": gen})["step"]
+    images, labels = data.images, data.labels
+    result = TrainResult(steps=total, seconds=0.0, resumed_from=start)
+    running, count, t0 = 0.0, 0, time.perf_counter()
+    bar = tqdm(range(start, total), desc=desc, initial=start, total=total, disable=not progress,
+               mininterval=1.0, dynamic_ncols=True)
+    for step in bar:
+        idx = torch.randint(len(labels), (cfg["batch_size"],), generator=gen)
+        batch = {"image": images[idx].to(device), "label": labels[idx].to(device)}
+        loss = objective(batch, gen)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{desc}: loss is {loss.item()} at step {step + 1}; stopping before any "
+                                f"checkpoint is written (lower train.lr or set train.max_loss_weight)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg["grad_clip"]:
+            nn.utils.clip_grad_norm_(module.parameters(), cfg["grad_clip"])
+        optimizer.step()
+        scheduler.step()
+        running, count = running + loss.item(), count + 1
+        done = step + 1
+        if done % cfg["log_every"] == 0 or done == total:
+            mean = running / count
+            result.losses.append((done, mean))
+            bar.set_postfix(loss=f"{mean:.4g}")
+            if on_log:
+                on_log(done, mean, scheduler.get_last_lr()[0])
+            running, count = 0.0, 0
+        if state_path is not None and done % cfg["checkpoint_every"] == 0 and done < total:
+            save_training_state(state_path, module, optimizer, scheduler, done, {"data": gen})
+    bar.close()
+    result.seconds = time.perf_counter() - t0
+    return result
