@@ -1,0 +1,381 @@
+"""The ``dblocks`` command. Each subcommand validates all of its inputs before any work starts: a bad
+value prints one line naming the option and what is allowed, exits with code 2 and writes nothing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from dblocks.config import ConfigError, load_params, parse_override, resolve
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Invalid user input, reported as one line and exit code 2."""
+
+
+# ------------------------------------------------------------------------------------------- options
+
+def _experiment_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("experiment (a params file, then these options, then --set, win in that order)")
+    g.add_argument("--config", help="YAML params file (one experiment, or 'experiments:' with --experiment)")
+    g.add_argument("--experiment", help="which experiment of the params file")
+    g.add_argument("--task", help="classification | generation")
+    g.add_argument("--arch", help="architecture name (see 'dblocks models')")
+    g.add_argument("--dataset", help="digits (embedded, offline) | cifar10 | cifar100")
+    g.add_argument("--data-root", help="local copy of the dataset (Hugging Face parquet layout)")
+    g.add_argument("--blocks", type=int, help="number of blocks B")
+    g.add_argument("--partition", help="equiprobable | uniform")
+    g.add_argument("--overlap", type=float, help="training overlap gamma in [0, 0.5)")
+    g.add_argument("--layer-split", help="layers per block, block 1 first, e.g. 3,6,3")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--steps", type=int, help="optimizer steps per block (= the baseline's total)")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, dotted, e.g. --set train.warmup=100 (repeatable)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _layer_split(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UsageError(f"--layer-split {text!r}: expected comma-separated layer counts, e.g. 3,6,3") from None
+
+
+def experiment_from_args(args: argparse.Namespace):
+    from dblocks.experiment import Experiment
+
+    params = load_params(args.config, args.experiment) if args.config else {}
+    direct = {
+        "task": args.task, "arch": args.arch, "dataset": args.dataset, "data_root": args.data_root,
+        "blocks": args.blocks, "partition": args.partition, "overlap": args.overlap, "seed": args.seed,
+        "device": args.device,
+        "layer_split": _layer_split(args.layer_split) if args.layer_split else None,
+    }
+    overrides = [{k: v for k, v in direct.items() if v is not None}]
+    train = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+    overrides.append({"train": {k: v for k, v in train.items() if v is not None}})
+    overrides += [parse_override(s) for s in args.set]
+    return Experiment(resolve(params, overrides))
+
+
+def _device(exp):
+    import torch
+
+    name = exp.config["device"]
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; allowed: auto, cpu")
+    return torch.device(name)
+
+
+def _output(path: str, suffix: str, option: str = "--out") -> Path:
+    p = Path(path)
+    if p.suffix != suffix:
+        raise UsageError(f"{option} {path}: must end in {suffix}")
+    return p
+
+
+def _existing(paths: list[str], option: str) -> list[Path]:
+    for p in paths:
+        if not Path(p).is_file():
+            raise UsageError(f"{option} {p}: file not found")
+    return [Path(p) for p in paths]
+
+
+def _finished(out: Path, exp, force: bool) -> bool:
+    """A finished checkpoint is never retrained by accident: same config -> skip; other config -> refuse."""
+    from dblocks.checkpoint import CheckpointError, load_metadata
+    from dblocks.config import config_hash
+
+    if force or not out.exists():
+        return False
+    try:
+        meta = load_metadata(out)
+    except CheckpointError:
+        return False  # incomplete or corrupt: retrain it
+    if meta.get("config_hash") == config_hash(exp.config):
+        print(f"{out}: already trained with this config (step {meta.get('step')}); use --force to retrain")
+        return True
+    raise UsageError(f"--out {out}: holds a checkpoint of another config (config_hash {meta.get('config_hash')}); "
+                     f"use --force to overwrite it")
+
+
+def _write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------- commands
+
+def cmd_partition(args) -> None:
+    from dblocks.noise import PARTITION_KINDS, Partition
+
+    if args.kind not in PARTITION_KINDS:
+        raise UsageError(f"--kind {args.kind!r}: allowed: {', '.join(PARTITION_KINDS)}")
+    if args.blocks < 1:
+        raise UsageError(f"--blocks {args.blocks}: allowed: an integer >= 1")
+    if not 0 <= args.overlap < 0.5:
+        raise UsageError(f"--overlap {args.overlap}: allowed: 0 <= gamma < 0.5")
+    part = Partition.make(args.blocks, args.kind, args.overlap)
+    if args.json:
+        print(json.dumps(part.to_dict(), indent=2))
+        return
+    print(f"{args.kind} partition of [{part.dist.sigma_min}, {part.dist.sigma_max}] into B={part.blocks} "
+          f"blocks, overlap gamma={args.overlap}")
+    print(f"{'block':>5}  {'sigma low':>10}  {'sigma high':>10}  {'train low':>10}  {'train high':>10}")
+    for b in range(1, part.blocks + 1):
+        lo, hi = part.interval(b)
+        tlo, thi = part.train_interval(b)
+        print(f"{b:>5}  {lo:>10.4g}  {hi:>10.4g}  {tlo:>10.4g}  {thi:>10.4g}")
+
+
+def cmd_models(args) -> None:
+    from dblocks.models import ARCHITECTURES
+
+    print(f"{'name':<12} {'family':<6} {'depth':>5} {'width':>5} {'heads':>5} {'patch':>5}")
+    for name, s in ARCHITECTURES.items():
+        print(f"{name:<12} {s.family:<6} {s.depth:>5} {s.width:>5} {s.heads:>5} {s.patch:>5}")
+
+
+def _train_summary(result) -> dict:
+    return {"train_seconds": round(result.seconds, 3), "resumed_from": result.resumed_from,
+            "final_loss": result.losses[-1][1] if result.losses else None,
+            "losses": [[s, round(v, 6)] for s, v in result.losses]}
+
+
+def cmd_train_block(args) -> None:
+    from dblocks.assemble import save_block
+    from dblocks.experiment import derive_seed
+    from dblocks.train import block_objective, train
+
+    exp = experiment_from_args(args)
+    out = _output(args.out, ".safetensors")
+    if not 1 <= args.block <= exp.partition.blocks:
+        raise UsageError(f"--block {args.block}: allowed: 1..{exp.partition.blocks} (B={exp.partition.blocks})")
+    device = _device(exp)
+    if _finished(out, exp, args.force):
+        return
+    data = exp.load_data("train")
+    model = exp.block(args.block)  # this block only: no other block is built, loaded or touched
+    cfg = exp.config["train"]
+    result = train(model, block_objective(model, exp.partition, args.block, cfg["max_loss_weight"]), data, cfg,
+                   seed=derive_seed(exp.config["seed"], "train-block", args.block), device=device,
+                   state_path=out.with_suffix(".state.safetensors"), desc=f"{exp.name} block {args.block}",
+                   progress=not args.no_progress)
+    save_block(out, model, exp, args.block, "blockwise", cfg["steps"], _train_summary(result))
+    _cleanup_state(out)
+    print(f"wrote {out} (block {args.block}/{exp.partition.blocks}, {result.seconds:.1f} s)")
+
+
+def _cleanup_state(out: Path) -> None:
+    for p in (out.with_suffix(".state.safetensors"), out.with_suffix(".state.json")):
+        p.unlink(missing_ok=True)
+
+
+def cmd_train_baseline(args) -> None:
+    from dblocks.assemble import save_e2e
+    from dblocks.experiment import derive_seed
+    from dblocks.train import cross_entropy_objective, denoising_objective, train
+
+    exp = experiment_from_args(args)
+    out = _output(args.out, ".safetensors")
+    device = _device(exp)
+    if _finished(out, exp, args.force):
+        return
+    data = exp.load_data("train")
+    model = exp.e2e()
+    cfg = exp.config["train"]
+    if exp.config["task"] == "classification":
+        objective = cross_entropy_objective(model)
+    else:
+        full = exp.full_range
+        objective = denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g),
+                                        cfg["max_loss_weight"])
+    result = train(model, objective, data, cfg, seed=derive_seed(exp.config["seed"], "train-e2e"),
+                   device=device, state_path=out.with_suffix(".state.safetensors"), desc=f"{exp.name} e2e",
+                   progress=not args.no_progress)
+    save_e2e(out, model, exp, cfg["steps"], _train_summary(result))
+    _cleanup_state(out)
+    print(f"wrote {out} (end-to-end baseline, {result.seconds:.1f} s)")
+
+
+def cmd_train_shared(args) -> None:
+    from dblocks.assemble import save_block
+    from dblocks.experiment import derive_seed
+    from dblocks.train import paper_mode_objective, train
+
+    exp = experiment_from_args(args)
+    out_dir = Path(args.out_dir)
+    device = _device(exp)
+    model = exp.shared_blocks()
+    cfg = exp.config["train"]
+    # one block per step: B x the baseline's steps gives every block as many updates as the baseline
+    steps = cfg["steps"] * exp.partition.blocks
+    result = train(model, paper_mode_objective(model, cfg["max_loss_weight"]), exp.load_data("train"), cfg,
+                   seed=derive_seed(exp.config["seed"], "train-shared"), device=device, steps=steps,
+                   state_path=out_dir / "shared.state.safetensors", desc=f"{exp.name} paper mode",
+                   progress=not args.no_progress)
+    for b, blk in enumerate(model.blocks, 1):
+        save_block(out_dir / f"block-{b}.safetensors", blk, exp, b, "paper", steps, _train_summary(result))
+    _cleanup_state(out_dir / "shared.safetensors")
+    print(f"wrote {exp.partition.blocks} blocks (shared stem and head) to {out_dir} ({result.seconds:.1f} s)")
+
+
+def cmd_assemble(args) -> None:
+    from dblocks.assemble import AssemblyError, assemble
+
+    paths = _existing(args.blocks, "BLOCK")
+    out = _output(args.out, ".safetensors")
+    try:
+        meta = assemble(paths, out, args.expect_blocks)
+    except AssemblyError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {out}: {meta['experiment']}, {meta['blocks']} blocks, method {meta['method']}")
+
+
+def _load(args):
+    from dblocks.assemble import load_model
+    from dblocks.checkpoint import CheckpointError
+
+    (path,) = _existing([args.model], "MODEL")
+    try:
+        return load_model(path)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_sample(args) -> None:
+    import torch
+
+    from dblocks.blocks import AssembledModel
+    from dblocks.sample import generate, save_grid
+
+    out = _output(args.out, ".png")
+    model, exp, meta = _load(args)
+    if exp.config["task"] != "generation":
+        raise UsageError(f"MODEL {args.model}: is a {exp.config['task']} model; 'sample' needs a generation model")
+    model.to(_device(exp))
+    if not isinstance(model, AssembledModel):  # an end-to-end denoiser is one block over the whole range
+        model = AssembledModel([model], exp.full_range)
+    s = exp.config["sample"]
+    steps = args.steps or s["steps"]
+    n = args.num or s["num_images"]
+    labels = torch.arange(n) % exp.arch.num_classes
+    t0 = time.perf_counter()
+    images = generate(model, labels, exp.noise.quantile_grid(steps), torch.Generator().manual_seed(args.seed),
+                      guidance=s["guidance"] if args.guidance is None else args.guidance,
+                      null_label=exp.arch.num_classes, batch_size=s["batch_size"], progress=not args.no_progress)
+    save_grid(images, out, nrow=exp.arch.num_classes)
+    print(f"wrote {out}: {n} samples, {steps} steps, block calls {model.calls}, {time.perf_counter() - t0:.1f} s")
+
+
+def cmd_evaluate(args) -> None:
+    import torch
+
+    from dblocks.blocks import AssembledModel
+    from dblocks.sample import classify, classify_direct
+
+    out = _output(args.out, ".json")
+    model, exp, meta = _load(args)
+    if exp.config["task"] != "classification":
+        raise UsageError(f"MODEL {args.model}: 'evaluate' measures classification accuracy; use 'sample' for a "
+                         f"generation model")
+    model.to(_device(exp))
+    data = exp.load_data(args.split)
+    t0 = time.perf_counter()
+    if isinstance(model, AssembledModel):
+        preds = classify(model, data.images, torch.Generator().manual_seed(args.seed))
+    else:
+        preds = classify_direct(model, data.images)
+    accuracy = (preds == data.labels).float().mean().item()
+    record = {"experiment": exp.name, "method": meta.get("method"), "split": args.split, "examples": len(data),
+              "accuracy": accuracy, "eval_seconds": round(time.perf_counter() - t0, 3),
+              "model": str(args.model), "model_sha256": meta["sha256"], "scale": args.scale}
+    _write_json(out, record)
+    print(f"{exp.name} ({meta.get('method')}): accuracy {100 * accuracy:.2f}% on {len(data)} {args.split} examples")
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dblocks", description=__doc__.split(".")[0] + ".",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("partition", cmd_partition, "print the noise partition into B blocks")
+    p.add_argument("--blocks", type=int, required=True)
+    p.add_argument("--kind", default="equiprobable", help="equiprobable | uniform")
+    p.add_argument("--overlap", type=float, default=0.0, help="training overlap gamma in [0, 0.5)")
+    p.add_argument("--json", action="store_true", help="print JSON (boundaries ascending, train_intervals)")
+
+    command("models", cmd_models, "list the architecture registry")
+
+    p = command("train-block", cmd_train_block, "train one block denoiser on its own noise interval")
+    p.add_argument("--block", type=int, required=True, help="block index, 1 = highest noise")
+    p.add_argument("--out", required=True, help="checkpoint path (.safetensors; metadata goes to .json)")
+    p.add_argument("--force", action="store_true", help="retrain even if --out already holds this block")
+    _experiment_options(p)
+
+    p = command("train-baseline", cmd_train_baseline, "train the end-to-end baseline on the same architecture")
+    p.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
+    p.add_argument("--force", action="store_true")
+    _experiment_options(p)
+
+    p = command("train-shared", cmd_train_shared,
+                "the paper's single-process mode: shared stem and head, one block sampled per step")
+    p.add_argument("--out-dir", required=True, help="directory for block-<b>.safetensors")
+    _experiment_options(p)
+
+    p = command("assemble", cmd_assemble, "compose B block checkpoints into one model")
+    p.add_argument("blocks", nargs="+", metavar="BLOCK", help="block checkpoints (.safetensors)")
+    p.add_argument("--out", required=True, help="model path (.safetensors)")
+    p.add_argument("--expect-blocks", type=int, help="refuse unless the checkpoints say B equals this")
+
+    p = command("sample", cmd_sample, "generate a PNG grid of class-conditional samples")
+    p.add_argument("model", metavar="MODEL", help="assembled or end-to-end generation model (.safetensors)")
+    p.add_argument("--out", required=True, help="PNG path")
+    p.add_argument("--num", type=int, help="number of samples (default: sample.num_images)")
+    p.add_argument("--steps", type=int, help="Euler steps (default: sample.steps)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: sample.guidance)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+    p = command("evaluate", cmd_evaluate, "classification accuracy of an assembled or end-to-end model")
+    p.add_argument("model", metavar="MODEL", help="model (.safetensors)")
+    p.add_argument("--out", required=True, help="metrics JSON path")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--scale", default="tiny", help="label recorded with the metric (tiny | paper)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (UsageError, ConfigError) as exc:
+        print(f"dblocks {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
