@@ -21,7 +21,7 @@ from dblocks.models import ARCHITECTURES, get_arch
 from dblocks.noise import layer_split
 
 DEFAULTS: dict[str, Any] = {
-    "name": "vit-digits",
+    "name": None,  # derived from arch and dataset when not given
     "task": "classification",
     "arch": "ViT-tiny",
     "dataset": "digits",
@@ -161,6 +161,8 @@ def resolve(params: dict | None = None, overrides: list[dict] | None = None) -> 
     config = deep_merge(DEFAULTS, params or {})
     for update in overrides or []:
         config = deep_merge(config, update)
+    if config["name"] is None:
+        config["name"] = f"{config['arch']}-{config['dataset']}".replace("/", "").lower()
     return validate(config)
 
 

@@ -56,14 +56,20 @@ class NoiseDistribution:
         # Clamp: float64 round-off at the tails may step a hair outside the interval.
         return log_sigma.exp().clamp(low, high).to(device=device, dtype=torch.float32)
 
+    def equal_mass_points(self, n: int) -> list[float]:
+        """n + 1 ascending sigmas from sigma_min to sigma_max with equal probability mass between neighbours.
+
+        The equi-probability partition and the sampler's grid both come from here, so a grid with
+        N = B steps lands exactly (bit for bit) on the partition boundaries."""
+        if n < 1:
+            raise ValueError(f"need at least one interval, got {n}")
+        q_lo, q_hi = self.cdf(self.sigma_min), self.cdf(self.sigma_max)
+        inner = [self.quantile(q_lo + (i / n) * (q_hi - q_lo)) for i in range(1, n)]
+        return [self.sigma_min, *inner, self.sigma_max]
+
     def quantile_grid(self, num_steps: int) -> list[float]:
         """num_steps + 1 sigmas, descending from sigma_max to sigma_min, equally spaced in probability."""
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        q_lo, q_hi = self.cdf(self.sigma_min), self.cdf(self.sigma_max)
-        grid = [self.quantile(q_hi - (i / num_steps) * (q_hi - q_lo)) for i in range(num_steps + 1)]
-        grid[0], grid[-1] = self.sigma_max, self.sigma_min  # exact endpoints, no round-off
-        return grid
+        return list(reversed(self.equal_mass_points(num_steps)))
 
 
 def partition_boundaries(dist: NoiseDistribution, blocks: int, kind: str = "equiprobable") -> list[float]:
@@ -73,11 +79,9 @@ def partition_boundaries(dist: NoiseDistribution, blocks: int, kind: str = "equi
     if kind not in PARTITION_KINDS:
         raise ValueError(f"partition kind must be one of {', '.join(PARTITION_KINDS)}; got {kind!r}")
     if kind == "equiprobable":
-        q_lo, q_hi = dist.cdf(dist.sigma_min), dist.cdf(dist.sigma_max)
-        inner = [dist.quantile(q_lo + (b / blocks) * (q_hi - q_lo)) for b in range(1, blocks)]
-    else:
-        lo, hi = math.log(dist.sigma_min), math.log(dist.sigma_max)
-        inner = [math.exp(lo + (b / blocks) * (hi - lo)) for b in range(1, blocks)]
+        return dist.equal_mass_points(blocks)
+    lo, hi = math.log(dist.sigma_min), math.log(dist.sigma_max)
+    inner = [math.exp(lo + (b / blocks) * (hi - lo)) for b in range(1, blocks)]
     return [dist.sigma_min, *inner, dist.sigma_max]
 
 

@@ -1,0 +1,35 @@
+"""Shared fixtures: the smallest real experiments, on the embedded digits data."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests never reach a hub: fail fast instead of retrying the network.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from dblocks.config import resolve  # noqa: E402
+from dblocks.experiment import Experiment  # noqa: E402
+
+MICRO_TRAIN = {"steps": 8, "batch_size": 16, "warmup": 2, "log_every": 4, "checkpoint_every": 4}
+
+
+def micro_config(**overrides) -> dict:
+    task = overrides.pop("task", "classification")
+    arch = "ViT-micro" if task == "classification" else "DiT-micro"
+    params = {"task": task, "arch": arch, "blocks": 3, "device": "cpu", "train": dict(MICRO_TRAIN)}
+    return resolve(params, [overrides])
+
+
+@pytest.fixture
+def vit_exp() -> Experiment:
+    return Experiment(micro_config())
+
+
+@pytest.fixture
+def dit_exp() -> Experiment:
+    return Experiment(micro_config(task="generation"))

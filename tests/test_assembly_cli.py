@@ -1,0 +1,239 @@
+"""The dblocks CLI end to end on micro models: checkpoints, assembly refusals, sampling, evaluation and
+input validation (one line naming the option, exit code 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dblocks.assemble import AssemblyError, assemble, check_blocks, load_model
+from dblocks.blocks import AssembledModel
+from dblocks.checkpoint import load_metadata, save_checkpoint
+from dblocks.cli import main
+
+MICRO = ["--arch", "ViT-micro", "--blocks", "3", "--steps", "6", "--batch-size", "16", "--no-progress",
+         "--device", "cpu", "--set", "train.log_every=3", "--set", "train.warmup=1"]
+DIT_MICRO = ["--task", "generation", "--arch", "DiT-micro", *MICRO[2:]]
+
+
+def run(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def vit_blocks(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("vit")
+    for b in (1, 2, 3):
+        assert run("train-block", *MICRO, "--block", b, "--out", d / f"block-{b}.safetensors") == 0
+    return d
+
+
+def _copy(src_dir: Path, dst_dir: Path, names) -> list[Path]:
+    dst_dir.mkdir(exist_ok=True)
+    out = []
+    for n in names:
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(src_dir / f"{n}{suffix}", dst_dir / f"{n}{suffix}")
+        out.append(dst_dir / f"{n}.safetensors")
+    return out
+
+
+def test_partition_json_and_table(capsys):
+    assert run("partition", "--blocks", 3, "--overlap", 0.05, "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [f"{x:.4g}" for x in out["boundaries"]] == ["0.002", "0.1796", "0.505", "80"]
+    assert len(out["train_intervals"]) == 3
+    assert out["train_intervals"][0][1] == 80.0 and out["train_intervals"][2][0] == 0.002
+    assert out["train_intervals"][1][0] < 0.1796 < 0.505 < out["train_intervals"][1][1]
+    assert run("partition", "--blocks", 3, "--kind", "uniform") == 0
+    table = capsys.readouterr().out
+    assert "uniform" in table and "2.339" in table and "0.0684" in table
+
+
+def test_block_checkpoint_metadata(vit_blocks):
+    meta = load_metadata(vit_blocks / "block-2.safetensors")
+    assert meta["kind"] == "block" and meta["method"] == "blockwise"
+    assert meta["block"] == 2 and meta["blocks"] == 3 and meta["layers"] == [1]
+    assert meta["step"] == 6 and meta["seed"] == 0 and meta["package_version"]
+    assert len(meta["config_hash"]) == 16 and meta["config"]["arch"] == "ViT-micro"
+    assert meta["partition"]["boundaries"][0] == 0.002
+    assert "git_commit" in meta and len(meta["sha256"]) == 64
+    assert not (vit_blocks / "block-2.state.safetensors").exists()  # resume state removed once finished
+
+
+def test_finished_block_is_not_retrained(vit_blocks, capsys):
+    before = (vit_blocks / "block-1.safetensors").stat().st_mtime_ns
+    assert run("train-block", *MICRO, "--block", 1, "--out", vit_blocks / "block-1.safetensors") == 0
+    assert "already trained" in capsys.readouterr().out
+    assert (vit_blocks / "block-1.safetensors").stat().st_mtime_ns == before
+    # a different config in the same place is refused rather than silently overwritten
+    assert run("train-block", *MICRO, "--seed", 1, "--block", 1, "--out", vit_blocks / "block-1.safetensors") == 2
+    assert "another config" in capsys.readouterr().err
+
+
+def test_assemble_and_evaluate_classifier(vit_blocks, tmp_path, capsys):
+    model_path = tmp_path / "model.safetensors"
+    assert run("assemble", *sorted(vit_blocks.glob("block-*.safetensors")), "--out", model_path) == 0
+    model, exp, meta = load_model(model_path)
+    assert isinstance(model, AssembledModel) and meta["kind"] == "assembled"
+    assert [s["block"] for s in meta["sources"]] == [1, 2, 3]
+    # the assembled blocks are bit-identical to the block checkpoints
+    b2, _ = load_model(vit_blocks / "block-2.safetensors")[0], None
+    assert all(torch.equal(v, model.blocks[1].state_dict()[k]) for k, v in b2.state_dict().items())
+    metrics = tmp_path / "metrics.json"
+    assert run("evaluate", model_path, "--out", metrics) == 0
+    record = json.loads(metrics.read_text())
+    assert 0.0 <= record["accuracy"] <= 1.0 and record["examples"] == 360 and record["method"] == "blockwise"
+    assert "accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["missing", "duplicate", "wrong_b", "other_config", "other_partition",
+                                  "other_experiment", "not_a_block", "other_target_space"])
+def test_assembly_refuses_mismatches(case, vit_blocks, tmp_path):
+    paths = _copy(vit_blocks, tmp_path, ["block-1", "block-2", "block-3"])
+    expected = None
+
+    def edit(path, **changes):
+        meta = load_metadata(path)
+        from dblocks.checkpoint import load_checkpoint
+        tensors, _ = load_checkpoint(path)
+        for key in ("format_version", "sha256", "tensors"):
+            meta.pop(key)
+        meta.update(changes)
+        save_checkpoint(path, tensors, meta)
+
+    if case == "missing":
+        paths, culprit, field = paths[:2], None, "block"
+    elif case == "duplicate":
+        paths, culprit, field = [paths[0], paths[1], paths[1]], paths[1], "block"
+    elif case == "wrong_b":
+        expected, culprit, field = 4, paths[0], "blocks"
+    elif case == "other_config":
+        edit(paths[2], config_hash="0" * 16)
+        culprit, field = paths[2], "config_hash"
+    elif case == "other_partition":
+        edit(paths[1], partition={"kind": "uniform"})
+        culprit, field = paths[1], "partition"
+    elif case == "other_experiment":
+        edit(paths[2], experiment="someone-else")
+        culprit, field = paths[2], "experiment"
+    elif case == "not_a_block":
+        edit(paths[0], kind="e2e")
+        culprit, field = paths[0], "kind"
+    else:  # same metadata, different target space tensors
+        from dblocks.checkpoint import load_checkpoint
+        tensors, meta = load_checkpoint(paths[2])
+        tensors["task/label_embedding"] = -tensors["task/label_embedding"]
+        save_checkpoint(paths[2], tensors, {k: v for k, v in meta.items() if k not in ("format_version", "sha256",
+                                                                                      "tensors")})
+        culprit, field = paths[2], "task/label_embedding"
+    with pytest.raises(AssemblyError) as err:
+        assemble(paths, tmp_path / "out.safetensors", expected)
+    message = str(err.value)
+    assert f"field '{field}'" in message
+    if culprit is not None:
+        assert str(culprit) in message
+    assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "out.json").exists()
+
+
+def test_cli_assembly_error_exits_2(vit_blocks, tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    assert run("assemble", vit_blocks / "block-1.safetensors", vit_blocks / "block-3.safetensors", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing block(s) [2]" in err
+    assert not out.exists()
+
+
+def test_check_blocks_orders_by_block(vit_blocks):
+    records = check_blocks([vit_blocks / f"block-{b}.safetensors" for b in (3, 1, 2)])
+    assert [m["block"] for _, m in records] == [1, 2, 3]
+
+
+def test_baseline_and_evaluate(tmp_path):
+    ckpt = tmp_path / "e2e.safetensors"
+    assert run("train-baseline", *MICRO, "--out", ckpt) == 0
+    assert load_metadata(ckpt)["kind"] == "e2e"
+    assert run("evaluate", ckpt, "--out", tmp_path / "m.json") == 0
+    assert json.loads((tmp_path / "m.json").read_text())["method"] == "e2e"
+
+
+def test_paper_mode_writes_assemblable_blocks(tmp_path):
+    out = tmp_path / "paper"
+    assert run("train-shared", *MICRO, "--out-dir", out) == 0
+    metas = [load_metadata(out / f"block-{b}.safetensors") for b in (1, 2, 3)]
+    assert {m["method"] for m in metas} == {"paper"} and metas[0]["step"] == 18  # B x steps
+    assert run("assemble", *[out / f"block-{b}.safetensors" for b in (1, 2, 3)], "--out",
+               tmp_path / "m.safetensors") == 0
+    model, _, _ = load_model(tmp_path / "m.safetensors")
+    # the stem was shared in training, so every block carries the same stem weights
+    assert torch.equal(model.blocks[0].stem.patch_embed.weight, model.blocks[2].stem.patch_embed.weight)
+
+
+def test_dit_blocks_sample_a_png_grid(tmp_path, capsys):
+    for b in (1, 2, 3):
+        assert run("train-block", *DIT_MICRO, "--block", b, "--out", tmp_path / f"b{b}.safetensors") == 0
+    model = tmp_path / "dit.safetensors"
+    assert run("assemble", *[tmp_path / f"b{b}.safetensors" for b in (1, 2, 3)], "--out", model) == 0
+    grid = tmp_path / "grid.png"
+    assert run("sample", model, "--out", grid, "--num", 20, "--steps", 9, "--no-progress") == 0
+    assert "block calls [3, 3, 3]" in capsys.readouterr().out
+    image = Image.open(grid)
+    # 10 columns x 2 rows of 8x8 digits upscaled 4x with 2-pixel padding
+    assert image.size == (10 * 32 + 11 * 2, 2 * 32 + 3 * 2)
+
+
+BAD_INPUTS = [
+    (["train-block", "--block", 1, "--arch", "ViT-huge"], "arch='ViT-huge' is not a registered architecture"),
+    (["train-block", "--block", 1, "--blocks", 0], "blocks=0 is out of range; allowed: >= 1"),
+    (["train-block", "--block", 1, "--blocks", 7], "blocks=7 exceeds the depth"),
+    (["train-block", "--block", 1, "--layer-split", "3,3,3"], "must sum to the depth L=6"),
+    (["train-block", "--block", 1, "--layer-split", "1,1,1,3"], "has 4 entries; it must have exactly B=3"),
+    (["train-block", "--block", 1, "--overlap", 0.5], "overlap=0.5 is out of range; allowed: < 0.5"),
+    (["train-block", "--block", 1, "--overlap", -0.1], "overlap=-0.1 is out of range; allowed: >= 0"),
+    (["train-block", "--block", 4], "--block 4: allowed: 1..3"),
+    (["train-block", "--block", 1, "--partition", "linear"], "partition='linear' is not allowed; allowed: equiprobable, uniform"),
+    (["train-block", "--block", 1, "--dataset", "mnist"], "dataset='mnist' is not allowed"),
+    (["train-block", "--block", 1, "--task", "generation"], "is a vit model but task='generation'"),
+    (["train-block", "--block", 1, "--config", "missing.yaml"], "--config missing.yaml: file not found"),
+    (["train-block", "--block", 1, "--set", "train.lr=-1"], "train.lr=-1 is out of range"),
+    (["train-block", "--block", 1, "--set", "train.unknown=1"], "train: unknown key"),
+    (["train-block", "--block", 1, "--device", "tpu"], "device='tpu' is malformed"),
+    (["train-block", "--block", 1, "--out-ext"], None),  # argparse: unknown option
+    (["partition", "--blocks", 0], "--blocks 0: allowed: an integer >= 1"),
+    (["partition", "--blocks", 3, "--kind", "cosine"], "--kind 'cosine': allowed: equiprobable, uniform"),
+    (["partition", "--blocks", 3, "--overlap", 0.7], "--overlap 0.7: allowed: 0 <= gamma < 0.5"),
+    (["assemble", "nothing.safetensors"], "BLOCK nothing.safetensors: file not found"),
+    (["sample", "nothing.safetensors"], "MODEL nothing.safetensors: file not found"),
+    (["evaluate", "nothing.safetensors"], "MODEL nothing.safetensors: file not found"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUTS)
+def test_bad_input_fails_fast_with_one_line(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    command = argv[0]
+    out_arg = {"partition": [], "assemble": ["--out", "o.safetensors"], "sample": ["--out", "o.png"],
+               "evaluate": ["--out", "o.json"]}.get(command, ["--out", "o.safetensors"])
+    if message is None:
+        with pytest.raises(SystemExit) as exit_info:
+            run(*argv, *out_arg)
+        assert exit_info.value.code == 2
+        return
+    assert run(*argv, *out_arg) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_help_for_every_command(capsys):
+    for command in ("partition", "models", "train-block", "train-baseline", "train-shared", "assemble", "sample",
+                    "evaluate"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: dblocks " + command in capsys.readouterr().out
