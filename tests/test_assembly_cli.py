@@ -210,6 +210,8 @@ BAD_INPUTS = [
     (["assemble", "nothing.safetensors"], "BLOCK nothing.safetensors: file not found"),
     (["sample", "nothing.safetensors"], "MODEL nothing.safetensors: file not found"),
     (["evaluate", "nothing.safetensors"], "MODEL nothing.safetensors: file not found"),
+    (["prepare", "--dataset", "imagenet"], "--dataset 'imagenet': allowed: digits, cifar10, cifar100"),
+    (["train-block", "--block", 1, "--data", "no-such-dir"], "--data no-such-dir: directory not found"),
 ]
 
 
@@ -217,7 +219,7 @@ BAD_INPUTS = [
 def test_bad_input_fails_fast_with_one_line(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     command = argv[0]
-    out_arg = {"partition": [], "assemble": ["--out", "o.safetensors"], "sample": ["--out", "o.png"],
+    out_arg = {"partition": [], "prepare": ["--out", "prepared"], "assemble": ["--out", "o.safetensors"], "sample": ["--out", "o.png"],
                "evaluate": ["--out", "o.json"]}.get(command, ["--out", "o.safetensors"])
     if message is None:
         with pytest.raises(SystemExit) as exit_info:
@@ -231,9 +233,23 @@ def test_bad_input_fails_fast_with_one_line(argv, message, tmp_path, capsys, mon
 
 
 def test_help_for_every_command(capsys):
-    for command in ("partition", "models", "train-block", "train-baseline", "train-shared", "assemble", "sample",
+    for command in ("partition", "models", "prepare", "train-block", "train-baseline", "train-shared", "assemble", "sample",
                     "evaluate"):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert "usage: dblocks " + command in capsys.readouterr().out
+
+
+def test_prepare_then_train_from_prepared_data(tmp_path):
+    from dblocks.data import load_image_dataset, load_prepared
+
+    prepared = tmp_path / "digits"
+    assert run("prepare", "--dataset", "digits", "--out", prepared) == 0
+    for split in ("train", "test"):
+        original, stored = load_image_dataset("digits", split), load_prepared(prepared, split)
+        assert torch.equal(original.images, stored.images) and torch.equal(original.labels, stored.labels)
+    assert run("train-block", *MICRO, "--data", prepared, "--block", 3, "--out", tmp_path / "b.safetensors") == 0
+    assert run("train-block", *MICRO, "--dataset", "cifar10", "--arch", "ViT-micro", "--data", prepared, "--block", 3,
+               "--out", tmp_path / "c.safetensors") == 2
+    assert not (tmp_path / "c.safetensors").exists()

@@ -29,6 +29,7 @@ def _experiment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--arch", help="architecture name (see 'dblocks models')")
     g.add_argument("--dataset", help="digits (embedded, offline) | cifar10 | cifar100")
     g.add_argument("--data-root", help="local copy of the dataset (Hugging Face parquet layout)")
+    g.add_argument("--data", help="prepared dataset directory written by 'dblocks prepare' (else: load the source)")
     g.add_argument("--blocks", type=int, help="number of blocks B")
     g.add_argument("--partition", help="equiprobable | uniform")
     g.add_argument("--overlap", type=float, help="training overlap gamma in [0, 0.5)")
@@ -64,7 +65,16 @@ def experiment_from_args(args: argparse.Namespace):
     train = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
     overrides.append({"train": {k: v for k, v in train.items() if v is not None}})
     overrides += [parse_override(s) for s in args.set]
-    return Experiment(resolve(params, overrides))
+    exp = Experiment(resolve(params, overrides))
+    for option, value in (("--data", args.data), ("--data-root", args.data_root)):
+        if value is not None and not Path(value).is_dir():
+            raise UsageError(f"{option} {value}: directory not found")
+    if args.data is not None:
+        for split in ("train", "test"):
+            from dblocks.data import prepared_path
+            if not prepared_path(args.data, split).is_file():
+                raise UsageError(f"--data {args.data}: no {split}.safetensors; write it with 'dblocks prepare'")
+    return exp
 
 
 def _device(exp):
@@ -141,6 +151,18 @@ def cmd_partition(args) -> None:
         print(f"{b:>5}  {lo:>10.4g}  {hi:>10.4g}  {tlo:>10.4g}  {thi:>10.4g}")
 
 
+def cmd_prepare(args) -> None:
+    from dblocks.data import IMAGE_DATASETS, load_image_dataset, save_prepared
+
+    if args.dataset not in IMAGE_DATASETS:
+        raise UsageError(f"--dataset {args.dataset!r}: allowed: {', '.join(IMAGE_DATASETS)}")
+    if args.data_root is not None and not Path(args.data_root).is_dir():
+        raise UsageError(f"--data-root {args.data_root}: directory not found")
+    for split in ("train", "test"):
+        ds = load_image_dataset(args.dataset, split, args.data_root)
+        print(f"wrote {save_prepared(ds, args.out)}: {len(ds)} images {ds.shape}, {ds.num_classes} classes")
+
+
 def cmd_models(args) -> None:
     from dblocks.models import ARCHITECTURES
 
@@ -167,7 +189,7 @@ def cmd_train_block(args) -> None:
     device = _device(exp)
     if _finished(out, exp, args.force):
         return
-    data = exp.load_data("train")
+    data = exp.load_data("train", args.data)
     model = exp.block(args.block)  # this block only: no other block is built, loaded or touched
     cfg = exp.config["train"]
     result = train(model, block_objective(model, exp.partition, args.block, cfg["max_loss_weight"]), data, cfg,
@@ -194,7 +216,7 @@ def cmd_train_baseline(args) -> None:
     device = _device(exp)
     if _finished(out, exp, args.force):
         return
-    data = exp.load_data("train")
+    data = exp.load_data("train", args.data)
     model = exp.e2e()
     cfg = exp.config["train"]
     if exp.config["task"] == "classification":
@@ -223,7 +245,7 @@ def cmd_train_shared(args) -> None:
     cfg = exp.config["train"]
     # one block per step: B x the baseline's steps gives every block as many updates as the baseline
     steps = cfg["steps"] * exp.partition.blocks
-    result = train(model, paper_mode_objective(model, cfg["max_loss_weight"]), exp.load_data("train"), cfg,
+    result = train(model, paper_mode_objective(model, cfg["max_loss_weight"]), exp.load_data("train", args.data), cfg,
                    seed=derive_seed(exp.config["seed"], "train-shared"), device=device, steps=steps,
                    state_path=out_dir / "shared.state.safetensors", desc=f"{exp.name} paper mode",
                    progress=not args.no_progress)
@@ -293,7 +315,9 @@ def cmd_evaluate(args) -> None:
         raise UsageError(f"MODEL {args.model}: 'evaluate' measures classification accuracy; use 'sample' for a "
                          f"generation model")
     model.to(_device(exp))
-    data = exp.load_data(args.split)
+    if args.data is not None and not Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data}: directory not found")
+    data = exp.load_data(args.split, args.data)
     t0 = time.perf_counter()
     if isinstance(model, AssembledModel):
         preds = classify(model, data.images, torch.Generator().manual_seed(args.seed))
@@ -326,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (boundaries ascending, train_intervals)")
 
     command("models", cmd_models, "list the architecture registry")
+
+    p = command("prepare", cmd_prepare, "write a dataset's train and test splits to a directory once")
+    p.add_argument("--dataset", required=True, help="digits | cifar10 | cifar100")
+    p.add_argument("--data-root", help="local copy (Hugging Face parquet layout); default: the source")
+    p.add_argument("--out", required=True, help="directory for train.safetensors and test.safetensors")
 
     p = command("train-block", cmd_train_block, "train one block denoiser on its own noise interval")
     p.add_argument("--block", type=int, required=True, help="block index, 1 = highest noise")
@@ -363,17 +392,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--scale", default="tiny", help="label recorded with the metric (tiny | paper)")
+    p.add_argument("--data", help="prepared dataset directory (default: load the source)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from dblocks.checkpoint import CheckpointError
+    from dblocks.train import TrainingError
+
     try:
         args.func(args)
-    except (UsageError, ConfigError) as exc:
+    except (UsageError, ConfigError, CheckpointError) as exc:
         print(f"dblocks {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingError as exc:
+        print(f"dblocks {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

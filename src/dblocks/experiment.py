@@ -12,7 +12,7 @@ from functools import cached_property
 import torch
 
 from dblocks.blocks import AssembledModel, BlockDenoiser, convert_stack
-from dblocks.data import ImageDataset, load_image_dataset
+from dblocks.data import ImageDataset, load_image_dataset, load_prepared
 from dblocks.models import Architecture, get_arch
 from dblocks.noise import NoiseDistribution, Partition, layer_ranges, layer_split
 from dblocks.tasks import ClassificationTask, ImageGenerationTask, Task
@@ -69,7 +69,10 @@ class Experiment:
                                       derive_seed(self.config["seed"], "label-embedding"), sd)
         return ImageGenerationTask(self.arch.image_shape, self.arch.num_classes, sd)
 
-    def load_data(self, split: str) -> ImageDataset:
+    def load_data(self, split: str, prepared: str | None = None) -> ImageDataset:
+        """One split: from a prepared directory (what the pipeline's prepare step wrote) or the source."""
+        if prepared is not None:
+            return load_prepared(prepared, split, expected_name=self.config["dataset"])
         return load_image_dataset(self.config["dataset"], split, self.config["data_root"])
 
     # --- model construction -------------------------------------------------------------------------

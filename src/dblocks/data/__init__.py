@@ -6,5 +6,7 @@ from dblocks.data.images import (
     load_image_dataset,
     write_cifar_parquet,
 )
+from dblocks.data.prepared import load_prepared, prepared_path, save_prepared
 
-__all__ = ["IMAGE_DATASETS", "ImageDataset", "load_image_dataset", "write_cifar_parquet"]
+__all__ = ["IMAGE_DATASETS", "ImageDataset", "load_image_dataset", "write_cifar_parquet", "load_prepared",
+           "prepared_path", "save_prepared"]
