@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 #: keys that do not change what a block learns; left out of the config hash
-UNHASHED_KEYS = ("device", "data_root", "sample")
+UNHASHED_KEYS = ("device", "data_root", "sample", "pipeline")
 
 TASK_FAMILY = {"classification": "vit", "generation": "dit"}
 

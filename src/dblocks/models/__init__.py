@@ -38,9 +38,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "DiT-S/2": ArchSpec("dit", depth=12, width=384, heads=6, patch=2),
     "DiT-B/2": ArchSpec("dit", depth=12, width=768, heads=12, patch=2),
     "DiT-L/2": ArchSpec("dit", depth=24, width=1024, heads=16, patch=2),
-    # CPU sizes for the embedded 8x8 digits
+    # CPU sizes for the embedded 8x8 digits (DiT-tiny keeps the paper's 12 layers so that the layer-split
+    # ablation [4,4,4] / [3,6,3] / [6,4,2] / [2,4,6] and B in {1,2,3,4,6} apply unchanged)
     "ViT-tiny": ArchSpec("vit", depth=6, width=64, heads=4, patch=2),
-    "DiT-tiny": ArchSpec("dit", depth=6, width=64, heads=4, patch=2),
+    "DiT-tiny": ArchSpec("dit", depth=12, width=32, heads=2, patch=2),
     # the smallest sizes, for tests
     "ViT-micro": ArchSpec("vit", depth=3, width=32, heads=2, patch=4),
     "DiT-micro": ArchSpec("dit", depth=3, width=32, heads=2, patch=4),

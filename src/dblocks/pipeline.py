@@ -1,0 +1,137 @@
+"""The pipeline's view of a params file: which experiments exist, which methods and blocks each one
+trains, where every artefact lives, and the command each job runs.
+
+The Snakefile, the DVC stage list and the tests all read the job graph from here, so the two workflow
+engines cannot drift apart: ``dvc.yaml`` is generated from these jobs (``dblocks dvc-yaml``) and a test
+checks that Snakemake's DAG has exactly the same jobs and outputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from dblocks.config import ConfigError, config_hash, load_params, resolve
+
+#: where the Snakefile finds its schema (relative to the repository root)
+PIPELINE_SCHEMA = Path("workflow/schemas/config.schema.json")
+BLOCKWISE, E2E, PAPER = "blockwise", "e2e", "paper"
+
+
+def _pipeline_schema(root: Path) -> dict:
+    path = root / PIPELINE_SCHEMA
+    if path.is_file():
+        return json.loads(path.read_text())
+    return json.loads(resources.files("dblocks").joinpath("schema/experiment.schema.json").read_text())
+
+
+@dataclass
+class Pipeline:
+    params_path: Path
+    raw: dict
+    root: Path = Path(".")
+    experiments: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, params_path: str | Path, root: str | Path = ".") -> "Pipeline":
+        """Read and validate a whole params file; every problem names its key and what is allowed."""
+        params_path = Path(params_path)
+        if not params_path.is_file():
+            raise ConfigError(f"params file {params_path}: not found")
+        raw = yaml.safe_load(params_path.read_text()) or {}
+        schema_errors = sorted(jsonschema.Draft202012Validator(_pipeline_schema(Path(root))).iter_errors(raw),
+                               key=lambda e: len(e.absolute_path))
+        if schema_errors:
+            from dblocks.config import _describe
+
+            raise ConfigError(f"{params_path}: {_describe(schema_errors[0])}")
+        pipe = cls(params_path, raw, Path(root))
+        for name in raw["experiments"]:
+            try:
+                pipe.experiments[name] = resolve(load_params(params_path, name))
+            except ConfigError as exc:
+                raise ConfigError(f"{params_path}: experiments.{name}.{exc}") from None
+        return pipe
+
+    # --- settings --------------------------------------------------------------------------------
+    @property
+    def scale(self) -> str:
+        return self.raw["scale"]
+
+    @property
+    def resources(self) -> dict:
+        return self.raw["resources"]
+
+    @property
+    def evaluation(self) -> dict:
+        return self.raw["evaluation"]
+
+    def methods(self, exp: str) -> list[str]:
+        return list(self.experiments[exp]["pipeline"]["methods"])
+
+    def blocks(self, exp: str) -> int:
+        return self.experiments[exp]["blocks"]
+
+    def hash(self, exp: str) -> str:
+        return config_hash(self.experiments[exp])
+
+    @cached_property
+    def datasets(self) -> dict[str, str | None]:
+        """Each dataset used, with the data_root of the first experiment that names one."""
+        out: dict[str, str | None] = {}
+        for cfg in self.experiments.values():
+            if out.get(cfg["dataset"]) is None:
+                out[cfg["dataset"]] = cfg["data_root"]
+        return out
+
+    @property
+    def needs_feature_net(self) -> bool:
+        """Generation on digits is scored with a digits classifier's features (domain FID)."""
+        return any(c["task"] == "generation" for c in self.experiments.values())
+
+    # --- paths (relative to the repository root) ---------------------------------------------------
+    def prepared(self, dataset: str) -> str:
+        return f"data/prepared/{dataset}"
+
+    def run_json(self, exp: str) -> str:
+        return f"results/{self.scale}/runs/{exp}.json"
+
+    def block_checkpoint(self, exp: str, block: int | str, method: str = BLOCKWISE) -> str:
+        sub = "" if method == BLOCKWISE else "paper/"
+        return f"checkpoints/{self.scale}/{exp}/{sub}block-{block}.safetensors"
+
+    def e2e_checkpoint(self, exp: str) -> str:
+        return f"checkpoints/{self.scale}/{exp}/e2e.safetensors"
+
+    def model(self, exp: str, method: str) -> str:
+        return self.e2e_checkpoint(exp) if method == E2E else f"models/{self.scale}/{exp}/{method}.safetensors"
+
+    def metrics(self, exp: str, method: str) -> str:
+        return f"metrics/{self.scale}/{exp}/{method}.json"
+
+    def feature_net(self) -> str:
+        return f"models/{self.scale}/digits-features.safetensors"
+
+    def tables_index(self) -> str:
+        return f"results/{self.scale}/tables/index.md"
+
+    # --- the job list ---------------------------------------------------------------------------------
+    def targets(self) -> list[str]:
+        """Everything 'rule all' asks for: every evaluation and the tables."""
+        return [self.metrics(e, m) for e in self.experiments for m in self.methods(e)] + [self.tables_index()]
+
+    def training_jobs(self) -> list[tuple[str, str, int | None]]:
+        """(experiment, method, block) for every training job: B block jobs per block-wise experiment."""
+        jobs: list[tuple[str, str, int | None]] = []
+        for exp in self.experiments:
+            for method in self.methods(exp):
+                if method == BLOCKWISE:
+                    jobs += [(exp, method, b) for b in range(1, self.blocks(exp) + 1)]
+                else:
+                    jobs.append((exp, method, None))
+        return jobs

@@ -1,0 +1,66 @@
+# Loads the params file into Snakemake's config, validates every experiment before any job starts, and
+# defines the names every rule shares.
+import os
+import sys
+from pathlib import Path
+
+import yaml
+from snakemake.exceptions import WorkflowError
+
+from dblocks.config import ConfigError
+from dblocks.pipeline import Pipeline
+
+# One params file is the single source of truth (DVC reads it too); choose it with
+# `--config params=params/paper.yaml`. Other `--config` keys would not reach the jobs, so they are refused.
+PARAMS = config.pop("params", "params/tiny.yaml")
+if config:
+    raise WorkflowError(
+        f"--config {', '.join(sorted(config))}: experiments are set in the params file only; "
+        f"allowed: --config params=<params/*.yaml>"
+    )
+if not Path(PARAMS).is_file():
+    raise WorkflowError(f"--config params={PARAMS}: file not found; allowed: params/tiny.yaml, params/paper.yaml")
+config.update(yaml.safe_load(Path(PARAMS).read_text()))
+
+try:
+    PIPE = Pipeline.load(PARAMS)
+except ConfigError as exc:
+    raise WorkflowError(str(exc)) from None
+
+SCALE = PIPE.scale
+RES = PIPE.resources
+EXPERIMENTS = list(PIPE.experiments)
+
+# Jobs call `dblocks`; make the one installed beside this Snakemake visible to them (and to SLURM jobs,
+# which inherit the submitting environment).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+# Wildcards can only take these shapes, so no value can smuggle shell syntax into a command.
+wildcard_constraints:
+    exp="|".join(EXPERIMENTS) or "[a-z0-9][a-z0-9_-]*",
+    block=r"[1-9][0-9]*",
+    method="blockwise|e2e|paper",
+    assembled="blockwise|paper",
+    dataset=r"[a-z0-9]+",
+
+
+def dataset_of(wildcards):
+    return PIPE.experiments[wildcards.exp]["dataset"]
+
+
+def prepared_split(split):
+    return lambda wildcards: f"{PIPE.prepared(dataset_of(wildcards))}/{split}.safetensors"
+
+
+def training_runtime(wildcards, attempt):
+    """Minutes per training job; a retry after a timeout gets proportionally more."""
+    return RES["runtime"] * attempt
+
+
+TRAIN_RESOURCES = dict(
+    gpu=RES["gpu"],
+    mem_mb=RES["mem_mb"],
+    runtime=training_runtime,
+    **({"gpu_model": RES["gpu_model"]} if RES.get("gpu_model") else {}),
+)

@@ -1,0 +1,13 @@
+# The paper's tables and figures, regenerated from MLflow (not from loose files) once every evaluation
+# has been logged.
+
+
+rule tables:
+    input:
+        [PIPE.metrics(e, m) for e in EXPERIMENTS for m in PIPE.methods(e)],
+    output:
+        f"results/{SCALE}/tables/index.md",
+    log:
+        f"logs/{SCALE}/tables.log",
+    shell:
+        "dblocks tables --params {PARAMS} --out results/{SCALE} > {log} 2>&1"

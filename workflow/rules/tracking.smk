@@ -1,0 +1,24 @@
+# MLflow: the store and experiment are created by one job before the fan-out (parallel jobs never race
+# to create them); each experiment then gets a parent run that its block jobs attach to as children.
+
+
+rule tracking_store:
+    output:
+        f"results/{SCALE}/runs/store.json",
+    log:
+        f"logs/{SCALE}/tracking-store.log",
+    shell:
+        "dblocks track-init --params {PARAMS} --out-dir results/{SCALE}/runs --store-only > {log} 2>&1"
+
+
+rule tracking_parent:
+    input:
+        f"results/{SCALE}/runs/store.json",
+    output:
+        f"results/{SCALE}/runs/{{exp}}.json",
+    params:
+        config_hash=lambda w: PIPE.hash(w.exp),  # a changed experiment gets a new parent run
+    log:
+        f"logs/{SCALE}/{{exp}}/tracking-parent.log",
+    shell:
+        "dblocks track-init --params {PARAMS} --out-dir results/{SCALE}/runs --experiment {wildcards.exp} > {log} 2>&1"

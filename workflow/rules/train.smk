@@ -1,0 +1,70 @@
+# One job per (experiment, block): each trains only its own block and never sees another block.
+# `params.config_hash` makes Snakemake rerun exactly the jobs whose experiment changed.
+
+
+rule train_block:
+    input:
+        data=prepared_split("train"),
+        run=f"results/{SCALE}/runs/{{exp}}.json",
+    output:
+        checkpoint=f"checkpoints/{SCALE}/{{exp}}/block-{{block}}.safetensors",
+        metadata=f"checkpoints/{SCALE}/{{exp}}/block-{{block}}.json",
+    params:
+        config_hash=lambda w: PIPE.hash(w.exp),
+        data=lambda w: PIPE.prepared(dataset_of(w)),
+    log:
+        f"logs/{SCALE}/{{exp}}/train-block-{{block}}.log",
+    benchmark:
+        f"benchmarks/{SCALE}/{{exp}}/train-block-{{block}}.tsv"
+    threads: RES["threads"]
+    resources:
+        **TRAIN_RESOURCES,
+    shell:
+        "OMP_NUM_THREADS={threads} dblocks train-block --config {PARAMS} --experiment {wildcards.exp} "
+        "--block {wildcards.block} --data {params.data} --track {input.run} --out {output.checkpoint} "
+        "--no-progress > {log} 2>&1"
+
+
+rule train_baseline:
+    input:
+        data=prepared_split("train"),
+        run=f"results/{SCALE}/runs/{{exp}}.json",
+    output:
+        checkpoint=f"checkpoints/{SCALE}/{{exp}}/e2e.safetensors",
+        metadata=f"checkpoints/{SCALE}/{{exp}}/e2e.json",
+    params:
+        config_hash=lambda w: PIPE.hash(w.exp),
+        data=lambda w: PIPE.prepared(dataset_of(w)),
+    log:
+        f"logs/{SCALE}/{{exp}}/train-e2e.log",
+    benchmark:
+        f"benchmarks/{SCALE}/{{exp}}/train-e2e.tsv"
+    threads: RES["threads"]
+    resources:
+        **TRAIN_RESOURCES,
+    shell:
+        "OMP_NUM_THREADS={threads} dblocks train-baseline --config {PARAMS} --experiment {wildcards.exp} "
+        "--data {params.data} --track {input.run} --out {output.checkpoint} --no-progress > {log} 2>&1"
+
+
+rule train_shared:
+    """The paper's single-process mode (shared stem and head, one block sampled per step); it writes all B
+    block checkpoints at once, so its output is their directory."""
+    input:
+        data=prepared_split("train"),
+        run=f"results/{SCALE}/runs/{{exp}}.json",
+    output:
+        directory(f"checkpoints/{SCALE}/{{exp}}/paper"),
+    params:
+        config_hash=lambda w: PIPE.hash(w.exp),
+        data=lambda w: PIPE.prepared(dataset_of(w)),
+    log:
+        f"logs/{SCALE}/{{exp}}/train-paper.log",
+    benchmark:
+        f"benchmarks/{SCALE}/{{exp}}/train-paper.tsv"
+    threads: RES["threads"]
+    resources:
+        **TRAIN_RESOURCES,
+    shell:
+        "OMP_NUM_THREADS={threads} dblocks train-shared --config {PARAMS} --experiment {wildcards.exp} "
+        "--data {params.data} --track {input.run} --out-dir {output} --no-progress > {log} 2>&1"
