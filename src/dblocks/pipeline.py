@@ -117,13 +117,13 @@ class Pipeline:
     def feature_net(self) -> str:
         return f"models/{self.scale}/digits-features.safetensors"
 
-    def tables_index(self) -> str:
-        return f"results/{self.scale}/tables/index.md"
+    def tables_dir(self) -> str:
+        return f"results/{self.scale}/tables"
 
     # --- the job list ---------------------------------------------------------------------------------
     def targets(self) -> list[str]:
         """Everything 'rule all' asks for: every evaluation and the tables."""
-        return [self.metrics(e, m) for e in self.experiments for m in self.methods(e)] + [self.tables_index()]
+        return [self.metrics(e, m) for e in self.experiments for m in self.methods(e)] + [self.tables_dir()]
 
     def training_jobs(self) -> list[tuple[str, str, int | None]]:
         """(experiment, method, block) for every training job: B block jobs per block-wise experiment."""

@@ -50,7 +50,8 @@ def dataset_of(wildcards):
 
 
 def prepared_split(split):
-    return lambda wildcards: f"{PIPE.prepared(dataset_of(wildcards))}/{split}.safetensors"
+    """A prepared split: the tensors and the JSON record that holds their checksum."""
+    return lambda wildcards: [f"{PIPE.prepared(dataset_of(wildcards))}/{split}.{ext}" for ext in ("safetensors", "json")]
 
 
 def training_runtime(wildcards, attempt):

@@ -33,8 +33,10 @@ rule assemble:
 rule feature_net:
     """Digits classifier whose features score generated digits (domain FID); trained once per scale."""
     input:
-        train="data/prepared/digits/train.safetensors",
-        test="data/prepared/digits/test.safetensors",
+        "data/prepared/digits/train.safetensors",
+        "data/prepared/digits/train.json",
+        "data/prepared/digits/test.safetensors",
+        "data/prepared/digits/test.json",
     output:
         f"models/{SCALE}/digits-features.safetensors",
         f"models/{SCALE}/digits-features.json",

@@ -6,7 +6,8 @@ rule tables:
     input:
         [PIPE.metrics(e, m) for e in EXPERIMENTS for m in PIPE.methods(e)],
     output:
-        f"results/{SCALE}/tables/index.md",
+        tables=directory(f"results/{SCALE}/tables"),
+        figures=directory(f"results/{SCALE}/figures"),
     log:
         f"logs/{SCALE}/tables.log",
     shell:
