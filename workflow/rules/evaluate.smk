@@ -83,7 +83,7 @@ rule evaluate_generator:
         model=lambda w: PIPE.model(w.exp, w.method),
         run=f"results/{SCALE}/runs/{{exp}}.json",
         data=prepared_split("test"),
-        features=PIPE.feature_net(),
+        features=[PIPE.feature_net()] if PIPE.evaluation["fid_features"] == "digits" else [],
     output:
         metrics=f"metrics/{SCALE}/{{exp}}/{{method}}.json",
         grid=f"metrics/{SCALE}/{{exp}}/{{method}}-samples.png",
@@ -93,6 +93,7 @@ rule evaluate_generator:
         data=lambda w: PIPE.prepared(dataset_of(w)),
         samples=PIPE.evaluation["samples"],
         steps=PIPE.evaluation["sample_steps"],
+        features=f"--features {PIPE.feature_net()}" if PIPE.evaluation["fid_features"] == "digits" else "--features inception",
     log:
         f"logs/{SCALE}/{{exp}}/evaluate-{{method}}.log",
     benchmark:
@@ -102,5 +103,5 @@ rule evaluate_generator:
         **EVAL_RESOURCES,
     shell:
         "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --data {params.data} --track {input.run} "
-        "--scale {SCALE} --features {input.features} --samples {params.samples} --sample-steps {params.steps} "
+        "--scale {SCALE} {params.features} --samples {params.samples} --sample-steps {params.steps} "
         "--grid {output.grid} --out {output.metrics} > {log} 2>&1"
