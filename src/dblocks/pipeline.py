@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
-from importlib import resources
 from pathlib import Path
 
 import jsonschema
 import yaml
 
+from dblocks.checkpoint import CheckpointError, load_metadata, sha256_file, sidecar_path
 from dblocks.config import ConfigError, config_hash, load_params, resolve
 
 #: where the Snakefile finds its schema (relative to the repository root)
@@ -25,9 +25,9 @@ BLOCKWISE, E2E, PAPER = "blockwise", "e2e", "paper"
 
 def _pipeline_schema(root: Path) -> dict:
     path = root / PIPELINE_SCHEMA
-    if path.is_file():
-        return json.loads(path.read_text())
-    return json.loads(resources.files("dblocks").joinpath("schema/experiment.schema.json").read_text())
+    if not path.is_file():
+        raise ConfigError(f"pipeline schema {path} not found: run from the repository (or pass its root)")
+    return json.loads(path.read_text())
 
 
 @dataclass
@@ -39,7 +39,9 @@ class Pipeline:
 
     @classmethod
     def load(cls, params_path: str | Path, root: str | Path = ".") -> "Pipeline":
-        """Read and validate a whole params file; every problem names its key and what is allowed."""
+        """Read and validate a whole params file; every problem names its key and what is allowed.
+
+        ``root`` is the repository (where workflow/schemas lives); the params path is as given."""
         params_path = Path(params_path)
         if not params_path.is_file():
             raise ConfigError(f"params file {params_path}: not found")
@@ -125,6 +127,18 @@ class Pipeline:
         """Everything 'rule all' asks for: every evaluation and the tables."""
         return [self.metrics(e, m) for e in self.experiments for m in self.methods(e)] + [self.tables_dir()]
 
+    def checkpoint_files(self) -> list[str]:
+        """Every safetensors artefact the pipeline writes (prepared data, blocks, baselines, models)."""
+        files = [f"{self.prepared(d)}/{split}.safetensors" for d in self.datasets for split in ("train", "test")]
+        for exp in self.experiments:
+            for method in self.methods(exp):
+                if method == BLOCKWISE:
+                    files += [self.block_checkpoint(exp, b) for b in range(1, self.blocks(exp) + 1)]
+                elif method == PAPER:
+                    files += [self.block_checkpoint(exp, b, PAPER) for b in range(1, self.blocks(exp) + 1)]
+                files.append(self.model(exp, method))
+        return files
+
     def training_jobs(self) -> list[tuple[str, str, int | None]]:
         """(experiment, method, block) for every training job: B block jobs per block-wise experiment."""
         jobs: list[tuple[str, str, int | None]] = []
@@ -135,3 +149,25 @@ class Pipeline:
                 else:
                     jobs.append((exp, method, None))
         return jobs
+
+
+def quarantine_corrupt(paths, root: str | Path = ".") -> list[Path]:
+    """Move aside artefacts whose bytes no longer match the sha256 in their JSON record (or whose record
+    is missing or unreadable), so that the workflow sees them as missing and rebuilds exactly them and
+    what depends on them. Nothing is deleted: the bad files keep a ``.corrupt`` suffix for inspection."""
+    moved = []
+    for rel in paths:
+        path = Path(root) / rel
+        if not path.exists():
+            continue
+        try:
+            intact = sha256_file(path) == load_metadata(path)["sha256"]
+        except (CheckpointError, KeyError):
+            intact = False
+        if intact:
+            continue
+        for p in (path, sidecar_path(path)):
+            if p.exists():
+                p.replace(p.with_name(p.name + ".corrupt"))
+        moved.append(path)
+    return moved

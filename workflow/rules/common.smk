@@ -8,7 +8,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 from dblocks.config import ConfigError
-from dblocks.pipeline import Pipeline
+from dblocks.pipeline import Pipeline, quarantine_corrupt
 
 # One params file is the single source of truth (DVC reads it too); choose it with
 # `--config params=params/paper.yaml`. Other `--config` keys would not reach the jobs, so they are refused.
@@ -23,9 +23,14 @@ if not Path(PARAMS).is_file():
 config.update(yaml.safe_load(Path(PARAMS).read_text()))
 
 try:
-    PIPE = Pipeline.load(PARAMS)
+    PIPE = Pipeline.load(PARAMS, root=workflow.basedir)
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
+
+# A checkpoint whose bytes no longer match its recorded sha256 is moved aside before the DAG is built,
+# so Snakemake reruns exactly that job and what depends on it (and never assembles a corrupt block).
+for _bad in quarantine_corrupt(PIPE.checkpoint_files()):
+    logger.warning(f"{_bad}: checksum mismatch or missing record; moved aside as {_bad.name}.corrupt, will rebuild")
 
 SCALE = PIPE.scale
 RES = PIPE.resources
