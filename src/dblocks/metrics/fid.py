@@ -1,0 +1,412 @@
+"""Domain FID: the Frechet distance, computed by torch-fidelity, in the feature space of a small
+classifier trained on the 8x8 digits, instead of Inception-v3 (whose weights cannot be fetched
+offline and which is meaningless on 8x8 grayscale images anyway).
+
+The numbers this module produces must be labelled :data:`FID_LABEL` ("domain FID (digits-classifier
+features)"), never "FID" or "Inception FID": they are only comparable with each other, for the same
+feature-net file.
+
+Pieces:
+
+- :class:`DigitsFeatureNet`, a small CNN classifier for (N, 1, 8, 8) images in [-1, 1]; its 64-d
+  penultimate activations (:meth:`DigitsFeatureNet.features`) are the feature space.
+- :func:`train_feature_net`, deterministic CPU training in seconds; :func:`build_digits_feature_net`
+  trains on the digits train split, measures test accuracy and saves the net.
+- :func:`save_feature_net` / :func:`load_feature_net`: safetensors + JSON through
+  :mod:`dblocks.checkpoint` (no pickle, no ``torch.load``).
+- :class:`DigitsFeatureExtractor`, a torch-fidelity ``FeatureExtractorBase`` registered as
+  :data:`FEATURE_EXTRACTOR_NAME` ("dblocks-digits") providing the feature :data:`FEATURE_LAYER`
+  ("digits64"); torch-fidelity hands it ``feature_extractor_weights_path``, the feature-net checkpoint.
+- :class:`ImageTensorDataset`, float images in [-1, 1] -> the uint8 CHW tensors torch-fidelity reads.
+- :func:`domain_fid`, the entry point, with reference statistics cached by torch-fidelity under a
+  name that includes the sha256 of the feature-net file and a digest of the reference images, so a
+  retrained net or changed reference data never reuses stale statistics.
+
+Note on the cache: torch-fidelity writes its statistics cache with ``torch.save`` and reads it back
+with ``torch.load(weights_only=False)``, i.e. pickle. Only point ``cache_root`` at a directory that
+nothing but this code writes to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+import torch_fidelity
+from torch import nn
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.metric_fid import KEY_METRIC_FID
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+from dblocks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
+
+FEATURE_EXTRACTOR_NAME = "dblocks-digits"
+FEATURE_LAYER = "digits64"
+FID_LABEL = "domain FID (digits-classifier features)"
+FEATURE_NET_KIND = "digits_feature_net"
+
+IMAGE_SIZE = 8
+NUM_CLASSES = 10
+DEFAULT_TRAIN_STEPS = 600
+DEFAULT_BATCH_SIZE = 128
+DEFAULT_LR = 2e-3
+
+# Metadata keys that save_feature_net writes itself.
+_NET_KEYS = ("kind", "arch")
+
+
+# ------------------------------------------------------------------------------------ pixel formats
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] -> uint8 in 0..255 (values outside the range are clamped)."""
+    if not torch.is_floating_point(images):
+        raise ValueError(f"expected floating-point images in [-1, 1], got dtype {images.dtype}")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or infinite values")
+    return ((images.detach().cpu().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 in 0..255 -> float32 in [-1, 1]."""
+    return images.float().div(127.5).sub(1.0)
+
+
+# ------------------------------------------------------------------------------------- feature net
+
+
+class DigitsFeatureNet(nn.Module):
+    """Small CNN classifier for (N, 1, 8, 8) images in [-1, 1].
+
+    conv 1->c1 3x3, ReLU, conv c1->c2 3x3, ReLU, 2x2 max-pool, linear (c2*4*4)->feature_dim, ReLU
+    (the features), linear feature_dim->10 (the logits)."""
+
+    def __init__(self, channels: tuple[int, int] = (32, 64), feature_dim: int = 64, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        c1, c2 = (int(c) for c in channels)
+        self.channels = (c1, c2)
+        self.feature_dim = int(feature_dim)
+        self.num_classes = int(num_classes)
+        self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.fc = nn.Linear(c2 * (IMAGE_SIZE // 2) ** 2, self.feature_dim)
+        self.head = nn.Linear(self.feature_dim, self.num_classes)
+
+    def arch(self) -> dict[str, Any]:
+        return {"channels": list(self.channels), "feature_dim": self.feature_dim, "num_classes": self.num_classes}
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate (post-ReLU) activations, (N, feature_dim)."""
+        if x.ndim != 4 or x.shape[1:] != (1, IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"expected (N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}) images, got {tuple(x.shape)}")
+        h = F.relu(self.conv1(x))
+        h = F.relu(self.conv2(h))
+        h = F.max_pool2d(h, 2)
+        return F.relu(self.fc(h.flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def train_feature_net(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int = DEFAULT_TRAIN_STEPS,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+) -> DigitsFeatureNet:
+    """Train a :class:`DigitsFeatureNet` on CPU, deterministically for a given ``seed`` (the global
+    RNG is neither used nor changed). ``images`` (N, 1, 8, 8) in [-1, 1], ``labels`` (N,) in 0..9.
+
+    Training sees the images after the same uint8 round trip that torch-fidelity's input goes
+    through, so the net is fit to exactly the pixels it later embeds. It runs on one intra-op thread
+    (the caller's setting is restored afterwards): the net is too small to gain from more, the result
+    then does not depend on the thread count, and on a busy machine several spinning OpenMP threads
+    are many times slower."""
+    if images.ndim != 4 or images.shape[1:] != (1, IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"expected (N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}) images, got {tuple(images.shape)}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"expected labels of shape ({images.shape[0]},), got {tuple(labels.shape)}")
+    if steps < 1:
+        raise ValueError(f"steps must be positive, got {steps}")
+    x_all = from_uint8(to_uint8(images))
+    y_all = labels.detach().cpu().long()
+    batch_size = min(batch_size, x_all.shape[0])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(x_all, y_all, steps, seed, batch_size, lr)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    x_all: torch.Tensor, y_all: torch.Tensor, steps: int, seed: int, batch_size: int, lr: float
+) -> DigitsFeatureNet:
+    n = x_all.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = DigitsFeatureNet()
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    net.train()
+    perm, pos = torch.randperm(n, generator=gen), 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos : pos + batch_size]
+        pos += batch_size
+        loss = F.cross_entropy(net(x_all[idx]), y_all[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    net.eval()
+    net.requires_grad_(False)
+    return net
+
+
+@torch.no_grad()
+def feature_net_accuracy(net: DigitsFeatureNet, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Classification accuracy of ``net`` on float images in [-1, 1] (after the uint8 round trip)."""
+    was_training = net.training
+    net.eval()
+    try:
+        pred = net(from_uint8(to_uint8(images))).argmax(dim=1)
+    finally:
+        net.train(was_training)
+    return float((pred == labels.cpu()).float().mean())
+
+
+def save_feature_net(net: DigitsFeatureNet, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> dict:
+    """Save ``net`` as a ``.safetensors`` checkpoint with a JSON sidecar (see :mod:`dblocks.checkpoint`);
+    returns the metadata as written. ``metadata`` may not set ``kind`` or ``arch``."""
+    metadata = dict(metadata or {})
+    clash = sorted(set(metadata) & set(_NET_KEYS))
+    if clash:
+        raise CheckpointError(path, "metadata key is written by save_feature_net itself", field=clash[0])
+    return save_checkpoint(path, net.state_dict(), {**metadata, "kind": FEATURE_NET_KIND, "arch": net.arch()})
+
+
+def load_feature_net(path: str | os.PathLike) -> DigitsFeatureNet:
+    """Load a net written by :func:`save_feature_net` (checksum verified; safetensors, never pickle),
+    in eval mode with gradients off."""
+    tensors, record = load_checkpoint(path)
+    if record.get("kind") != FEATURE_NET_KIND:
+        raise CheckpointError(path, f"not a digits feature net (kind {record.get('kind')!r})", field="kind")
+    arch = record.get("arch")
+    try:
+        net = DigitsFeatureNet(
+            channels=tuple(arch["channels"]), feature_dim=arch["feature_dim"], num_classes=arch["num_classes"]
+        )
+    except (TypeError, KeyError, ValueError) as exc:
+        raise CheckpointError(path, f"invalid architecture description: {exc}", field="arch") from exc
+    try:
+        net.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(path, f"tensors do not fit the architecture: {exc}", field="tensors") from exc
+    net.eval()
+    net.requires_grad_(False)
+    return net
+
+
+def build_digits_feature_net(
+    path: str | os.PathLike, steps: int = DEFAULT_TRAIN_STEPS, seed: int = 0, min_test_accuracy: float = 0.95
+) -> dict:
+    """Train the feature net on the digits train split, check its test-split accuracy, save it to
+    ``path``; returns the metadata written (including ``test_accuracy``)."""
+    from dblocks.data import load_image_dataset
+
+    train = load_image_dataset("digits", "train")
+    test = load_image_dataset("digits", "test")
+    net = train_feature_net(train.images, train.labels, steps=steps, seed=seed)
+    accuracy = feature_net_accuracy(net, test.images, test.labels)
+    if accuracy < min_test_accuracy:
+        raise RuntimeError(f"digits feature net reached only {accuracy:.4f} test accuracy (< {min_test_accuracy})")
+    metadata = {"dataset": "digits", "steps": int(steps), "seed": int(seed), "test_accuracy": accuracy}
+    return save_feature_net(net, path, metadata)
+
+
+# ------------------------------------------------------------------------------ torch-fidelity side
+
+
+class DigitsFeatureExtractor(FeatureExtractorBase):
+    """torch-fidelity feature extractor wrapping a saved :class:`DigitsFeatureNet`.
+
+    Input: what torch-fidelity feeds, uint8 (N, C, H, W) in 0..255 with C = 1 or 3 (RGB is averaged
+    to gray); other sizes are resized to 8x8 (antialiased bilinear). Provides ``"digits64"``."""
+
+    def __init__(
+        self,
+        name: str,
+        features_list,
+        feature_extractor_weights_path: str | os.PathLike | None = None,
+        feature_extractor_internal_dtype: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(name, features_list)
+        if feature_extractor_weights_path is None:
+            raise ValueError(
+                f"feature extractor {name!r} needs feature_extractor_weights_path: the digits feature-net "
+                "checkpoint (.safetensors); there is nothing to download"
+            )
+        if feature_extractor_internal_dtype not in (None, "float32", "float64"):
+            raise ValueError(f"unsupported feature_extractor_internal_dtype {feature_extractor_internal_dtype!r}")
+        self.internal_dtype = torch.float64 if feature_extractor_internal_dtype == "float64" else torch.float32
+        self.weights_path = str(feature_extractor_weights_path)
+        self.net = load_feature_net(self.weights_path).to(self.internal_dtype)
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def get_provided_features_list():
+        return (FEATURE_LAYER,)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": FEATURE_LAYER, "fid": FEATURE_LAYER, "kid": FEATURE_LAYER, "prc": FEATURE_LAYER}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return True
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return (torch.rand([1, 1, IMAGE_SIZE, IMAGE_SIZE]) * 255).to(torch.uint8)
+
+    def forward(self, x: torch.Tensor):
+        if not torch.is_tensor(x) or x.dtype != torch.uint8:
+            raise ValueError("expecting images as a torch.uint8 tensor")
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"expecting (N, 1 or 3, H, W) images, got {tuple(x.shape)}")
+        x = x.to(self.internal_dtype).div(127.5).sub(1.0)
+        if x.shape[1] == 3:
+            x = x.mean(dim=1, keepdim=True)
+        if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+            x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+        features = {FEATURE_LAYER: self.net.features(x).to(torch.float32)}
+        return tuple(features[name] for name in self.features_list)
+
+
+def register_digits_feature_extractor() -> None:
+    """Register :class:`DigitsFeatureExtractor` with torch-fidelity under :data:`FEATURE_EXTRACTOR_NAME`;
+    safe to call any number of times (and after a module reload)."""
+    existing = FEATURE_EXTRACTORS_REGISTRY.get(FEATURE_EXTRACTOR_NAME)
+    if existing is DigitsFeatureExtractor:
+        return
+    if existing is None:
+        torch_fidelity.register_feature_extractor(FEATURE_EXTRACTOR_NAME, DigitsFeatureExtractor)
+        return
+    if existing.__module__ == __name__ and existing.__qualname__ == DigitsFeatureExtractor.__qualname__:
+        FEATURE_EXTRACTORS_REGISTRY[FEATURE_EXTRACTOR_NAME] = DigitsFeatureExtractor  # this module was reloaded
+        return
+    raise ValueError(
+        f"torch-fidelity feature extractor {FEATURE_EXTRACTOR_NAME!r} is already registered to "
+        f"{existing.__module__}.{existing.__qualname__}"
+    )
+
+
+register_digits_feature_extractor()
+
+
+class ImageTensorDataset(torch.utils.data.Dataset):
+    """Float images (N, C, H, W) in [-1, 1] as the uint8 CHW tensors (0..255) torch-fidelity expects.
+    Values outside [-1, 1] are clamped; NaN or infinite values are rejected."""
+
+    def __init__(self, images: torch.Tensor):
+        if not torch.is_tensor(images) or images.ndim != 4:
+            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"expected images (N, C, H, W), got {shape}")
+        self.data = to_uint8(images).contiguous()
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.data[index]
+
+
+def images_digest(images: torch.Tensor) -> str:
+    """sha256 of images as torch-fidelity sees them (shape and uint8 pixels)."""
+    data = to_uint8(images).contiguous()
+    digest = hashlib.sha256(repr(tuple(data.shape)).encode())
+    digest.update(data.numpy().tobytes())
+    return digest.hexdigest()
+
+
+_CACHE_NAME_OK = re.compile(r"^[A-Za-z0-9._+-]+$")
+
+
+def reference_cache_key(
+    reference_cache_name: str, feature_net_path: str | os.PathLike, reference: torch.Tensor
+) -> str:
+    """The torch-fidelity ``input2_cache_name`` used for ``reference``: the caller's name, then the
+    first 16 hex digits of the feature-net file's sha256 and of :func:`images_digest`. Statistics land
+    in ``{cache_root}/{key}-dblocks-digits-stat-fid-digits64.pt``."""
+    if not _CACHE_NAME_OK.match(reference_cache_name or ""):
+        raise ValueError(f"reference_cache_name must match {_CACHE_NAME_OK.pattern}, got {reference_cache_name!r}")
+    net_sha = sha256_file(feature_net_path)
+    return f"{reference_cache_name}-net{net_sha[:16]}-ref{images_digest(reference)[:16]}"
+
+
+def reference_cache_file(
+    reference_cache_name: str,
+    feature_net_path: str | os.PathLike,
+    reference: torch.Tensor,
+    cache_root: str | os.PathLike,
+) -> Path:
+    """Where torch-fidelity keeps the cached FID statistics of ``reference`` (its features are cached
+    next to it, as ``{key}-dblocks-digits-features-digits64.pt``)."""
+    key = reference_cache_key(reference_cache_name, feature_net_path, reference)
+    return Path(cache_root) / f"{key}-{FEATURE_EXTRACTOR_NAME}-stat-fid-{FEATURE_LAYER}.pt"
+
+
+def domain_fid(
+    generated: torch.Tensor,
+    reference: torch.Tensor,
+    feature_net_path: str | os.PathLike,
+    reference_cache_name: str | None = None,
+    cache_root: str | os.PathLike | None = None,
+    batch_size: int = 256,
+) -> float:
+    """Domain FID (:data:`FID_LABEL`) between ``generated`` and ``reference`` (float images
+    (N, C, H, W) in [-1, 1], N >= 2 each), computed by ``torch_fidelity.calculate_metrics`` in the
+    features of the digits net saved at ``feature_net_path``.
+
+    With ``reference_cache_name``, the reference statistics are cached by torch-fidelity in
+    ``cache_root`` (torch-fidelity's default, ``$TORCH_HOME/fidelity_cache``, if None) under
+    :func:`reference_cache_key` and reused by later calls; ``generated`` is never cached."""
+    for name, images in (("generated", generated), ("reference", reference)):
+        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 2:
+            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"{name} must be images (N, C, H, W) with N >= 2, got {shape}")
+    feature_net_path = Path(feature_net_path)
+    if not feature_net_path.is_file():
+        raise FileNotFoundError(f"no digits feature net at {feature_net_path}")
+    register_digits_feature_extractor()
+    use_cache = reference_cache_name is not None
+    cache_key = reference_cache_key(reference_cache_name, feature_net_path, reference) if use_cache else None
+    metrics = torch_fidelity.calculate_metrics(
+        input1=ImageTensorDataset(generated),
+        input2=ImageTensorDataset(reference),
+        fid=True,
+        feature_extractor=FEATURE_EXTRACTOR_NAME,
+        feature_layer_fid=FEATURE_LAYER,
+        feature_extractor_weights_path=str(feature_net_path),
+        cuda=torch.cuda.is_available(),
+        batch_size=int(batch_size),
+        cache=use_cache,
+        input2_cache_name=cache_key,
+        cache_root=None if cache_root is None else str(cache_root),
+        save_cpu_ram=True,  # no DataLoader worker processes
+        verbose=False,
+    )
+    return float(metrics[KEY_METRIC_FID])
