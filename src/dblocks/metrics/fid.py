@@ -219,14 +219,16 @@ def load_feature_net(path: str | os.PathLike) -> DigitsFeatureNet:
 
 
 def build_digits_feature_net(
-    path: str | os.PathLike, steps: int = DEFAULT_TRAIN_STEPS, seed: int = 0, min_test_accuracy: float = 0.95
+    path: str | os.PathLike, steps: int = DEFAULT_TRAIN_STEPS, seed: int = 0, min_test_accuracy: float = 0.95,
+    train=None, test=None,
 ) -> dict:
     """Train the feature net on the digits train split, check its test-split accuracy, save it to
-    ``path``; returns the metadata written (including ``test_accuracy``)."""
+    ``path``; returns the metadata written (including ``test_accuracy``). ``train``/``test`` default to
+    the embedded digits splits (the pipeline passes its prepared copies)."""
     from dblocks.data import load_image_dataset
 
-    train = load_image_dataset("digits", "train")
-    test = load_image_dataset("digits", "test")
+    train = train if train is not None else load_image_dataset("digits", "train")
+    test = test if test is not None else load_image_dataset("digits", "test")
     net = train_feature_net(train.images, train.labels, steps=steps, seed=seed)
     accuracy = feature_net_accuracy(net, test.images, test.labels)
     if accuracy < min_test_accuracy:
@@ -236,6 +238,15 @@ def build_digits_feature_net(
 
 
 # ------------------------------------------------------------------------------ torch-fidelity side
+
+
+def inception_fid(generated: torch.Tensor, reference: torch.Tensor, batch_size: int = 64) -> float:
+    """The standard FID: torch-fidelity's ``inception-v3-compat`` features (paper scale). torch-fidelity
+    fetches its Inception weights on first use, so this needs a network (or its weights cache)."""
+    metrics = torch_fidelity.calculate_metrics(
+        input1=ImageTensorDataset(generated), input2=ImageTensorDataset(reference), fid=True,
+        cuda=torch.cuda.is_available(), batch_size=int(batch_size), save_cpu_ram=True, verbose=False)
+    return float(metrics[KEY_METRIC_FID])
 
 
 class DigitsFeatureExtractor(FeatureExtractorBase):

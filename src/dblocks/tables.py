@@ -1,0 +1,1062 @@
+"""The paper's tables and figures, regenerated from MLflow, with ours beside the paper's numbers.
+
+``generate(params_path, out_dir)`` reads a params file (its scale, its MLflow experiment, and which of its
+experiments feeds which table through ``experiments.<name>.pipeline.tables``) and the MLflow runs that the
+pipeline logged, and writes::
+
+    out_dir/tables/table<ID>.{md,csv,tex}   one per table id some experiment feeds
+    out_dir/tables/index.md                 what was written, what was not drawn and why
+    out_dir/figures/*.png                   training curves, metric vs B / gamma, partition bars, sample grids
+
+Every number of ours comes from MLflow (never from loose metric files); the paper's come from
+``dblocks.paper``. Where a cell has several candidate runs (reruns), the most recent FINISHED run wins.
+Placement (which row or column a run belongs to) uses the parameters the run logged (its own, else its
+parent's, else its experiment's latest training run's), falling back to the params file.
+
+Cell symbols: a number; ``n/a`` = expected but missing (no finished run, or the metric was not logged; a
+footnote says which); ``—`` = not applicable (the paper reports no number, or this project does not run
+that method).
+
+The run contract (tags on every run): ``dblocks.experiment``, ``dblocks.scale``, ``dblocks.method``
+(blockwise | e2e | paper, "" for parents), ``dblocks.block`` ("1".."B" for block training, else ""),
+``dblocks.job`` (parent | train | evaluate), optional ``dblocks.device``; ``mlflow.parentRunId`` on children.
+Metrics: train runs ``train_loss`` (history), ``seconds_per_step``; evaluate runs ``accuracy`` (fraction),
+``fid``, ``bpc``, ``mauve``, ``gen_ppl_llama2``, ``gen_ppl_gpt2xl``; artifact ``samples.png`` on generation
+evaluate runs."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import io
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from dblocks.paper import PAPER_TABLES, table_sort_key
+
+TAG = "dblocks."
+PARENT_TAG = "mlflow.parentRunId"
+DASH = "—"
+NA = "n/a"
+
+#: our value columns per table: column key -> (MLflow metric, multiplier to the paper's unit, header)
+OURS_METRICS: dict[str, dict[str, tuple[str, float, str]]] = {
+    "1": {"accuracy": ("accuracy", 100.0, "accuracy (%)")},
+    "2": {"fid": ("fid", 1.0, "FID")},
+    "3": {"bpc": ("bpc", 1.0, "BPC")},
+    "4": {"mauve": ("mauve", 1.0, "MAUVE"), "gen_ppl_llama2": ("gen_ppl_llama2", 1.0, "gen. PPL (Llama-2)"),
+          "gen_ppl_gpt2xl": ("gen_ppl_gpt2xl", 1.0, "gen. PPL (GPT2-XL)")},
+    "6": {"accuracy": ("accuracy", 100.0, "accuracy (%)")},
+    "7": {"fid": ("fid", 1.0, "FID")},
+    "8": {"fid": ("fid", 1.0, "FID")},
+    "10": {"fid": ("fid", 1.0, "FID")},
+    "11": {"mauve": ("mauve", 1.0, "MAUVE")},
+    "gamma": {"fid": ("fid", 1.0, "FID")},
+}
+OURS_METRICS["5"] = OURS_METRICS["4"]
+
+#: remarks on how our numbers differ in kind from the paper's, printed under the table
+OURS_NOTES = {"2": ["Ours is the evaluate run's one `fid` (against the reference images its evaluation uses); the "
+                    "paper reports FID against the training and the test set."]}
+
+#: decimals per table (Table 12 is in seconds); the ratio row of Table 12 uses RATIO_DECIMALS
+DECIMALS = {"12": 4}
+RATIO_DECIMALS = 3
+
+#: rows for methods this project runs beyond the paper's (label, paper row whose numbers it sits beside)
+EXTRA_METHODS = {"paper": ("DiffusionBlocks (paper mode: shared stem, one process)", "blockwise")}
+METHOD_LABELS = {"blockwise": "DiffusionBlocks", "e2e": "End-to-end backprop", "paper": "DiffusionBlocks (paper mode)"}
+
+
+# ------------------------------------------------------------------------------------------ params file
+
+@dataclass
+class ExperimentSpec:
+    """One experiment of the params file, merged over the package defaults (not validated)."""
+
+    name: str
+    config: dict
+    tables: list[str]
+    methods: list[str]
+
+    @property
+    def task(self) -> str:
+        return str(self.config.get("task", ""))
+
+
+@dataclass
+class ParamsInfo:
+    path: Path
+    scale: str
+    tracking_uri: str | None
+    mlflow_experiment: str
+    resources: dict
+    experiments: dict[str, ExperimentSpec]
+
+    def feeders(self, table_id: str) -> list[ExperimentSpec]:
+        return [e for e in self.experiments.values() if table_id in e.tables]
+
+    def table_ids(self) -> list[str]:
+        ids = {t for e in self.experiments.values() for t in e.tables}
+        return sorted(ids, key=table_sort_key)
+
+
+def read_params(path: str | Path) -> ParamsInfo:
+    """The parts of a pipeline params file the tables need (YAML anchors and ``<<`` merges resolved)."""
+    from dblocks.config import DEFAULTS, deep_merge
+
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    tracking = data.get("tracking") or {}
+    defaults = data.get("defaults") or {}
+    entries = data.get("experiments")
+    if entries is None:  # a single-experiment file
+        entries = {data.get("name") or path.stem: {k: v for k, v in data.items() if k != "tracking"}}
+    experiments = {}
+    for name, entry in (entries or {}).items():
+        config = deep_merge(deep_merge(DEFAULTS, defaults), entry or {})
+        config["name"] = name
+        pipeline = config.get("pipeline") or {}
+        experiments[name] = ExperimentSpec(
+            name=name, config=config,
+            tables=[str(t) for t in pipeline.get("tables") or []],
+            methods=[str(m) for m in pipeline.get("methods") or ["blockwise"]])
+    return ParamsInfo(path=path, scale=str(data.get("scale", "tiny")), tracking_uri=tracking.get("uri"),
+                      mlflow_experiment=str(tracking.get("experiment") or f"diffusion-blocks-{data.get('scale', 'tiny')}"),
+                      resources=data.get("resources") or {}, experiments=experiments)
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"steps": 5}}`` -> ``{"train.steps": 5}`` (the keys the runs log their params under)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def parse_param(text: Any) -> Any:
+    """An MLflow param string back to a value: "[4, 4, 4]" -> [4, 4, 4], "None" -> None, "0.0" -> 0.0."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        lowered = text.strip().lower()
+        if lowered in ("null", "none"):
+            return None
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        return text.strip()
+
+
+# ----------------------------------------------------------------------------------------------- runs
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    status: str
+    start_time: int
+    end_time: int
+    tags: dict
+    params: dict
+    metrics: dict
+
+    @classmethod
+    def from_mlflow(cls, run) -> "RunInfo":
+        return cls(run.info.run_id, run.info.status, run.info.start_time or 0, run.info.end_time or 0,
+                   dict(run.data.tags), dict(run.data.params), dict(run.data.metrics))
+
+    def tag(self, name: str) -> str:
+        return str(self.tags.get(TAG + name, "") or "")
+
+    @property
+    def order(self) -> tuple:
+        return (self.start_time, self.end_time, self.run_id)
+
+    @property
+    def short(self) -> str:
+        return self.run_id[:8]
+
+
+class RunIndex:
+    """All runs of one MLflow experiment (active, of this scale), with the look-ups the tables need."""
+
+    def __init__(self, runs: Iterable[RunInfo], scale: str | None = None) -> None:
+        self.runs = [r for r in runs if scale is None or r.tag("scale") in ("", scale)]
+        self.by_id = {r.run_id: r for r in self.runs}
+
+    @classmethod
+    def from_mlflow(cls, client, experiment_name: str, scale: str | None = None) -> "RunIndex":
+        from mlflow.entities import ViewType
+
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            return cls([], scale)
+        runs, token = [], None
+        while True:
+            page = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ACTIVE_ONLY,
+                                      max_results=1000, page_token=token)
+            runs.extend(RunInfo.from_mlflow(r) for r in page)
+            token = page.token
+            if not token:
+                break
+        return cls(runs, scale)
+
+    def matching(self, experiment: str, job: str, method: str | None = None, block: str | None = None) -> list[RunInfo]:
+        out = [r for r in self.runs if r.tag("experiment") == experiment and r.tag("job") == job
+               and (method is None or r.tag("method") == method) and (block is None or r.tag("block") == block)]
+        return sorted(out, key=lambda r: r.order, reverse=True)
+
+    def latest(self, experiment: str, job: str, method: str | None = None,
+               block: str | None = None) -> tuple[RunInfo | None, str]:
+        """The most recent FINISHED run, or None and why not."""
+        candidates = self.matching(experiment, job, method, block)
+        for run in candidates:
+            if run.status == "FINISHED":
+                return run, ""
+        if candidates:
+            return None, f"no FINISHED {job} run (latest is {candidates[0].status}, run {candidates[0].short})"
+        return None, f"no {job} run logged"
+
+    def methods(self, experiment: str, job: str) -> list[str]:
+        return sorted({r.tag("method") for r in self.matching(experiment, job) if r.tag("method")})
+
+    def blocks(self, experiment: str, method: str = "blockwise") -> list[str]:
+        found = {r.tag("block") for r in self.matching(experiment, "train", method) if r.tag("block")}
+        return sorted(found, key=lambda b: int(b) if b.isdigit() else 10**6)
+
+    def logged_params(self, experiment: str, run: RunInfo | None = None) -> dict:
+        """The params a run was made with: its own, its parent's, else its experiment's latest train or
+        parent run's (finished ones first)."""
+        if run is not None and run.params:
+            return run.params
+        parent = self.by_id.get(str(run.tags.get(PARENT_TAG, ""))) if run is not None else None
+        if parent is not None and parent.params:
+            return parent.params
+        for job in ("train", "parent"):
+            candidates = sorted(self.matching(experiment, job), key=lambda r: (r.status == "FINISHED", r.order),
+                                reverse=True)
+            for candidate in candidates:
+                if candidate.params:
+                    return candidate.params
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------- cells
+
+@dataclass
+class Cell:
+    text: str = DASH
+    value: float | None = None
+    note: str = ""
+    run: RunInfo | None = None
+
+
+def fmt(value: float | None, decimals: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return DASH
+    return f"{value:.{decimals}f}"
+
+
+def number(value: float | None, decimals: int = 2) -> Cell:
+    return Cell(text=fmt(value, decimals), value=value)
+
+
+def missing(note: str, run: RunInfo | None = None) -> Cell:
+    return Cell(text=NA, note=note, run=run)
+
+
+def metric_cell(index: RunIndex, experiment: str, method: str, metric: str, multiplier: float = 1.0,
+                decimals: int = 2, job: str = "evaluate", block: str | None = None,
+                expected: bool = True) -> Cell:
+    run, why = index.latest(experiment, job, method, block)
+    what = f"{experiment}, {method}" + (f", block {block}" if block else "")
+    if run is None:
+        if not expected:
+            return Cell(text=DASH)
+        return missing(f"{why} ({what})")
+    if metric not in run.metrics or run.metrics[metric] is None or math.isnan(run.metrics[metric]):
+        return missing(f"{metric} not logged (run {run.short}: {what})", run)
+    return Cell(text=fmt(run.metrics[metric] * multiplier, decimals), value=run.metrics[metric] * multiplier, run=run)
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+@dataclass
+class Column:
+    key: str
+    header: str
+    csv: str
+    role: str  # label | paper | ours | info
+
+
+@dataclass
+class Table:
+    id: str
+    title: str
+    caption: list[str]
+    columns: list[Column]
+    rows: list[dict[str, Cell]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    feeders: list[str] = field(default_factory=list)
+
+    def cell_notes(self) -> list[str]:
+        out = []
+        label_cols = [c for c in self.columns if c.role == "label"]
+        for row in self.rows:
+            label = " / ".join(row[c.key].text for c in label_cols if c.key in row)
+            for col in self.columns:
+                cell = row.get(col.key)
+                if cell is not None and cell.note:
+                    out.append(f"{cell.text} in row {label!r}, column {col.header!r}: {cell.note}")
+        return out
+
+    def sources(self) -> list[str]:
+        seen: dict[str, RunInfo] = {}
+        for row in self.rows:
+            for cell in row.values():
+                if cell.run is not None and cell.value is not None:
+                    seen.setdefault(cell.run.run_id, cell.run)
+        out = []
+        for run in sorted(seen.values(), key=lambda r: (r.tag("experiment"), r.tag("method"), r.tag("block"))):
+            block = f", block {run.tag('block')}" if run.tag("block") else ""
+            commit = f", git {run.tag('git_commit')[:10]}" if run.tag("git_commit") else ""
+            out.append(f"run {run.run_id}: {run.tag('experiment')}, {run.tag('method')}{block}, "
+                       f"{run.tag('job')}{commit}")
+        return out
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_md(table: Table) -> str:
+    lines = [f"# Table {table.id}: {table.title}", ""]
+    lines += [*table.caption, ""]
+    lines.append("| " + " | ".join(_md_escape(c.header) for c in table.columns) + " |")
+    lines.append("|" + "|".join("---:" if c.role in ("paper", "ours") else "---" for c in table.columns) + "|")
+    for row in table.rows:
+        lines.append("| " + " | ".join(_md_escape(row.get(c.key, Cell()).text) for c in table.columns) + " |")
+    notes = table.cell_notes() + table.notes
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {_md_escape(n)}" for n in notes]
+    lines += ["", f"`{NA}`: expected but missing (see notes); `{DASH}`: not reported by the paper, or not run here."]
+    sources = table.sources()
+    if sources:
+        lines += ["", "Sources (MLflow runs behind our numbers):", ""] + [f"- {s}" for s in sources]
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(table: Table) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([c.csv for c in table.columns] + ["notes"])
+    for row in table.rows:
+        values = []
+        for col in table.columns:
+            cell = row.get(col.key, Cell())
+            if col.role in ("paper", "ours"):
+                values.append("" if cell.value is None else f"{cell.value:.6g}")
+            else:
+                values.append(cell.text)
+        notes = "; ".join(cell.note for cell in row.values() if cell.note)
+        writer.writerow(values + [notes])
+    return buf.getvalue()
+
+
+_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", DASH: "---",
+                "[": "{[}", "]": "{]}", "`": ""}
+
+
+def tex_escape(text: str) -> str:
+    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in text)
+
+
+def render_tex(table: Table) -> str:
+    spec = "".join("l" if c.role in ("label", "info") else "r" for c in table.columns)
+    lines = [f"% Table {table.id}, generated by dblocks.tables from MLflow; do not edit by hand.",
+             r"\begin{table}[ht]", r"\centering",
+             r"\caption{" + tex_escape(f"Table {table.id}: {table.title}. " + " ".join(table.caption)) + "}",
+             r"\label{tab:dblocks-" + re.sub(r"[^A-Za-z0-9]+", "-", table.id) + "}",
+             r"\begin{tabular}{" + spec + "}", r"\hline",
+             " & ".join(tex_escape(c.header) for c in table.columns) + r" \\", r"\hline"]
+    for row in table.rows:
+        lines.append(" & ".join(tex_escape(row.get(c.key, Cell()).text) for c in table.columns) + r" \\")
+    lines += [r"\hline", r"\end{tabular}"]
+    notes = table.cell_notes() + table.notes
+    if notes:
+        lines += [r"\par\smallskip{\footnotesize"] + [tex_escape(n) + r"\par" for n in notes] + ["}"]
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------- context
+
+@dataclass
+class Context:
+    params: ParamsInfo
+    index: RunIndex
+
+    def device(self, exp: ExperimentSpec) -> str:
+        device = str(exp.config.get("device") or "auto").lower()
+        if device.startswith("cuda") or device == "gpu":
+            return "GPU"
+        if device == "cpu":
+            return "CPU"
+        return "GPU" if int(self.params.resources.get("gpu") or 0) > 0 else "CPU"
+
+    def describe(self, exps: list[ExperimentSpec]) -> str:
+        """"tiny: ViT-tiny on digits, CPU" from the params file."""
+        combos = _unique(f"{e.config.get('arch')} on {e.config.get('dataset')}" for e in exps)
+        devices = _unique(self.device(e) for e in exps)
+        return f"{self.params.scale}: {' / '.join(combos) or '?'}, {'/'.join(devices) or '?'}"
+
+    def placement(self, exp: ExperimentSpec, run: RunInfo | None) -> tuple[dict, list[str]]:
+        """Parameters for placing a run: logged ones over the params file's; notes where they disagree."""
+        fallback = flatten(exp.config)
+        logged = {k: parse_param(v) for k, v in self.index.logged_params(exp.name, run).items()}
+        notes = []
+        for key in ("partition", "layer_split", "blocks", "overlap", "arch", "dataset"):
+            if key in logged and key in fallback and not _same(logged[key], fallback[key]):
+                notes.append(f"{exp.name}: the run logged {key}={logged[key]!r} but {self.params.path.name} now "
+                             f"has {fallback[key]!r}; placed by the logged value")
+        return {**fallback, **logged}, notes
+
+    def caption(self, table_id: str, paper: dict | None, exps: list[ExperimentSpec]) -> list[str]:
+        lines = []
+        if paper:
+            lines.append(f"Paper: {paper['setting']}.")
+        lines.append(f"Ours ({self.describe(exps)}): experiments {', '.join(e.name for e in exps)}, "
+                     f"MLflow experiment `{self.params.mlflow_experiment}`.")
+        if self.params.scale != "paper":
+            lines.append(f"{self.params.scale.capitalize()}-scale numbers are not comparable to the paper's.")
+        return lines
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    out: list[str] = []
+    for item in items:
+        if item not in out:
+            out.append(item)
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def _ours_header(ctx: Context, exps: list[ExperimentSpec], label: str | None = None) -> str:
+    return f"ours {label} ({ctx.params.scale})" if label else f"ours ({ctx.describe(exps)})"
+
+
+def _label_col(key: str, header: str) -> Column:
+    return Column(key, header, re.sub(r"[^a-z0-9]+", "_", header.lower()).strip("_") or key, "label")
+
+
+def _paper_columns(columns: dict[str, str]) -> list[Column]:
+    if len(columns) == 1:
+        return [Column(f"paper:{next(iter(columns))}", "paper", "paper", "paper")]
+    return [Column(f"paper:{k}", f"paper {label}", f"paper_{k}", "paper") for k, label in columns.items()]
+
+
+def _run_methods(ctx: Context, exp: ExperimentSpec) -> list[str]:
+    return _unique([*exp.methods, *ctx.index.methods(exp.name, "evaluate")])
+
+
+def _denoiser_method(ctx: Context, exp: ExperimentSpec) -> str:
+    """The block-wise method an ablation reads (blockwise, else the paper's shared-stem mode)."""
+    methods = [m for m in _run_methods(ctx, exp) if m != "e2e"]
+    return "blockwise" if "blockwise" in methods or not methods else methods[0]
+
+
+# ---------------------------------------------------------------------------------- table builders
+
+def _match_setting(settings: dict, exp: ExperimentSpec) -> tuple[str, bool]:
+    """The setting an experiment belongs to, and whether that was a guess (no match word found)."""
+    dataset = str(exp.config.get("dataset", "")).lower()
+    for haystack in (dataset, exp.name.lower()):
+        for key, setting in settings.items():
+            if any(word in haystack for word in setting["match"]):
+                return key, False
+    return next(iter(settings)), True
+
+
+def build_methods_table(ctx: Context, table_id: str, paper: dict, exps: list[ExperimentSpec]) -> Table:
+    decimals = DECIMALS.get(table_id, 2)
+    settings = paper.get("settings")
+    ours = OURS_METRICS.get(table_id) or {k: (k, 1.0, v) for k, v in paper["columns"].items()}
+    columns = ([_label_col("setting", "setting")] if settings else []) + [_label_col("method", "method")]
+    columns += _paper_columns(paper["columns"])
+    ours_cols = ({k: v[2] for k, v in ours.items()})
+    columns += ([Column(f"ours:{k}", _ours_header(ctx, exps), "ours", "ours") for k in ours_cols]
+                if len(ours_cols) == 1 else
+                [Column(f"ours:{k}", _ours_header(ctx, exps, label), f"ours_{k}", "ours") for k, label in ours_cols.items()])
+    table = Table(table_id, paper["title"], ctx.caption(table_id, paper, exps), columns,
+                  notes=list(paper.get("notes", [])) + OURS_NOTES.get(table_id, []), feeders=[e.name for e in exps])
+
+    by_setting: dict[str | None, list[ExperimentSpec]] = {}
+    for exp in exps:
+        key = None
+        if settings:
+            key, guessed = _match_setting(settings, exp)
+            if guessed:
+                table.notes.append(f"{exp.name} (dataset {exp.config.get('dataset')}) matches no paper setting; "
+                                   f"shown as a stand-in for {settings[key]['label']}")
+        by_setting.setdefault(key, []).append(exp)
+
+    def add_row(label: str, setting: str | None, paper_values: dict, exp: ExperimentSpec | None,
+                method: str | None, expected: bool) -> None:
+        row = {"method": Cell(label)}
+        if settings:
+            row["setting"] = Cell(settings[setting]["label"])
+        for key in paper["columns"]:
+            row[f"paper:{key}"] = number(paper_values.get(key), decimals)
+        for key, (metric, multiplier, _) in ours.items():
+            row[f"ours:{key}"] = (Cell(DASH) if exp is None or method is None else
+                                  metric_cell(ctx.index, exp.name, method, metric, multiplier, decimals,
+                                              expected=expected))
+        table.rows.append(row)
+
+    setting_keys = list(settings) if settings else [None]
+    for setting in setting_keys:
+        paper_rows = [r for r in paper["rows"] if r["key"].get("setting") == setting]
+        feeding = by_setting.get(setting, [])
+        for prow in paper_rows:
+            method = prow["key"].get("method")
+            if method is None or not feeding:
+                add_row(prow["label"], setting, prow["values"], None, None, False)
+                continue
+            for exp in feeding:
+                label = prow["label"] + (f" [{exp.name}]" if len(feeding) > 1 else "")
+                add_row(label, setting, prow["values"], exp, method, method in _run_methods(ctx, exp))
+        covered = {r["key"].get("method") for r in paper_rows}
+        for exp in feeding:
+            for method in _run_methods(ctx, exp):
+                if method in covered:
+                    continue
+                label, beside = EXTRA_METHODS.get(method, (METHOD_LABELS.get(method, method), None))
+                prow = next((r for r in paper_rows if r["key"].get("method") == beside), None)
+                label += f" [{exp.name}]" if len(feeding) > 1 else ""
+                add_row(label, setting, prow["values"] if prow else {}, exp, method, True)
+                if prow is not None:
+                    table.notes.append(f"{label}: the paper's number beside it is its DiffusionBlocks result, "
+                                       "which the paper obtained in this shared-stem mode")
+    return table
+
+
+def _split_of(values: dict) -> tuple[int, ...] | None:
+    split = values.get("layer_split")
+    if isinstance(split, str):
+        split = parse_param(split)
+    if split:
+        return tuple(int(n) for n in split)
+    try:
+        from dblocks.models import get_arch
+        from dblocks.noise import layer_split
+
+        return tuple(layer_split(get_arch(str(values["arch"])).depth, int(values["blocks"]), None))
+    except Exception:  # unknown arch or blocks: not placeable
+        return None
+
+
+def _row_for_split(rows: list[dict], split: tuple[int, ...]) -> tuple[int | None, bool]:
+    """Index of the paper row with this split: exact match first, else the same proportions."""
+    for i, row in enumerate(rows):
+        if tuple(row["_key"]) == split:
+            return i, False
+    total = sum(split)
+    for i, row in enumerate(rows):
+        key = tuple(row["_key"])
+        if len(key) == len(split) and all(math.isclose(a / sum(key), b / total) for a, b in zip(key, split)):
+            return i, True
+    return None, False
+
+
+@dataclass
+class Placed:
+    exp: ExperimentSpec
+    cell: Cell
+
+
+def _place(slot: dict, key: Any, exp: ExperimentSpec, cell: Cell, notes: list[str]) -> None:
+    """Put a cell in a slot; on a conflict the most recent finished run wins."""
+    prev = slot.get(key)
+    if prev is None:
+        slot[key] = Placed(exp, cell)
+        return
+    def rank(p: Placed) -> tuple:
+        return (p.cell.run is not None and p.cell.value is not None, p.cell.run.order if p.cell.run else ())
+    winner, loser = (prev, Placed(exp, cell)) if rank(prev) >= rank(Placed(exp, cell)) else (Placed(exp, cell), prev)
+    slot[key] = winner
+    notes.append(f"{winner.exp.name} and {loser.exp.name} both fall in one cell; showing {winner.exp.name} "
+                 "(the most recent finished run)")
+
+
+def build_grid_table(ctx: Context, table_id: str, paper: dict, exps: list[ExperimentSpec]) -> Table:
+    """Table 7: rows by layer split, columns by partition."""
+    decimals = DECIMALS.get(table_id, 2)
+    metric, multiplier, _ = next(iter(OURS_METRICS.get(table_id, {"fid": ("fid", 1.0, "FID")}).values()))
+    partitions = dict(paper["columns"])
+    rows = [{"_key": tuple(r["key"]["layer_split"]), "label": r["label"], "values": r["values"]} for r in paper["rows"]]
+    notes: list[str] = list(paper.get("notes", []))
+    slots: dict[tuple, Placed] = {}
+    for exp in exps:
+        method = _denoiser_method(ctx, exp)
+        cell = metric_cell(ctx.index, exp.name, method, metric, multiplier, decimals)
+        values, mismatch = ctx.placement(exp, cell.run)
+        notes += mismatch
+        split, partition = _split_of(values), str(values.get("partition"))
+        if split is None:
+            notes.append(f"{exp.name}: no layer split could be derived (arch {values.get('arch')!r}); not placed")
+            continue
+        if partition not in partitions:
+            partitions[partition] = partition
+        i, proportional = _row_for_split(rows, split)
+        if i is None:
+            rows.append({"_key": split, "label": str(list(split)), "values": {}})
+            i = len(rows) - 1
+        elif proportional:
+            notes.append(f"{exp.name}: our split {list(split)} placed in the paper's {rows[i]['label']} row "
+                         "(same proportions of the depth)")
+        _place(slots, (i, partition), exp, cell, notes)
+    columns = [_label_col("layer_split", "layer split")]
+    columns += [Column(f"paper:{p}", f"paper {label}", f"paper_{p}", "paper") for p, label in partitions.items()]
+    columns += [Column(f"ours:{p}", f"ours {label} ({ctx.params.scale})", f"ours_{p}", "ours")
+                for p, label in partitions.items()]
+    table = Table(table_id, paper["title"], ctx.caption(table_id, paper, exps), columns, notes=notes,
+                  feeders=[e.name for e in exps])
+    for i, r in enumerate(rows):
+        row = {"layer_split": Cell(r["label"])}
+        for p in partitions:
+            row[f"paper:{p}"] = number(r["values"].get(p), decimals)
+            placed = slots.get((i, p))
+            row[f"ours:{p}"] = placed.cell if placed else Cell(DASH)
+        table.rows.append(row)
+    return table
+
+
+def _sweep_key(param: str, value: Any) -> float | None:
+    try:
+        return round(float(value), 6)
+    except (TypeError, ValueError):
+        return None
+
+
+def build_sweep_table(ctx: Context, table_id: str, paper: dict, exps: list[ExperimentSpec]) -> Table:
+    """Tables 8, 10, 11 and gamma: rows by one parameter (blocks or overlap)."""
+    decimals = DECIMALS.get(table_id, 2)
+    param, param_label = paper["param"], paper.get("param_label", paper["param"])
+    col, (metric, multiplier, _) = next(iter(OURS_METRICS.get(table_id, {"fid": ("fid", 1.0, "FID")}).items()))
+    paper_col = next(iter(paper["columns"]))
+    rows = {_sweep_key(param, r["key"][param]): {"label": r["label"], "value": r["values"].get(paper_col)}
+            for r in paper["rows"]}
+    notes: list[str] = list(paper.get("notes", []))
+    slots: dict[float, Placed] = {}
+    for exp in exps:
+        method = _denoiser_method(ctx, exp)
+        cell = metric_cell(ctx.index, exp.name, method, metric, multiplier, decimals)
+        values, mismatch = ctx.placement(exp, cell.run)
+        notes += mismatch
+        key = _sweep_key(param, values.get(param))
+        if key is None:
+            notes.append(f"{exp.name}: no {param} value; not placed")
+            continue
+        if key not in rows:
+            label = str(int(key)) if param == "blocks" else f"{key:g}"
+            rows[key] = {"label": label, "value": None}
+        _place(slots, key, exp, cell, notes)
+    columns = [_label_col(param, param_label), Column("paper", "paper", "paper", "paper"),
+               Column("ours", _ours_header(ctx, exps), "ours", "ours"), Column("experiment", "experiment", "experiment", "info")]
+    table = Table(table_id, paper["title"], ctx.caption(table_id, paper, exps), columns, notes=notes,
+                  feeders=[e.name for e in exps])
+    for key in sorted(rows):
+        placed = slots.get(key)
+        table.rows.append({param: Cell(rows[key]["label"]), "paper": number(rows[key]["value"], decimals),
+                           "ours": placed.cell if placed else Cell(DASH),
+                           "experiment": Cell(placed.exp.name if placed else DASH), "_key": Cell(str(key), key)})
+    return table
+
+
+def build_timing_table(ctx: Context, table_id: str, paper: dict, exps: list[ExperimentSpec]) -> Table:
+    """Table 12: seconds per step of the end-to-end run vs each block's, their sum and the ratio."""
+    decimals = DECIMALS.get(table_id, 4)
+    pv = {r["key"]["row"]: r["values"]["seconds"] for r in paper["rows"]}
+    columns = [_label_col("row", "row"), Column("paper", "paper (s / iteration)", "paper", "paper"),
+               Column("ours", f"ours ({ctx.describe(exps)}) s / step", "ours", "ours"),
+               Column("device", "ours: device", "device", "info")]
+    notes = list(paper.get("notes", []))
+    notes.append("Our timings are seconds_per_step as each training job measured it, on the device where that job "
+                 "ran (column 'ours: device', from the run tag dblocks.device; 'unknown' where not tagged). Blocks "
+                 "train as independent jobs, so the sum is total compute, not elapsed time.")
+    table = Table(table_id, paper["title"], ctx.caption(table_id, paper, exps), columns, notes=notes,
+                  feeders=[e.name for e in exps])
+
+    def device(cell: Cell) -> Cell:
+        return Cell(cell.run.tag("device") or "unknown") if cell.run is not None else Cell(DASH)
+
+    for exp in exps:
+        suffix = f" [{exp.name}]" if len(exps) > 1 else ""
+        e2e = metric_cell(ctx.index, exp.name, "e2e", "seconds_per_step", 1.0, decimals, job="train",
+                          expected="e2e" in exp.methods)
+        table.rows.append({"row": Cell("End-to-end" + suffix), "paper": number(pv["e2e"], decimals),
+                           "ours": e2e, "device": device(e2e)})
+        first_train, _ = ctx.index.latest(exp.name, "train", "blockwise")
+        values, mismatch = ctx.placement(exp, first_train)
+        table.notes.extend(mismatch)
+        split = _split_of(values)
+        try:
+            count = int(values.get("blocks"))
+        except (TypeError, ValueError):
+            count = len(split) if split else 0
+        logged = [b for b in ctx.index.blocks(exp.name) if b.isdigit()]
+        count = max([count] + [int(b) for b in logged])
+        block_cells = []
+        for b in range(1, count + 1):
+            cell = metric_cell(ctx.index, exp.name, "blockwise", "seconds_per_step", 1.0, decimals, job="train",
+                               block=str(b))
+            block_cells.append(cell)
+            layers = (f" ({split[b - 1]} layer{'s' if split[b - 1] != 1 else ''})"
+                      if split and len(split) == count else "")
+            table.rows.append({"row": Cell(f"block {b}{layers}{suffix}"), "paper": number(pv["block"], decimals),
+                               "ours": cell, "device": device(cell)})
+        if block_cells and all(c.value is not None for c in block_cells):
+            total = Cell(fmt(sum(c.value for c in block_cells), decimals), sum(c.value for c in block_cells))
+        else:
+            total = missing("some block has no seconds_per_step (see the block rows)")
+        if total.value is not None and e2e.value:
+            ratio = Cell(fmt(total.value / e2e.value, RATIO_DECIMALS), total.value / e2e.value)
+        else:
+            ratio = missing("needs the end-to-end time and the sum over blocks")
+        devices = _unique(c.run.tag("device") or "unknown" for c in block_cells if c.run is not None)
+        table.rows.append({"row": Cell(f"sum over {count} blocks{suffix}"), "paper": number(pv["sum"], decimals),
+                           "ours": total, "device": Cell(", ".join(devices) or DASH)})
+        table.rows.append({"row": Cell(f"ratio sum / end-to-end{suffix}"),
+                           "paper": number(pv["ratio"], RATIO_DECIMALS), "ours": ratio, "device": Cell(DASH)})
+    return table
+
+
+def build_generic_table(ctx: Context, table_id: str, exps: list[ExperimentSpec]) -> Table:
+    """A table id the paper module does not know: every evaluate metric of every method, paper '—'."""
+    metrics = _unique(m for e in exps for method in _run_methods(ctx, e)
+                      for r in [ctx.index.latest(e.name, "evaluate", method)[0]] if r for m in sorted(r.metrics))
+    columns = [_label_col("experiment", "experiment"), _label_col("method", "method"),
+               Column("paper", "paper", "paper", "paper")]
+    columns += [Column(f"ours:{m}", f"ours {m} ({ctx.params.scale})", f"ours_{m}", "ours") for m in metrics]
+    table = Table(table_id, f"table {table_id} (no paper numbers on record)", ctx.caption(table_id, None, exps),
+                  columns, feeders=[e.name for e in exps])
+    for exp in exps:
+        for method in _run_methods(ctx, exp):
+            row = {"experiment": Cell(exp.name), "method": Cell(method), "paper": Cell(DASH)}
+            for m in metrics:
+                row[f"ours:{m}"] = metric_cell(ctx.index, exp.name, method, m, 1.0, 4)
+            table.rows.append(row)
+    return table
+
+
+BUILDERS = {"methods": build_methods_table, "grid": build_grid_table, "sweep": build_sweep_table,
+            "timing": build_timing_table}
+
+
+def build_table(ctx: Context, table_id: str) -> Table:
+    exps = ctx.params.feeders(table_id)
+    paper = PAPER_TABLES.get(table_id)
+    if paper is None:
+        return build_generic_table(ctx, table_id, exps)
+    return BUILDERS[paper["kind"]](ctx, table_id, paper, exps)
+
+
+# -------------------------------------------------------------------------------------------- files
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "unnamed"
+
+
+def _atomic_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _atomic_figure(fig, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
+    return path
+
+
+def _new_figure(ncols: int = 1, width: float = 5.0, height: float = 3.6):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+def figure_curves(ctx: Context, client, exp: ExperimentSpec, path: Path) -> tuple[Path | None, str]:
+    """Training loss per block and end-to-end for one experiment."""
+    series = []
+    for method in _unique([*exp.methods, *ctx.index.methods(exp.name, "train")]):
+        blocks = ctx.index.blocks(exp.name, method) or [""]
+        for block in blocks:
+            run, _ = ctx.index.latest(exp.name, "train", method, block)
+            if run is None:
+                continue
+            history = sorted(client.get_metric_history(run.run_id, "train_loss"), key=lambda m: (m.step, m.timestamp))
+            if history:
+                label = f"block {block}" if block else {"e2e": "end-to-end"}.get(method, METHOD_LABELS.get(method, method))
+                series.append((label, [m.step for m in history], [m.value for m in history]))
+    if not series:
+        return None, "no finished train run with a train_loss history"
+    fig, (ax,) = _new_figure(1, 6.0, 4.0)
+    for label, steps, values in series:
+        ax.plot(steps, values, label=label, linewidth=1.2)
+    if all(v > 0 for _, _, vals in series for v in vals):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train_loss")
+    ax.set_title(f"{exp.name}: training loss ({ctx.describe([exp])})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _atomic_figure(fig, path), ""
+
+
+def figure_sweep(ctx: Context, table: Table, paper: dict, path: Path) -> tuple[Path | None, str]:
+    """Metric vs the swept parameter: the paper's panel beside ours (different scales, so not one axis)."""
+    param = paper["param"]
+    ours = [(row["_key"].value, row["ours"].value) for row in table.rows if row["ours"].value is not None]
+    if not ours:
+        metric = next(iter(OURS_METRICS.get(table.id, {"fid": ("fid",)}).values()))[0]
+        return None, f"no {metric} logged yet for any experiment feeding table {table.id}"
+    theirs = [(row["_key"].value, row["paper"].value) for row in table.rows if row["paper"].value is not None]
+    panels = [("paper", theirs, paper["setting"])] if theirs else []
+    panels.append(("ours", ours, ctx.describe([ctx.params.experiments[n] for n in table.feeders])))
+    fig, axes = _new_figure(len(panels), 4.5, 3.4)
+    for ax, (name, points, subtitle) in zip(axes, panels):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o")
+        ax.set_xlabel(paper.get("param_label", param))
+        ax.set_ylabel(paper["metric"])
+        ax.set_title(f"{name}\n{subtitle}", fontsize=8)
+        ax.grid(alpha=0.3)
+        if param == "blocks":
+            ax.set_xticks(sorted(set(xs)))
+    fig.suptitle(f"Table {table.id}: {paper['title']}", fontsize=9)
+    return _atomic_figure(fig, path), ""
+
+
+def figure_grid(ctx: Context, table: Table, paper: dict, path: Path) -> tuple[Path | None, str]:
+    """Grouped bars: partition per layer split, the paper's panel beside ours."""
+    partitions = [c.key.split(":", 1)[1] for c in table.columns if c.role == "ours"]
+    labels_of = dict(paper["columns"])
+    if not any(row[f"ours:{p}"].value is not None for row in table.rows for p in partitions):
+        return None, f"no metric logged yet for any experiment feeding table {table.id}"
+    labels = [row["layer_split"].text for row in table.rows]
+    fig, axes = _new_figure(2, 5.0, 3.6)
+    width = 0.8 / max(1, len(partitions))
+    for ax, role, name in ((axes[0], "paper", "paper: " + paper["setting"]),
+                           (axes[1], "ours", f"ours ({ctx.describe([ctx.params.experiments[n] for n in table.feeders])})")):
+        for j, p in enumerate(partitions):
+            values = [row[f"{role}:{p}"].value for row in table.rows]
+            xs = [i + (j - (len(partitions) - 1) / 2) * width for i in range(len(labels))]
+            ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=labels_of.get(p, p))
+            for x, v in zip(xs, values):
+                if v is None:
+                    ax.text(x, 0, NA, ha="center", va="bottom", fontsize=6, rotation=90)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_xlabel("layer split")
+        ax.set_ylabel(paper["metric"])
+        ax.set_title(name, fontsize=8)
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"Table {table.id}: {paper['title']}", fontsize=9)
+    return _atomic_figure(fig, path), ""
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def find_artifact(client, run_id: str, name: str, max_depth: int = 3) -> str | None:
+    """The artifact path of the first file called ``name`` (the root first, then folders, breadth first)."""
+    folders: list[str | None] = [None]
+    for _ in range(max_depth):
+        deeper: list[str | None] = []
+        for folder in folders:
+            for info in client.list_artifacts(run_id, folder):
+                if not info.is_dir and Path(info.path).name == name:
+                    return info.path
+                if info.is_dir:
+                    deeper.append(info.path)
+        folders = deeper
+        if not folders:
+            break
+    return None
+
+
+def fetch_samples(ctx: Context, client, exp: ExperimentSpec, method: str, path: Path) -> tuple[Path | None, str]:
+    """Copy a generation evaluate run's ``samples.png`` artifact to ``path``."""
+    run, why = ctx.index.latest(exp.name, "evaluate", method)
+    if run is None:
+        return None, why
+    try:
+        artifact = find_artifact(client, run.run_id, "samples.png")
+    except Exception as exc:  # noqa: BLE001 - an unreachable artifact store: not available
+        return None, f"run {run.short}: artifacts not readable ({exc.__class__.__name__}: {_one_line(exc)})"
+    if artifact is None:
+        return None, f"run {run.short} has no samples.png artifact"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(run.run_id, artifact, tmp))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_target = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        shutil.copyfile(local, tmp_target)
+        os.replace(tmp_target, path)
+    return path, ""
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+def tracking_uri_for(params: ParamsInfo, tracking_uri: str | None = None) -> str | None:
+    """MLFLOW_TRACKING_URI, else the argument, else the params file's ``tracking.uri``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or params.tracking_uri
+
+
+def generate(params_path: str | Path, out_dir: str | Path, tracking_uri: str | None = None) -> list[Path]:
+    """Write the tables and figures for every table the params file's experiments feed; return the files."""
+    from mlflow import MlflowClient
+
+    params = read_params(params_path)
+    out_dir = Path(out_dir)
+    tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
+    client = MlflowClient(tracking_uri=tracking_uri_for(params, tracking_uri))
+    index = RunIndex.from_mlflow(client, params.mlflow_experiment, params.scale)
+    ctx = Context(params, index)
+    written: list[Path] = []
+    warnings: list[str] = []
+    if not index.runs:
+        warnings.append(f"MLflow experiment `{params.mlflow_experiment}` has no runs of scale {params.scale!r}: "
+                        "every value of ours is missing")
+        print(f"dblocks.tables: warning: {warnings[-1]}", file=sys.stderr)
+
+    tables: list[Table] = []
+    for table_id in params.table_ids():
+        table = build_table(ctx, table_id)
+        tables.append(table)
+        stem = tables_dir / f"table{_safe(table_id)}"
+        written += [_atomic_text(stem.with_suffix(".md"), render_md(table)),
+                    _atomic_text(stem.with_suffix(".csv"), render_csv(table)),
+                    _atomic_text(stem.with_suffix(".tex"), render_tex(table))]
+
+    figures: list[tuple[Path, str]] = []
+    skipped: list[tuple[str, str]] = []
+
+    def record(name: str, result: tuple[Path | None, str], what: str) -> None:
+        path, why = result
+        if path is None:
+            skipped.append((name, why))
+        else:
+            written.append(path)
+            figures.append((path, what))
+
+    for exp in params.experiments.values():
+        name = f"curves-{_safe(exp.name)}.png"
+        record(name, figure_curves(ctx, client, exp, figures_dir / name),
+               f"training loss per block and end-to-end, {exp.name}")
+    for table in tables:
+        paper = PAPER_TABLES.get(table.id)
+        if paper is None:
+            continue
+        if paper["kind"] == "sweep":
+            metric = next(iter(OURS_METRICS.get(table.id, {"fid": ("fid",)}).values()))[0]
+            name = f"table{_safe(table.id)}-{metric}-vs-{paper['param']}.png"
+            record(name, figure_sweep(ctx, table, paper, figures_dir / name),
+                   f"Table {table.id}: {metric} vs {paper.get('param_label', paper['param'])}")
+        elif paper["kind"] == "grid":
+            name = f"table{_safe(table.id)}-partition.png"
+            record(name, figure_grid(ctx, table, paper, figures_dir / name),
+                   f"Table {table.id}: partition x layer split")
+    for exp in params.experiments.values():
+        if exp.task != "generation":
+            continue
+        for method in _run_methods(ctx, exp):
+            name = f"samples-{_safe(exp.name)}-{_safe(method)}.png"
+            record(name, fetch_samples(ctx, client, exp, method, figures_dir / name),
+                   f"samples, {exp.name}, {method}")
+
+    written.append(_atomic_text(tables_dir / "index.md", render_index(params, tables, figures, skipped, warnings,
+                                                                     out_dir)))
+    return written
+
+
+def render_index(params: ParamsInfo, tables: list[Table], figures: list[tuple[Path, str]],
+                 skipped: list[tuple[str, str]], warnings: list[str], out_dir: Path) -> str:
+    lines = ["# Paper tables and figures, from MLflow", "",
+             f"Params file `{params.path.name}` (scale `{params.scale}`), MLflow experiment "
+             f"`{params.mlflow_experiment}`. Every number of ours is read from MLflow; the paper's numbers "
+             "come from `dblocks.paper`. Where runs were repeated, the most recent FINISHED run is used.", ""]
+    if params.scale != "paper":
+        lines += [f"**{params.scale.capitalize()}-scale numbers are not comparable to the paper's**: smaller "
+                  "models, other data and far fewer steps. They check that the pipeline runs end to end and that "
+                  "trends can be read, not that the paper's values are reproduced.", ""]
+    lines += [f"`{NA}`: expected but missing (a footnote in the table says why); `{DASH}`: not reported by the "
+              "paper, or not run here.", ""]
+    lines += [f"> warning: {w}" for w in warnings] + ([""] if warnings else [])
+    lines += ["## Tables", "", "| table | title | fed by | files |", "|---|---|---|---|"]
+    for t in tables:
+        stem = f"table{_safe(t.id)}"
+        files = " · ".join(f"[{ext}]({stem}.{ext})" for ext in ("md", "csv", "tex"))
+        lines.append(f"| {t.id} | {_md_escape(t.title)} | {', '.join(t.feeders)} | {files} |")
+    lines += ["", "## Figures", ""]
+    for path, what in figures:
+        rel = os.path.relpath(path, out_dir / "tables")
+        lines.append(f"- [{path.name}]({rel}): {what}")
+    if not figures:
+        lines.append("- none")
+    if skipped:
+        lines += ["", "## Figures not drawn", ""] + [f"- `{name}`: {why}" for name, why in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dblocks.tables", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", required=True, help="pipeline params file, e.g. params/tiny.yaml")
+    parser.add_argument("--out", default="results", help="output folder (tables/ and figures/ go under it)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (MLFLOW_TRACKING_URI wins; default: the "
+                                               "params file's tracking.uri)")
+    args = parser.parse_args(argv)
+    if not Path(args.params).is_file():
+        parser.error(f"--params {args.params}: file not found")
+    for path in generate(args.params, args.out, args.tracking_uri):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Paper tables and figures from MLflow: fake-but-contract-following runs in a temporary sqlite store,
+then ``dblocks.tables.generate`` and checks on every kind of output."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from PIL import Image
+
+from dblocks import paper, tables
+
+MLFLOW_EXPERIMENT = "dblocks-tables-test"
+BASE_MS = 1_700_000_000_000
+
+PARAMS = {
+    "scale": "tiny",
+    "tracking": {"uri": "sqlite:///nowhere.db", "experiment": MLFLOW_EXPERIMENT},
+    "resources": {"gpu": 0},
+    "defaults": {"dataset": "digits", "seed": 0, "device": "auto"},
+    "experiments": {
+        "vit-cifar100": {"task": "classification", "arch": "ViT-micro", "blocks": 3, "overlap": 0.05,
+                         "pipeline": {"tables": ["1", "12"], "methods": ["blockwise", "e2e"]}},
+        "dit-t7-uniform-363": {"task": "generation", "arch": "DiT-micro", "blocks": 3, "partition": "uniform",
+                               "overlap": 0.0, "layer_split": [3, 6, 3],
+                               "pipeline": {"tables": ["7"], "methods": ["blockwise"]}},
+        # no layer_split: DiT-micro's 3 layers split evenly, [1, 1, 1], which is the paper's [4, 4, 4] row
+        "dit-t7-equiprob-444": {"task": "generation", "arch": "DiT-micro", "blocks": 3, "partition": "equiprobable",
+                                "overlap": 0.0, "pipeline": {"tables": ["7", "10"], "methods": ["blockwise"]}},
+        "dit-t10-b2": {"task": "generation", "arch": "DiT-micro", "blocks": 2, "partition": "equiprobable",
+                       "overlap": 0.0, "pipeline": {"tables": ["10"], "methods": ["blockwise"]}},
+    },
+}
+
+_clock = itertools.count()
+
+
+def _flat_params(name: str) -> dict[str, str]:
+    """What the tracking module logs: the flattened resolved config, strings as they are, other values as
+    JSON (layer_split "[3, 6, 3]", None as "null")."""
+    from dblocks.config import DEFAULTS, deep_merge
+
+    config = deep_merge(deep_merge(DEFAULTS, PARAMS["defaults"]), PARAMS["experiments"][name])
+    config["name"] = name
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in tables.flatten(config).items()}
+
+
+def _log(client: MlflowClient, eid: str, experiment: str, job: str, method: str = "", block: str = "",
+         metrics: dict | None = None, history: list[float] | None = None, status: str = "FINISHED",
+         parent: str | None = None, device: str | None = None, artifact: Path | None = None,
+         with_params: bool = False) -> str:
+    start = BASE_MS + 1000 * next(_clock)
+    tags = {"dblocks.experiment": experiment, "dblocks.scale": "tiny", "dblocks.method": method,
+            "dblocks.block": block, "dblocks.job": job,
+            "dblocks.tables": ",".join(PARAMS["experiments"][experiment]["pipeline"]["tables"]),
+            "dblocks.config_hash": "0123456789abcdef", "dblocks.git_commit": "deadbeefcafe"}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    if device:
+        tags["dblocks.device"] = device
+    run_id = client.create_run(eid, start_time=start, tags=tags).info.run_id
+    batch = [Metric(k, float(v), start, 0) for k, v in (metrics or {}).items()]
+    batch += [Metric("train_loss", v, start + i, 10 * i) for i, v in enumerate(history or [])]
+    params = [Param(k, v) for k, v in _flat_params(experiment).items()] if with_params else []
+    client.log_batch(run_id, metrics=batch, params=params)
+    if artifact is not None:
+        client.log_artifact(run_id, str(artifact), "evaluation")
+    client.set_terminated(run_id, status=status, end_time=start + 500)
+    return run_id
+
+
+def _experiment_runs(client, eid, name, blocks: int, seconds=(0.01, 0.011, 0.012), device="cpu") -> str:
+    parent = _log(client, eid, name, "parent", with_params=True)
+    for b in range(1, blocks + 1):
+        _log(client, eid, name, "train", "blockwise", str(b), parent=parent, device=device, with_params=True,
+             metrics={"seconds_per_step": seconds[b - 1], "train_seconds": 10 * seconds[b - 1], "final_loss": 0.5},
+             history=[2.0 / (b + i) for i in range(6)])
+    return parent
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tables")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    eid = client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+    grid = root / "samples.png"
+    Image.new("RGB", (24, 16), (200, 30, 30)).save(grid)
+
+    # Table 1 and 12: the ViT; a stale evaluate run, the real one, then a FAILED rerun that must not win
+    parent = _experiment_runs(client, eid, "vit-cifar100", 3)
+    _log(client, eid, "vit-cifar100", "train", "e2e", parent=parent, device="cpu", with_params=True,
+         metrics={"seconds_per_step": 0.03}, history=[2.5, 1.5, 1.0, 0.8])
+    _log(client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.50})
+    _log(client, eid, "vit-cifar100", "evaluate", "e2e", parent=parent, metrics={"accuracy": 0.9012})
+    _log(client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.8731})
+    _log(client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.10},
+         status="FAILED")
+
+    # Table 7 / 10: one FID logged with samples; one evaluate run whose FID is not logged (yet)
+    parent = _experiment_runs(client, eid, "dit-t7-uniform-363", 3)
+    _log(client, eid, "dit-t7-uniform-363", "evaluate", "blockwise", parent=parent, artifact=grid,
+         metrics={"fid": 41.5, "sample_seconds": 3.0, "layer_evals_per_sample": 150})
+    parent = _experiment_runs(client, eid, "dit-t7-equiprob-444", 3)
+    _log(client, eid, "dit-t7-equiprob-444", "evaluate", "blockwise", parent=parent,
+         metrics={"sample_seconds": 3.0, "layer_evals_per_sample": 150})
+    parent = _experiment_runs(client, eid, "dit-t10-b2", 2)
+    _log(client, eid, "dit-t10-b2", "evaluate", "blockwise", parent=parent, metrics={"fid": 35.0})
+
+    params_path = root / "params.yaml"
+    params_path.write_text(yaml.safe_dump(PARAMS, sort_keys=False))
+    out = root / "results"
+    written = tables.generate(params_path, out, tracking_uri=uri)
+    return {"out": out, "written": written, "uri": uri, "params": params_path}
+
+
+def _md_row(text: str, first_cell: str) -> list[str]:
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in:\n{text}")
+
+
+def test_files_written_for_every_fed_table(generated):
+    out = generated["out"]
+    for table_id in ("1", "7", "10", "12"):
+        for ext in ("md", "csv", "tex"):
+            assert (out / "tables" / f"table{table_id}.{ext}") in generated["written"]
+            assert (out / "tables" / f"table{table_id}.{ext}").stat().st_size > 0
+    assert not (out / "tables" / "table2.md").exists()  # no experiment feeds it
+    assert (out / "tables" / "index.md") in generated["written"]
+    assert all(Path(p).is_file() for p in generated["written"])
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_table1_ours_beside_paper_and_latest_finished_run_wins(generated):
+    text = (generated["out"] / "tables" / "table1.md").read_text()
+    header = _md_row(text, "method")
+    assert header[1] == "paper"
+    assert header[2] == "ours (tiny: ViT-micro on digits, CPU)"
+    assert _md_row(text, "DiffusionBlocks")[1:] == ["59.30", "87.31"]  # not 50.00 (older), not 10.00 (FAILED)
+    assert _md_row(text, "End-to-end backprop")[1:] == ["60.25", "90.12"]
+    assert _md_row(text, "Forward-Forward")[1:] == ["7.85", "—"]
+    assert "not comparable" in text
+
+    df = pd.read_csv(generated["out"] / "tables" / "table1.csv")
+    assert {"method", "paper", "ours"} <= set(df.columns)
+    row = df.set_index("method").loc["DiffusionBlocks"]
+    assert row["paper"] == pytest.approx(59.30) and row["ours"] == pytest.approx(87.31)
+    assert pd.isna(df.set_index("method").loc["Forward-Forward", "ours"])
+
+
+def test_table7_places_runs_by_split_and_partition(generated):
+    df = pd.read_csv(generated["out"] / "tables" / "table7.csv").set_index("layer_split")
+    assert {"paper_uniform", "paper_equiprobable", "ours_uniform", "ours_equiprobable"} <= set(df.columns)
+    assert df.loc["[3, 6, 3]", "ours_uniform"] == pytest.approx(41.5)
+    assert df.loc["[3, 6, 3]", "paper_uniform"] == pytest.approx(43.59)
+    assert df.loc["[3, 6, 3]", "paper_equiprobable"] == pytest.approx(41.64)
+    assert pd.isna(df.loc["[3, 6, 3]", "ours_equiprobable"])
+    assert df[["ours_uniform", "ours_equiprobable"]].notna().sum().sum() == 1
+    assert list(df.index) == ["[4, 4, 4]", "[3, 6, 3]", "[6, 4, 2]", "[2, 4, 6]"]
+
+    text = (generated["out"] / "tables" / "table7.md").read_text()
+    header = _md_row(text, "layer split")
+    row = dict(zip(header, _md_row(text, "[4, 4, 4]")))
+    assert row["paper uniform"] == "43.53" and row["paper equi-probability"] == "38.03"
+    assert row["ours equi-probability (tiny)"] == "n/a"  # the [1, 1, 1] run, fid not logged
+    assert row["ours uniform (tiny)"] == "—"  # no experiment there
+    assert "fid not logged" in text
+    assert "same proportions" in text
+
+
+def test_table10_by_blocks_with_missing_fid(generated):
+    text = (generated["out"] / "tables" / "table10.md").read_text()
+    assert _md_row(text, "2")[1:4] == ["35.47", "35.00", "dit-t10-b2"]
+    assert _md_row(text, "3")[1:4] == ["38.03", "n/a", "dit-t7-equiprob-444"]
+    assert _md_row(text, "6")[1:3] == ["53.32", "—"]
+    assert re.search(r"n/a in row '3'.*fid not logged", text)
+    df = pd.read_csv(generated["out"] / "tables" / "table10.csv")
+    assert list(df["b"]) == [1, 2, 3, 4, 6]
+    assert "not logged" in df.loc[df["b"] == 3, "notes"].item()
+
+
+def test_table12_timings(generated):
+    df = pd.read_csv(generated["out"] / "tables" / "table12.csv").set_index("row")
+    assert df.loc["End-to-end", "ours"] == pytest.approx(0.03)
+    assert df.loc["End-to-end", "paper"] == pytest.approx(0.0507)
+    assert df.loc["block 2 (1 layer)", "ours"] == pytest.approx(0.011)
+    assert df.loc["block 2 (1 layer)", "paper"] == pytest.approx(0.0181)
+    assert df.loc["sum over 3 blocks", "ours"] == pytest.approx(0.033)
+    assert df.loc["sum over 3 blocks", "paper"] == pytest.approx(0.0543)
+    assert df.loc["ratio sum / end-to-end", "ours"] == pytest.approx(1.1)
+    assert df.loc["ratio sum / end-to-end", "paper"] == pytest.approx(0.0543 / 0.0507, abs=1e-3)
+    assert df.loc["End-to-end", "device"] == "cpu"
+    text = (generated["out"] / "tables" / "table12.md").read_text()
+    assert _md_row(text, "sum over 3 blocks")[1:3] == ["0.0543", "0.0330"]
+    assert "device where that job ran" in text
+
+
+def test_tex_is_a_tabular(generated):
+    tex = (generated["out"] / "tables" / "table7.tex").read_text()
+    body = tex[tex.index(r"\begin{tabular}{lrrrr}"):tex.index(r"\end{tabular}")]
+    rows = [line for line in body.splitlines() if line.endswith(r"\\")]
+    assert len(rows) == 5  # header + 4 splits
+    assert all(line.count("&") == 4 for line in rows)
+    assert "41.50" in body and "---" in body
+    assert r"{[}3, 6, 3{]} & 43.59" in body  # a row starting with [ would be read as \\[length]
+    assert tex.count(r"\begin{table}") == tex.count(r"\end{table}") == 1
+    t1 = (generated["out"] / "tables" / "table1.tex").read_text()
+    assert r"accuracy (\%)" in t1 and "87.31" in t1
+
+
+def test_figures_are_pngs(generated):
+    figures = generated["out"] / "figures"
+    expected = ["curves-vit-cifar100.png", "curves-dit-t10-b2.png", "table10-fid-vs-blocks.png",
+                "table7-partition.png", "samples-dit-t7-uniform-363-blockwise.png"]
+    for name in expected:
+        assert figures / name in generated["written"]
+        with Image.open(figures / name) as image:
+            assert image.format == "PNG"
+            image.verify()
+    with Image.open(figures / "samples-dit-t7-uniform-363-blockwise.png") as image:
+        assert image.size == (24, 16)  # the artifact itself, downloaded
+    assert not (figures / "samples-dit-t7-equiprob-444-blockwise.png").exists()
+
+
+def test_index_lists_tables_and_undrawn_figures(generated):
+    text = (generated["out"] / "tables" / "index.md").read_text()
+    for table_id in ("1", "7", "10", "12"):
+        assert f"[md](table{table_id}.md)" in text
+    assert "not comparable" in text
+    assert "(../figures/table7-partition.png)" in text
+    undrawn = text[text.index("## Figures not drawn"):]
+    assert "samples-dit-t7-equiprob-444-blockwise.png" in undrawn and "no samples.png" in undrawn
+
+
+def test_main_and_tracking_uri_precedence(generated, tmp_path, monkeypatch, capsys):
+    params = tables.read_params(generated["params"])
+    assert tables.tracking_uri_for(params) == "sqlite:///nowhere.db"
+    assert tables.tracking_uri_for(params, "sqlite:///arg.db") == "sqlite:///arg.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", generated["uri"])
+    assert tables.tracking_uri_for(params, "sqlite:///arg.db") == generated["uri"]
+    # the environment wins over a bogus argument: same numbers as before
+    assert tables.main(["--params", str(generated["params"]), "--out", str(tmp_path),
+                        "--tracking-uri", "sqlite:///bogus.db"]) == 0
+    assert str(tmp_path / "tables" / "index.md") in capsys.readouterr().out
+    assert (tmp_path / "tables" / "table1.csv").read_text() == \
+        (generated["out"] / "tables" / "table1.csv").read_text()
+
+
+def test_no_runs_gives_na_tables(generated, tmp_path):
+    params = {**PARAMS, "tracking": {"experiment": "never-logged"}}
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params))
+    written = tables.generate(params_path, tmp_path / "out", tracking_uri=generated["uri"])
+    text = (tmp_path / "out" / "tables" / "table1.md").read_text()
+    assert _md_row(text, "DiffusionBlocks")[1:] == ["59.30", "n/a"]
+    assert "no evaluate run logged" in text
+    assert not [p for p in written if p.suffix == ".png"]
+    index = (tmp_path / "out" / "tables" / "index.md").read_text()
+    assert "warning: MLflow experiment `never-logged` has no runs" in index
+    assert "`table10-fid-vs-blocks.png`: no fid logged yet" in index
+
+
+def test_paper_numbers_and_param_parsing():
+    assert paper.paper_value("1", "accuracy", method="blockwise") == 59.30
+    assert paper.paper_value("7", "equiprobable", layer_split=(2, 4, 6)) == 40.40
+    assert paper.paper_value("10", "fid", blocks=6) == 53.32
+    assert paper.paper_value("8", "fid", blocks=2) == 9.90
+    assert paper.paper_value("2", "fid_test", setting="imagenet", method="blockwise") == 10.63
+    assert paper.paper_value("4", "mauve", setting="owt", method="e2e") == 0.85
+    assert paper.paper_value("12", "seconds", row="sum") == 0.0543
+    assert all(r["values"]["fid"] is None for r in paper.PAPER_TABLES["gamma"]["rows"])
+    assert paper.table_ids()[:3] == ["1", "2", "3"] and paper.table_ids()[-1] == "gamma"
+    assert tables.parse_param("[4, 4, 4]") == [4, 4, 4]
+    assert tables.parse_param("None") is None
+    assert tables.parse_param("0.0") == 0.0
+    assert tables.parse_param("uniform") == "uniform"
