@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 # The main job: the tiny-scale pipeline on the embedded, offline data.
 run: $(STAMP)
-	$(BIN)/dblocks-demo
+	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(BIN)/snakemake
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -4,6 +4,7 @@ value prints one line naming the option and what is allowed, exits with code 2 a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -42,6 +43,12 @@ def _experiment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, dotted, e.g. --set train.warmup=100 (repeatable)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _track_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--track", metavar="RUN_JSON",
+                   help="log this job as a child MLflow run of the parent run named in RUN_JSON "
+                        "(written by 'dblocks track-init'); tracking failures only warn")
 
 
 def _layer_split(text: str) -> list[int]:
@@ -100,6 +107,44 @@ def _existing(paths: list[str], option: str) -> list[Path]:
         if not Path(p).is_file():
             raise UsageError(f"{option} {p}: file not found")
     return [Path(p) for p in paths]
+
+
+def _track_path(args) -> Path | None:
+    """The --track run JSON (written by 'dblocks track-init'), checked before any work starts."""
+    track = getattr(args, "track", None)
+    if track is None:
+        return None
+    (path,) = _existing([track], "--track")
+    return path
+
+
+def _tracker(track: Path | None, job: str, method: str | None, block: int | None, config: dict):
+    """A JobRun child run when --track was given, else a context that yields None."""
+    if track is None:
+        return contextlib.nullcontext(None)
+    from dblocks.tracking import JobRun
+
+    return JobRun(track, job, method, block, config)
+
+
+def _log_training(run, result, checkpoints: dict[str, tuple[Path, dict]], device) -> None:
+    """Metrics, checkpoint hashes and JSON sidecars of a finished training job; ``checkpoints`` maps a
+    tag suffix ("" for a single checkpoint, ".block<b>" for several) to (path, metadata as written)."""
+    from dblocks.checkpoint import sidecar_path
+
+    if run is None:
+        return
+    ran = result.steps - result.resumed_from  # a resumed job ran only the remaining steps
+    run.log_metrics({"train_seconds": result.seconds, "seconds_per_step": result.seconds / ran if ran > 0 else None,
+                     "final_loss": result.losses[-1][1] if result.losses else None,
+                     "steps_run": ran, "resumed_from": result.resumed_from}, step=result.steps)
+    tags = {"dblocks.device": str(device)}  # timings are only comparable on the same device
+    for suffix, (path, meta) in checkpoints.items():
+        tags[f"checkpoint_sha256{suffix}"] = meta["sha256"]
+        tags[f"checkpoint_path{suffix}"] = str(path)
+    run.set_tags(tags)
+    for path, _ in checkpoints.values():
+        run.log_artifact(sidecar_path(path), "checkpoints")
 
 
 def _finished(out: Path, exp, force: bool) -> bool:
@@ -187,17 +232,20 @@ def cmd_train_block(args) -> None:
     if not 1 <= args.block <= exp.partition.blocks:
         raise UsageError(f"--block {args.block}: allowed: 1..{exp.partition.blocks} (B={exp.partition.blocks})")
     device = _device(exp)
+    track = _track_path(args)
     if _finished(out, exp, args.force):
         return
-    data = exp.load_data("train", args.data)
-    model = exp.block(args.block)  # this block only: no other block is built, loaded or touched
-    cfg = exp.config["train"]
-    result = train(model, block_objective(model, exp.partition, args.block, cfg["max_loss_weight"]), data, cfg,
-                   seed=derive_seed(exp.config["seed"], "train-block", args.block), device=device,
-                   state_path=out.with_suffix(".state.safetensors"), desc=f"{exp.name} block {args.block}",
-                   progress=not args.no_progress)
-    save_block(out, model, exp, args.block, "blockwise", cfg["steps"], _train_summary(result))
-    _cleanup_state(out)
+    with _tracker(track, "train", "blockwise", args.block, exp.config) as run:
+        data = exp.load_data("train", args.data)
+        model = exp.block(args.block)  # this block only: no other block is built, loaded or touched
+        cfg = exp.config["train"]
+        result = train(model, block_objective(model, exp.partition, args.block, cfg["max_loss_weight"]), data, cfg,
+                       seed=derive_seed(exp.config["seed"], "train-block", args.block), device=device,
+                       state_path=out.with_suffix(".state.safetensors"), desc=f"{exp.name} block {args.block}",
+                       on_log=run.log_step if run is not None else None, progress=not args.no_progress)
+        meta = save_block(out, model, exp, args.block, "blockwise", cfg["steps"], _train_summary(result))
+        _cleanup_state(out)
+        _log_training(run, result, {"": (out, meta)}, device)
     print(f"wrote {out} (block {args.block}/{exp.partition.blocks}, {result.seconds:.1f} s)")
 
 
@@ -214,22 +262,25 @@ def cmd_train_baseline(args) -> None:
     exp = experiment_from_args(args)
     out = _output(args.out, ".safetensors")
     device = _device(exp)
+    track = _track_path(args)
     if _finished(out, exp, args.force):
         return
-    data = exp.load_data("train", args.data)
-    model = exp.e2e()
-    cfg = exp.config["train"]
-    if exp.config["task"] == "classification":
-        objective = cross_entropy_objective(model)
-    else:
-        full = exp.full_range
-        objective = denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g),
-                                        cfg["max_loss_weight"])
-    result = train(model, objective, data, cfg, seed=derive_seed(exp.config["seed"], "train-e2e"),
-                   device=device, state_path=out.with_suffix(".state.safetensors"), desc=f"{exp.name} e2e",
-                   progress=not args.no_progress)
-    save_e2e(out, model, exp, cfg["steps"], _train_summary(result))
-    _cleanup_state(out)
+    with _tracker(track, "train", "e2e", None, exp.config) as run:
+        data = exp.load_data("train", args.data)
+        model = exp.e2e()
+        cfg = exp.config["train"]
+        if exp.config["task"] == "classification":
+            objective = cross_entropy_objective(model)
+        else:
+            full = exp.full_range
+            objective = denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g),
+                                            cfg["max_loss_weight"])
+        result = train(model, objective, data, cfg, seed=derive_seed(exp.config["seed"], "train-e2e"),
+                       device=device, state_path=out.with_suffix(".state.safetensors"), desc=f"{exp.name} e2e",
+                       on_log=run.log_step if run is not None else None, progress=not args.no_progress)
+        meta = save_e2e(out, model, exp, cfg["steps"], _train_summary(result))
+        _cleanup_state(out)
+        _log_training(run, result, {"": (out, meta)}, device)
     print(f"wrote {out} (end-to-end baseline, {result.seconds:.1f} s)")
 
 
@@ -241,18 +292,35 @@ def cmd_train_shared(args) -> None:
     exp = experiment_from_args(args)
     out_dir = Path(args.out_dir)
     device = _device(exp)
-    model = exp.shared_blocks()
-    cfg = exp.config["train"]
-    # one block per step: B x the baseline's steps gives every block as many updates as the baseline
-    steps = cfg["steps"] * exp.partition.blocks
-    result = train(model, paper_mode_objective(model, cfg["max_loss_weight"]), exp.load_data("train", args.data), cfg,
-                   seed=derive_seed(exp.config["seed"], "train-shared"), device=device, steps=steps,
-                   state_path=out_dir / "shared.state.safetensors", desc=f"{exp.name} paper mode",
-                   progress=not args.no_progress)
-    for b, blk in enumerate(model.blocks, 1):
-        save_block(out_dir / f"block-{b}.safetensors", blk, exp, b, "paper", steps, _train_summary(result))
-    _cleanup_state(out_dir / "shared.safetensors")
+    track = _track_path(args)
+    with _tracker(track, "train", "paper", None, exp.config) as run:
+        model = exp.shared_blocks()
+        cfg = exp.config["train"]
+        # one block per step: B x the baseline's steps gives every block as many updates as the baseline
+        steps = cfg["steps"] * exp.partition.blocks
+        result = train(model, paper_mode_objective(model, cfg["max_loss_weight"]), exp.load_data("train", args.data),
+                       cfg, seed=derive_seed(exp.config["seed"], "train-shared"), device=device, steps=steps,
+                       state_path=out_dir / "shared.state.safetensors", desc=f"{exp.name} paper mode",
+                       on_log=run.log_step if run is not None else None, progress=not args.no_progress)
+        written = {}
+        for b, blk in enumerate(model.blocks, 1):
+            path = out_dir / f"block-{b}.safetensors"
+            written[f".block{b}"] = (path, save_block(path, blk, exp, b, "paper", steps, _train_summary(result)))
+        _cleanup_state(out_dir / "shared.safetensors")
+        _log_training(run, result, written, device)
     print(f"wrote {exp.partition.blocks} blocks (shared stem and head) to {out_dir} ({result.seconds:.1f} s)")
+
+
+def cmd_track_init(args) -> None:
+    from dblocks.tracking import init_runs, read_params_file
+
+    read_params_file(args.params)  # one-line ConfigError (exit 2) before MLflow is imported
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise UsageError(f"--out-dir {args.out_dir}: exists and is not a directory")
+    for path in init_runs(args.params, args.out_dir, args.tracking_uri, args.experiment, args.store_only):
+        record = json.loads(path.read_text())
+        what = f"parent run {record['parent_run_id']}" if "parent_run_id" in record else "experiment"
+        print(f"wrote {path}: {what} in {record['mlflow_experiment']!r} at {record['tracking_uri']}")
 
 
 def cmd_assemble(args) -> None:
@@ -304,31 +372,103 @@ def cmd_sample(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    import torch
-
-    from dblocks.blocks import AssembledModel
-    from dblocks.sample import classify, classify_direct
+    from dblocks.evaluate import evaluate_classifier, evaluate_generator
 
     out = _output(args.out, ".json")
+    track = _track_path(args)
     model, exp, meta = _load(args)
-    if exp.config["task"] != "classification":
-        raise UsageError(f"MODEL {args.model}: 'evaluate' measures classification accuracy; use 'sample' for a "
-                         f"generation model")
-    model.to(_device(exp))
+    generation = exp.config["task"] == "generation"
     if args.data is not None and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: directory not found")
-    data = exp.load_data(args.split, args.data)
-    t0 = time.perf_counter()
-    if isinstance(model, AssembledModel):
-        preds = classify(model, data.images, torch.Generator().manual_seed(args.seed))
-    else:
-        preds = classify_direct(model, data.images)
-    accuracy = (preds == data.labels).float().mean().item()
-    record = {"experiment": exp.name, "method": meta.get("method"), "split": args.split, "examples": len(data),
-              "accuracy": accuracy, "eval_seconds": round(time.perf_counter() - t0, 3),
-              "model": str(args.model), "model_sha256": meta["sha256"], "scale": args.scale}
-    _write_json(out, record)
-    print(f"{exp.name} ({meta.get('method')}): accuracy {100 * accuracy:.2f}% on {len(data)} {args.split} examples")
+    if generation:
+        if args.features is None:
+            raise UsageError("--features is required for a generation model: a digits feature net "
+                             "(from 'dblocks train-feature-net') or 'inception'")
+        if args.features != "inception":
+            _existing([args.features], "--features")
+        if args.grid is not None:
+            _output(args.grid, ".png", "--grid")
+    device = _device(exp)
+    model.to(device)
+    block = meta.get("block") if meta.get("kind") == "block" else None
+    with _tracker(track, "evaluate", meta.get("method"), block, exp.config) as run:
+        data = exp.load_data(args.split, args.data)
+        if generation:
+            samples = args.samples or exp.config["sample"]["num_images"]
+            steps = args.sample_steps or exp.config["sample"]["steps"]
+            result = evaluate_generator(model, exp, data, features=args.features, samples=samples, steps=steps,
+                                        grid_path=Path(args.grid) if args.grid else None, seed=args.seed,
+                                        progress=not args.no_progress)
+            summary = f"{result['fid_label']} {result['fid']:.3f} vs {data.name} {args.split}, {samples} samples"
+        else:
+            result = evaluate_classifier(model, exp, data, seed=args.seed)
+            summary = f"accuracy {100 * result['accuracy']:.2f}% on {len(data)} {args.split} examples"
+        record = {"experiment": exp.name, "method": meta.get("method"), "split": args.split, "scale": args.scale,
+                  "device": str(device), "model": str(args.model), "model_sha256": meta["sha256"], **result}
+        _write_json(out, record)
+        if run is not None:
+            run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            run.set_tags({"model_sha256": record["model_sha256"], "split": args.split, "model_path": str(args.model),
+                          "dblocks.device": str(device), **({"fid_label": result["fid_label"]} if generation else {})})
+            run.log_artifact(out, "evaluation")
+            if generation and args.grid:
+                _log_as(run, Path(args.grid), "samples.png")
+    print(f"{exp.name} ({meta.get('method')}): {summary}")
+
+
+def _log_as(run, path: Path, name: str) -> None:
+    """Log ``path`` as an artifact called ``name`` (the tables look sample grids up by name)."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(path, Path(tmp) / name)
+        run.log_artifact(Path(tmp) / name)
+
+
+def cmd_train_feature_net(args) -> None:
+    from dblocks.metrics.fid import build_digits_feature_net
+
+    out = _output(args.out, ".safetensors")
+    if args.data is not None and not Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data}: directory not found")
+    if args.steps < 1:
+        raise UsageError(f"--steps {args.steps}: allowed: an integer >= 1")
+    splits = {}
+    if args.data is not None:
+        from dblocks.data import load_prepared
+
+        splits = {split: load_prepared(args.data, split, expected_name="digits") for split in ("train", "test")}
+    meta = build_digits_feature_net(out, steps=args.steps, seed=args.seed, **splits)
+    print(f"wrote {out}: digits feature net, test accuracy {100 * meta['test_accuracy']:.2f}%")
+
+
+def cmd_tables(args) -> None:
+    from dblocks.tables import generate
+
+    if not Path(args.params).is_file():
+        raise UsageError(f"--params {args.params}: file not found")
+    written = generate(args.params, args.out, args.tracking_uri)
+    print(f"wrote {len(written)} files under {args.out}")
+
+
+def cmd_dvc_yaml(args) -> None:
+    from dblocks.dvcgen import generate
+
+    if not Path(args.params).is_file():
+        raise UsageError(f"--params {args.params}: file not found")
+    text = generate(args.params)
+    out = Path(args.out)
+    if args.check:
+        if not out.is_file() or out.read_text() != text:
+            raise UsageError(f"{out} is out of date with the Snakemake DAG; run: dblocks dvc-yaml --params "
+                             f"{args.params} --out {out}")
+        print(f"{out} is up to date")
+        return
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    print(f"wrote {out}")
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -361,16 +501,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors; metadata goes to .json)")
     p.add_argument("--force", action="store_true", help="retrain even if --out already holds this block")
     _experiment_options(p)
+    _track_option(p)
 
     p = command("train-baseline", cmd_train_baseline, "train the end-to-end baseline on the same architecture")
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
     p.add_argument("--force", action="store_true")
     _experiment_options(p)
+    _track_option(p)
 
     p = command("train-shared", cmd_train_shared,
                 "the paper's single-process mode: shared stem and head, one block sampled per step")
     p.add_argument("--out-dir", required=True, help="directory for block-<b>.safetensors")
     _experiment_options(p)
+    _track_option(p)
+
+    p = command("track-init", cmd_track_init,
+                "create the MLflow experiment and one parent run per experiment of a params file, once, "
+                "before the jobs fan out")
+    p.add_argument("--params", required=True, help="params file (scale, tracking: {uri, experiment}, experiments)")
+    p.add_argument("--out-dir", required=True, help="directory for <experiment>.json (the jobs' --track files)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.uri of the params file; "
+                                          "MLFLOW_TRACKING_URI overrides both)")
+    p.add_argument("--experiment", action="append", help="only this experiment's parent run (repeatable)")
+    p.add_argument("--store-only", action="store_true",
+                   help="only create the store and MLflow experiment (writes store.json)")
 
     p = command("assemble", cmd_assemble, "compose B block checkpoints into one model")
     p.add_argument("blocks", nargs="+", metavar="BLOCK", help="block checkpoints (.safetensors)")
@@ -386,13 +540,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
 
-    p = command("evaluate", cmd_evaluate, "classification accuracy of an assembled or end-to-end model")
+    p = command("evaluate", cmd_evaluate, "evaluate an assembled or end-to-end model: accuracy (classification) "
+                "or samples, a sample grid and FID (generation)")
     p.add_argument("model", metavar="MODEL", help="model (.safetensors)")
     p.add_argument("--out", required=True, help="metrics JSON path")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--scale", default="tiny", help="label recorded with the metric (tiny | paper)")
     p.add_argument("--data", help="prepared dataset directory (default: load the source)")
+    p.add_argument("--features", help="generation: FID features, a digits feature net (.safetensors) or 'inception'")
+    p.add_argument("--samples", type=int, help="generation: number of samples (default: sample.num_images)")
+    p.add_argument("--sample-steps", type=int, help="generation: Euler steps (default: sample.steps)")
+    p.add_argument("--grid", help="generation: write a PNG grid of samples here")
+    p.add_argument("--no-progress", action="store_true")
+    _track_option(p)
+
+    p = command("train-feature-net", cmd_train_feature_net,
+                "train the digits classifier whose features score generated digits (domain FID)")
+    p.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
+    p.add_argument("--data", help="prepared digits directory (default: the embedded digits)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = command("tables", cmd_tables, "regenerate the paper's tables and figures from MLflow")
+    p.add_argument("--params", required=True, help="params file (experiments and which tables they feed)")
+    p.add_argument("--out", required=True, help="output directory (tables/ and figures/ are written in it)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the params file's; env overrides)")
+
+    p = command("dvc-yaml", cmd_dvc_yaml, "write dvc.yaml from the Snakemake DAG (or --check it is current)")
+    p.add_argument("--params", default="params/tiny.yaml")
+    p.add_argument("--out", default="dvc.yaml")
+    p.add_argument("--check", action="store_true", help="exit 2 if the file differs from the DAG")
     return parser
 
 
@@ -400,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from dblocks.checkpoint import CheckpointError
+    from dblocks.tracking import TrackingError
     from dblocks.train import TrainingError
 
     try:
@@ -407,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError, CheckpointError) as exc:
         print(f"dblocks {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except TrainingError as exc:
+    except (TrainingError, TrackingError) as exc:
         print(f"dblocks {args.command}: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,426 @@
+"""MLflow tracking: parent runs from a params file (idempotent), child runs from tracked CLI jobs, four
+processes logging to one SQLite store at once, a tracking outage that costs the job nothing, and the
+runs as a real MLflow server (on loopback) returns them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+
+from dblocks.checkpoint import load_metadata
+from dblocks.cli import main
+from dblocks.config import config_hash, load_params, resolve
+from dblocks.tracking import DEFAULT_URI, JobRun, _retry, flatten, init_runs, resolve_uri
+
+VENV_BIN = Path(sys.executable).parent
+PARAMS = """\
+scale: micro
+tracking:
+  uri: sqlite:///mlflow.db
+  experiment: dblocks-test
+defaults:
+  dataset: digits
+  seed: 0
+  device: cpu
+templates:
+  vit: &vit
+    task: classification
+    arch: ViT-micro
+    blocks: 3
+    train: {steps: 4, batch_size: 8, warmup: 1, log_every: 2, checkpoint_every: 2}
+experiments:
+  micro-a:
+    <<: *vit
+    pipeline: {tables: ["1", "12"], methods: [blockwise, e2e]}
+  micro-b:
+    <<: *vit
+    overlap: 0.1
+    pipeline: {tables: ["6"], methods: [blockwise]}
+"""
+MICRO = ["--arch", "ViT-micro", "--blocks", "3", "--steps", "4", "--batch-size", "8", "--device", "cpu",
+         "--no-progress", "--set", "train.log_every=2"]
+
+
+def run_cli(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tracking")
+    params = root / "params.yaml"
+    params.write_text(PARAMS)
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # the environment would win over `uri`
+        paths = init_runs(params, root / "runs", uri)
+    return SimpleNamespace(root=root, params=params, uri=uri, paths=paths, client=mlflow.MlflowClient(uri),
+                           record={p.stem: json.loads(p.read_text()) for p in paths})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server and its uvicorn children: the process group this test started, by its id."""
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    """An MLflow server on the store's SQLite file (after init_runs made it), started early: it boots
+    while the in-process tests run."""
+    port = _free_port()
+    log = open(store.root / "server.log", "wb")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner process
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", store.uri,
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            cwd=store.root, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", proc=proc, log=store.root / "server.log",
+                              stop=lambda: _stop(proc))
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _children(store, parent_id: str) -> list:
+    return store.client.search_runs([store.record["micro-a"]["experiment_id"]],
+                                    filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def _steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+# ------------------------------------------------------------------------------------------ unit
+
+def test_resolve_uri_and_flatten(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri(None) == DEFAULT_URI == "sqlite:///mlflow.db"
+    assert resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///other.db")
+    assert resolve_uri("http://127.0.0.1:5000") == "sqlite:///other.db"
+    flat = flatten({"train": {"lr": 0.001, "steps": 4}, "layer_split": [3, 6, 3], "name": "x", "seed": None})
+    assert flat == {"train.lr": "0.001", "train.steps": "4", "layer_split": "[3, 6, 3]", "name": "x", "seed": "null"}
+
+
+def test_retry_backs_off_only_on_locked_database():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert _retry(flaky) == "ok" and len(calls) == 3
+    calls.clear()
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("no such table: runs")
+
+    with pytest.raises(RuntimeError, match="no such table"):
+        _retry(broken)
+    assert len(calls) == 1
+
+
+# ----------------------------------------------------------------------------------- parent runs
+
+def test_init_runs_creates_parent_runs_once(store, server, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert sorted(p.name for p in store.paths) == ["micro-a.json", "micro-b.json"]
+    exp = store.client.get_experiment_by_name("dblocks-test")
+    for name, tables, methods in (("micro-a", "1,12", "blockwise,e2e"), ("micro-b", "6", "blockwise")):
+        rec = store.record[name]
+        assert rec == {"tracking_uri": store.uri, "mlflow_experiment": "dblocks-test",
+                       "experiment_id": exp.experiment_id, "parent_run_id": rec["parent_run_id"],
+                       "experiment": name, "scale": "micro"}
+        run = store.client.get_run(rec["parent_run_id"])
+        config = resolve(load_params(store.params, name))
+        assert run.info.status == "FINISHED" and run.info.run_name == name
+        tags = run.data.tags
+        assert tags["dblocks.job"] == "parent" and tags["dblocks.experiment"] == name
+        assert tags["dblocks.scale"] == "micro" and tags["dblocks.block"] == ""
+        assert tags["dblocks.tables"] == tables and tags["dblocks.method"] == methods
+        assert tags["dblocks.config_hash"] == config_hash(config) and "dblocks.git_commit" in tags
+        assert "mlflow.parentRunId" not in tags
+        assert run.data.params["arch"] == "ViT-micro" and run.data.params["train.steps"] == "4"
+        assert run.data.params["pipeline.tables"] == json.dumps(config["pipeline"]["tables"])
+        assert run.data.params == flatten(config)
+
+    # again, through the CLI: same parents, no duplicates, files untouched
+    before = {p.name: p.read_text() for p in store.paths}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in store.paths}
+    assert run_cli("track-init", "--params", store.params, "--out-dir", store.root / "runs",
+                   "--tracking-uri", store.uri) == 0
+    assert {p.name: p.read_text() for p in store.paths} == before
+    assert {p.name: p.stat().st_mtime_ns for p in store.paths} == mtimes
+    parents = store.client.search_runs([exp.experiment_id], filter_string="tags.`dblocks.job` = 'parent'")
+    assert sorted(r.info.run_id for r in parents) == sorted(r["parent_run_id"] for r in store.record.values())
+    assert not list((store.root / "runs").glob("*.tmp*"))
+
+
+def test_init_runs_replaces_a_deleted_parent(store, tmp_path):
+    out = tmp_path / "runs"
+    (path,) = [p for p in init_runs(store.params, out, store.uri) if p.stem == "micro-b"]
+    first = json.loads(path.read_text())["parent_run_id"]
+    assert init_runs(store.params, out, store.uri) and json.loads(path.read_text())["parent_run_id"] == first
+    store.client.delete_run(first)
+    init_runs(store.params, out, store.uri)
+    second = json.loads(path.read_text())["parent_run_id"]
+    assert second != first and store.client.get_run(second).info.status == "FINISHED"
+
+
+def test_track_init_fails_loudly_without_a_store(store, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert run_cli("track-init", "--params", store.params, "--out-dir", tmp_path / "runs",
+                   "--tracking-uri", "http://127.0.0.1:9") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dblocks track-init: error: tracking store http://127.0.0.1:9") and "\n" not in err
+    assert not list(tmp_path.glob("runs/*.json"))
+
+
+def test_track_options_validate_first(store, tmp_path, capsys):
+    assert run_cli("track-init", "--params", tmp_path / "nope.yaml", "--out-dir", tmp_path / "runs") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--params" in err and "file not found" in err
+    out = tmp_path / "b1.safetensors"
+    assert run_cli("train-block", *MICRO, "--block", 1, "--out", out, "--track", tmp_path / "x.json") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--track {tmp_path / 'x.json'}: file not found") and err.count("\n") == 0
+    assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------ child runs
+
+def test_tracked_cli_jobs_are_child_runs(store, tmp_path, capsys):
+    rec = store.record["micro-a"]
+    track = store.root / "runs" / "micro-a.json"
+    exp_args = ["--config", store.params, "--experiment", "micro-a", *MICRO]
+    blocks = [tmp_path / f"block-{b}.safetensors" for b in (1, 2, 3)]
+    for b, path in enumerate(blocks, 1):
+        assert run_cli("train-block", *exp_args, "--block", b, "--out", path, "--track", track) == 0
+    assert run_cli("assemble", *blocks, "--out", tmp_path / "model.safetensors") == 0
+    assert run_cli("evaluate", tmp_path / "model.safetensors", "--out", tmp_path / "eval.json",
+                   "--track", track) == 0
+    assert "warning" not in capsys.readouterr().err
+
+    runs = {r.info.run_name: r for r in _children(store, rec["parent_run_id"])}
+    assert {"micro-a block 1", "micro-a block 2", "micro-a block 3", "micro-a evaluate blockwise"} <= set(runs)
+    for b, path in enumerate(blocks, 1):
+        run = runs[f"micro-a block {b}"]
+        tags, metrics = run.data.tags, run.data.metrics
+        assert run.info.status == "FINISHED" and run.info.experiment_id == rec["experiment_id"]
+        assert tags["dblocks.block"] == str(b) and tags["dblocks.method"] == "blockwise"
+        assert tags["dblocks.job"] == "train" and tags["dblocks.experiment"] == "micro-a"
+        assert tags["dblocks.tables"] == "1,12" and tags["dblocks.scale"] == "micro"
+        meta = load_metadata(path)
+        assert tags["dblocks.config_hash"] == meta["config_hash"]
+        assert tags["checkpoint_sha256"] == meta["sha256"] and tags["checkpoint_path"] == str(path)
+        assert _steps(store.client, run.info.run_id, "train_loss") == [2, 4]  # one point per log_every
+        assert _steps(store.client, run.info.run_id, "lr") == [2, 4]
+        history = {m.step: m.value for m in store.client.get_metric_history(run.info.run_id, "train_loss")}
+        assert history == pytest.approx(dict(meta["losses"]), rel=1e-4)
+        assert metrics["final_loss"] == pytest.approx(meta["final_loss"])
+        assert metrics["train_seconds"] > 0 and metrics["seconds_per_step"] == pytest.approx(
+            metrics["train_seconds"] / 4)
+        assert run.data.params["train.steps"] == "4" and run.data.params["train.log_every"] == "2"
+        assert [f.path for f in store.client.list_artifacts(run.info.run_id, "checkpoints")] == \
+            [f"checkpoints/{path.stem}.json"]
+
+    ev = runs["micro-a evaluate blockwise"]
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert ev.data.tags["dblocks.job"] == "evaluate" and ev.data.tags["dblocks.method"] == "blockwise"
+    assert ev.data.tags["dblocks.block"] == "" and ev.data.tags["split"] == "test"
+    assert ev.data.tags["model_sha256"] == record["model_sha256"]
+    assert ev.data.metrics["accuracy"] == pytest.approx(record["accuracy"])
+    assert ev.data.metrics["examples"] == record["examples"] and "eval_seconds" in ev.data.metrics
+
+    # a finished block is skipped, and makes no run
+    before = len(_children(store, rec["parent_run_id"]))
+    assert run_cli("train-block", *exp_args, "--block", 1, "--out", blocks[0], "--track", track) == 0
+    assert len(_children(store, rec["parent_run_id"])) == before
+
+
+def test_tracked_baseline_and_paper_mode(store, tmp_path):
+    parent = store.record["micro-b"]["parent_run_id"]
+    track = store.root / "runs" / "micro-b.json"
+    exp_args = ["--config", store.params, "--experiment", "micro-b", *MICRO]
+    assert run_cli("train-baseline", *exp_args, "--out", tmp_path / "e2e.safetensors", "--track", track) == 0
+    assert run_cli("train-shared", *exp_args, "--out-dir", tmp_path / "paper", "--track", track) == 0
+    runs = {r.info.run_name: r for r in store.client.search_runs(
+        [store.record["micro-b"]["experiment_id"]], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
+    e2e, paper = runs["micro-b e2e"], runs["micro-b paper"]
+    assert e2e.data.tags["dblocks.method"] == "e2e" and e2e.data.tags["dblocks.block"] == ""
+    assert e2e.data.tags["checkpoint_sha256"] == load_metadata(tmp_path / "e2e.safetensors")["sha256"]
+    assert paper.data.tags["dblocks.method"] == "paper" and paper.data.tags["dblocks.block"] == ""
+    for b in (1, 2, 3):
+        meta = load_metadata(tmp_path / "paper" / f"block-{b}.safetensors")
+        assert paper.data.tags[f"checkpoint_sha256.block{b}"] == meta["sha256"]
+    assert _steps(store.client, paper.info.run_id, "train_loss") == [2, 4, 6, 8, 10, 12]  # B x steps
+    assert paper.data.metrics["seconds_per_step"] == pytest.approx(paper.data.metrics["train_seconds"] / 12)
+
+
+def test_job_failure_marks_run_failed_and_propagates(store):
+    config = resolve(load_params(store.params, "micro-b"))
+    with pytest.raises(ZeroDivisionError):
+        with JobRun(store.root / "runs" / "micro-b.json", "train", "blockwise", 2, config) as run:
+            run.log_step(2, 1.5, 1e-3)
+            1 / 0
+    failed = store.client.get_run(run.run_id)
+    assert failed.info.status == "FAILED" and _steps(store.client, run.run_id, "train_loss") == [2]
+
+
+# --------------------------------------------------------------------------------------- outages
+
+def test_unreachable_server_costs_the_job_nothing(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    track = tmp_path / "run.json"  # port 9 (discard): nothing listens on loopback
+    track.write_text(json.dumps({"tracking_uri": "http://127.0.0.1:9", "mlflow_experiment": "x",
+                                 "experiment_id": "1", "parent_run_id": "0" * 32, "experiment": "x",
+                                 "scale": "micro"}))
+    out = tmp_path / "block-1.safetensors"
+    t0 = time.time()
+    assert run_cli("train-block", *MICRO, "--block", 1, "--out", out, "--track", track) == 0
+    assert time.time() - t0 < 30
+    captured = capfd.readouterr()  # file-descriptor level: also whatever MLflow's loggers print
+    warnings = [line for line in captured.err.splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1 and "MLflow tracking off" in warnings[0], captured.err
+    assert "127.0.0.1:9" in warnings[0]
+    assert load_metadata(out)["block"] == 1 and "wrote" in captured.out
+
+
+def test_missing_sqlite_store_costs_the_job_nothing(tmp_path, capsys):
+    (tmp_path / "not-a-dir").write_text("")
+    track = tmp_path / "run.json"
+    track.write_text(json.dumps({"tracking_uri": f"sqlite:///{tmp_path}/not-a-dir/mlflow.db",
+                                 "mlflow_experiment": "x", "experiment_id": "1", "parent_run_id": "0" * 32,
+                                 "experiment": "x", "scale": "micro"}))
+    out = tmp_path / "block-2.safetensors"
+    assert run_cli("train-block", *MICRO, "--block", 2, "--out", out, "--track", track) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1 and "MLflow tracking off" in warnings[0] and "no such tracking database" in warnings[0]
+    assert load_metadata(out)["block"] == 2 and (tmp_path / "not-a-dir").is_file()
+
+
+# ---------------------------------------------------------------------------------------- server
+
+def _wait_healthy(server, timeout: float = 90.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.proc.poll() is not None:
+            pytest.fail(f"mlflow server exited ({server.proc.returncode}): {server.log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"mlflow server not healthy after {timeout} s: {server.log.read_text()[-2000:]}")
+
+
+def test_server_returns_parent_and_child_runs(store, server, monkeypatch):
+    rec = store.record["micro-b"]
+    config = resolve(load_params(store.params, "micro-b"))
+    with JobRun(store.root / "runs" / "micro-b.json", "train", "blockwise", 3, config) as direct:
+        direct.log_step(2, 0.5, 1e-3)
+    _wait_healthy(server)
+    # a job may also log through the server (same store, same parent)
+    via_server = store.root / "runs" / "micro-b-http.json"
+    via_server.write_text(json.dumps({**rec, "tracking_uri": server.url}))
+    with JobRun(via_server, "train", "blockwise", 1, config) as http_run:
+        http_run.log_step(2, 0.25, 1e-3)
+    assert http_run.enabled and http_run.run_id
+
+    body = json.dumps({"experiment_ids": [rec["experiment_id"]], "max_results": 1000}).encode()
+    req = urllib.request.Request(f"{server.url}/api/2.0/mlflow/runs/search", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        found = {r["info"]["run_id"]: r for r in json.loads(resp.read())["runs"]}
+    assert rec["parent_run_id"] in found and store.record["micro-a"]["parent_run_id"] in found
+    for child in (direct.run_id, http_run.run_id):
+        tags = {t["key"]: t["value"] for t in found[child]["data"]["tags"]}
+        assert tags["mlflow.parentRunId"] == rec["parent_run_id"] and tags["dblocks.job"] == "train"
+        assert found[child]["info"]["status"] == "FINISHED"
+    metrics = {m["key"]: m["value"] for m in found[http_run.run_id]["data"]["metrics"]}
+    assert metrics["train_loss"] == 0.25
+    server.stop()
+    assert server.proc.poll() is not None
+
+
+# ------------------------------------------------------------------------ parallel processes
+
+PARALLEL_JOB = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    from dblocks.tracking import JobRun
+    track, block, go = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+    config = json.loads(sys.argv[4])
+    with JobRun(track, "train", "parallel", block, config, flush_every=1) as run:
+        deadline = time.time() + 60
+        while not go.exists() and time.time() < deadline:  # start logging together: real contention
+            time.sleep(0.02)
+        for step in range(1, 21):
+            run.log_step(step, 1.0 / step, 1e-3)
+        run.log_metrics({"train_seconds": 1.0})
+    assert run.enabled and run.run_id, "tracking was disabled"
+    print(run.run_id, flush=True)
+    os._exit(0)  # skip the interpreter's slow teardown of torch and mlflow
+""")
+
+
+def test_four_parallel_processes_share_one_sqlite_store(store, tmp_path):
+    track = store.root / "runs" / "micro-a.json"
+    config = json.dumps(resolve(load_params(store.params, "micro-a")))
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", PARALLEL_JOB, str(track), str(b), str(go), config],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for b in (1, 2, 3, 4)]
+    time.sleep(0.5)
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert "warning" not in err, err
+    run_ids = {out.strip() for out, _ in outs}
+    runs = store.client.search_runs([store.record["micro-a"]["experiment_id"]],
+                                    filter_string="tags.`dblocks.method` = 'parallel'")
+    assert {r.info.run_id for r in runs} == run_ids and len(run_ids) == 4
+    assert sorted(r.data.tags["dblocks.block"] for r in runs) == ["1", "2", "3", "4"]
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["mlflow.parentRunId"] == store.record["micro-a"]["parent_run_id"]
+        assert _steps(store.client, r.info.run_id, "train_loss") == list(range(1, 21))
+        assert _steps(store.client, r.info.run_id, "lr") == list(range(1, 21))
