@@ -78,20 +78,26 @@ def parse_override(text: str) -> dict:
     return out
 
 
+def read_yaml_mapping(path: str | Path, option: str) -> dict:
+    """A YAML file whose top level is a mapping; problems are reported against the option that named it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{option} {path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{option} {path}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{option} {path}: expected a mapping at the top level")
+    return data
+
+
 def load_params(path: str | Path, experiment: str | None = None) -> dict:
     """Read one experiment from a YAML params file.
 
     A file holds either one experiment mapping, or ``experiments: {name: mapping}`` (with an optional
     ``defaults:`` mapping merged under each), from which ``experiment`` picks one."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not valid YAML ({exc.__class__.__name__})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path, "--config")
     if "experiments" not in data:
         if experiment is not None and data.get("name", experiment) != experiment:
             raise ConfigError(f"--experiment {experiment!r}: {path} holds only {data.get('name')!r}")
@@ -110,7 +116,7 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "(top level)"
 
 
-def _describe(error: jsonschema.ValidationError) -> str:
+def describe_error(error: jsonschema.ValidationError) -> str:
     key = _key_path(error)
     schema = error.schema
     if error.validator == "enum":
@@ -133,7 +139,7 @@ def validate(config: dict) -> dict:
     errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(config),
                     key=lambda e: (len(e.absolute_path), _key_path(e)))
     if errors:
-        raise ConfigError(_describe(errors[0]))
+        raise ConfigError(describe_error(errors[0]))
     if config["arch"] not in ARCHITECTURES:
         raise ConfigError(f"arch={config['arch']!r} is not a registered architecture; "
                           f"allowed: {', '.join(ARCHITECTURES)}")

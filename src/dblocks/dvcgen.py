@@ -1,8 +1,8 @@
 """dvc.yaml generated from the Snakemake DAG, so the two describe the same jobs by construction.
 
 Snakemake is asked for its full plan (``snakemake -n -p --forceall``); each job becomes one DVC stage
-named ``<rule>@<wildcard values>`` (the names DVC gives matrix stages) with the same command, the same
-inputs as deps and the same outputs as outs. Evaluation JSON files become DVC metrics, the figures
+named ``<rule>.<wildcard values>`` (e.g. one ``train_block.<experiment>.<block>`` per experiment x block)
+with the same command, the same inputs as deps and the same outputs as outs. Evaluation JSON files become DVC metrics, the figures
 directory DVC plots, and every stage that belongs to an experiment depends on that experiment's entry in
 the params file, so DVC, like Snakemake, reruns only what a changed experiment touches.
 """
@@ -34,7 +34,9 @@ class Job:
 
     @property
     def name(self) -> str:
-        return self.rule + ("@" + "-".join(self.wildcards.values()) if self.wildcards else "")
+        """``train_block.vit-cifar100.2``: rule and wildcard values (which never contain dots). DVC keeps
+        '@' for its own foreach stages, whose lists cannot vary in length per item as jobs' inputs do."""
+        return ".".join([self.rule, *self.wildcards.values()])
 
 
 def _split(value: str) -> list[str]:

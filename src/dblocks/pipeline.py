@@ -16,7 +16,7 @@ import jsonschema
 import yaml
 
 from dblocks.checkpoint import CheckpointError, load_metadata, sha256_file, sidecar_path
-from dblocks.config import ConfigError, config_hash, load_params, resolve
+from dblocks.config import ConfigError, config_hash, describe_error, load_params, resolve
 
 #: where the Snakefile finds its schema (relative to the repository root)
 PIPELINE_SCHEMA = Path("workflow/schemas/config.schema.json")
@@ -49,9 +49,7 @@ class Pipeline:
         schema_errors = sorted(jsonschema.Draft202012Validator(_pipeline_schema(Path(root))).iter_errors(raw),
                                key=lambda e: len(e.absolute_path))
         if schema_errors:
-            from dblocks.config import _describe
-
-            raise ConfigError(f"{params_path}: {_describe(schema_errors[0])}")
+            raise ConfigError(f"{params_path}: {describe_error(schema_errors[0])}")
         pipe = cls(params_path, raw, Path(root))
         for name in raw["experiments"]:
             try:
@@ -170,4 +168,40 @@ def quarantine_corrupt(paths, root: str | Path = ".") -> list[Path]:
             if p.exists():
                 p.replace(p.with_name(p.name + ".corrupt"))
         moved.append(path)
+    return moved
+
+
+def _set_aside(path: Path, suffix: str) -> None:
+    target = path.with_name(path.name + suffix)
+    if target.is_dir():
+        import shutil
+
+        shutil.rmtree(target)
+    path.replace(target)
+
+
+def invalidate_downstream_of_missing(pipe: "Pipeline", root: str | Path = ".") -> list[Path]:
+    """Snakemake does not rebuild a missing intermediate file while everything after it is up to date.
+    A deleted (or quarantined) block checkpoint must still be rebuilt, so walk the chain block ->
+    assembled model -> evaluation -> tables and set aside (``.stale``) every product whose inputs are
+    missing; Snakemake then plans exactly that block and what depends on it."""
+    root = Path(root)
+    moved: list[Path] = []
+
+    def stale_if_missing(inputs: list[str], product: str) -> None:
+        target = root / product
+        if target.exists() and any(not (root / i).exists() for i in inputs):
+            for p in (target, sidecar_path(target)) if target.suffix == ".safetensors" else (target,):
+                if p.exists():
+                    _set_aside(p, ".stale")
+            moved.append(target)
+
+    for exp in pipe.experiments:
+        for method in pipe.methods(exp):
+            if method != E2E:
+                blocks = [pipe.block_checkpoint(exp, b, method) for b in range(1, pipe.blocks(exp) + 1)]
+                stale_if_missing(blocks, pipe.model(exp, method))
+            stale_if_missing([pipe.model(exp, method)], pipe.metrics(exp, method))
+    metrics = [pipe.metrics(e, m) for e in pipe.experiments for m in pipe.methods(e)]
+    stale_if_missing(metrics, pipe.tables_dir())
     return moved

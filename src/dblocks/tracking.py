@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import yaml
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_JOB = "parent"
@@ -186,16 +185,11 @@ def _reusable_parent(client, path: Path, uri: str, experiment_id: str, chash: st
 
 
 def read_params_file(params_path: str | Path) -> dict:
-    from dblocks.config import ConfigError
+    from dblocks.config import ConfigError, read_yaml_mapping
 
     path = Path(params_path)
-    if not path.is_file():
-        raise ConfigError(f"--params {path}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--params {path}: not valid YAML ({exc.__class__.__name__})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("experiments"), dict) or not data["experiments"]:
+    data = read_yaml_mapping(path, "--params")
+    if not isinstance(data.get("experiments"), dict) or not data["experiments"]:
         raise ConfigError(f"--params {path}: expected a mapping with a non-empty 'experiments:' mapping")
     tracking = data.get("tracking") or {}
     if not isinstance(tracking, dict):

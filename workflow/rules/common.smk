@@ -8,7 +8,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 from dblocks.config import ConfigError
-from dblocks.pipeline import Pipeline, quarantine_corrupt
+from dblocks.pipeline import Pipeline, invalidate_downstream_of_missing, quarantine_corrupt
 
 # One params file is the single source of truth (DVC reads it too); choose it with
 # `--config params=params/paper.yaml`. Other `--config` keys would not reach the jobs, so they are refused.
@@ -31,6 +31,9 @@ except ConfigError as exc:
 # so Snakemake reruns exactly that job and what depends on it (and never assembles a corrupt block).
 for _bad in quarantine_corrupt(PIPE.checkpoint_files()):
     logger.warning(f"{_bad}: checksum mismatch or missing record; moved aside as {_bad.name}.corrupt, will rebuild")
+# A deleted block must be rebuilt even though its assembled model still exists: see the function's note.
+for _stale in invalidate_downstream_of_missing(PIPE):
+    logger.warning(f"{_stale}: an input is missing; moved aside as {_stale.name}.stale, will rebuild")
 
 SCALE = PIPE.scale
 RES = PIPE.resources

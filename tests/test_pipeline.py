@@ -1,0 +1,229 @@
+"""The Snakemake pipeline: params validation, the DAG at both scales, DVC agreement, a real small run
+that ends in tables read from MLflow, and rerunning exactly one block."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dblocks.checkpoint import load_metadata
+from dblocks.config import ConfigError
+from dblocks.dvcgen import generate, parse_dry_run, snakemake_jobs
+from dblocks.pipeline import Pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", HF_DATASETS_OFFLINE="1",
+           HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI="")
+ENV.pop("MLFLOW_TRACKING_URI")
+
+
+def snakemake(*args, cwd=REPO, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def job(rule: str, **wildcards) -> tuple:
+    return rule, tuple(sorted(wildcards.items()))
+
+
+def planned(cwd: Path, params: Path) -> list[tuple]:
+    out = snakemake("-n", "-p", "--cores", 1, "--config", f"params={params}", cwd=cwd).stdout
+    return sorted(job(j.rule, **j.wildcards) for j in parse_dry_run(out))
+
+
+# ------------------------------------------------------------------------------------------ params
+
+
+def _params(**edits) -> dict:
+    raw = yaml.safe_load((REPO / "params/tiny.yaml").read_text())
+    for dotted, value in edits.items():
+        cursor = raw
+        *parents, last = dotted.split("/")
+        for p in parents:
+            cursor = cursor[p]
+        cursor[last] = value
+    return raw
+
+
+@pytest.mark.parametrize("edits, message", [
+    ({"scale": "huge"}, "scale='huge' is not allowed; allowed: tiny, paper"),
+    ({"evaluation/fid_features": "clip"}, "evaluation.fid_features='clip' is not allowed; allowed: digits, inception"),
+    ({"resources/gpu": -1}, "resources.gpu=-1 is out of range; allowed: >= 0"),
+    ({"experiments/vit-cifar100/pipeline/methods": ["adjoint"]},
+     "experiments.vit-cifar100.pipeline.methods.0='adjoint' is not allowed; allowed: blockwise, e2e, paper"),
+    ({"experiments/vit-cifar100/overlap": 0.7}, "experiments.vit-cifar100.overlap=0.7 is out of range; allowed: < 0.5"),
+    ({"experiments/dit-cifar10/arch": "DiT-XXL/2"}, "experiments.dit-cifar10.arch='DiT-XXL/2' is not a registered"),
+    ({"experiments/dit-t7-uniform-363/layer_split": [3, 6, 4]}, "must sum to the depth L=12"),
+    ({"experiments/dit-t10-b2/blocks": 0}, "experiments.dit-t10-b2.blocks=0 is out of range; allowed: >= 1"),
+])
+def test_params_rejections_name_key_and_allowed_values(edits, message, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_params(**edits)))
+    with pytest.raises(ConfigError) as err:
+        Pipeline.load(path, root=REPO)
+    assert message in str(err.value)
+
+
+def test_snakemake_refuses_bad_params_before_any_job(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_params(**{"experiments/vit-cifar100/blocks": 9})))
+    proc = snakemake("-n", "--config", f"params={path}", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "experiments.vit-cifar100.blocks=9 exceeds the depth of ViT-tiny (6 layers); allowed: 1..6" in \
+        proc.stdout + proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_snakemake_refuses_config_overrides_that_would_not_reach_jobs(tmp_path):
+    proc = snakemake("-n", "--config", "blocks=4", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "allowed: --config params=<params/*.yaml>" in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ the DAG
+
+
+@pytest.mark.parametrize("params", ["params/tiny.yaml", "params/paper.yaml"])
+def test_dry_run_has_exactly_b_block_jobs_per_experiment(params):
+    pipe = Pipeline.load(REPO / params, root=REPO)
+    jobs = snakemake_jobs(params, REPO)
+    for exp in pipe.experiments:
+        blocks = sorted(int(j.wildcards["block"]) for j in jobs
+                        if j.rule == "train_block" and j.wildcards["exp"] == exp)
+        expected = list(range(1, pipe.blocks(exp) + 1)) if "blockwise" in pipe.methods(exp) else []
+        assert blocks == expected, exp
+        baselines = [j for j in jobs if j.rule == "train_baseline" and j.wildcards["exp"] == exp]
+        assert len(baselines) == ("e2e" in pipe.methods(exp))
+    train_jobs = [j for j in jobs if j.rule.startswith("train_")]
+    assert all("--track" in j.command and "> logs/" in j.command for j in train_jobs)
+    if params.endswith("paper.yaml"):  # paper scale asks SLURM for a GPU per training job
+        assert "gpu=1" in snakemake("-n", "--config", f"params={params}", "--rerun-triggers", "mtime").stdout
+
+
+def test_dvc_yaml_is_generated_from_the_current_dag():
+    assert (REPO / "dvc.yaml").read_text() == generate("params/tiny.yaml", REPO), \
+        "dvc.yaml is stale: run `dblocks dvc-yaml`"
+
+
+def test_dvc_and_snakemake_describe_the_same_jobs():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    jobs = snakemake_jobs("params/tiny.yaml", REPO)
+    assert sorted(stages) == sorted(j.name for j in jobs)
+    for job in jobs:
+        stage = stages[job.name]
+        assert stage["cmd"].endswith(job.command)
+        assert stage.get("deps", []) == job.inputs
+        outs = stage.get("outs", []) + [next(iter(m)) for m in stage.get("metrics", [])]
+        assert sorted(outs) == sorted(job.outputs)
+    # DVC itself accepts the file
+    proc = subprocess.run([str(BIN / "dvc"), "stage", "list"], cwd=REPO, capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "train_block.vit-cifar100.1" in proc.stdout
+
+
+def test_wildcards_cannot_carry_shell_syntax(tmp_path):
+    proc = snakemake("-n", "checkpoints/tiny/vit-cifar100;touch pwned/block-1.safetensors", cwd=REPO, check=False)
+    assert proc.returncode != 0
+    assert not (REPO / "pwned").exists()
+
+
+# ------------------------------------------------------------------------------- a real small run
+
+MICRO = """
+scale: tiny
+tracking: {uri: "sqlite:///mlflow.db", experiment: micro}
+resources: {gpu: 0, mem_mb: 1000, runtime: 10, threads: 1}
+evaluation: {samples: 40, sample_steps: 6, fid_features: digits}
+defaults: {dataset: digits, seed: 0, device: cpu}
+experiments:
+  vit-cifar100:
+    task: classification
+    arch: ViT-micro
+    blocks: 2
+    train: {steps: 4, batch_size: 16, warmup: 1, log_every: 2, checkpoint_every: 2}
+    pipeline: {tables: ["1", "12"], methods: [blockwise, e2e]}
+  dit-t10-b2:
+    task: generation
+    arch: DiT-micro
+    blocks: 2
+    train: {steps: 4, batch_size: 16, warmup: 1, log_every: 2, checkpoint_every: 2}
+    sample: {steps: 6, guidance: 1.0, batch_size: 64}
+    pipeline: {tables: ["10"], methods: [blockwise]}
+"""
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("pipeline")
+    (work / "micro.yaml").write_text(MICRO)
+    snakemake("--cores", 2, "--config", "params=micro.yaml", cwd=work)
+    return work
+
+
+def test_real_run_writes_tables_from_mlflow(micro_run):
+    table = (micro_run / "results/tiny/tables/table1.md").read_text()
+    blockwise = json.loads((micro_run / "metrics/tiny/vit-cifar100/blockwise.json").read_text())
+    assert f"{100 * blockwise['accuracy']:.2f}" in table and "60.25" in table and "tiny" in table
+    assert (micro_run / "results/tiny/tables/table10.csv").is_file()
+    generation = json.loads((micro_run / "metrics/tiny/dit-t10-b2/blockwise.json").read_text())
+    assert generation["fid"] > 0 and generation["block_calls"] == [3, 3]
+    assert (micro_run / "metrics/tiny/dit-t10-b2/blockwise-samples.png").is_file()
+    # every job logged a run under its experiment's parent
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{micro_run / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("micro")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = {r.info.run_id: r.data.tags["dblocks.experiment"] for r in runs if r.data.tags["dblocks.job"] == "parent"}
+    children = [r for r in runs if r.data.tags["dblocks.job"] != "parent"]
+    assert sorted(parents.values()) == ["dit-t10-b2", "vit-cifar100"]
+    # vit: 2 block jobs + 1 baseline + 2 evaluations; dit: 2 block jobs + 1 evaluation
+    assert len(children) == (2 + 1 + 2) + (2 + 1)
+    for r in children:
+        assert parents[r.data.tags["mlflow.parentRunId"]] == r.data.tags["dblocks.experiment"]
+
+
+def test_deleting_or_corrupting_one_block_reruns_only_that_block(micro_run):
+    params = micro_run / "micro.yaml"
+    assert planned(micro_run, params) == []  # everything is up to date
+
+    (micro_run / "checkpoints/tiny/dit-t10-b2/block-2.safetensors").unlink()
+    assert planned(micro_run, params) == sorted([
+        job("train_block", exp="dit-t10-b2", block="2"),
+        job("assemble", exp="dit-t10-b2", assembled="blockwise"),
+        job("evaluate_generator", exp="dit-t10-b2", method="blockwise"),
+        job("tables"),
+    ])
+
+    block = micro_run / "checkpoints/tiny/vit-cifar100/block-1.safetensors"
+    data = bytearray(block.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # flip one byte in the tensor data
+    block.write_bytes(bytes(data))
+    plan = planned(micro_run, params)
+    assert plan == sorted([
+        job("train_block", exp="dit-t10-b2", block="2"),  # still pending from the deletion above
+        job("assemble", exp="dit-t10-b2", assembled="blockwise"),
+        job("evaluate_generator", exp="dit-t10-b2", method="blockwise"),
+        job("train_block", exp="vit-cifar100", block="1"),
+        job("assemble", exp="vit-cifar100", assembled="blockwise"),
+        job("evaluate_classifier", exp="vit-cifar100", method="blockwise"),
+        job("tables"),
+    ])
+    assert (micro_run / "checkpoints/tiny/vit-cifar100/block-1.safetensors.corrupt").is_file()
+
+    # and the rerun really rebuilds just those, leaving the other blocks' files untouched
+    untouched = micro_run / "checkpoints/tiny/vit-cifar100/block-2.safetensors"
+    before = (untouched.stat().st_mtime_ns, load_metadata(untouched)["sha256"])
+    snakemake("--cores", 2, "--config", f"params={params}", cwd=micro_run)
+    assert (untouched.stat().st_mtime_ns, load_metadata(untouched)["sha256"]) == before
+    assert load_metadata(block)["block"] == 1
+    assert planned(micro_run, params) == []
