@@ -68,7 +68,7 @@ rule evaluate_classifier:
     log:
         f"logs/{SCALE}/{{exp}}/evaluate-{{method}}.log",
     benchmark:
-        f"benchmarks/{SCALE}/{{exp}}/evaluate-{{method}}.tsv"
+        f"results/{SCALE}/benchmarks/{{exp}}/evaluate-{{method}}.tsv"
     threads: RES["threads"]
     resources:
         **EVAL_RESOURCES,
@@ -97,7 +97,7 @@ rule evaluate_generator:
     log:
         f"logs/{SCALE}/{{exp}}/evaluate-{{method}}.log",
     benchmark:
-        f"benchmarks/{SCALE}/{{exp}}/evaluate-{{method}}.tsv"
+        f"results/{SCALE}/benchmarks/{{exp}}/evaluate-{{method}}.tsv"
     threads: RES["threads"]
     resources:
         **EVAL_RESOURCES,

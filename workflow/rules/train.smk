@@ -15,7 +15,7 @@ rule train_block:
     log:
         f"logs/{SCALE}/{{exp}}/train-block-{{block}}.log",
     benchmark:
-        f"benchmarks/{SCALE}/{{exp}}/train-block-{{block}}.tsv"
+        f"results/{SCALE}/benchmarks/{{exp}}/train-block-{{block}}.tsv"
     threads: RES["threads"]
     resources:
         **TRAIN_RESOURCES,
@@ -38,7 +38,7 @@ rule train_baseline:
     log:
         f"logs/{SCALE}/{{exp}}/train-e2e.log",
     benchmark:
-        f"benchmarks/{SCALE}/{{exp}}/train-e2e.tsv"
+        f"results/{SCALE}/benchmarks/{{exp}}/train-e2e.tsv"
     threads: RES["threads"]
     resources:
         **TRAIN_RESOURCES,
@@ -61,7 +61,7 @@ rule train_shared:
     log:
         f"logs/{SCALE}/{{exp}}/train-paper.log",
     benchmark:
-        f"benchmarks/{SCALE}/{{exp}}/train-paper.tsv"
+        f"results/{SCALE}/benchmarks/{{exp}}/train-paper.tsv"
     threads: RES["threads"]
     resources:
         **TRAIN_RESOURCES,
