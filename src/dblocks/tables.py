@@ -612,6 +612,17 @@ def _place(slot: dict, key: Any, exp: ExperimentSpec, cell: Cell, notes: list[st
                  "(the most recent finished run)")
 
 
+def _ablation_cells(ctx: Context, exps: list[ExperimentSpec], metric: str, multiplier: float, decimals: int,
+                    notes: list[str]):
+    """(experiment, its metric cell, the params that place it) for the ablation tables; notes collect
+    any mismatch between the params a run logged and the current params file."""
+    for exp in exps:
+        cell = metric_cell(ctx.index, exp.name, _denoiser_method(ctx, exp), metric, multiplier, decimals)
+        values, mismatch = ctx.placement(exp, cell.run)
+        notes += mismatch
+        yield exp, cell, values
+
+
 def build_grid_table(ctx: Context, table_id: str, paper: dict, exps: list[ExperimentSpec]) -> Table:
     """Table 7: rows by layer split, columns by partition."""
     decimals = DECIMALS.get(table_id, 2)
@@ -620,11 +631,7 @@ def build_grid_table(ctx: Context, table_id: str, paper: dict, exps: list[Experi
     rows = [{"_key": tuple(r["key"]["layer_split"]), "label": r["label"], "values": r["values"]} for r in paper["rows"]]
     notes: list[str] = list(paper.get("notes", []))
     slots: dict[tuple, Placed] = {}
-    for exp in exps:
-        method = _denoiser_method(ctx, exp)
-        cell = metric_cell(ctx.index, exp.name, method, metric, multiplier, decimals)
-        values, mismatch = ctx.placement(exp, cell.run)
-        notes += mismatch
+    for exp, cell, values in _ablation_cells(ctx, exps, metric, multiplier, decimals, notes):
         split, partition = _split_of(values), str(values.get("partition"))
         if split is None:
             notes.append(f"{exp.name}: no layer split could be derived (arch {values.get('arch')!r}); not placed")
@@ -672,11 +679,7 @@ def build_sweep_table(ctx: Context, table_id: str, paper: dict, exps: list[Exper
             for r in paper["rows"]}
     notes: list[str] = list(paper.get("notes", []))
     slots: dict[float, Placed] = {}
-    for exp in exps:
-        method = _denoiser_method(ctx, exp)
-        cell = metric_cell(ctx.index, exp.name, method, metric, multiplier, decimals)
-        values, mismatch = ctx.placement(exp, cell.run)
-        notes += mismatch
+    for exp, cell, values in _ablation_cells(ctx, exps, metric, multiplier, decimals, notes):
         key = _sweep_key(param, values.get(param))
         if key is None:
             notes.append(f"{exp.name}: no {param} value; not placed")
