@@ -140,8 +140,9 @@ def _user_stack(width: int = 8, depth: int = 6):
 
 def test_convert_stack_user_layers_independent():
     layers, stem, head = _user_stack()
-    blocks = convert_stack(layers, [1, 3, 2], stem, head, VectorTask(), share_stem_head=False)
-    assert len(blocks) == 3
+    blocks = convert_stack(layers, Partition.make(3), stem, head, VectorTask(), split=[1, 3, 2],
+                           share_stem_head=False)
+    assert isinstance(blocks, AssembledModel) and len(blocks) == 3 and blocks.partition.blocks == 3
     assert all(isinstance(b, BlockDenoiser) for b in blocks)
     assert [len(b.layers) for b in blocks] == [1, 3, 2]
     # the very same layer objects, in order
@@ -167,7 +168,7 @@ def test_convert_stack_user_layers_independent():
 
 def test_convert_stack_independent_blocks_train_independently():
     layers, stem, head = _user_stack()
-    blocks = convert_stack(layers, [2, 2, 2], stem, head, VectorTask())
+    blocks = convert_stack(layers, Partition.make(3), stem, head, VectorTask(), split=[2, 2, 2])
     before = [{k: v.clone() for k, v in b.state_dict().items()} for b in blocks]
     out = blocks[0](torch.randn(4, 4), torch.full((4,), 5.0), None)
     out.denoised.pow(2).mean().backward()
@@ -184,7 +185,7 @@ def test_convert_stack_independent_blocks_train_independently():
 
 def test_convert_stack_shared_stem_head():
     layers, stem, head = _user_stack()
-    blocks = convert_stack(layers, [1, 3, 2], stem, head, VectorTask(), share_stem_head=True)
+    blocks = convert_stack(layers, Partition.make(3), stem, head, VectorTask(), split=[1, 3, 2], share_stem_head=True)
     assert all(b.stem is stem for b in blocks)
     assert all(b.head is head for b in blocks)
     assert [len(b.layers) for b in blocks] == [1, 3, 2]
@@ -197,13 +198,13 @@ def test_convert_stack_shared_stem_head():
 def test_convert_stack_wrong_split_raises(split):
     layers, stem, head = _user_stack()
     with pytest.raises(ValueError, match="split"):
-        convert_stack(layers, split, stem, head, VectorTask())
+        convert_stack(layers, Partition.make(len(split)), stem, head, VectorTask(), split=split)
 
 
 def test_block_denoiser_matches_edm_composition():
     layers, stem, head = _user_stack()
     _perturb(head)
-    block = convert_stack(layers, [6], stem, head, VectorTask())[0]
+    block = convert_stack(layers, Partition.make(1), stem, head, VectorTask(), split=[6])[0]
     z = torch.randn(3, 4)
     sigma = torch.tensor([0.1, 1.0, 10.0])
     out = block(z, sigma, None)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dblocks import edm
-from dblocks.noise import Partition, layer_ranges
+from dblocks.noise import Partition, layer_ranges, layer_split
 from dblocks.tasks import Task
 
 
@@ -49,23 +49,24 @@ class BlockDenoiser(nn.Module):
         return DenoiserOutput(raw=raw, denoised=self.task.denoise(raw, z, sigma))
 
 
-def convert_stack(layers: Sequence[nn.Module], split: Sequence[int], stem: nn.Module, head: nn.Module,
-                  task: Task, share_stem_head: bool = False) -> nn.ModuleList:
-    """Turn a stack of L residual layers ``layer(h, c) -> h`` into B block denoisers.
+def convert_stack(layers: Sequence[nn.Module], partition: Partition, stem: nn.Module, head: nn.Module,
+                  task: Task, split: Sequence[int] | None = None,
+                  share_stem_head: bool = False) -> "AssembledModel":
+    """Turn a stack of L residual layers ``layer(h, c) -> h`` into B block denoisers for ``partition``.
 
-    ``split`` gives the layers per block, block 1 (highest noise) first, and must sum to L. With
-    ``share_stem_head=False`` each block gets its own deep copy of the stem and head, so the blocks share
-    no parameter and can be trained in separate processes; with True they share the given instances
-    (the paper's single-process mode)."""
+    ``split`` gives the layers per block, block 1 (highest noise) first, and must sum to L (default: an
+    equal contiguous split). With ``share_stem_head=False`` each block gets its own deep copy of the stem
+    and head, so the blocks share no parameter and can be trained in separate processes; with True they
+    share the given instances (the paper's single-process mode). The result routes each sigma to its
+    block."""
     layers = list(layers)
-    if sum(split) != len(layers):
-        raise ValueError(f"layer split {list(split)} sums to {sum(split)} but the stack has {len(layers)} layers")
+    split = layer_split(len(layers), partition.blocks, split)
     blocks = []
     for index, span in enumerate(layer_ranges(split)):
         own_stem = stem if share_stem_head or index == 0 else copy.deepcopy(stem)
         own_head = head if share_stem_head or index == 0 else copy.deepcopy(head)
         blocks.append(BlockDenoiser(own_stem, [layers[i] for i in span], own_head, task))
-    return nn.ModuleList(blocks)
+    return AssembledModel(blocks, partition)
 
 
 class AssembledModel(nn.Module):
@@ -82,6 +83,15 @@ class AssembledModel(nn.Module):
     @property
     def task(self) -> Task:
         return self.blocks[0].task
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> BlockDenoiser:
+        return self.blocks[index]
+
+    def __iter__(self):
+        return iter(self.blocks)
 
     def block_for(self, sigma: float) -> int:
         return self.partition.route(float(sigma))

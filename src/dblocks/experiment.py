@@ -86,9 +86,8 @@ class Experiment:
         """The paper's single-process mode: one stem and head shared by all B blocks."""
         torch.manual_seed(derive_seed(self.config["seed"], "init-shared"))
         layers = self.arch.layers(self.arch.spec.depth)
-        blocks = convert_stack(layers, self.split, self.arch.stem(), self.arch.head(), self.task,
-                               share_stem_head=True)
-        return AssembledModel(list(blocks), self.partition)
+        return convert_stack(layers, self.partition, self.arch.stem(), self.arch.head(), self.task,
+                             split=self.split, share_stem_head=True)
 
     def e2e(self) -> BlockDenoiser:
         """The end-to-end baseline on the same architecture: all L layers, one stem and head.

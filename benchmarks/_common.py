@@ -1,0 +1,229 @@
+"""Helpers shared by the benchmark scripts in this directory (not a benchmark itself).
+
+Models are always the project's real ones, built through ``dblocks.experiment.Experiment`` from a
+``dblocks.config.resolve``-d config; the dataset named in the config only fixes shapes
+(``DATASET_SHAPES``), nothing is downloaded: batches are random tensors of the right shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from dblocks.config import resolve
+from dblocks.data.images import ImageDataset
+from dblocks.experiment import DATASET_SHAPES, Experiment
+from dblocks.models import ARCHITECTURES, get_arch
+from dblocks.train import block_objective, cross_entropy_objective, denoising_objective
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results" / "bench"
+
+#: the two paper settings the benchmarks measure: (task, arch, dataset)
+VIT = ("classification", "ViT-paper", "cifar100")
+DIT = ("generation", "DiT-S/2", "cifar10")
+
+
+# ------------------------------------------------------------------------------------------ device
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def device_description(device: torch.device) -> dict:
+    """What the numbers were measured on; load average tells whether other work shared the machine."""
+    info = {
+        "device": str(device),
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if device.type == "cuda":
+        info["cuda_device"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------ output
+
+def write_json(name: str, record: dict) -> Path:
+    """results/bench/<name>.json, written atomically."""
+    path = RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def save_figure(fig, name: str) -> Path:
+    path = RESULTS / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A plain fixed-width table of the given columns (floats to 4 significant digits)."""
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def mib(n: float) -> float:
+    return n / 2**20
+
+
+# -------------------------------------------------------------------------------------- statistics
+
+def summarize(samples: Iterable[float]) -> dict:
+    """Median and inter-quartile range of repeated timings (seconds)."""
+    xs = sorted(samples)
+    if len(xs) >= 2:
+        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    else:
+        q1 = q3 = xs[0]
+    return {"median": statistics.median(xs), "q1": q1, "q3": q3, "iqr": q3 - q1, "n": len(xs)}
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def interleaved(jobs: dict[str, Callable[[], object]], reps: int, warmup: int,
+                device: torch.device) -> dict[str, list[float]]:
+    """Time every job ``reps`` times, round-robin (job A, B, C, A, B, C, ...), after ``warmup`` untimed
+    rounds, so slow drifts of the machine (other processes, frequency) hit all jobs alike."""
+    for _ in range(warmup):
+        for fn in jobs.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(reps):
+        for name, fn in jobs.items():
+            times[name].append(time_call(fn, device))
+    return times
+
+
+# -------------------------------------------------------------------------------------- experiments
+
+def register_depth(arch: str, depth: int) -> str:
+    """Name of ``arch`` with ``depth`` layers, added to the registry for this process if needed.
+
+    The registry has no depth override (there is no hook for one in dblocks), so the depth sweep
+    registers e.g. ``ViT-paper@L24`` in ``dblocks.models.ARCHITECTURES`` at run time, in memory only."""
+    spec = get_arch(arch)
+    if spec.depth == depth:
+        return arch
+    name = f"{arch}@L{depth}"
+    ARCHITECTURES.setdefault(name, dataclasses.replace(spec, depth=depth))
+    return name
+
+
+def experiment(setting: tuple[str, str, str], blocks: int, depth: int | None = None) -> Experiment:
+    task, arch, dataset = setting
+    if depth is not None:
+        arch = register_depth(arch, depth)
+    return Experiment(resolve({"task": task, "arch": arch, "dataset": dataset, "blocks": blocks,
+                               "device": "cpu"}))
+
+
+def random_data(exp: Experiment, n: int, seed: int = 0) -> ImageDataset:
+    """n random examples shaped like the experiment's dataset (images in [-1, 1])."""
+    g = torch.Generator().manual_seed(seed)
+    (c, h, w), classes = DATASET_SHAPES[exp.config["dataset"]]
+    images = torch.rand((n, c, h, w), generator=g) * 2 - 1
+    labels = torch.randint(classes, (n,), generator=g)
+    return ImageDataset(exp.config["dataset"] + "-random", "train", images, labels, classes)
+
+
+def job(exp: Experiment, which: str | int):
+    """(module, objective) of one training job exactly as the CLI sets it up: ``"e2e"`` is the
+    end-to-end baseline (plain cross-entropy ViT, or one EDM denoiser over the whole sigma range);
+    an int b is block b trained alone on its own sigma interval."""
+    max_w = exp.config["train"]["max_loss_weight"]
+    if which == "e2e":
+        model = exp.e2e()
+        if exp.config["task"] == "classification":
+            return model, cross_entropy_objective(model)
+        full = exp.full_range
+        return model, denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g), max_w)
+    model = exp.block(int(which))
+    return model, block_objective(model, exp.partition, int(which), max_w)
+
+
+def largest_block(exp: Experiment) -> int:
+    """The block with the most layers (the first of them on a tie): the job that needs the most memory."""
+    split = exp.split
+    return split.index(max(split)) + 1
+
+
+class Trainer:
+    """Optimizer steps of one job: the body of ``dblocks.train.train``'s loop (batch draw, loss,
+    zero_grad, backward, gradient clipping at the default train.grad_clip, AdamW step) without its LR
+    schedule, logging and checkpointing. ``step()`` runs one step and returns the loss."""
+
+    def __init__(self, module: torch.nn.Module, objective, data: ImageDataset, batch_size: int,
+                 device: torch.device, seed: int = 0) -> None:
+        cfg = resolve()["train"]
+        self.module = module.to(device).train()
+        self.objective, self.data, self.batch_size, self.device = objective, data, batch_size, device
+        self.grad_clip = cfg["grad_clip"]
+        self.optimizer = torch.optim.AdamW(module.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        idx = torch.randint(len(self.data), (self.batch_size,), generator=self.gen)
+        return {"image": self.data.images[idx].to(self.device), "label": self.data.labels[idx].to(self.device)}
+
+    def step(self) -> torch.Tensor:
+        loss = self.objective(self.batch(), self.gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        return loss.detach()
+
+
+def setting_label(setting: tuple[str, str, str]) -> str:
+    return f"{setting[1]} {setting[2]}"
