@@ -151,11 +151,11 @@ def register_depth(arch: str, depth: int) -> str:
     """Name of ``arch`` with ``depth`` layers, added to the registry for this process if needed.
 
     The registry has no depth override (there is no hook for one in dblocks), so the depth sweep
-    registers e.g. ``ViT-paper@L24`` in ``dblocks.models.ARCHITECTURES`` at run time, in memory only."""
+    registers e.g. ``ViT-paper-L24`` in ``dblocks.models.ARCHITECTURES`` at run time, in memory only."""
     spec = get_arch(arch)
     if spec.depth == depth:
         return arch
-    name = f"{arch}@L{depth}"
+    name = f"{arch}-L{depth}"
     ARCHITECTURES.setdefault(name, dataclasses.replace(spec, depth=depth))
     return name
 

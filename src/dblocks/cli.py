@@ -73,9 +73,8 @@ def experiment_from_args(args: argparse.Namespace):
     overrides.append({"train": {k: v for k, v in train.items() if v is not None}})
     overrides += [parse_override(s) for s in args.set]
     exp = Experiment(resolve(params, overrides))
-    for option, value in (("--data", args.data), ("--data-root", args.data_root)):
-        if value is not None and not Path(value).is_dir():
-            raise UsageError(f"{option} {value}: directory not found")
+    _existing_dir(args.data, "--data")
+    _existing_dir(args.data_root, "--data-root")
     if args.data is not None:
         for split in ("train", "test"):
             from dblocks.data import prepared_path
@@ -107,6 +106,11 @@ def _existing(paths: list[str], option: str) -> list[Path]:
         if not Path(p).is_file():
             raise UsageError(f"{option} {p}: file not found")
     return [Path(p) for p in paths]
+
+
+def _existing_dir(path: str | None, option: str) -> None:
+    if path is not None and not Path(path).is_dir():
+        raise UsageError(f"{option} {path}: directory not found")
 
 
 def _track_path(args) -> Path | None:
@@ -201,8 +205,7 @@ def cmd_prepare(args) -> None:
 
     if args.dataset not in IMAGE_DATASETS:
         raise UsageError(f"--dataset {args.dataset!r}: allowed: {', '.join(IMAGE_DATASETS)}")
-    if args.data_root is not None and not Path(args.data_root).is_dir():
-        raise UsageError(f"--data-root {args.data_root}: directory not found")
+    _existing_dir(args.data_root, "--data-root")
     for split in ("train", "test"):
         ds = load_image_dataset(args.dataset, split, args.data_root)
         print(f"wrote {save_prepared(ds, args.out)}: {len(ds)} images {ds.shape}, {ds.num_classes} classes")
@@ -378,8 +381,7 @@ def cmd_evaluate(args) -> None:
     track = _track_path(args)
     model, exp, meta = _load(args)
     generation = exp.config["task"] == "generation"
-    if args.data is not None and not Path(args.data).is_dir():
-        raise UsageError(f"--data {args.data}: directory not found")
+    _existing_dir(args.data, "--data")
     if generation:
         if args.features is None:
             raise UsageError("--features is required for a generation model: a digits feature net "
@@ -430,8 +432,7 @@ def cmd_train_feature_net(args) -> None:
     from dblocks.metrics.fid import build_digits_feature_net
 
     out = _output(args.out, ".safetensors")
-    if args.data is not None and not Path(args.data).is_dir():
-        raise UsageError(f"--data {args.data}: directory not found")
+    _existing_dir(args.data, "--data")
     if args.steps < 1:
         raise UsageError(f"--steps {args.steps}: allowed: an integer >= 1")
     splits = {}

@@ -1,0 +1,343 @@
+"""Training memory of one block job vs the end-to-end job, as ratios (SPEC sections 1 and 7).
+
+For each setting (ViT-paper on CIFAR-100 shapes, batch 128; DiT-S/2 on CIFAR-10 shapes, batch 16 by
+default on CPU) and B in {2, 3, 4, 6}, one job = the end-to-end baseline or the LARGEST block of B
+(the block with the most layers; all splits of 12 layers here are even). Per job it measures
+
+* parameters, gradients and AdamW state (exp_avg + exp_avg_sq) that the job holds, in bytes, read off
+  the live tensors after one optimizer step (``states`` = params + grads + optimizer);
+* activations: the bytes of the distinct storages autograd saves for backward during one training
+  forward (``torch.autograd.graph.saved_tensors_hooks``, de-duplicated by storage ``data_ptr``;
+  parameters excluded, they are counted above), split into stem / layers / head / other
+  (preconditioning, noise draw, loss);
+* the measured peak: ``ru_maxrss`` of a FRESH Python process that builds the model and runs 2 training
+  steps, and the same minus that process's RSS right after its imports (``peak - baseline``: what the
+  job itself allocated); on CUDA also ``torch.cuda.max_memory_allocated``.
+
+and reports the ratios end-to-end / block for states, activations, their total and the peak. Also
+measured: the same with activation checkpointing inside the job (``torch.utils.checkpoint`` around
+each layer, applied here by wrapping the model's layers; src/ is unchanged), and memory vs depth L
+(ViT width 128 at L in {3, 6, 12, 24}, end-to-end vs the largest block of B=3). The analytic
+expectation (SPEC section 7) is a ratio of B when layers dominate; the own stem and head of every
+block job (the project's independent mode) keep it below B, and the script reports their share.
+
+Every job runs in its own subprocess, one at a time (``--worker`` is that subprocess's entry point).
+
+Command (from the repository root; about 5 minutes on 2 CPU cores)::
+
+    .venv/bin/python benchmarks/memory.py
+    .venv/bin/python benchmarks/memory.py --dit-batch 64 --dit-checkpoint-blocks 2 3 4 6   # fuller, slower
+
+Writes results/bench/memory.json and results/bench/memory.png and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+import _common as C  # noqa: E402
+
+SETTINGS = {"vit": C.VIT, "dit": C.DIT}
+BLOCKS = (2, 3, 4, 6)
+DEPTHS = (3, 6, 12, 24)
+
+
+# ------------------------------------------------------------------------------ in the worker process
+
+class CheckpointedLayer(nn.Module):
+    """``layer(h, c)`` recomputed in backward instead of keeping its activations (non-reentrant)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.layer, h, c, use_reentrant=False)
+
+
+def checkpoint_layers(model: nn.Module) -> None:
+    model.layers = nn.ModuleList(CheckpointedLayer(layer) for layer in model.layers)
+
+
+class SavedTensorMeter:
+    """Bytes of the distinct storages saved for backward, attributed to the part of the model that was
+    running when each was first saved (stem, layer i, head; anything else is ``other``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen: set[int] = set()
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.region = "other"
+        parts = [("stem", model.stem), ("head", model.head)]
+        parts += [(f"layer{i}", layer) for i, layer in enumerate(model.layers)]
+        for name, module in parts:
+            module.register_forward_pre_hook(lambda *_, n=name: self._enter(n))
+            module.register_forward_hook(lambda *_: self._enter("other"))
+
+    def _enter(self, region: str) -> None:
+        self.region = region
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr and ptr not in self.seen and ptr not in self.param_storages:
+            self.seen.add(ptr)
+            self.bytes[self.region] += storage.nbytes()
+        return t
+
+    def wrap(self, objective):
+        def measured(batch, gen):
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+                return objective(batch, gen)
+        return measured
+
+    def summary(self) -> dict:
+        layers = [v for k, v in sorted(self.bytes.items()) if k.startswith("layer")]
+        return {"stem": self.bytes["stem"], "layers": sum(layers), "head": self.bytes["head"],
+                "other": self.bytes["other"], "total": sum(self.bytes.values())}
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def worker(spec: dict) -> dict:
+    """One job in this (fresh) process: build, 2 training steps, measure."""
+    baseline_rss = psutil.Process().memory_info().rss
+    torch.set_num_threads(spec["threads"])
+    device = C.pick_device(spec["device"])
+    exp = C.experiment(SETTINGS[spec["setting"]], spec["blocks"], spec.get("depth"))
+    which = spec["job"]
+    model, objective = C.job(exp, which)
+    if spec["checkpoint"]:
+        checkpoint_layers(model)
+    meter = SavedTensorMeter(model)
+    trainer = C.Trainer(model, meter.wrap(objective), C.random_data(exp, spec["batch"]), spec["batch"], device)
+    built_rss = psutil.Process().memory_info().rss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    trainer.step()  # step 1: activations measured, optimizer state allocated
+    grads = tensor_bytes(p.grad for p in model.parameters())
+    optim = tensor_bytes(t for state in trainer.optimizer.state.values() for t in state.values()
+                         if torch.is_tensor(t))
+    trainer.objective = objective
+    trainer.step()  # step 2: the steady state (optimizer state already held)
+    C.synchronize(device)
+    seconds = time.perf_counter() - t0
+    params = {part: tensor_bytes(getattr(model, part).parameters()) for part in ("stem", "layers", "head")}
+    result = {
+        **spec,
+        "layers_in_job": len(model.layers),
+        "param_count": sum(p.numel() for p in model.parameters()),
+        "params_bytes": sum(params.values()), "params_by_part": params,
+        "buffers_bytes": tensor_bytes(model.buffers()),
+        "grads_bytes": grads, "optimizer_bytes": optim,
+        "activations": meter.summary(),
+        "rss_baseline": baseline_rss, "rss_built": built_rss,
+        "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # kB on Linux
+        "two_steps_seconds": seconds,
+    }
+    result["states_bytes"] = result["params_bytes"] + grads + optim
+    result["total_bytes"] = result["states_bytes"] + result["activations"]["total"]
+    result["rss_peak_delta"] = result["rss_peak"] - baseline_rss
+    if device.type == "cuda":
+        result["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
+    return result
+
+
+# ------------------------------------------------------------------------------ in the parent process
+
+def run_job(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  {spec['setting']} L={result['layers_in_job']:>2} job={spec['job']!s:>3} B={spec['blocks']} "
+          f"ckpt={int(spec['checkpoint'])}: states {C.mib(result['states_bytes']):7.1f} MiB, "
+          f"activations {C.mib(result['activations']['total']):7.1f} MiB, peak-baseline "
+          f"{C.mib(result['rss_peak_delta']):7.1f} MiB ({result['two_steps_seconds']:.1f} s)", flush=True)
+    return result
+
+
+RATIO_KEYS = {"states": lambda r: r["states_bytes"], "activations": lambda r: r["activations"]["total"],
+              "total": lambda r: r["total_bytes"], "peak_rss": lambda r: r["rss_peak"],
+              "peak_rss_delta": lambda r: r["rss_peak_delta"],
+              "cuda_max_allocated": lambda r: r.get("cuda_max_allocated")}
+
+
+def compare(e2e: dict, block: dict, blocks: int) -> dict:
+    """End-to-end / block ratios and the stem+head overhead of the block job."""
+    row = {"B": blocks, "block_layers": block["layers_in_job"], "e2e_layers": e2e["layers_in_job"]}
+    for key, get in RATIO_KEYS.items():
+        if get(e2e) is not None and get(block):
+            row[f"ratio_{key}"] = get(e2e) / get(block)
+    row["target"] = 0.95 * blocks
+    p, a = block["params_by_part"], block["activations"]
+    row["block_stem_head_param_share"] = (p["stem"] + p["head"]) / block["params_bytes"]
+    row["block_stem_head_other_act_share"] = (a["stem"] + a["head"] + a["other"]) / a["total"]
+    row["ratio_layers_only_params"] = e2e["params_by_part"]["layers"] / p["layers"]
+    row["ratio_layers_only_activations"] = e2e["activations"]["layers"] / a["layers"]
+    row["block_peak_delta_mib"] = C.mib(block["rss_peak_delta"])
+    row["e2e_peak_delta_mib"] = C.mib(e2e["rss_peak_delta"])
+    row["block_total_mib"] = C.mib(block["total_bytes"])
+    row["e2e_total_mib"] = C.mib(e2e["total_bytes"])
+    return row
+
+
+def sweep_blocks(setting: str, batch: int, blocks, ckpt: bool, common: dict, raw: list) -> list[dict]:
+    base = {"setting": setting, "batch": batch, "checkpoint": ckpt, **common}
+    e2e = run_job({**base, "blocks": blocks[0], "job": "e2e"})  # the baseline does not depend on B
+    raw.append(e2e)
+    rows = []
+    for b in blocks:
+        exp = C.experiment(SETTINGS[setting], b)
+        block = run_job({**base, "blocks": b, "job": C.largest_block(exp)})
+        raw.append(block)
+        rows.append({"setting": setting, "batch": batch, "checkpoint": ckpt, **compare(e2e, block, b)})
+    return rows
+
+
+def sweep_depth(batch: int, depths, blocks: int, common: dict, raw: list) -> list[dict]:
+    rows = []
+    for depth in depths:
+        base = {"setting": "vit", "batch": batch, "checkpoint": False, "blocks": blocks, "depth": depth, **common}
+        exp = C.experiment(SETTINGS["vit"], blocks, depth)
+        e2e, block = run_job({**base, "job": "e2e"}), run_job({**base, "job": C.largest_block(exp)})
+        raw += [e2e, block]
+        rows.append({"setting": "vit", "depth": depth, **compare(e2e, block, blocks)})
+    return rows
+
+
+def plot(record: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    keys = ["states", "activations", "total", "peak_rss_delta", "peak_rss"]
+    for ax, setting in zip(axes[0], ("vit", "dit")):
+        rows = [r for r in record["blocks"] if r["setting"] == setting and not r["checkpoint"]]
+        if not rows:
+            continue
+        bs = [r["B"] for r in rows]
+        width = 0.8 / len(keys)
+        for i, key in enumerate(keys):
+            ax.bar([j + (i - len(keys) / 2 + 0.5) * width for j in range(len(bs))],
+                   [r.get(f"ratio_{key}", 0) for r in rows], width, label=key)
+        for j, b in enumerate(bs):
+            ax.hlines([b, 0.95 * b], j - 0.45, j + 0.45, colors=["k", "k"], linestyles=["-", ":"])
+        ax.set_xticks(range(len(bs)), [f"B={b}" for b in bs])
+        ax.set_ylabel("end-to-end / largest block")
+        ax.set_title(f"{C.setting_label(SETTINGS[setting])}, batch {rows[0]['batch']} "
+                     f"(line: B, dotted: 0.95 B)")
+        ax.legend(fontsize=7)
+    ax = axes[1][0]
+    for setting, marker in (("vit", "o"), ("dit", "s")):
+        for ckpt, style in ((False, "-"), (True, "--")):
+            rows = [r for r in record["blocks"] if r["setting"] == setting and r["checkpoint"] == ckpt]
+            if rows:
+                ax.plot([r["B"] for r in rows], [r["ratio_total"] for r in rows], style, marker=marker,
+                        label=f"{setting} total{' + checkpointing' if ckpt else ''}")
+                ax.plot([r["B"] for r in rows], [r["ratio_peak_rss_delta"] for r in rows], style,
+                        marker=marker, alpha=0.4, label=f"{setting} peak-baseline{' + ckpt' if ckpt else ''}")
+    ax.plot(BLOCKS, BLOCKS, "k-", lw=0.8, label="B")
+    ax.plot(BLOCKS, [0.95 * b for b in BLOCKS], "k:", lw=0.8, label="0.95 B")
+    ax.set_xlabel("B")
+    ax.set_ylabel("end-to-end / largest block")
+    ax.set_title("with and without activation checkpointing (per layer)")
+    ax.legend(fontsize=7)
+    ax = axes[1][1]
+    rows = record["depth"]
+    if rows:
+        for key in ("states", "activations", "total", "peak_rss_delta"):
+            ax.plot([r["depth"] for r in rows], [r[f"ratio_{key}"] for r in rows], marker="o", label=key)
+        ax.axhline(rows[0]["B"], color="k", lw=0.8)
+        ax.axhline(0.95 * rows[0]["B"], color="k", ls=":", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([r["depth"] for r in rows], [str(r["depth"]) for r in rows])
+        ax.set_xlabel("depth L (ViT width 128)")
+        ax.set_ylabel(f"end-to-end / largest block of B={rows[0]['B']}")
+        ax.set_title("memory ratio vs depth")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Training memory, end-to-end / block job ({record['device']['cpu_model']}, "
+                 f"{record['device']['device']}, {record['threads']} thread(s))", fontsize=10)
+    return C.save_figure(fig, "memory")
+
+
+def print_tables(record: dict) -> None:
+    cols = ["setting", "batch", "checkpoint", "B", "block_layers", "ratio_states", "ratio_activations",
+            "ratio_total", "ratio_peak_rss_delta", "ratio_peak_rss", "target", "block_stem_head_param_share",
+            "block_stem_head_other_act_share"]
+    if any("ratio_cuda_max_allocated" in r for r in record["blocks"]):
+        cols.insert(-3, "ratio_cuda_max_allocated")
+    print(C.format_table(record["blocks"], cols))
+    print()
+    print(C.format_table(record["depth"], ["depth", "B", "block_layers", "ratio_states", "ratio_activations",
+                                           "ratio_total", "ratio_peak_rss_delta", "e2e_total_mib",
+                                           "block_total_mib", "block_stem_head_param_share"]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--vit-batch", type=int, default=128)
+    p.add_argument("--dit-batch", type=int, default=16, help="DiT-S/2 batch (paper: 512; 16 keeps CPU time short)")
+    p.add_argument("--blocks", type=int, nargs="+", default=list(BLOCKS))
+    p.add_argument("--dit-checkpoint-blocks", type=int, nargs="*", default=[3],
+                   help="B values for the DiT run with activation checkpointing (each costs a DiT job)")
+    p.add_argument("--depths", type=int, nargs="*", default=list(DEPTHS))
+    p.add_argument("--depth-blocks", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-dit", action="store_true")
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    torch.set_num_threads(args.threads)
+    device = C.pick_device(args.device)
+    common = {"threads": args.threads, "device": str(device)}
+    record = {"benchmark": "memory", "device": C.device_description(device), "threads": args.threads,
+              "command": " ".join(["python", "benchmarks/memory.py", *(argv if argv is not None else sys.argv[1:])]),
+              "notes": "ratios are end-to-end / largest block job; activations = bytes saved for backward in "
+                       "one training forward (parameters excluded); peak_rss_delta = ru_maxrss - RSS after "
+                       "imports of a fresh process that ran 2 training steps",
+              "blocks": [], "depth": [], "raw": []}
+    t0 = time.perf_counter()
+    for ckpt in (False, True):
+        print(f"ViT-paper, batch {args.vit_batch}, checkpointing={ckpt}", flush=True)
+        record["blocks"] += sweep_blocks("vit", args.vit_batch, args.blocks, ckpt, common, record["raw"])
+    if not args.skip_dit:
+        for ckpt, blocks in ((False, args.blocks), (True, args.dit_checkpoint_blocks)):
+            if blocks:
+                print(f"DiT-S/2, batch {args.dit_batch}, checkpointing={ckpt}", flush=True)
+                record["blocks"] += sweep_blocks("dit", args.dit_batch, blocks, ckpt, common, record["raw"])
+    if args.depths:
+        print(f"ViT width 128, depth sweep, B={args.depth_blocks}", flush=True)
+        record["depth"] = sweep_depth(args.vit_batch, args.depths, args.depth_blocks, common, record["raw"])
+    record["seconds"] = time.perf_counter() - t0
+    print()
+    print_tables(record)
+    print(f"\nwrote {C.write_json('memory', record)} and {plot(record)} ({record['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
