@@ -225,92 +225,107 @@ def _train_summary(result) -> dict:
             "losses": [[s, round(v, 6)] for s, v in result.losses]}
 
 
+def _run_training(args, exp, method: str, block: int | None, seed: int, state_path: Path, build, save):
+    """The body every training command shares: track, load data, train (resuming from ``state_path``),
+    save, drop the resume state, log. ``build()`` returns (module, objective, steps or None);
+    ``save(module, result)`` returns {tag suffix: (path, metadata)} of what it wrote."""
+    from dblocks.checkpoint import sidecar_path
+    from dblocks.train import train
+
+    device = _device(exp)
+    track = _track_path(args)
+    with _tracker(track, "train", method, block, exp.config) as run:
+        data = exp.load_data("train", args.data)
+        module, objective, steps = build()
+        result = train(module, objective, data, exp.config["train"], seed=seed, device=device, steps=steps,
+                       state_path=state_path, desc=f"{exp.name} {method}" + (f" block {block}" if block else ""),
+                       on_log=run.log_step if run is not None else None, progress=not args.no_progress)
+        written = save(module, result)
+        for p in (state_path, sidecar_path(state_path)):
+            p.unlink(missing_ok=True)
+        _log_training(run, result, written, device)
+    return result
+
+
 def cmd_train_block(args) -> None:
     from dblocks.assemble import save_block
     from dblocks.experiment import derive_seed
-    from dblocks.train import block_objective, train
+    from dblocks.train import block_objective
 
     exp = experiment_from_args(args)
     out = _output(args.out, ".safetensors")
-    if not 1 <= args.block <= exp.partition.blocks:
-        raise UsageError(f"--block {args.block}: allowed: 1..{exp.partition.blocks} (B={exp.partition.blocks})")
-    device = _device(exp)
-    track = _track_path(args)
+    b = args.block
+    if not 1 <= b <= exp.partition.blocks:
+        raise UsageError(f"--block {b}: allowed: 1..{exp.partition.blocks} (B={exp.partition.blocks})")
+    _device(exp)
+    _track_path(args)
     if _finished(out, exp, args.force):
         return
-    with _tracker(track, "train", "blockwise", args.block, exp.config) as run:
-        data = exp.load_data("train", args.data)
-        model = exp.block(args.block)  # this block only: no other block is built, loaded or touched
-        cfg = exp.config["train"]
-        result = train(model, block_objective(model, exp.partition, args.block, cfg["max_loss_weight"]), data, cfg,
-                       seed=derive_seed(exp.config["seed"], "train-block", args.block), device=device,
-                       state_path=out.with_suffix(".state.safetensors"), desc=f"{exp.name} block {args.block}",
-                       on_log=run.log_step if run is not None else None, progress=not args.no_progress)
-        meta = save_block(out, model, exp, args.block, "blockwise", cfg["steps"], _train_summary(result))
-        _cleanup_state(out)
-        _log_training(run, result, {"": (out, meta)}, device)
-    print(f"wrote {out} (block {args.block}/{exp.partition.blocks}, {result.seconds:.1f} s)")
 
+    def build():
+        model = exp.block(b)  # this block only: no other block is built, loaded or touched
+        return model, block_objective(model, exp.partition, b, exp.config["train"]["max_loss_weight"]), None
 
-def _cleanup_state(out: Path) -> None:
-    for p in (out.with_suffix(".state.safetensors"), out.with_suffix(".state.json")):
-        p.unlink(missing_ok=True)
+    def save(model, result):
+        return {"": (out, save_block(out, model, exp, b, "blockwise", result.steps, _train_summary(result)))}
+
+    result = _run_training(args, exp, "blockwise", b, derive_seed(exp.config["seed"], "train-block", b),
+                           out.with_suffix(".state.safetensors"), build, save)
+    print(f"wrote {out} (block {b}/{exp.partition.blocks}, {result.seconds:.1f} s)")
 
 
 def cmd_train_baseline(args) -> None:
     from dblocks.assemble import save_e2e
     from dblocks.experiment import derive_seed
-    from dblocks.train import cross_entropy_objective, denoising_objective, train
+    from dblocks.train import cross_entropy_objective, denoising_objective
 
     exp = experiment_from_args(args)
     out = _output(args.out, ".safetensors")
-    device = _device(exp)
-    track = _track_path(args)
+    _device(exp)
+    _track_path(args)
     if _finished(out, exp, args.force):
         return
-    with _tracker(track, "train", "e2e", None, exp.config) as run:
-        data = exp.load_data("train", args.data)
+
+    def build():
         model = exp.e2e()
-        cfg = exp.config["train"]
         if exp.config["task"] == "classification":
-            objective = cross_entropy_objective(model)
-        else:
-            full = exp.full_range
-            objective = denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g),
-                                            cfg["max_loss_weight"])
-        result = train(model, objective, data, cfg, seed=derive_seed(exp.config["seed"], "train-e2e"),
-                       device=device, state_path=out.with_suffix(".state.safetensors"), desc=f"{exp.name} e2e",
-                       on_log=run.log_step if run is not None else None, progress=not args.no_progress)
-        meta = save_e2e(out, model, exp, cfg["steps"], _train_summary(result))
-        _cleanup_state(out)
-        _log_training(run, result, {"": (out, meta)}, device)
+            return model, cross_entropy_objective(model), None
+        full = exp.full_range
+        return model, denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g),
+                                          exp.config["train"]["max_loss_weight"]), None
+
+    def save(model, result):
+        return {"": (out, save_e2e(out, model, exp, result.steps, _train_summary(result)))}
+
+    result = _run_training(args, exp, "e2e", None, derive_seed(exp.config["seed"], "train-e2e"),
+                           out.with_suffix(".state.safetensors"), build, save)
     print(f"wrote {out} (end-to-end baseline, {result.seconds:.1f} s)")
 
 
 def cmd_train_shared(args) -> None:
     from dblocks.assemble import save_block
     from dblocks.experiment import derive_seed
-    from dblocks.train import paper_mode_objective, train
+    from dblocks.train import paper_mode_objective
 
     exp = experiment_from_args(args)
     out_dir = Path(args.out_dir)
-    device = _device(exp)
-    track = _track_path(args)
-    with _tracker(track, "train", "paper", None, exp.config) as run:
+    _device(exp)
+    _track_path(args)
+
+    def build():
         model = exp.shared_blocks()
-        cfg = exp.config["train"]
         # one block per step: B x the baseline's steps gives every block as many updates as the baseline
-        steps = cfg["steps"] * exp.partition.blocks
-        result = train(model, paper_mode_objective(model, cfg["max_loss_weight"]), exp.load_data("train", args.data),
-                       cfg, seed=derive_seed(exp.config["seed"], "train-shared"), device=device, steps=steps,
-                       state_path=out_dir / "shared.state.safetensors", desc=f"{exp.name} paper mode",
-                       on_log=run.log_step if run is not None else None, progress=not args.no_progress)
-        written = {}
-        for b, blk in enumerate(model.blocks, 1):
-            path = out_dir / f"block-{b}.safetensors"
-            written[f".block{b}"] = (path, save_block(path, blk, exp, b, "paper", steps, _train_summary(result)))
-        _cleanup_state(out_dir / "shared.safetensors")
-        _log_training(run, result, written, device)
+        steps = exp.config["train"]["steps"] * exp.partition.blocks
+        return model, paper_mode_objective(model, exp.config["train"]["max_loss_weight"]), steps
+
+    def save(model, result):
+        return {f".block{b}": (out_dir / f"block-{b}.safetensors",
+                               save_block(out_dir / f"block-{b}.safetensors", blk, exp, b, "paper", result.steps,
+                                          _train_summary(result)))
+                for b, blk in enumerate(model.blocks, 1)}
+
+    result = _run_training(args, exp, "paper", None, derive_seed(exp.config["seed"], "train-shared"),
+                           out_dir / "shared.state.safetensors", build, save)
     print(f"wrote {exp.partition.blocks} blocks (shared stem and head) to {out_dir} ({result.seconds:.1f} s)")
 
 
