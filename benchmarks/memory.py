@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -178,64 +179,82 @@ def worker(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------ in the parent process
 
-def run_job(spec: dict) -> dict:
+#: how the worker's C allocator is set up: glibc's default (a dynamic mmap threshold, so freed tensors
+#: often stay in the heap and count in RSS) or a fixed 64 KiB mmap threshold (every tensor is its own
+#: mapping, returned on free, so RSS follows the live tensors)
+ALLOCATORS = {"glibc": {}, "mmap": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+
+
+def run_job(spec: dict, allocator: str) -> dict:
+    env = {**os.environ, **ALLOCATORS[allocator]}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                          text=True, check=False)
+                          text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = {**json.loads(proc.stdout.strip().splitlines()[-1]), "allocator": allocator}
     print(f"  {spec['setting']} L={result['layers_in_job']:>2} job={spec['job']!s:>3} B={spec['blocks']} "
-          f"ckpt={int(spec['checkpoint'])}: states {C.mib(result['states_bytes']):7.1f} MiB, "
+          f"ckpt={int(spec['checkpoint'])} {allocator:>5}: states {C.mib(result['states_bytes']):7.1f} MiB, "
           f"activations {C.mib(result['activations']['total']):7.1f} MiB, peak-baseline "
           f"{C.mib(result['rss_peak_delta']):7.1f} MiB ({result['two_steps_seconds']:.1f} s)", flush=True)
     return result
 
 
-RATIO_KEYS = {"states": lambda r: r["states_bytes"], "activations": lambda r: r["activations"]["total"],
-              "total": lambda r: r["total_bytes"], "peak_rss": lambda r: r["rss_peak"],
-              "peak_rss_delta": lambda r: r["rss_peak_delta"],
-              "cuda_max_allocated": lambda r: r.get("cuda_max_allocated")}
+def run_jobs(spec: dict, allocators, raw: list) -> dict[str, dict]:
+    """The same job once per allocator setting, each in a fresh process."""
+    results = {a: run_job(spec, a) for a in allocators}
+    raw += results.values()
+    return results
 
 
-def compare(e2e: dict, block: dict, blocks: int) -> dict:
-    """End-to-end / block ratios and the stem+head overhead of the block job."""
-    row = {"B": blocks, "block_layers": block["layers_in_job"], "e2e_layers": e2e["layers_in_job"]}
-    for key, get in RATIO_KEYS.items():
-        if get(e2e) is not None and get(block):
-            row[f"ratio_{key}"] = get(e2e) / get(block)
+def compare(e2e: dict[str, dict], block: dict[str, dict], blocks: int) -> dict:
+    """End-to-end / block ratios and the stem+head overhead of the block job. The byte counts do not
+    depend on the allocator; the measured peaks get one ratio per allocator."""
+    e, k = next(iter(e2e.values())), next(iter(block.values()))
+    row = {"B": blocks, "block_layers": k["layers_in_job"], "e2e_layers": e["layers_in_job"],
+           "ratio_states": e["states_bytes"] / k["states_bytes"],
+           "ratio_activations": e["activations"]["total"] / k["activations"]["total"],
+           "ratio_total": e["total_bytes"] / k["total_bytes"]}
+    for alloc in block:
+        row[f"ratio_peak_delta_{alloc}"] = e2e[alloc]["rss_peak_delta"] / block[alloc]["rss_peak_delta"]
+        row[f"ratio_peak_rss_{alloc}"] = e2e[alloc]["rss_peak"] / block[alloc]["rss_peak"]
+        row[f"e2e_peak_delta_mib_{alloc}"] = C.mib(e2e[alloc]["rss_peak_delta"])
+        row[f"block_peak_delta_mib_{alloc}"] = C.mib(block[alloc]["rss_peak_delta"])
+        if "cuda_max_allocated" in block[alloc]:
+            row["ratio_cuda_max_allocated"] = e2e[alloc]["cuda_max_allocated"] / block[alloc]["cuda_max_allocated"]
     row["target"] = 0.95 * blocks
-    p, a = block["params_by_part"], block["activations"]
-    row["block_stem_head_param_share"] = (p["stem"] + p["head"]) / block["params_bytes"]
+    p, a = k["params_by_part"], k["activations"]
+    row["block_stem_head_param_share"] = (p["stem"] + p["head"]) / k["params_bytes"]
     row["block_stem_head_other_act_share"] = (a["stem"] + a["head"] + a["other"]) / a["total"]
-    row["ratio_layers_only_params"] = e2e["params_by_part"]["layers"] / p["layers"]
-    row["ratio_layers_only_activations"] = e2e["activations"]["layers"] / a["layers"]
-    row["block_peak_delta_mib"] = C.mib(block["rss_peak_delta"])
-    row["e2e_peak_delta_mib"] = C.mib(e2e["rss_peak_delta"])
-    row["block_total_mib"] = C.mib(block["total_bytes"])
-    row["e2e_total_mib"] = C.mib(e2e["total_bytes"])
+    row["e2e_stem_head_param_share"] = (e["params_by_part"]["stem"] + e["params_by_part"]["head"]) / e["params_bytes"]
+    row["ratio_layers_only_params"] = e["params_by_part"]["layers"] / p["layers"]
+    row["ratio_layers_only_activations"] = e["activations"]["layers"] / a["layers"]
+    row["e2e_total_mib"] = C.mib(e["total_bytes"])
+    row["block_total_mib"] = C.mib(k["total_bytes"])
+    row["e2e_states_mib"] = C.mib(e["states_bytes"])
+    row["block_states_mib"] = C.mib(k["states_bytes"])
+    row["e2e_activations_mib"] = C.mib(e["activations"]["total"])
+    row["block_activations_mib"] = C.mib(a["total"])
     return row
 
 
-def sweep_blocks(setting: str, batch: int, blocks, ckpt: bool, common: dict, raw: list) -> list[dict]:
+def sweep_blocks(setting: str, batch: int, blocks, ckpt: bool, allocators, common: dict, raw: list) -> list[dict]:
     base = {"setting": setting, "batch": batch, "checkpoint": ckpt, **common}
-    e2e = run_job({**base, "blocks": blocks[0], "job": "e2e"})  # the baseline does not depend on B
-    raw.append(e2e)
+    e2e = run_jobs({**base, "blocks": blocks[0], "job": "e2e"}, allocators, raw)  # the same for every B
     rows = []
     for b in blocks:
-        exp = C.experiment(SETTINGS[setting], b)
-        block = run_job({**base, "blocks": b, "job": C.largest_block(exp)})
-        raw.append(block)
+        block = run_jobs({**base, "blocks": b, "job": C.largest_block(C.experiment(SETTINGS[setting], b))},
+                         allocators, raw)
         rows.append({"setting": setting, "batch": batch, "checkpoint": ckpt, **compare(e2e, block, b)})
     return rows
 
 
-def sweep_depth(batch: int, depths, blocks: int, common: dict, raw: list) -> list[dict]:
+def sweep_depth(batch: int, depths, blocks: int, allocators, common: dict, raw: list) -> list[dict]:
     rows = []
     for depth in depths:
         base = {"setting": "vit", "batch": batch, "checkpoint": False, "blocks": blocks, "depth": depth, **common}
-        exp = C.experiment(SETTINGS["vit"], blocks, depth)
-        e2e, block = run_job({**base, "job": "e2e"}), run_job({**base, "job": C.largest_block(exp)})
-        raw += [e2e, block]
+        largest = C.largest_block(C.experiment(SETTINGS["vit"], blocks, depth))
+        e2e, block = run_jobs({**base, "job": "e2e"}, allocators, raw), run_jobs({**base, "job": largest},
+                                                                                  allocators, raw)
         rows.append({"setting": "vit", "depth": depth, **compare(e2e, block, blocks)})
     return rows
 

@@ -174,6 +174,7 @@ def test_real_run_writes_tables_from_mlflow(micro_run):
     blockwise = json.loads((micro_run / "metrics/tiny/vit-cifar100/blockwise.json").read_text())
     assert f"{100 * blockwise['accuracy']:.2f}" in table and "60.25" in table and "tiny" in table
     assert (micro_run / "results/tiny/tables/table10.csv").is_file()
+    assert "Our FID: domain FID (digits-classifier features)" in (micro_run / "results/tiny/tables/table10.md").read_text()
     generation = json.loads((micro_run / "metrics/tiny/dit-t10-b2/blockwise.json").read_text())
     assert generation["fid"] > 0 and generation["block_calls"] == [3, 3]
     assert (micro_run / "metrics/tiny/dit-t10-b2/blockwise-samples.png").is_file()

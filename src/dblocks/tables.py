@@ -446,6 +446,11 @@ class Context:
                      f"MLflow experiment `{self.params.mlflow_experiment}`.")
         if self.params.scale != "paper":
             lines.append(f"{self.params.scale.capitalize()}-scale numbers are not comparable to the paper's.")
+        # Say which FID ours is: at the tiny scale it is measured in a digits classifier's features
+        fid_kinds = _unique(run.tags["fid_label"] for e in exps for run in self.index.matching(e.name, "evaluate")
+                            if run.tags.get("fid_label"))
+        if fid_kinds:
+            lines.append(f"Our FID: {'; '.join(fid_kinds)}.")
         return lines
 
 
