@@ -22,7 +22,7 @@ from dblocks.config import resolve
 from dblocks.data.images import ImageDataset
 from dblocks.experiment import DATASET_SHAPES, Experiment
 from dblocks.models import ARCHITECTURES, get_arch
-from dblocks.train import block_objective, cross_entropy_objective, denoising_objective
+from dblocks.train import apply_gradients, sample_batch, training_job
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "bench"
@@ -179,17 +179,10 @@ def random_data(exp: Experiment, n: int, seed: int = 0) -> ImageDataset:
 
 def job(exp: Experiment, which: str | int):
     """(module, objective) of one training job exactly as the CLI sets it up: ``"e2e"`` is the
-    end-to-end baseline (plain cross-entropy ViT, or one EDM denoiser over the whole sigma range);
-    an int b is block b trained alone on its own sigma interval."""
-    max_w = exp.config["train"]["max_loss_weight"]
-    if which == "e2e":
-        model = exp.e2e()
-        if exp.config["task"] == "classification":
-            return model, cross_entropy_objective(model)
-        full = exp.full_range
-        return model, denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g), max_w)
-    model = exp.block(int(which))
-    return model, block_objective(model, exp.partition, int(which), max_w)
+    end-to-end baseline, an int b is block b trained alone on its own sigma interval."""
+    method, block = ("e2e", None) if which == "e2e" else ("blockwise", int(which))
+    module, objective, _ = training_job(exp, method, block)
+    return module, objective
 
 
 def largest_block(exp: Experiment) -> int:
@@ -199,9 +192,9 @@ def largest_block(exp: Experiment) -> int:
 
 
 class Trainer:
-    """Optimizer steps of one job: the body of ``dblocks.train.train``'s loop (batch draw, loss,
-    zero_grad, backward, gradient clipping at the default train.grad_clip, AdamW step) without its LR
-    schedule, logging and checkpointing. ``step()`` runs one step and returns the loss."""
+    """Optimizer steps of one job, with the training loop's own pieces (``sample_batch``,
+    ``apply_gradients`` at the default train.grad_clip, AdamW) but without its LR schedule, logging and
+    checkpointing. ``step()`` runs one step and returns the loss."""
 
     def __init__(self, module: torch.nn.Module, objective, data: ImageDataset, batch_size: int,
                  device: torch.device, seed: int = 0) -> None:
@@ -213,15 +206,11 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(seed)
 
     def batch(self) -> dict[str, torch.Tensor]:
-        idx = torch.randint(len(self.data), (self.batch_size,), generator=self.gen)
-        return {"image": self.data.images[idx].to(self.device), "label": self.data.labels[idx].to(self.device)}
+        return sample_batch(self.data, self.batch_size, self.gen, self.device)
 
     def step(self) -> torch.Tensor:
         loss = self.objective(self.batch(), self.gen)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        self.optimizer.step()
+        apply_gradients(self.module, loss, self.optimizer, self.grad_clip)
         return loss.detach()
 
 

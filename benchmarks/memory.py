@@ -15,16 +15,23 @@ default on CPU) and B in {2, 3, 4, 6}, one job = the end-to-end baseline or the 
   warm-up step of the family's micro model, which loads the lazily imported optimizer code and kernels):
   ``peak - baseline``, what the job itself allocated; on CUDA also ``torch.cuda.max_memory_allocated``.
 
-and reports the ratios end-to-end / block for states, activations, their total and the peak. Also
-measured: the same with activation checkpointing inside the job (``torch.utils.checkpoint`` around
-each layer, applied here by wrapping the model's layers; src/ is unchanged), and memory vs depth L
-(ViT width 128 at L in {3, 6, 12, 24}, end-to-end vs the largest block of B=3). The analytic
+and reports the ratios end-to-end / block for states, activations, their total and the peak. The peak
+is measured twice, in two fresh processes: with glibc's default allocator, and with
+``MALLOC_MMAP_THRESHOLD_=65536`` (every tensor its own mapping, unmapped when freed, so RSS follows the
+live tensors instead of what the heap kept). Also measured: the same with activation checkpointing
+inside the job (``torch.utils.checkpoint``, non-reentrant, around each layer, applied here by wrapping
+the model's layers; src/ is unchanged; the accounting then adds one layer's activations, held again
+while that layer is recomputed in backward), and memory vs depth L (ViT width 128 at L in {3, 6, 12,
+24}, end-to-end vs the largest block of B=3; ``ViT-paper-L<n>`` is registered in memory for this). For
+DiT, the total ratio is also estimated at batch 64 and 512 (the paper's) by scaling the measured
+activations linearly in the batch (checked: batch 8 saves exactly half of batch 16). The analytic
 expectation (SPEC section 7) is a ratio of B when layers dominate; the own stem and head of every
 block job (the project's independent mode) keep it below B, and the script reports their share.
 
-Every job runs in its own subprocess, one at a time (``--worker`` is that subprocess's entry point).
+Every job runs in its own subprocess, one at a time (``--worker`` is that subprocess's entry point),
+single-threaded by default (``--threads``).
 
-Command (from the repository root; about 5 minutes on 2 CPU cores)::
+Command (from the repository root; about 7 minutes on 2 CPU cores, DiT at batch 16)::
 
     .venv/bin/python benchmarks/memory.py
     .venv/bin/python benchmarks/memory.py --dit-batch 64 --dit-checkpoint-blocks 2 3 4 6   # fuller, slower
@@ -206,14 +213,34 @@ def run_jobs(spec: dict, allocators, raw: list) -> dict[str, dict]:
     return results
 
 
-def compare(e2e: dict[str, dict], block: dict[str, dict], blocks: int) -> dict:
+def per_layer_activations(result: dict) -> float:
+    """Activation bytes one layer saves in this job (without checkpointing): what a checkpointed layer
+    holds again while it is recomputed in backward."""
+    return result["activations"]["layers"] / result["layers_in_job"]
+
+
+def compare(e2e: dict[str, dict], block: dict[str, dict], blocks: int, extrapolate=(),
+            recompute: float | None = None) -> dict:
     """End-to-end / block ratios and the stem+head overhead of the block job. The byte counts do not
-    depend on the allocator; the measured peaks get one ratio per allocator."""
+    depend on the allocator; the measured peaks get one ratio per allocator.
+
+    ``extrapolate``: batch sizes at which to estimate the total ratio (with the recomputed layer, if
+    any), with activations scaled linearly in the batch (they are: every saved tensor is per-example).
+    ``recompute``: for checkpointed jobs, the bytes of one layer's activations, held again during its
+    recomputation in backward, added to both sides (the analytic 4PL + A of SPEC section 7)."""
     e, k = next(iter(e2e.values())), next(iter(block.values()))
     row = {"B": blocks, "block_layers": k["layers_in_job"], "e2e_layers": e["layers_in_job"],
            "ratio_states": e["states_bytes"] / k["states_bytes"],
            "ratio_activations": e["activations"]["total"] / k["activations"]["total"],
            "ratio_total": e["total_bytes"] / k["total_bytes"]}
+    held = recompute or 0.0
+    for n in extrapolate:
+        scale = n / e["batch"]
+        row[f"ratio_total_at_batch_{n}"] = ((e["states_bytes"] + scale * (e["activations"]["total"] + held))
+                                            / (k["states_bytes"] + scale * (k["activations"]["total"] + held)))
+    if recompute is not None:
+        row["recompute_mib"] = C.mib(recompute)
+        row["ratio_total_with_recompute"] = (e["total_bytes"] + recompute) / (k["total_bytes"] + recompute)
     for alloc in block:
         row[f"ratio_peak_delta_{alloc}"] = e2e[alloc]["rss_peak_delta"] / block[alloc]["rss_peak_delta"]
         row[f"ratio_peak_rss_{alloc}"] = e2e[alloc]["rss_peak"] / block[alloc]["rss_peak"]
@@ -237,15 +264,23 @@ def compare(e2e: dict[str, dict], block: dict[str, dict], blocks: int) -> dict:
     return row
 
 
-def sweep_blocks(setting: str, batch: int, blocks, ckpt: bool, allocators, common: dict, raw: list) -> list[dict]:
+def sweep_blocks(setting: str, batch: int, blocks, ckpt: bool, allocators, common: dict, raw: list,
+                 extrapolate=(), recompute: float | None = None) -> list[dict]:
     base = {"setting": setting, "batch": batch, "checkpoint": ckpt, **common}
     e2e = run_jobs({**base, "blocks": blocks[0], "job": "e2e"}, allocators, raw)  # the same for every B
     rows = []
     for b in blocks:
         block = run_jobs({**base, "blocks": b, "job": C.largest_block(C.experiment(SETTINGS[setting], b))},
                          allocators, raw)
-        rows.append({"setting": setting, "batch": batch, "checkpoint": ckpt, **compare(e2e, block, b)})
+        rows.append({"setting": setting, "batch": batch, "checkpoint": ckpt,
+                     **compare(e2e, block, b, extrapolate, recompute)})
     return rows
+
+
+def plain_e2e(raw: list, setting: str) -> dict:
+    """The end-to-end job of ``setting`` measured without checkpointing (at the registry depth)."""
+    return next(r for r in raw if r["setting"] == setting and r["job"] == "e2e" and not r["checkpoint"]
+                and r.get("depth") is None)
 
 
 def sweep_depth(batch: int, depths, blocks: int, allocators, common: dict, raw: list) -> list[dict]:
@@ -255,7 +290,7 @@ def sweep_depth(batch: int, depths, blocks: int, allocators, common: dict, raw: 
         largest = C.largest_block(C.experiment(SETTINGS["vit"], blocks, depth))
         e2e, block = run_jobs({**base, "job": "e2e"}, allocators, raw), run_jobs({**base, "job": largest},
                                                                                   allocators, raw)
-        rows.append({"setting": "vit", "depth": depth, **compare(e2e, block, blocks)})
+        rows.append({"setting": "vit", "batch": batch, "depth": depth, **compare(e2e, block, blocks)})
     return rows
 
 
@@ -266,7 +301,7 @@ def plot(record: dict) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    keys = ["states", "activations", "total", "peak_rss_delta", "peak_rss"]
+    keys = ["states", "activations", "total", *(f"peak_delta_{a}" for a in record["allocators"])]
     for ax, setting in zip(axes[0], ("vit", "dit")):
         rows = [r for r in record["blocks"] if r["setting"] == setting and not r["checkpoint"]]
         if not rows:
@@ -277,56 +312,67 @@ def plot(record: dict) -> Path:
             ax.bar([j + (i - len(keys) / 2 + 0.5) * width for j in range(len(bs))],
                    [r.get(f"ratio_{key}", 0) for r in rows], width, label=key)
         for j, b in enumerate(bs):
-            ax.hlines([b, 0.95 * b], j - 0.45, j + 0.45, colors=["k", "k"], linestyles=["-", ":"])
+            ax.hlines([b, 0.95 * b], j - 0.45, j + 0.45, colors="k", linestyles=["-", ":"])
         ax.set_xticks(range(len(bs)), [f"B={b}" for b in bs])
         ax.set_ylabel("end-to-end / largest block")
-        ax.set_title(f"{C.setting_label(SETTINGS[setting])}, batch {rows[0]['batch']} "
-                     f"(line: B, dotted: 0.95 B)")
+        ax.set_title(f"{C.setting_label(SETTINGS[setting])}, batch {rows[0]['batch']} (line: B, dotted: 0.95 B)",
+                     fontsize=10)
         ax.legend(fontsize=7)
     ax = axes[1][0]
-    for setting, marker in (("vit", "o"), ("dit", "s")):
+    alloc = record["allocators"][-1]
+    for setting, marker, color in (("vit", "o", "C0"), ("dit", "s", "C1")):
         for ckpt, style in ((False, "-"), (True, "--")):
             rows = [r for r in record["blocks"] if r["setting"] == setting and r["checkpoint"] == ckpt]
             if rows:
-                ax.plot([r["B"] for r in rows], [r["ratio_total"] for r in rows], style, marker=marker,
-                        label=f"{setting} total{' + checkpointing' if ckpt else ''}")
-                ax.plot([r["B"] for r in rows], [r["ratio_peak_rss_delta"] for r in rows], style,
-                        marker=marker, alpha=0.4, label=f"{setting} peak-baseline{' + ckpt' if ckpt else ''}")
+                tag = " + checkpointing" if ckpt else ""
+                key = "ratio_total_with_recompute" if ckpt else "ratio_total"
+                ax.plot([r["B"] for r in rows], [r[key] for r in rows], style, marker=marker, color=color,
+                        label=f"{setting} total{tag} (+ one layer recomputed)" if ckpt else f"{setting} total")
+                ax.plot([r["B"] for r in rows], [r[f"ratio_peak_delta_{alloc}"] for r in rows], style,
+                        marker=marker, color=color, alpha=0.35, label=f"{setting} peak delta ({alloc}){tag}")
     ax.plot(BLOCKS, BLOCKS, "k-", lw=0.8, label="B")
     ax.plot(BLOCKS, [0.95 * b for b in BLOCKS], "k:", lw=0.8, label="0.95 B")
     ax.set_xlabel("B")
     ax.set_ylabel("end-to-end / largest block")
-    ax.set_title("with and without activation checkpointing (per layer)")
-    ax.legend(fontsize=7)
+    ax.set_title("with and without activation checkpointing (per layer)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
     ax = axes[1][1]
     rows = record["depth"]
     if rows:
-        for key in ("states", "activations", "total", "peak_rss_delta"):
+        for key in ("states", "activations", "total", *(f"peak_delta_{a}" for a in record["depth_allocators"])):
             ax.plot([r["depth"] for r in rows], [r[f"ratio_{key}"] for r in rows], marker="o", label=key)
         ax.axhline(rows[0]["B"], color="k", lw=0.8)
         ax.axhline(0.95 * rows[0]["B"], color="k", ls=":", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xticks([r["depth"] for r in rows], [str(r["depth"]) for r in rows])
-        ax.set_xlabel("depth L (ViT width 128)")
+        ax.set_xlabel(f"depth L (ViT width 128, batch {rows[0]['batch']})")
         ax.set_ylabel(f"end-to-end / largest block of B={rows[0]['B']}")
-        ax.set_title("memory ratio vs depth")
+        ax.set_title("memory ratio vs depth", fontsize=10)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Training memory, end-to-end / block job ({record['device']['cpu_model']}, "
-                 f"{record['device']['device']}, {record['threads']} thread(s))", fontsize=10)
+    dev = record["device"]
+    fig.suptitle(f"Training memory, end-to-end / block job: {dev['device']} ({dev['cpu_model']}, "
+                 f"{dev['logical_cpus']} cores, {record['threads']} torch thread(s))", fontsize=10)
     return C.save_figure(fig, "memory")
 
 
 def print_tables(record: dict) -> None:
+    peaks = [f"ratio_peak_delta_{a}" for a in record["allocators"]]
     cols = ["setting", "batch", "checkpoint", "B", "block_layers", "ratio_states", "ratio_activations",
-            "ratio_total", "ratio_peak_rss_delta", "ratio_peak_rss", "target", "block_stem_head_param_share",
-            "block_stem_head_other_act_share"]
+            "ratio_total", *peaks, "target", "block_stem_head_param_share", "block_stem_head_other_act_share"]
     if any("ratio_cuda_max_allocated" in r for r in record["blocks"]):
         cols.insert(-3, "ratio_cuda_max_allocated")
     print(C.format_table(record["blocks"], cols))
     print()
+    extra = sorted({k for r in record["blocks"] for k in r if k.startswith("ratio_total_at_batch_")},
+                   key=lambda k: int(k.rsplit("_", 1)[1]))
+    rows = [r for r in record["blocks"] if r["checkpoint"] or any(k in r for k in extra)]
+    print(C.format_table(rows, ["setting", "batch", "checkpoint", "B", "ratio_total", *extra,
+                                "recompute_mib", "ratio_total_with_recompute", *peaks]))
+    print()
+    depth_peaks = [f"ratio_peak_delta_{a}" for a in record["depth_allocators"]]
     print(C.format_table(record["depth"], ["depth", "B", "block_layers", "ratio_states", "ratio_activations",
-                                           "ratio_total", "ratio_peak_rss_delta", "e2e_total_mib",
-                                           "block_total_mib", "block_stem_head_param_share"]))
+                                           "ratio_total", *depth_peaks, "e2e_total_mib", "block_total_mib",
+                                           "block_stem_head_param_share"]))
 
 
 def main(argv=None) -> int:
@@ -337,37 +383,55 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", type=int, nargs="+", default=list(BLOCKS))
     p.add_argument("--dit-checkpoint-blocks", type=int, nargs="*", default=[3],
                    help="B values for the DiT run with activation checkpointing (each costs a DiT job)")
+    p.add_argument("--dit-extrapolate", type=int, nargs="*", default=[64, 512],
+                   help="DiT batch sizes at which to estimate the total ratio (activations scale linearly)")
     p.add_argument("--depths", type=int, nargs="*", default=list(DEPTHS))
     p.add_argument("--depth-blocks", type=int, default=3)
+    p.add_argument("--allocators", nargs="+", choices=list(ALLOCATORS), default=list(ALLOCATORS))
+    p.add_argument("--depth-allocators", nargs="+", choices=list(ALLOCATORS), default=["mmap"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-dit", action="store_true")
+    p.add_argument("--replot", action="store_true", help="only print and plot results/bench/memory.json again")
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.replot:
+        record = json.loads((C.RESULTS / "memory.json").read_text())
+        print_tables(record)
+        print(f"\nwrote {plot(record)}")
         return 0
     torch.set_num_threads(args.threads)
     device = C.pick_device(args.device)
     common = {"threads": args.threads, "device": str(device)}
     record = {"benchmark": "memory", "device": C.device_description(device), "threads": args.threads,
-              "command": " ".join(["python", "benchmarks/memory.py", *(argv if argv is not None else sys.argv[1:])]),
-              "notes": "ratios are end-to-end / largest block job; activations = bytes saved for backward in "
-                       "one training forward (parameters excluded); peak_rss_delta = ru_maxrss - RSS before "
-                       "the build (after imports and a micro-model warm-up step) of a fresh process that ran 2 "
-                       "training steps",
+              "command": " ".join([".venv/bin/python", "benchmarks/memory.py",
+                                   *(argv if argv is not None else sys.argv[1:])]),
+              "allocators": args.allocators, "depth_allocators": args.depth_allocators,
+              "notes": "ratios are end-to-end / largest block job; states = params + grads + AdamW state; "
+                       "activations = bytes saved for backward in one training forward (parameters excluded); "
+                       "peak_delta = ru_maxrss - RSS before the build (after imports and a micro-model warm-up "
+                       "step) of a fresh process that ran 2 training steps; glibc = default allocator, "
+                       "mmap = MALLOC_MMAP_THRESHOLD_=65536",
               "blocks": [], "depth": [], "raw": []}
     t0 = time.perf_counter()
-    for ckpt in (False, True):
-        print(f"ViT-paper, batch {args.vit_batch}, checkpointing={ckpt}", flush=True)
-        record["blocks"] += sweep_blocks("vit", args.vit_batch, args.blocks, ckpt, common, record["raw"])
+    raw = record["raw"]
+    runs = [("vit", args.vit_batch, args.blocks, args.blocks, ())]
     if not args.skip_dit:
-        for ckpt, blocks in ((False, args.blocks), (True, args.dit_checkpoint_blocks)):
-            if blocks:
-                print(f"DiT-S/2, batch {args.dit_batch}, checkpointing={ckpt}", flush=True)
-                record["blocks"] += sweep_blocks("dit", args.dit_batch, blocks, ckpt, common, record["raw"])
+        runs.append(("dit", args.dit_batch, args.blocks, args.dit_checkpoint_blocks, args.dit_extrapolate))
+    for setting, batch, blocks, ckpt_blocks, extrapolate in runs:
+        print(f"{SETTINGS[setting][1]}, batch {batch}", flush=True)
+        record["blocks"] += sweep_blocks(setting, batch, blocks, False, args.allocators, common, raw, extrapolate)
+        if ckpt_blocks:
+            print(f"{SETTINGS[setting][1]}, batch {batch}, activation checkpointing", flush=True)
+            recompute = per_layer_activations(plain_e2e(raw, setting))
+            record["blocks"] += sweep_blocks(setting, batch, ckpt_blocks, True, args.allocators, common, raw,
+                                             extrapolate, recompute)
     if args.depths:
         print(f"ViT width 128, depth sweep, B={args.depth_blocks}", flush=True)
-        record["depth"] = sweep_depth(args.vit_batch, args.depths, args.depth_blocks, common, record["raw"])
+        record["depth"] = sweep_depth(args.vit_batch, args.depths, args.depth_blocks, args.depth_allocators,
+                                      common, raw)
     record["seconds"] = time.perf_counter() - t0
     print()
     print_tables(record)

@@ -225,18 +225,17 @@ def _train_summary(result) -> dict:
             "losses": [[s, round(v, 6)] for s, v in result.losses]}
 
 
-def _run_training(args, exp, method: str, block: int | None, seed: int, state_path: Path, build, save):
+def _run_training(args, exp, method: str, block: int | None, seed: int, state_path: Path, save):
     """The body every training command shares: track, load data, train (resuming from ``state_path``),
-    save, drop the resume state, log. ``build()`` returns (module, objective, steps or None);
-    ``save(module, result)`` returns {tag suffix: (path, metadata)} of what it wrote."""
+    save, drop the resume state, log. ``save(module, result)`` returns {tag suffix: (path, metadata)}."""
     from dblocks.checkpoint import sidecar_path
-    from dblocks.train import train
+    from dblocks.train import train, training_job
 
     device = _device(exp)
     track = _track_path(args)
     with _tracker(track, "train", method, block, exp.config) as run:
         data = exp.load_data("train", args.data)
-        module, objective, steps = build()
+        module, objective, steps = training_job(exp, method, block)
         result = train(module, objective, data, exp.config["train"], seed=seed, device=device, steps=steps,
                        state_path=state_path, desc=f"{exp.name} {method}" + (f" block {block}" if block else ""),
                        on_log=run.log_step if run is not None else None, progress=not args.no_progress)
@@ -250,7 +249,6 @@ def _run_training(args, exp, method: str, block: int | None, seed: int, state_pa
 def cmd_train_block(args) -> None:
     from dblocks.assemble import save_block
     from dblocks.experiment import derive_seed
-    from dblocks.train import block_objective
 
     exp = experiment_from_args(args)
     out = _output(args.out, ".safetensors")
@@ -262,22 +260,17 @@ def cmd_train_block(args) -> None:
     if _finished(out, exp, args.force):
         return
 
-    def build():
-        model = exp.block(b)  # this block only: no other block is built, loaded or touched
-        return model, block_objective(model, exp.partition, b, exp.config["train"]["max_loss_weight"]), None
-
     def save(model, result):
         return {"": (out, save_block(out, model, exp, b, "blockwise", result.steps, _train_summary(result)))}
 
     result = _run_training(args, exp, "blockwise", b, derive_seed(exp.config["seed"], "train-block", b),
-                           out.with_suffix(".state.safetensors"), build, save)
+                           out.with_suffix(".state.safetensors"), save)
     print(f"wrote {out} (block {b}/{exp.partition.blocks}, {result.seconds:.1f} s)")
 
 
 def cmd_train_baseline(args) -> None:
     from dblocks.assemble import save_e2e
     from dblocks.experiment import derive_seed
-    from dblocks.train import cross_entropy_objective, denoising_objective
 
     exp = experiment_from_args(args)
     out = _output(args.out, ".safetensors")
@@ -286,37 +279,22 @@ def cmd_train_baseline(args) -> None:
     if _finished(out, exp, args.force):
         return
 
-    def build():
-        model = exp.e2e()
-        if exp.config["task"] == "classification":
-            return model, cross_entropy_objective(model), None
-        full = exp.full_range
-        return model, denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g),
-                                          exp.config["train"]["max_loss_weight"]), None
-
     def save(model, result):
         return {"": (out, save_e2e(out, model, exp, result.steps, _train_summary(result)))}
 
     result = _run_training(args, exp, "e2e", None, derive_seed(exp.config["seed"], "train-e2e"),
-                           out.with_suffix(".state.safetensors"), build, save)
+                           out.with_suffix(".state.safetensors"), save)
     print(f"wrote {out} (end-to-end baseline, {result.seconds:.1f} s)")
 
 
 def cmd_train_shared(args) -> None:
     from dblocks.assemble import save_block
     from dblocks.experiment import derive_seed
-    from dblocks.train import paper_mode_objective
 
     exp = experiment_from_args(args)
     out_dir = Path(args.out_dir)
     _device(exp)
     _track_path(args)
-
-    def build():
-        model = exp.shared_blocks()
-        # one block per step: B x the baseline's steps gives every block as many updates as the baseline
-        steps = exp.config["train"]["steps"] * exp.partition.blocks
-        return model, paper_mode_objective(model, exp.config["train"]["max_loss_weight"]), steps
 
     def save(model, result):
         return {f".block{b}": (out_dir / f"block-{b}.safetensors",
@@ -325,7 +303,7 @@ def cmd_train_shared(args) -> None:
                 for b, blk in enumerate(model.blocks, 1)}
 
     result = _run_training(args, exp, "paper", None, derive_seed(exp.config["seed"], "train-shared"),
-                           out_dir / "shared.state.safetensors", build, save)
+                           out_dir / "shared.state.safetensors", save)
     print(f"wrote {exp.partition.blocks} blocks (shared stem and head) to {out_dir} ({result.seconds:.1f} s)")
 
 

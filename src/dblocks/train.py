@@ -72,6 +72,43 @@ def cross_entropy_objective(model: BlockDenoiser) -> Objective:
     return objective
 
 
+def training_job(exp, method: str, block: int | None = None) -> tuple[nn.Module, Objective, int]:
+    """What one training job optimises, as (module, objective, optimizer steps), for an Experiment:
+    block ``block`` alone (block-wise), the end-to-end baseline, or the paper's shared-stem mode, which
+    samples one block per step and so takes B x the steps to give every block the baseline's updates."""
+    cfg = exp.config["train"]
+    max_w = cfg["max_loss_weight"]
+    if method == "blockwise":
+        model = exp.block(block)  # this block only: no other block is built, loaded or touched
+        return model, block_objective(model, exp.partition, block, max_w), cfg["steps"]
+    if method == "paper":
+        model = exp.shared_blocks()
+        return model, paper_mode_objective(model, max_w), cfg["steps"] * exp.partition.blocks
+    if method == "e2e":
+        model = exp.e2e()
+        if exp.config["task"] == "classification":
+            return model, cross_entropy_objective(model), cfg["steps"]
+        full = exp.full_range
+        return model, denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g), max_w), \
+            cfg["steps"]
+    raise ValueError(f"unknown method {method!r}; allowed: blockwise, e2e, paper")
+
+
+def sample_batch(data: ImageDataset, batch_size: int, gen: torch.Generator, device: torch.device) -> Batch:
+    """A batch drawn with replacement by ``gen`` (whose state alone fixes the data position on resume)."""
+    idx = torch.randint(len(data.labels), (batch_size,), generator=gen)
+    return {"image": data.images[idx].to(device), "label": data.labels[idx].to(device)}
+
+
+def apply_gradients(module: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                    grad_clip: float | None) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    optimizer.step()
+
+
 def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if warmup and step < warmup:
@@ -110,23 +147,16 @@ def train(module: nn.Module, objective: Objective, data: ImageDataset, cfg: dict
     start = 0
     if state_path is not None and Path(state_path).exists():
         start = load_training_state(state_path, module, optimizer, scheduler, {"data": gen})["step"]
-    images, labels = data.images, data.labels
     result = TrainResult(steps=total, seconds=0.0, resumed_from=start)
     running, count, t0 = 0.0, 0, time.perf_counter()
     bar = tqdm(range(start, total), desc=desc, initial=start, total=total, disable=not progress,
                mininterval=1.0, dynamic_ncols=True)
     for step in bar:
-        idx = torch.randint(len(labels), (cfg["batch_size"],), generator=gen)
-        batch = {"image": images[idx].to(device), "label": labels[idx].to(device)}
-        loss = objective(batch, gen)
+        loss = objective(sample_batch(data, cfg["batch_size"], gen, device), gen)
         if not torch.isfinite(loss):
             raise TrainingError(f"{desc}: loss is {loss.item()} at step {step + 1}; stopping before any "
                                 f"checkpoint is written (lower train.lr or set train.max_loss_weight)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg["grad_clip"]:
-            nn.utils.clip_grad_norm_(module.parameters(), cfg["grad_clip"])
-        optimizer.step()
+        apply_gradients(module, loss, optimizer, cfg["grad_clip"])
         scheduler.step()
         running, count = running + loss.item(), count + 1
         done = step + 1
