@@ -7,7 +7,6 @@ import argparse
 import contextlib
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -343,28 +342,19 @@ def _load(args):
 
 
 def cmd_sample(args) -> None:
-    import torch
-
-    from dblocks.blocks import AssembledModel
-    from dblocks.sample import generate, save_grid
+    from dblocks.evaluate import class_balanced_samples, save_class_grid
 
     out = _output(args.out, ".png")
     model, exp, meta = _load(args)
     if exp.config["task"] != "generation":
         raise UsageError(f"MODEL {args.model}: is a {exp.config['task']} model; 'sample' needs a generation model")
     model.to(_device(exp))
-    if not isinstance(model, AssembledModel):  # an end-to-end denoiser is one block over the whole range
-        model = AssembledModel([model], exp.full_range)
-    s = exp.config["sample"]
-    steps = args.steps or s["steps"]
-    n = args.num or s["num_images"]
-    labels = torch.arange(n) % exp.arch.num_classes
-    t0 = time.perf_counter()
-    images = generate(model, labels, exp.noise.quantile_grid(steps), torch.Generator().manual_seed(args.seed),
-                      guidance=s["guidance"] if args.guidance is None else args.guidance,
-                      null_label=exp.arch.num_classes, batch_size=s["batch_size"], progress=not args.no_progress)
-    save_grid(images, out, nrow=exp.arch.num_classes)
-    print(f"wrote {out}: {n} samples, {steps} steps, block calls {model.calls}, {time.perf_counter() - t0:.1f} s")
+    steps = args.steps or exp.config["sample"]["steps"]
+    n = args.num or exp.config["sample"]["num_images"]
+    images, model, _, seconds = class_balanced_samples(model, exp, n, steps, args.seed, args.guidance,
+                                                       progress=not args.no_progress)
+    save_class_grid(images, exp, out)
+    print(f"wrote {out}: {n} samples, {steps} steps, block calls {model.calls}, {seconds:.1f} s")
 
 
 def cmd_evaluate(args) -> None:
@@ -528,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("sample", cmd_sample, "generate a PNG grid of class-conditional samples")
     p.add_argument("model", metavar="MODEL", help="assembled or end-to-end generation model (.safetensors)")
     p.add_argument("--out", required=True, help="PNG path")
-    p.add_argument("--num", type=int, help="number of samples (default: sample.num_images)")
+    p.add_argument("--num", type=int, help="number of samples (default: sample.num_images); the grid shows up "
+                   "to 10 rows of one sample per class")
     p.add_argument("--steps", type=int, help="Euler steps (default: sample.steps)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: sample.guidance)")
     p.add_argument("--seed", type=int, default=0)

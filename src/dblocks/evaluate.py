@@ -39,6 +39,28 @@ def evaluate_classifier(model, exp: Experiment, data: ImageDataset, seed: int = 
             "eval_seconds": round(time.perf_counter() - t0, 3), "layer_evals_per_sample": evals}
 
 
+def class_balanced_samples(model, exp: Experiment, samples: int, steps: int, seed: int = 0,
+                           guidance: float | None = None, progress: bool = False):
+    """``samples`` images whose labels cycle through the classes, from ``steps`` Euler steps on the
+    equal-mass grid; returns (images, the routing model, the grid, seconds)."""
+    model = as_assembled(model, exp)
+    device = next(model.parameters()).device
+    guidance = exp.config["sample"]["guidance"] if guidance is None else guidance
+    grid = exp.noise.quantile_grid(steps)
+    labels = torch.arange(samples) % exp.arch.num_classes
+    t0 = time.perf_counter()
+    images = generate(model.to(device), labels, grid, torch.Generator().manual_seed(seed), guidance=guidance,
+                      null_label=exp.arch.num_classes, batch_size=exp.config["sample"]["batch_size"],
+                      progress=progress)
+    return images, model, grid, time.perf_counter() - t0
+
+
+def save_class_grid(images: torch.Tensor, exp: Experiment, path: Path) -> None:
+    """Labels cycle 0..C-1, so each grid row holds one sample of every class (at most 10 rows)."""
+    rows = max(1, min(10, len(images) // exp.arch.num_classes))
+    save_grid(images[: rows * exp.arch.num_classes], path, nrow=exp.arch.num_classes)
+
+
 def evaluate_generator(model, exp: Experiment, reference: ImageDataset, *, features: str, samples: int,
                        steps: int, grid_path: Path | None, seed: int = 0, progress: bool = False) -> dict:
     """Class-balanced samples from ``steps`` Euler steps, FID against ``reference`` and the cost.
@@ -47,23 +69,15 @@ def evaluate_generator(model, exp: Experiment, reference: ImageDataset, *, featu
     (torch-fidelity's standard Inception FID, the paper scale)."""
     from dblocks.metrics.fid import FID_LABEL, domain_fid, inception_fid
 
-    model = as_assembled(model, exp)
-    device = next(model.parameters()).device
-    guidance = exp.config["sample"]["guidance"]
-    grid = exp.noise.quantile_grid(steps)
-    labels = torch.arange(samples) % exp.arch.num_classes
-    t0 = time.perf_counter()
-    images = generate(model.to(device), labels, grid, torch.Generator().manual_seed(seed), guidance=guidance,
-                      null_label=exp.arch.num_classes, batch_size=exp.config["sample"]["batch_size"],
-                      progress=progress)
-    sample_seconds = time.perf_counter() - t0
-    if grid_path is not None:  # labels cycle 0..C-1, so each grid row holds one sample of every class
-        rows = max(1, min(10, samples // exp.arch.num_classes))
-        save_grid(images[: rows * exp.arch.num_classes], grid_path, nrow=exp.arch.num_classes)
+    images, model, grid, sample_seconds = class_balanced_samples(model, exp, samples, steps, seed,
+                                                                 progress=progress)
+    if grid_path is not None:
+        save_class_grid(images, exp, grid_path)
     if features == "inception":
         fid, label = inception_fid(images, reference.images), "FID (Inception-v3, torch-fidelity)"
     else:
         fid, label = domain_fid(images, reference.images, features), FID_LABEL
+    guidance = exp.config["sample"]["guidance"]
     return {"fid": fid, "fid_label": label, "fid_reference": f"{reference.name} {reference.split}",
             "samples": samples, "sample_steps": steps, "guidance": guidance,
             "sample_seconds": round(sample_seconds, 3), "block_calls": list(model.calls),
