@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -101,6 +101,3 @@ class AssembledModel(nn.Module):
         b = self.block_for(sigma)
         self.calls[b - 1] += 1
         return self.blocks[b - 1](z, torch.full((z.shape[0],), float(sigma), device=z.device), cond)
-
-
-Denoise = Callable[[torch.Tensor, float, "torch.Tensor | None"], DenoiserOutput]

@@ -34,8 +34,8 @@ class DiTStem(nn.Module):
         if h != w:
             raise ValueError(f"DiT expects square images, got {h}x{w}")
         self.patch_embed = nn.Conv2d(channels, width, kernel_size=patch, stride=patch)
+        patch_count(image_shape, patch)  # raises if the image does not tile into patches
         self.register_buffer("pos_embed", sincos_2d(width, h // patch)[None], persistent=False)
-        patch_count(image_shape, patch)
         self.noise_embed = NoiseEmbedding(width)
         self.label_embed = nn.Embedding(num_classes + 1, width)  # last row: the null class
         nn.init.normal_(self.label_embed.weight, std=0.02)

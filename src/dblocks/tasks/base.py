@@ -8,7 +8,7 @@ import torch
 
 
 class Task(ABC):
-    #: continuous tasks are read out as D directly; discrete ones also expose logits
+    #: the EDM data scale used by preconditioning and the loss weight
     sigma_data: float = 0.5
 
     @abstractmethod
