@@ -29,6 +29,10 @@ class TrainingError(RuntimeError):
     """Training cannot continue (e.g. the loss became NaN); nothing poisoned is written."""
 
 
+_STOPPED = ("stopped without writing a checkpoint (the last resume state, if any, predates the failure); "
+            "allowed: a finite loss: lower train.lr, keep train.grad_clip or set train.max_loss_weight")
+
+
 def denoising_objective(model: BlockDenoiser, sample_sigma: Callable[[int, torch.Generator], torch.Tensor],
                         max_loss_weight: float | None = None) -> Objective:
     """lambda(sigma)-weighted denoising loss of one denoiser with sigma from ``sample_sigma``."""
@@ -101,12 +105,17 @@ def sample_batch(data: ImageDataset, batch_size: int, gen: torch.Generator, devi
 
 
 def apply_gradients(module: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                    grad_clip: float | None) -> None:
+                    grad_clip: float | None) -> float:
+    """One optimizer step; returns the gradient norm before clipping. A non-finite norm raises
+    :class:`TrainingError` before the step, so an overflow never reaches the weights (a finite loss can
+    still have infinite gradients, and AdamW would turn them into NaN weights)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if grad_clip:
-        nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    norm = nn.utils.clip_grad_norm_(module.parameters(), grad_clip or math.inf)
+    if not torch.isfinite(norm):
+        raise TrainingError(f"gradient norm is {norm.item()}")
     optimizer.step()
+    return norm.item()
 
 
 def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
@@ -154,9 +163,11 @@ def train(module: nn.Module, objective: Objective, data: ImageDataset, cfg: dict
     for step in bar:
         loss = objective(sample_batch(data, cfg["batch_size"], gen, device), gen)
         if not torch.isfinite(loss):
-            raise TrainingError(f"{desc}: loss is {loss.item()} at step {step + 1}; stopping before any "
-                                f"checkpoint is written (lower train.lr or set train.max_loss_weight)")
-        apply_gradients(module, loss, optimizer, cfg["grad_clip"])
+            raise TrainingError(f"{desc}: loss is {loss.item()} at step {step + 1}; {_STOPPED}")
+        try:
+            apply_gradients(module, loss, optimizer, cfg["grad_clip"])
+        except TrainingError as exc:
+            raise TrainingError(f"{desc}: {exc} at step {step + 1}; {_STOPPED}") from None
         scheduler.step()
         running, count = running + loss.item(), count + 1
         done = step + 1
@@ -170,5 +181,8 @@ def train(module: nn.Module, objective: Objective, data: ImageDataset, cfg: dict
         if state_path is not None and done % cfg["checkpoint_every"] == 0 and done < total:
             save_training_state(state_path, module, optimizer, scheduler, done, {"data": gen})
     bar.close()
+    bad = next((name for name, p in module.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:  # last line of defence: never hand back weights that would poison a checkpoint
+        raise TrainingError(f"{desc}: parameter {bad} is not finite after step {total}; {_STOPPED}")
     result.seconds = time.perf_counter() - t0
     return result
