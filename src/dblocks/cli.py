@@ -312,10 +312,24 @@ def cmd_track_init(args) -> None:
     read_params_file(args.params)  # one-line ConfigError (exit 2) before MLflow is imported
     if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         raise UsageError(f"--out-dir {args.out_dir}: exists and is not a directory")
-    for path in init_runs(args.params, args.out_dir, args.tracking_uri, args.experiment, args.store_only):
+    for path in init_runs(args.params, args.out_dir, args.tracking_uri, args.experiment, args.store_only,
+                          args.allow_offline):
         record = json.loads(path.read_text())
         what = f"parent run {record['parent_run_id']}" if "parent_run_id" in record else "experiment"
+        if record.get("offline"):
+            what = "no run yet (store unreachable)"
         print(f"wrote {path}: {what} in {record['mlflow_experiment']!r} at {record['tracking_uri']}")
+
+
+def cmd_track_sync(args) -> None:
+    from dblocks.tracking import sync_journals
+
+    _existing_dir(args.runs_dir, "--runs-dir")
+    report = sync_journals(args.runs_dir, args.tracking_uri)
+    print(f"{len(report.logged)} runs logged now ({len(report.replaced)} of them replace runs cut short), "
+          f"{len(report.present)} already tracked, {len(report.unfinished)} jobs did not finish (not logged)")
+    for path in report.missing_artifacts:
+        print(f"warning: artifact {path} no longer exists; its run was logged without it", file=sys.stderr)
 
 
 def cmd_assemble(args) -> None:
@@ -397,18 +411,8 @@ def cmd_evaluate(args) -> None:
                           "dblocks.device": str(device), **({"fid_label": result["fid_label"]} if generation else {})})
             run.log_artifact(out, "evaluation")
             if generation and args.grid:
-                _log_as(run, Path(args.grid), "samples.png")
+                run.log_artifact(Path(args.grid), name="samples.png")  # the tables look grids up by name
     print(f"{exp.name} ({meta.get('method')}): {summary}")
-
-
-def _log_as(run, path: Path, name: str) -> None:
-    """Log ``path`` as an artifact called ``name`` (the tables look sample grids up by name)."""
-    import shutil
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(path, Path(tmp) / name)
-        run.log_artifact(Path(tmp) / name)
 
 
 def cmd_train_feature_net(args) -> None:
@@ -509,6 +513,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", action="append", help="only this experiment's parent run (repeatable)")
     p.add_argument("--store-only", action="store_true",
                    help="only create the store and MLflow experiment (writes store.json)")
+    p.add_argument("--allow-offline", action="store_true",
+                   help="if the store is unreachable, warn and write records without runs: the jobs then run "
+                        "untracked and 'dblocks track-sync' logs them later")
+
+    p = command("track-sync", cmd_track_sync,
+                "log the runs that jobs journaled while the tracking store was unreachable (idempotent: "
+                "a run already in the store is never logged twice)")
+    p.add_argument("--runs-dir", required=True, help="the directory of track-init's records (holds journal/)")
+    p.add_argument("--tracking-uri", help="log into this store instead of the one each job was meant for "
+                                          "(MLFLOW_TRACKING_URI overrides)")
 
     p = command("assemble", cmd_assemble, "compose B block checkpoints into one model")
     p.add_argument("blocks", nargs="+", metavar="BLOCK", help="block checkpoints (.safetensors)")

@@ -7,23 +7,35 @@ parent, and logs its config, loss curve, timings and checkpoint hashes.
 
 Tracking never costs a job its results: if the backend fails inside a ``JobRun`` (server down,
 database locked for too long, a read-only store), the job prints one warning line and goes on
-untracked. Several processes may log to one SQLite file at once; "database is locked" is retried with
-a short backoff. ``mlflow`` is imported lazily, so importing this module is cheap."""
+untracked. Every job also writes a journal of what it logged (``<out_dir>/journal/<job>.json``: tags,
+params, metrics with their steps and times, artifact paths, a unique ``dblocks.run_key``), and
+:func:`sync_journals` (``dblocks track-sync``, run by the pipeline before the tables) logs the
+journals of finished jobs that the store does not hold yet. The run key makes that idempotent: a run
+already in the store is never logged twice, and a run cut short by an outage is replaced, not
+duplicated. Several processes may log to one SQLite file at once; "database is locked" is retried
+with a short backoff. ``mlflow`` is imported lazily, so importing this module is cheap."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import random
 import socket
+import shutil
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_JOB = "parent"
+JOURNAL_DIR = "journal"
+RUN_KEY_TAG = "dblocks.run_key"
 #: MLflow's limits per log_batch request
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
@@ -65,10 +77,19 @@ def _is_locked(exc: BaseException) -> bool:
     return any(s in text for s in _LOCKED)
 
 
-def _retry(fn: Callable, *args, max_wait: float = 30.0, **kwargs):
+def _lock_wait() -> float:
+    """How long a job waits for a locked store before it goes on untracked (DBLOCKS_TRACKING_WAIT)."""
+    try:
+        return max(0.0, float(os.environ.get("DBLOCKS_TRACKING_WAIT", "30")))
+    except ValueError:
+        return 30.0
+
+
+def _retry(fn: Callable, *args, max_wait: float | None = None, **kwargs):
     """Call ``fn``; while SQLite says "database is locked", retry with a short jittered exponential
-    backoff for up to ``max_wait`` seconds (MLflow's own busy timeout applies within each attempt)."""
-    deadline = time.monotonic() + max_wait
+    backoff for up to ``max_wait`` seconds (default :func:`_lock_wait`; MLflow's own busy timeout applies
+    within each attempt)."""
+    deadline = time.monotonic() + (_lock_wait() if max_wait is None else max_wait)
     delay = 0.05
     while True:
         try:
@@ -184,6 +205,16 @@ def _reusable_parent(client, path: Path, uri: str, experiment_id: str, chash: st
     return run_id
 
 
+def _create_parent(client, experiment_id: str, name: str, scale: str, config: dict) -> str:
+    methods = (config.get("pipeline") or {}).get("methods") or []
+    tags = run_tags(experiment=name, scale=scale, method=",".join(methods), block=None, job=PARENT_JOB,
+                    config=config)
+    run = _retry(client.create_run, experiment_id, tags=tags, run_name=name)
+    _log_params(client, run.info.run_id, flatten(config))
+    _retry(client.set_terminated, run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
 def read_params_file(params_path: str | Path) -> dict:
     from dblocks.config import ConfigError, read_yaml_mapping
 
@@ -201,14 +232,17 @@ STORE_RECORD = "store.json"
 
 
 def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = None,
-              names: list[str] | None = None, store_only: bool = False) -> list[Path]:
+              names: list[str] | None = None, store_only: bool = False,
+              allow_offline: bool = False) -> list[Path]:
     """Create (or reuse) the MLflow experiment and one parent run per experiment of ``params_path``
     (or only those in ``names``); write ``out_dir/<name>.json`` for each and return those paths.
 
     With ``store_only`` it only creates the store and the MLflow experiment and writes
     ``out_dir/store.json``: the pipeline does that once before anything runs in parallel.
     ``uri`` overrides the params file's ``tracking.uri``; MLFLOW_TRACKING_URI overrides both. Every
-    experiment config is resolved and validated before the tracking store is touched."""
+    experiment config is resolved and validated before the tracking store is touched. With
+    ``allow_offline`` an unreachable store is a warning: the records name no parent run, so the jobs
+    run untracked and :func:`sync_journals` logs them later."""
     from dblocks.config import ConfigError, config_hash, load_params, resolve
 
     data = read_params_file(params_path)
@@ -224,40 +258,50 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
     out_dir = Path(out_dir)
 
     import mlflow
+
+    base = {"tracking_uri": uri, "mlflow_experiment": mlflow_experiment, "scale": scale}
+    records: dict[Path, dict] = {}
+    try:
+        with _store_errors(uri):
+            client = _retry(mlflow.MlflowClient, tracking_uri=uri)
+            experiment_id = _get_or_create_experiment(client, mlflow_experiment, uri)
+            if store_only:
+                records[out_dir / STORE_RECORD] = dict(base, experiment_id=experiment_id)
+            for name, config in configs.items():
+                path = out_dir / f"{name}.json"
+                run_id = _reusable_parent(client, path, uri, experiment_id, config_hash(config))
+                if run_id is None:
+                    run_id = _create_parent(client, experiment_id, name, scale, config)
+                records[path] = dict(base, experiment_id=experiment_id, parent_run_id=run_id, experiment=name)
+    except TrackingError as exc:
+        if not allow_offline:
+            raise
+        # The jobs run untracked and journal what they would have logged; 'dblocks track-sync' logs it
+        # (creating the experiment and parent runs) once the store is back.
+        print(f"dblocks: warning: {exc}; going on without tracking (log the runs later with "
+              f"'dblocks track-sync --runs-dir {out_dir}')", file=sys.stderr, flush=True)
+        offline = dict(base, experiment_id=None, offline=str(exc))
+        records = {out_dir / STORE_RECORD: offline} if store_only else {}
+        records.update({out_dir / f"{name}.json": dict(offline, parent_run_id=None, experiment=name)
+                        for name in configs})
+    for path, record in records.items():
+        _write_json_atomic(path, record)
+    return list(records)
+
+
+@contextlib.contextmanager
+def _store_errors(uri: str):
+    """Store failures (MLflow, the file system, SQLAlchemy, HTTP) -> one-line :class:`TrackingError`."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client = _retry(mlflow.MlflowClient, tracking_uri=uri)
-        experiment_id = _get_or_create_experiment(client, mlflow_experiment, uri)
-        written = []
-        if store_only:
-            path = out_dir / STORE_RECORD
-            _write_json_atomic(path, {"tracking_uri": uri, "mlflow_experiment": mlflow_experiment,
-                                      "experiment_id": experiment_id, "scale": scale})
-            written.append(path)
-        for name, config in configs.items():
-            path = out_dir / f"{name}.json"
-            chash = config_hash(config)
-            run_id = _reusable_parent(client, path, uri, experiment_id, chash)
-            if run_id is None:
-                methods = (config.get("pipeline") or {}).get("methods") or []
-                tags = run_tags(experiment=name, scale=scale, method=",".join(methods), block=None,
-                                job=PARENT_JOB, config=config)
-                run = _retry(client.create_run, experiment_id, tags=tags, run_name=name)
-                run_id = run.info.run_id
-                _log_params(client, run_id, flatten(config))
-                _retry(client.set_terminated, run_id, "FINISHED")
-            record = {"tracking_uri": uri, "mlflow_experiment": mlflow_experiment, "experiment_id": experiment_id,
-                      "parent_run_id": run_id, "experiment": name, "scale": scale}
-            _write_json_atomic(path, record)
-            written.append(path)
+        yield
     except (MlflowException, OSError) as exc:
         raise TrackingError(f"tracking store {uri}: {_one_line(exc)}") from None
     except Exception as exc:  # sqlalchemy and friends, without importing them here
         if type(exc).__module__.split(".")[0] in ("sqlalchemy", "requests", "urllib3", "alembic"):
             raise TrackingError(f"tracking store {uri}: {_one_line(exc)}") from None
         raise
-    return written
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
@@ -268,13 +312,22 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 
 # -------------------------------------------------------------------------------------- job runs
 
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip(".") or "run"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class JobRun:
     """A child run of an experiment's parent run, for one job process (a context manager).
 
     ``JobRun(run_json, "train", "blockwise", 2, config)`` -> run "<exp> block 2" tagged with the job,
     method, block, git commit, config hash and paper tables, the flattened config as params. Every
-    method is a no-op once tracking has failed (one warning line on stderr); exceptions of the job
-    itself propagate and mark the run FAILED."""
+    method is a no-op on the store once tracking has failed (one warning line on stderr); exceptions of
+    the job itself propagate and mark the run FAILED. Whatever happens to the store, everything logged
+    is also kept in the job's journal (written at exit) for :func:`sync_journals`."""
 
     def __init__(self, run_json_path: str | Path, job: str, method: str | None, block: int | None, config: dict,
                  tables: list[str] | None = None, *, flush_every: int = 50, flush_seconds: float = 15.0):
@@ -286,6 +339,8 @@ class JobRun:
         self.run_id: str | None = None
         self.enabled = True
         self.warning: str | None = None
+        self.journal: dict = {}
+        self.journal_path: Path | None = None
         self._buffer: list = []
         self._last_flush = time.monotonic()
 
@@ -294,7 +349,8 @@ class JobRun:
         self.enabled = False
         self._buffer.clear()
         self.warning = (f"dblocks: warning: MLflow tracking off for this job ({what} failed: {_one_line(exc)}); "
-                        f"the job goes on and writes its results")
+                        f"the job goes on, writes its results and keeps its log in {self.journal_path} for "
+                        f"'dblocks track-sync'")
         print(self.warning, file=sys.stderr, flush=True)
 
     def _call(self, what: str, fn: Callable, *args, **kwargs) -> Any:
@@ -313,10 +369,32 @@ class JobRun:
             return f"{experiment} block {self.block}"
         return f"{experiment} {self.method or self.job}"
 
+    def _open_journal(self) -> None:
+        """Everything a run needs, decided before the store is touched (so an outage changes nothing)."""
+        try:
+            record = json.loads(self.path.read_text())
+            record = record if isinstance(record, dict) else {}
+        except (OSError, ValueError):
+            record = {}
+        experiment = self.config.get("name") or record.get("experiment") or ""
+        key = uuid.uuid4().hex
+        tags = run_tags(experiment=experiment, scale=record.get("scale", ""), method=self.method,
+                        block=self.block, job=self.job, config=self.config, tables=self.tables)
+        tags.update({"mlflow.parentRunId": record.get("parent_run_id") or "", RUN_KEY_TAG: key,
+                     "mlflow.source.name": f"dblocks {self.job}", "mlflow.source.type": "LOCAL",
+                     "mlflow.user": _user()})
+        self.journal = {"format": 1, "run_key": key, "record": record, "run_name": self._run_name(experiment),
+                        "tags": tags, "params": flatten(self.config), "config": self.config, "metrics": [],
+                        "artifacts": [], "start_time": _now_ms(), "end_time": None, "status": "RUNNING",
+                        "run_id": None, "synced": False}
+        job = ".".join(str(x) for x in (experiment, self.job, self.method or "-", self.block or "-"))
+        self.journal_path = self.path.parent / JOURNAL_DIR / f"{_safe_name(job)}.json"
+
     def _start(self) -> None:
-        record = json.loads(self.path.read_text())
-        uri, experiment_id, parent = record["tracking_uri"], record["experiment_id"], record["parent_run_id"]
-        if not parent:
+        record = self.journal["record"]
+        uri, experiment_id, parent = (record.get("tracking_uri"), record.get("experiment_id"),
+                                      record.get("parent_run_id"))
+        if not (uri and experiment_id and parent):
             raise ValueError(f"{self.path} names no parent run; run 'dblocks track-init' first")
         db = sqlite_path(uri)
         if db is not None and not db.is_file():  # MLflow would create an empty store here, far from the parent
@@ -325,17 +403,23 @@ class JobRun:
         import mlflow
 
         self.client = _retry(mlflow.MlflowClient, tracking_uri=uri)
-        experiment = self.config.get("name") or record.get("experiment") or ""
-        tags = run_tags(experiment=experiment, scale=record.get("scale", ""), method=self.method,
-                        block=self.block, job=self.job, config=self.config, tables=self.tables)
-        tags.update({"mlflow.parentRunId": parent, "mlflow.source.name": f"dblocks {self.job}",
-                     "mlflow.source.type": "LOCAL", "mlflow.user": _user()})
-        run = _retry(self.client.create_run, experiment_id, tags=tags, run_name=self._run_name(experiment))
+        run = _retry(self.client.create_run, experiment_id, start_time=self.journal["start_time"],
+                     tags=self.journal["tags"], run_name=self.journal["run_name"])
         self.run_id = run.info.run_id
-        _log_params(self.client, self.run_id, flatten(self.config))
+        _log_params(self.client, self.run_id, self.journal["params"])
+
+    def _close_journal(self, status: str) -> None:
+        self.journal.update(status=status, end_time=_now_ms(), run_id=self.run_id,
+                            synced=bool(self.enabled and self.run_id is not None))
+        try:
+            _write_json_atomic(self.journal_path, self.journal)
+        except OSError as exc:  # the job's own outputs matter more than its log
+            print(f"dblocks: warning: could not write the tracking journal {self.journal_path}: {_one_line(exc)}",
+                  file=sys.stderr, flush=True)
 
     # -- context manager
     def __enter__(self) -> "JobRun":
+        self._open_journal()
         try:
             self._start()
         except Exception as exc:
@@ -352,17 +436,22 @@ class JobRun:
             status = "FAILED"
         if self.run_id is not None:
             self._call("ending the run", self.client.set_terminated, self.run_id, status)
+        self._close_journal(status)
         return False  # the job's own exception, if any, propagates
 
     # -- logging
-    def log_step(self, step: int, loss: float, lr: float) -> None:
-        """Buffer ``train_loss`` and ``lr`` at ``step``; sent every ``flush_every`` calls (and at exit)."""
-        if not self.enabled:
-            return
+    def _record(self, key: str, value: float, step: int) -> None:
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
-        self._buffer += [Metric("train_loss", float(loss), ts, int(step)), Metric("lr", float(lr), ts, int(step))]
+        metric = Metric(key, float(value), _now_ms(), int(step))
+        self.journal["metrics"].append([metric.key, metric.value, metric.timestamp, metric.step])
+        if self.enabled:
+            self._buffer.append(metric)
+
+    def log_step(self, step: int, loss: float, lr: float) -> None:
+        """Record ``train_loss`` and ``lr`` at ``step``; sent every ``flush_every`` calls (and at exit)."""
+        self._record("train_loss", loss, step)
+        self._record("lr", lr, step)
         if len(self._buffer) >= 2 * self.flush_every or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
@@ -371,33 +460,53 @@ class JobRun:
             self._buffer.clear()
             return
         pending, self._buffer = self._buffer, []
-        for chunk in _chunks(pending, _MAX_METRICS_PER_BATCH):
-            self._call("logging metrics", self.client.log_batch, self.run_id, metrics=chunk, synchronous=True)
+        _log_metric_batches(self.client, self.run_id, pending,
+                            lambda chunk: self._call("logging metrics", self.client.log_batch, self.run_id,
+                                                     metrics=chunk, synchronous=True))
         self._last_flush = time.monotonic()
 
     def log_metrics(self, metrics: dict[str, float | None], step: int = 0) -> None:
         """Log ``metrics`` (None values are skipped) at ``step``."""
-        if not self.enabled or self.run_id is None:
-            return
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        self._buffer += [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+        for key, value in metrics.items():
+            if value is not None:
+                self._record(key, value, step)
         self.flush()
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        if not self.enabled or self.run_id is None:
-            return
-        from mlflow.entities import RunTag
+        tags = {k: "" if v is None else str(v) for k, v in tags.items()}
+        self.journal["tags"].update(tags)
+        if self.enabled and self.run_id is not None:
+            self._call("setting tags", _log_tags, self.client, self.run_id, tags)
 
-        items = [RunTag(k, "" if v is None else str(v)) for k, v in tags.items()]
-        for chunk in _chunks(items, _MAX_PARAMS_PER_BATCH):
-            self._call("setting tags", self.client.log_batch, self.run_id, tags=chunk, synchronous=True)
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None, name: str | None = None) -> None:
+        """Log the file ``path`` under ``artifact_path``, as ``name`` if given (the tables look sample grids
+        up by name)."""
+        self.journal["artifacts"].append({"path": str(Path(path).resolve()), "artifact_path": artifact_path,
+                                          "name": name})
+        if self.enabled and self.run_id is not None:
+            self._call("logging an artifact", _upload, self.client, self.run_id, Path(path), artifact_path, name)
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if not self.enabled or self.run_id is None:
-            return
-        self._call("logging an artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+def _log_metric_batches(client, run_id: str, metrics: list, send: Callable | None = None) -> None:
+    send = send or (lambda chunk: _retry(client.log_batch, run_id, metrics=chunk, synchronous=True))
+    for chunk in _chunks(metrics, _MAX_METRICS_PER_BATCH):
+        send(chunk)
+
+
+def _log_tags(client, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    for chunk in _chunks([RunTag(k, v) for k, v in tags.items()], _MAX_PARAMS_PER_BATCH):
+        _retry(client.log_batch, run_id, tags=chunk, synchronous=True)
+
+
+def _upload(client, run_id: str, path: Path, artifact_path: str | None, name: str | None) -> None:
+    if name is None or name == path.name:
+        _retry(client.log_artifact, run_id, str(path), artifact_path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(path, Path(tmp) / name)
+        _retry(client.log_artifact, run_id, str(Path(tmp) / name), artifact_path)
 
 
 def _user() -> str:
@@ -407,3 +516,129 @@ def _user() -> str:
         return getpass.getuser()
     except Exception:
         return ""
+
+
+# ------------------------------------------------------------------------------- logging later
+
+@dataclasses.dataclass
+class SyncReport:
+    logged: list[str] = dataclasses.field(default_factory=list)     # journals logged now
+    present: list[str] = dataclasses.field(default_factory=list)    # already in the store
+    replaced: list[str] = dataclasses.field(default_factory=list)   # incomplete copies deleted and relogged
+    unfinished: list[str] = dataclasses.field(default_factory=list)  # jobs that failed: nothing to log
+    missing_artifacts: list[str] = dataclasses.field(default_factory=list)
+
+
+def read_journals(runs_dir: str | Path) -> list[tuple[Path, dict]]:
+    out = []
+    for path in sorted((Path(runs_dir) / JOURNAL_DIR).glob("*.json")):
+        try:
+            journal = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise TrackingError(f"{path}: unreadable tracking journal ({_one_line(exc)})") from None
+        if not isinstance(journal, dict) or journal.get("format") != 1 or not journal.get("run_key"):
+            raise TrackingError(f"{path}: not a dblocks tracking journal (format 1 with a run_key)")
+        out.append((path, journal))
+    return out
+
+
+def _runs_by_key(client, experiment_id: str) -> dict[str, Any]:
+    """Every live run of the experiment that carries a run key, by key."""
+    from mlflow.entities import ViewType
+
+    found, token = {}, None
+    while True:
+        page = _retry(client.search_runs, [experiment_id], run_view_type=ViewType.ACTIVE_ONLY,
+                      max_results=1000, page_token=token)
+        for run in page:
+            key = run.data.tags.get(RUN_KEY_TAG)
+            if key:
+                found[key] = run
+        token = page.token
+        if not token:
+            return found
+
+
+def _find_parent(client, experiment_id: str, journal: dict) -> str:
+    """The journal's parent run if the store has it live, else the experiment's newest live parent run
+    for the same config, else a new parent run (the store was down when the pipeline set it up)."""
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+
+    record, tags = journal["record"], journal["tags"]
+    parent = record.get("parent_run_id")
+    if parent:
+        try:
+            run = _retry(client.get_run, parent)
+            if run.info.lifecycle_stage == "active" and run.info.experiment_id == experiment_id:
+                return parent
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+    name = record.get("experiment") or tags["dblocks.experiment"]
+    query = (f"tags.`dblocks.experiment` = '{name}' and tags.`dblocks.job` = '{PARENT_JOB}' and "
+             f"tags.`dblocks.config_hash` = '{tags['dblocks.config_hash']}'")
+    runs = _retry(client.search_runs, [experiment_id], query, run_view_type=ViewType.ACTIVE_ONLY,
+                  max_results=1, order_by=["attributes.start_time DESC"])
+    if runs:
+        return runs[0].info.run_id
+    return _create_parent(client, experiment_id, name, tags.get("dblocks.scale", ""), journal["config"])
+
+
+def _log_journal(client, experiment_id: str, journal: dict, report: SyncReport) -> str:
+    from mlflow.entities import Metric
+
+    tags = dict(journal["tags"], **{"mlflow.parentRunId": _find_parent(client, experiment_id, journal),
+                                    "dblocks.logged_later": "true"})
+    run = _retry(client.create_run, experiment_id, start_time=journal["start_time"], tags=tags,
+                 run_name=journal["run_name"])
+    run_id = run.info.run_id
+    _log_params(client, run_id, journal["params"])
+    _log_metric_batches(client, run_id, [Metric(k, v, t, s) for k, v, t, s in journal["metrics"]])
+    for item in journal["artifacts"]:
+        path = Path(item["path"])
+        if path.is_file():
+            _upload(client, run_id, path, item["artifact_path"], item["name"])
+        else:
+            report.missing_artifacts.append(str(path))
+    # FINISHED last: a sync cut short leaves a RUNNING run, which the next sync replaces
+    _retry(client.set_terminated, run_id, journal["status"], journal["end_time"])
+    return run_id
+
+
+def sync_journals(runs_dir: str | Path, uri: str | None = None) -> SyncReport:
+    """Log every finished job's journal under ``runs_dir`` that the tracking store lacks (idempotent).
+
+    The store is the one each journal was written for, unless ``uri`` (or MLFLOW_TRACKING_URI) names
+    another, e.g. a shared server that results are copied to."""
+    import mlflow
+
+    report = SyncReport()
+    journals = read_journals(runs_dir)
+    groups: dict[tuple[str, str], list[tuple[Path, dict]]] = {}
+    for path, journal in journals:
+        if journal.get("status") != "FINISHED":
+            report.unfinished.append(str(path))
+            continue
+        record = journal.get("record") or {}
+        target = resolve_uri(uri or record.get("tracking_uri"))
+        groups.setdefault((target, record.get("mlflow_experiment") or "diffusion-blocks"), []).append((path, journal))
+    for (target, experiment_name), items in groups.items():
+        with _store_errors(target):
+            client = _retry(mlflow.MlflowClient, tracking_uri=target)
+            experiment_id = _get_or_create_experiment(client, experiment_name, target)
+            existing = _runs_by_key(client, experiment_id)
+            for path, journal in items:
+                run = existing.get(journal["run_key"])
+                if run is not None and run.info.status == journal["status"]:
+                    report.present.append(str(path))
+                    run_id = run.info.run_id
+                else:
+                    if run is not None:  # cut short by an outage: replace it rather than add a twin
+                        _retry(client.delete_run, run.info.run_id)
+                        report.replaced.append(str(path))
+                    run_id = _log_journal(client, experiment_id, journal, report)
+                    report.logged.append(str(path))
+                if not journal.get("synced") or journal.get("run_id") != run_id:
+                    _write_json_atomic(path, dict(journal, synced=True, run_id=run_id))
+    return report

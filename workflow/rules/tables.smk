@@ -1,5 +1,6 @@
 # The paper's tables and figures, regenerated from MLflow (not from loose files) once every evaluation
-# has been logged.
+# has been logged. Runs that jobs could only journal (the store was down or locked) are logged first,
+# exactly once each.
 
 
 rule tables:
@@ -11,4 +12,5 @@ rule tables:
     log:
         f"logs/{SCALE}/tables.log",
     shell:
-        "dblocks tables --params {PARAMS} --out results/{SCALE} > {log} 2>&1"
+        "(dblocks track-sync --runs-dir results/{SCALE}/runs && "
+        "dblocks tables --params {PARAMS} --out results/{SCALE}) > {log} 2>&1"

@@ -1,5 +1,7 @@
 # MLflow: the store and experiment are created by one job before the fan-out (parallel jobs never race
 # to create them); each experiment then gets a parent run that its block jobs attach to as children.
+# An unreachable store does not stop the pipeline (--allow-offline): jobs then run untracked, journal
+# what they would have logged, and the tables rule logs those journals first (dblocks track-sync).
 
 
 rule tracking_store:
@@ -8,7 +10,7 @@ rule tracking_store:
     log:
         f"logs/{SCALE}/tracking-store.log",
     shell:
-        "dblocks track-init --params {PARAMS} --out-dir results/{SCALE}/runs --store-only > {log} 2>&1"
+        "dblocks track-init --params {PARAMS} --out-dir results/{SCALE}/runs --store-only --allow-offline > {log} 2>&1"
 
 
 rule tracking_parent:
@@ -21,4 +23,4 @@ rule tracking_parent:
     log:
         f"logs/{SCALE}/{{exp}}/tracking-parent.log",
     shell:
-        "dblocks track-init --params {PARAMS} --out-dir results/{SCALE}/runs --experiment {wildcards.exp} > {log} 2>&1"
+        "dblocks track-init --params {PARAMS} --out-dir results/{SCALE}/runs --experiment {wildcards.exp} --allow-offline > {log} 2>&1"
