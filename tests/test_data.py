@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from dblocks.data import IMAGE_DATASETS, load_image_dataset, write_cifar_parquet
+from dblocks.data import IMAGE_DATASETS, DataError, load_image_dataset, write_cifar_parquet
 
 # Directory of the parquet files inside each Hugging Face repo.
 HF_SUBDIR = {"cifar10": "plain_text", "cifar100": "cifar100"}
@@ -154,7 +154,7 @@ def test_unknown_split_lists_the_allowed_splits(name):
 
 def test_root_without_parquet_files(tmp_path, hf_offline):
     _write_split(tmp_path, "cifar10", "train", n=3, seed=0)
-    with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(tmp_path))}.*test-\*\.parquet"):
+    with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path))}.*test-\*\.parquet"):
         load_image_dataset("cifar10", "test", root=tmp_path)
 
 
@@ -176,7 +176,7 @@ def test_hub_without_network_points_at_root(monkeypatch, hf_offline):
         raise offline
 
     monkeypatch.setattr(datasets, "load_dataset", unreachable_hub)
-    with pytest.raises(RuntimeError, match=r"could not download 'cifar100'.*root=") as excinfo:
+    with pytest.raises(DataError, match=r"could not download 'cifar100'.*root=") as excinfo:
         load_image_dataset("cifar100", "test")
     assert excinfo.value.__cause__ is offline
     assert calls == [("uoft-cs/cifar100", "test")]

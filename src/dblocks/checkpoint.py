@@ -290,6 +290,8 @@ def load_checkpoint(
     if not path.is_file():
         raise CheckpointError(path, "tensor file missing")
     record = load_metadata(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "is empty (0 bytes): truncated or never written")
     if verify and sha256_file(path) != record["sha256"]:
         raise CheckpointError(path, "checksum mismatch: file is corrupted or was modified", field="sha256")
     try:

@@ -577,12 +577,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from dblocks.checkpoint import CheckpointError
+    from dblocks.data import DataError
     from dblocks.tracking import TrackingError
     from dblocks.train import TrainingError
 
     try:
         args.func(args)
-    except (UsageError, ConfigError, CheckpointError) as exc:
+    except (UsageError, ConfigError, CheckpointError, DataError) as exc:
         print(f"dblocks {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (TrainingError, TrackingError) as exc:

@@ -2,11 +2,12 @@
 
 from dblocks.data.images import (
     IMAGE_DATASETS,
+    DataError,
     ImageDataset,
     load_image_dataset,
     write_cifar_parquet,
 )
 from dblocks.data.prepared import load_prepared, prepared_path, save_prepared
 
-__all__ = ["IMAGE_DATASETS", "ImageDataset", "load_image_dataset", "write_cifar_parquet", "load_prepared",
+__all__ = ["IMAGE_DATASETS", "DataError", "ImageDataset", "load_image_dataset", "write_cifar_parquet", "load_prepared",
            "prepared_path", "save_prepared"]

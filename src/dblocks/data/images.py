@@ -29,6 +29,11 @@ _CIFAR = {
 _CIFAR100_COARSE_CLASSES = 20
 
 
+class DataError(ValueError):
+    """A data set that cannot be used as given (unreachable, missing files, wrong columns or shapes); the
+    message names what was asked for and what is expected. The CLI reports it as one line, exit 2."""
+
+
 @dataclass
 class ImageDataset:
     """A whole split held in memory; ``images`` are in [-1, 1], ``labels`` in [0, num_classes)."""
@@ -107,7 +112,7 @@ def _load_cifar(name: str, split: str, root: str | os.PathLike | None) -> ImageD
         # mode is on); huggingface_hub raises LocalEntryNotFoundError when a file is neither
         # reachable nor cached.
         except (ConnectionError, LocalEntryNotFoundError) as exc:
-            raise RuntimeError(
+            raise DataError(
                 f"could not download {name!r} ({repo_id}) from the Hugging Face hub: {exc}. "
                 f"Pass root= pointing at a local copy of its parquet files ({split}-*.parquet)."
             ) from exc
@@ -115,7 +120,7 @@ def _load_cifar(name: str, split: str, root: str | os.PathLike | None) -> ImageD
         pattern = os.path.join(os.fspath(root), "**", f"{split}-*.parquet")
         files = sorted(glob.glob(pattern, recursive=True))
         if not files:
-            raise FileNotFoundError(
+            raise DataError(
                 f"no parquet files for {name!r} split {split!r} under root {os.fspath(root)!r}; "
                 f"expected files matching {pattern!r}"
             )
@@ -123,7 +128,7 @@ def _load_cifar(name: str, split: str, root: str | os.PathLike | None) -> ImageD
 
     missing = {"img", label_column} - set(ds.column_names)
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{name!r} data has columns {ds.column_names}, missing {sorted(missing)}; "
             f"is it a copy of {repo_id}?"
         )

@@ -38,5 +38,15 @@ def load_prepared(directory: str | Path, split: str, expected_name: str | None =
     if expected_name is not None and meta["name"] != expected_name:
         raise CheckpointError(path, f"holds dataset {meta['name']!r}, the config asks for {expected_name!r}",
                               field="name")
-    images = tensors["images"].float() / meta["pixel_max"] * 2 - 1
-    return ImageDataset(meta["name"], meta["split"], images, tensors["labels"].long(), meta["num_classes"])
+    if set(tensors) != {"images", "labels"}:
+        raise CheckpointError(path, f"holds tensors {sorted(tensors)}; allowed: images and labels", field="tensors")
+    images, labels = tensors["images"], tensors["labels"]
+    if images.ndim != 4 or labels.shape != (images.shape[0],):
+        raise CheckpointError(path, f"has {labels.shape[0] if labels.ndim else 0} labels for images of shape "
+                                    f"{tuple(images.shape)}; allowed: images (N, C, H, W) with N labels",
+                              field="labels")
+    if images.shape[0] == 0:
+        raise CheckpointError(path, "holds no examples; allowed: a split with at least one example",
+                              field="examples")
+    return ImageDataset(meta["name"], meta["split"], images.float() / meta["pixel_max"] * 2 - 1, labels.long(),
+                        meta["num_classes"])
