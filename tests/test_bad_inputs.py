@@ -159,6 +159,10 @@ CASES = [
     Case("cli: output suffix", ["train-block", *MICRO, "--block", 1, "--out", "out.pt"],
          "--out out.pt: must end in .safetensors"),
     Case("cli: --track missing", [*TRAIN, "--track", "runs/x.json"], "--track runs/x.json: file not found"),
+    Case("cli: ui on a server URI", ["ui", "--tracking-uri", "http://10.0.0.1:5000"],
+         "is not a SQLite store; allowed: sqlite:///PATH"),
+    Case("cli: ui port", ["ui", "--tracking-uri", "sqlite:///m.db", "--port", 70000], "--port 70000: allowed: 1..65535",
+         _write("m.db", b"")),
     # ---- data files
     Case("data: empty file", [*TRAIN, *DATA], "train.safetensors",
          _prepared(lambda d: (d / "train.safetensors").write_bytes(b"")), also=["is empty (0 bytes)"]),

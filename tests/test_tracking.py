@@ -94,17 +94,16 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def server(store):
-    """An MLflow server on the store's SQLite file (after init_runs made it), started early: it boots
-    while the in-process tests run."""
+    """The MLflow UI on the store's SQLite file as users start it (``dblocks ui``, after init_runs made
+    the store), started early: it boots while the in-process tests run."""
     port = _free_port()
     log = open(store.root / "server.log", "wb")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner process
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", store.uri,
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+    proc = subprocess.Popen([str(VENV_BIN / "dblocks"), "ui", "--tracking-uri", store.uri, "--port", str(port)],
                             cwd=store.root, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", proc=proc, log=store.root / "server.log",
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, proc=proc, log=store.root / "server.log",
                               stop=lambda: _stop(proc))
     finally:
         _stop(proc)
@@ -337,6 +336,26 @@ def test_missing_sqlite_store_costs_the_job_nothing(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------- server
 
+def _listening(port: int) -> list[str]:
+    """The addresses with a socket listening on ``port`` (IPv4 and IPv6), from the kernel's tables."""
+    import ipaddress
+
+    found = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+                raw = bytes.fromhex(address)
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # little-endian words
+                found.append(str(ipaddress.ip_address(raw)))
+    return sorted(set(found))
+
+
 def _wait_healthy(server, timeout: float = 90.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -358,6 +377,7 @@ def test_server_returns_parent_and_child_runs(store, server, monkeypatch):
     with JobRun(store.root / "runs" / "micro-b.json", "train", "blockwise", 3, config) as direct:
         direct.log_step(2, 0.5, 1e-3)
     _wait_healthy(server)
+    assert _listening(server.port) == ["127.0.0.1"]  # loopback only, unless the user passes --host
     # a job may also log through the server (same store, same parent)
     via_server = store.root / "runs" / "micro-b-http.json"
     via_server.write_text(json.dumps({**rec, "tracking_uri": server.url}))

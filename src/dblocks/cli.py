@@ -332,6 +332,39 @@ def cmd_track_sync(args) -> None:
         print(f"warning: artifact {path} no longer exists; its run was logged without it", file=sys.stderr)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def cmd_ui(args) -> None:
+    """The MLflow UI on the pipeline's store, bound to loopback unless --host says otherwise."""
+    import os
+    import shutil
+
+    from dblocks.tracking import read_params_file, resolve_uri, sqlite_path
+
+    configured = args.tracking_uri
+    if configured is None and args.params is not None:
+        configured = (read_params_file(args.params).get("tracking") or {}).get("uri")
+    uri = resolve_uri(configured)
+    if not uri.startswith("sqlite:///"):
+        raise UsageError(f"tracking URI {uri}: is not a SQLite store; allowed: sqlite:///PATH (a server URI "
+                         f"already has its own UI: open it in a browser)")
+    db = sqlite_path(uri)
+    if db is None or not db.is_file():
+        raise UsageError(f"tracking URI {uri}: no such database yet; run the pipeline or 'dblocks track-init' first")
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: allowed: 1..65535")
+    if args.host not in LOOPBACK:
+        print(f"dblocks ui: warning: --host {args.host} exposes the runs beyond this machine", file=sys.stderr)
+    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+    if mlflow is None:
+        raise UsageError("the 'mlflow' command is not installed next to this Python")
+    argv = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+            "--workers", str(args.workers)]
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    os.execv(mlflow, argv)  # the server replaces this process: signals reach it directly
+
+
 def cmd_assemble(args) -> None:
     from dblocks.assemble import AssemblyError, assemble
 
@@ -523,6 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", required=True, help="the directory of track-init's records (holds journal/)")
     p.add_argument("--tracking-uri", help="log into this store instead of the one each job was meant for "
                                           "(MLFLOW_TRACKING_URI overrides)")
+
+    p = command("ui", cmd_ui, "serve the MLflow UI on the pipeline's SQLite store, on 127.0.0.1 by default")
+    p.add_argument("--params", default="params/tiny.yaml", help="params file whose tracking.uri to show")
+    p.add_argument("--tracking-uri", help="a sqlite:/// store (default: the params file's; MLFLOW_TRACKING_URI wins)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=1, help="server worker processes (one is plenty for a local UI)")
 
     p = command("assemble", cmd_assemble, "compose B block checkpoints into one model")
     p.add_argument("blocks", nargs="+", metavar="BLOCK", help="block checkpoints (.safetensors)")
