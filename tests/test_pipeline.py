@@ -140,7 +140,7 @@ def test_wildcards_cannot_carry_shell_syntax(tmp_path):
 
 MICRO = """
 scale: tiny
-tracking: {uri: "sqlite:///mlflow.db", experiment: micro}
+tracking: {uri: "sqlite:///store/mlflow.db", experiment: micro}
 resources: {gpu: 0, mem_mb: 1000, runtime: 10, threads: 1}
 evaluation: {samples: 40, sample_steps: 6, fid_features: digits}
 defaults: {dataset: digits, seed: 0, device: cpu}
@@ -163,8 +163,22 @@ experiments:
 
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory) -> Path:
+    """The micro pipeline, run while its tracking store is unusable (``store`` is a file, not the folder
+    of mlflow.db): every job must still finish and keep its results; only the tables, which read
+    MLflow, fail. With the store back, a second run does just the tables rule, which first logs the
+    journaled runs."""
     work = tmp_path_factory.mktemp("pipeline")
     (work / "micro.yaml").write_text(MICRO)
+    (work / "store").write_text("not a directory")
+    down = snakemake("--cores", 2, "--keep-going", "--config", "params=micro.yaml", cwd=work, check=False)
+    assert down.returncode != 0
+    assert "MLflow tracking off for this job" in (work / "logs/tiny/vit-cifar100/train-block-1.log").read_text()
+    assert "tracking store sqlite:///store/mlflow.db" in (work / "logs/tiny/tables.log").read_text()
+    assert len(list(work.glob("metrics/tiny/*/*.json"))) == 3 and not (work / "results/tiny/tables").exists()
+
+    (work / "store").unlink()
+    (work / "store").mkdir()
+    assert planned(work, work / "micro.yaml") == [job("tables")]
     snakemake("--cores", 2, "--config", "params=micro.yaml", cwd=work)
     return work
 
@@ -181,7 +195,7 @@ def test_real_run_writes_tables_from_mlflow(micro_run):
     # every job logged a run under its experiment's parent
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{micro_run / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{micro_run / 'store/mlflow.db'}")
     exp = client.get_experiment_by_name("micro")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = {r.info.run_id: r.data.tags["dblocks.experiment"] for r in runs if r.data.tags["dblocks.job"] == "parent"}
@@ -191,6 +205,7 @@ def test_real_run_writes_tables_from_mlflow(micro_run):
     assert len(children) == (2 + 1 + 2) + (2 + 1)
     for r in children:
         assert parents[r.data.tags["mlflow.parentRunId"]] == r.data.tags["dblocks.experiment"]
+        assert r.data.tags["dblocks.logged_later"] == "true" and r.info.status == "FINISHED"
 
 
 def test_deleting_or_corrupting_one_block_reruns_only_that_block(micro_run):

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from dblocks.blocks import AssembledModel
 from dblocks.experiment import Experiment
-from dblocks.sample import classify, classify_direct
-from dblocks.train import (TrainingError, block_objective, cross_entropy_objective, paper_mode_objective,
-                           train)
+from dblocks.sample import classify
+from dblocks.train import TrainingError, block_objective, paper_mode_objective, train
 from tests.conftest import micro_config
 
 CPU = torch.device("cpu")
