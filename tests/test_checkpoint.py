@@ -20,6 +20,7 @@ from dblocks.checkpoint import (
     load_checkpoint,
     load_metadata,
     load_training_state,
+    remove_checkpoint,
     save_checkpoint,
     save_training_state,
     sha256_file,
@@ -443,3 +444,17 @@ def test_plain_checkpoint_is_not_a_training_state(tmp_path):
 
     with _raises(path, "not a training state"):
         load_training_state(path, model, optimizer, scheduler, {})
+
+
+def test_staging_files_of_a_killed_writer_are_swept(tmp_path):
+    """SIGKILL during a save leaves hidden staging files; the next save of that file, or its removal
+    (a finished job dropping its resume state), takes them away. Other files' staging files stay."""
+    path = tmp_path / "state.safetensors"
+    for name in (".state.safetensors.abc.tmp", ".state.json.def.tmp", ".other.safetensors.ghi.tmp"):
+        (tmp_path / name).write_bytes(b"half a write")
+    save_checkpoint(path, {"w": torch.ones(2)}, {"kind": "test"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.safetensors.ghi.tmp", "state.json",
+                                                          "state.safetensors"]
+    (tmp_path / ".state.safetensors.xyz.tmp").write_bytes(b"another half")
+    remove_checkpoint(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.safetensors.ghi.tmp"]

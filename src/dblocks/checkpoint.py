@@ -18,6 +18,7 @@ interrupted job can resume bit-identically: see :func:`save_training_state`.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -96,10 +97,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _leftover_staging_files(final: Path) -> list[Path]:
+    """Staging files of ``final`` that a killed writer (SIGKILL, power loss) could not remove."""
+    return list(final.parent.glob(f".{glob.escape(final.name)}.*.tmp"))
+
+
 @contextlib.contextmanager
 def _staging_file(final: Path) -> Iterator[Path]:
     """A temporary file next to ``final`` (same directory, hence same filesystem, so ``os.replace``
-    is atomic). It is removed on exit unless it was already moved onto its final name."""
+    is atomic). It is removed on exit unless it was already moved onto its final name; those of an
+    earlier, killed writer of the same file are swept first (one job writes one file at a time)."""
+    for stale in _leftover_staging_files(final):
+        stale.unlink(missing_ok=True)
     fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
@@ -107,6 +116,13 @@ def _staging_file(final: Path) -> Iterator[Path]:
         yield tmp
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    """Delete a checkpoint: its tensor file, its JSON sidecar and any staging file a killed writer left."""
+    path = Path(path)
+    for p in (path, sidecar_path(path), *_leftover_staging_files(path), *_leftover_staging_files(sidecar_path(path))):
+        p.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ metadata

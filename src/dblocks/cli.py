@@ -227,7 +227,7 @@ def _train_summary(result) -> dict:
 def _run_training(args, exp, method: str, block: int | None, seed: int, state_path: Path, save):
     """The body every training command shares: track, load data, train (resuming from ``state_path``),
     save, drop the resume state, log. ``save(module, result)`` returns {tag suffix: (path, metadata)}."""
-    from dblocks.checkpoint import sidecar_path
+    from dblocks.checkpoint import remove_checkpoint
     from dblocks.train import train, training_job
 
     device = _device(exp)
@@ -239,8 +239,7 @@ def _run_training(args, exp, method: str, block: int | None, seed: int, state_pa
                        state_path=state_path, desc=f"{exp.name} {method}" + (f" block {block}" if block else ""),
                        on_log=run.log_step if run is not None else None, progress=not args.no_progress)
         written = save(module, result)
-        for p in (state_path, sidecar_path(state_path)):
-            p.unlink(missing_ok=True)
+        remove_checkpoint(state_path)  # the resume state, and whatever a killed save of it left
         _log_training(run, result, written, device)
     return result
 
