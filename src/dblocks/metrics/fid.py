@@ -240,13 +240,19 @@ def build_digits_feature_net(
 # ------------------------------------------------------------------------------ torch-fidelity side
 
 
-def inception_fid(generated: torch.Tensor, reference: torch.Tensor, batch_size: int = 64) -> float:
-    """The standard FID: torch-fidelity's ``inception-v3-compat`` features (paper scale). torch-fidelity
-    fetches its Inception weights on first use, so this needs a network (or its weights cache)."""
-    metrics = torch_fidelity.calculate_metrics(
-        input1=ImageTensorDataset(generated), input2=ImageTensorDataset(reference), fid=True,
-        cuda=torch.cuda.is_available(), batch_size=int(batch_size), save_cpu_ram=True, verbose=False)
-    return float(metrics[KEY_METRIC_FID])
+def inception_fid(generated: torch.Tensor, reference: torch.Tensor, weights_path: str | os.PathLike,
+                  batch_size: int = 64, progress: bool = False) -> float:
+    """The standard FID (paper scale): torch-fidelity's ``inception-v3-compat`` features with the offline
+    weights written by ``dblocks inception-weights`` (``weights_path``, hash-verified before use). For the
+    full protocol (cached reference statistics, train and test FID, best of k) see
+    :mod:`dblocks.metrics.reference` and :func:`dblocks.evaluate.evaluate_generator`."""
+    from dblocks.metrics.reference import FeatureSpace, fid_from_statistics, image_statistics
+
+    space = FeatureSpace.from_weights(weights_path)
+    if space.kind != "inception":
+        raise ValueError(f"{weights_path}: not Inception weights (.pth from 'dblocks inception-weights')")
+    return fid_from_statistics(image_statistics(generated, space, batch_size, progress),
+                               image_statistics(reference, space, batch_size, progress))
 
 
 class DigitsFeatureExtractor(FeatureExtractorBase):
