@@ -14,6 +14,8 @@ from dblocks.data.images import ImageDataset
 
 #: largest raw pixel value per dataset: digits count ink in 0..16, CIFAR is 8-bit
 PIXEL_MAX = {"digits": 16, "cifar10": 255, "cifar100": 255}
+#: datasets of VAE latents (dblocks.data.latents), stored as float32 with their scale factor
+LATENT_DATASETS = ("imagenet256",)
 
 
 def prepared_path(directory: str | Path, split: str) -> Path:
@@ -21,6 +23,14 @@ def prepared_path(directory: str | Path, split: str) -> Path:
 
 
 def save_prepared(ds: ImageDataset, directory: str | Path) -> Path:
+    if ds.name in LATENT_DATASETS:
+        from dblocks.data.latents import LATENT_SCALE
+
+        path = prepared_path(directory, ds.split)
+        save_checkpoint(path, {"images": ds.images.float().contiguous(), "labels": ds.labels},
+                        {"kind": "dataset", "name": ds.name, "split": ds.split, "num_classes": ds.num_classes,
+                         "latent_scale": LATENT_SCALE, "examples": len(ds)})
+        return path
     pixel_max = PIXEL_MAX[ds.name]
     raw = torch.round((ds.images + 1) / 2 * pixel_max)
     path = prepared_path(directory, ds.split)
@@ -38,5 +48,8 @@ def load_prepared(directory: str | Path, split: str, expected_name: str | None =
     if expected_name is not None and meta["name"] != expected_name:
         raise CheckpointError(path, f"holds dataset {meta['name']!r}, the config asks for {expected_name!r}",
                               field="name")
-    images = tensors["images"].float() / meta["pixel_max"] * 2 - 1
+    if "latent_scale" in meta:  # VAE latents, already scaled
+        images = tensors["images"].float()
+    else:
+        images = tensors["images"].float() / meta["pixel_max"] * 2 - 1
     return ImageDataset(meta["name"], meta["split"], images, tensors["labels"].long(), meta["num_classes"])
