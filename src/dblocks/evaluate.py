@@ -74,8 +74,8 @@ def evaluate_generator(model, exp: Experiment, reference: ImageDataset | None, *
     Inception weights (``.pth``: the paper's FID). With ``reference_stats`` ({split: cached statistics
     file}, e.g. train and test) the paper's protocol runs: ``evaluations`` independent sample sets (seeds
     ``seed``, ``seed + 1``, ...), each scored against every split, and ``fid_<split>`` is the best (lowest)
-    of them; every evaluation's value is kept in ``fid_<split>_all``. Without it, one sample set is
-    scored against ``reference``'s images. ``fid`` is the test FID when there is one. ``decode`` turns
+    of them; every evaluation's value is kept in ``fid_<split>_all``. Without it, the sample sets are
+    scored against the images of ``reference`` (one split). ``fid`` is the test FID when there is one. ``decode`` turns
     samples into images first (a latent dataset's VAE decoder, :func:`dblocks.data.latents.decoder_for`)."""
     from dblocks.metrics.reference import (FeatureSpace, fid_from_statistics, image_statistics,
                                            load_reference_statistics)
