@@ -116,10 +116,14 @@ def test_reference_statistics_are_computed_once_then_reused(digits_setup, monkey
     assert fid_from_statistics(image_statistics(train.images, space), again) == \
         pytest.approx(domain_fid(train.images, test.images, space.weights), rel=1e-6)
 
-    # another sample count is another key: recomputed, never the stale file
+    # another sample count or another feature net is another key: recomputed, never the stale file
     _, meta, reused = reference_statistics(root / "digits", "test", space, out, samples=100)
     assert not reused and meta["key"]["samples"] == 100
     assert load_reference_statistics(out)[1]["key"]["samples"] == 100
+    other = root / "other-net.safetensors"  # a retrained net: another sha256
+    save_feature_net(train_feature_net(train.images, train.labels, steps=2, seed=1), other)
+    _, meta, reused = reference_statistics(root / "digits", "test", FeatureSpace.from_weights(other), out, samples=100)
+    assert not reused and meta["key"]["weights_sha256"] != space.weights_sha256
 
 
 def test_protocol_train_and_test_fid_best_of_k_and_grid(digits_setup, tmp_path):
