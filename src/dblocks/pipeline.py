@@ -117,6 +117,18 @@ class Pipeline:
     def feature_net(self) -> str:
         return f"models/{self.scale}/digits-features.safetensors"
 
+    def inception_weights(self) -> str:
+        return "models/inception/inception-v3-compat.pth"
+
+    def fid_features(self) -> str:
+        """The FID feature space's weights file: the digits feature net or the converted Inception."""
+        return self.feature_net() if self.evaluation["fid_features"] == "digits" else self.inception_weights()
+
+    def reference_stats(self, dataset: str, split: str) -> str:
+        """Cached FID reference statistics, named by dataset, feature space and sample count."""
+        size = self.evaluation.get("reference_samples") or "all"
+        return f"data/reference/{dataset}/{self.evaluation['fid_features']}-{size}/{split}.safetensors"
+
     def tables_dir(self) -> str:
         return f"results/{self.scale}/tables"
 
@@ -128,6 +140,8 @@ class Pipeline:
     def checkpoint_files(self) -> list[str]:
         """Every safetensors artefact the pipeline writes (prepared data, blocks, baselines, models)."""
         files = [f"{self.prepared(d)}/{split}.safetensors" for d in self.datasets for split in ("train", "test")]
+        generated = {c["dataset"] for c in self.experiments.values() if c["task"] == "generation"}
+        files += [self.reference_stats(d, split) for d in sorted(generated) for split in ("train", "test")]
         for exp in self.experiments:
             for method in self.methods(exp):
                 if method == BLOCKWISE:

@@ -52,7 +52,7 @@ NA = "n/a"
 #: our value columns per table: column key -> (MLflow metric, multiplier to the paper's unit, header)
 OURS_METRICS: dict[str, dict[str, tuple[str, float, str]]] = {
     "1": {"accuracy": ("accuracy", 100.0, "accuracy (%)")},
-    "2": {"fid": ("fid", 1.0, "FID")},
+    "2": {"fid_train": ("fid_train", 1.0, "FID (train)"), "fid_test": ("fid_test", 1.0, "FID (test)")},
     "3": {"bpc": ("bpc", 1.0, "BPC")},
     "4": {"mauve": ("mauve", 1.0, "MAUVE"), "gen_ppl_llama2": ("gen_ppl_llama2", 1.0, "gen. PPL (Llama-2)"),
           "gen_ppl_gpt2xl": ("gen_ppl_gpt2xl", 1.0, "gen. PPL (GPT2-XL)")},
@@ -65,9 +65,19 @@ OURS_METRICS: dict[str, dict[str, tuple[str, float, str]]] = {
 }
 OURS_METRICS["5"] = OURS_METRICS["4"]
 
+#: inference cost that every generator evaluation logs, shown beside each FID of ours:
+#: MLflow metric -> (multiplier, header, decimals)
+COST_METRICS: dict[str, tuple[float, str, int]] = {
+    "layer_evals_per_sample": (1.0, "layer evals / sample", 0),
+    "sample_seconds_per_sample": (1000.0, "ms / sample", 3),
+}
+COST_NOTE = ("Inference cost beside each FID of ours: transformer layer evaluations per generated sample (each "
+             "Euler step runs only the block owning its sigma; x2 with guidance) and sampling wall time per "
+             "sample in milliseconds, on the evaluation's device.")
+
 #: remarks on how our numbers differ in kind from the paper's, printed under the table
-OURS_NOTES = {"2": ["Ours is the evaluate run's one `fid` (against the reference images its evaluation uses); the "
-                    "paper reports FID against the training and the test set."]}
+OURS_NOTES = {"2": ["Ours: FID against the training set and against the test set (cached reference statistics), "
+                    "each the best of the evaluation's independent sample sets (the paper: best of three)."]}
 
 #: decimals per table (Table 12 is in seconds); the ratio row of Table 12 uses RATIO_DECIMALS
 DECIMALS = {"12": 4}
@@ -302,7 +312,7 @@ class Column:
     key: str
     header: str
     csv: str
-    role: str  # label | paper | ours | info
+    role: str  # label | paper | ours | cost (ours, inference cost beside a metric) | info
 
 
 @dataclass
@@ -349,7 +359,7 @@ def render_md(table: Table) -> str:
     lines = [f"# Table {table.id}: {table.title}", ""]
     lines += [*table.caption, ""]
     lines.append("| " + " | ".join(_md_escape(c.header) for c in table.columns) + " |")
-    lines.append("|" + "|".join("---:" if c.role in ("paper", "ours") else "---" for c in table.columns) + "|")
+    lines.append("|" + "|".join("---:" if c.role in ("paper", "ours", "cost") else "---" for c in table.columns) + "|")
     for row in table.rows:
         lines.append("| " + " | ".join(_md_escape(row.get(c.key, Cell()).text) for c in table.columns) + " |")
     notes = table.cell_notes() + table.notes
@@ -370,7 +380,7 @@ def render_csv(table: Table) -> str:
         values = []
         for col in table.columns:
             cell = row.get(col.key, Cell())
-            if col.role in ("paper", "ours"):
+            if col.role in ("paper", "ours", "cost"):
                 values.append("" if cell.value is None else f"{cell.value:.6g}")
             else:
                 values.append(cell.text)
@@ -494,6 +504,23 @@ def _denoiser_method(ctx: Context, exp: ExperimentSpec) -> str:
     return "blockwise" if "blockwise" in methods or not methods else methods[0]
 
 
+def _is_fid_table(paper: dict | None) -> bool:
+    return bool(paper) and paper.get("metric") == "FID"
+
+
+def _cost_columns(prefix: str, header: str) -> list[Column]:
+    return [Column(f"{prefix}{m}", f"{header} {h}", re.sub(r"[^a-z0-9]+", "_", f"{header} {h}".lower()).strip("_"),
+                   "cost") for m, (_, h, _) in COST_METRICS.items()]
+
+
+def _cost_cells(ctx: Context, prefix: str, exp: ExperimentSpec | None, method: str | None,
+                expected: bool = True) -> dict[str, Cell]:
+    if exp is None or method is None:
+        return {f"{prefix}{m}": Cell(DASH) for m in COST_METRICS}
+    return {f"{prefix}{m}": metric_cell(ctx.index, exp.name, method, m, mult, dec, expected=expected)
+            for m, (mult, _, dec) in COST_METRICS.items()}
+
+
 # ---------------------------------------------------------------------------------- table builders
 
 def _match_setting(settings: dict, exp: ExperimentSpec) -> tuple[str, bool]:
@@ -516,8 +543,12 @@ def build_methods_table(ctx: Context, table_id: str, paper: dict, exps: list[Exp
     columns += ([Column(f"ours:{k}", _ours_header(ctx, exps), "ours", "ours") for k in ours_cols]
                 if len(ours_cols) == 1 else
                 [Column(f"ours:{k}", _ours_header(ctx, exps, label), f"ours_{k}", "ours") for k, label in ours_cols.items()])
+    cost = _is_fid_table(paper)
+    if cost:
+        columns += _cost_columns("cost:", "ours")
     table = Table(table_id, paper["title"], ctx.caption(table_id, paper, exps), columns,
-                  notes=list(paper.get("notes", [])) + OURS_NOTES.get(table_id, []), feeders=[e.name for e in exps])
+                  notes=list(paper.get("notes", [])) + OURS_NOTES.get(table_id, []) + ([COST_NOTE] if cost else []),
+                  feeders=[e.name for e in exps])
 
     by_setting: dict[str | None, list[ExperimentSpec]] = {}
     for exp in exps:
@@ -540,6 +571,8 @@ def build_methods_table(ctx: Context, table_id: str, paper: dict, exps: list[Exp
             row[f"ours:{key}"] = (Cell(DASH) if exp is None or method is None else
                                   metric_cell(ctx.index, exp.name, method, metric, multiplier, decimals,
                                               expected=expected))
+        if cost:
+            row.update(_cost_cells(ctx, "cost:", exp, method, expected))
         table.rows.append(row)
 
     setting_keys = list(settings) if settings else [None]
@@ -655,6 +688,11 @@ def build_grid_table(ctx: Context, table_id: str, paper: dict, exps: list[Experi
     columns += [Column(f"paper:{p}", f"paper {label}", f"paper_{p}", "paper") for p, label in partitions.items()]
     columns += [Column(f"ours:{p}", f"ours {label} ({ctx.params.scale})", f"ours_{p}", "ours")
                 for p, label in partitions.items()]
+    cost = _is_fid_table(paper)
+    if cost:
+        for p, label in partitions.items():
+            columns += _cost_columns(f"cost:{p}:", f"ours {label}")
+        notes.append(COST_NOTE)
     table = Table(table_id, paper["title"], ctx.caption(table_id, paper, exps), columns, notes=notes,
                   feeders=[e.name for e in exps])
     for i, r in enumerate(rows):
@@ -663,6 +701,9 @@ def build_grid_table(ctx: Context, table_id: str, paper: dict, exps: list[Experi
             row[f"paper:{p}"] = number(r["values"].get(p), decimals)
             placed = slots.get((i, p))
             row[f"ours:{p}"] = placed.cell if placed else Cell(DASH)
+            if cost:
+                row.update(_cost_cells(ctx, f"cost:{p}:", placed.exp if placed else None,
+                                       _denoiser_method(ctx, placed.exp) if placed else None))
         table.rows.append(row)
     return table
 
@@ -695,13 +736,21 @@ def build_sweep_table(ctx: Context, table_id: str, paper: dict, exps: list[Exper
         _place(slots, key, exp, cell, notes)
     columns = [_label_col(param, param_label), Column("paper", "paper", "paper", "paper"),
                Column("ours", _ours_header(ctx, exps), "ours", "ours"), Column("experiment", "experiment", "experiment", "info")]
+    cost = _is_fid_table(paper)
+    if cost:
+        columns += _cost_columns("cost:", "ours")
+        notes.append(COST_NOTE)
     table = Table(table_id, paper["title"], ctx.caption(table_id, paper, exps), columns, notes=notes,
                   feeders=[e.name for e in exps])
     for key in sorted(rows):
         placed = slots.get(key)
-        table.rows.append({param: Cell(rows[key]["label"]), "paper": number(rows[key]["value"], decimals),
-                           "ours": placed.cell if placed else Cell(DASH),
-                           "experiment": Cell(placed.exp.name if placed else DASH), "_key": Cell(str(key), key)})
+        row = {param: Cell(rows[key]["label"]), "paper": number(rows[key]["value"], decimals),
+               "ours": placed.cell if placed else Cell(DASH),
+               "experiment": Cell(placed.exp.name if placed else DASH), "_key": Cell(str(key), key)}
+        if cost:
+            row.update(_cost_cells(ctx, "cost:", placed.exp if placed else None,
+                                   _denoiser_method(ctx, placed.exp) if placed else None))
+        table.rows.append(row)
     return table
 
 

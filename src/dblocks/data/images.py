@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-IMAGE_DATASETS = ("digits", "cifar10", "cifar100")
+IMAGE_DATASETS = ("digits", "cifar10", "cifar100", "imagenet256")
 SPLITS = ("train", "test")
 
 # Per CIFAR variant: Hugging Face repo, label column used as the class, number of classes.
@@ -73,6 +73,10 @@ def load_image_dataset(name: str, split: str, root: str | os.PathLike | None = N
         raise ValueError(f"unknown split {split!r} for dataset {name!r}; expected one of {', '.join(SPLITS)}")
     if name == "digits":
         return _load_digits(split)
+    if name == "imagenet256":
+        from dblocks.data.latents import load_imagenet_latents
+
+        return load_imagenet_latents(split, root)
     return _load_cifar(name, split, root)
 
 

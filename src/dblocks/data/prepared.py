@@ -14,6 +14,8 @@ from dblocks.data.images import ImageDataset
 
 #: largest raw pixel value per dataset: digits count ink in 0..16, CIFAR is 8-bit
 PIXEL_MAX = {"digits": 16, "cifar10": 255, "cifar100": 255}
+#: datasets of VAE latents (dblocks.data.latents), stored as float32 with their scale factor
+LATENT_DATASETS = ("imagenet256",)
 
 
 def prepared_path(directory: str | Path, split: str) -> Path:
@@ -21,12 +23,17 @@ def prepared_path(directory: str | Path, split: str) -> Path:
 
 
 def save_prepared(ds: ImageDataset, directory: str | Path) -> Path:
-    pixel_max = PIXEL_MAX[ds.name]
-    raw = torch.round((ds.images + 1) / 2 * pixel_max)
+    meta = {"kind": "dataset", "name": ds.name, "split": ds.split, "num_classes": ds.num_classes,
+            "examples": len(ds)}
+    if ds.name in LATENT_DATASETS:  # VAE latents are real-valued: stored as they are
+        from dblocks.data.latents import LATENT_SCALE
+
+        images, meta["latent_scale"] = ds.images.float().contiguous(), LATENT_SCALE
+    else:  # pixels go back to their original integers, so the round trip is exact
+        meta["pixel_max"] = PIXEL_MAX[ds.name]
+        images = torch.round((ds.images + 1) / 2 * meta["pixel_max"]).to(torch.uint8)
     path = prepared_path(directory, ds.split)
-    save_checkpoint(path, {"images": raw.to(torch.uint8), "labels": ds.labels},
-                    {"kind": "dataset", "name": ds.name, "split": ds.split, "num_classes": ds.num_classes,
-                     "pixel_max": pixel_max, "examples": len(ds)})
+    save_checkpoint(path, {"images": images, "labels": ds.labels}, meta)
     return path
 
 
@@ -48,5 +55,8 @@ def load_prepared(directory: str | Path, split: str, expected_name: str | None =
     if images.shape[0] == 0:
         raise CheckpointError(path, "holds no examples; allowed: a split with at least one example",
                               field="examples")
-    return ImageDataset(meta["name"], meta["split"], images.float() / meta["pixel_max"] * 2 - 1, labels.long(),
-                        meta["num_classes"])
+    if "latent_scale" in meta:  # VAE latents, already scaled
+        images = images.float()
+    else:
+        images = images.float() / meta["pixel_max"] * 2 - 1
+    return ImageDataset(meta["name"], meta["split"], images, labels.long(), meta["num_classes"])

@@ -18,20 +18,15 @@ Pieces:
   :data:`FEATURE_EXTRACTOR_NAME` ("dblocks-digits") providing the feature :data:`FEATURE_LAYER`
   ("digits64"); torch-fidelity hands it ``feature_extractor_weights_path``, the feature-net checkpoint.
 - :class:`ImageTensorDataset`, float images in [-1, 1] -> the uint8 CHW tensors torch-fidelity reads.
-- :func:`domain_fid`, the entry point, with reference statistics cached by torch-fidelity under a
-  name that includes the sha256 of the feature-net file and a digest of the reference images, so a
-  retrained net or changed reference data never reuses stale statistics.
-
-Note on the cache: torch-fidelity writes its statistics cache with ``torch.save`` and reads it back
-with ``torch.load(weights_only=False)``, i.e. pickle. Only point ``cache_root`` at a directory that
-nothing but this code writes to.
+- :func:`domain_fid`, FID between two image sets in these features. Cached reference statistics
+  (train and test, reused across evaluations) live in :mod:`dblocks.metrics.reference`, in safetensors:
+  torch-fidelity's own statistics cache is not used, because it reads its files back with
+  ``torch.load(weights_only=False)``, i.e. pickle.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -40,10 +35,9 @@ import torch.nn.functional as F
 import torch_fidelity
 from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.metric_fid import KEY_METRIC_FID
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from dblocks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
+from dblocks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 FEATURE_EXTRACTOR_NAME = "dblocks-digits"
 FEATURE_LAYER = "digits64"
@@ -240,13 +234,19 @@ def build_digits_feature_net(
 # ------------------------------------------------------------------------------ torch-fidelity side
 
 
-def inception_fid(generated: torch.Tensor, reference: torch.Tensor, batch_size: int = 64) -> float:
-    """The standard FID: torch-fidelity's ``inception-v3-compat`` features (paper scale). torch-fidelity
-    fetches its Inception weights on first use, so this needs a network (or its weights cache)."""
-    metrics = torch_fidelity.calculate_metrics(
-        input1=ImageTensorDataset(generated), input2=ImageTensorDataset(reference), fid=True,
-        cuda=torch.cuda.is_available(), batch_size=int(batch_size), save_cpu_ram=True, verbose=False)
-    return float(metrics[KEY_METRIC_FID])
+def inception_fid(generated: torch.Tensor, reference: torch.Tensor, weights_path: str | os.PathLike,
+                  batch_size: int = 64, progress: bool = False) -> float:
+    """The standard FID (paper scale): torch-fidelity's ``inception-v3-compat`` features with the offline
+    weights written by ``dblocks inception-weights`` (``weights_path``, hash-verified before use). For the
+    full protocol (cached reference statistics, train and test FID, best of k) see
+    :mod:`dblocks.metrics.reference` and :func:`dblocks.evaluate.evaluate_generator`."""
+    from dblocks.metrics.reference import FeatureSpace, fid_from_statistics, image_statistics
+
+    space = FeatureSpace.from_weights(weights_path)
+    if space.kind != "inception":
+        raise ValueError(f"{weights_path}: not Inception weights (.pth from 'dblocks inception-weights')")
+    return fid_from_statistics(image_statistics(generated, space, batch_size, progress),
+                               image_statistics(reference, space, batch_size, progress))
 
 
 class DigitsFeatureExtractor(FeatureExtractorBase):
@@ -345,79 +345,26 @@ class ImageTensorDataset(torch.utils.data.Dataset):
         return self.data[index]
 
 
-def images_digest(images: torch.Tensor) -> str:
-    """sha256 of images as torch-fidelity sees them (shape and uint8 pixels)."""
-    data = to_uint8(images).contiguous()
-    digest = hashlib.sha256(repr(tuple(data.shape)).encode())
-    digest.update(data.numpy().tobytes())
-    return digest.hexdigest()
-
-
-_CACHE_NAME_OK = re.compile(r"^[A-Za-z0-9._+-]+$")
-
-
-def reference_cache_key(
-    reference_cache_name: str, feature_net_path: str | os.PathLike, reference: torch.Tensor
-) -> str:
-    """The torch-fidelity ``input2_cache_name`` used for ``reference``: the caller's name, then the
-    first 16 hex digits of the feature-net file's sha256 and of :func:`images_digest`. Statistics land
-    in ``{cache_root}/{key}-dblocks-digits-stat-fid-digits64.pt``."""
-    if not _CACHE_NAME_OK.match(reference_cache_name or ""):
-        raise ValueError(f"reference_cache_name must match {_CACHE_NAME_OK.pattern}, got {reference_cache_name!r}")
-    net_sha = sha256_file(feature_net_path)
-    return f"{reference_cache_name}-net{net_sha[:16]}-ref{images_digest(reference)[:16]}"
-
-
-def reference_cache_file(
-    reference_cache_name: str,
-    feature_net_path: str | os.PathLike,
-    reference: torch.Tensor,
-    cache_root: str | os.PathLike,
-) -> Path:
-    """Where torch-fidelity keeps the cached FID statistics of ``reference`` (its features are cached
-    next to it, as ``{key}-dblocks-digits-features-digits64.pt``)."""
-    key = reference_cache_key(reference_cache_name, feature_net_path, reference)
-    return Path(cache_root) / f"{key}-{FEATURE_EXTRACTOR_NAME}-stat-fid-{FEATURE_LAYER}.pt"
-
-
 def domain_fid(
     generated: torch.Tensor,
     reference: torch.Tensor,
     feature_net_path: str | os.PathLike,
-    reference_cache_name: str | None = None,
-    cache_root: str | os.PathLike | None = None,
     batch_size: int = 256,
 ) -> float:
     """Domain FID (:data:`FID_LABEL`) between ``generated`` and ``reference`` (float images
-    (N, C, H, W) in [-1, 1], N >= 2 each), computed by ``torch_fidelity.calculate_metrics`` in the
-    features of the digits net saved at ``feature_net_path``.
+    (N, C, H, W) in [-1, 1], N >= 2 each): torch-fidelity's features, statistics and distance in the
+    features of the digits net saved at ``feature_net_path``."""
+    from dblocks.metrics.reference import FeatureSpace, fid_from_statistics, image_statistics
 
-    With ``reference_cache_name``, the reference statistics are cached by torch-fidelity in
-    ``cache_root`` (torch-fidelity's default, ``$TORCH_HOME/fidelity_cache``, if None) under
-    :func:`reference_cache_key` and reused by later calls; ``generated`` is never cached."""
+    feature_net_path = Path(feature_net_path)
+    if not feature_net_path.is_file():
+        raise FileNotFoundError(f"no digits feature net at {feature_net_path}")
+    space = FeatureSpace.from_weights(feature_net_path)
+    if space.kind != "digits":
+        raise ValueError(f"{feature_net_path}: not a digits feature net (.safetensors)")
     for name, images in (("generated", generated), ("reference", reference)):
         if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 2:
             shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
             raise ValueError(f"{name} must be images (N, C, H, W) with N >= 2, got {shape}")
-    feature_net_path = Path(feature_net_path)
-    if not feature_net_path.is_file():
-        raise FileNotFoundError(f"no digits feature net at {feature_net_path}")
-    register_digits_feature_extractor()
-    use_cache = reference_cache_name is not None
-    cache_key = reference_cache_key(reference_cache_name, feature_net_path, reference) if use_cache else None
-    metrics = torch_fidelity.calculate_metrics(
-        input1=ImageTensorDataset(generated),
-        input2=ImageTensorDataset(reference),
-        fid=True,
-        feature_extractor=FEATURE_EXTRACTOR_NAME,
-        feature_layer_fid=FEATURE_LAYER,
-        feature_extractor_weights_path=str(feature_net_path),
-        cuda=torch.cuda.is_available(),
-        batch_size=int(batch_size),
-        cache=use_cache,
-        input2_cache_name=cache_key,
-        cache_root=None if cache_root is None else str(cache_root),
-        save_cpu_ram=True,  # no DataLoader worker processes
-        verbose=False,
-    )
-    return float(metrics[KEY_METRIC_FID])
+    return fid_from_statistics(image_statistics(generated, space, batch_size),
+                               image_statistics(reference, space, batch_size))

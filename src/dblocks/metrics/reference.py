@@ -1,0 +1,181 @@
+"""FID against cached reference statistics, all arithmetic by torch-fidelity.
+
+A :class:`FeatureSpace` names a torch-fidelity feature extractor, its layer and its weights file: the
+digits classifier (``dblocks-digits``, domain FID, the tiny scale) or the converted offline Inception
+(``inception-v3-compat``, the paper's FID). Features come from torch-fidelity's own extractor and data
+loop; mean and covariance from ``torch_fidelity.metric_fid.fid_features_to_statistics``; the distance
+from ``fid_statistics_to_metric``.
+
+Reference statistics (mu, sigma of one dataset split) are computed once and stored by this module, not by
+torch-fidelity's cache (which pickles): a safetensors file with a JSON sidecar (through
+:mod:`dblocks.checkpoint`, hashed) whose ``key`` records the dataset, split, the prepared split's sha256,
+the extractor, layer, the weights' sha256 and the sample count, and ``key_sha256`` a digest of that key.
+:func:`reference_statistics` reuses the file when the key matches and recomputes it otherwise, so a
+retrained feature net or changed data never reads stale statistics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dblocks.checkpoint import CheckpointError, load_checkpoint, load_metadata, save_checkpoint, sha256_file
+
+KIND = "fid_reference_statistics"
+INCEPTION_LABEL = "FID (Inception-v3, torch-fidelity)"
+
+
+@dataclass(frozen=True)
+class FeatureSpace:
+    """Which torch-fidelity extractor embeds the images, with which weights file."""
+
+    extractor: str
+    layer: str
+    weights: Path
+    label: str
+
+    @classmethod
+    def from_weights(cls, path: str | os.PathLike) -> "FeatureSpace":
+        """A digits feature net (``.safetensors``, domain FID) or converted Inception weights (``.pth``,
+        written by ``dblocks inception-weights``, verified by hash before use)."""
+        from dblocks.metrics import fid, inception
+
+        path = Path(path)
+        if path.suffix == ".safetensors":
+            return cls(fid.FEATURE_EXTRACTOR_NAME, fid.FEATURE_LAYER, path, fid.FID_LABEL)
+        if path.suffix == ".pth":
+            return cls(inception.EXTRACTOR, inception.FEATURE_LAYER, path, INCEPTION_LABEL)
+        raise ValueError(f"{path}: FID features must be a digits feature net (.safetensors) or converted "
+                         "Inception weights (.pth)")
+
+    @property
+    def kind(self) -> str:
+        return "inception" if self.extractor.startswith("inception") else "digits"
+
+    @cached_property
+    def weights_sha256(self) -> str:
+        return sha256_file(self.weights)
+
+    def weights_path(self) -> str:
+        """The path to hand torch-fidelity; Inception weights only after their hash is verified."""
+        if self.kind == "inception":
+            from dblocks.metrics.inception import verified_weights_path
+
+            return verified_weights_path(self.weights)
+        return str(self.weights)
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def extract_features(images: torch.Tensor, space: FeatureSpace, batch_size: int = 256,
+                     progress: bool = False) -> torch.Tensor:
+    """(N, D) features of float images (N, C, H, W) in [-1, 1], by torch-fidelity's extractor and data
+    loop (its progress bar with ``progress``). Gray images are repeated to RGB for Inception."""
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    from dblocks.metrics.fid import ImageTensorDataset, register_digits_feature_extractor
+
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 2:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"expected images (N, C, H, W) with N >= 2, got {shape}")
+    if space.kind == "inception" and images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    register_digits_feature_extractor()
+    extractor = create_feature_extractor(space.extractor, [space.layer], cuda=_cuda(),
+                                         feature_extractor_weights_path=space.weights_path(), verbose=progress)
+    features = get_featuresdict_from_dataset(ImageTensorDataset(images), extractor, int(batch_size), _cuda(),
+                                             save_cpu_ram=True, verbose=progress)
+    return features[space.layer]
+
+
+def statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
+    """{"mu", "sigma"} of (N, D) features, by torch-fidelity."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    return fid_features_to_statistics(features)
+
+
+def fid_from_statistics(generated: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """The Frechet distance between two {"mu", "sigma"}, by torch-fidelity."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    return float(fid_statistics_to_metric(generated, reference, False)[KEY_METRIC_FID])
+
+
+def image_statistics(images: torch.Tensor, space: FeatureSpace, batch_size: int = 256,
+                     progress: bool = False) -> dict[str, np.ndarray]:
+    return statistics(extract_features(images, space, batch_size, progress))
+
+
+# ------------------------------------------------------------------------------- the reference cache
+
+
+def reference_key(data_dir: str | os.PathLike, split: str, space: FeatureSpace, samples: int | None) -> dict:
+    """What the statistics depend on; a cached file is reused only if its key is equal."""
+    from dblocks.data import prepared_path
+
+    data = load_metadata(prepared_path(data_dir, split))
+    return {"dataset": data["name"], "split": split, "data_sha256": data["sha256"], "extractor": space.extractor,
+            "layer": space.layer, "weights_sha256": space.weights_sha256,
+            "samples": int(samples) if samples is not None else int(data["examples"])}
+
+
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def reference_images(data_dir: str | os.PathLike, split: str, samples: int | None, decode=None) -> torch.Tensor:
+    """The split's images, or a fixed random subset of ``samples`` of them (seeded, the same every time).
+    A latent dataset's latents are decoded to images (by ``decode``, default its VAE decoder): its
+    reference statistics are those of the VAE reconstructions of the split."""
+    from dblocks.data import load_prepared
+    from dblocks.data.latents import decoder_for
+
+    data = load_prepared(data_dir, split)
+    images = data.images
+    if samples is None or samples >= len(images):
+        if samples is not None and samples > len(images):
+            raise ValueError(f"reference samples {samples} exceed the {len(images)} images of split {split!r}")
+        chosen = images
+    else:
+        chosen = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:samples]]
+    decode = decode or decoder_for(data.name)
+    return decode(chosen) if decode is not None else chosen
+
+
+def load_reference_statistics(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """(statistics, metadata) of a file written by :func:`reference_statistics` (hash verified)."""
+    tensors, meta = load_checkpoint(path)
+    if meta.get("kind") != KIND:
+        raise CheckpointError(path, f"is a {meta.get('kind')!r} file, not FID reference statistics", field="kind")
+    return {"mu": tensors["mu"].numpy(), "sigma": tensors["sigma"].numpy()}, meta
+
+
+def reference_statistics(data_dir: str | os.PathLike, split: str, space: FeatureSpace, out: str | os.PathLike,
+                         samples: int | None = None, batch_size: int = 256, progress: bool = False,
+                         decode=None) -> tuple[dict[str, np.ndarray], dict, bool]:
+    """Statistics of a prepared split in ``space``, cached at ``out`` (``.safetensors`` + ``.json``).
+
+    Returns (statistics, metadata, reused): ``reused`` is True when ``out`` already held statistics
+    with the same key (nothing was embedded)."""
+    key = reference_key(data_dir, split, space, samples)
+    digest = key_digest(key)
+    try:
+        if load_metadata(out).get("key_sha256") == digest:
+            stats, meta = load_reference_statistics(out)
+            return stats, meta, True
+    except CheckpointError:
+        pass  # missing or damaged: compute it
+    stats = image_statistics(reference_images(data_dir, split, samples, decode), space, batch_size, progress)
+    meta = save_checkpoint(out, {"mu": torch.from_numpy(np.ascontiguousarray(stats["mu"])),
+                                 "sigma": torch.from_numpy(np.ascontiguousarray(stats["sigma"]))},
+                           {"kind": KIND, "key": key, "key_sha256": digest, "fid_label": space.label})
+    return stats, meta, False
