@@ -364,7 +364,15 @@ def cmd_evaluate(args) -> None:
     track = _track_path(args)
     model, exp, meta = _load(args)
     generation = exp.config["task"] == "generation"
+    text = exp.tokenizer is not None
     _existing_dir(args.data, "--data")
+    if text and args.data is not None:
+        raise UsageError(f"--data {args.data}: text models read their dataset from its source (data_root)")
+    if not text and args.split == "validation":
+        raise UsageError("--split validation: image datasets have only train, test")
+    for option, value in (("--bound-samples", args.bound_samples), ("--max-windows", args.max_windows)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} {value}: allowed: an integer >= 1")
     if generation:
         if args.features is None:
             raise UsageError("--features is required for a generation model: a digits feature net "
@@ -378,7 +386,13 @@ def cmd_evaluate(args) -> None:
     block = meta.get("block") if meta.get("kind") == "block" else None
     with _tracker(track, "evaluate", meta.get("method"), block, exp.config) as run:
         data = exp.load_data(args.split, args.data)
-        if generation:
+        if text:
+            from dblocks.evaluate import evaluate_masked_lm
+
+            result = evaluate_masked_lm(model, exp, data, seed=args.seed, samples_per_block=args.bound_samples,
+                                        max_windows=args.max_windows, sample_steps=args.sample_steps)
+            summary = f"BPC {result['bpc']:.4f} on {result['tokens']} {args.split} characters of {data.name}"
+        elif generation:
             samples = args.samples or exp.config["sample"]["num_images"]
             steps = args.sample_steps or exp.config["sample"]["steps"]
             result = evaluate_generator(model, exp, data, features=args.features, samples=samples, steps=steps,
@@ -529,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "or samples, a sample grid and FID (generation)")
     p.add_argument("model", metavar="MODEL", help="model (.safetensors)")
     p.add_argument("--out", required=True, help="metrics JSON path")
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                   help="validation exists for text datasets only")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--scale", default="tiny", help="label recorded with the metric (tiny | paper)")
     p.add_argument("--data", help="prepared dataset directory (default: load the source)")
@@ -537,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="generation: number of samples (default: sample.num_images)")
     p.add_argument("--sample-steps", type=int, help="generation: Euler steps (default: sample.steps)")
     p.add_argument("--grid", help="generation: write a PNG grid of samples here")
+    p.add_argument("--bound-samples", type=int, default=1,
+                   help="masked text: masking times per window and block for the BPC bound")
+    p.add_argument("--max-windows", type=int, help="masked text: score only the first N windows of the split")
     p.add_argument("--no-progress", action="store_true")
     _track_option(p)
 

@@ -82,3 +82,26 @@ def evaluate_generator(model, exp: Experiment, reference: ImageDataset, *, featu
             "samples": samples, "sample_steps": steps, "guidance": guidance,
             "sample_seconds": round(sample_seconds, 3), "block_calls": list(model.calls),
             "layer_evals_per_sample": layer_evaluations(model, grid, guided=guidance != 1.0)}
+
+
+def evaluate_masked_lm(model, exp: Experiment, data, *, seed: int = 0, samples_per_block: int = 1,
+                       max_windows: int | None = None, sample_num: int = 4, sample_steps: int | None = None) -> dict:
+    """Bits per character (the negative ELBO, dblocks.masked_diffusion.bits_per_token) on ``data`` and a few
+    unconditional samples (decoded text) with the cost of drawing them."""
+    from dblocks.masked_diffusion import bits_per_token, sample_text
+
+    model = as_assembled(model, exp)
+    tokens = data.tokens if max_windows is None else data.tokens[:max_windows]
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    bpc = bits_per_token(model, tokens, gen, samples_per_block)
+    eval_seconds = time.perf_counter() - t0
+    steps = sample_steps or exp.config["sample"]["steps"]
+    model.calls = [0] * len(model.blocks)
+    samples = sample_text(model, sample_num, steps, gen)
+    depth = [len(b.layers) for b in model.blocks]
+    return {"bpc": bpc, "tokens": tokens.numel(), "eval_seconds": round(eval_seconds, 3),
+            "samples_per_block": samples_per_block, "sample_steps": steps, "block_calls": list(model.calls),
+            # each unmasking step runs only the layers of the block that owns its t
+            "layer_evals_per_sample": sum(depth[model.block_for((steps - i) / steps) - 1] for i in range(steps)),
+            "sample_text": [data.decode(s) for s in samples]}

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dblocks import edm
 from dblocks.blocks import AssembledModel, BlockDenoiser
 from dblocks.checkpoint import load_training_state, save_training_state
 from dblocks.data import ImageDataset
+from dblocks.data.text import TextDataset
 from dblocks.noise import Partition
 
 Batch = dict[str, torch.Tensor]
@@ -37,10 +37,10 @@ def denoising_objective(model: BlockDenoiser, sample_sigma: Callable[[int, torch
     def objective(batch: Batch, gen: torch.Generator) -> torch.Tensor:
         y = task.target(batch)
         sigma = sample_sigma(y.shape[0], gen).to(y.device)
-        z = edm.add_noise(y, sigma, gen)
+        z = task.corrupt(y, sigma, gen)
         out = model(z, sigma, task.condition(batch))
-        weight = edm.loss_weight(sigma, task.sigma_data, max_loss_weight)
-        return task.loss(out.raw, out.denoised, batch, weight)
+        weight = task.loss_weight(sigma, max_loss_weight)
+        return task.loss(out.raw, out.denoised, {**batch, "noisy": z}, weight)
 
     return objective
 
@@ -94,9 +94,11 @@ def training_job(exp, method: str, block: int | None = None) -> tuple[nn.Module,
     raise ValueError(f"unknown method {method!r}; allowed: blockwise, e2e, paper")
 
 
-def sample_batch(data: ImageDataset, batch_size: int, gen: torch.Generator, device: torch.device) -> Batch:
+def sample_batch(data: ImageDataset | TextDataset, batch_size: int, gen: torch.Generator, device: torch.device) -> Batch:
     """A batch drawn with replacement by ``gen`` (whose state alone fixes the data position on resume)."""
-    idx = torch.randint(len(data.labels), (batch_size,), generator=gen)
+    idx = torch.randint(len(data), (batch_size,), generator=gen)
+    if hasattr(data, "batch"):  # text windows
+        return data.batch(idx, device)
     return {"image": data.images[idx].to(device), "label": data.labels[idx].to(device)}
 
 
@@ -129,7 +131,7 @@ class TrainResult:
     resumed_from: int = 0
 
 
-def train(module: nn.Module, objective: Objective, data: ImageDataset, cfg: dict, *, seed: int,
+def train(module: nn.Module, objective: Objective, data: ImageDataset | TextDataset, cfg: dict, *, seed: int,
           device: torch.device, state_path: Path | None = None, steps: int | None = None,
           on_log: Callable[[int, float, float], None] | None = None, desc: str = "train",
           progress: bool = True) -> TrainResult:

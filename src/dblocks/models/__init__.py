@@ -12,9 +12,10 @@ from torch import nn
 
 from dblocks.layers import AdaLNZeroLayer
 from dblocks.models.dit import DiTHead, DiTStem
+from dblocks.models.text import MDMStem, TokenHead
 from dblocks.models.vit import ViTHead, ViTStem
 
-FAMILIES = ("vit", "dit")
+FAMILIES = ("vit", "dit", "mdm")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class ArchSpec:
     mlp_ratio: float = 4.0
     class_dropout: float = 0.1  # DiT only: label dropout for classifier-free guidance
     target_dim: int | None = None  # ViT only: label-embedding size (defaults to width)
+    context: int | None = None  # text only: sequence length in tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,9 +44,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # ablation [4,4,4] / [3,6,3] / [6,4,2] / [2,4,6] and B in {1,2,3,4,6} apply unchanged)
     "ViT-tiny": ArchSpec("vit", depth=6, width=64, heads=4, patch=2),
     "DiT-tiny": ArchSpec("dit", depth=12, width=32, heads=2, patch=2),
+    # masked diffusion LM (SPEC section 5: 12 layers, d=768, 12 heads, sequence 256 on text8)
+    "MDM-paper": ArchSpec("mdm", depth=12, width=768, heads=12, patch=1, context=256),
+    "MDM-tiny": ArchSpec("mdm", depth=6, width=128, heads=4, patch=1, context=64),
     # the smallest sizes, for tests
     "ViT-micro": ArchSpec("vit", depth=3, width=32, heads=2, patch=4),
     "DiT-micro": ArchSpec("dit", depth=3, width=32, heads=2, patch=4),
+    "MDM-micro": ArchSpec("mdm", depth=3, width=32, heads=2, patch=1, context=16),
 }
 
 
@@ -58,11 +64,12 @@ def get_arch(name: str) -> ArchSpec:
 class Architecture:
     """Factories for one architecture's parts, bound to a data shape."""
 
-    def __init__(self, spec: ArchSpec, image_shape: tuple[int, int, int], num_classes: int) -> None:
+    def __init__(self, spec: ArchSpec, image_shape: tuple[int, int, int] | None, num_classes: int) -> None:
+        """``num_classes`` is the vocabulary size for text families (which have no image shape)."""
         if spec.family not in FAMILIES:
             raise ValueError(f"unknown family {spec.family!r}; allowed: {', '.join(FAMILIES)}")
         self.spec = spec
-        self.image_shape = tuple(image_shape)
+        self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.num_classes = num_classes
 
     @property
@@ -73,6 +80,8 @@ class Architecture:
         s = self.spec
         if s.family == "vit":
             return ViTStem(self.image_shape, s.patch, s.width, self.target_dim, noisy_target)
+        if s.family == "mdm":
+            return MDMStem(self.num_classes, s.context, s.width)
         return DiTStem(self.image_shape, s.patch, s.width, self.num_classes, s.class_dropout)
 
     def layers(self, count: int) -> list[nn.Module]:
@@ -83,4 +92,6 @@ class Architecture:
         s = self.spec
         if s.family == "vit":
             return ViTHead(s.width, self.num_classes)
+        if s.family == "mdm":
+            return TokenHead(s.width, self.num_classes)
         return DiTHead(self.image_shape, s.patch, s.width)
