@@ -331,10 +331,14 @@ def cmd_assemble(args) -> None:
 
 
 def _load(args):
+    return _load_path(args.model, "MODEL")
+
+
+def _load_path(model: str, option: str):
     from dblocks.assemble import load_model
     from dblocks.checkpoint import CheckpointError
 
-    (path,) = _existing([args.model], "MODEL")
+    (path,) = _existing([model], option)
     try:
         return load_model(path)
     except CheckpointError as exc:
@@ -370,9 +374,24 @@ def cmd_evaluate(args) -> None:
         raise UsageError(f"--data {args.data}: text models read their dataset from its source (data_root)")
     if not text and args.split == "validation":
         raise UsageError("--split validation: image datasets have only train, test")
-    for option, value in (("--bound-samples", args.bound_samples), ("--max-windows", args.max_windows)):
+    for option, value in (("--bound-samples", args.bound_samples), ("--max-windows", args.max_windows),
+                          ("--prompts", args.prompts), ("--continuations", args.continuations),
+                          ("--new-tokens", args.new_tokens)):
         if value is not None and value < 1:
             raise UsageError(f"{option} {value}: allowed: an integer >= 1")
+    bad = sorted(set(args.mauve_features) - {"reference-lm", "minilm"})
+    if bad:
+        raise UsageError(f"--mauve-features {bad[0]!r}: allowed: reference-lm, minilm")
+    judge = None
+    if args.judge is not None:
+        if exp.config["task"] != "ar_text":
+            raise UsageError("--judge applies to autoregressive text models only")
+        judge, judge_exp, judge_meta = _load_path(args.judge, "--judge")
+        if judge_meta.get("kind") != "e2e" or judge_exp.config["task"] != "ar_text":
+            raise UsageError(f"--judge {args.judge}: must be an end-to-end autoregressive text model (train-baseline)")
+        if judge_exp.tokenizer != exp.tokenizer or judge_exp.config["dataset"] != exp.config["dataset"]:
+            raise UsageError(f"--judge {args.judge}: trained on {judge_exp.config['dataset']} "
+                             f"({judge_exp.tokenizer}); the model reads {exp.config['dataset']} ({exp.tokenizer})")
     if generation:
         if args.features is None:
             raise UsageError("--features is required for a generation model: a digits feature net "
@@ -383,10 +402,24 @@ def cmd_evaluate(args) -> None:
             _output(args.grid, ".png", "--grid")
     device = _device(exp)
     model.to(device)
+    if judge is not None:
+        judge.to(device)
     block = meta.get("block") if meta.get("kind") == "block" else None
     with _tracker(track, "evaluate", meta.get("method"), block, exp.config) as run:
         data = exp.load_data(args.split, args.data)
-        if text:
+        if exp.config["task"] == "ar_text":
+            from dblocks.evaluate import evaluate_ar_lm
+
+            try:
+                result = evaluate_ar_lm(model, exp, data, judge=judge, seed=args.seed, prompts=args.prompts,
+                                        continuations=args.continuations, new_tokens=args.new_tokens,
+                                        max_windows=args.max_windows, featurizers=tuple(args.mauve_features))
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("mauve_reference", "mauve_minilm",
+                                                                  "gen_ppl_reference", "next_token_bits")
+                                if k in result)
+        elif text:
             from dblocks.evaluate import evaluate_masked_lm
 
             result = evaluate_masked_lm(model, exp, data, seed=args.seed, samples_per_block=args.bound_samples,
@@ -554,7 +587,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="generation: write a PNG grid of samples here")
     p.add_argument("--bound-samples", type=int, default=1,
                    help="masked text: masking times per window and block for the BPC bound")
-    p.add_argument("--max-windows", type=int, help="masked text: score only the first N windows of the split")
+    p.add_argument("--max-windows", type=int, help="text: score only the first N windows of the split")
+    p.add_argument("--judge", help="AR text: an end-to-end AR model (.safetensors) that scores generative "
+                   "perplexity and gives the reference-LM MAUVE features (offline stand-in for Llama-2/GPT2-XL)")
+    p.add_argument("--prompts", type=int, default=100, help="AR text: prompts from the split's windows")
+    p.add_argument("--continuations", type=int, default=5, help="AR text: continuations per prompt")
+    p.add_argument("--new-tokens", type=int, default=50, help="AR text: tokens per continuation")
+    p.add_argument("--mauve-features", nargs="*", default=["reference-lm", "minilm"],
+                   help="AR text: MAUVE featurizers (reference-lm needs --judge)")
     p.add_argument("--no-progress", action="store_true")
     _track_option(p)
 

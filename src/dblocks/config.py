@@ -42,9 +42,9 @@ DEFAULTS: dict[str, Any] = {
 #: keys that do not change what a block learns; left out of the config hash
 UNHASHED_KEYS = ("device", "data_root", "sample", "pipeline")
 
-TASK_FAMILY = {"classification": "vit", "generation": "dit", "masked_text": "mdm"}
+TASK_FAMILY = {"classification": "vit", "generation": "dit", "masked_text": "mdm", "ar_text": "ar"}
 #: tasks whose data is text (the others read images)
-TEXT_TASKS = ("masked_text",)
+TEXT_TASKS = ("masked_text", "ar_text")
 
 
 class ConfigError(ValueError):

@@ -17,7 +17,7 @@ from dblocks.data.text import VOCAB_SIZE, TextDataset, load_text_dataset
 from dblocks.masked_diffusion import MaskedTextTask, MaskingPartition
 from dblocks.models import Architecture, get_arch
 from dblocks.noise import NoiseDistribution, Partition, layer_ranges, layer_split
-from dblocks.tasks import ClassificationTask, ImageGenerationTask, Task
+from dblocks.tasks import ARTextTask, ClassificationTask, ImageGenerationTask, Task
 
 METHODS = ("blockwise", "paper", "e2e")
 
@@ -25,7 +25,7 @@ METHODS = ("blockwise", "paper", "e2e")
 DATASET_SHAPES = {"digits": ((1, 8, 8), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
 
 #: the tokenizer each text task reads its dataset with (dblocks.data.text)
-TASK_TOKENIZER = {"masked_text": "char27"}
+TASK_TOKENIZER = {"masked_text": "char27", "ar_text": "bytes"}
 
 
 def derive_seed(*parts: object) -> int:
@@ -80,6 +80,9 @@ class Experiment:
         sd = self.config["noise"]["sigma_data"]
         if self.config["task"] == "masked_text":
             return MaskedTextTask(self.arch.num_classes, self.arch.spec.context)
+        if self.config["task"] == "ar_text":  # token embeddings: the shared target space, as for labels
+            return ARTextTask(self.arch.num_classes, self.arch.spec.context, self.arch.target_dim,
+                              derive_seed(self.config["seed"], "token-embedding"), sd)
         if self.config["task"] == "classification":
             # the shared target space: every job derives the same table from the experiment seed
             return ClassificationTask(self.arch.num_classes, self.arch.target_dim,
@@ -115,9 +118,10 @@ class Experiment:
         """The end-to-end baseline on the same architecture: all L layers, one stem and head.
 
         Classification: a plain ViT (learned class token, no noise input) trained with cross-entropy.
+        Autoregressive text: the plain causal transformer trained with next-token cross-entropy.
         Generation: one EDM denoiser over the whole sigma range."""
         torch.manual_seed(derive_seed(self.config["seed"], "init-e2e"))
-        noisy = self.config["task"] != "classification"
+        noisy = self.config["task"] not in ("classification", "ar_text")
         return BlockDenoiser(self.arch.stem(noisy_target=noisy), self.arch.layers(self.arch.spec.depth),
                              self.arch.head(), self.task)
 

@@ -72,6 +72,17 @@ def cross_entropy_objective(model: BlockDenoiser) -> Objective:
     return objective
 
 
+def next_token_objective(model: BlockDenoiser) -> Objective:
+    """The ordinary end-to-end language model: clean tokens, causal mask, next-token cross-entropy."""
+
+    def objective(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        tokens = batch["tokens"]
+        logits = model.network(None, tokens, None)
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:])
+
+    return objective
+
+
 def training_job(exp, method: str, block: int | None = None) -> tuple[nn.Module, Objective, int]:
     """What one training job optimises, as (module, objective, optimizer steps), for an Experiment:
     block ``block`` alone (block-wise), the end-to-end baseline, or the paper's shared-stem mode, which
@@ -88,6 +99,8 @@ def training_job(exp, method: str, block: int | None = None) -> tuple[nn.Module,
         model = exp.e2e()
         if exp.config["task"] == "classification":
             return model, cross_entropy_objective(model), cfg["steps"]
+        if exp.config["task"] == "ar_text":
+            return model, next_token_objective(model), cfg["steps"]
         full = exp.full_range
         return model, denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g), max_w), \
             cfg["steps"]

@@ -10,12 +10,12 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from dblocks.layers import AdaLNZeroLayer
+from dblocks.layers import AdaLNZeroLayer, clean_noisy_mask
 from dblocks.models.dit import DiTHead, DiTStem
-from dblocks.models.text import MDMStem, TokenHead
+from dblocks.models.text import ARStem, LastPositionsHead, MDMStem, TokenHead
 from dblocks.models.vit import ViTHead, ViTStem
 
-FAMILIES = ("vit", "dit", "mdm")
+FAMILIES = ("vit", "dit", "mdm", "ar")
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,15 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # masked diffusion LM (SPEC section 5: 12 layers, d=768, 12 heads, sequence 256 on text8)
     "MDM-paper": ArchSpec("mdm", depth=12, width=768, heads=12, patch=1, context=256),
     "MDM-tiny": ArchSpec("mdm", depth=6, width=128, heads=4, patch=1, context=64),
+    # autoregressive transformer (SPEC section 5: 12 layers, d=768; B=4 -> 3 layers per block). Byte-level
+    # tokens here, so the context is counted in bytes
+    "AR-paper": ArchSpec("ar", depth=12, width=768, heads=12, patch=1, context=512),
+    "AR-tiny": ArchSpec("ar", depth=4, width=128, heads=4, patch=1, context=64),
     # the smallest sizes, for tests
     "ViT-micro": ArchSpec("vit", depth=3, width=32, heads=2, patch=4),
     "DiT-micro": ArchSpec("dit", depth=3, width=32, heads=2, patch=4),
     "MDM-micro": ArchSpec("mdm", depth=3, width=32, heads=2, patch=1, context=16),
+    "AR-micro": ArchSpec("ar", depth=4, width=32, heads=2, patch=1, context=24),
 }
 
 
@@ -82,11 +87,18 @@ class Architecture:
             return ViTStem(self.image_shape, s.patch, s.width, self.target_dim, noisy_target)
         if s.family == "mdm":
             return MDMStem(self.num_classes, s.context, s.width)
+        if s.family == "ar":
+            return ARStem(self.num_classes, s.context, s.width, self.target_dim, noisy_target)
         return DiTStem(self.image_shape, s.patch, s.width, self.num_classes, s.class_dropout)
 
     def layers(self, count: int) -> list[nn.Module]:
         s = self.spec
-        return [AdaLNZeroLayer(s.width, s.heads, s.mlp_ratio) for _ in range(count)]
+        layers = [AdaLNZeroLayer(s.width, s.heads, s.mlp_ratio) for _ in range(count)]
+        if s.family == "ar":
+            mask = clean_noisy_mask(s.context)  # its causal corner serves the clean-only baseline
+            for layer in layers:
+                layer.attn_mask = mask
+        return layers
 
     def head(self) -> nn.Module:
         s = self.spec
@@ -94,4 +106,6 @@ class Architecture:
             return ViTHead(s.width, self.num_classes)
         if s.family == "mdm":
             return TokenHead(s.width, self.num_classes)
+        if s.family == "ar":
+            return LastPositionsHead(s.width, self.num_classes, s.context)
         return DiTHead(self.image_shape, s.patch, s.width)
