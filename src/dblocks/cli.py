@@ -306,6 +306,30 @@ def cmd_train_shared(args) -> None:
     print(f"wrote {exp.partition.blocks} blocks (shared stem and head) to {out_dir} ({result.seconds:.1f} s)")
 
 
+def cmd_training_compute(args) -> None:
+    """Forward layer evaluations per optimizer step, measured by counting layer calls, for each training job."""
+    import torch
+
+    from dblocks.layers import counting_layer_calls
+    from dblocks.train import sample_batch, training_job
+
+    exp = experiment_from_args(args)
+    if args.repeats < 1:
+        raise UsageError(f"--repeats {args.repeats}: allowed: an integer >= 1")
+    data = exp.load_data("train", args.data)
+    gen = torch.Generator().manual_seed(0)
+    jobs = [("blockwise", b) for b in range(1, exp.partition.blocks + 1)] + [("e2e", None)]
+    record = {"experiment": exp.name, "repeats": args.repeats}
+    for method, block in jobs:
+        module, objective, _ = training_job(exp, method, block)
+        with counting_layer_calls(module) as calls:
+            for _ in range(args.repeats):
+                objective(sample_batch(data, 2, gen, torch.device("cpu")), gen)
+        key = f"blockwise_block{block}" if method == "blockwise" else "e2e"
+        record[f"{key}_forward_layer_evals_per_step"] = calls[0] / args.repeats
+    print(json.dumps(record, indent=2))
+
+
 def cmd_track_init(args) -> None:
     from dblocks.tracking import init_runs, read_params_file
 
@@ -384,8 +408,8 @@ def cmd_evaluate(args) -> None:
         raise UsageError(f"--mauve-features {bad[0]!r}: allowed: reference-lm, minilm")
     judge = None
     if args.judge is not None:
-        if exp.config["task"] != "ar_text":
-            raise UsageError("--judge applies to autoregressive text models only")
+        if exp.config["task"] not in ("ar_text", "recurrent_text"):
+            raise UsageError("--judge applies to autoregressive and recurrent-depth text models only")
         judge, judge_exp, judge_meta = _load_path(args.judge, "--judge")
         if judge_meta.get("kind") != "e2e" or judge_exp.config["task"] != "ar_text":
             raise UsageError(f"--judge {args.judge}: must be an end-to-end autoregressive text model (train-baseline)")
@@ -407,7 +431,7 @@ def cmd_evaluate(args) -> None:
     block = meta.get("block") if meta.get("kind") == "block" else None
     with _tracker(track, "evaluate", meta.get("method"), block, exp.config) as run:
         data = exp.load_data(args.split, args.data)
-        if exp.config["task"] == "ar_text":
+        if exp.config["task"] in ("ar_text", "recurrent_text"):
             from dblocks.evaluate import evaluate_ar_lm
 
             try:
@@ -545,6 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="directory for block-<b>.safetensors")
     _experiment_options(p)
     _track_option(p)
+
+    p = command("training-compute", cmd_training_compute,
+                "measure forward layer evaluations per training step of every job (block-wise and end-to-end)")
+    p.add_argument("--repeats", type=int, default=20, help="objective evaluations to average over")
+    _experiment_options(p)
 
     p = command("track-init", cmd_track_init,
                 "create the MLflow experiment and one parent run per experiment of a params file, once, "

@@ -118,8 +118,11 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
     LM offline, labelled so); without it only next-token quality and the samples are reported."""
     from dblocks.metrics.mauve import (MINILM_LABEL, REFERENCE_LM_LABEL, mauve_from_features, minilm_features,
                                        reference_lm_features)
-    from dblocks.text_generation import continuation_nll, generate_baseline, generate_blockwise, next_token_quality
+    from dblocks.text_generation import (continuation_nll, generate_baseline, generate_blockwise, generate_recurrent,
+                                         next_token_quality, recurrent_next_token_quality)
 
+    recurrent = exp.config["task"] == "recurrent_text"
+    iterations = exp.arch.spec.recurrence  # Huginn: K iterations (block-wise: K Euler steps) per token
     context = exp.arch.spec.context
     prompt_len = context - new_tokens
     if prompt_len < 1:
@@ -133,19 +136,31 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
     t0 = time.perf_counter()
     if blockwise:
         model.calls = [0] * len(model.blocks)
+    if recurrent:
+        generated = generate_recurrent(model, prompt, new_tokens, iterations, gen)
+    elif blockwise:
         generated = generate_blockwise(model, prompt, new_tokens, gen)
     else:
         generated = generate_baseline(model, prompt, new_tokens, gen, top_p=0.95)
+    steps = f"{iterations} Euler steps" if recurrent else "B Euler steps"
     record = {"prompts": prompts, "continuations": continuations, "new_tokens": new_tokens,
-              "prompt_tokens": prompt_len, "sampler": "greedy, B Euler steps per token" if blockwise else "top-p 0.95",
+              "prompt_tokens": prompt_len, "sampler": f"greedy, {steps} per token" if blockwise else "top-p 0.95",
               "generate_seconds": round(time.perf_counter() - t0, 3)}
     if blockwise:
         record["block_calls"] = list(model.calls)
+    if recurrent:  # block-wise: K whole-net passes; baseline: prelude and coda once, the block K times
+        net = model.blocks[0] if blockwise else model
+        outer = len(net.stem.prelude) + len(net.head.coda)
+        record["layer_evals_per_token"] = (iterations * (outer + len(net.layers)) if blockwise
+                                           else outer + iterations * len(net.layers))
+    elif blockwise:
         record["layer_evals_per_token"] = sum(len(b.layers) for b in model.blocks)  # each block once per token
     else:
         record["layer_evals_per_token"] = len(model.layers)
     scored = data.tokens if max_windows is None else data.tokens[:max_windows]
-    record.update(next_token_quality(model, scored, torch.Generator().manual_seed(seed)))
+    quality_gen = torch.Generator().manual_seed(seed)
+    record.update(recurrent_next_token_quality(model, scored, iterations, quality_gen) if recurrent
+                  else next_token_quality(model, scored, quality_gen))
     p_text = [data.decode(torch.cat([a, b])) for a, b in zip(prompt, generated)]
     q_text = [data.decode(w[:context]) for w in windows]
     record["sample_text"] = p_text[:: continuations][:8]

@@ -17,7 +17,7 @@ from dblocks.data.text import VOCAB_SIZE, TextDataset, load_text_dataset
 from dblocks.masked_diffusion import MaskedTextTask, MaskingPartition
 from dblocks.models import Architecture, get_arch
 from dblocks.noise import NoiseDistribution, Partition, layer_ranges, layer_split
-from dblocks.tasks import ARTextTask, ClassificationTask, ImageGenerationTask, Task
+from dblocks.tasks import ARTextTask, ClassificationTask, NextTokenEmbeddingTask, ImageGenerationTask, Task
 
 METHODS = ("blockwise", "paper", "e2e")
 
@@ -25,7 +25,7 @@ METHODS = ("blockwise", "paper", "e2e")
 DATASET_SHAPES = {"digits": ((1, 8, 8), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
 
 #: the tokenizer each text task reads its dataset with (dblocks.data.text)
-TASK_TOKENIZER = {"masked_text": "char27", "ar_text": "bytes"}
+TASK_TOKENIZER = {"masked_text": "char27", "ar_text": "bytes", "recurrent_text": "bytes"}
 
 
 def derive_seed(*parts: object) -> int:
@@ -80,8 +80,9 @@ class Experiment:
         sd = self.config["noise"]["sigma_data"]
         if self.config["task"] == "masked_text":
             return MaskedTextTask(self.arch.num_classes, self.arch.spec.context)
-        if self.config["task"] == "ar_text":  # token embeddings: the shared target space, as for labels
-            return ARTextTask(self.arch.num_classes, self.arch.spec.context, self.arch.target_dim,
+        if self.config["task"] in ("ar_text", "recurrent_text"):  # token embeddings: shared, as labels are
+            cls = ARTextTask if self.config["task"] == "ar_text" else NextTokenEmbeddingTask
+            return cls(self.arch.num_classes, self.arch.spec.context, self.arch.target_dim,
                               derive_seed(self.config["seed"], "token-embedding"), sd)
         if self.config["task"] == "classification":
             # the shared target space: every job derives the same table from the experiment seed
@@ -121,7 +122,7 @@ class Experiment:
         Autoregressive text: the plain causal transformer trained with next-token cross-entropy.
         Generation: one EDM denoiser over the whole sigma range."""
         torch.manual_seed(derive_seed(self.config["seed"], "init-e2e"))
-        noisy = self.config["task"] not in ("classification", "ar_text")
+        noisy = self.config["task"] not in ("classification", "ar_text", "recurrent_text")
         return BlockDenoiser(self.arch.stem(noisy_target=noisy), self.arch.layers(self.arch.spec.depth),
                              self.arch.head(), self.task)
 

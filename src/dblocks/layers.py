@@ -7,7 +7,9 @@ with that signature, so a user's own residual layers can be split into blocks th
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -124,3 +126,20 @@ def clean_noisy_mask(length: int) -> torch.Tensor:
     mask[length:, :length] = causal.tril(-1)
     mask[length:, length:] = torch.eye(length, dtype=torch.bool)
     return mask
+
+
+@contextlib.contextmanager
+def counting_layer_calls(module: nn.Module) -> Iterator[list[int]]:
+    """Count forward calls of every AdaLNZeroLayer inside ``module`` (training and sampling cost, tests):
+    ``with counting_layer_calls(m) as calls: ...; calls[0]``."""
+    calls = [0]
+
+    def hook(*_):
+        calls[0] += 1
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, AdaLNZeroLayer)]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()

@@ -101,3 +101,52 @@ def continuation_nll(judge: BlockDenoiser, prompts: torch.Tensor, continuations:
     seq = torch.cat([prompts, continuations], dim=1).to(_device(judge))
     logits = judge.network(None, seq[:, :-1], None)[:, prompts.shape[1] - 1:]
     return F.cross_entropy(logits.float().transpose(1, 2), seq[:, prompts.shape[1]:]).item()
+
+
+# --- recurrent depth (Huginn) --------------------------------------------------------------------------
+
+@torch.no_grad()
+def recurrent_depth_logits(model, tokens: torch.Tensor, iterations: int, generator: torch.Generator) -> torch.Tensor:
+    """Next-token logits at every position of ``tokens`` (N, t) after K = ``iterations`` iterations.
+    Block-wise: K Euler steps from sigma_max on the equal-mass grid, one denoiser call (one pass of the
+    recurrent block) each; end-to-end: K recurrences of the block from a random state."""
+    from dblocks.models.huginn import recurrent_logits
+
+    tokens = tokens.to(_device(model))
+    if isinstance(model, AssembledModel):
+        grid = model.partition.dist.quantile_grid(iterations)
+        z = initial_noise((tokens.shape[0], tokens.shape[1], model.task.embedding.shape[1]), grid[0], generator,
+                          tokens.device)
+        _, out = euler_sample(model, z, grid, tokens)
+        return out.raw
+    return recurrent_logits(model, tokens, iterations, None, generator)
+
+
+@torch.no_grad()
+def generate_recurrent(model, prompts: torch.Tensor, new_tokens: int, iterations: int, generator: torch.Generator,
+                       top_p: float = 0.95) -> torch.Tensor:
+    """Continuations (N, new_tokens): the block-wise model decodes greedily, the baseline with top-p."""
+    model.eval()
+    tokens = prompts.to(_device(model))
+    for _ in range(new_tokens):
+        logits = recurrent_depth_logits(model, tokens, iterations, generator)[:, -1].float()
+        if isinstance(model, AssembledModel):
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            nxt = torch.multinomial(top_p_filter(logits, top_p).softmax(-1).cpu(), 1, generator=generator)
+        tokens = torch.cat([tokens, nxt.to(tokens.device)], dim=1)
+    return tokens[:, prompts.shape[1]:].cpu()
+
+
+@torch.no_grad()
+def recurrent_next_token_quality(model, tokens: torch.Tensor, iterations: int, generator: torch.Generator,
+                                 batch_size: int = 64) -> dict:
+    """Bits per token and top-1 accuracy of the next-token prediction at every position after K iterations."""
+    nll, correct, count = 0.0, 0, 0
+    for chunk in tokens.split(batch_size):
+        chunk = chunk.to(_device(model))
+        logits, target = recurrent_depth_logits(model, chunk[:, :-1], iterations, generator), chunk[:, 1:]
+        nll += F.cross_entropy(logits.float().transpose(1, 2), target, reduction="sum").item()
+        correct += (logits.argmax(-1) == target).sum().item()
+        count += target.numel()
+    return {"next_token_bits": nll / count / math.log(2), "next_token_accuracy": correct / count}

@@ -83,6 +83,20 @@ def next_token_objective(model: BlockDenoiser) -> Objective:
     return objective
 
 
+def recurrent_objective(model: BlockDenoiser, mean_recurrence: int, backprop_depth: int) -> Objective:
+    """The Huginn baseline: next-token cross-entropy after r ~ log-normal Poisson (mean ``mean_recurrence``)
+    iterations of the recurrent block, backpropagating through the last ``backprop_depth`` only."""
+    from dblocks.models.huginn import recurrent_logits, sample_recurrence
+
+    def objective(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        tokens = batch["tokens"]
+        r = sample_recurrence(mean_recurrence, gen)
+        logits = recurrent_logits(model, tokens[:, :-1], r, backprop_depth, gen)
+        return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:])
+
+    return objective
+
+
 def training_job(exp, method: str, block: int | None = None) -> tuple[nn.Module, Objective, int]:
     """What one training job optimises, as (module, objective, optimizer steps), for an Experiment:
     block ``block`` alone (block-wise), the end-to-end baseline, or the paper's shared-stem mode, which
@@ -101,6 +115,9 @@ def training_job(exp, method: str, block: int | None = None) -> tuple[nn.Module,
             return model, cross_entropy_objective(model), cfg["steps"]
         if exp.config["task"] == "ar_text":
             return model, next_token_objective(model), cfg["steps"]
+        if exp.config["task"] == "recurrent_text":
+            spec = exp.arch.spec
+            return model, recurrent_objective(model, spec.recurrence, spec.backprop_depth), cfg["steps"]
         full = exp.full_range
         return model, denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g), max_w), \
             cfg["steps"]

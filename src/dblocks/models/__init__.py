@@ -12,10 +12,11 @@ from torch import nn
 
 from dblocks.layers import AdaLNZeroLayer, clean_noisy_mask
 from dblocks.models.dit import DiTHead, DiTStem
+from dblocks.models.huginn import HuginnHead, HuginnStem
 from dblocks.models.text import ARStem, LastPositionsHead, MDMStem, TokenHead
 from dblocks.models.vit import ViTHead, ViTStem
 
-FAMILIES = ("vit", "dit", "mdm", "ar")
+FAMILIES = ("vit", "dit", "mdm", "ar", "huginn")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class ArchSpec:
     class_dropout: float = 0.1  # DiT only: label dropout for classifier-free guidance
     target_dim: int | None = None  # ViT only: label-embedding size (defaults to width)
     context: int | None = None  # text only: sequence length in tokens
+    recurrence: int | None = None  # huginn only: mean number of recurrent-block iterations (and K at inference)
+    backprop_depth: int | None = None  # huginn only: iterations the baseline backpropagates through
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,11 +54,19 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # tokens here, so the context is counted in bytes
     "AR-paper": ArchSpec("ar", depth=12, width=768, heads=12, patch=1, context=512),
     "AR-tiny": ArchSpec("ar", depth=4, width=128, heads=4, patch=1, context=64),
+    # Huginn recurrent depth (SPEC section 5: d=512, 8 heads; 2 prelude + 4-layer recurrent block + 2 coda
+    # layers; depth counts the recurrent block only). Baseline: mean 32 iterations, backprop through 8
+    "Huginn-paper": ArchSpec("huginn", depth=4, width=512, heads=8, patch=1, context=512, recurrence=32,
+                             backprop_depth=8),
+    "Huginn-tiny": ArchSpec("huginn", depth=4, width=128, heads=4, patch=1, context=64, recurrence=8,
+                            backprop_depth=2),
     # the smallest sizes, for tests
     "ViT-micro": ArchSpec("vit", depth=3, width=32, heads=2, patch=4),
     "DiT-micro": ArchSpec("dit", depth=3, width=32, heads=2, patch=4),
     "MDM-micro": ArchSpec("mdm", depth=3, width=32, heads=2, patch=1, context=16),
     "AR-micro": ArchSpec("ar", depth=4, width=32, heads=2, patch=1, context=24),
+    "Huginn-micro": ArchSpec("huginn", depth=4, width=32, heads=2, patch=1, context=24, recurrence=4,
+                             backprop_depth=2),
 }
 
 
@@ -89,13 +100,17 @@ class Architecture:
             return MDMStem(self.num_classes, s.context, s.width)
         if s.family == "ar":
             return ARStem(self.num_classes, s.context, s.width, self.target_dim, noisy_target)
+        if s.family == "huginn":
+            return HuginnStem(self.num_classes, s.context, s.width, s.heads, self.target_dim, noisy_target,
+                              mlp_ratio=s.mlp_ratio)
         return DiTStem(self.image_shape, s.patch, s.width, self.num_classes, s.class_dropout)
 
     def layers(self, count: int) -> list[nn.Module]:
         s = self.spec
         layers = [AdaLNZeroLayer(s.width, s.heads, s.mlp_ratio) for _ in range(count)]
-        if s.family == "ar":
-            mask = clean_noisy_mask(s.context)  # its causal corner serves the clean-only baseline
+        if s.family in ("ar", "huginn"):
+            # its causal corner serves the clean-only baseline and the single causal stream of Huginn
+            mask = clean_noisy_mask(s.context)
             for layer in layers:
                 layer.attn_mask = mask
         return layers
@@ -108,4 +123,6 @@ class Architecture:
             return TokenHead(s.width, self.num_classes)
         if s.family == "ar":
             return LastPositionsHead(s.width, self.num_classes, s.context)
+        if s.family == "huginn":
+            return HuginnHead(self.num_classes, s.context, s.width, s.heads, mlp_ratio=s.mlp_ratio)
         return DiTHead(self.image_shape, s.patch, s.width)

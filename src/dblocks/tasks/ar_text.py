@@ -33,3 +33,23 @@ class ARTextTask(ClassificationTask):
 
     def buffers(self):
         return {"task/token_embedding": self.embedding}
+
+
+class NextTokenEmbeddingTask(ARTextTask):
+    """Position i of tokens[:-1] carries the embedding of the NEXT token x_{i+1}: a single causal stream
+    (no clean/noisy doubling) whose clean information enters through the conditioning, as in the
+    Huginn recurrent-depth model."""
+
+    def condition(self, batch):
+        return batch["tokens"][:, :-1]
+
+    def target(self, batch):
+        return self.embedding.to(batch["tokens"].device)[batch["tokens"][:, 1:]]
+
+    @property
+    def target_shape(self):
+        return (self.seq_len - 1, self.embedding.shape[1])
+
+    def loss(self, raw, denoised, batch, weight):
+        per_token = F.cross_entropy(raw.float().transpose(1, 2), batch["tokens"][:, 1:], reduction="none")
+        return (weight * per_token.mean(1)).mean()
