@@ -86,3 +86,15 @@ def test_bad_names_fail_with_the_allowed_values():
         load_text_dataset("wikitext", "train", 8)
     with pytest.raises(ValueError, match="allowed: train, validation, test"):
         load_text_dataset("shakespeare", "dev", 8)
+
+
+def test_prepared_text_holds_both_tokenizations_and_windows_them_like_the_source(tmp_path):
+    from dblocks.cli import main
+    from dblocks.data import load_prepared_text
+
+    assert main(["prepare", "--dataset", "shakespeare", "--out", str(tmp_path)]) == 0
+    for tokenizer, seq_len in (("char27", 64), ("bytes", 48)):
+        prepared = load_prepared_text(tmp_path, "test", seq_len, tokenizer, expected_name="shakespeare")
+        assert torch.equal(prepared.tokens, load_text_dataset("shakespeare", "test", seq_len, tokenizer).tokens)
+    with pytest.raises(ValueError, match="holds dataset 'shakespeare', the config asks for 'text8'"):
+        load_prepared_text(tmp_path, "train", 8, "char27", expected_name="text8")

@@ -200,11 +200,17 @@ def cmd_partition(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from dblocks.data import IMAGE_DATASETS, load_image_dataset, save_prepared
+    from dblocks.data import IMAGE_DATASETS, load_image_dataset, save_prepared, save_prepared_text
+    from dblocks.data.text import TEXT_DATASETS
 
-    if args.dataset not in IMAGE_DATASETS:
-        raise UsageError(f"--dataset {args.dataset!r}: allowed: {', '.join(IMAGE_DATASETS)}")
+    if args.dataset not in IMAGE_DATASETS + TEXT_DATASETS:
+        raise UsageError(f"--dataset {args.dataset!r}: allowed: {', '.join(IMAGE_DATASETS + TEXT_DATASETS)}")
     _existing_dir(args.data_root, "--data-root")
+    if args.dataset in TEXT_DATASETS:
+        # train and test as the pipeline's prepare step names them (validation stays with the source)
+        for split in ("train", "test"):
+            print(f"wrote {save_prepared_text(args.dataset, split, args.out, args.data_root)}")
+        return
     for split in ("train", "test"):
         ds = load_image_dataset(args.dataset, split, args.data_root)
         print(f"wrote {save_prepared(ds, args.out)}: {len(ds)} images {ds.shape}, {ds.num_classes} classes")
@@ -394,8 +400,6 @@ def cmd_evaluate(args) -> None:
     generation = exp.config["task"] == "generation"
     text = exp.tokenizer is not None
     _existing_dir(args.data, "--data")
-    if text and args.data is not None:
-        raise UsageError(f"--data {args.data}: text models read their dataset from its source (data_root)")
     if not text and args.split == "validation":
         raise UsageError("--split validation: image datasets have only train, test")
     for option, value in (("--bound-samples", args.bound_samples), ("--max-windows", args.max_windows),
@@ -403,9 +407,9 @@ def cmd_evaluate(args) -> None:
                           ("--new-tokens", args.new_tokens)):
         if value is not None and value < 1:
             raise UsageError(f"{option} {value}: allowed: an integer >= 1")
-    bad = sorted(set(args.mauve_features) - {"reference-lm", "minilm"})
+    bad = sorted(set(args.mauve_features) - {"reference-lm", "minilm", "gpt2-large"})
     if bad:
-        raise UsageError(f"--mauve-features {bad[0]!r}: allowed: reference-lm, minilm")
+        raise UsageError(f"--mauve-features {bad[0]!r}: allowed: reference-lm, minilm, gpt2-large")
     judge = None
     if args.judge is not None:
         if exp.config["task"] not in ("ar_text", "recurrent_text"):
@@ -547,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("models", cmd_models, "list the architecture registry")
 
     p = command("prepare", cmd_prepare, "write a dataset's train and test splits to a directory once")
-    p.add_argument("--dataset", required=True, help="digits | cifar10 | cifar100")
+    p.add_argument("--dataset", required=True,
+                   help="digits | cifar10 | cifar100 | shakespeare | text8 | lm1b | openwebtext")
     p.add_argument("--data-root", help="local copy (Hugging Face parquet layout); default: the source")
     p.add_argument("--out", required=True, help="directory for train.safetensors and test.safetensors")
 
@@ -623,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuations", type=int, default=5, help="AR text: continuations per prompt")
     p.add_argument("--new-tokens", type=int, default=50, help="AR text: tokens per continuation")
     p.add_argument("--mauve-features", nargs="*", default=["reference-lm", "minilm"],
-                   help="AR text: MAUVE featurizers (reference-lm needs --judge)")
+                   help="AR text: MAUVE featurizers: reference-lm (needs --judge), minilm (offline), "
+                        "gpt2-large (online, the paper's)")
     p.add_argument("--no-progress", action="store_true")
     _track_option(p)
 

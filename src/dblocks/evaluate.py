@@ -164,6 +164,11 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
     p_text = [data.decode(torch.cat([a, b])) for a, b in zip(prompt, generated)]
     q_text = [data.decode(w[:context]) for w in windows]
     record["sample_text"] = p_text[:: continuations][:8]
+    if "gpt2-large" in featurizers:  # the paper's featurizer (online: mauve-text downloads GPT-2 large)
+        from dblocks.metrics.mauve import GPT2_LARGE_LABEL, mauve_gpt2_large
+
+        record["mauve_gpt2_large"] = mauve_gpt2_large(p_text, q_text, seed=seed)
+        record["mauve_gpt2_large_label"] = GPT2_LARGE_LABEL
     if "minilm" in featurizers:
         record["mauve_minilm"] = mauve_from_features(minilm_features(p_text), minilm_features(q_text), seed)
         record["mauve_minilm_label"] = MINILM_LABEL

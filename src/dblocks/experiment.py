@@ -12,7 +12,7 @@ from functools import cached_property
 import torch
 
 from dblocks.blocks import AssembledModel, BlockDenoiser, convert_stack
-from dblocks.data import ImageDataset, load_image_dataset, load_prepared
+from dblocks.data import ImageDataset, load_image_dataset, load_prepared, load_prepared_text
 from dblocks.data.text import VOCAB_SIZE, TextDataset, load_text_dataset
 from dblocks.masked_diffusion import MaskedTextTask, MaskingPartition
 from dblocks.models import Architecture, get_arch
@@ -94,7 +94,8 @@ class Experiment:
         """One split: from a prepared directory (what the pipeline's prepare step wrote) or the source."""
         if self.tokenizer is not None:
             if prepared is not None:
-                raise ValueError("prepared directories hold images; text datasets are read from their source")
+                return load_prepared_text(prepared, split, self.arch.spec.context, self.tokenizer,
+                                          expected_name=self.config["dataset"])
             return load_text_dataset(self.config["dataset"], split, self.arch.spec.context, self.tokenizer,
                                      self.config["data_root"])
         if prepared is not None:

@@ -105,3 +105,50 @@ rule evaluate_generator:
         "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --data {params.data} --track {input.run} "
         "--scale {SCALE} {params.features} --samples {params.samples} --sample-steps {params.steps} "
         "--grid {output.grid} --out {output.metrics} > {log} 2>&1"
+
+
+def _of_tasks(*tasks):
+    return "|".join(e for e, c in PIPE.experiments.items() if c["task"] in tasks) or "^$"
+
+
+def judge_checkpoint(wildcards):
+    judge = PIPE.judge(wildcards.exp)
+    return [PIPE.e2e_checkpoint(judge)] if judge else []
+
+
+def text_evaluation_args(wildcards, input):
+    opts = PIPE.text_evaluation
+    args = [f"--judge {input.judge}"] if input.judge else []
+    for key in ("bound_samples", "max_windows", "prompts", "continuations", "new_tokens"):
+        if key in opts:
+            args.append(f"--{key.replace('_', '-')} {opts[key]}")
+    if "mauve_features" in opts:
+        args.append("--mauve-features " + " ".join(opts["mauve_features"]))
+    return " ".join(args)
+
+
+rule evaluate_text:
+    """Masked LM: BPC (the ELBO, each t routed to its block) and samples. AR and recurrent depth: prompts
+    from the test split, continuations, MAUVE, generative perplexity under the judge, next-token quality."""
+    input:
+        model=lambda w: PIPE.model(w.exp, w.method),
+        run=f"results/{SCALE}/runs/{{exp}}.json",
+        data=prepared_split("test"),
+        judge=judge_checkpoint,
+    output:
+        metrics=f"metrics/{SCALE}/{{exp}}/{{method}}.json",
+    wildcard_constraints:
+        exp=_of_tasks("masked_text", "ar_text", "recurrent_text"),
+    params:
+        data=lambda w: PIPE.prepared(dataset_of(w)),
+        extra=text_evaluation_args,
+    log:
+        f"logs/{SCALE}/{{exp}}/evaluate-{{method}}.log",
+    benchmark:
+        f"results/{SCALE}/benchmarks/{{exp}}/evaluate-{{method}}.tsv"
+    threads: RES["threads"]
+    resources:
+        **EVAL_RESOURCES,
+    shell:
+        "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --data {params.data} --track {input.run} "
+        "--scale {SCALE} {params.extra} --out {output.metrics} > {log} 2>&1"

@@ -219,3 +219,16 @@ def load_text_dataset(name: str, split: str, seq_len: int, tokenizer: str = "cha
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {tokenizer!r}; allowed: {', '.join(TOKENIZERS)}")
     return TextDataset(name, split, windows(_stream(name, split, tokenizer, root), seq_len), tokenizer)
+
+
+# --- the prepared on-disk form (what the pipeline's prepare step writes once) ----------------------------
+
+def token_streams(name: str, split: str, root=None) -> dict[str, torch.Tensor]:
+    """Both tokenizations of one split as flat streams, compactly typed (char27 as uint8, bytes as int16),
+    so one prepared directory serves every text task and context length."""
+    return {"char27": _stream(name, split, "char27", root).to(torch.uint8),
+            "bytes": _stream(name, split, "bytes", root).to(torch.int16)}
+
+
+def text_dataset_from_stream(name: str, split: str, stream: torch.Tensor, seq_len: int, tokenizer: str) -> TextDataset:
+    return TextDataset(name, split, windows(stream.long(), seq_len), tokenizer)
