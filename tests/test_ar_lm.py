@@ -152,3 +152,15 @@ def test_cli_trains_assembles_and_evaluates_mauve_and_gen_ppl(tmp_path):
     assert e2e["sampler"] == "top-p 0.95" and "next_token_bits" in e2e
     assert main(["evaluate", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "x.json"),
                  "--judge", str(tmp_path / "model.safetensors")]) == 2
+
+
+def test_online_judges_fail_cleanly_offline(tmp_path):
+    """Llama-2 / GPT2-XL need the hub: offline the evaluation stops with one line and exit code 2."""
+    cfg = tmp_path / "ar.yaml"
+    cfg.write_text(json.dumps({**MICRO, "name": "ar-micro", "train": {**MICRO["train"], "steps": 2}}))
+    assert main(["train-baseline", "--config", str(cfg), "--no-progress", "--out", str(tmp_path / "e.safetensors")]) == 0
+    args = ["evaluate", str(tmp_path / "e.safetensors"), "--out", str(tmp_path / "m.json"), "--prompts", "2",
+            "--continuations", "1", "--new-tokens", "2", "--max-windows", "2", "--mauve-features"]
+    assert main([*args, "--hf-judges", "gpt3"]) == 2
+    assert main([*args, "--hf-judges", "gpt2-xl"]) == 2
+    assert not (tmp_path / "m.json").exists()

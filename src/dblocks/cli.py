@@ -410,6 +410,11 @@ def cmd_evaluate(args) -> None:
     bad = sorted(set(args.mauve_features) - {"reference-lm", "minilm", "gpt2-large"})
     if bad:
         raise UsageError(f"--mauve-features {bad[0]!r}: allowed: reference-lm, minilm, gpt2-large")
+    from dblocks.metrics.gen_ppl import HF_JUDGES
+
+    bad = sorted(set(args.hf_judges) - set(HF_JUDGES))
+    if bad:
+        raise UsageError(f"--hf-judges {bad[0]!r}: allowed: {', '.join(HF_JUDGES)}")
     judge = None
     if args.judge is not None:
         if exp.config["task"] not in ("ar_text", "recurrent_text"):
@@ -441,9 +446,13 @@ def cmd_evaluate(args) -> None:
             try:
                 result = evaluate_ar_lm(model, exp, data, judge=judge, seed=args.seed, prompts=args.prompts,
                                         continuations=args.continuations, new_tokens=args.new_tokens,
-                                        max_windows=args.max_windows, featurizers=tuple(args.mauve_features))
+                                        max_windows=args.max_windows, featurizers=tuple(args.mauve_features),
+                                        hf_judges=tuple(args.hf_judges))
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
+            except OSError as exc:  # a hub model that cannot be downloaded (offline) or found
+                raise UsageError(f"--hf-judges / --mauve-features gpt2-large: could not load a Hugging Face "
+                                 f"model ({exc.__class__.__name__}); these need the network") from None
             summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("mauve_reference", "mauve_minilm",
                                                                   "gen_ppl_reference", "next_token_bits")
                                 if k in result)
@@ -627,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=100, help="AR text: prompts from the split's windows")
     p.add_argument("--continuations", type=int, default=5, help="AR text: continuations per prompt")
     p.add_argument("--new-tokens", type=int, default=50, help="AR text: tokens per continuation")
+    p.add_argument("--hf-judges", nargs="*", default=[],
+                   help="AR text: generative perplexity under pretrained judges (online): gpt2-xl, llama2")
     p.add_argument("--mauve-features", nargs="*", default=["reference-lm", "minilm"],
                    help="AR text: MAUVE featurizers: reference-lm (needs --judge), minilm (offline), "
                         "gpt2-large (online, the paper's)")

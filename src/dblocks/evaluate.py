@@ -110,7 +110,7 @@ def evaluate_masked_lm(model, exp: Experiment, data, *, seed: int = 0, samples_p
 
 def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, prompts: int = 100,
                    continuations: int = 5, new_tokens: int = 50, max_windows: int | None = None,
-                   featurizers: tuple[str, ...] = ("reference-lm", "minilm")) -> dict:
+                   featurizers: tuple[str, ...] = ("reference-lm", "minilm"), hf_judges: tuple[str, ...] = ()) -> dict:
     """The paper's protocol at any scale: prompts from held-out windows, ``continuations`` continuations of
     ``new_tokens`` tokens each (block-wise: B denoising steps per token, greedy; end-to-end: top-p 0.95),
     MAUVE against the windows' true continuations, generative perplexity under ``judge`` and plain
@@ -164,6 +164,12 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
     p_text = [data.decode(torch.cat([a, b])) for a, b in zip(prompt, generated)]
     q_text = [data.decode(w[:context]) for w in windows]
     record["sample_text"] = p_text[:: continuations][:8]
+    for name in hf_judges:  # the paper's judges (online): Llama-2, GPT2-XL
+        from dblocks.metrics.gen_ppl import HF_JUDGES, hf_generative_perplexity
+
+        prompt_text = [data.decode(p) for p in prompt]
+        continuation_text = [data.decode(g) for g in generated]
+        record[HF_JUDGES[name][1]] = hf_generative_perplexity(prompt_text, continuation_text, name)
     if "gpt2-large" in featurizers:  # the paper's featurizer (online: mauve-text downloads GPT-2 large)
         from dblocks.metrics.mauve import GPT2_LARGE_LABEL, mauve_gpt2_large
 

@@ -55,10 +55,12 @@ OURS_METRICS: dict[str, dict[str, tuple[str, float, str]]] = {
     "2": {"fid": ("fid", 1.0, "FID")},
     "3": {"bpc": ("bpc", 1.0, "BPC")},
     # what evaluate_text logs: MAUVE per featurizer and generative perplexity under this project's own
-    # end-to-end AR reference LM (Llama-2 / GPT2-XL judges are not run by the pipeline)
+    # end-to-end AR reference LM (offline) and under Llama-2 / GPT2-XL (online, evaluation.text.hf_judges)
     "4": {"mauve_gpt2_large": ("mauve_gpt2_large", 1.0, "MAUVE (GPT-2 large)"),
           "mauve_reference": ("mauve_reference", 1.0, "MAUVE (own reference-LM features)"),
           "mauve_minilm": ("mauve_minilm", 1.0, "MAUVE (MiniLM features)"),
+          "gen_ppl_llama2": ("gen_ppl_llama2", 1.0, "gen. PPL (Llama-2)"),
+          "gen_ppl_gpt2xl": ("gen_ppl_gpt2xl", 1.0, "gen. PPL (GPT2-XL)"),
           "gen_ppl_reference": ("gen_ppl_reference", 1.0, "gen. PPL (own reference LM)"),
           "next_token_bits": ("next_token_bits", 1.0, "next-token bits/byte")},
     "6": {"accuracy": ("accuracy", 100.0, "accuracy (%)")},

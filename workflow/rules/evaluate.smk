@@ -124,6 +124,8 @@ def text_evaluation_args(wildcards, input):
             args.append(f"--{key.replace('_', '-')} {opts[key]}")
     if "mauve_features" in opts:
         args.append("--mauve-features " + " ".join(opts["mauve_features"]))
+    if opts.get("hf_judges"):
+        args.append("--hf-judges " + " ".join(opts["hf_judges"]))
     return " ".join(args)
 
 
