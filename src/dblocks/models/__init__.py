@@ -65,7 +65,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "DiT-micro": ArchSpec("dit", depth=3, width=32, heads=2, patch=4),
     "MDM-micro": ArchSpec("mdm", depth=3, width=32, heads=2, patch=1, context=16),
     "AR-micro": ArchSpec("ar", depth=4, width=32, heads=2, patch=1, context=24),
-    "Huginn-micro": ArchSpec("huginn", depth=4, width=32, heads=2, patch=1, context=24, recurrence=4,
+    "Huginn-micro": ArchSpec("huginn", depth=4, width=32, heads=2, patch=1, context=24, recurrence=3,
                              backprop_depth=2),
 }
 
