@@ -15,7 +15,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from dblocks import edm
 from dblocks.noise import Partition, layer_ranges, layer_split
 from dblocks.tasks import Task
 
@@ -43,9 +42,9 @@ class BlockDenoiser(nn.Module):
         return self.head(h, c)
 
     def forward(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None) -> DenoiserOutput:
-        sigma = sigma.to(z.dtype).reshape(-1).expand(z.shape[0])
-        p = edm.preconditioning(sigma, self.task.sigma_data)
-        raw = self.network(edm.per_example(p.c_in, z) * z, cond, p.c_noise)
+        sigma = sigma.reshape(-1).expand(z.shape[0])
+        z_in, c_noise = self.task.network_inputs(z, sigma)
+        raw = self.network(z_in, cond, c_noise)
         return DenoiserOutput(raw=raw, denoised=self.task.denoise(raw, z, sigma))
 
 

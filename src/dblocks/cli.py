@@ -200,11 +200,17 @@ def cmd_partition(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from dblocks.data import IMAGE_DATASETS, load_image_dataset, save_prepared
+    from dblocks.data import IMAGE_DATASETS, load_image_dataset, save_prepared, save_prepared_text
+    from dblocks.data.text import TEXT_DATASETS
 
-    if args.dataset not in IMAGE_DATASETS:
-        raise UsageError(f"--dataset {args.dataset!r}: allowed: {', '.join(IMAGE_DATASETS)}")
+    if args.dataset not in IMAGE_DATASETS + TEXT_DATASETS:
+        raise UsageError(f"--dataset {args.dataset!r}: allowed: {', '.join(IMAGE_DATASETS + TEXT_DATASETS)}")
     _existing_dir(args.data_root, "--data-root")
+    if args.dataset in TEXT_DATASETS:
+        # train and test as the pipeline's prepare step names them (validation stays with the source)
+        for split in ("train", "test"):
+            print(f"wrote {save_prepared_text(args.dataset, split, args.out, args.data_root)}")
+        return
     for split in ("train", "test"):
         ds = load_image_dataset(args.dataset, split, args.data_root)
         print(f"wrote {save_prepared(ds, args.out)}: {len(ds)} images {ds.shape}, {ds.num_classes} classes")
@@ -305,6 +311,30 @@ def cmd_train_shared(args) -> None:
     print(f"wrote {exp.partition.blocks} blocks (shared stem and head) to {out_dir} ({result.seconds:.1f} s)")
 
 
+def cmd_training_compute(args) -> None:
+    """Forward layer evaluations per optimizer step, measured by counting layer calls, for each training job."""
+    import torch
+
+    from dblocks.layers import counting_layer_calls
+    from dblocks.train import sample_batch, training_job
+
+    exp = experiment_from_args(args)
+    if args.repeats < 1:
+        raise UsageError(f"--repeats {args.repeats}: allowed: an integer >= 1")
+    data = exp.load_data("train", args.data)
+    gen = torch.Generator().manual_seed(0)
+    jobs = [("blockwise", b) for b in range(1, exp.partition.blocks + 1)] + [("e2e", None)]
+    record = {"experiment": exp.name, "repeats": args.repeats}
+    for method, block in jobs:
+        module, objective, _ = training_job(exp, method, block)
+        with counting_layer_calls(module) as calls:
+            for _ in range(args.repeats):
+                objective(sample_batch(data, 2, gen, torch.device("cpu")), gen)
+        key = f"blockwise_block{block}" if method == "blockwise" else "e2e"
+        record[f"{key}_forward_layer_evals_per_step"] = calls[0] / args.repeats
+    print(json.dumps(record, indent=2))
+
+
 def cmd_track_init(args) -> None:
     from dblocks.tracking import init_runs, read_params_file
 
@@ -377,10 +407,14 @@ def cmd_assemble(args) -> None:
 
 
 def _load(args):
+    return _load_path(args.model, "MODEL")
+
+
+def _load_path(model: str, option: str):
     from dblocks.assemble import load_model
     from dblocks.checkpoint import CheckpointError
 
-    (path,) = _existing([args.model], "MODEL")
+    (path,) = _existing([model], option)
     try:
         return load_model(path)
     except CheckpointError as exc:
@@ -410,8 +444,34 @@ def cmd_evaluate(args) -> None:
     track = _track_path(args)
     model, exp, meta = _load(args)
     generation = exp.config["task"] == "generation"
+    text = exp.tokenizer is not None
     _existing_dir(args.data, "--data")
     stats = {}
+    if not text and args.split == "validation":
+        raise UsageError("--split validation: image datasets have only train, test")
+    for option, value in (("--bound-samples", args.bound_samples), ("--max-windows", args.max_windows),
+                          ("--prompts", args.prompts), ("--continuations", args.continuations),
+                          ("--new-tokens", args.new_tokens)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} {value}: allowed: an integer >= 1")
+    bad = sorted(set(args.mauve_features) - {"reference-lm", "minilm", "gpt2-large"})
+    if bad:
+        raise UsageError(f"--mauve-features {bad[0]!r}: allowed: reference-lm, minilm, gpt2-large")
+    from dblocks.metrics.gen_ppl import HF_JUDGES
+
+    bad = sorted(set(args.hf_judges) - set(HF_JUDGES))
+    if bad:
+        raise UsageError(f"--hf-judges {bad[0]!r}: allowed: {', '.join(HF_JUDGES)}")
+    judge = None
+    if args.judge is not None:
+        if exp.config["task"] not in ("ar_text", "recurrent_text"):
+            raise UsageError("--judge applies to autoregressive and recurrent-depth text models only")
+        judge, judge_exp, judge_meta = _load_path(args.judge, "--judge")
+        if judge_meta.get("kind") != "e2e" or judge_exp.config["task"] != "ar_text":
+            raise UsageError(f"--judge {args.judge}: must be an end-to-end autoregressive text model (train-baseline)")
+        if judge_exp.tokenizer != exp.tokenizer or judge_exp.config["dataset"] != exp.config["dataset"]:
+            raise UsageError(f"--judge {args.judge}: trained on {judge_exp.config['dataset']} "
+                             f"({judge_exp.tokenizer}); the model reads {exp.config['dataset']} ({exp.tokenizer})")
     if generation:
         if args.features is None:
             raise UsageError("--features is required for a generation model: a digits feature net (.safetensors, "
@@ -431,10 +491,34 @@ def cmd_evaluate(args) -> None:
             raise UsageError(f"--{option.replace('_', '-')} {getattr(args, option)}: allowed: an integer >= 1")
     device = _device(exp)
     model.to(device)
+    if judge is not None:
+        judge.to(device)
     block = meta.get("block") if meta.get("kind") == "block" else None
     with _tracker(track, "evaluate", meta.get("method"), block, exp.config) as run:
         data = None if stats else exp.load_data(args.split, args.data)
-        if generation:
+        if exp.config["task"] in ("ar_text", "recurrent_text"):
+            from dblocks.evaluate import evaluate_ar_lm
+
+            try:
+                result = evaluate_ar_lm(model, exp, data, judge=judge, seed=args.seed, prompts=args.prompts,
+                                        continuations=args.continuations, new_tokens=args.new_tokens,
+                                        max_windows=args.max_windows, featurizers=tuple(args.mauve_features),
+                                        hf_judges=tuple(args.hf_judges))
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            except OSError as exc:  # a hub model that cannot be downloaded (offline) or found
+                raise UsageError(f"--hf-judges / --mauve-features gpt2-large: could not load a Hugging Face "
+                                 f"model ({exc.__class__.__name__}); these need the network") from None
+            summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("mauve_reference", "mauve_minilm",
+                                                                  "gen_ppl_reference", "next_token_bits")
+                                if k in result)
+        elif text:
+            from dblocks.evaluate import evaluate_masked_lm
+
+            result = evaluate_masked_lm(model, exp, data, seed=args.seed, samples_per_block=args.bound_samples,
+                                        max_windows=args.max_windows, sample_steps=args.sample_steps)
+            summary = f"BPC {result['bpc']:.4f} on {result['tokens']} {args.split} characters of {data.name}"
+        elif generation:
             from dblocks.data.latents import decoder_for
 
             samples = args.samples or exp.config["sample"]["num_images"]
@@ -567,7 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("models", cmd_models, "list the architecture registry")
 
     p = command("prepare", cmd_prepare, "write a dataset's train and test splits to a directory once")
-    p.add_argument("--dataset", required=True, help="digits | cifar10 | cifar100")
+    p.add_argument("--dataset", required=True,
+                   help="digits | cifar10 | cifar100 | shakespeare | text8 | lm1b | openwebtext")
     p.add_argument("--data-root", help="local copy (Hugging Face parquet layout); default: the source")
     p.add_argument("--out", required=True, help="directory for train.safetensors and test.safetensors")
 
@@ -589,6 +674,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="directory for block-<b>.safetensors")
     _experiment_options(p)
     _track_option(p)
+
+    p = command("training-compute", cmd_training_compute,
+                "measure forward layer evaluations per training step of every job (block-wise and end-to-end)")
+    p.add_argument("--repeats", type=int, default=20, help="objective evaluations to average over")
+    _experiment_options(p)
 
     p = command("track-init", cmd_track_init,
                 "create the MLflow experiment and one parent run per experiment of a params file, once, "
@@ -637,7 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "or samples, a sample grid and FID (generation)")
     p.add_argument("model", metavar="MODEL", help="model (.safetensors)")
     p.add_argument("--out", required=True, help="metrics JSON path")
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                   help="validation exists for text datasets only")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--scale", default="tiny", help="label recorded with the metric (tiny | paper)")
     p.add_argument("--data", help="prepared dataset directory (default: load the source)")
@@ -652,6 +743,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="generation: number of samples (default: sample.num_images)")
     p.add_argument("--sample-steps", type=int, help="generation: Euler steps (default: sample.steps)")
     p.add_argument("--grid", help="generation: write a PNG grid of samples here")
+    p.add_argument("--bound-samples", type=int, default=1,
+                   help="masked text: masking times per window and block for the BPC bound")
+    p.add_argument("--max-windows", type=int, help="text: score only the first N windows of the split")
+    p.add_argument("--judge", help="AR text: an end-to-end AR model (.safetensors) that scores generative "
+                   "perplexity and gives the reference-LM MAUVE features (offline stand-in for Llama-2/GPT2-XL)")
+    p.add_argument("--prompts", type=int, default=100, help="AR text: prompts from the split's windows")
+    p.add_argument("--continuations", type=int, default=5, help="AR text: continuations per prompt")
+    p.add_argument("--new-tokens", type=int, default=50, help="AR text: tokens per continuation")
+    p.add_argument("--hf-judges", nargs="*", default=[],
+                   help="AR text: generative perplexity under pretrained judges (online): gpt2-xl, llama2")
+    p.add_argument("--mauve-features", nargs="*", default=["reference-lm", "minilm"],
+                   help="AR text: MAUVE featurizers: reference-lm (needs --judge), minilm (offline), "
+                        "gpt2-large (online, the paper's)")
     p.add_argument("--no-progress", action="store_true")
     _track_option(p)
 

@@ -42,7 +42,10 @@ DEFAULTS: dict[str, Any] = {
 #: keys that do not change what a block learns; left out of the config hash
 UNHASHED_KEYS = ("device", "data_root", "sample", "pipeline")
 
-TASK_FAMILY = {"classification": "vit", "generation": "dit"}
+TASK_FAMILY = {"classification": "vit", "generation": "dit", "masked_text": "mdm", "ar_text": "ar",
+               "recurrent_text": "huginn"}
+#: tasks whose data is text (the others read images)
+TEXT_TASKS = ("masked_text", "ar_text", "recurrent_text")
 
 
 class ConfigError(ValueError):
@@ -149,6 +152,16 @@ def validate(config: dict) -> dict:
         allowed = [n for n, s in ARCHITECTURES.items() if s.family == family]
         raise ConfigError(f"arch={config['arch']!r} is a {spec.family} model but task={config['task']!r} "
                           f"needs one of: {', '.join(allowed)}")
+    from dblocks.data.text import TEXT_DATASETS
+
+    text_task, text_data = config["task"] in TEXT_TASKS, config["dataset"] in TEXT_DATASETS
+    if text_task != text_data:
+        allowed = TEXT_DATASETS if text_task else [d for d in ("digits", "cifar10", "cifar100")]
+        raise ConfigError(f"dataset={config['dataset']!r} does not fit task={config['task']!r}; "
+                          f"allowed: {', '.join(allowed)}")
+    if config["task"] == "recurrent_text" and config["blocks"] != 1:
+        raise ConfigError(f"blocks={config['blocks']}: a recurrent-depth model is one denoiser (its K iterations "
+                          f"are K Euler steps of the same block); allowed: 1")
     noise = config["noise"]
     if noise["sigma_min"] >= noise["sigma_max"]:
         raise ConfigError(f"noise.sigma_min={noise['sigma_min']} must be below noise.sigma_max={noise['sigma_max']}")

@@ -4,6 +4,7 @@ writes as JSON and logs to MLflow."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -114,3 +115,109 @@ def evaluate_generator(model, exp: Experiment, reference: ImageDataset | None, *
             "sample_seconds_per_sample": sum(seconds) / len(seconds) / samples,
             "block_calls": calls,
             "layer_evals_per_sample": layer_evaluations(routed, grid, guided=guidance != 1.0)}
+
+
+def evaluate_masked_lm(model, exp: Experiment, data, *, seed: int = 0, samples_per_block: int = 1,
+                       max_windows: int | None = None, sample_num: int = 4, sample_steps: int | None = None) -> dict:
+    """Bits per character (the negative ELBO, dblocks.masked_diffusion.bits_per_token) on ``data`` and a few
+    unconditional samples (decoded text) with the cost of drawing them."""
+    from dblocks.masked_diffusion import bits_per_token, sample_text
+
+    model = as_assembled(model, exp)
+    tokens = data.tokens if max_windows is None else data.tokens[:max_windows]
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    bpc = bits_per_token(model, tokens, gen, samples_per_block)
+    eval_seconds = time.perf_counter() - t0
+    steps = sample_steps or exp.config["sample"]["steps"]
+    model.calls = [0] * len(model.blocks)
+    samples = sample_text(model, sample_num, steps, gen)
+    depth = [len(b.layers) for b in model.blocks]
+    return {"bpc": bpc, "tokens": tokens.numel(), "eval_seconds": round(eval_seconds, 3),
+            "samples_per_block": samples_per_block, "sample_steps": steps, "block_calls": list(model.calls),
+            # each unmasking step runs only the layers of the block that owns its t
+            "layer_evals_per_sample": sum(depth[model.block_for((steps - i) / steps) - 1] for i in range(steps)),
+            "sample_text": [data.decode(s) for s in samples]}
+
+
+def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, prompts: int = 100,
+                   continuations: int = 5, new_tokens: int = 50, max_windows: int | None = None,
+                   featurizers: tuple[str, ...] = ("reference-lm", "minilm"), hf_judges: tuple[str, ...] = ()) -> dict:
+    """The paper's protocol at any scale: prompts from held-out windows, ``continuations`` continuations of
+    ``new_tokens`` tokens each (block-wise: B denoising steps per token, greedy; end-to-end: top-p 0.95),
+    MAUVE against the windows' true continuations, generative perplexity under ``judge`` and plain
+    next-token quality. ``judge`` is a causal next-token model (this experiment's own end-to-end reference
+    LM offline, labelled so); without it only next-token quality and the samples are reported."""
+    from dblocks.metrics.mauve import (MINILM_LABEL, REFERENCE_LM_LABEL, mauve_from_features, minilm_features,
+                                       reference_lm_features)
+    from dblocks.text_generation import (continuation_nll, generate_baseline, generate_blockwise, generate_recurrent,
+                                         next_token_quality, recurrent_next_token_quality)
+
+    recurrent = exp.config["task"] == "recurrent_text"
+    iterations = exp.arch.spec.recurrence  # Huginn: K iterations (block-wise: K Euler steps) per token
+    context = exp.arch.spec.context
+    prompt_len = context - new_tokens
+    if prompt_len < 1:
+        raise ValueError(f"new_tokens={new_tokens} leaves no room for a prompt in a context of {context} tokens")
+    if len(data) < prompts:
+        raise ValueError(f"{prompts} prompts asked for but the split has only {len(data)} windows")
+    blockwise = isinstance(model, AssembledModel)
+    windows = data.tokens[:prompts]
+    prompt = windows[:, :prompt_len].repeat_interleave(continuations, dim=0)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    if blockwise:
+        model.calls = [0] * len(model.blocks)
+    if recurrent:
+        generated = generate_recurrent(model, prompt, new_tokens, iterations, gen)
+    elif blockwise:
+        generated = generate_blockwise(model, prompt, new_tokens, gen)
+    else:
+        generated = generate_baseline(model, prompt, new_tokens, gen, top_p=0.95)
+    steps = f"{iterations} Euler steps" if recurrent else "B Euler steps"
+    record = {"prompts": prompts, "continuations": continuations, "new_tokens": new_tokens,
+              "prompt_tokens": prompt_len, "sampler": f"greedy, {steps} per token" if blockwise else "top-p 0.95",
+              "generate_seconds": round(time.perf_counter() - t0, 3)}
+    if blockwise:
+        record["block_calls"] = list(model.calls)
+    if recurrent:  # block-wise: K whole-net passes; baseline: prelude and coda once, the block K times
+        net = model.blocks[0] if blockwise else model
+        outer = len(net.stem.prelude) + len(net.head.coda)
+        record["layer_evals_per_token"] = (iterations * (outer + len(net.layers)) if blockwise
+                                           else outer + iterations * len(net.layers))
+    elif blockwise:
+        record["layer_evals_per_token"] = sum(len(b.layers) for b in model.blocks)  # each block once per token
+    else:
+        record["layer_evals_per_token"] = len(model.layers)
+    scored = data.tokens if max_windows is None else data.tokens[:max_windows]
+    quality_gen = torch.Generator().manual_seed(seed)
+    record.update(recurrent_next_token_quality(model, scored, iterations, quality_gen) if recurrent
+                  else next_token_quality(model, scored, quality_gen))
+    p_text = [data.decode(torch.cat([a, b])) for a, b in zip(prompt, generated)]
+    q_text = [data.decode(w[:context]) for w in windows]
+    record["sample_text"] = p_text[:: continuations][:8]
+    for name in hf_judges:  # the paper's judges (online): Llama-2, GPT2-XL
+        from dblocks.metrics.gen_ppl import HF_JUDGES, hf_generative_perplexity
+
+        prompt_text = [data.decode(p) for p in prompt]
+        continuation_text = [data.decode(g) for g in generated]
+        record[HF_JUDGES[name][1]] = hf_generative_perplexity(prompt_text, continuation_text, name)
+    if "gpt2-large" in featurizers:  # the paper's featurizer (online: mauve-text downloads GPT-2 large)
+        from dblocks.metrics.mauve import GPT2_LARGE_LABEL, mauve_gpt2_large
+
+        record["mauve_gpt2_large"] = mauve_gpt2_large(p_text, q_text, seed=seed)
+        record["mauve_gpt2_large_label"] = GPT2_LARGE_LABEL
+    if "minilm" in featurizers:
+        record["mauve_minilm"] = mauve_from_features(minilm_features(p_text), minilm_features(q_text), seed)
+        record["mauve_minilm_label"] = MINILM_LABEL
+    if judge is not None:
+        nll = continuation_nll(judge, prompt, generated)
+        record.update({"gen_ppl_reference": math.exp(nll), "gen_nll_reference": nll,
+                       "gen_ppl_label": "generative perplexity per token under this experiment's own end-to-end "
+                                        "reference LM (not Llama-2 / GPT2-XL)"})
+        if "reference-lm" in featurizers:
+            p_feat = reference_lm_features(judge, torch.cat([prompt, generated], dim=1))
+            q_feat = reference_lm_features(judge, windows[:, :context])
+            record["mauve_reference"] = mauve_from_features(p_feat, q_feat, seed)
+            record["mauve_reference_label"] = REFERENCE_LM_LABEL
+    return record

@@ -12,16 +12,21 @@ from functools import cached_property
 import torch
 
 from dblocks.blocks import AssembledModel, BlockDenoiser, convert_stack
-from dblocks.data import ImageDataset, load_image_dataset, load_prepared
+from dblocks.data import ImageDataset, load_image_dataset, load_prepared, load_prepared_text
+from dblocks.data.text import VOCAB_SIZE, TextDataset, load_text_dataset
+from dblocks.masked_diffusion import MaskedTextTask, MaskingPartition
 from dblocks.models import Architecture, get_arch
 from dblocks.noise import NoiseDistribution, Partition, layer_ranges, layer_split
-from dblocks.tasks import ClassificationTask, ImageGenerationTask, Task
+from dblocks.tasks import ARTextTask, ClassificationTask, NextTokenEmbeddingTask, ImageGenerationTask, Task
 
 METHODS = ("blockwise", "paper", "e2e")
 
 #: (channels, height, width) and class count of each dataset, known without loading it
 DATASET_SHAPES = {"digits": ((1, 8, 8), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100),
                   "imagenet256": ((4, 32, 32), 1000)}  # sd-vae-ft-ema latents of 256x256 images
+
+#: the tokenizer each text task reads its dataset with (dblocks.data.text)
+TASK_TOKENIZER = {"masked_text": "char27", "ar_text": "bytes", "recurrent_text": "bytes"}
 
 
 def derive_seed(*parts: object) -> int:
@@ -43,17 +48,27 @@ class Experiment:
         n = self.config["noise"]
         return NoiseDistribution(n["p_mean"], n["p_std"], n["sigma_min"], n["sigma_max"])
 
+    @property
+    def tokenizer(self) -> str | None:
+        return TASK_TOKENIZER.get(self.config["task"])
+
     @cached_property
     def partition(self) -> Partition:
+        if self.config["task"] == "masked_text":  # the masking schedule is partitioned instead of sigma
+            return MaskingPartition.make(self.config["blocks"], overlap=self.config["overlap"])
         return Partition.make(self.config["blocks"], self.config["partition"], self.config["overlap"], self.noise)
 
     @cached_property
     def full_range(self) -> Partition:
         """One block over the whole range: the end-to-end denoiser's schedule."""
+        if self.config["task"] == "masked_text":
+            return MaskingPartition.make(1)
         return Partition.make(1, "equiprobable", 0.0, self.noise)
 
     @cached_property
     def arch(self) -> Architecture:
+        if self.tokenizer is not None:
+            return Architecture(get_arch(self.config["arch"]), None, VOCAB_SIZE[self.tokenizer])
         image_shape, num_classes = DATASET_SHAPES[self.config["dataset"]]
         return Architecture(get_arch(self.config["arch"]), image_shape, num_classes)
 
@@ -64,14 +79,26 @@ class Experiment:
     @cached_property
     def task(self) -> Task:
         sd = self.config["noise"]["sigma_data"]
+        if self.config["task"] == "masked_text":
+            return MaskedTextTask(self.arch.num_classes, self.arch.spec.context)
+        if self.config["task"] in ("ar_text", "recurrent_text"):  # token embeddings: shared, as labels are
+            cls = ARTextTask if self.config["task"] == "ar_text" else NextTokenEmbeddingTask
+            return cls(self.arch.num_classes, self.arch.spec.context, self.arch.target_dim,
+                              derive_seed(self.config["seed"], "token-embedding"), sd)
         if self.config["task"] == "classification":
             # the shared target space: every job derives the same table from the experiment seed
             return ClassificationTask(self.arch.num_classes, self.arch.target_dim,
                                       derive_seed(self.config["seed"], "label-embedding"), sd)
         return ImageGenerationTask(self.arch.image_shape, self.arch.num_classes, sd)
 
-    def load_data(self, split: str, prepared: str | None = None) -> ImageDataset:
+    def load_data(self, split: str, prepared: str | None = None) -> ImageDataset | TextDataset:
         """One split: from a prepared directory (what the pipeline's prepare step wrote) or the source."""
+        if self.tokenizer is not None:
+            if prepared is not None:
+                return load_prepared_text(prepared, split, self.arch.spec.context, self.tokenizer,
+                                          expected_name=self.config["dataset"])
+            return load_text_dataset(self.config["dataset"], split, self.arch.spec.context, self.tokenizer,
+                                     self.config["data_root"])
         if prepared is not None:
             return load_prepared(prepared, split, expected_name=self.config["dataset"])
         return load_image_dataset(self.config["dataset"], split, self.config["data_root"])
@@ -94,9 +121,10 @@ class Experiment:
         """The end-to-end baseline on the same architecture: all L layers, one stem and head.
 
         Classification: a plain ViT (learned class token, no noise input) trained with cross-entropy.
+        Autoregressive text: the plain causal transformer trained with next-token cross-entropy.
         Generation: one EDM denoiser over the whole sigma range."""
         torch.manual_seed(derive_seed(self.config["seed"], "init-e2e"))
-        noisy = self.config["task"] != "classification"
+        noisy = self.config["task"] not in ("classification", "ar_text", "recurrent_text")
         return BlockDenoiser(self.arch.stem(noisy_target=noisy), self.arch.layers(self.arch.spec.depth),
                              self.arch.head(), self.task)
 

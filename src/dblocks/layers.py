@@ -7,7 +7,9 @@ with that signature, so a user's own residual layers can be split into blocks th
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +62,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         n, t, d = x.shape
+        if mask is not None and mask.shape[-1] != t:
+            mask = mask[..., :t, :t]  # a mask built for the longest sequence also covers its prefixes
+        if mask is not None:
+            mask = mask.to(x.device)  # set as a plain attribute, so .to(device) does not move it
         q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
@@ -107,3 +113,33 @@ class FinalLayer(nn.Module):
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(h), shift, scale))
+
+
+def clean_noisy_mask(length: int) -> torch.Tensor:
+    """Boolean (2T, 2T) attention mask (True = may attend) for the sequence [clean x_0..x_{T-1}; noisy z_0..z_{T-1}]
+    where noisy z_i carries token x_i (SPEC section 5): clean tokens attend causally to clean tokens; noisy i
+    attends to clean j < i and to itself only, so it never sees its own or any later clean token. Its top-left
+    T x T corner is the ordinary causal mask, which is what a clean-only sequence of length <= T gets."""
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = torch.zeros(2 * length, 2 * length, dtype=torch.bool)
+    mask[:length, :length] = causal
+    mask[length:, :length] = causal.tril(-1)
+    mask[length:, length:] = torch.eye(length, dtype=torch.bool)
+    return mask
+
+
+@contextlib.contextmanager
+def counting_layer_calls(module: nn.Module) -> Iterator[list[int]]:
+    """Count forward calls of every AdaLNZeroLayer inside ``module`` (training and sampling cost, tests):
+    ``with counting_layer_calls(m) as calls: ...; calls[0]``."""
+    calls = [0]
+
+    def hook(*_):
+        calls[0] += 1
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, AdaLNZeroLayer)]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()

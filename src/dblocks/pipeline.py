@@ -56,6 +56,14 @@ class Pipeline:
                 pipe.experiments[name] = resolve(load_params(params_path, name))
             except ConfigError as exc:
                 raise ConfigError(f"{params_path}: experiments.{name}.{exc}") from None
+        for name in pipe.experiments:
+            judge = pipe.judge(name)
+            if judge is None:
+                continue
+            judges = [e for e, c in pipe.experiments.items() if c["task"] == "ar_text" and E2E in pipe.methods(e)]
+            if judge not in judges:
+                raise ConfigError(f"{params_path}: experiments.{name}.pipeline.judge={judge!r} is not an "
+                                  f"autoregressive experiment with an e2e baseline; allowed: {', '.join(judges)}")
         return pipe
 
     # --- settings --------------------------------------------------------------------------------
@@ -73,6 +81,14 @@ class Pipeline:
 
     def methods(self, exp: str) -> list[str]:
         return list(self.experiments[exp]["pipeline"]["methods"])
+
+    def judge(self, exp: str) -> str | None:
+        """The experiment whose end-to-end AR baseline judges this experiment's generated text."""
+        return self.experiments[exp]["pipeline"].get("judge")
+
+    @property
+    def text_evaluation(self) -> dict:
+        return self.evaluation.get("text", {})
 
     def blocks(self, exp: str) -> int:
         return self.experiments[exp]["blocks"]

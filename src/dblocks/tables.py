@@ -54,13 +54,21 @@ OURS_METRICS: dict[str, dict[str, tuple[str, float, str]]] = {
     "1": {"accuracy": ("accuracy", 100.0, "accuracy (%)")},
     "2": {"fid_train": ("fid_train", 1.0, "FID (train)"), "fid_test": ("fid_test", 1.0, "FID (test)")},
     "3": {"bpc": ("bpc", 1.0, "BPC")},
-    "4": {"mauve": ("mauve", 1.0, "MAUVE"), "gen_ppl_llama2": ("gen_ppl_llama2", 1.0, "gen. PPL (Llama-2)"),
-          "gen_ppl_gpt2xl": ("gen_ppl_gpt2xl", 1.0, "gen. PPL (GPT2-XL)")},
+    # what evaluate_text logs: MAUVE per featurizer and generative perplexity under this project's own
+    # end-to-end AR reference LM (offline) and under Llama-2 / GPT2-XL (online, evaluation.text.hf_judges)
+    "4": {"mauve_gpt2_large": ("mauve_gpt2_large", 1.0, "MAUVE (GPT-2 large)"),
+          "mauve_reference": ("mauve_reference", 1.0, "MAUVE (own reference-LM features)"),
+          "mauve_minilm": ("mauve_minilm", 1.0, "MAUVE (MiniLM features)"),
+          "gen_ppl_llama2": ("gen_ppl_llama2", 1.0, "gen. PPL (Llama-2)"),
+          "gen_ppl_gpt2xl": ("gen_ppl_gpt2xl", 1.0, "gen. PPL (GPT2-XL)"),
+          "gen_ppl_reference": ("gen_ppl_reference", 1.0, "gen. PPL (own reference LM)"),
+          "next_token_bits": ("next_token_bits", 1.0, "next-token bits/byte")},
     "6": {"accuracy": ("accuracy", 100.0, "accuracy (%)")},
     "7": {"fid": ("fid", 1.0, "FID")},
     "8": {"fid": ("fid", 1.0, "FID")},
     "10": {"fid": ("fid", 1.0, "FID")},
-    "11": {"mauve": ("mauve", 1.0, "MAUVE")},
+    "11": {"mauve_gpt2_large": ("mauve_gpt2_large", 1.0, "MAUVE (GPT-2 large)"),
+           "mauve_reference": ("mauve_reference", 1.0, "MAUVE (own reference-LM features)")},
     "gamma": {"fid": ("fid", 1.0, "FID")},
 }
 OURS_METRICS["5"] = OURS_METRICS["4"]

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dblocks import edm
 from dblocks.blocks import AssembledModel, BlockDenoiser
 from dblocks.checkpoint import load_training_state, save_training_state
 from dblocks.data import ImageDataset
+from dblocks.data.text import TextDataset
 from dblocks.noise import Partition
 
 Batch = dict[str, torch.Tensor]
@@ -41,10 +41,10 @@ def denoising_objective(model: BlockDenoiser, sample_sigma: Callable[[int, torch
     def objective(batch: Batch, gen: torch.Generator) -> torch.Tensor:
         y = task.target(batch)
         sigma = sample_sigma(y.shape[0], gen).to(y.device)
-        z = edm.add_noise(y, sigma, gen)
+        z = task.corrupt(y, sigma, gen)
         out = model(z, sigma, task.condition(batch))
-        weight = edm.loss_weight(sigma, task.sigma_data, max_loss_weight)
-        return task.loss(out.raw, out.denoised, batch, weight)
+        weight = task.loss_weight(sigma, max_loss_weight)
+        return task.loss(out.raw, out.denoised, {**batch, "noisy": z}, weight)
 
     return objective
 
@@ -76,6 +76,31 @@ def cross_entropy_objective(model: BlockDenoiser) -> Objective:
     return objective
 
 
+def next_token_objective(model: BlockDenoiser) -> Objective:
+    """The ordinary end-to-end language model: clean tokens, causal mask, next-token cross-entropy."""
+
+    def objective(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        tokens = batch["tokens"]
+        logits = model.network(None, tokens, None)
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:])
+
+    return objective
+
+
+def recurrent_objective(model: BlockDenoiser, mean_recurrence: int, backprop_depth: int) -> Objective:
+    """The Huginn baseline: next-token cross-entropy after r ~ log-normal Poisson (mean ``mean_recurrence``)
+    iterations of the recurrent block, backpropagating through the last ``backprop_depth`` only."""
+    from dblocks.models.huginn import recurrent_logits, sample_recurrence
+
+    def objective(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        tokens = batch["tokens"]
+        r = sample_recurrence(mean_recurrence, gen)
+        logits = recurrent_logits(model, tokens[:, :-1], r, backprop_depth, gen)
+        return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:])
+
+    return objective
+
+
 def training_job(exp, method: str, block: int | None = None) -> tuple[nn.Module, Objective, int]:
     """What one training job optimises, as (module, objective, optimizer steps), for an Experiment:
     block ``block`` alone (block-wise), the end-to-end baseline, or the paper's shared-stem mode, which
@@ -92,15 +117,22 @@ def training_job(exp, method: str, block: int | None = None) -> tuple[nn.Module,
         model = exp.e2e()
         if exp.config["task"] == "classification":
             return model, cross_entropy_objective(model), cfg["steps"]
+        if exp.config["task"] == "ar_text":
+            return model, next_token_objective(model), cfg["steps"]
+        if exp.config["task"] == "recurrent_text":
+            spec = exp.arch.spec
+            return model, recurrent_objective(model, spec.recurrence, spec.backprop_depth), cfg["steps"]
         full = exp.full_range
         return model, denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g), max_w), \
             cfg["steps"]
     raise ValueError(f"unknown method {method!r}; allowed: blockwise, e2e, paper")
 
 
-def sample_batch(data: ImageDataset, batch_size: int, gen: torch.Generator, device: torch.device) -> Batch:
+def sample_batch(data: ImageDataset | TextDataset, batch_size: int, gen: torch.Generator, device: torch.device) -> Batch:
     """A batch drawn with replacement by ``gen`` (whose state alone fixes the data position on resume)."""
-    idx = torch.randint(len(data.labels), (batch_size,), generator=gen)
+    idx = torch.randint(len(data), (batch_size,), generator=gen)
+    if hasattr(data, "batch"):  # text windows
+        return data.batch(idx, device)
     return {"image": data.images[idx].to(device), "label": data.labels[idx].to(device)}
 
 
@@ -138,7 +170,7 @@ class TrainResult:
     resumed_from: int = 0
 
 
-def train(module: nn.Module, objective: Objective, data: ImageDataset, cfg: dict, *, seed: int,
+def train(module: nn.Module, objective: Objective, data: ImageDataset | TextDataset, cfg: dict, *, seed: int,
           device: torch.device, state_path: Path | None = None, steps: int | None = None,
           on_log: Callable[[int, float, float], None] | None = None, desc: str = "train",
           progress: bool = True) -> TrainResult:

@@ -46,8 +46,9 @@ rule feature_net:
         "dblocks train-feature-net --data data/prepared/digits --out {output[0]} > {log} 2>&1"
 
 
-def _of_task(task):
-    return "|".join(e for e, c in PIPE.experiments.items() if c["task"] == task) or "^$"
+def _of_tasks(*tasks):
+    """A wildcard pattern matching exactly the experiments of these tasks (never empty-matching)."""
+    return "|".join(e for e, c in PIPE.experiments.items() if c["task"] in tasks) or "^$"
 
 
 EVAL_RESOURCES = dict(gpu=RES["gpu"], mem_mb=RES["mem_mb"])
@@ -62,7 +63,7 @@ rule evaluate_classifier:
     output:
         metrics=f"metrics/{SCALE}/{{exp}}/{{method}}.json",
     wildcard_constraints:
-        exp=_of_task("classification"),
+        exp=_of_tasks("classification"),
     params:
         data=lambda w: PIPE.prepared(dataset_of(w)),
     log:
@@ -140,7 +141,7 @@ rule evaluate_generator:
         metrics=f"metrics/{SCALE}/{{exp}}/{{method}}.json",
         grid=f"metrics/{SCALE}/{{exp}}/{{method}}-samples.png",
     wildcard_constraints:
-        exp=_of_task("generation"),
+        exp=_of_tasks("generation"),
     params:
         samples=PIPE.evaluation["samples"],
         steps=PIPE.evaluation["sample_steps"],
@@ -158,3 +159,48 @@ rule evaluate_generator:
         "--features {input.features[0]} --train-stats {input.train_stats[0]} --test-stats {input.test_stats[0]} "
         "--evaluations {params.evaluations} --fid-batch-size {params.batch} --samples {params.samples} "
         "--sample-steps {params.steps} --grid {output.grid} --out {output.metrics} --no-progress > {log} 2>&1"
+
+
+def judge_checkpoint(wildcards):
+    judge = PIPE.judge(wildcards.exp)
+    return [PIPE.e2e_checkpoint(judge)] if judge else []
+
+
+def text_evaluation_args(wildcards, input):
+    opts = PIPE.text_evaluation
+    args = [f"--judge {input.judge}"] if input.judge else []
+    for key in ("bound_samples", "max_windows", "prompts", "continuations", "new_tokens"):
+        if key in opts:
+            args.append(f"--{key.replace('_', '-')} {opts[key]}")
+    if "mauve_features" in opts:
+        args.append("--mauve-features " + " ".join(opts["mauve_features"]))
+    if opts.get("hf_judges"):
+        args.append("--hf-judges " + " ".join(opts["hf_judges"]))
+    return " ".join(args)
+
+
+rule evaluate_text:
+    """Masked LM: BPC (the ELBO, each t routed to its block) and samples. AR and recurrent depth: prompts
+    from the test split, continuations, MAUVE, generative perplexity under the judge, next-token quality."""
+    input:
+        model=lambda w: PIPE.model(w.exp, w.method),
+        run=f"results/{SCALE}/runs/{{exp}}.json",
+        data=prepared_split("test"),
+        judge=judge_checkpoint,
+    output:
+        metrics=f"metrics/{SCALE}/{{exp}}/{{method}}.json",
+    wildcard_constraints:
+        exp=_of_tasks("masked_text", "ar_text", "recurrent_text"),
+    params:
+        data=lambda w: PIPE.prepared(dataset_of(w)),
+        extra=text_evaluation_args,
+    log:
+        f"logs/{SCALE}/{{exp}}/evaluate-{{method}}.log",
+    benchmark:
+        f"results/{SCALE}/benchmarks/{{exp}}/evaluate-{{method}}.tsv"
+    threads: RES["threads"]
+    resources:
+        **EVAL_RESOURCES,
+    shell:
+        "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --data {params.data} --track {input.run} "
+        "--scale {SCALE} {params.extra} --out {output.metrics} > {log} 2>&1"

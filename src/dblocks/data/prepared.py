@@ -11,6 +11,7 @@ import torch
 
 from dblocks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dblocks.data.images import ImageDataset
+from dblocks.data.text import TextDataset, text_dataset_from_stream, token_streams
 
 #: largest raw pixel value per dataset: digits count ink in 0..16, CIFAR is 8-bit
 PIXEL_MAX = {"digits": 16, "cifar10": 255, "cifar100": 255}
@@ -60,3 +61,24 @@ def load_prepared(directory: str | Path, split: str, expected_name: str | None =
     else:
         images = images.float() / meta["pixel_max"] * 2 - 1
     return ImageDataset(meta["name"], meta["split"], images, labels.long(), meta["num_classes"])
+
+
+def save_prepared_text(name: str, split: str, directory: str | Path, root=None) -> Path:
+    """A text split as its token streams (every tokenizer), windowed at load time for any context length."""
+    streams = token_streams(name, split, root)
+    path = prepared_path(directory, split)
+    save_checkpoint(path, streams, {"kind": "text-dataset", "name": name, "split": split,
+                                    "tokens": {k: int(v.numel()) for k, v in streams.items()}})
+    return path
+
+
+def load_prepared_text(directory: str | Path, split: str, seq_len: int, tokenizer: str,
+                       expected_name: str | None = None) -> TextDataset:
+    path = prepared_path(directory, split)
+    tensors, meta = load_checkpoint(path)
+    if meta.get("kind") != "text-dataset":
+        raise CheckpointError(path, f"is a {meta.get('kind')!r} file, not a prepared text dataset", field="kind")
+    if expected_name is not None and meta["name"] != expected_name:
+        raise CheckpointError(path, f"holds dataset {meta['name']!r}, the config asks for {expected_name!r}",
+                              field="name")
+    return text_dataset_from_stream(meta["name"], meta["split"], tensors[tokenizer], seq_len, tokenizer)

@@ -8,8 +8,9 @@ an experiment is a combination of the three. Every task works on a batch dict an
 * ``loss(raw, denoised, batch, weight)``: the per-block training loss, weighted by lambda(sigma).
 """
 
+from dblocks.tasks.ar_text import ARTextTask, NextTokenEmbeddingTask
 from dblocks.tasks.base import Task
 from dblocks.tasks.classification import ClassificationTask, label_embeddings
 from dblocks.tasks.images import ImageGenerationTask
 
-__all__ = ["Task", "ClassificationTask", "ImageGenerationTask", "label_embeddings"]
+__all__ = ["ARTextTask", "NextTokenEmbeddingTask", "Task", "ClassificationTask", "ImageGenerationTask", "label_embeddings"]

@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from dblocks import edm
+
 
 class Task(ABC):
     #: the EDM data scale used by preconditioning and the loss weight
@@ -28,6 +30,19 @@ class Task(ABC):
     @abstractmethod
     def target_shape(self) -> tuple[int, ...]:
         """Shape of one example's target y (what the sampler starts from as pure noise)."""
+
+    # --- the forward process; EDM's by default, a task with another one (masked text) overrides these ---
+    def corrupt(self, y: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """z from the clean target y at noise level sigma (EDM: y + sigma * eps)."""
+        return edm.add_noise(y, sigma, generator)
+
+    def network_inputs(self, z: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the raw network sees: (c_in * z, c_noise) under EDM preconditioning."""
+        p = edm.preconditioning(sigma.to(z.dtype), self.sigma_data)
+        return edm.per_example(p.c_in, z) * z, p.c_noise
+
+    def loss_weight(self, sigma: torch.Tensor, max_weight: float | None = None) -> torch.Tensor:
+        return edm.loss_weight(sigma, self.sigma_data, max_weight)
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """Fixed tensors that define the target space; stored in every checkpoint and compared at assembly."""

@@ -1,0 +1,110 @@
+"""Huginn-style recurrent depth (Geiping et al. 2025): prelude (2 layers) -> a recurrent block (4 layers,
+applied r times to a latent state s together with the prelude's output e through an adapter) -> coda
+(2 layers) -> next-token logits. All layers are causal adaLN-Zero layers (dblocks.layers).
+
+The parts fit dblocks.blocks.BlockDenoiser: the stem holds the token embedding, the prelude and the adapter;
+``layers`` are the recurrent block; the head holds the coda and the read-out. Two ways to run them:
+
+* DiffusionBlocks (``noisy_target=True``): s is the noisy next-token embedding at every position (EDM),
+  the recurrent block runs ONCE per denoiser call conditioned on sigma; training is one forward pass per
+  step with sigma from the whole range, and inference keeps K iterations as K Euler steps from sigma_max.
+* End-to-end baseline (``noisy_target=False``): s_0 is random, r ~ a log-normal Poisson around the mean
+  recurrence, and gradients flow through the last ``backprop_depth`` iterations only (truncated BPTT):
+  :func:`recurrent_logits`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dblocks.layers import AdaLNZeroLayer, FinalLayer, NoiseEmbedding
+
+
+def _causal_layers(count: int, width: int, heads: int, mlp_ratio: float, context: int) -> nn.ModuleList:
+    mask = torch.ones(context, context, dtype=torch.bool).tril()
+    layers = nn.ModuleList(AdaLNZeroLayer(width, heads, mlp_ratio) for _ in range(count))
+    for layer in layers:
+        layer.attn_mask = mask
+    return layers
+
+
+class HuginnStem(nn.Module):
+    def __init__(self, vocab_size: int, context: int, width: int, heads: int, target_dim: int,
+                 noisy_target: bool, prelude: int = 2, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.token_embed = nn.Embedding(vocab_size, width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, context, width))
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.prelude = _causal_layers(prelude, width, heads, mlp_ratio, context)
+        self.adapter = nn.Linear(2 * width, width)  # [s; e] -> the recurrent block's input
+        self.noisy_target = noisy_target
+        self.width = width
+        if noisy_target:
+            self.target_embed = nn.Linear(target_dim, width)
+            self.noise_embed = NoiseEmbedding(width)
+        else:
+            self.constant_cond = nn.Parameter(torch.zeros(1, width))
+
+    def condition(self, tokens: torch.Tensor, c_noise: torch.Tensor | None) -> torch.Tensor:
+        if self.noisy_target:
+            return self.noise_embed(c_noise)
+        return self.constant_cond.expand(tokens.shape[0], -1)
+
+    def encode(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """e: the prelude's output, computed once per sequence."""
+        e = self.token_embed(tokens) + self.pos_embed[:, : tokens.shape[1]]
+        for layer in self.prelude:
+            e = layer(e, c)
+        return e
+
+    def inject(self, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return self.adapter(torch.cat([state, e], dim=-1))
+
+    def forward(self, z_in, tokens, c_noise):
+        """DiffusionBlocks mode: the recurrent block's input from the noisy target embeddings."""
+        c = self.condition(tokens, c_noise)
+        return self.inject(self.target_embed(z_in), self.encode(tokens, c)), c
+
+
+class HuginnHead(nn.Module):
+    def __init__(self, vocab_size: int, context: int, width: int, heads: int, coda: int = 2,
+                 mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.coda = _causal_layers(coda, width, heads, mlp_ratio, context)
+        self.final = FinalLayer(width, vocab_size)
+
+    def forward(self, h, c):
+        for layer in self.coda:
+            h = layer(h, c)
+        return self.final(h, c)
+
+
+def sample_recurrence(mean: int, generator: torch.Generator, sigma: float = 0.5) -> int:
+    """r ~ 1 + Poisson(exp(tau)), tau ~ N(log(mean - 1) - sigma^2/2, sigma): Huginn's log-normal Poisson, mean r."""
+    if mean <= 1:
+        return 1
+    tau = torch.randn(1, generator=generator).item() * sigma + math.log(mean - 1) - sigma**2 / 2
+    return 1 + int(torch.poisson(torch.tensor([math.exp(tau)]), generator=generator).item())
+
+
+def recurrent_logits(model, tokens: torch.Tensor, recurrence: int, backprop_depth: int | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """End-to-end Huginn: prelude once, the recurrent block ``recurrence`` times from a random state, coda.
+    Only the last ``backprop_depth`` iterations are differentiated (truncated BPTT; None: all)."""
+    stem, head = model.stem, model.head
+    c = stem.condition(tokens, None)
+    e = stem.encode(tokens, c)
+    device = tokens.device
+    state = torch.randn(*e.shape, generator=generator, device="cpu" if generator is not None else device).to(device)
+    frozen = recurrence - (backprop_depth if backprop_depth is not None else recurrence)
+    for i in range(recurrence):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= frozen):
+            h = stem.inject(state, e)
+            for layer in model.layers:
+                h = layer(h, c)
+            state = h
+    return head(state, c)

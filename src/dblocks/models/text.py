@@ -1,0 +1,88 @@
+"""Text model parts. The masked diffusion LM (MDM) is a DiT-style bidirectional transformer: token
+embeddings of z_t (the vocabulary plus one mask id) with learned positions, conditioning c = embedding of
+the masking time t, adaLN-Zero layers (dblocks.layers) and an adaLN final layer to logits over the
+vocabulary. The final layer is zero-initialised, so an untrained model predicts the uniform distribution."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dblocks.layers import FinalLayer, NoiseEmbedding
+
+
+class MDMStem(nn.Module):
+    def __init__(self, vocab_size: int, seq_len: int, width: int) -> None:
+        super().__init__()
+        self.token_embed = nn.Embedding(vocab_size + 1, width)  # last id: the mask
+        self.pos_embed = nn.Parameter(torch.zeros(1, seq_len, width))
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.time_embed = NoiseEmbedding(width)
+
+    def forward(self, z, cond, t):
+        if z.shape[1] > self.pos_embed.shape[1]:
+            raise ValueError(f"sequence of {z.shape[1]} tokens is longer than the context {self.pos_embed.shape[1]}")
+        return self.token_embed(z) + self.pos_embed[:, : z.shape[1]], self.time_embed(t)
+
+
+class TokenHead(nn.Module):
+    """Logits over the vocabulary at every position."""
+
+    def __init__(self, width: int, vocab_size: int) -> None:
+        super().__init__()
+        self.final = FinalLayer(width, vocab_size)
+
+    def forward(self, h, c):
+        return self.final(h, c)
+
+
+class ARStem(nn.Module):
+    """Autoregressive transformer stem. Block-wise (``noisy_target=True``): the sequence is [clean token
+    embeddings; projected noisy target embeddings], both halves with the same learned positions and a learned
+    marker on the noisy half, and c = embedding of c_noise; the layers carry dblocks.layers.clean_noisy_mask.
+    End-to-end (``noisy_target=False``): the clean half only (its causal corner of the same mask) and a learned
+    constant c, the ordinary next-token transformer."""
+
+    def __init__(self, vocab_size: int, seq_len: int, width: int, target_dim: int, noisy_target: bool = True) -> None:
+        super().__init__()
+        self.token_embed = nn.Embedding(vocab_size, width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, seq_len, width))
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.noisy_target = noisy_target
+        if noisy_target:
+            self.target_embed = nn.Linear(target_dim, width)
+            self.noisy_marker = nn.Parameter(torch.zeros(1, 1, width))
+            self.noise_embed = NoiseEmbedding(width)
+        else:
+            self.constant_cond = nn.Parameter(torch.zeros(1, width))
+
+    def forward(self, z_in, tokens, c_noise):
+        t = tokens.shape[1]
+        if t > self.pos_embed.shape[1]:
+            raise ValueError(f"sequence of {t} tokens is longer than the context {self.pos_embed.shape[1]}")
+        pos = self.pos_embed[:, :t]
+        clean = self.token_embed(tokens) + pos
+        if not self.noisy_target:
+            return clean, self.constant_cond.expand(tokens.shape[0], -1)
+        if z_in.shape[1] != self.pos_embed.shape[1] or t != z_in.shape[1]:
+            # the clean/noisy mask is built for the full context: block-wise runs always use all of it
+            raise ValueError(f"block-wise AR runs need {self.pos_embed.shape[1]} clean and noisy positions, "
+                             f"got {t} and {z_in.shape[1]}")
+        noisy = self.target_embed(z_in) + pos + self.noisy_marker
+        return torch.cat([clean, noisy], dim=1), self.noise_embed(c_noise)
+
+
+class LastPositionsHead(nn.Module):
+    """Logits over the vocabulary for the last ``seq_len`` positions: the noisy half of a block-wise AR
+    sequence (logits_i for token x_i), or every position of a clean-only one (logits_i for x_{i+1})."""
+
+    def __init__(self, width: int, vocab_size: int, seq_len: int) -> None:
+        super().__init__()
+        self.final = FinalLayer(width, vocab_size)
+        self.seq_len = seq_len
+
+    def forward(self, h, c):
+        half = h.shape[1] // 2 if h.shape[1] == 2 * self.seq_len else h.shape[1]
+        return self.final(h[:, -half:], c)
