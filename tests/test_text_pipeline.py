@@ -26,8 +26,8 @@ def test_text_params_fan_out_per_block_and_evaluate_with_the_judge():
     evaluations = {(j.wildcards["exp"], j.wildcards["method"]): j for j in jobs if j.rule == "evaluate_text"}
     assert len(evaluations) == 6
     huginn = evaluations[("huginn-lm1b", "blockwise")]
-    assert "--judge checkpoints/tiny/ar-lm1b/e2e.safetensors" in huginn.command
-    assert "checkpoints/tiny/ar-lm1b/e2e.safetensors" in huginn.inputs
+    assert "--judge checkpoints/tiny-text/ar-lm1b/e2e.safetensors" in huginn.command
+    assert "checkpoints/tiny-text/ar-lm1b/e2e.safetensors" in huginn.inputs
     assert "--judge" not in evaluations[("mdm-text8", "e2e")].command
     assert any(j.rule == "prepare_data" and j.wildcards["dataset"] == "shakespeare" for j in jobs)
 
@@ -39,3 +39,12 @@ def test_a_judge_must_be_an_autoregressive_experiment_with_a_baseline(tmp_path):
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"huginn-lm1b.pipeline.judge='mdm-text8' .* allowed: ar-lm1b"):
         Pipeline.load(bad, root=REPO)
+
+
+def test_text_and_image_params_never_write_the_same_file():
+    """Both files are scale 'tiny'; ``outputs: tiny-text`` keeps their products (tables, tracking records,
+    checkpoints, logs) apart, so running one never invalidates the other."""
+    image = {o for j in snakemake_jobs("params/tiny.yaml", REPO) for o in j.outputs}
+    text = {o for j in snakemake_jobs("params/tiny-text.yaml", REPO) for o in j.outputs}
+    assert "results/tiny-text/tables" in text and "results/tiny-text/runs/store.json" in text
+    assert not image & text

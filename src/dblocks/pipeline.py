@@ -72,6 +72,12 @@ class Pipeline:
         return self.raw["scale"]
 
     @property
+    def out(self) -> str:
+        """The folder name under results/, checkpoints/, models/, metrics/ and logs/: ``outputs`` if the
+        params file sets it (two params files of one scale must not share folders), else the scale."""
+        return self.raw.get("outputs") or self.scale
+
+    @property
     def resources(self) -> dict:
         return self.raw["resources"]
 
@@ -115,23 +121,23 @@ class Pipeline:
         return f"data/prepared/{dataset}"
 
     def run_json(self, exp: str) -> str:
-        return f"results/{self.scale}/runs/{exp}.json"
+        return f"results/{self.out}/runs/{exp}.json"
 
     def block_checkpoint(self, exp: str, block: int | str, method: str = BLOCKWISE) -> str:
         sub = "" if method == BLOCKWISE else "paper/"
-        return f"checkpoints/{self.scale}/{exp}/{sub}block-{block}.safetensors"
+        return f"checkpoints/{self.out}/{exp}/{sub}block-{block}.safetensors"
 
     def e2e_checkpoint(self, exp: str) -> str:
-        return f"checkpoints/{self.scale}/{exp}/e2e.safetensors"
+        return f"checkpoints/{self.out}/{exp}/e2e.safetensors"
 
     def model(self, exp: str, method: str) -> str:
-        return self.e2e_checkpoint(exp) if method == E2E else f"models/{self.scale}/{exp}/{method}.safetensors"
+        return self.e2e_checkpoint(exp) if method == E2E else f"models/{self.out}/{exp}/{method}.safetensors"
 
     def metrics(self, exp: str, method: str) -> str:
-        return f"metrics/{self.scale}/{exp}/{method}.json"
+        return f"metrics/{self.out}/{exp}/{method}.json"
 
     def feature_net(self) -> str:
-        return f"models/{self.scale}/digits-features.safetensors"
+        return f"models/{self.out}/digits-features.safetensors"
 
     def inception_weights(self) -> str:
         return "models/inception/inception-v3-compat.pth"
@@ -146,7 +152,7 @@ class Pipeline:
         return f"data/reference/{dataset}/{self.evaluation['fid_features']}-{size}/{split}.safetensors"
 
     def tables_dir(self) -> str:
-        return f"results/{self.scale}/tables"
+        return f"results/{self.out}/tables"
 
     # --- the job list ---------------------------------------------------------------------------------
     def targets(self) -> list[str]:

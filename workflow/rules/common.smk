@@ -35,7 +35,8 @@ for _bad in quarantine_corrupt(PIPE.checkpoint_files()):
 for _stale in invalidate_downstream_of_missing(PIPE):
     logger.warning(f"{_stale}: an input is missing; moved aside as {_stale.name}.stale, will rebuild")
 
-SCALE = PIPE.scale
+SCALE = PIPE.scale  # the label of the numbers (tiny | paper)
+OUT = PIPE.out  # the folder of this params file's products (default: the scale)
 RES = PIPE.resources
 EXPERIMENTS = list(PIPE.experiments)
 

@@ -5,7 +5,7 @@
 def assemble_inputs(wildcards):
     blocks = range(1, PIPE.blocks(wildcards.exp) + 1)
     if wildcards.assembled == "paper":
-        return [f"checkpoints/{SCALE}/{wildcards.exp}/paper"]
+        return [f"checkpoints/{OUT}/{wildcards.exp}/paper"]
     return [PIPE.block_checkpoint(wildcards.exp, b) for b in blocks]
 
 
@@ -19,13 +19,13 @@ rule assemble:
     input:
         assemble_inputs,
     output:
-        f"models/{SCALE}/{{exp}}/{{assembled}}.safetensors",
-        f"models/{SCALE}/{{exp}}/{{assembled}}.json",
+        f"models/{OUT}/{{exp}}/{{assembled}}.safetensors",
+        f"models/{OUT}/{{exp}}/{{assembled}}.json",
     params:
         blocks=lambda w: PIPE.blocks(w.exp),
         files=assemble_args,
     log:
-        f"logs/{SCALE}/{{exp}}/assemble-{{assembled}}.log",
+        f"logs/{OUT}/{{exp}}/assemble-{{assembled}}.log",
     shell:
         "dblocks assemble {params.files} --expect-blocks {params.blocks} --out {output[0]} > {log} 2>&1"
 
@@ -38,10 +38,10 @@ rule feature_net:
         "data/prepared/digits/test.safetensors",
         "data/prepared/digits/test.json",
     output:
-        f"models/{SCALE}/digits-features.safetensors",
-        f"models/{SCALE}/digits-features.json",
+        f"models/{OUT}/digits-features.safetensors",
+        f"models/{OUT}/digits-features.json",
     log:
-        f"logs/{SCALE}/feature-net.log",
+        f"logs/{OUT}/feature-net.log",
     shell:
         "dblocks train-feature-net --data data/prepared/digits --out {output[0]} > {log} 2>&1"
 
@@ -58,18 +58,18 @@ rule evaluate_classifier:
     """Accuracy on the held-out split: one Euler step per block from pure noise (each block runs once)."""
     input:
         model=lambda w: PIPE.model(w.exp, w.method),
-        run=f"results/{SCALE}/runs/{{exp}}.json",
+        run=f"results/{OUT}/runs/{{exp}}.json",
         data=prepared_split("test"),
     output:
-        metrics=f"metrics/{SCALE}/{{exp}}/{{method}}.json",
+        metrics=f"metrics/{OUT}/{{exp}}/{{method}}.json",
     wildcard_constraints:
         exp=_of_tasks("classification"),
     params:
         data=lambda w: PIPE.prepared(dataset_of(w)),
     log:
-        f"logs/{SCALE}/{{exp}}/evaluate-{{method}}.log",
+        f"logs/{OUT}/{{exp}}/evaluate-{{method}}.log",
     benchmark:
-        f"results/{SCALE}/benchmarks/{{exp}}/evaluate-{{method}}.tsv"
+        f"results/{OUT}/benchmarks/{{exp}}/evaluate-{{method}}.tsv"
     threads: RES["threads"]
     resources:
         **EVAL_RESOURCES,
@@ -133,13 +133,13 @@ rule evaluate_generator:
     FID against the cached reference statistics (best of evaluation.evaluations sample sets)."""
     input:
         model=lambda w: PIPE.model(w.exp, w.method),
-        run=f"results/{SCALE}/runs/{{exp}}.json",
+        run=f"results/{OUT}/runs/{{exp}}.json",
         features=fid_features_files,
         train_stats=reference_stats_files("train"),
         test_stats=reference_stats_files("test"),
     output:
-        metrics=f"metrics/{SCALE}/{{exp}}/{{method}}.json",
-        grid=f"metrics/{SCALE}/{{exp}}/{{method}}-samples.png",
+        metrics=f"metrics/{OUT}/{{exp}}/{{method}}.json",
+        grid=f"metrics/{OUT}/{{exp}}/{{method}}-samples.png",
     wildcard_constraints:
         exp=_of_tasks("generation"),
     params:
@@ -148,9 +148,9 @@ rule evaluate_generator:
         evaluations=PIPE.evaluation.get("evaluations", 1),
         batch=PIPE.evaluation.get("fid_batch_size", 256),
     log:
-        f"logs/{SCALE}/{{exp}}/evaluate-{{method}}.log",
+        f"logs/{OUT}/{{exp}}/evaluate-{{method}}.log",
     benchmark:
-        f"results/{SCALE}/benchmarks/{{exp}}/evaluate-{{method}}.tsv"
+        f"results/{OUT}/benchmarks/{{exp}}/evaluate-{{method}}.tsv"
     threads: RES["threads"]
     resources:
         **EVAL_RESOURCES,
@@ -184,20 +184,20 @@ rule evaluate_text:
     from the test split, continuations, MAUVE, generative perplexity under the judge, next-token quality."""
     input:
         model=lambda w: PIPE.model(w.exp, w.method),
-        run=f"results/{SCALE}/runs/{{exp}}.json",
+        run=f"results/{OUT}/runs/{{exp}}.json",
         data=prepared_split("test"),
         judge=judge_checkpoint,
     output:
-        metrics=f"metrics/{SCALE}/{{exp}}/{{method}}.json",
+        metrics=f"metrics/{OUT}/{{exp}}/{{method}}.json",
     wildcard_constraints:
         exp=_of_tasks("masked_text", "ar_text", "recurrent_text"),
     params:
         data=lambda w: PIPE.prepared(dataset_of(w)),
         extra=text_evaluation_args,
     log:
-        f"logs/{SCALE}/{{exp}}/evaluate-{{method}}.log",
+        f"logs/{OUT}/{{exp}}/evaluate-{{method}}.log",
     benchmark:
-        f"results/{SCALE}/benchmarks/{{exp}}/evaluate-{{method}}.tsv"
+        f"results/{OUT}/benchmarks/{{exp}}/evaluate-{{method}}.tsv"
     threads: RES["threads"]
     resources:
         **EVAL_RESOURCES,

@@ -7,10 +7,10 @@ rule tables:
     input:
         [PIPE.metrics(e, m) for e in EXPERIMENTS for m in PIPE.methods(e)],
     output:
-        tables=directory(f"results/{SCALE}/tables"),
-        figures=directory(f"results/{SCALE}/figures"),
+        tables=directory(f"results/{OUT}/tables"),
+        figures=directory(f"results/{OUT}/figures"),
     log:
-        f"logs/{SCALE}/tables.log",
+        f"logs/{OUT}/tables.log",
     shell:
-        "(dblocks track-sync --runs-dir results/{SCALE}/runs && "
-        "dblocks tables --params {PARAMS} --out results/{SCALE}) > {log} 2>&1"
+        "(dblocks track-sync --runs-dir results/{OUT}/runs && "
+        "dblocks tables --params {PARAMS} --out results/{OUT}) > {log} 2>&1"

@@ -6,21 +6,21 @@
 
 rule tracking_store:
     output:
-        f"results/{SCALE}/runs/store.json",
+        f"results/{OUT}/runs/store.json",
     log:
-        f"logs/{SCALE}/tracking-store.log",
+        f"logs/{OUT}/tracking-store.log",
     shell:
-        "dblocks track-init --params {PARAMS} --out-dir results/{SCALE}/runs --store-only --allow-offline > {log} 2>&1"
+        "dblocks track-init --params {PARAMS} --out-dir results/{OUT}/runs --store-only --allow-offline > {log} 2>&1"
 
 
 rule tracking_parent:
     input:
-        f"results/{SCALE}/runs/store.json",
+        f"results/{OUT}/runs/store.json",
     output:
-        f"results/{SCALE}/runs/{{exp}}.json",
+        f"results/{OUT}/runs/{{exp}}.json",
     params:
         config_hash=lambda w: PIPE.hash(w.exp),  # a changed experiment gets a new parent run
     log:
-        f"logs/{SCALE}/{{exp}}/tracking-parent.log",
+        f"logs/{OUT}/{{exp}}/tracking-parent.log",
     shell:
-        "dblocks track-init --params {PARAMS} --out-dir results/{SCALE}/runs --experiment {wildcards.exp} --allow-offline > {log} 2>&1"
+        "dblocks track-init --params {PARAMS} --out-dir results/{OUT}/runs --experiment {wildcards.exp} --allow-offline > {log} 2>&1"

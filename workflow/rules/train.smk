@@ -5,17 +5,17 @@
 rule train_block:
     input:
         data=prepared_split("train"),
-        run=f"results/{SCALE}/runs/{{exp}}.json",
+        run=f"results/{OUT}/runs/{{exp}}.json",
     output:
-        checkpoint=f"checkpoints/{SCALE}/{{exp}}/block-{{block}}.safetensors",
-        metadata=f"checkpoints/{SCALE}/{{exp}}/block-{{block}}.json",
+        checkpoint=f"checkpoints/{OUT}/{{exp}}/block-{{block}}.safetensors",
+        metadata=f"checkpoints/{OUT}/{{exp}}/block-{{block}}.json",
     params:
         config_hash=lambda w: PIPE.hash(w.exp),
         data=lambda w: PIPE.prepared(dataset_of(w)),
     log:
-        f"logs/{SCALE}/{{exp}}/train-block-{{block}}.log",
+        f"logs/{OUT}/{{exp}}/train-block-{{block}}.log",
     benchmark:
-        f"results/{SCALE}/benchmarks/{{exp}}/train-block-{{block}}.tsv"
+        f"results/{OUT}/benchmarks/{{exp}}/train-block-{{block}}.tsv"
     threads: RES["threads"]
     resources:
         **TRAIN_RESOURCES,
@@ -28,17 +28,17 @@ rule train_block:
 rule train_baseline:
     input:
         data=prepared_split("train"),
-        run=f"results/{SCALE}/runs/{{exp}}.json",
+        run=f"results/{OUT}/runs/{{exp}}.json",
     output:
-        checkpoint=f"checkpoints/{SCALE}/{{exp}}/e2e.safetensors",
-        metadata=f"checkpoints/{SCALE}/{{exp}}/e2e.json",
+        checkpoint=f"checkpoints/{OUT}/{{exp}}/e2e.safetensors",
+        metadata=f"checkpoints/{OUT}/{{exp}}/e2e.json",
     params:
         config_hash=lambda w: PIPE.hash(w.exp),
         data=lambda w: PIPE.prepared(dataset_of(w)),
     log:
-        f"logs/{SCALE}/{{exp}}/train-e2e.log",
+        f"logs/{OUT}/{{exp}}/train-e2e.log",
     benchmark:
-        f"results/{SCALE}/benchmarks/{{exp}}/train-e2e.tsv"
+        f"results/{OUT}/benchmarks/{{exp}}/train-e2e.tsv"
     threads: RES["threads"]
     resources:
         **TRAIN_RESOURCES,
@@ -52,16 +52,16 @@ rule train_shared:
     block checkpoints at once, so its output is their directory."""
     input:
         data=prepared_split("train"),
-        run=f"results/{SCALE}/runs/{{exp}}.json",
+        run=f"results/{OUT}/runs/{{exp}}.json",
     output:
-        directory(f"checkpoints/{SCALE}/{{exp}}/paper"),
+        directory(f"checkpoints/{OUT}/{{exp}}/paper"),
     params:
         config_hash=lambda w: PIPE.hash(w.exp),
         data=lambda w: PIPE.prepared(dataset_of(w)),
     log:
-        f"logs/{SCALE}/{{exp}}/train-paper.log",
+        f"logs/{OUT}/{{exp}}/train-paper.log",
     benchmark:
-        f"results/{SCALE}/benchmarks/{{exp}}/train-paper.tsv"
+        f"results/{OUT}/benchmarks/{{exp}}/train-paper.tsv"
     threads: RES["threads"]
     resources:
         **TRAIN_RESOURCES,
