@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from dblocks.checkpoint import load_metadata
-from tests.slurm.cluster import PARTITION, LocalCluster
+from tests.slurm.cluster import PARTITION, LocalCluster, die_with_parent
 
 pytestmark = pytest.mark.slurm
 
@@ -63,8 +64,14 @@ def state(b: int) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    with LocalCluster(tmp_path_factory.mktemp("slurm-cluster")) as running:
-        yield running
+    # SIGTERM (e.g. a CI timeout) becomes KeyboardInterrupt, so pytest still tears the cluster down;
+    # SIGKILL is covered by the daemons' parent-death signal.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with LocalCluster(tmp_path_factory.mktemp("slurm-cluster")) as running:
+            yield running
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def start_snakemake(cluster: LocalCluster, work: Path, name: str) -> tuple[subprocess.Popen, Path]:
@@ -75,7 +82,7 @@ def start_snakemake(cluster: LocalCluster, work: Path, name: str) -> tuple[subpr
     with open(log, "w") as out:
         proc = subprocess.Popen([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--profile", str(PROFILE),
                                  "--config", "params=micro.yaml", *SITE],
-                                cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+                                cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     return proc, log
 
 
@@ -117,7 +124,7 @@ JOB_LINE = re.compile(r"^(?:local)?rule (\w+):|^\s+wildcards: (.*)$", re.M)
 
 def describe(job: dict, work: Path) -> tuple:
     """(rule, wildcards) of a SLURM job, from the output file SLURM wrote for it."""
-    text = (work / job["StdOut"]).read_text() if not job["StdOut"].startswith("/") else Path(job["StdOut"]).read_text()
+    text = (work / job["StdOut"]).read_text()  # scontrol gives an absolute path
     rule, wildcards = None, ""
     for m in JOB_LINE.finditer(text):
         rule = rule or m.group(1)
@@ -146,7 +153,7 @@ def runs(cluster, tmp_path_factory):
             proc.kill()
             proc.wait(timeout=30)
     jobs1 = cluster.jobs()
-    before_rerun = {b: (work / block(b)).stat().st_mtime_ns for b in (1, 2) if (work / block(b)).exists()}
+    before_rerun = {b: (work / block(b)).stat().st_mtime_ns for b in (1, 2)}  # both must have finished
 
     # The user reads block 3's log, removes the corrupt state and reruns the same command.
     (work / state(3)).unlink()

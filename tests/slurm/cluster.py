@@ -30,7 +30,7 @@ class ClusterError(RuntimeError):
     pass
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: SIGKILL it when the process that started it dies."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
@@ -112,7 +112,8 @@ class LocalCluster:
             "SelectTypeParameters=CR_Core_Memory",
             "MpiDefault=none",
             "ReturnToService=2",
-            "MinJobAge=3600",  # no accounting: finished jobs stay visible to squeue/scontrol this long
+            "MinJobAge=3600",
+            "KillWait=5",  # scancel: SIGTERM, then SIGKILL after 5 s  # no accounting: finished jobs stay visible to squeue/scontrol this long
             "SchedulerParameters=sched_interval=1",
             "GresTypes=gpu",
             # Count-only GPUs: SLURM schedules and records GPU requests; the jobs themselves run on the CPU.
@@ -131,7 +132,7 @@ class LocalCluster:
     def _spawn(self, name: str, argv: list[str]) -> None:
         out = open(self.root / f"log/{name}.out", "wb")
         self.procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self.env, preexec_fn=_die_with_parent, start_new_session=True)
+                                            env=self.env, preexec_fn=die_with_parent, start_new_session=True)
         out.close()
 
     def start(self, timeout: float = 60) -> "LocalCluster":
@@ -175,6 +176,10 @@ class LocalCluster:
             ids = self.client("squeue", "-h", "-o", "%i", check=False).stdout.split()
             if ids:
                 self.client("scancel", *ids, check=False)
+                # slurmd must still run to end the jobs' processes (KillWait is short here)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and self.client("squeue", "-h", "-o", "%i", check=False).stdout.strip():
+                    time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
