@@ -1,0 +1,230 @@
+"""`snakemake --profile slurm` against a real SLURM cluster (munged + slurmctld + slurmd on loopback, started
+by tests/slurm/cluster.py from the Debian packages that tests/slurm/install.sh installs).
+
+One micro pipeline (3 blocks of a ViT-micro) goes through sbatch twice with the repository's own profile;
+only the cluster-specific settings (partition, no account, squeue status checks, short waits) are given
+on the command line, as a site would. In the first run block 3 is made to fail on purpose (its resume state
+is corrupt) and block 2 is killed with scancel mid-training; the second run, after the corrupt state is
+removed, must run only block 3 and what depends on it. What ran is checked with SLURM itself: every job's
+record from `scontrol show job` (state, exit code, GPU request, time limit) and the job's own SLURM
+output file, which names its rule and wildcards.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dblocks.checkpoint import load_metadata
+from tests.slurm.cluster import PARTITION, LocalCluster, die_with_parent
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PROFILE = REPO / "profiles/slurm"
+EXP = "vit-cifar100"
+STEPS, CHECKPOINT_EVERY = 400, 50  # ~6 s of training: scancel lands after the first checkpoint, before the end
+MICRO = f"""
+scale: tiny
+tracking: {{uri: "sqlite:///mlflow.db", experiment: micro-slurm}}
+resources: {{gpu: 1, mem_mb: 1000, runtime: 10, threads: 1}}
+evaluation: {{samples: 40, sample_steps: 6, fid_features: digits}}
+defaults: {{dataset: digits, seed: 0, device: cpu}}
+experiments:
+  {EXP}:
+    task: classification
+    arch: ViT-micro
+    blocks: 3
+    train: {{steps: {STEPS}, batch_size: 16, warmup: 1, log_every: 50, checkpoint_every: {CHECKPOINT_EVERY}}}
+    pipeline: {{tables: ["1"], methods: [blockwise]}}
+"""
+# What a site sets for this one-node cluster; everything else comes from profiles/slurm.
+SITE = ["--default-resources", f"slurm_partition={PARTITION}", "mem_mb=500", "runtime=10",
+        "--slurm-no-account", "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "8",
+        "--latency-wait", "5",
+        "--retries", "1"]  # the profile's 2 work the same way; one retry keeps the suite short
+RUN_TIMEOUT = 300
+
+
+def block(b: int) -> str:
+    return f"checkpoints/tiny/{EXP}/block-{b}.safetensors"
+
+
+def state(b: int) -> str:
+    return f"checkpoints/tiny/{EXP}/block-{b}.state.safetensors"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    # SIGTERM (e.g. a CI timeout) becomes KeyboardInterrupt, so pytest still tears the cluster down;
+    # SIGKILL is covered by the daemons' parent-death signal.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with LocalCluster(tmp_path_factory.mktemp("slurm-cluster")) as running:
+            yield running
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def start_snakemake(cluster: LocalCluster, work: Path, name: str) -> tuple[subprocess.Popen, Path]:
+    env = dict(cluster.env, PATH=f"{BIN}{os.pathsep}{cluster.env.get('PATH', '')}", HF_DATASETS_OFFLINE="1",
+               HF_HUB_OFFLINE="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = work / f"snakemake-{name}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--profile", str(PROFILE),
+                                 "--config", "params=micro.yaml", *SITE],
+                                cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    return proc, log
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = RUN_TIMEOUT) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+        raise AssertionError(f"snakemake did not finish in {timeout} s:\n{log.read_text()[-4000:]}") from None
+
+
+def training_job_of(cluster: LocalCluster, b: int) -> str:
+    """The SLURM job id of the process now training block ``b`` on this cluster (read from its environment)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
+        except OSError:
+            continue
+        if b"train-block" in cmd and [b"--block", str(b).encode()] in [cmd[i:i + 2] for i in range(len(cmd))] \
+                and environ.get(b"SLURM_CONF", b"").decode() == cluster.env["SLURM_CONF"]:
+            return environ[b"SLURM_JOB_ID"].decode()
+    raise LookupError(f"no process trains block {b}")
+
+
+def wait_for(predicate, timeout: float, what: str, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"{what} within {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+JOB_LINE = re.compile(r"^(?:local)?rule (\w+):|^\s+wildcards: (.*)$", re.M)
+
+
+def describe(job: dict, work: Path) -> tuple:
+    """(rule, wildcards) of a SLURM job, from the output file SLURM wrote for it."""
+    text = (work / job["StdOut"]).read_text()  # scontrol gives an absolute path
+    rule, wildcards = None, ""
+    for m in JOB_LINE.finditer(text):
+        rule = rule or m.group(1)
+        wildcards = wildcards or (m.group(2) or "")
+    return rule, wildcards.strip()
+
+
+@pytest.fixture(scope="module")
+def runs(cluster, tmp_path_factory):
+    """Run 1 (block 3 fails on purpose, block 2 is scancelled mid-training) and run 2 (the rerun)."""
+    work = tmp_path_factory.mktemp("slurm-pipeline")
+    (work / "micro.yaml").write_text(MICRO)
+    # The deliberate failure: block 3 finds a corrupt resume state and refuses to train from it.
+    (work / state(3)).parent.mkdir(parents=True)
+    (work / state(3)).write_bytes(b"not a training state")
+
+    proc, log1 = start_snakemake(cluster, work, "run1")
+    try:
+        # block 2 has written its first training-state checkpoint: kill its SLURM job now
+        wait_for(lambda: (work / state(2)).exists(), RUN_TIMEOUT, "block 2 wrote no training state", log1)
+        killed = wait_for(lambda: _try(training_job_of, cluster, 2), 30, "no process trains block 2", log1)
+        cluster.client("scancel", killed)
+        rc1 = finish(proc, log1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    jobs1 = cluster.jobs()
+    before_rerun = {b: (work / block(b)).stat().st_mtime_ns for b in (1, 2)}  # both must have finished
+
+    # The user reads block 3's log, removes the corrupt state and reruns the same command.
+    (work / state(3)).unlink()
+    proc, log2 = start_snakemake(cluster, work, "run2")
+    rc2 = finish(proc, log2)
+    seen = {j["JobId"] for j in jobs1}
+    jobs2 = [j for j in cluster.jobs() if j["JobId"] not in seen]
+    return dict(work=work, killed=killed, rc1=rc1, rc2=rc2, log1=log1, log2=log2, before_rerun=before_rerun,
+                run1=[(describe(j, work), j) for j in jobs1], run2=[(describe(j, work), j) for j in jobs2])
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except LookupError:
+        return None
+
+
+def of(run: list, rule: str, wildcards: str = "") -> list[dict]:
+    return [j for (r, w), j in run if r == rule and (not wildcards or w == wildcards)]
+
+
+def test_every_job_went_through_sbatch_and_slurm_ran_it(runs):
+    ran = runs["run1"] + runs["run2"]
+    assert runs["rc2"] == 0, runs["log2"].read_text()[-4000:]
+    assert (runs["work"] / "results/tiny/tables/table1.md").is_file()
+    expected = {"prepare_data", "tracking_store", "tracking_parent", "train_block", "assemble",
+                "evaluate_classifier", "tables"}
+    assert {rule for (rule, _), _ in ran} == expected
+    for (rule, wildcards), job in ran:
+        assert job["Partition"] == PARTITION and job["NodeList"] == "localhost", job
+        if not (rule == "train_block" and wildcards.endswith("block=3") or job["JobId"] == runs["killed"]):
+            assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), (rule, wildcards, job)
+
+
+def test_training_jobs_request_one_gpu_and_their_time_limit_grows_with_each_attempt(runs):
+    for (rule, _), job in runs["run1"] + runs["run2"]:
+        gpus = job.get("TresPerJob", "") + job.get("TresPerNode", "")
+        assert ("gpu:1" in gpus) == (rule in ("train_block", "evaluate_classifier")), (rule, job)
+    attempts = sorted(of(runs["run1"], "train_block", f"exp={EXP}, block=3"), key=lambda j: int(j["JobId"]))
+    assert [j["TimeLimit"] for j in attempts] == [f"00:{10 * a}:00" for a in range(1, len(attempts) + 1)]
+
+
+def test_a_failing_block_fails_alone_after_its_retries(runs):
+    assert runs["rc1"] != 0
+    failed = of(runs["run1"], "train_block", f"exp={EXP}, block=3")
+    assert len(failed) == 2  # the first attempt and its retry, each a new SLURM job
+    for job in failed:
+        assert job["JobState"] == "FAILED" and job["ExitCode"] != "0:0", job
+    # the failure is the one made on purpose; the run's output shows the job's log (show-failed-logs)
+    assert f"incomplete checkpoint: metadata sidecar missing for {state(3)}" in runs["log1"].read_text()
+    # the other blocks finished in that same run; nothing downstream of block 3 was submitted
+    for b in (1, 2):
+        assert [j["JobState"] for j in of(runs["run1"], "train_block", f"exp={EXP}, block={b}")][-1] == "COMPLETED"
+    assert not of(runs["run1"], "assemble") and not of(runs["run1"], "tables")
+
+
+def test_rerun_runs_only_the_failed_block_and_what_depends_on_it(runs):
+    assert sorted((rule, w) for (rule, w), _ in runs["run2"]) == sorted([
+        ("train_block", f"exp={EXP}, block=3"), ("assemble", f"exp={EXP}, assembled=blockwise"),
+        ("evaluate_classifier", f"exp={EXP}, method=blockwise"), ("tables", "")])
+    for b, mtime in runs["before_rerun"].items():
+        assert (runs["work"] / block(b)).stat().st_mtime_ns == mtime  # blocks 1 and 2 were not retrained
+    assert load_metadata(runs["work"] / block(3))["resumed_from"] == 0
+
+
+def test_a_scancelled_job_is_resubmitted_and_resumes_from_its_checkpoint(runs):
+    attempts = sorted(of(runs["run1"], "train_block", f"exp={EXP}, block=2"), key=lambda j: int(j["JobId"]))
+    assert attempts[0]["JobId"] == runs["killed"] and attempts[0]["JobState"] == "CANCELLED"
+    assert [j["JobState"] for j in attempts[1:]] == ["COMPLETED"]
+    meta = load_metadata(runs["work"] / block(2))
+    assert 0 < meta["resumed_from"] < STEPS and meta["resumed_from"] % CHECKPOINT_EVERY == 0
+    assert meta["step"] == STEPS
+    assert not (runs["work"] / state(2)).exists()  # a finished job drops its resume state
