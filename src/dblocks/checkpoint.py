@@ -24,11 +24,16 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    import torch
+
+# torch (and safetensors.torch, which imports it) are imported inside the functions that handle tensors:
+# the Snakefile checks checkpoints' JSON records (load_metadata, sha256_file) before any job, and every
+# SLURM job parses the Snakefile again, so this module must import in milliseconds.
 
 FORMAT_VERSION = 1
 
@@ -183,6 +188,8 @@ def _describe_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str
 def _prepare_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU tensors with no two sharing storage (safetensors refuses shared
     storage, which tied weights and views of one buffer would otherwise produce)."""
+    import torch
+
     prepared: dict[str, torch.Tensor] = {}
     seen_storages: set[int] = set()
     for name, tensor in tensors.items():
@@ -221,6 +228,8 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
     # Both files are fully written and fsynced before either rename, so the only window in which the
     # pair is inconsistent is between the two renames, which the checksum on load detects.
     with _staging_file(path) as tensor_tmp, _staging_file(json_path) as json_tmp:
+        from safetensors.torch import save_file
+
         save_file(prepared, tensor_tmp, metadata=header)
         _fsync_file(tensor_tmp)
         record = {**core, "sha256": sha256_file(tensor_tmp), "tensors": _describe_tensors(prepared)}
@@ -311,6 +320,9 @@ def load_checkpoint(
     if verify and sha256_file(path) != record["sha256"]:
         raise CheckpointError(path, "checksum mismatch: file is corrupted or was modified", field="sha256")
     try:
+        import torch
+        from safetensors.torch import load_file
+
         tensors = load_file(path, device=str(torch.device(device)))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(path, f"not a readable safetensors file (truncated or foreign?): {exc}") from exc
@@ -337,6 +349,8 @@ def _under_prefix(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str,
 
 def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Optimizer state -> (tensors named ``optim/<param index>/<key>``, JSON-able rest)."""
+    import torch
+
     tensors: dict[str, torch.Tensor] = {}
     plain_state: dict[str, dict[str, Any]] = {}
     for index, param_state in state_dict["state"].items():
@@ -378,6 +392,8 @@ def _jsonable_scheduler_state(scheduler: Any) -> dict | None:
 
 
 def _rng_tensors(generators: Mapping[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    import torch
+
     tensors = {_RNG_TORCH: torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors.update({f"{_RNG_CUDA}{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -449,6 +465,8 @@ def _check_generators_match(path: Path, generators: Mapping[str, torch.Generator
 
 
 def _restore_rng(tensors: Mapping[str, torch.Tensor], generators: Mapping[str, torch.Generator]) -> None:
+    import torch
+
     torch.set_rng_state(tensors[_RNG_TORCH])
     if torch.cuda.is_available():
         # Devices beyond those present now (resuming on fewer GPUs) have nothing to restore into.

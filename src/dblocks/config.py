@@ -46,6 +46,9 @@ TASK_FAMILY = {"classification": "vit", "generation": "dit", "masked_text": "mdm
                "recurrent_text": "huginn"}
 #: tasks whose data is text (the others read images)
 TEXT_TASKS = ("masked_text", "ar_text", "recurrent_text")
+#: the text data sets a params file may name (loaded by dblocks.data.text); every other dataset is images.
+#: Kept here, not in dblocks.data, so that validating params never imports torch.
+TEXT_DATASETS = ("shakespeare", "text8", "lm1b", "openwebtext")
 
 
 class ConfigError(ValueError):
@@ -152,11 +155,10 @@ def validate(config: dict) -> dict:
         allowed = [n for n, s in ARCHITECTURES.items() if s.family == family]
         raise ConfigError(f"arch={config['arch']!r} is a {spec.family} model but task={config['task']!r} "
                           f"needs one of: {', '.join(allowed)}")
-    from dblocks.data.text import TEXT_DATASETS
-
     text_task, text_data = config["task"] in TEXT_TASKS, config["dataset"] in TEXT_DATASETS
     if text_task != text_data:
-        allowed = TEXT_DATASETS if text_task else [d for d in ("digits", "cifar10", "cifar100")]
+        datasets = _schema()["properties"]["dataset"]["enum"]
+        allowed = TEXT_DATASETS if text_task else [d for d in datasets if d not in TEXT_DATASETS]
         raise ConfigError(f"dataset={config['dataset']!r} does not fit task={config['task']!r}; "
                           f"allowed: {', '.join(allowed)}")
     if config["task"] == "recurrent_text" and config["blocks"] != 1:

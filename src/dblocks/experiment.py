@@ -15,7 +15,8 @@ from dblocks.blocks import AssembledModel, BlockDenoiser, convert_stack
 from dblocks.data import ImageDataset, load_image_dataset, load_prepared, load_prepared_text
 from dblocks.data.text import VOCAB_SIZE, TextDataset, load_text_dataset
 from dblocks.masked_diffusion import MaskedTextTask, MaskingPartition
-from dblocks.models import Architecture, get_arch
+from dblocks.models import get_arch
+from dblocks.models.parts import Architecture
 from dblocks.noise import NoiseDistribution, Partition, layer_ranges, layer_split
 from dblocks.tasks import ARTextTask, ClassificationTask, NextTokenEmbeddingTask, ImageGenerationTask, Task
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 PARTITION_KINDS = ("equiprobable", "uniform")
 _STD_NORMAL = NormalDist()
@@ -47,6 +49,8 @@ class NoiseDistribution:
     def sample(self, n: int, low: float | None = None, high: float | None = None,
                generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
         """Inverse-CDF sampling of n sigmas from the log-normal truncated to [low, high]."""
+        import torch  # here, not at the top: params validation (config, the Snakefile) imports this module
+
         low = self.sigma_min if low is None else low
         high = self.sigma_max if high is None else high
         q_lo, q_hi = self.cdf(low), self.cdf(high)
@@ -129,6 +133,8 @@ class Partition:
 
     def route(self, sigma: float | torch.Tensor) -> int | torch.Tensor:
         """The block owning each sigma: block b owns (low, high]; sigma_min belongs to block B."""
+        import torch
+
         inner = torch.tensor(self.boundaries[1:-1], dtype=torch.float64)
         s = torch.as_tensor(sigma, dtype=torch.float64)
         # number of inner boundaries strictly below sigma = index of the interval from the bottom

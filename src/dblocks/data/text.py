@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-TEXT_DATASETS = ("shakespeare", "text8", "lm1b", "openwebtext")
+from dblocks.config import TEXT_DATASETS  # the params vocabulary lives with the params
+
 TOKENIZERS = ("char27", "bytes")
 TEXT_SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = {"train": (0.0, 0.9), "validation": (0.9, 0.95), "test": (0.95, 1.0)}
