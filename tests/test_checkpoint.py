@@ -143,7 +143,9 @@ def test_failing_tensor_write_leaves_previous_checkpoint_untouched(tmp_path, mon
             f.write(b"partial bytes")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", half_write_then_fail)
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_write_then_fail)  # imported where it is used
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path / "block.safetensors", {"other": torch.ones(3)}, {"block": 9})
 
