@@ -71,8 +71,8 @@ def evaluate_generator(model, exp: Experiment, reference: ImageDataset | None, *
                        batch_size: int = 256, decode=None) -> dict:
     """Class-balanced samples from ``steps`` Euler steps, FID and the sampling cost.
 
-    ``features`` is a digits feature net (``.safetensors``: domain FID, the tiny scale) or converted
-    Inception weights (``.pth``: the paper's FID). With ``reference_stats`` ({split: cached statistics
+    ``features`` is a digits feature net (domain FID, the tiny scale) or converted Inception weights (the
+    paper's FID), both safetensors checkpoints told apart by their record. With ``reference_stats`` ({split: cached statistics
     file}, e.g. train and test) the paper's protocol runs: ``evaluations`` independent sample sets (seeds
     ``seed``, ``seed + 1``, ...), each scored against every split, and ``fid_<split>`` is the best (lowest)
     of them; every evaluation's value is kept in ``fid_<split>_all``. Without it, the sample sets are
