@@ -38,14 +38,20 @@ def save_prepared(ds: ImageDataset, directory: str | Path) -> Path:
     return path
 
 
-def load_prepared(directory: str | Path, split: str, expected_name: str | None = None) -> ImageDataset:
+def _load_split(directory: str | Path, split: str, kind: str, expected_name: str | None):
+    """(path, tensors, metadata) of a prepared split, checked to be a ``kind`` file of ``expected_name``."""
     path = prepared_path(directory, split)
     tensors, meta = load_checkpoint(path)
-    if meta.get("kind") != "dataset":
-        raise CheckpointError(path, f"is a {meta.get('kind')!r} file, not a prepared dataset", field="kind")
+    if meta.get("kind") != kind:
+        raise CheckpointError(path, f"is a {meta.get('kind')!r} file, not a prepared {kind}", field="kind")
     if expected_name is not None and meta["name"] != expected_name:
         raise CheckpointError(path, f"holds dataset {meta['name']!r}, the config asks for {expected_name!r}",
                               field="name")
+    return path, tensors, meta
+
+
+def load_prepared(directory: str | Path, split: str, expected_name: str | None = None) -> ImageDataset:
+    path, tensors, meta = _load_split(directory, split, "dataset", expected_name)
     if set(tensors) != {"images", "labels"}:
         raise CheckpointError(path, f"holds tensors {sorted(tensors)}; allowed: images and labels", field="tensors")
     images, labels = tensors["images"], tensors["labels"]
@@ -74,11 +80,8 @@ def save_prepared_text(name: str, split: str, directory: str | Path, root=None) 
 
 def load_prepared_text(directory: str | Path, split: str, seq_len: int, tokenizer: str,
                        expected_name: str | None = None) -> TextDataset:
-    path = prepared_path(directory, split)
-    tensors, meta = load_checkpoint(path)
-    if meta.get("kind") != "text-dataset":
-        raise CheckpointError(path, f"is a {meta.get('kind')!r} file, not a prepared text dataset", field="kind")
-    if expected_name is not None and meta["name"] != expected_name:
-        raise CheckpointError(path, f"holds dataset {meta['name']!r}, the config asks for {expected_name!r}",
-                              field="name")
+    path, tensors, meta = _load_split(directory, split, "text-dataset", expected_name)
+    if tokenizer not in tensors:
+        raise CheckpointError(path, f"has no {tokenizer!r} tokens; allowed: {', '.join(sorted(tensors))}",
+                              field="tensors")
     return text_dataset_from_stream(meta["name"], meta["split"], tensors[tokenizer], seq_len, tokenizer)
