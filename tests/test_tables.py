@@ -7,6 +7,7 @@ import itertools
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -285,3 +286,18 @@ def test_paper_numbers_and_param_parsing():
     assert tables.parse_param("None") is None
     assert tables.parse_param("0.0") == 0.0
     assert tables.parse_param("uniform") == "uniform"
+
+
+def test_online_only_metrics_read_not_run_rather_than_missing():
+    """GPT-2 large MAUVE and the Llama-2 / GPT2-XL judges need a download; a finished offline run without
+    them shows "—" (not run here), while an offline metric that is absent stays n/a."""
+    from dblocks.tables import DASH, NA, ONLINE_METRICS, metric_cell
+
+    class Index:
+        def latest(self, experiment, job, method, block):
+            return SimpleNamespace(metrics={"mauve_reference": 0.9}, short="abcd1234"), ""
+
+    assert "mauve_gpt2_large" in ONLINE_METRICS
+    assert metric_cell(Index(), "ar", "e2e", "mauve_gpt2_large").text == DASH
+    assert metric_cell(Index(), "ar", "e2e", "gen_ppl_reference").text == NA
+    assert metric_cell(Index(), "ar", "e2e", "mauve_reference").text == "0.90"

@@ -72,6 +72,9 @@ OURS_METRICS: dict[str, dict[str, tuple[str, float, str]]] = {
     "gamma": {"fid": ("fid", 1.0, "FID")},
 }
 OURS_METRICS["5"] = OURS_METRICS["4"]
+#: metrics that need a download (GPT-2 large features; Llama-2 / GPT2-XL judges): a finished run without
+#: them was not asked for them (offline, or not configured), so their cell reads "not run here", not n/a
+ONLINE_METRICS = frozenset({"mauve_gpt2_large", "gen_ppl_llama2", "gen_ppl_gpt2xl"})
 
 #: inference cost that every generator evaluation logs, shown beside each FID of ours:
 #: MLflow metric -> (multiplier, header, decimals)
@@ -309,6 +312,8 @@ def metric_cell(index: RunIndex, experiment: str, method: str, metric: str, mult
             return Cell(text=DASH)
         return missing(f"{why} ({what})")
     if metric not in run.metrics or run.metrics[metric] is None or math.isnan(run.metrics[metric]):
+        if metric in ONLINE_METRICS and metric not in run.metrics:
+            return Cell(text=DASH)
         return missing(f"{metric} not logged (run {run.short}: {what})", run)
     return Cell(text=fmt(run.metrics[metric] * multiplier, decimals), value=run.metrics[metric] * multiplier, run=run)
 
