@@ -85,6 +85,17 @@ def write_json(name: str, record: dict) -> Path:
     return path
 
 
+def finish(name: str, record: dict, started: float, print_tables: Callable[[dict], None],
+           plot: Callable[[dict], Path]) -> int:
+    """The end of every benchmark: its total time, its tables on stdout, results/bench/<name>.json and
+    its figure."""
+    record["seconds"] = time.perf_counter() - started
+    print()
+    print_tables(record)
+    print(f"\nwrote {write_json(name, record)} and {plot(record)} ({record['seconds']:.0f} s)")
+    return 0
+
+
 def save_figure(fig, name: str) -> Path:
     path = RESULTS / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -432,11 +432,7 @@ def main(argv=None) -> int:
         print(f"ViT width 128, depth sweep, B={args.depth_blocks}", flush=True)
         record["depth"] = sweep_depth(args.vit_batch, args.depths, args.depth_blocks, args.depth_allocators,
                                       common, raw)
-    record["seconds"] = time.perf_counter() - t0
-    print()
-    print_tables(record)
-    print(f"\nwrote {C.write_json('memory', record)} and {plot(record)} ({record['seconds']:.0f} s)")
-    return 0
+    return C.finish("memory", record, t0, print_tables, plot)
 
 
 if __name__ == "__main__":

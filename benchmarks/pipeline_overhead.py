@@ -157,6 +157,26 @@ def plot(record: dict) -> Path:
     return C.save_figure(fig, "pipeline_overhead")
 
 
+def print_tables(record: dict) -> None:
+    rows = [{"what": f"snakemake -n --config params={record['dag']['params']} ({record['dag']['jobs']} jobs)",
+             "median_s": record["dag"]["median"], "iqr_s": record["dag"]["iqr"], "n": record["dag"]["n"]}]
+    rows += [{"what": name, "median_s": r["median"], "iqr_s": r["iqr"], "n": r["n"]}
+             for name, r in record["cli"].items()]
+    log = record["mlflow"]
+    rows += [{"what": "MLflow: create SQLite store + experiment", "median_s": log["store_seconds"], "n": 1},
+             {"what": "MLflow: parent run", "median_s": log["parent_seconds"], "n": 1},
+             {"what": "MLflow: open child run (JobRun enter)", "median_s": log["open_run_seconds"], "n": 1},
+             {"what": "MLflow: log_step, mean incl. flushes", "median_s": log["seconds_per_log_step_mean"],
+              "n": log["steps"]},
+             {"what": "MLflow: log_step, median call (buffered)", "median_s": log["log_step_call"]["median"],
+              "n": log["steps"]},
+             {"what": f"MLflow: log_step, slowest call (a flush of {2 * log['flush_every']} metrics)",
+              "median_s": log["log_step_call_max"], "n": 1},
+             {"what": "MLflow: close run (final flush)", "median_s": log["close_run_seconds"], "n": 1}]
+    print(C.format_table(rows, ["what", "median_s", "iqr_s", "n"]))
+    print("per training step: " + ", ".join(f"{k} {v:.3g}" for k, v in log["per_training_step"].items()))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--params", default="params/paper.yaml", help="params file for the DAG")
@@ -182,27 +202,7 @@ def main(argv=None) -> int:
         name = next(iter(read_params_file(path)["experiments"]))
         log_every[scale] = resolve(load_params(path, name))["train"]["log_every"]
     record["mlflow"]["per_training_step"] = per_training_step(record["mlflow"], log_every)
-    record["seconds"] = time.perf_counter() - t0
-    rows = [{"what": f"snakemake -n --config params={args.params} ({record['dag']['jobs']} jobs)",
-             "median_s": record["dag"]["median"], "iqr_s": record["dag"]["iqr"], "n": record["dag"]["n"]}]
-    rows += [{"what": name, "median_s": r["median"], "iqr_s": r["iqr"], "n": r["n"]}
-             for name, r in record["cli"].items()]
-    log = record["mlflow"]
-    rows += [{"what": "MLflow: create SQLite store + experiment", "median_s": log["store_seconds"], "n": 1},
-             {"what": "MLflow: parent run", "median_s": log["parent_seconds"], "n": 1},
-             {"what": "MLflow: open child run (JobRun enter)", "median_s": log["open_run_seconds"], "n": 1},
-             {"what": "MLflow: log_step, mean incl. flushes", "median_s": log["seconds_per_log_step_mean"],
-              "n": log["steps"]},
-             {"what": "MLflow: log_step, median call (buffered)", "median_s": log["log_step_call"]["median"],
-              "n": log["steps"]},
-             {"what": f"MLflow: log_step, slowest call (a flush of {2 * log['flush_every']} metrics)",
-              "median_s": log["log_step_call_max"], "n": 1},
-             {"what": "MLflow: close run (final flush)", "median_s": log["close_run_seconds"], "n": 1}]
-    print()
-    print(C.format_table(rows, ["what", "median_s", "iqr_s", "n"]))
-    print("per training step: " + ", ".join(f"{k} {v:.3g}" for k, v in log["per_training_step"].items()))
-    print(f"\nwrote {C.write_json('pipeline_overhead', record)} and {plot(record)} ({record['seconds']:.0f} s)")
-    return 0
+    return C.finish("pipeline_overhead", record, t0, print_tables, plot)
 
 
 if __name__ == "__main__":

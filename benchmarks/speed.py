@@ -188,11 +188,7 @@ def main(argv=None) -> int:
     record["sampling"] = sampling(args.blocks, args.sample_images, args.sample_steps, args.sample_reps, 1, device)
     print("ViT-paper inference latency", flush=True)
     record["vit_latency"] = vit_latency(args.blocks, args.latency_batches, args.reps, args.warmup, device)
-    record["seconds"] = time.perf_counter() - t0
-    print()
-    print_tables(record)
-    print(f"\nwrote {C.write_json('speed', record)} and {plot(record)} ({record['seconds']:.0f} s)")
-    return 0
+    return C.finish("speed", record, t0, print_tables, plot)
 
 
 if __name__ == "__main__":
