@@ -137,8 +137,8 @@ def sample_batch(data: ImageDataset | TextDataset, batch_size: int, gen: torch.G
 
 
 def apply_gradients(module: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                    grad_clip: float | None) -> float:
-    """One optimizer step; returns the gradient norm before clipping. A non-finite norm raises
+                    grad_clip: float | None) -> None:
+    """One optimizer step, gradients clipped to ``grad_clip`` (if set). A non-finite gradient norm raises
     :class:`TrainingError` before the step, so an overflow never reaches the weights (a finite loss can
     still have infinite gradients, and AdamW would turn them into NaN weights)."""
     optimizer.zero_grad(set_to_none=True)
@@ -147,7 +147,6 @@ def apply_gradients(module: nn.Module, loss: torch.Tensor, optimizer: torch.opti
     if not torch.isfinite(norm):
         raise TrainingError(f"gradient norm is {norm.item()}")
     optimizer.step()
-    return norm.item()
 
 
 def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
