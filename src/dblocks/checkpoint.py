@@ -123,6 +123,27 @@ def _staging_file(final: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def write_json_atomic(path: str | os.PathLike, record: Mapping[str, Any], keep_unchanged: bool = False) -> None:
+    """``record`` as indented, key-sorted JSON, staged next to ``path`` and renamed onto it, so readers
+    (Snakemake, DVC, a concurrent tracking sync) never see half a file. ``keep_unchanged`` leaves a file
+    that already holds exactly this text alone, mtime included: Snakemake compares mtimes, and a rewrite
+    of identical content would make every job downstream of it look outdated."""
+    path = Path(path)
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+    if keep_unchanged:
+        try:
+            if path.read_text(encoding="utf-8") == text:
+                return
+        except (OSError, UnicodeDecodeError):
+            pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _staging_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def remove_checkpoint(path: str | os.PathLike) -> None:
     """Delete a checkpoint: its tensor file, its JSON sidecar and any staging file a killed writer left."""
     path = Path(path)

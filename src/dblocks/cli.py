@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from dblocks.checkpoint import write_json_atomic
 from dblocks.config import ConfigError, load_params, parse_override, resolve
 
 EXIT_USAGE = 2
@@ -166,13 +167,6 @@ def _finished(out: Path, exp, force: bool) -> bool:
         return True
     raise UsageError(f"--out {out}: holds a checkpoint of another config (config_hash {meta.get('config_hash')}); "
                      f"use --force to overwrite it")
-
-
-def _write_json(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -534,7 +528,7 @@ def cmd_evaluate(args) -> None:
             summary = f"accuracy {100 * result['accuracy']:.2f}% on {len(data)} {args.split} examples"
         record = {"experiment": exp.name, "method": meta.get("method"), "split": args.split, "scale": args.scale,
                   "device": str(device), "model": str(args.model), "model_sha256": meta["sha256"], **result}
-        _write_json(out, record)
+        write_json_atomic(out, record)
         if run is not None:
             run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
             run.set_tags({"model_sha256": record["model_sha256"], "split": args.split, "model_path": str(args.model),

@@ -31,6 +31,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from dblocks.checkpoint import write_json_atomic
+
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_JOB = "parent"
@@ -104,20 +106,6 @@ def _retry(fn: Callable, *args, max_wait: float | None = None, **kwargs):
 def _chunks(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
-
-
-def _write_json_atomic(path: Path, record: dict) -> None:
-    """tmp + rename; an unchanged file is left alone (its mtime too, which Snakemake compares)."""
-    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-    try:
-        if path.read_text() == text:
-            return
-    except OSError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _git_commit() -> str:
@@ -285,7 +273,7 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
         records.update({out_dir / f"{name}.json": dict(offline, parent_run_id=None, experiment=name)
                         for name in configs})
     for path, record in records.items():
-        _write_json_atomic(path, record)
+        write_json_atomic(path, record, keep_unchanged=True)
     return list(records)
 
 
@@ -412,7 +400,7 @@ class JobRun:
         self.journal.update(status=status, end_time=_now_ms(), run_id=self.run_id,
                             synced=bool(self.enabled and self.run_id is not None))
         try:
-            _write_json_atomic(self.journal_path, self.journal)
+            write_json_atomic(self.journal_path, self.journal, keep_unchanged=True)
         except OSError as exc:  # the job's own outputs matter more than its log
             print(f"dblocks: warning: could not write the tracking journal {self.journal_path}: {_one_line(exc)}",
                   file=sys.stderr, flush=True)
@@ -640,5 +628,5 @@ def sync_journals(runs_dir: str | Path, uri: str | None = None) -> SyncReport:
                     run_id = _log_journal(client, experiment_id, journal, report)
                     report.logged.append(str(path))
                 if not journal.get("synced") or journal.get("run_id") != run_id:
-                    _write_json_atomic(path, dict(journal, synced=True, run_id=run_id))
+                    write_json_atomic(path, dict(journal, synced=True, run_id=run_id), keep_unchanged=True)
     return report
