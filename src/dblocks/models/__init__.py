@@ -43,9 +43,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "MDM-paper": ArchSpec("mdm", depth=12, width=768, heads=12, patch=1, context=256),
     "MDM-tiny": ArchSpec("mdm", depth=6, width=128, heads=4, patch=1, context=64),
     # autoregressive transformer (SPEC section 5: 12 layers, d=768; B=4 -> 3 layers per block). Byte-level
-    # tokens here, so the context is counted in bytes
+    # tokens here, so the context is counted in bytes. AR-tiny keeps the paper's 12 layers (narrow instead
+    # of shallow) so that Table 11's B in {2, 3, 4, 6} splits it into equal blocks as at paper scale
     "AR-paper": ArchSpec("ar", depth=12, width=768, heads=12, patch=1, context=512),
-    "AR-tiny": ArchSpec("ar", depth=4, width=128, heads=4, patch=1, context=64),
+    "AR-tiny": ArchSpec("ar", depth=12, width=64, heads=4, patch=1, context=64),
     # Huginn recurrent depth (SPEC section 5: d=512, 8 heads; 2 prelude + 4-layer recurrent block + 2 coda
     # layers; depth counts the recurrent block only). Baseline: mean 32 iterations, backprop through 8
     "Huginn-paper": ArchSpec("huginn", depth=4, width=512, heads=8, patch=1, context=512, recurrence=32,
