@@ -37,6 +37,11 @@ PARAMS = {
                                 "overlap": 0.0, "pipeline": {"tables": ["7", "10"], "methods": ["blockwise"]}},
         "dit-t10-b2": {"task": "generation", "arch": "DiT-micro", "blocks": 2, "partition": "equiprobable",
                        "overlap": 0.0, "pipeline": {"tables": ["10"], "methods": ["blockwise"]}},
+        # Table 11: MAUVE vs B for the AR transformer
+        "ar-lm1b": {"task": "ar_text", "arch": "AR-micro", "dataset": "shakespeare", "blocks": 4, "overlap": 0.1,
+                    "pipeline": {"tables": ["11"], "methods": ["blockwise"]}},
+        "ar-t11-b2": {"task": "ar_text", "arch": "AR-micro", "dataset": "shakespeare", "blocks": 2, "overlap": 0.1,
+                      "pipeline": {"tables": ["11"], "methods": ["blockwise"]}},
     },
 }
 
@@ -115,6 +120,12 @@ def generated(tmp_path_factory):
     parent = _experiment_runs(client, eid, "dit-t10-b2", 2)
     _log(client, eid, "dit-t10-b2", "evaluate", "blockwise", parent=parent, metrics={"fid": 35.0})
 
+    # Table 11: offline runs log MAUVE in the reference LM's feature space only
+    for name, blocks, mauve in (("ar-lm1b", 4, 0.91), ("ar-t11-b2", 2, 0.97)):
+        parent = _experiment_runs(client, eid, name, blocks, seconds=(0.01,) * blocks)
+        _log(client, eid, name, "evaluate", "blockwise", parent=parent,
+             metrics={"mauve_reference": mauve, "mauve_minilm": 0.1})
+
     params_path = root / "params.yaml"
     params_path.write_text(yaml.safe_dump(PARAMS, sort_keys=False))
     out = root / "results"
@@ -188,6 +199,29 @@ def test_table10_by_blocks_with_missing_fid(generated):
     df = pd.read_csv(generated["out"] / "tables" / "table10.csv")
     assert list(df["b"]) == [1, 2, 3, 4, 6]
     assert "not logged" in df.loc[df["b"] == 3, "notes"].item()
+
+
+def test_table11_shows_one_feature_space_the_first_any_run_logged(generated, tmp_path):
+    """Offline, no run logs GPT-2 large MAUVE: the column is the reference-LM MAUVE, labelled so. Once any
+    run logs GPT-2 large MAUVE (online), the whole column switches to it; rows without it read "—"
+    rather than mixing feature spaces."""
+    text = (generated["out"] / "tables" / "table11.md").read_text()
+    assert "ours MAUVE (own reference-LM features)" in text
+    assert _md_row(text, "2")[1:] == ["0.61", "0.97", "ar-t11-b2"]
+    assert _md_row(text, "4")[1:] == ["0.67", "0.91", "ar-lm1b"]
+    assert "not logged by any run here: MAUVE (GPT-2 large)" in text
+    assert (generated["out"] / "figures" / "table11-mauve_reference-vs-blocks.png").is_file()
+
+    db = tmp_path / "mlflow.db"  # a copy of the store, so the shared one stays as the other tests expect
+    db.write_bytes(Path(generated["uri"].removeprefix("sqlite:///")).read_bytes())
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    eid = client.get_experiment_by_name(MLFLOW_EXPERIMENT).experiment_id
+    _log(client, eid, "ar-t11-b2", "evaluate", "blockwise", metrics={"mauve_gpt2_large": 0.64, "mauve_reference": 0.97})
+    tables.generate(generated["params"], tmp_path / "online", tracking_uri=f"sqlite:///{db}")
+    text = (tmp_path / "online" / "tables" / "table11.md").read_text()
+    assert "ours MAUVE (GPT-2 large)" in text
+    assert _md_row(text, "2")[1:] == ["0.61", "0.64", "ar-t11-b2"]
+    assert _md_row(text, "4")[1:] == ["0.67", "—", "ar-lm1b"]
 
 
 def test_table12_timings(generated):

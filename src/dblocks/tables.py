@@ -337,6 +337,7 @@ class Table:
     rows: list[dict[str, Cell]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     feeders: list[str] = field(default_factory=list)
+    metric: str = ""  # the MLflow metric in the "ours" column of a one-metric table (sweeps), for its figure
 
     def cell_notes(self) -> list[str]:
         out = []
@@ -732,13 +733,30 @@ def build_sweep_table(ctx: Context, table_id: str, paper: dict, exps: list[Exper
     """Tables 8, 10, 11 and gamma: rows by one parameter (blocks or overlap)."""
     decimals = DECIMALS.get(table_id, 2)
     param, param_label = paper["param"], paper.get("param_label", paper["param"])
-    col, (metric, multiplier, _) = next(iter(OURS_METRICS.get(table_id, {"fid": ("fid", 1.0, "FID")}).items()))
+    candidates = list(OURS_METRICS.get(table_id, {"fid": ("fid", 1.0, "FID")}).values())
     paper_col = next(iter(paper["columns"]))
     rows = {_sweep_key(param, r["key"][param]): {"label": r["label"], "value": r["values"].get(paper_col)}
             for r in paper["rows"]}
     notes: list[str] = list(paper.get("notes", []))
+    # One metric for the whole column: the first candidate that any run logged (Table 11: GPT-2 large
+    # MAUVE online, else the offline reference-LM features), never a mix of feature spaces across rows.
+    for chosen in candidates:
+        metric, multiplier, metric_label = chosen
+        placement_notes: list[str] = []
+        cells = list(_ablation_cells(ctx, exps, metric, multiplier, decimals, placement_notes))
+        if any(cell.value is not None for _, cell, _ in cells):
+            break
+    else:
+        chosen = candidates[0]
+        metric, multiplier, metric_label = chosen
+        placement_notes = []
+        cells = list(_ablation_cells(ctx, exps, metric, multiplier, decimals, placement_notes))
+    notes += placement_notes
+    skipped = [c[2] for c in candidates[:candidates.index(chosen)]]
+    if skipped:
+        notes.append(f"ours: {metric_label}; not logged by any run here: {', '.join(skipped)}")
     slots: dict[float, Placed] = {}
-    for exp, cell, values in _ablation_cells(ctx, exps, metric, multiplier, decimals, notes):
+    for exp, cell, values in cells:
         key = _sweep_key(param, values.get(param))
         if key is None:
             notes.append(f"{exp.name}: no {param} value; not placed")
@@ -748,13 +766,15 @@ def build_sweep_table(ctx: Context, table_id: str, paper: dict, exps: list[Exper
             rows[key] = {"label": label, "value": None}
         _place(slots, key, exp, cell, notes)
     columns = [_label_col(param, param_label), Column("paper", "paper", "paper", "paper"),
-               Column("ours", _ours_header(ctx, exps), "ours", "ours"), Column("experiment", "experiment", "experiment", "info")]
+               Column("ours", _ours_header(ctx, exps) if len(candidates) == 1 else f"ours {metric_label} ({ctx.describe(exps)})",
+                      "ours", "ours"),
+               Column("experiment", "experiment", "experiment", "info")]
     cost = _is_fid_table(paper)
     if cost:
         columns += _cost_columns("cost:", "ours")
         notes.append(COST_NOTE)
     table = Table(table_id, paper["title"], ctx.caption(table_id, paper, exps), columns, notes=notes,
-                  feeders=[e.name for e in exps])
+                  feeders=[e.name for e in exps], metric=metric)
     for key in sorted(rows):
         placed = slots.get(key)
         row = {param: Cell(rows[key]["label"]), "paper": number(rows[key]["value"], decimals),
@@ -921,8 +941,7 @@ def figure_sweep(ctx: Context, table: Table, paper: dict, path: Path) -> tuple[P
     param = paper["param"]
     ours = [(row["_key"].value, row["ours"].value) for row in table.rows if row["ours"].value is not None]
     if not ours:
-        metric = next(iter(OURS_METRICS.get(table.id, {"fid": ("fid",)}).values()))[0]
-        return None, f"no {metric} logged yet for any experiment feeding table {table.id}"
+        return None, f"no {table.metric} logged yet for any experiment feeding table {table.id}"
     theirs = [(row["_key"].value, row["paper"].value) for row in table.rows if row["paper"].value is not None]
     panels = [("paper", theirs, paper["setting"])] if theirs else []
     panels.append(("ours", ours, ctx.describe([ctx.params.experiments[n] for n in table.feeders])))
@@ -1064,10 +1083,9 @@ def generate(params_path: str | Path, out_dir: str | Path, tracking_uri: str | N
         if paper is None:
             continue
         if paper["kind"] == "sweep":
-            metric = next(iter(OURS_METRICS.get(table.id, {"fid": ("fid",)}).values()))[0]
-            name = f"table{_safe(table.id)}-{metric}-vs-{paper['param']}.png"
+            name = f"table{_safe(table.id)}-{table.metric}-vs-{paper['param']}.png"
             record(name, figure_sweep(ctx, table, paper, figures_dir / name),
-                   f"Table {table.id}: {metric} vs {paper.get('param_label', paper['param'])}")
+                   f"Table {table.id}: {table.metric} vs {paper.get('param_label', paper['param'])}")
         elif paper["kind"] == "grid":
             name = f"table{_safe(table.id)}-partition.png"
             record(name, figure_grid(ctx, table, paper, figures_dir / name),
