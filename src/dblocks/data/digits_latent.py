@@ -36,6 +36,8 @@ from dblocks.config import AUTOENCODER_FILE
 from dblocks.data.autoencoder import (Geometry, latent_scale, one_thread, reconstruction_mse, save_autoencoder,
                                       train_autoencoder)
 from dblocks.data.images import ImageDataset, load_image_dataset
+from dblocks.data.latents import LatentCodec
+from dblocks.data.prepared import save_prepared
 
 NAME = "digits-latent"
 GEOMETRY = Geometry(image_channels=1, latent_channels=4, downsample=2)
@@ -51,10 +53,6 @@ KL_WEIGHT = 0.01
 def prepare_digits_latent(out: str | os.PathLike, steps: int = STEPS, seed: int = 0) -> list[Path]:
     """Train the autoencoder on the digits train split, then write it and both splits' latents to ``out``;
     returns the written paths (autoencoder first). The same ``steps`` and ``seed`` give the same bytes."""
-    from dblocks.data.prepared import save_prepared
-
-    from dblocks.data.latents import LatentCodec
-
     out = Path(out)
     digits = {split: load_image_dataset("digits", split) for split in ("train", "test")}
     with one_thread():  # encoding too, so the written bytes do not depend on the machine's core count
