@@ -210,7 +210,9 @@ BAD_INPUTS = [
     (["assemble", "nothing.safetensors"], "BLOCK nothing.safetensors: file not found"),
     (["sample", "nothing.safetensors"], "MODEL nothing.safetensors: file not found"),
     (["evaluate", "nothing.safetensors"], "MODEL nothing.safetensors: file not found"),
-    (["prepare", "--dataset", "imagenet"], "--dataset 'imagenet': allowed: digits, cifar10, cifar100"),
+    (["prepare", "--dataset", "imagenet"], "--dataset 'imagenet': allowed: digits, digits-latent, cifar10, cifar100"),
+    (["prepare", "--dataset", "digits", "--autoencoder-steps", 5], "--autoencoder-steps: digits has no autoencoder"),
+    (["prepare", "--dataset", "digits-latent", "--autoencoder-steps", 0], "--autoencoder-steps 0: allowed: an integer >= 1"),
     (["train-block", "--block", 1, "--data", "no-such-dir"], "--data no-such-dir: directory not found"),
 ]
 

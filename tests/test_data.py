@@ -141,9 +141,9 @@ def test_written_parquet_has_hugging_face_features(name, tmp_path, hf_offline):
 
 
 def test_unknown_dataset_name_lists_the_allowed_names():
-    with pytest.raises(ValueError, match=r"'imagenet'.*digits, cifar10, cifar100"):
+    with pytest.raises(ValueError, match=r"'imagenet'.*digits, digits-latent, cifar10, cifar100, imagenet256"):
         load_image_dataset("imagenet", "train")
-    assert IMAGE_DATASETS == ("digits", "cifar10", "cifar100", "imagenet256")
+    assert IMAGE_DATASETS == ("digits", "digits-latent", "cifar10", "cifar100", "imagenet256")
 
 
 @pytest.mark.parametrize("name", IMAGE_DATASETS)

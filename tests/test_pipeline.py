@@ -3,6 +3,7 @@ that ends in tables read from MLflow, and rerunning exactly one block."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -92,7 +93,7 @@ def test_snakemake_refuses_config_overrides_that_would_not_reach_jobs(tmp_path):
 # ------------------------------------------------------------------------------------------ the DAG
 
 
-@pytest.mark.parametrize("params", ["params/tiny.yaml", "params/paper.yaml"])
+@pytest.mark.parametrize("params", ["params/tiny.yaml", "params/paper.yaml", "params/tiny-latent.yaml"])
 def test_dry_run_has_exactly_b_block_jobs_per_experiment(params):
     pipe = Pipeline.load(REPO / params, root=REPO)
     jobs = snakemake_jobs(params, REPO)
@@ -109,12 +110,42 @@ def test_dry_run_has_exactly_b_block_jobs_per_experiment(params):
     refs = [j for j in jobs if j.rule == "reference_stats"]
     assert len(refs) == len({pipe.experiments[j.wildcards["exp"]]["dataset"] for j in generators})
     assert all(o.startswith("data/reference/") for j in refs for o in j.outputs)
+    # a dataset whose prepare trains its autoencoder (digits-latent) writes it beside its splits, and its
+    # reference statistics and evaluations decode with exactly that file
+    for j in [*refs, *generators]:
+        dataset = j.wildcards.get("dataset") or pipe.experiments[j.wildcards["exp"]]["dataset"]
+        autoencoder = pipe.autoencoder(dataset)
+        assert (autoencoder in j.inputs) == (autoencoder is not None), j.name
+        if j.rule == "evaluate_generator":
+            assert (f"--data {pipe.prepared(dataset)}" in j.command) == (autoencoder is not None), j.name
+    prepared = {j.wildcards["dataset"]: j for j in jobs if j.rule.startswith("prepare_")}
+    for dataset, j in prepared.items():
+        autoencoder = pipe.autoencoder(dataset)
+        assert (autoencoder in j.outputs) == (autoencoder is not None)
+        assert j.rule == ("prepare_autoencoded_data" if autoencoder else "prepare_data")
     inception = [j for j in jobs if j.rule == "inception_weights"]
     assert len(inception) == (pipe.evaluation["fid_features"] == "inception")
     train_jobs = [j for j in jobs if j.rule.startswith("train_")]
     assert all("--track" in j.command and "> logs/" in j.command for j in train_jobs)
     if params.endswith("paper.yaml"):  # paper scale asks SLURM for a GPU per training job
         assert "gpu=1" in snakemake("-n", "--config", f"params={params}", "--rerun-triggers", "mtime").stdout
+
+
+@functools.cache
+def _outputs(params: str) -> frozenset[str]:
+    return frozenset(o for j in snakemake_jobs(params, REPO) for o in j.outputs)
+
+
+@pytest.mark.parametrize("params, out", [("params/tiny-text.yaml", "tiny-text"),
+                                         ("params/tiny-latent.yaml", "tiny-latent")])
+def test_tiny_params_files_never_write_the_same_file(params, out):
+    """The text and latent files are scale 'tiny' like params/tiny.yaml; ``outputs:`` keeps their products
+    (tables, tracking records, checkpoints, logs) apart, so running one never invalidates another. Only a
+    prepared dataset may be shared (the latent file's digits feature net reads the digits): one command
+    writes the same files whichever params file asks for them."""
+    image, other = _outputs("params/tiny.yaml"), _outputs(params)
+    assert f"results/{out}/tables" in other and f"results/{out}/runs/store.json" in other
+    assert all(o.startswith("data/prepared/") for o in image & other), sorted(image & other)
 
 
 def test_dvc_yaml_is_generated_from_the_current_dag():

@@ -42,12 +42,3 @@ def test_a_judge_must_be_an_autoregressive_experiment_with_a_baseline(tmp_path):
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"huginn-lm1b.pipeline.judge='mdm-text8' .* allowed: ar-lm1b"):
         Pipeline.load(bad, root=REPO)
-
-
-def test_text_and_image_params_never_write_the_same_file():
-    """Both files are scale 'tiny'; ``outputs: tiny-text`` keeps their products (tables, tracking records,
-    checkpoints, logs) apart, so running one never invalidates the other."""
-    image = {o for j in snakemake_jobs("params/tiny.yaml", REPO) for o in j.outputs}
-    text = {o for j in snakemake_jobs("params/tiny-text.yaml", REPO) for o in j.outputs}
-    assert "results/tiny-text/tables" in text and "results/tiny-text/runs/store.json" in text
-    assert not image & text

@@ -28,7 +28,8 @@ def _experiment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--experiment", help="which experiment of the params file")
     g.add_argument("--task", help="classification | generation")
     g.add_argument("--arch", help="architecture name (see 'dblocks models')")
-    g.add_argument("--dataset", help="digits (embedded, offline) | cifar10 | cifar100")
+    g.add_argument("--dataset", help="digits (embedded, offline) | digits-latent (prepared only: --data) | cifar10 | "
+                                     "cifar100 | imagenet256 | shakespeare | text8 | lm1b | openwebtext")
     g.add_argument("--data-root", help="local copy of the dataset (Hugging Face parquet layout)")
     g.add_argument("--data", help="prepared dataset directory written by 'dblocks prepare' (else: load the source)")
     g.add_argument("--blocks", type=int, help="number of blocks B")
@@ -194,12 +195,29 @@ def cmd_partition(args) -> None:
 
 
 def cmd_prepare(args) -> None:
+    from dblocks.config import TRAINED_AUTOENCODER_DATASETS
     from dblocks.data import IMAGE_DATASETS, load_image_dataset, save_prepared, save_prepared_text
     from dblocks.data.text import TEXT_DATASETS
 
     if args.dataset not in IMAGE_DATASETS + TEXT_DATASETS:
         raise UsageError(f"--dataset {args.dataset!r}: allowed: {', '.join(IMAGE_DATASETS + TEXT_DATASETS)}")
     _existing_dir(args.data_root, "--data-root")
+    trains_autoencoder = args.dataset in TRAINED_AUTOENCODER_DATASETS
+    if args.autoencoder_steps is not None and not trains_autoencoder:
+        raise UsageError(f"--autoencoder-steps: {args.dataset} has no autoencoder to train; allowed with: "
+                         f"{', '.join(TRAINED_AUTOENCODER_DATASETS)}")
+    if args.autoencoder_steps is not None and args.autoencoder_steps < 1:
+        raise UsageError(f"--autoencoder-steps {args.autoencoder_steps}: allowed: an integer >= 1")
+    if args.seed < 0:
+        raise UsageError(f"--seed {args.seed}: allowed: an integer >= 0")
+    if trains_autoencoder:
+        from dblocks.data.digits_latent import STEPS, prepare_digits_latent
+
+        autoencoder, *splits = prepare_digits_latent(args.out, args.autoencoder_steps or STEPS, args.seed)
+        print(f"wrote {autoencoder}: its autoencoder, trained here")
+        for path in splits:
+            print(f"wrote {path}")
+        return
     if args.dataset in TEXT_DATASETS:
         # train and test as the pipeline's prepare step names them (validation stays with the source)
         for split in ("train", "test"):
@@ -422,12 +440,16 @@ def cmd_sample(args) -> None:
     model, exp, meta = _load(args)
     if exp.config["task"] != "generation":
         raise UsageError(f"MODEL {args.model}: is a {exp.config['task']} model; 'sample' needs a generation model")
+    _existing_dir(args.data, "--data")
+    from dblocks.data.latents import decoder_for
+
+    decode = decoder_for(exp.config["dataset"], args.data)  # latents are shown as the images they decode to
     model.to(_device(exp))
     steps = args.steps or exp.config["sample"]["steps"]
     n = args.num or exp.config["sample"]["num_images"]
     images, model, _, seconds = class_balanced_samples(model, exp, n, steps, args.seed, args.guidance,
                                                        progress=not args.no_progress)
-    save_class_grid(images, exp, out)
+    save_class_grid(decode(images) if decode is not None else images, exp, out)
     print(f"wrote {out}: {n} samples, {steps} steps, block calls {model.calls}, {seconds:.1f} s")
 
 
@@ -476,6 +498,9 @@ def cmd_evaluate(args) -> None:
             _existing([path], f"--{split}-stats")
         if args.grid is not None:
             _output(args.grid, ".png", "--grid")
+        from dblocks.data.latents import decoder_for
+
+        decode = decoder_for(exp.config["dataset"], args.data)  # a missing or foreign autoencoder stops us here
     for option in ("evaluations", "fid_batch_size"):
         if getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} {getattr(args, option)}: allowed: an integer >= 1")
@@ -509,8 +534,6 @@ def cmd_evaluate(args) -> None:
                                         max_windows=args.max_windows, sample_steps=args.sample_steps)
             summary = f"BPC {result['bpc']:.4f} on {result['tokens']} {args.split} characters of {data.name}"
         elif generation:
-            from dblocks.data.latents import decoder_for
-
             samples = args.samples or exp.config["sample"]["num_images"]
             steps = args.sample_steps or exp.config["sample"]["steps"]
             result = evaluate_generator(model, exp, data, features=args.features, samples=samples, steps=steps,
@@ -518,7 +541,7 @@ def cmd_evaluate(args) -> None:
                                         progress=not args.no_progress,
                                         reference_stats={k: Path(v) for k, v in stats.items()},
                                         evaluations=args.evaluations, batch_size=args.fid_batch_size,
-                                        decode=decoder_for(exp.config["dataset"]))
+                                        decode=decode)
             scores = ", ".join(f"{k} {result[k]:.3f}" for k in ("fid_train", "fid_test") if k in result) \
                 or f"{result['fid']:.3f}"
             summary = (f"{result['fid_label']} {scores} vs {result['fid_reference']}, {samples} samples, "
@@ -652,9 +675,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("prepare", cmd_prepare, "write a dataset's train and test splits to a directory once")
     p.add_argument("--dataset", required=True,
-                   help="digits | cifar10 | cifar100 | shakespeare | text8 | lm1b | openwebtext")
+                   help="digits | digits-latent | cifar10 | cifar100 | imagenet256 | shakespeare | text8 | lm1b | "
+                        "openwebtext")
     p.add_argument("--data-root", help="local copy (Hugging Face parquet layout); default: the source")
-    p.add_argument("--out", required=True, help="directory for train.safetensors and test.safetensors")
+    p.add_argument("--out", required=True, help="directory for train.safetensors and test.safetensors (and "
+                                                "digits-latent's autoencoder.safetensors)")
+    p.add_argument("--autoencoder-steps", type=int,
+                   help="digits-latent: training steps of its autoencoder (default: dblocks.data.digits_latent.STEPS)")
+    p.add_argument("--seed", type=int, default=0, help="digits-latent: seed of its autoencoder's training")
 
     p = command("train-block", cmd_train_block, "train one block denoiser on its own noise interval")
     p.add_argument("--block", type=int, required=True, help="block index, 1 = highest noise")
@@ -721,6 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="Euler steps (default: sample.steps)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: sample.guidance)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", help="digits-latent: its prepared directory, whose autoencoder decodes the samples")
     p.add_argument("--no-progress", action="store_true")
 
     p = command("evaluate", cmd_evaluate, "evaluate an assembled or end-to-end model: accuracy (classification) "
@@ -731,7 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation exists for text datasets only")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--scale", default="tiny", help="label recorded with the metric (tiny | paper)")
-    p.add_argument("--data", help="prepared dataset directory (default: load the source)")
+    p.add_argument("--data", help="prepared dataset directory (default: load the source); for digits-latent also "
+                                  "where the autoencoder that decodes its samples is")
     p.add_argument("--features", help="generation: FID features, a digits feature net ('dblocks train-feature-net') "
                                       "or Inception weights ('dblocks inception-weights')")
     p.add_argument("--train-stats", help="generation: cached reference statistics of the train split "

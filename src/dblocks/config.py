@@ -49,6 +49,14 @@ TEXT_TASKS = ("masked_text", "ar_text", "recurrent_text")
 #: the text data sets a params file may name (loaded by dblocks.data.text); every other dataset is images.
 #: Kept here, not in dblocks.data, so that validating params never imports torch.
 TEXT_DATASETS = ("shakespeare", "text8", "lm1b", "openwebtext")
+#: image datasets whose examples are autoencoder latents (dblocks.data.latents): samples are decoded to
+#: images before FID, and prepared splits hold float latents with their scale. Kept here for the same reason.
+LATENT_DATASETS = ("imagenet256", "digits-latent")
+#: latent datasets whose prepare step trains the autoencoder that encodes them (imagenet256 uses the
+#: pretrained sd-vae-ft-ema instead); the autoencoder is written beside the prepared splits as
+#: AUTOENCODER_FILE, so the pipeline and DVC version it with the latents it made and evaluation decodes with it.
+TRAINED_AUTOENCODER_DATASETS = ("digits-latent",)
+AUTOENCODER_FILE = "autoencoder.safetensors"
 
 
 class ConfigError(ValueError):

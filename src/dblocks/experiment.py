@@ -13,6 +13,7 @@ import torch
 
 from dblocks.blocks import AssembledModel, BlockDenoiser, convert_stack
 from dblocks.data import ImageDataset, load_image_dataset, load_prepared, load_prepared_text
+from dblocks.data.digits_latent import LATENT_SHAPE as DIGITS_LATENT_SHAPE
 from dblocks.data.text import VOCAB_SIZE, TextDataset, load_text_dataset
 from dblocks.masked_diffusion import MaskedTextTask, MaskingPartition
 from dblocks.models import get_arch
@@ -24,7 +25,8 @@ METHODS = ("blockwise", "paper", "e2e")
 
 #: (channels, height, width) and class count of each dataset, known without loading it
 DATASET_SHAPES = {"digits": ((1, 8, 8), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100),
-                  "imagenet256": ((4, 32, 32), 1000)}  # sd-vae-ft-ema latents of 256x256 images
+                  "imagenet256": ((4, 32, 32), 1000),  # sd-vae-ft-ema latents of 256x256 images
+                  "digits-latent": (DIGITS_LATENT_SHAPE, 10)}  # its trained autoencoder's latents of the digits
 
 #: the tokenizer each text task reads its dataset with (dblocks.data.text)
 TASK_TOKENIZER = {"masked_text": "char27", "ar_text": "bytes", "recurrent_text": "bytes"}

@@ -16,7 +16,8 @@ import jsonschema
 import yaml
 
 from dblocks.checkpoint import CheckpointError, load_metadata, sha256_file, sidecar_path
-from dblocks.config import ConfigError, config_hash, describe_error, load_params, resolve
+from dblocks.config import (AUTOENCODER_FILE, TRAINED_AUTOENCODER_DATASETS, ConfigError, config_hash, describe_error,
+                            load_params, resolve)
 
 #: where the Snakefile finds its schema (relative to the repository root)
 PIPELINE_SCHEMA = Path("workflow/schemas/config.schema.json")
@@ -120,6 +121,11 @@ class Pipeline:
     def prepared(self, dataset: str) -> str:
         return f"data/prepared/{dataset}"
 
+    def autoencoder(self, dataset: str) -> str | None:
+        """The autoencoder that a dataset's prepare step trains and its samples are decoded with (written
+        beside its prepared splits), or None: pixel data, or a pretrained VAE (imagenet256)."""
+        return f"{self.prepared(dataset)}/{AUTOENCODER_FILE}" if dataset in TRAINED_AUTOENCODER_DATASETS else None
+
     def run_json(self, exp: str) -> str:
         return f"results/{self.out}/runs/{exp}.json"
 
@@ -162,6 +168,7 @@ class Pipeline:
     def checkpoint_files(self) -> list[str]:
         """Every safetensors artefact the pipeline writes (prepared data, blocks, baselines, models)."""
         files = [f"{self.prepared(d)}/{split}.safetensors" for d in self.datasets for split in ("train", "test")]
+        files += [a for a in map(self.autoencoder, self.datasets) if a is not None]
         generated = {c["dataset"] for c in self.experiments.values() if c["task"] == "generation"}
         files += [self.reference_stats(d, split) for d in sorted(generated) for split in ("train", "test")]
         for exp in self.experiments:

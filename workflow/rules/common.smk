@@ -1,13 +1,15 @@
 # Loads the params file into Snakemake's config, validates every experiment before any job starts, and
 # defines the names every rule shares.
 import os
+import re
 import sys
 from pathlib import Path
 
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from dblocks.config import ConfigError
+from dblocks.checkpoint import sidecar_path
+from dblocks.config import AUTOENCODER_FILE, TRAINED_AUTOENCODER_DATASETS, ConfigError
 from dblocks.pipeline import Pipeline, invalidate_downstream_of_missing, quarantine_corrupt
 
 # One params file is the single source of truth (DVC reads it too); choose it with
@@ -51,7 +53,13 @@ wildcard_constraints:
     block=r"[1-9][0-9]*",
     method="blockwise|e2e|paper",
     assembled="blockwise|paper",
-    dataset=r"[a-z0-9]+",
+    dataset=r"[a-z0-9][a-z0-9-]*",
+
+
+def dataset_other_than(names):
+    """A dataset-wildcard pattern matching any dataset name except ``names`` (so that two rules never
+    both claim one dataset's files)."""
+    return rf"(?!(?:{'|'.join(map(re.escape, names))})(?![a-z0-9-]))[a-z0-9][a-z0-9-]*"
 
 
 def dataset_of(wildcards):

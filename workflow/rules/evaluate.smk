@@ -95,12 +95,19 @@ def fid_features_files(wildcards=None):
     return [path, str(Path(path).with_suffix(".json"))]
 
 
+def decoder_files(dataset):
+    """The trained autoencoder (and its record) that decodes a latent dataset's samples, if it has one."""
+    path = PIPE.autoencoder(dataset)
+    return [path, str(sidecar_path(path))] if path else []
+
+
 rule reference_stats:
     """FID reference statistics (mu, sigma) of a dataset's train and test splits in the evaluation's
     feature space: computed once, reused by every evaluation (safetensors + JSON, no pickle)."""
     input:
         data=lambda w: [f"{PIPE.prepared(w.dataset)}/{s}.{e}" for s in ("train", "test") for e in ("safetensors", "json")],
         features=fid_features_files,
+        decoder=lambda w: decoder_files(w.dataset),
     output:
         train="data/reference/{dataset}/{space}-{size}/train.safetensors",
         train_meta="data/reference/{dataset}/{space}-{size}/train.json",
@@ -130,19 +137,23 @@ def reference_stats_files(split):
 
 rule evaluate_generator:
     """Samples (each Euler step runs only the block owning its sigma), a sample grid, and train and test
-    FID against the cached reference statistics (best of evaluation.evaluations sample sets)."""
+    FID against the cached reference statistics (best of evaluation.evaluations sample sets); a latent
+    dataset's samples are decoded first."""
     input:
         model=lambda w: PIPE.model(w.exp, w.method),
         run=f"results/{OUT}/runs/{{exp}}.json",
         features=fid_features_files,
         train_stats=reference_stats_files("train"),
         test_stats=reference_stats_files("test"),
+        decoder=lambda w: decoder_files(dataset_of(w)),
     output:
         metrics=f"metrics/{OUT}/{{exp}}/{{method}}.json",
         grid=f"metrics/{OUT}/{{exp}}/{{method}}-samples.png",
     wildcard_constraints:
         exp=_of_tasks("generation"),
     params:
+        # a trained autoencoder is read from the prepared directory it was written to
+        decoder=lambda w: f" --data {PIPE.prepared(dataset_of(w))}" if decoder_files(dataset_of(w)) else "",
         samples=PIPE.evaluation["samples"],
         steps=PIPE.evaluation["sample_steps"],
         evaluations=PIPE.evaluation.get("evaluations", 1),
@@ -156,7 +167,7 @@ rule evaluate_generator:
         **EVAL_RESOURCES,
     shell:
         "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --track {input.run} --scale {SCALE} "
-        "--features {input.features[0]} --train-stats {input.train_stats[0]} --test-stats {input.test_stats[0]} "
+        "--features {input.features[0]} --train-stats {input.train_stats[0]} --test-stats {input.test_stats[0]}{params.decoder} "
         "--evaluations {params.evaluations} --fid-batch-size {params.batch} --samples {params.samples} "
         "--sample-steps {params.steps} --grid {output.grid} --out {output.metrics} --no-progress > {log} 2>&1"
 

@@ -2,6 +2,9 @@
 
 * ``digits``: scikit-learn's 8x8 handwritten digits. They ship inside scikit-learn, so this is the
   offline default; the train/test split is a fixed stratified 80/20 split.
+* ``digits-latent``: the same digits as 4x4x4 latents of an autoencoder that ``dblocks prepare`` trains
+  (:mod:`dblocks.data.digits_latent`); it exists only as prepared data.
+* ``imagenet256``: ImageNet as sd-vae-ft-ema latents (:mod:`dblocks.data.latents`).
 * ``cifar10`` / ``cifar100``: the Hugging Face ``uoft-cs/cifar10`` / ``uoft-cs/cifar100`` datasets,
   either from the hub or, with ``root=``, from a local copy of their parquet files.
   :func:`write_cifar_parquet` writes such files from raw arrays.
@@ -18,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-IMAGE_DATASETS = ("digits", "cifar10", "cifar100", "imagenet256")
+IMAGE_DATASETS = ("digits", "digits-latent", "cifar10", "cifar100", "imagenet256")
 SPLITS = ("train", "test")
 
 # Per CIFAR variant: Hugging Face repo, label column used as the class, number of classes.
@@ -36,13 +39,15 @@ class DataError(ValueError):
 
 @dataclass
 class ImageDataset:
-    """A whole split held in memory; ``images`` are in [-1, 1], ``labels`` in [0, num_classes)."""
+    """A whole split held in memory; ``images`` are in [-1, 1], ``labels`` in [0, num_classes). For a
+    latent dataset ``images`` are autoencoder latents multiplied by ``latent_scale`` (None for pixels)."""
 
     name: str
     split: str
     images: torch.Tensor
     labels: torch.Tensor
     num_classes: int
+    latent_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.labels.shape != (self.images.shape[0],):
@@ -77,6 +82,9 @@ def load_image_dataset(name: str, split: str, root: str | os.PathLike | None = N
         from dblocks.data.latents import load_imagenet_latents
 
         return load_imagenet_latents(split, root)
+    if name == "digits-latent":  # its autoencoder is trained once, by prepare; never silently again here
+        raise DataError("digits-latent exists only as prepared data: 'dblocks prepare --dataset digits-latent "
+                        "--out DIR' trains its autoencoder and encodes the digits; then pass --data DIR")
     return _load_cifar(name, split, root)
 
 

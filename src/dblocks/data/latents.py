@@ -1,30 +1,44 @@
-"""The latent path of DiT-L/2 on ImageNet 256: images are encoded once by a VAE into 4 x 32 x 32 latents
-that the diffusion model denoises; generated latents are decoded back to images for FID.
+"""The latent path: images are encoded once by an autoencoder into latents that the diffusion model
+denoises; generated latents are decoded back to images for FID. DiT-L/2 on ImageNet 256 uses
+sd-vae-ft-ema (3 x 256 x 256 -> 4 x 32 x 32); its tiny-scale twin ``digits-latent`` uses an autoencoder
+that its own prepare step trains (:mod:`dblocks.data.digits_latent`).
 
 The autoencoder is anything with the interface of diffusers' ``AutoencoderKL``: ``encode(x).latent_dist``
-(with ``.mean`` and ``.sample(generator)``) and ``decode(z).sample``, 8x spatial downsampling, 4 latent
-channels. For users with a network, :func:`load_sd_vae` loads ``stabilityai/sd-vae-ft-ema`` (the paper's
-VAE) through ``diffusers`` (the optional extra ``[latents]``); tests use :class:`TinyAutoencoder`, a small
-randomly initialised network with the same interface, so nothing here needs the network.
+(with ``.mean`` and ``.sample(generator)``) and ``decode(z).sample``. :class:`LatentCodec` reads the image
+channels, latent channels and downsampling factor from the autoencoder itself (:func:`geometry_of`), so
+one codec serves both. For users with a network, :func:`load_sd_vae` loads ``stabilityai/sd-vae-ft-ema``
+(the paper's VAE) through ``diffusers`` (the optional extra ``[latents]``); tests use an untrained
+:class:`dblocks.data.autoencoder.ConvAutoencoder` of the same geometry, so nothing here needs the network.
 
-Latents are stored scaled by :data:`LATENT_SCALE` (0.18215, Stable Diffusion's factor, which brings them
-to roughly unit variance), as DiT does; :meth:`LatentCodec.decode` undoes it."""
+Latents are stored multiplied by the codec's scale, which brings them to roughly unit variance, as DiT
+does: :data:`LATENT_SCALE` (0.18215, Stable Diffusion's factor) for sd-vae-ft-ema, 1/std of the training
+latents for a trained autoencoder; :meth:`LatentCodec.decode` undoes it."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dblocks.data.autoencoder import Geometry
+
 LATENT_SCALE = 0.18215
-DOWNSAMPLE = 8
-LATENT_CHANNELS = 4
 SD_VAE = "stabilityai/sd-vae-ft-ema"
 IMAGE_SIZE = 256
+
+
+def geometry_of(vae: nn.Module) -> Geometry:
+    """This project's autoencoders carry their :class:`Geometry`; diffusers' ``AutoencoderKL`` describes it in
+    its config, halving the resolution between consecutive encoder blocks (sd-vae-ft-ema: 4 blocks, 8x)."""
+    if hasattr(vae, "geometry"):
+        return vae.geometry
+    config = vae.config
+    return Geometry(config.in_channels, config.latent_channels, 2 ** (len(config.block_out_channels) - 1))
 
 
 @dataclass
@@ -34,16 +48,22 @@ class LatentCodec:
     vae: nn.Module
     scale: float = LATENT_SCALE
 
+    @cached_property
+    def geometry(self) -> Geometry:
+        return geometry_of(self.vae)
+
     def _device(self) -> torch.device:
         return next(self.vae.parameters()).device
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, batch_size: int = 64, sample: bool = False,
                generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) scaled latents: the posterior mean (deterministic,
-        the default) or a sample from it."""
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] % DOWNSAMPLE or images.shape[-2] % DOWNSAMPLE:
-            raise ValueError(f"expected RGB images (N, 3, H, W) with H, W divisible by {DOWNSAMPLE}, "
+        """(N, C, H, W) in [-1, 1] -> (N, latent channels, H/downsample, W/downsample) scaled latents: the
+        posterior mean (deterministic, the default) or a sample from it."""
+        g = self.geometry
+        if (images.ndim != 4 or images.shape[1] != g.image_channels or images.shape[-1] % g.downsample
+                or images.shape[-2] % g.downsample):
+            raise ValueError(f"expected images (N, {g.image_channels}, H, W) with H, W divisible by {g.downsample}, "
                              f"got {tuple(images.shape)}")
         self.vae.eval()
         out = []
@@ -55,9 +75,10 @@ class LatentCodec:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-        """(N, 4, h, w) scaled latents -> (N, 3, 8h, 8w) images in [-1, 1]."""
-        if latents.ndim != 4 or latents.shape[1] != LATENT_CHANNELS:
-            raise ValueError(f"expected latents (N, {LATENT_CHANNELS}, h, w), got {tuple(latents.shape)}")
+        """(N, latent channels, h, w) scaled latents -> (N, C, h * downsample, w * downsample) images in [-1, 1]."""
+        channels = self.geometry.latent_channels
+        if latents.ndim != 4 or latents.shape[1] != channels:
+            raise ValueError(f"expected latents (N, {channels}, h, w), got {tuple(latents.shape)}")
         self.vae.eval()
         out = []
         for chunk in tqdm(latents.split(batch_size), desc="decode", disable=not progress, mininterval=1.0):
@@ -74,56 +95,6 @@ def load_sd_vae(name: str = SD_VAE, device: str | torch.device = "cpu") -> Laten
         raise RuntimeError(f"the ImageNet latent path needs diffusers to load {name}: "
                            "pip install 'diffusion-blocks[latents]'") from exc
     return LatentCodec(AutoencoderKL.from_pretrained(name).to(device))
-
-
-# ------------------------------------------------------------------------------- the test double
-
-
-class _Posterior:
-    """Diagonal Gaussian posterior, as diffusers' ``DiagonalGaussianDistribution``."""
-
-    def __init__(self, moments: torch.Tensor):
-        self.mean, logvar = moments.chunk(2, dim=1)
-        self.std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device="cpu").to(self.mean.device)
-        return self.mean + self.std * noise
-
-
-@dataclass
-class _Encoded:
-    latent_dist: _Posterior
-
-
-@dataclass
-class _Decoded:
-    sample: torch.Tensor
-
-
-class TinyAutoencoder(nn.Module):
-    """A small randomly initialised autoencoder with ``AutoencoderKL``'s interface, 8x downsampling and 4
-    latent channels: three stride-2 convolutions down, three transposed convolutions up. It stands in for
-    sd-vae-ft-ema where no network is available; it reconstructs nothing (it is untrained)."""
-
-    def __init__(self, width: int = 16, seed: int = 0):
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.encoder = nn.Sequential(
-                nn.Conv2d(3, width, 3, stride=2, padding=1), nn.SiLU(),
-                nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU(),
-                nn.Conv2d(width, 2 * LATENT_CHANNELS, 3, stride=2, padding=1))
-            self.decoder = nn.Sequential(
-                nn.ConvTranspose2d(LATENT_CHANNELS, width, 4, stride=2, padding=1), nn.SiLU(),
-                nn.ConvTranspose2d(width, width, 4, stride=2, padding=1), nn.SiLU(),
-                nn.ConvTranspose2d(width, 3, 4, stride=2, padding=1), nn.Tanh())
-
-    def encode(self, x: torch.Tensor) -> _Encoded:
-        return _Encoded(_Posterior(self.encoder(x)))
-
-    def decode(self, z: torch.Tensor) -> _Decoded:
-        return _Decoded(self.decoder(z))
 
 
 # --------------------------------------------------------------------------------- ImageNet images
@@ -181,12 +152,33 @@ def load_imagenet_latents(split: str, root: str | os.PathLike | None, codec: Lat
     codec = codec or load_sd_vae()
     latents, labels, classes = encode_folder(codec, Path(root) / IMAGENET_FOLDERS[split], batch_size=batch_size,
                                              progress=progress)
-    return ImageDataset("imagenet256", split, latents, labels, max(len(classes), 1000))
+    return ImageDataset("imagenet256", split, latents, labels, max(len(classes), 1000), latent_scale=codec.scale)
 
 
-def decoder_for(dataset: str):
-    """How to turn a dataset's samples into images for FID: None for pixel datasets, the VAE decoder for
-    latent ones."""
-    from dblocks.data.prepared import LATENT_DATASETS
+def decoder_for(dataset: str, data_dir: str | os.PathLike | None = None):
+    """How to turn a dataset's samples into images for FID: None for pixel datasets; for latent ones the
+    decoder of the autoencoder that encoded them: sd-vae-ft-ema for imagenet256, and for a dataset whose
+    prepare step trained its own autoencoder (digits-latent) that autoencoder, read from the prepared
+    directory ``data_dir`` and checked to be the one that encoded the split there."""
+    from dblocks.config import AUTOENCODER_FILE, LATENT_DATASETS, TRAINED_AUTOENCODER_DATASETS
 
-    return load_sd_vae().decode if dataset in LATENT_DATASETS else None
+    if dataset not in LATENT_DATASETS:
+        return None
+    if dataset not in TRAINED_AUTOENCODER_DATASETS:
+        return load_sd_vae().decode
+    from dblocks.checkpoint import CheckpointError, load_metadata
+    from dblocks.data.autoencoder import load_autoencoder
+    from dblocks.data.images import DataError
+    from dblocks.data.prepared import prepared_path
+
+    if data_dir is None:
+        raise DataError(f"{dataset} samples are decoded by the autoencoder its prepare step trained: pass the "
+                        f"prepared directory (--data) that holds {AUTOENCODER_FILE}")
+    codec, meta = load_autoencoder(Path(data_dir) / AUTOENCODER_FILE)
+    split = prepared_path(data_dir, "train")
+    encoded_by = load_metadata(split).get("autoencoder_sha256")
+    if encoded_by != meta["sha256"]:
+        raise CheckpointError(split, f"was encoded by autoencoder {encoded_by}, not by the {AUTOENCODER_FILE} "
+                                     f"beside it ({meta['sha256']}); run 'dblocks prepare' again",
+                              field="autoencoder_sha256")
+    return codec.decode

@@ -10,26 +10,27 @@ from pathlib import Path
 import torch
 
 from dblocks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dblocks.config import LATENT_DATASETS  # datasets of autoencoder latents: stored as float32 with their scale
 from dblocks.data.images import ImageDataset
 from dblocks.data.text import TextDataset, text_dataset_from_stream, token_streams
 
 #: largest raw pixel value per dataset: digits count ink in 0..16, CIFAR is 8-bit
 PIXEL_MAX = {"digits": 16, "cifar10": 255, "cifar100": 255}
-#: datasets of VAE latents (dblocks.data.latents), stored as float32 with their scale factor
-LATENT_DATASETS = ("imagenet256",)
 
 
 def prepared_path(directory: str | Path, split: str) -> Path:
     return Path(directory) / f"{split}.safetensors"
 
 
-def save_prepared(ds: ImageDataset, directory: str | Path) -> Path:
-    meta = {"kind": "dataset", "name": ds.name, "split": ds.split, "num_classes": ds.num_classes,
-            "examples": len(ds)}
-    if ds.name in LATENT_DATASETS:  # VAE latents are real-valued: stored as they are
-        from dblocks.data.latents import LATENT_SCALE
-
-        images, meta["latent_scale"] = ds.images.float().contiguous(), LATENT_SCALE
+def save_prepared(ds: ImageDataset, directory: str | Path, provenance: dict | None = None) -> Path:
+    """Write one split; ``provenance`` is recorded in its metadata (e.g. the sha256 of the autoencoder that
+    encoded a latent dataset)."""
+    meta = {**(provenance or {}), "kind": "dataset", "name": ds.name, "split": ds.split,
+            "num_classes": ds.num_classes, "examples": len(ds)}
+    if ds.name in LATENT_DATASETS:  # latents are real-valued: stored as they are, with their scale
+        if ds.latent_scale is None:
+            raise ValueError(f"{ds.name} {ds.split}: a latent dataset needs its latent_scale")
+        images, meta["latent_scale"] = ds.images.float().contiguous(), float(ds.latent_scale)
     else:  # pixels go back to their original integers, so the round trip is exact
         meta["pixel_max"] = PIXEL_MAX[ds.name]
         images = torch.round((ds.images + 1) / 2 * meta["pixel_max"]).to(torch.uint8)
@@ -62,11 +63,12 @@ def load_prepared(directory: str | Path, split: str, expected_name: str | None =
     if images.shape[0] == 0:
         raise CheckpointError(path, "holds no examples; allowed: a split with at least one example",
                               field="examples")
-    if "latent_scale" in meta:  # VAE latents, already scaled
+    if "latent_scale" in meta:  # autoencoder latents, already scaled
         images = images.float()
     else:
         images = images.float() / meta["pixel_max"] * 2 - 1
-    return ImageDataset(meta["name"], meta["split"], images, labels.long(), meta["num_classes"])
+    return ImageDataset(meta["name"], meta["split"], images, labels.long(), meta["num_classes"],
+                        latent_scale=meta.get("latent_scale"))
 
 
 def save_prepared_text(name: str, split: str, directory: str | Path, root=None) -> Path:

@@ -132,8 +132,9 @@ def key_digest(key: dict) -> str:
 
 def reference_images(data_dir: str | os.PathLike, split: str, samples: int | None, decode=None) -> torch.Tensor:
     """The split's images, or a fixed random subset of ``samples`` of them (seeded, the same every time).
-    A latent dataset's latents are decoded to images (by ``decode``, default its VAE decoder): its
-    reference statistics are those of the VAE reconstructions of the split."""
+    A latent dataset's latents are decoded to images (by ``decode``, default the decoder of the autoencoder
+    that encoded them, :func:`dblocks.data.latents.decoder_for`): its reference statistics are those of the
+    autoencoder's reconstructions of the split."""
     from dblocks.data import load_prepared
     from dblocks.data.latents import decoder_for
 
@@ -145,7 +146,7 @@ def reference_images(data_dir: str | os.PathLike, split: str, samples: int | Non
         chosen = images
     else:
         chosen = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:samples]]
-    decode = decode or decoder_for(data.name)
+    decode = decode or decoder_for(data.name, data_dir)
     return decode(chosen) if decode is not None else chosen
 
 

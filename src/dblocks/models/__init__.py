@@ -39,6 +39,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # ablation [4,4,4] / [3,6,3] / [6,4,2] / [2,4,6] and B in {1,2,3,4,6} apply unchanged)
     "ViT-tiny": ArchSpec("vit", depth=6, width=64, heads=4, patch=2),
     "DiT-tiny": ArchSpec("dit", depth=12, width=32, heads=2, patch=2),
+    # DiT-tiny on the 4x4x4 digits-latent latents (DiT-L/2's tiny twin): patch 1 makes the same 16 tokens
+    # that patch 2 makes of 8x8 pixels
+    "DiT-tiny/1": ArchSpec("dit", depth=12, width=32, heads=2, patch=1),
     # masked diffusion LM (SPEC section 5: 12 layers, d=768, 12 heads, sequence 256 on text8)
     "MDM-paper": ArchSpec("mdm", depth=12, width=768, heads=12, patch=1, context=256),
     "MDM-tiny": ArchSpec("mdm", depth=6, width=128, heads=4, patch=1, context=64),
