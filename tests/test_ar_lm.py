@@ -48,6 +48,21 @@ def test_clean_noisy_mask_structure():
         assert noisy_to_noisy[i, i] and noisy_to_noisy[i].sum() == 1  # and itself
 
 
+def test_ar_models_are_llama_style_rotary_rmsnorm_swiglu():
+    """SPEC section 5's Llama-style transformer under adaLN-Zero: RMSNorm, SwiGLU, no biases, rotary
+    positions in every layer (period = context, so noisy i sits at clean i's position), none added by the stem."""
+    from torch import nn
+
+    from dblocks.layers import AdaLNZeroLayer, SwiGLU
+
+    for method in ("blockwise", "e2e"):
+        model = micro_ar_exp().block(1) if method == "blockwise" else micro_ar_exp().e2e()
+        layers = [m for m in model.modules() if isinstance(m, AdaLNZeroLayer)]
+        assert layers and all(isinstance(m.norm1, nn.RMSNorm) and isinstance(m.mlp, SwiGLU)
+                              and m.attn.rope_period == 24 and m.attn.qkv.bias is None for m in layers)
+        assert not any(name.endswith("pos_embed") for name, _ in model.named_parameters())
+
+
 def test_a_noisy_position_never_sees_its_own_or_a_future_clean_token():
     exp = micro_ar_exp()
     block = exp.block(1)

@@ -11,7 +11,7 @@ from dblocks import config as cfg
 from dblocks import sample
 from dblocks.blocks import AssembledModel, BlockDenoiser, DenoiserOutput, convert_stack
 from dblocks.experiment import Experiment
-from dblocks.layers import AdaLNZeroLayer, FinalLayer, NoiseEmbedding
+from dblocks.layers import AdaLNZeroLayer, Attention, FinalLayer, NoiseEmbedding, SwiGLU, apply_rotary
 from dblocks.noise import Partition
 from dblocks.tasks import ImageGenerationTask
 
@@ -62,6 +62,45 @@ def test_adaln_zero_layer_after_perturbation_is_not_identity_and_uses_c():
     assert out1.shape == h.shape
     assert not torch.allclose(out1, h)
     assert not torch.allclose(out1, layer(h, c2))
+
+
+def test_llama_style_layer_rmsnorm_swiglu_no_bias_and_identity_at_init():
+    torch.manual_seed(0)
+    layer = AdaLNZeroLayer(32, 4, style="llama", rope_period=8)
+    assert isinstance(layer.norm1, nn.RMSNorm) and isinstance(layer.mlp, SwiGLU)
+    assert layer.attn.qkv.bias is None and layer.attn.proj.bias is None
+    assert layer.mlp.gate.weight.shape == (88, 32)  # 2/3 of 4 x 32, rounded up to a multiple of 8
+    h, c = torch.randn(2, 16, 32) * 4, torch.randn(2, 32)
+    assert torch.equal(layer(h, c), h)
+    _perturb(layer)
+    assert not torch.allclose(layer(h, c), h)
+    with pytest.raises(ValueError, match="allowed: dit, llama"):
+        AdaLNZeroLayer(32, 4, style="gpt")
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+
+    def score(m: int, n: int) -> torch.Tensor:
+        return (apply_rotary(q, torch.tensor([m])) * apply_rotary(k, torch.tensor([n]))).sum(-1)
+
+    assert torch.allclose(score(3, 1), score(10, 8), atol=1e-5)
+    assert torch.allclose(score(0, 0), (q * k).sum(-1), atol=1e-6)  # position 0 is no rotation
+    assert not torch.allclose(score(3, 1), score(1, 3), atol=1e-3)
+
+
+def test_rotary_period_puts_the_noisy_half_at_the_clean_positions():
+    """With period T a 2T sequence [a; a] gets positions [0..T-1; 0..T-1]: without a mask the two halves
+    give identical outputs, which absolute positions 0..2T-1 would not."""
+    torch.manual_seed(0)
+    attn = Attention(16, 2, bias=False, rope_period=5)
+    a = torch.randn(1, 5, 16)
+    out = attn(torch.cat([a, a], dim=1))
+    assert torch.allclose(out[:, :5], out[:, 5:], atol=1e-6)
+    attn.rope_period = 10
+    out = attn(torch.cat([a, a], dim=1))
+    assert not torch.allclose(out[:, :5], out[:, 5:], atol=1e-4)
 
 
 def test_adaln_zero_layer_cond_dim():

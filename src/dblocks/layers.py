@@ -51,14 +51,33 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10_000.0) -> torch.Tensor:
+    """Rotary position embedding (RoPE, Su et al.; Llama's): channel pairs (i, i + D/2) of every head are
+    rotated by angle position x base^(-2i/D), so q.k depends on positions only through their difference.
+    ``x`` is (N, heads, T, D), ``positions`` (T,)."""
+    half = x.shape[-1] // 2
+    freqs = base ** (-torch.arange(half, dtype=torch.float32, device=x.device) / half)
+    angles = positions.to(x.device, torch.float32)[:, None] * freqs[None]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
+    """Multi-head self-attention. ``rope_period`` (Llama-style layers) switches on rotary positions; token
+    t sits at position t mod period, so the noisy half of an AR [clean; noisy] sequence shares the
+    positions of the clean half (noisy z_i is the target for token x_i)."""
+
+    def __init__(self, width: int, heads: int, bias: bool = True, rope_period: int | None = None) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
+        if rope_period is not None and (width // heads) % 2:
+            raise ValueError(f"rotary positions need an even head size, got {width // heads}")
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.rope_period = rope_period
+        self.qkv = nn.Linear(width, 3 * width, bias=bias)
+        self.proj = nn.Linear(width, width, bias=bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         n, t, d = x.shape
@@ -67,24 +86,56 @@ class Attention(nn.Module):
         if mask is not None:
             mask = mask.to(x.device)  # set as a plain attribute, so .to(device) does not move it
         q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if self.rope_period is not None:
+            positions = torch.arange(t, device=x.device) % self.rope_period
+            q, k = apply_rotary(q, positions), apply_rotary(k, positions)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class SwiGLU(nn.Module):
+    """Llama's gated MLP, down(silu(gate(x)) * up(x)), without biases; the hidden size is 2/3 of
+    mlp_ratio x width (rounded up to a multiple of 8), so it costs what the GELU MLP of that ratio costs."""
+
+    def __init__(self, width: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        hidden = -(-int(2 * mlp_ratio * width / 3) // 8) * 8
+        self.gate = nn.Linear(width, hidden, bias=False)
+        self.up = nn.Linear(width, hidden, bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+#: residual layer styles: DiT's (LayerNorm, GELU MLP, biases, positions added by the stem) and
+#: Llama's (RMSNorm, SwiGLU, no biases, rotary positions in attention), both under adaLN-Zero
+LAYER_STYLES = ("dit", "llama")
 
 
 class AdaLNZeroLayer(nn.Module):
     """Pre-norm transformer layer modulated by c (shift, scale, gate for attention and MLP).
 
     The modulation is zero-initialised, so every gate starts at 0 and the layer starts as the identity:
-    a freshly converted block is a no-op on h until it learns otherwise."""
+    a freshly converted block is a no-op on h until it learns otherwise. ``style`` picks the layer body
+    (:data:`LAYER_STYLES`); ``rope_period`` is the period of rotary positions (Llama style only)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, cond_dim: int | None = None) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, cond_dim: int | None = None,
+                 style: str = "dit", rope_period: int | None = None) -> None:
         super().__init__()
+        if style not in LAYER_STYLES:
+            raise ValueError(f"unknown layer style {style!r}; allowed: {', '.join(LAYER_STYLES)}")
         cond_dim = cond_dim or width
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(width, heads)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        llama = style == "llama"
+        # no affine parameters in either norm: adaLN's shift and scale take their place
+        norm = (lambda: nn.RMSNorm(width, eps=1e-6, elementwise_affine=False)) if llama else \
+            (lambda: nn.LayerNorm(width, elementwise_affine=False, eps=1e-6))
+        self.norm1 = norm()
+        self.attn = Attention(width, heads, bias=not llama, rope_period=rope_period if llama else None)
+        self.norm2 = norm()
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.mlp = SwiGLU(width, mlp_ratio) if llama else \
+            nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * width))
         nn.init.zeros_(self.modulation[1].weight)
         nn.init.zeros_(self.modulation[1].bias)

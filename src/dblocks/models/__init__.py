@@ -22,6 +22,7 @@ class ArchSpec:
     class_dropout: float = 0.1  # DiT only: label dropout for classifier-free guidance
     target_dim: int | None = None  # ViT only: label-embedding size (defaults to width)
     context: int | None = None  # text only: sequence length in tokens
+    layer_style: str = "dit"  # residual layer body (dblocks.layers.LAYER_STYLES): "dit" or "llama" (AR models)
     recurrence: int | None = None  # huginn only: mean number of recurrent-block iterations (and K at inference)
     backprop_depth: int | None = None  # huginn only: iterations the baseline backpropagates through
 
@@ -48,8 +49,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # autoregressive transformer (SPEC section 5: 12 layers, d=768; B=4 -> 3 layers per block). Byte-level
     # tokens here, so the context is counted in bytes. AR-tiny keeps the paper's 12 layers (narrow instead
     # of shallow) so that Table 11's B in {2, 3, 4, 6} splits it into equal blocks as at paper scale
-    "AR-paper": ArchSpec("ar", depth=12, width=768, heads=12, patch=1, context=512),
-    "AR-tiny": ArchSpec("ar", depth=12, width=64, heads=4, patch=1, context=64),
+    "AR-paper": ArchSpec("ar", depth=12, width=768, heads=12, patch=1, context=512, layer_style="llama"),
+    "AR-tiny": ArchSpec("ar", depth=12, width=64, heads=4, patch=1, context=64, layer_style="llama"),
     # Huginn recurrent depth (SPEC section 5: d=512, 8 heads; 2 prelude + 4-layer recurrent block + 2 coda
     # layers; depth counts the recurrent block only). Baseline: mean 32 iterations, backprop through 8
     "Huginn-paper": ArchSpec("huginn", depth=4, width=512, heads=8, patch=1, context=512, recurrence=32,
@@ -60,7 +61,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "ViT-micro": ArchSpec("vit", depth=3, width=32, heads=2, patch=4),
     "DiT-micro": ArchSpec("dit", depth=3, width=32, heads=2, patch=4),
     "MDM-micro": ArchSpec("mdm", depth=3, width=32, heads=2, patch=1, context=16),
-    "AR-micro": ArchSpec("ar", depth=4, width=32, heads=2, patch=1, context=24),
+    "AR-micro": ArchSpec("ar", depth=4, width=32, heads=2, patch=1, context=24, layer_style="llama"),
     "Huginn-micro": ArchSpec("huginn", depth=4, width=32, heads=2, patch=1, context=24, recurrence=3,
                              backprop_depth=2),
 }

@@ -35,7 +35,8 @@ class Architecture:
         if s.family == "mdm":
             return MDMStem(self.num_classes, s.context, s.width)
         if s.family == "ar":
-            return ARStem(self.num_classes, s.context, s.width, self.target_dim, noisy_target)
+            return ARStem(self.num_classes, s.context, s.width, self.target_dim, noisy_target,
+                          absolute_positions=s.layer_style != "llama")
         if s.family == "huginn":
             return HuginnStem(self.num_classes, s.context, s.width, s.heads, self.target_dim, noisy_target,
                               mlp_ratio=s.mlp_ratio)
@@ -43,7 +44,11 @@ class Architecture:
 
     def layers(self, count: int) -> list[nn.Module]:
         s = self.spec
-        layers = [AdaLNZeroLayer(s.width, s.heads, s.mlp_ratio) for _ in range(count)]
+        # Llama-style layers carry rotary positions with the context as period: the noisy half of an AR
+        # [clean; noisy] sequence shares the clean half's positions
+        rope = s.context if s.layer_style == "llama" else None
+        layers = [AdaLNZeroLayer(s.width, s.heads, s.mlp_ratio, style=s.layer_style, rope_period=rope)
+                  for _ in range(count)]
         if s.family in ("ar", "huginn"):
             # its causal corner serves the clean-only baseline and the single causal stream of Huginn
             mask = clean_noisy_mask(s.context)

@@ -39,17 +39,23 @@ class TokenHead(nn.Module):
 
 class ARStem(nn.Module):
     """Autoregressive transformer stem. Block-wise (``noisy_target=True``): the sequence is [clean token
-    embeddings; projected noisy target embeddings], both halves with the same learned positions and a learned
-    marker on the noisy half, and c = embedding of c_noise; the layers carry dblocks.layers.clean_noisy_mask.
+    embeddings; projected noisy target embeddings], both halves at the same positions and a learned marker
+    on the noisy half, and c = embedding of c_noise; the layers carry dblocks.layers.clean_noisy_mask.
     End-to-end (``noisy_target=False``): the clean half only (its causal corner of the same mask) and a learned
-    constant c, the ordinary next-token transformer."""
+    constant c, the ordinary next-token transformer. Positions are learned and added here, or, with
+    ``absolute_positions=False``, left to the layers' rotary embedding (Llama style)."""
 
-    def __init__(self, vocab_size: int, seq_len: int, width: int, target_dim: int, noisy_target: bool = True) -> None:
+    def __init__(self, vocab_size: int, seq_len: int, width: int, target_dim: int, noisy_target: bool = True,
+                 absolute_positions: bool = True) -> None:
         super().__init__()
+        self.context = seq_len
         self.token_embed = nn.Embedding(vocab_size, width)
-        self.pos_embed = nn.Parameter(torch.zeros(1, seq_len, width))
         nn.init.normal_(self.token_embed.weight, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if absolute_positions:
+            self.pos_embed = nn.Parameter(torch.zeros(1, seq_len, width))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            self.pos_embed = None
         self.noisy_target = noisy_target
         if noisy_target:
             self.target_embed = nn.Linear(target_dim, width)
@@ -60,15 +66,15 @@ class ARStem(nn.Module):
 
     def forward(self, z_in, tokens, c_noise):
         t = tokens.shape[1]
-        if t > self.pos_embed.shape[1]:
-            raise ValueError(f"sequence of {t} tokens is longer than the context {self.pos_embed.shape[1]}")
-        pos = self.pos_embed[:, :t]
+        if t > self.context:
+            raise ValueError(f"sequence of {t} tokens is longer than the context {self.context}")
+        pos = self.pos_embed[:, :t] if self.pos_embed is not None else 0.0
         clean = self.token_embed(tokens) + pos
         if not self.noisy_target:
             return clean, self.constant_cond.expand(tokens.shape[0], -1)
-        if z_in.shape[1] != self.pos_embed.shape[1] or t != z_in.shape[1]:
+        if z_in.shape[1] != self.context or t != z_in.shape[1]:
             # the clean/noisy mask is built for the full context: block-wise runs always use all of it
-            raise ValueError(f"block-wise AR runs need {self.pos_embed.shape[1]} clean and noisy positions, "
+            raise ValueError(f"block-wise AR runs need {self.context} clean and noisy positions, "
                              f"got {t} and {z_in.shape[1]}")
         noisy = self.target_embed(z_in) + pos + self.noisy_marker
         return torch.cat([clean, noisy], dim=1), self.noise_embed(c_noise)
