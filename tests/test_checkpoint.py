@@ -393,6 +393,48 @@ def test_resume_is_bit_identical(tmp_path, device):
         _assert_bit_identical(resumed["state"][index], state)
 
 
+def test_a_state_save_cut_between_its_renames_resumes_from_the_previous_state(tmp_path, monkeypatch, capsys):
+    """A kill after the new tensor file is renamed into place but before its JSON is (a torn pair that fails
+    its checksum) must not cost the job its resume state: the previous state is kept until the new one is
+    committed, and resuming falls back to it; once resumed, the torn files are gone."""
+    from dblocks import checkpoint
+
+    path = tmp_path / "state.safetensors"
+    model, optimizer, scheduler = _build(seed=0)
+    data_gen = torch.Generator().manual_seed(123)
+    _train(model, optimizer, scheduler, data_gen, 5)
+    save_training_state(path, model, optimizer, scheduler, 5, {"data": data_gen})
+    expected = _weights(model)
+    assert not checkpoint.previous_generation(path).exists()  # dropped once a save is committed
+    _train(model, optimizer, scheduler, data_gen, 3)
+
+    real_replace = os.replace
+
+    def killed_before_the_json(src, dst):
+        if str(dst).endswith("state.json"):
+            raise KeyboardInterrupt("killed")  # stands in for SIGKILL between the two renames
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_before_the_json)
+    with pytest.raises(KeyboardInterrupt):
+        save_training_state(path, model, optimizer, scheduler, 8, {"data": data_gen})
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_checkpoint(path)  # the torn pair
+
+    model, optimizer, scheduler, data_gen, info = _fresh_resume(path)
+    assert info == {"step": 5}
+    _assert_bit_identical(_weights(model), expected)
+    assert "resuming from the previous one, step 5" in capsys.readouterr().err
+    assert not path.exists() and checkpoint.previous_generation(path).exists()
+    # the next save commits a new state and drops the previous generation; a removal takes both
+    save_training_state(path, model, optimizer, scheduler, 6, {"data": data_gen})
+    assert load_checkpoint(path)[1]["step"] == 6 and not checkpoint.previous_generation(path).exists()
+    _train(model, optimizer, scheduler, data_gen, 1)
+    checkpoint.remove_checkpoint(path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_global_rng_restore_matters(interrupted_run):
     """Control: one extra draw from the global RNG after restoring breaks bit-identity, so the test
     above really depends on the restored RNG state."""

@@ -12,7 +12,8 @@ Loading uses only ``safetensors.torch.load_file`` and ``json``; ``torch.load`` a
 called, so a foreign or malicious file cannot execute code.
 
 The same format carries the full training state (model, optimizer, LR scheduler, RNG states) so an
-interrupted job can resume bit-identically: see :func:`save_training_state`.
+interrupted job can resume bit-identically: see :func:`save_training_state`, which keeps the previous
+state until the next one is committed, so a kill at any instant leaves one state to resume from.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
@@ -145,10 +147,33 @@ def write_json_atomic(path: str | os.PathLike, record: Mapping[str, Any], keep_u
 
 
 def remove_checkpoint(path: str | os.PathLike) -> None:
-    """Delete a checkpoint: its tensor file, its JSON sidecar and any staging file a killed writer left."""
+    """Delete a checkpoint: its tensor file, its JSON sidecar, any staging file a killed writer left and,
+    for a training state, its previous generation."""
     path = Path(path)
-    for p in (path, sidecar_path(path), *_leftover_staging_files(path), *_leftover_staging_files(sidecar_path(path))):
-        p.unlink(missing_ok=True)
+    for base in (path, previous_generation(path)):
+        for p in (base, sidecar_path(base), *_leftover_staging_files(base), *_leftover_staging_files(sidecar_path(base))):
+            p.unlink(missing_ok=True)
+
+
+def previous_generation(path: str | os.PathLike) -> Path:
+    """Where :func:`save_training_state` keeps the last complete state while it writes the next one
+    (``block-2.state.safetensors`` -> ``block-2.state.prev.safetensors``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes ``src``'s content atomically: a hard link (free) staged and renamed, or a copy where
+    the filesystem has no hard links."""
+    with _staging_file(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
 
 
 # ------------------------------------------------------------------------------------------ metadata
@@ -445,7 +470,17 @@ def save_training_state(
         "scheduler": _jsonable_scheduler_state(scheduler),
         "extra": extra,
     }
+    # A kill between save_checkpoint's two renames leaves a new tensor file beside the old JSON, which
+    # fails its checksum. So the last complete state is kept as the previous generation (hard links, no
+    # copy) until the new one is committed; load_training_state falls back to it.
+    path = _checkpoint_path(path)
+    prev = previous_generation(path)
+    if path.is_file() and sidecar_path(path).is_file():
+        _link_or_copy(path, prev)
+        _link_or_copy(sidecar_path(path), sidecar_path(prev))  # the JSON last: it commits the generation
     save_checkpoint(path, tensors, metadata)
+    for p in (sidecar_path(prev), prev):  # JSON first: a tensor file without JSON is never loaded
+        p.unlink(missing_ok=True)
 
 
 def _check_model_matches(path: Path, model: torch.nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
@@ -510,7 +545,20 @@ def load_training_state(
     Everything is checked against the live objects before anything is modified, so a mismatching
     checkpoint raises CheckpointError and leaves model, optimizer and RNGs as they were."""
     path = _checkpoint_path(path)
-    tensors, record = load_checkpoint(path)  # on CPU; load_state_dict moves values to each param's device
+    try:
+        tensors, record = load_checkpoint(path)  # on CPU; load_state_dict moves values to each param's device
+    except CheckpointError as exc:
+        prev = previous_generation(path)
+        if not sidecar_path(prev).is_file():
+            raise
+        # the latest save was cut short (see save_training_state): resume from the one before it, and
+        # drop the torn files so that the next save keeps this generation as its fallback
+        tensors, record = load_checkpoint(prev)
+        print(f"dblocks: the latest training state {path} is unusable ({exc}); resuming from the previous "
+              f"one, step {record.get('step')}", file=sys.stderr, flush=True)
+        for p in (sidecar_path(path), path):
+            p.unlink(missing_ok=True)
+        path = prev
     if record.get("kind") != TRAINING_STATE_KIND:
         raise CheckpointError(path, f"not a training state (kind {record.get('kind')!r})", field="kind")
     model_state = _under_prefix(_MODEL, tensors)
