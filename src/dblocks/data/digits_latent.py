@@ -59,9 +59,10 @@ def prepare_digits_latent(out: str | os.PathLike, steps: int = STEPS, seed: int 
         model = train_autoencoder(digits["train"].images, latent_channels=GEOMETRY.latent_channels,
                                   downsample=GEOMETRY.downsample, width=WIDTH, steps=steps, kl_weight=KL_WEIGHT,
                                   batch_size=BATCH_SIZE, lr=LR, seed=seed)
-        scale = latent_scale(LatentCodec(model, scale=1.0).encode(digits["train"].images))
-        codec = LatentCodec(model, scale)
-        latents = {split: ImageDataset(NAME, split, codec.encode(ds.images), ds.labels, ds.num_classes,
+        # each split is encoded once, unscaled; the scale comes from the train split's latents
+        raw = {split: LatentCodec(model, scale=1.0).encode(ds.images) for split, ds in digits.items()}
+        scale = latent_scale(raw["train"])
+        latents = {split: ImageDataset(NAME, split, raw[split] * scale, ds.labels, ds.num_classes,
                                        latent_scale=scale) for split, ds in digits.items()}
         mse = reconstruction_mse(model, digits["test"].images)
     record = {"dataset": NAME, "trained_on": "digits train", "steps": steps, "seed": seed, "batch_size": BATCH_SIZE,
