@@ -740,17 +740,17 @@ def build_sweep_table(ctx: Context, table_id: str, paper: dict, exps: list[Exper
     notes: list[str] = list(paper.get("notes", []))
     # One metric for the whole column: the first candidate that any run logged (Table 11: GPT-2 large
     # MAUVE online, else the offline reference-LM features), never a mix of feature spaces across rows.
+    # When none was logged, the first candidate's (empty) cells stand, as for a one-metric table.
+    tried = []
     for chosen in candidates:
-        metric, multiplier, metric_label = chosen
         placement_notes: list[str] = []
-        cells = list(_ablation_cells(ctx, exps, metric, multiplier, decimals, placement_notes))
+        cells = list(_ablation_cells(ctx, exps, chosen[0], chosen[1], decimals, placement_notes))
+        tried.append((chosen, cells, placement_notes))
         if any(cell.value is not None for _, cell, _ in cells):
             break
     else:
-        chosen = candidates[0]
-        metric, multiplier, metric_label = chosen
-        placement_notes = []
-        cells = list(_ablation_cells(ctx, exps, metric, multiplier, decimals, placement_notes))
+        chosen, cells, placement_notes = tried[0]
+    metric, _, metric_label = chosen
     notes += placement_notes
     skipped = [c[2] for c in candidates[:candidates.index(chosen)]]
     if skipped:
