@@ -92,6 +92,22 @@ def test_assemble_and_evaluate_classifier(vit_blocks, tmp_path, capsys):
     assert "accuracy" in capsys.readouterr().out
 
 
+def test_jobs_that_need_no_fid_do_not_import_it(vit_blocks, tmp_path):
+    """Every pipeline job is a fresh interpreter: torch-fidelity (with torchvision) costs about two seconds
+    of start-up, so assembling and classifier evaluation must not import it just to name an error."""
+    import subprocess
+    import sys
+
+    model_path = tmp_path / "model.safetensors"
+    code = ("import sys; from dblocks.cli import main; "
+            f"rc = main(['assemble', *{[str(p) for p in sorted(vit_blocks.glob('block-*.safetensors'))]!r}, "
+            f"'--out', {str(model_path)!r}]) or main(['evaluate', {str(model_path)!r}, "
+            f"'--out', {str(tmp_path / 'metrics.json')!r}]); "
+            "print(rc, sorted(m for m in ('torch_fidelity', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "0 []"
+
+
 @pytest.mark.parametrize("case", ["missing", "duplicate", "wrong_b", "other_config", "other_partition",
                                   "other_experiment", "not_a_block", "other_target_space"])
 def test_assembly_refuses_mismatches(case, vit_blocks, tmp_path):

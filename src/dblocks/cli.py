@@ -828,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from dblocks.checkpoint import CheckpointError
     from dblocks.data import DataError
-    from dblocks.metrics.inception import InceptionWeightsError
+    from dblocks.metrics import InceptionWeightsError
     from dblocks.tracking import TrackingError
     from dblocks.train import TrainingError
 

@@ -1,34 +1,11 @@
-"""Evaluation metrics. Domain FID (digits-classifier features), computed by torch-fidelity: see
-:mod:`dblocks.metrics.fid`. Label its values with :data:`FID_LABEL`, never as Inception FID."""
+"""Evaluation metrics, one module each: domain FID (digits-classifier features, computed by torch-fidelity) in
+:mod:`dblocks.metrics.fid`, Inception-v3 weights in :mod:`dblocks.metrics.inception`, cached reference
+statistics in :mod:`dblocks.metrics.reference`, MAUVE in :mod:`dblocks.metrics.mauve`, generative perplexity in
+:mod:`dblocks.metrics.gen_ppl`. Label domain-FID values with ``fid.FID_LABEL``, never as Inception FID.
 
-from dblocks.metrics.fid import (
-    FEATURE_EXTRACTOR_NAME,
-    FEATURE_LAYER,
-    FID_LABEL,
-    DigitsFeatureExtractor,
-    DigitsFeatureNet,
-    ImageTensorDataset,
-    build_digits_feature_net,
-    domain_fid,
-    feature_net_accuracy,
-    load_feature_net,
-    register_digits_feature_extractor,
-    save_feature_net,
-    train_feature_net,
-)
+The package imports none of them: torch-fidelity pulls in torchvision and torch._dynamo (about two seconds),
+which every pipeline job would otherwise pay at start-up just to name the error below."""
 
-__all__ = [
-    "FEATURE_EXTRACTOR_NAME",
-    "FEATURE_LAYER",
-    "FID_LABEL",
-    "DigitsFeatureExtractor",
-    "DigitsFeatureNet",
-    "ImageTensorDataset",
-    "build_digits_feature_net",
-    "domain_fid",
-    "feature_net_accuracy",
-    "load_feature_net",
-    "register_digits_feature_extractor",
-    "save_feature_net",
-    "train_feature_net",
-]
+
+class InceptionWeightsError(RuntimeError):
+    """The offline Inception weights are missing, unverified or do not fit."""

