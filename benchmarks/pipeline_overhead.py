@@ -4,7 +4,9 @@
    run from the repository root (a dry run: the DAG is built and printed, nothing is executed).
 2. CLI start-up: wall time of ``.venv/bin/python -c "import dblocks.cli"`` and of ``.venv/bin/dblocks models``
    (next to ``python -c pass`` for the interpreter alone and ``import torch``, which the CLI pulls in
-   through dblocks.config -> dblocks.models).
+   through dblocks.config -> dblocks.models), and the other fixed costs every pipeline job pays in its own
+   fresh interpreter: MLflow with its SQLite store (tracked jobs), the first optimizer (training jobs: torch
+   imports torch._dynamo there) and torch-fidelity (image-generation evaluations).
 3. MLflow per-step logging: ``dblocks.tracking.JobRun.log_step`` against a fresh SQLite store in a
    temporary directory (set up with ``dblocks.tracking.init_runs`` as ``dblocks track-init`` does), mean
    seconds per call over 200 calls including the batched flushes (every 50 calls by default) and the
@@ -70,7 +72,15 @@ def cli_startup(reps: int) -> dict:
     commands = {"python -c pass": [py, "-c", "pass"],
                 "import torch": [py, "-c", "import torch"],
                 "import dblocks.cli": [py, "-c", "import dblocks.cli"],
-                "dblocks models": [str(VENV_BIN / "dblocks"), "models"]}
+                "dblocks models": [str(VENV_BIN / "dblocks"), "models"],
+                # what else a pipeline job pays before its first step, each in a fresh interpreter:
+                # a tracked job opens MLflow's SQLite store, a training job builds an optimizer (torch
+                # imports torch._dynamo on the first one), an image-generation evaluation imports torch-fidelity
+                "import torch + mlflow + its SQLite store": [
+                    py, "-c", "import torch, mlflow; import mlflow.store.tracking.sqlalchemy_store"],
+                "import torch + first optimizer": [
+                    py, "-c", "import torch; torch.optim.AdamW([torch.zeros(1, requires_grad=True)])"],
+                "import torch + torch_fidelity": [py, "-c", "import torch, torch_fidelity"]}
     out = {}
     for name, argv in commands.items():
         r = time_command(argv, reps)

@@ -75,6 +75,28 @@ def test_params_rejections_name_key_and_allowed_values(edits, message, tmp_path)
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("baseline, methods, message", [
+    ("dit-cifar10", ["blockwise"], "experiments.noprop-cifar100.pipeline.baseline='dit-cifar10' is not an experiment "
+                                   "with an e2e baseline whose settings equal this one's outside blocks, layer_split, "
+                                   "overlap, partition; allowed: vit-cifar100"),
+    ("vit-cifar100", ["blockwise", "e2e"], "trains its own e2e baseline; allowed: drop 'e2e'"),
+])
+def test_a_shared_baseline_must_train_the_same_network(baseline, methods, message, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_params(**{"experiments/noprop-cifar100/pipeline/baseline": baseline,
+                                              "experiments/noprop-cifar100/pipeline/methods": methods})))
+    with pytest.raises(ConfigError) as err:
+        Pipeline.load(path, root=REPO)
+    assert message in str(err.value)
+
+
+def test_shared_baseline_is_trained_once():
+    pipe = Pipeline.load(REPO / "params/tiny.yaml", root=REPO)
+    assert pipe.baseline("noprop-cifar100") == "vit-cifar100"
+    baselines = [exp for exp, method, _ in pipe.training_jobs() if method == "e2e"]
+    assert "noprop-cifar100" not in baselines and "vit-cifar100" in baselines
+
+
 def test_snakemake_refuses_bad_params_before_any_job(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(_params(**{"experiments/vit-cifar100/blocks": 9})))

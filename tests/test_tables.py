@@ -29,6 +29,9 @@ PARAMS = {
     "experiments": {
         "vit-cifar100": {"task": "classification", "arch": "ViT-micro", "blocks": 3, "overlap": 0.05,
                          "pipeline": {"tables": ["1", "12"], "methods": ["blockwise", "e2e"]}},
+        # Table 6: block-wise runs of its own, the backprop row from vit-cifar100's end-to-end run
+        "noprop-cifar100": {"task": "classification", "arch": "ViT-micro", "blocks": 3, "overlap": 0.1,
+                            "pipeline": {"tables": ["6"], "methods": ["blockwise"], "baseline": "vit-cifar100"}},
         "dit-t7-uniform-363": {"task": "generation", "arch": "DiT-micro", "blocks": 3, "partition": "uniform",
                                "overlap": 0.0, "layer_split": [3, 6, 3],
                                "pipeline": {"tables": ["7"], "methods": ["blockwise"]}},
@@ -110,6 +113,9 @@ def generated(tmp_path_factory):
     _log(client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.10},
          status="FAILED")
 
+    parent = _experiment_runs(client, eid, "noprop-cifar100", 3)
+    _log(client, eid, "noprop-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.8555})
+
     # Table 7 / 10: one FID logged with samples; one evaluate run whose FID is not logged (yet)
     parent = _experiment_runs(client, eid, "dit-t7-uniform-363", 3)
     _log(client, eid, "dit-t7-uniform-363", "evaluate", "blockwise", parent=parent, artifact=grid,
@@ -168,6 +174,13 @@ def test_table1_ours_beside_paper_and_latest_finished_run_wins(generated):
     row = df.set_index("method").loc["DiffusionBlocks"]
     assert row["paper"] == pytest.approx(59.30) and row["ours"] == pytest.approx(87.31)
     assert pd.isna(df.set_index("method").loc["Forward-Forward", "ours"])
+
+
+def test_table6_backprop_row_comes_from_the_shared_baseline(generated):
+    text = (generated["out"] / "tables" / "table6.md").read_text()
+    assert _md_row(text, "DiffusionBlocks")[1:] == ["46.88", "85.55"]
+    assert _md_row(text, "Backprop")[1:] == ["47.80", "90.12"]  # vit-cifar100's e2e evaluation
+    assert "the end-to-end run of vit-cifar100, which noprop-cifar100 shares" in text
 
 
 def test_table7_places_runs_by_split_and_partition(generated):

@@ -22,6 +22,8 @@ from dblocks.config import (AUTOENCODER_FILE, TRAINED_AUTOENCODER_DATASETS, Conf
 #: where the Snakefile finds its schema (relative to the repository root)
 PIPELINE_SCHEMA = Path("workflow/schemas/config.schema.json")
 BLOCKWISE, E2E, PAPER = "blockwise", "e2e", "paper"
+#: settings that shape only the block-wise model; end-to-end training never reads them
+BLOCKWISE_ONLY = frozenset({"blocks", "partition", "overlap", "layer_split"})
 
 
 def _pipeline_schema(root: Path) -> dict:
@@ -65,7 +67,29 @@ class Pipeline:
             if judge not in judges:
                 raise ConfigError(f"{params_path}: experiments.{name}.pipeline.judge={judge!r} is not an "
                                   f"autoregressive experiment with an e2e baseline; allowed: {', '.join(judges)}")
+        for name in pipe.experiments:
+            pipe._check_baseline(name)
         return pipe
+
+    def _check_baseline(self, name: str) -> None:
+        """A shared end-to-end baseline must train exactly the network this experiment's own would."""
+        source = self.baseline(name)
+        if source is None:
+            return
+        key = f"{self.params_path}: experiments.{name}.pipeline.baseline={source!r}"
+        if E2E in self.methods(name):
+            raise ConfigError(f"{key}: the experiment trains its own e2e baseline; allowed: drop 'e2e' from its "
+                              f"methods, or drop the baseline key")
+        candidates = [e for e in self.experiments
+                      if e != name and E2E in self.methods(e) and self._e2e_config(e) == self._e2e_config(name)]
+        if source not in candidates:
+            raise ConfigError(f"{key} is not an experiment with an e2e baseline whose settings equal this one's "
+                              f"outside {', '.join(sorted(BLOCKWISE_ONLY))}; allowed: "
+                              f"{', '.join(candidates) or 'none in this file'}")
+
+    def _e2e_config(self, exp: str) -> dict:
+        """What end-to-end training of ``exp`` depends on: its config without the block-wise settings."""
+        return {k: v for k, v in self.experiments[exp].items() if k not in BLOCKWISE_ONLY | {"name", "pipeline"}}
 
     # --- settings --------------------------------------------------------------------------------
     @property
@@ -88,6 +112,10 @@ class Pipeline:
 
     def methods(self, exp: str) -> list[str]:
         return list(self.experiments[exp]["pipeline"]["methods"])
+
+    def baseline(self, exp: str) -> str | None:
+        """The experiment whose end-to-end run stands for this one's (``pipeline.baseline``), if any."""
+        return self.experiments[exp]["pipeline"].get("baseline")
 
     def judge(self, exp: str) -> str | None:
         """The experiment whose end-to-end AR baseline judges this experiment's generated text."""

@@ -109,6 +109,7 @@ class ExperimentSpec:
     config: dict
     tables: list[str]
     methods: list[str]
+    baseline: str | None = None  # the experiment whose end-to-end run is this one's (pipeline.baseline)
 
     @property
     def task(self) -> str:
@@ -153,7 +154,8 @@ def read_params(path: str | Path) -> ParamsInfo:
         experiments[name] = ExperimentSpec(
             name=name, config=config,
             tables=[str(t) for t in pipeline.get("tables") or []],
-            methods=[str(m) for m in pipeline.get("methods") or ["blockwise"]])
+            methods=[str(m) for m in pipeline.get("methods") or ["blockwise"]],
+            baseline=pipeline.get("baseline"))
     return ParamsInfo(path=path, scale=str(data.get("scale", "tiny")), tracking_uri=tracking.get("uri"),
                       mlflow_experiment=str(tracking.get("experiment") or f"diffusion-blocks-{data.get('scale', 'tiny')}"),
                       resources=data.get("resources") or {}, experiments=experiments)
@@ -518,6 +520,14 @@ def _denoiser_method(ctx: Context, exp: ExperimentSpec) -> str:
     return "blockwise" if "blockwise" in methods or not methods else methods[0]
 
 
+def _baseline_source(ctx: Context, exp: ExperimentSpec, method: str) -> ExperimentSpec:
+    """The experiment whose ``method`` runs fill ``exp``'s row: ``exp`` itself, or for the end-to-end row
+    the experiment named by its ``pipeline.baseline`` when it trains no baseline of its own."""
+    if method == "e2e" and exp.baseline and "e2e" not in exp.methods and exp.baseline in ctx.params.experiments:
+        return ctx.params.experiments[exp.baseline]
+    return exp
+
+
 def _is_fid_table(paper: dict | None) -> bool:
     return bool(paper) and paper.get("metric") == "FID"
 
@@ -600,7 +610,12 @@ def build_methods_table(ctx: Context, table_id: str, paper: dict, exps: list[Exp
                 continue
             for exp in feeding:
                 label = prow["label"] + (f" [{exp.name}]" if len(feeding) > 1 else "")
-                add_row(label, setting, prow["values"], exp, method, method in _run_methods(ctx, exp))
+                source = _baseline_source(ctx, exp, method)
+                add_row(label, setting, prow["values"], source, method, method in _run_methods(ctx, source))
+                if source is not exp:
+                    table.notes.append(f"{label}: the end-to-end run of {source.name}, which {exp.name} shares "
+                                       "(they differ only in block-wise settings, which end-to-end training "
+                                       "does not read)")
         covered = {r["key"].get("method") for r in paper_rows}
         for exp in feeding:
             for method in _run_methods(ctx, exp):
