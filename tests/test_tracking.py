@@ -444,3 +444,18 @@ def test_four_parallel_processes_share_one_sqlite_store(store, tmp_path):
         assert r.data.tags["mlflow.parentRunId"] == store.record["micro-a"]["parent_run_id"]
         assert _steps(store.client, r.info.run_id, "train_loss") == list(range(1, 21))
         assert _steps(store.client, r.info.run_id, "lr") == list(range(1, 21))
+
+
+def test_parent_run_job_does_not_import_torch(tmp_path):
+    """tracking_parent is one job per experiment and needs only MLflow: importing torch would add ~2 s of
+    start-up to each of them (the CLI names its errors without importing their torch-heavy modules)."""
+    params = Path(__file__).resolve().parents[1] / "params" / "tiny.yaml"
+    code = ("import sys; from dblocks.cli import main; "
+            f"rc = main(['track-init', '--params', {str(params)!r}, '--out-dir', {str(tmp_path / 'runs')!r}, "
+            f"'--tracking-uri', {'sqlite:///' + str(tmp_path / 'mlflow.db')!r}, '--experiment', 'vit-cifar100']); "
+            "print(rc, 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=tmp_path).stdout
+    assert out.strip().splitlines()[-1] == "0 False"
+    assert json.loads((tmp_path / "runs" / "vit-cifar100.json").read_text())["parent_run_id"]

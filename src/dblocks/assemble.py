@@ -7,8 +7,6 @@ single tensor."""
 
 from __future__ import annotations
 
-import subprocess
-from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -20,22 +18,13 @@ from dblocks.blocks import AssembledModel, BlockDenoiser
 from dblocks.checkpoint import CheckpointError, load_checkpoint, load_metadata, save_checkpoint
 from dblocks.config import config_hash
 from dblocks.experiment import Experiment
+from dblocks.tracking import git_commit
 
 TASK_PREFIX = "task/"
 
 
 class AssemblyError(ValueError):
     """Block checkpoints that do not form one model; the message names the file and the field."""
-
-
-@lru_cache(maxsize=1)
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(dblocks.__file__).parent,
-                             capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def provenance(exp: Experiment) -> dict:

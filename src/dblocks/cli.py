@@ -11,13 +11,34 @@ from pathlib import Path
 from typing import Callable
 
 from dblocks.checkpoint import write_json_atomic
-from dblocks.config import ConfigError, load_params, parse_override, resolve
+from dblocks.config import load_params, parse_override, resolve
 
 EXIT_USAGE = 2
 
 
 class UsageError(Exception):
     """Invalid user input, reported as one line and exit code 2."""
+
+
+#: errors that end a command with one line instead of a traceback: (module, class, exit code). Input
+#: problems exit 2, failed training or tracking 1.
+ONE_LINE_ERRORS = (("dblocks.config", "ConfigError", EXIT_USAGE), ("dblocks.checkpoint", "CheckpointError", EXIT_USAGE),
+                   ("dblocks.data.images", "DataError", EXIT_USAGE),
+                   ("dblocks.metrics", "InceptionWeightsError", EXIT_USAGE),
+                   ("dblocks.train", "TrainingError", 1), ("dblocks.tracking", "TrackingError", 1))
+
+
+def _exit_code(exc: BaseException) -> int | None:
+    """The exit code for a one-line error, else None. Only modules this process has imported are asked: an
+    error class can only be raised by code that was loaded, and importing dblocks.train or dblocks.data
+    here just to name their errors would cost every job (a tracking job needs no torch) ~2 s of start-up."""
+    if isinstance(exc, UsageError):
+        return EXIT_USAGE
+    for module, name, code in ONE_LINE_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return code
+    return None
 
 
 # ------------------------------------------------------------------------------------------- options
@@ -826,20 +847,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from dblocks.checkpoint import CheckpointError
-    from dblocks.data import DataError
-    from dblocks.metrics import InceptionWeightsError
-    from dblocks.tracking import TrackingError
-    from dblocks.train import TrainingError
-
     try:
         args.func(args)
-    except (UsageError, ConfigError, CheckpointError, DataError, InceptionWeightsError) as exc:
+    except Exception as exc:
+        code = _exit_code(exc)
+        if code is None:
+            raise
         print(f"dblocks {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (TrainingError, TrackingError) as exc:
-        print(f"dblocks {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return code
     return 0
 
 

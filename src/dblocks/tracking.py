@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import random
 import socket
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -108,10 +110,18 @@ def _chunks(items: list, size: int) -> Iterable[list]:
         yield items[i:i + size]
 
 
-def _git_commit() -> str:
-    from dblocks.assemble import git_commit
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the checked-out code, or None outside a git checkout (recorded in every run's tags
+    and every checkpoint's provenance)."""
+    import dblocks
 
-    return git_commit() or ""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(dblocks.__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def run_tags(*, experiment: str, scale: str, method: str, block: int | None, job: str, config: dict,
@@ -127,7 +137,7 @@ def run_tags(*, experiment: str, scale: str, method: str, block: int | None, job
         "dblocks.method": method or "",
         "dblocks.block": "" if block is None else str(block),
         "dblocks.job": job,
-        "dblocks.git_commit": _git_commit(),
+        "dblocks.git_commit": git_commit() or "",
         "dblocks.config_hash": config_hash(config),
         "dblocks.tables": ",".join(str(t) for t in tables or []),
         "dblocks.host": socket.gethostname(),
