@@ -3,8 +3,8 @@
 1. Building the paper-scale DAG: wall time of ``.venv/bin/snakemake -n --config params=params/paper.yaml``
    run from the repository root (a dry run: the DAG is built and printed, nothing is executed).
 2. CLI start-up: wall time of ``.venv/bin/python -c "import dblocks.cli"`` and of ``.venv/bin/dblocks models``
-   (next to ``python -c pass`` for the interpreter alone and ``import torch``, which the CLI pulls in
-   through dblocks.config -> dblocks.models), and the other fixed costs every pipeline job pays in its own
+   (next to ``python -c pass`` for the interpreter alone and ``import torch``, which the CLI imports only
+   for commands that read the model registry or a model), and the other fixed costs every pipeline job pays in its own
    fresh interpreter: MLflow with its SQLite store (tracked jobs), the first optimizer (training jobs: torch
    imports torch._dynamo there) and torch-fidelity (image-generation evaluations).
 3. MLflow per-step logging: ``dblocks.tracking.JobRun.log_step`` against a fresh SQLite store in a

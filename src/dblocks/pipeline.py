@@ -80,8 +80,9 @@ class Pipeline:
         if E2E in self.methods(name):
             raise ConfigError(f"{key}: the experiment trains its own e2e baseline; allowed: drop 'e2e' from its "
                               f"methods, or drop the baseline key")
+        own = self._e2e_config(name)
         candidates = [e for e in self.experiments
-                      if e != name and E2E in self.methods(e) and self._e2e_config(e) == self._e2e_config(name)]
+                      if e != name and E2E in self.methods(e) and self._e2e_config(e) == own]
         if source not in candidates:
             raise ConfigError(f"{key} is not an experiment with an e2e baseline whose settings equal this one's "
                               f"outside {', '.join(sorted(BLOCKWISE_ONLY))}; allowed: "

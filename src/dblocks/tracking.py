@@ -33,6 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import dblocks
 from dblocks.checkpoint import write_json_atomic
 
 
@@ -114,8 +115,6 @@ def _chunks(items: list, size: int) -> Iterable[list]:
 def git_commit() -> str | None:
     """The commit of the checked-out code, or None outside a git checkout (recorded in every run's tags
     and every checkpoint's provenance)."""
-    import dblocks
-
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(dblocks.__file__).parent,
                              capture_output=True, text=True, timeout=5)
