@@ -1,19 +1,40 @@
 # Two entry points for a fresh machine (see README): `make run` and `make test`.
 # Both create ./.venv from this repository's own files; nothing needs to be installed by hand.
+#
+# The Python environment is locked: uv.lock holds every package's exact version and hashes, and .venv is
+# made from it by uv (`uv sync --locked`: fails instead of installing anything the lock does not say).
+# uv itself is pinned once, in pyproject.toml's dependency group `dev`; workflow/scripts/envlock.py puts
+# that version into .venv with pip (checked against the lock's hashes) before the first sync.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+UV     := $(BIN)/uv
 STAMP  := $(VENV)/.installed
+ENVLOCK := $(PYTHON) workflow/scripts/envlock.py
+# uv installs into ./.venv whatever the caller's environment says
+UVENV  := UV_PROJECT_ENVIRONMENT=$(VENV)
 
-.PHONY: setup run run-all test clean-venv
+.PHONY: setup lock conda-env run run-all test clean-venv
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test]"
+# Redone only when pyproject.toml or uv.lock changed since the last install.
+$(STAMP): pyproject.toml uv.lock
+	$(ENVLOCK) bootstrap-uv $(VENV)
+	$(UVENV) $(UV) sync --locked --extra test
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Refresh the lock: the newest versions pyproject.toml allows (torch/torchvision stay pinned there), then
+# the conda environment's pins from it. Commit uv.lock and workflow/envs/dblocks.yaml; `make setup` installs.
+lock:
+	$(ENVLOCK) bootstrap-uv $(VENV)
+	$(UV) lock --upgrade
+	$(ENVLOCK) conda-env --uv $(UV)
+
+# workflow/envs/dblocks.yaml (Snakemake's conda environment) from the current uv.lock
+conda-env:
+	$(ENVLOCK) bootstrap-uv $(VENV)
+	$(ENVLOCK) conda-env --uv $(UV)
 
 # The main job: the tiny-scale pipeline on the embedded, offline data.
 run: $(STAMP)

@@ -1,0 +1,142 @@
+"""The installed environment is the locked one: pyproject.toml, uv.lock, .venv, Snakemake's conda environment
+file and the Makefile's install stamp agree. Nothing here needs the network (uv runs with --offline)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+UV = Path(sys.executable).parent / "uv"
+KEY_PACKAGES = ("torch", "torchvision", "snakemake", "dvc", "mlflow")
+
+_spec = importlib.util.spec_from_file_location("envlock", REPO / "workflow/scripts/envlock.py")
+envlock = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(envlock)
+
+
+def uv(*args: str) -> subprocess.CompletedProcess:
+    if not UV.exists():
+        pytest.fail(f"{UV} is missing: `make setup` installs uv into .venv (pinned in pyproject.toml)")
+    return subprocess.run([str(UV), *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def only_version(name: str) -> str:
+    versions = envlock.lock_versions()[envlock.normalize(name)]
+    assert len(versions) == 1, f"{name}: the lock forks on it: {versions}"
+    return next(iter(versions))
+
+
+# ------------------------------------------------------------------------------------------- the lock
+
+
+def test_lock_agrees_with_pyproject():
+    proc = uv("lock", "--check", "--offline", "--python", sys.executable)
+    assert proc.returncode == 0, f"uv.lock is out of date with pyproject.toml (run `make lock`):\n{proc.stderr}"
+
+
+def test_uv_is_pinned_once_and_the_lock_and_venv_agree():
+    pinned = envlock.pinned_uv()
+    assert only_version("uv") == pinned
+    assert uv("--version").stdout.split()[:2] == ["uv", pinned]
+    # the bootstrap checks the lock's hashes of that version
+    assert envlock.uv_requirement(pinned).count("--hash=sha256:") >= 2
+
+
+def test_torch_pair_is_locked_as_pyproject_pins_it():
+    pins = dict(re.match(r"([\w.-]+)==(\S+)$", d).groups()
+                for d in envlock.tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+                if re.match(r"torch(vision)?==", d))
+    assert set(pins) == {"torch", "torchvision"}
+    for name, version in pins.items():
+        assert only_version(name) == version
+
+
+def test_installed_versions_equal_the_lock():
+    locked = envlock.lock_versions()
+    for name in KEY_PACKAGES:
+        assert metadata.version(name) == only_version(name), name
+    # and every other installed distribution the lock knows (pip, seeded by `python -m venv`, it does not)
+    wrong = {}
+    for dist in metadata.distributions():
+        name = envlock.normalize(dist.metadata["Name"])
+        if name in locked and dist.version not in locked[name]:
+            wrong[name] = (dist.version, sorted(locked[name]))
+    assert not wrong, f"installed != uv.lock (run `make setup`): {wrong}"
+
+
+def test_setup_stamp_depends_on_pyproject_and_lock(tmp_path):
+    """`make setup` does nothing while its stamp is newer than pyproject.toml and uv.lock; either changing
+    makes it sync again (checked with make -q / -n on copies: nothing is installed)."""
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    for name in ("Makefile", "pyproject.toml", "uv.lock"):
+        shutil.copy2(REPO / name, tmp_path / name)
+    stamp = tmp_path / ".venv/.installed"
+    stamp.parent.mkdir()
+    stamp.touch()
+    past = time.time() - 3600
+    for name in ("pyproject.toml", "uv.lock"):
+        os.utime(tmp_path / name, (past, past))
+    make = ["make", "--no-print-directory", "-C", str(tmp_path)]
+    assert subprocess.run([*make, "-q", "setup"]).returncode == 0
+    for name in ("pyproject.toml", "uv.lock"):
+        os.utime(tmp_path / name, None)  # now: newer than the stamp
+        dry = subprocess.run([*make, "-n", "setup"], capture_output=True, text=True)
+        assert "uv sync --locked" in dry.stdout, (name, dry.stdout)
+        os.utime(tmp_path / name, (past, past))
+
+
+# ------------------------------------------------------------------------- the conda environment
+
+
+def conda_env() -> dict:
+    return yaml.safe_load(envlock.CONDA_ENV.read_text())
+
+
+def test_conda_env_is_a_conda_environment_for_python_and_pip():
+    env = conda_env()
+    assert isinstance(env, dict) and set(env) >= {"name", "channels", "dependencies"}
+    assert env["name"] == "dblocks" and "conda-forge" in env["channels"]
+    conda_deps = [d for d in env["dependencies"] if isinstance(d, str)]
+    assert conda_deps == [f"python={envlock.conda_python()}", "pip"]
+    assert envlock.conda_python() == f"{sys.version_info.major}.{sys.version_info.minor}"  # the tested one
+    pip = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
+    assert len(pip) == 1 and "-e ../.." in pip[0]  # the repository, from .snakemake/conda/
+
+
+def test_conda_env_pins_equal_the_lock():
+    locked = envlock.lock_versions()
+    pins = {}
+    for line in next(d["pip"] for d in conda_env()["dependencies"] if isinstance(d, dict)):
+        if line.startswith("-e "):
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9][\w.-]*)==([^\s;]+)(\s*;.+)?", line)
+        assert m, f"not an exact pin: {line!r}"
+        name, version = envlock.normalize(m.group(1)), m.group(2)
+        assert version in locked.get(name, ()), f"{line!r}: uv.lock has {sorted(locked.get(name, ()))}"
+        pins.setdefault(name, set()).add(version)
+    project = envlock.lock_packages()["diffusion-blocks"][0]
+    direct = {envlock.normalize(d["name"]) for d in project["dependencies"]}
+    assert direct <= set(pins), f"direct dependencies without a pin: {direct - set(pins)}"
+    for name in KEY_PACKAGES:
+        assert pins[name] == {only_version(name)}
+    assert "uv" not in pins and "pytest" not in pins  # runtime only: no dev group, no test extra
+
+
+def test_conda_env_is_regenerated_from_the_current_lock():
+    if not UV.exists():
+        pytest.fail(f"{UV} is missing: run `make setup`")
+    proc = subprocess.run([sys.executable, str(REPO / "workflow/scripts/envlock.py"), "conda-env", "--check",
+                           "--uv", str(UV)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
