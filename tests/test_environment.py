@@ -1,5 +1,6 @@
 """The installed environment is the locked one: pyproject.toml, uv.lock, .venv, Snakemake's conda environment
-file and the Makefile's install stamp agree. Nothing here needs the network (uv runs with --offline)."""
+file and the Makefile's install stamp agree; and the SLURM tests skip (or, under CI=true, fail) with their
+reason where no SLURM cluster can run. Nothing here needs the network (uv runs with --offline)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib.util
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -140,3 +142,89 @@ def test_conda_env_is_regenerated_from_the_current_lock():
     proc = subprocess.run([sys.executable, str(REPO / "workflow/scripts/envlock.py"), "conda-env", "--check",
                            "--uv", str(UV)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------- SLURM tests: skip, or fail under CI
+
+PROBE = '''
+import tests.slurm.cluster as cluster
+
+cluster.SBIN = ()  # only PATH counts in this probe
+
+
+def test_needs_the_slurm_cluster():
+    cluster.require_cluster()
+'''
+
+
+def fake_programs(folder: Path, names, body: str = "exit 0") -> None:
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        path = folder / name
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+def run_probe(tmp_path: Path, path: Path, ci: str | None) -> subprocess.CompletedProcess:
+    """pytest on a one-test file that calls the SLURM tests' skip helper, with PATH=path only."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "test_probe.py").write_text(PROBE)
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env.update(PATH=str(path), PYTHONPATH=str(REPO))
+    if ci is not None:
+        env["CI"] = ci
+    return subprocess.run([sys.executable, "-m", "pytest", "-ra", "-p", "no:cacheprovider", "test_probe.py"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_slurm_tests_skip_with_the_reason_where_slurm_is_missing(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    proc = run_probe(tmp_path, empty, ci=None)
+    assert proc.returncode == 0, proc.stdout
+    assert re.search(r"SKIPPED \[1\] .*SLURM tests cannot run here: .*munged.*: not installed", proc.stdout), \
+        proc.stdout
+    assert "1 skipped" in proc.stdout
+
+
+def test_under_ci_a_missing_slurm_fails_instead_of_skipping(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    proc = run_probe(tmp_path, empty, ci="true")
+    assert proc.returncode == 1, proc.stdout
+    assert "CI=true does not allow skipping them" in proc.stdout and "munged" in proc.stdout
+    assert "1 failed" in proc.stdout and "skipped" not in proc.stdout
+
+
+def test_slurm_tests_run_where_the_programs_are_found(tmp_path):
+    from tests.slurm.cluster import CLIENTS, DAEMONS
+
+    fake_programs(tmp_path / "bin", (*DAEMONS, *CLIENTS, "unshare"))
+    proc = run_probe(tmp_path, tmp_path / "bin", ci="true")
+    if os.geteuid() == 0:
+        assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout
+    else:  # the cluster's daemons run as root: that is the reason given
+        assert proc.returncode == 1 and "run the tests as root" in proc.stdout, proc.stdout
+
+
+def test_install_script_does_nothing_when_slurm_is_installed(tmp_path):
+    """make test runs tests/slurm/install.sh every time: with the programs there it must not call apt."""
+    bin_ = tmp_path / "bin"
+    fake_programs(bin_, ("slurmctld", "slurmd", "sbatch", "munged"))
+    fake_programs(bin_, ("apt-get",), body=f"touch {tmp_path}/apt-called; exit 1")
+    start = time.monotonic()
+    proc = subprocess.run(["bash", str(REPO / "tests/slurm/install.sh"), "--if-possible"], capture_output=True,
+                          text=True, env=dict(os.environ, PATH=f"{bin_}{os.pathsep}/usr/bin{os.pathsep}/bin"),
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert not (tmp_path / "apt-called").exists()
+    assert time.monotonic() - start < 5
+
+
+def test_make_test_installs_slurm_and_ci_only_calls_make_test():
+    makefile = (REPO / "Makefile").read_text()
+    recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert "tests/slurm/install.sh --if-possible" in recipe and "pytest" in recipe
+    ci = [line for line in (REPO / ".ci/run").read_text().splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    assert ci[-1] == "make test" and not any("install" in line for line in ci)

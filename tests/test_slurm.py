@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from dblocks.checkpoint import load_metadata
-from tests.slurm.cluster import PARTITION, LocalCluster, die_with_parent
+from tests.slurm.cluster import PARTITION, LocalCluster, die_with_parent, require_cluster
 
 pytestmark = pytest.mark.slurm
 
@@ -64,6 +64,8 @@ def state(b: int) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    # Not root, or SLURM not installed: skip with the reason (`pytest -ra` prints it); under CI=true, fail.
+    require_cluster()
     # SIGTERM (e.g. a CI timeout) becomes KeyboardInterrupt, so pytest still tears the cluster down;
     # SIGKILL is covered by the daemons' parent-death signal.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -41,12 +41,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _which(name: str) -> str:
-    for folder in (None, "/usr/sbin", "/sbin"):
+# Where the daemons are looked for after PATH: a non-login PATH may lack the sbin folders.
+SBIN = ("/usr/sbin", "/sbin")
+
+
+def _find(name: str) -> str | None:
+    for folder in (None, *SBIN):
         found = shutil.which(name, path=folder) if folder else shutil.which(name)
         if found:
             return found
-    raise ClusterError(f"{name}: not installed; run tests/slurm/install.sh (as root) first")
+    return None
+
+
+def _which(name: str) -> str:
+    found = _find(name)
+    if not found:
+        raise ClusterError(f"{name}: not installed; run tests/slurm/install.sh (as root) first")
+    return found
+
+
+def unavailable() -> str | None:
+    """Why this machine cannot run the test cluster (not root, programs missing), or None when it can."""
+    reasons = []
+    if os.geteuid() != 0:
+        reasons.append("the test cluster runs its daemons as root (SlurmUser=root): run the tests as root")
+    missing = [name for name in (*DAEMONS, *CLIENTS, "unshare") if not _find(name)]
+    if missing:
+        reasons.append(f"{', '.join(missing)}: not installed (tests/slurm/install.sh installs them; "
+                       "make test runs it where it can: as root with apt-get)")
+    return "; ".join(reasons) or None
+
+
+def under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_cluster() -> None:
+    """Skip the calling test or fixture when no test cluster can run here, with the reason; under CI=true
+    fail instead, so that CI can never pass with the SLURM tests silently skipped."""
+    import pytest
+
+    reason = unavailable()
+    if reason is None:
+        return
+    if under_ci():
+        pytest.fail(f"SLURM tests cannot run, and CI=true does not allow skipping them: {reason}", pytrace=False)
+    pytest.skip(f"SLURM tests cannot run here: {reason}")
 
 
 def parse_records(text: str) -> list[dict[str, str]]:
