@@ -8,17 +8,14 @@ Experiments live in the params file alone (DVC reads the same file); rules are t
 `dblocks` command and hold no method logic.
 """
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
 
+# common.smk loads the params file through dblocks.params (validated against the schema shipped in the
+# package, every experiment resolved and checked) before any rule is defined or any job starts.
 include: "workflow/rules/common.smk"
-
-
-validate(config, "workflow/schemas/config.schema.json")
-
-
 include: "workflow/rules/data.smk"
 include: "workflow/rules/tracking.smk"
 include: "workflow/rules/train.smk"

@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import _common as C  # noqa: E402
-from dblocks.config import load_params, resolve  # noqa: E402
-from dblocks.tracking import JobRun, init_runs, read_params_file  # noqa: E402
+from dblocks.params import Params  # noqa: E402
+from dblocks.tracking import JobRun, init_runs  # noqa: E402
 
 VENV_BIN = C.ROOT / ".venv" / "bin"
 
@@ -93,14 +93,15 @@ def mlflow_logging(params: str, steps: int, flush_every: int) -> dict:
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # this process only: keep everything in the temp store
     with tempfile.TemporaryDirectory(prefix="dblocks-bench-") as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
-        name = next(iter(read_params_file(params)["experiments"]))
+        loaded = Params.load(params)
+        name = next(iter(loaded.experiments))
         t0 = time.perf_counter()
         init_runs(params, tmp, uri, store_only=True)  # the pipeline's tracking_store step
         t_store = time.perf_counter() - t0
         t0 = time.perf_counter()
         (run_json,) = init_runs(params, tmp, uri, names=[name])  # its tracking_parent step
         t_parent = time.perf_counter() - t0
-        config = resolve(load_params(params, name))
+        config = loaded.experiments[name]
         per_call = []
         t0 = time.perf_counter()
         run = JobRun(run_json, "train", "blockwise", 1, config, flush_every=flush_every)
@@ -209,8 +210,8 @@ def main(argv=None) -> int:
     log_every = {}
     for scale in ("tiny", "paper"):
         path = C.ROOT / "params" / f"{scale}.yaml"
-        name = next(iter(read_params_file(path)["experiments"]))
-        log_every[scale] = resolve(load_params(path, name))["train"]["log_every"]
+        first = next(iter(Params.load(path).experiments.values()))
+        log_every[scale] = first["train"]["log_every"]
     record["mlflow"]["per_training_step"] = per_training_step(record["mlflow"], log_every)
     return C.finish("pipeline_overhead", record, t0, print_tables, plot)
 

@@ -26,6 +26,10 @@ MICRO = ["--arch", "ViT-micro", "--blocks", "3", "--steps", "4", "--batch-size",
 TRAIN = ["train-block", *MICRO, "--block", "1", "--out", "out.safetensors"]
 
 PARAMS = """\
+scale: tiny
+tracking: {uri: "sqlite:///mlflow.db", experiment: bad-inputs}
+resources: {gpu: 0, mem_mb: 1000, runtime: 10, threads: 1}
+evaluation: {samples: 8, sample_steps: 2, fid_features: digits}
 experiments:
   good:
     task: classification
@@ -33,6 +37,7 @@ experiments:
     blocks: 3
     device: cpu
     train: {steps: 4, batch_size: 8, warmup: 1}
+    pipeline: {tables: ["1"], methods: [blockwise]}
 """
 
 
@@ -145,6 +150,17 @@ CASES = [
     Case("params: unknown experiment", ["train-block", "--config", "p.yaml", "--experiment", "gooood", "--block", 1,
                                         "--out", "o.safetensors"],
          "--experiment 'gooood': not in p.yaml; allowed: good", _write("p.yaml", PARAMS)),
+    Case("params: a pipeline file without its settings", ["train-block", "--config", "p.yaml", "--block", 1, "--out",
+         "o.safetensors"], "p.yaml: (top level): 'scale' is a required property",
+         _write("p.yaml", PARAMS.split("experiments:")[0].replace("scale: tiny\n", "") + "experiments:" +
+                PARAMS.split("experiments:")[1])),
+    Case("params: NaN in the file", ["train-block", "--config", "p.yaml", "--block", 1, "--out", "o.safetensors"],
+         "p.yaml: experiments.good.train.lr=nan is not a finite number; allowed: a finite number",
+         _write("p.yaml", PARAMS.replace("warmup: 1}", "warmup: 1, lr: .nan}"))),
+    Case("cli: --lr NaN", ["train-block", *MICRO, "--block", 1, "--lr", "nan", "--out", "o.safetensors"],
+         "argument --lr: nan is not a finite number; allowed: a finite number"),
+    Case("cli: --set infinity", ["train-block", *MICRO, "--block", 1, "--set", "train.grad_clip=.inf", "--out",
+                                    "o.safetensors"], "train.grad_clip=inf is not a finite number"),
     Case("params: wrong type", ["train-block", "--config", "p.yaml", "--block", 1, "--out", "o.safetensors"],
          "blocks='three'", _write("p.yaml", PARAMS.replace("blocks: 3", "blocks: three")), also=["allowed"]),
     Case("params: misspelt key", ["train-block", "--config", "p.yaml", "--block", 1, "--out", "o.safetensors"],

@@ -71,7 +71,7 @@ def test_params_rejections_name_key_and_allowed_values(edits, message, tmp_path)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(_params(**edits)))
     with pytest.raises(ConfigError) as err:
-        Pipeline.load(path, root=REPO)
+        Pipeline.load(path)
     assert message in str(err.value)
 
 
@@ -86,12 +86,12 @@ def test_a_shared_baseline_must_train_the_same_network(baseline, methods, messag
     path.write_text(yaml.safe_dump(_params(**{"experiments/noprop-cifar100/pipeline/baseline": baseline,
                                               "experiments/noprop-cifar100/pipeline/methods": methods})))
     with pytest.raises(ConfigError) as err:
-        Pipeline.load(path, root=REPO)
+        Pipeline.load(path)
     assert message in str(err.value)
 
 
 def test_shared_baseline_is_trained_once():
-    pipe = Pipeline.load(REPO / "params/tiny.yaml", root=REPO)
+    pipe = Pipeline.load(REPO / "params/tiny.yaml")
     assert pipe.baseline("noprop-cifar100") == "vit-cifar100"
     baselines = [exp for exp, method, _ in pipe.training_jobs() if method == "e2e"]
     assert "noprop-cifar100" not in baselines and "vit-cifar100" in baselines
@@ -117,7 +117,7 @@ def test_snakemake_refuses_config_overrides_that_would_not_reach_jobs(tmp_path):
 
 @pytest.mark.parametrize("params", ["params/tiny.yaml", "params/paper.yaml", "params/tiny-latent.yaml"])
 def test_dry_run_has_exactly_b_block_jobs_per_experiment(params):
-    pipe = Pipeline.load(REPO / params, root=REPO)
+    pipe = Pipeline.load(REPO / params)
     jobs = snakemake_jobs(params, REPO)
     for exp in pipe.experiments:
         blocks = sorted(int(j.wildcards["block"]) for j in jobs
@@ -269,12 +269,33 @@ def test_real_run_writes_tables_from_mlflow(micro_run):
         assert r.data.tags["dblocks.logged_later"] == "true" and r.info.status == "FINISHED"
 
 
+def tree_state(root: Path) -> dict[str, tuple]:
+    """Every file and directory under ``root`` with its bytes' hash and mtime: what 'changes nothing' means.
+    Snakemake's own bookkeeping folder is left out: a dry run caches its file inventory there
+    (.snakemake/iocache, for a later --trust-io-cache), which is not the workspace."""
+    import hashlib
+
+    state = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if rel.split("/")[0] == ".snakemake":
+            continue
+        if path.is_dir():
+            state[rel] = ("dir",)
+        else:
+            state[rel] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+    return state
+
+
 def test_deleting_or_corrupting_one_block_reruns_only_that_block(micro_run):
     params = micro_run / "micro.yaml"
     assert planned(micro_run, params) == []  # everything is up to date
 
     (micro_run / "checkpoints/tiny/dit-t10-b2/block-2.safetensors").unlink()
-    assert planned(micro_run, params) == sorted([
+    before = tree_state(micro_run)
+    plan = planned(micro_run, params)
+    assert tree_state(micro_run) == before  # a dry run renames, deletes and writes nothing
+    assert plan == sorted([
         job("train_block", exp="dit-t10-b2", block="2"),
         job("assemble", exp="dit-t10-b2", assembled="blockwise"),
         job("evaluate_generator", exp="dit-t10-b2", method="blockwise"),
@@ -282,25 +303,30 @@ def test_deleting_or_corrupting_one_block_reruns_only_that_block(micro_run):
     ])
 
     block = micro_run / "checkpoints/tiny/vit-cifar100/block-1.safetensors"
-    data = bytearray(block.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # flip one byte in the tensor data
+    data, stat = bytearray(block.read_bytes()), block.stat()
+    data[len(data) // 2] ^= 0xFF  # flip one byte in the tensor data: silent corruption, same mtime
     block.write_bytes(bytes(data))
-    plan = planned(micro_run, params)
-    assert plan == sorted([
-        job("train_block", exp="dit-t10-b2", block="2"),  # still pending from the deletion above
-        job("assemble", exp="dit-t10-b2", assembled="blockwise"),
-        job("evaluate_generator", exp="dit-t10-b2", method="blockwise"),
+    os.utime(block, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert planned(micro_run, params) == plan  # parsing does not hash: corruption is found where it is read ...
+    verify = subprocess.run([str(BIN / "dblocks"), "verify", "--params", str(params)], cwd=micro_run,
+                            capture_output=True, text=True, env=ENV)
+    assert verify.returncode == 1 and "CORRUPT  checkpoints/tiny/vit-cifar100/block-1.safetensors" in verify.stdout
+    assert block.is_file()  # ... and by `dblocks verify`, which moves nothing unless asked
+    verify = subprocess.run([str(BIN / "dblocks"), "verify", "--params", str(params), "--quarantine"],
+                            cwd=micro_run, capture_output=True, text=True, env=ENV)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert (micro_run / "checkpoints/tiny/vit-cifar100/block-1.safetensors.corrupt").is_file()
+    assert planned(micro_run, params) == sorted(plan + [
         job("train_block", exp="vit-cifar100", block="1"),
         job("assemble", exp="vit-cifar100", assembled="blockwise"),
         job("evaluate_classifier", exp="vit-cifar100", method="blockwise"),
-        job("tables"),
     ])
-    assert (micro_run / "checkpoints/tiny/vit-cifar100/block-1.safetensors.corrupt").is_file()
 
     # and the rerun really rebuilds just those, leaving the other blocks' files untouched
     untouched = micro_run / "checkpoints/tiny/vit-cifar100/block-2.safetensors"
     before = (untouched.stat().st_mtime_ns, load_metadata(untouched)["sha256"])
-    snakemake("--cores", 2, "--config", f"params={params}", cwd=micro_run)
+    run = snakemake("--cores", 2, "--config", f"params={params}", cwd=micro_run)
+    assert "8 of 8 steps (100%) done" in run.stderr  # the 7 jobs above and "all"
     assert (untouched.stat().st_mtime_ns, load_metadata(untouched)["sha256"]) == before
     assert load_metadata(block)["block"] == 1
     assert planned(micro_run, params) == []

@@ -24,7 +24,8 @@ BASE_MS = 1_700_000_000_000
 PARAMS = {
     "scale": "tiny",
     "tracking": {"uri": "sqlite:///nowhere.db", "experiment": MLFLOW_EXPERIMENT},
-    "resources": {"gpu": 0},
+    "resources": {"gpu": 0, "mem_mb": 1000, "runtime": 10, "threads": 1},
+    "evaluation": {"samples": 8, "sample_steps": 2, "fid_features": "digits"},
     "defaults": {"dataset": "digits", "seed": 0, "device": "auto"},
     "experiments": {
         "vit-cifar100": {"task": "classification", "arch": "ViT-micro", "blocks": 3, "overlap": 0.05,
@@ -32,7 +33,8 @@ PARAMS = {
         # Table 6: block-wise runs of its own, the backprop row from vit-cifar100's end-to-end run
         "noprop-cifar100": {"task": "classification", "arch": "ViT-micro", "blocks": 3, "overlap": 0.1,
                             "pipeline": {"tables": ["6"], "methods": ["blockwise"], "baseline": "vit-cifar100"}},
-        "dit-t7-uniform-363": {"task": "generation", "arch": "DiT-micro", "blocks": 3, "partition": "uniform",
+        # DiT-tiny: 12 layers, so that the paper's [3, 6, 3] split is a valid one
+        "dit-t7-uniform-363": {"task": "generation", "arch": "DiT-tiny", "blocks": 3, "partition": "uniform",
                                "overlap": 0.0, "layer_split": [3, 6, 3],
                                "pipeline": {"tables": ["7"], "methods": ["blockwise"]}},
         # no layer_split: DiT-micro's 3 layers split evenly, [1, 1, 1], which is the paper's [4, 4, 4] row
@@ -306,7 +308,7 @@ def test_main_and_tracking_uri_precedence(generated, tmp_path, monkeypatch, caps
 
 
 def test_no_runs_gives_na_tables(generated, tmp_path):
-    params = {**PARAMS, "tracking": {"experiment": "never-logged"}}
+    params = {**PARAMS, "tracking": {"uri": "sqlite:///nowhere.db", "experiment": "never-logged"}}
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(params))
     written = tables.generate(params_path, tmp_path / "out", tracking_uri=generated["uri"])

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_text_params_fan_out_per_block_and_evaluate_with_the_judge():
-    pipe = Pipeline.load(REPO / "params/tiny-text.yaml", root=REPO)
+    pipe = Pipeline.load(REPO / "params/tiny-text.yaml")
     assert {e: c["task"] for e, c in pipe.experiments.items()} == {
         "mdm-text8": "masked_text", "ar-lm1b": "ar_text", "huginn-lm1b": "recurrent_text",
         "ar-t11-b2": "ar_text", "ar-t11-b3": "ar_text", "ar-t11-b6": "ar_text"}
@@ -41,4 +41,4 @@ def test_a_judge_must_be_an_autoregressive_experiment_with_a_baseline(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"huginn-lm1b.pipeline.judge='mdm-text8' .* allowed: ar-lm1b"):
-        Pipeline.load(bad, root=REPO)
+        Pipeline.load(bad)

@@ -27,10 +27,12 @@ from dblocks.tracking import DEFAULT_URI, JobRun, _retry, flatten, init_runs, re
 
 VENV_BIN = Path(sys.executable).parent
 PARAMS = """\
-scale: micro
+scale: tiny
 tracking:
   uri: sqlite:///mlflow.db
   experiment: dblocks-test
+resources: {gpu: 0, mem_mb: 1000, runtime: 10, threads: 1}
+evaluation: {samples: 8, sample_steps: 2, fid_features: digits}
 defaults:
   dataset: digits
   seed: 0
@@ -162,13 +164,13 @@ def test_init_runs_creates_parent_runs_once(store, server, monkeypatch):
         rec = store.record[name]
         assert rec == {"tracking_uri": store.uri, "mlflow_experiment": "dblocks-test",
                        "experiment_id": exp.experiment_id, "parent_run_id": rec["parent_run_id"],
-                       "experiment": name, "scale": "micro"}
+                       "experiment": name, "scale": "tiny"}
         run = store.client.get_run(rec["parent_run_id"])
         config = resolve(load_params(store.params, name))
         assert run.info.status == "FINISHED" and run.info.run_name == name
         tags = run.data.tags
         assert tags["dblocks.job"] == "parent" and tags["dblocks.experiment"] == name
-        assert tags["dblocks.scale"] == "micro" and tags["dblocks.block"] == ""
+        assert tags["dblocks.scale"] == "tiny" and tags["dblocks.block"] == ""
         assert tags["dblocks.tables"] == tables and tags["dblocks.method"] == methods
         assert tags["dblocks.config_hash"] == config_hash(config) and "dblocks.git_commit" in tags
         assert "mlflow.parentRunId" not in tags
@@ -243,7 +245,7 @@ def test_tracked_cli_jobs_are_child_runs(store, tmp_path, capsys):
         assert run.info.status == "FINISHED" and run.info.experiment_id == rec["experiment_id"]
         assert tags["dblocks.block"] == str(b) and tags["dblocks.method"] == "blockwise"
         assert tags["dblocks.job"] == "train" and tags["dblocks.experiment"] == "micro-a"
-        assert tags["dblocks.tables"] == "1,12" and tags["dblocks.scale"] == "micro"
+        assert tags["dblocks.tables"] == "1,12" and tags["dblocks.scale"] == "tiny"
         meta = load_metadata(path)
         assert tags["dblocks.config_hash"] == meta["config_hash"]
         assert tags["checkpoint_sha256"] == meta["sha256"] and tags["checkpoint_path"] == str(path)

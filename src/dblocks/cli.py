@@ -11,13 +11,17 @@ from pathlib import Path
 from typing import Callable
 
 from dblocks.checkpoint import write_json_atomic
-from dblocks.config import load_params, parse_override, resolve
+from dblocks.config import parse_override, resolve
 
 EXIT_USAGE = 2
 
 
 class UsageError(Exception):
     """Invalid user input, reported as one line and exit code 2."""
+
+
+class IntegrityFailure(Exception):
+    """``dblocks verify`` found corrupt artefacts and left them in place: exit code 1."""
 
 
 #: errors that end a command with one line instead of a traceback: (module, class, exit code). Input
@@ -34,6 +38,8 @@ def _exit_code(exc: BaseException) -> int | None:
     here just to name their errors would cost every job (a tracking job needs no torch) ~2 s of start-up."""
     if isinstance(exc, UsageError):
         return EXIT_USAGE
+    if isinstance(exc, IntegrityFailure):
+        return 1
     for module, name, code in ONE_LINE_ERRORS:
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(exc, cls):
@@ -55,12 +61,12 @@ def _experiment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="prepared dataset directory written by 'dblocks prepare' (else: load the source)")
     g.add_argument("--blocks", type=int, help="number of blocks B")
     g.add_argument("--partition", help="equiprobable | uniform")
-    g.add_argument("--overlap", type=float, help="training overlap gamma in [0, 0.5)")
+    g.add_argument("--overlap", type=finite_float, help="training overlap gamma in [0, 0.5)")
     g.add_argument("--layer-split", help="layers per block, block 1 first, e.g. 3,6,3")
     g.add_argument("--seed", type=int)
     g.add_argument("--steps", type=int, help="optimizer steps per block (= the baseline's total)")
     g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
+    g.add_argument("--lr", type=finite_float)
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, dotted, e.g. --set train.warmup=100 (repeatable)")
@@ -73,6 +79,25 @@ def _track_option(p: argparse.ArgumentParser) -> None:
                         "(written by 'dblocks track-init'); tracking failures only warn")
 
 
+def finite_float(text: str) -> float:
+    """A float option that is a real number: NaN and infinity are refused with the one-line error (argparse's
+    float() accepts 'nan' and 'inf', and a NaN learning rate would fail deep inside the optimizer)."""
+    import math
+
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number; allowed: a finite number")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option is reported like every other bad value: one line and exit code 2 (the
+    default prints the whole usage first, which for the training commands is a dozen lines)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _layer_split(text: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
@@ -83,7 +108,6 @@ def _layer_split(text: str) -> list[int]:
 def experiment_from_args(args: argparse.Namespace):
     from dblocks.experiment import Experiment
 
-    params = load_params(args.config, args.experiment) if args.config else {}
     direct = {
         "task": args.task, "arch": args.arch, "dataset": args.dataset, "data_root": args.data_root,
         "blocks": args.blocks, "partition": args.partition, "overlap": args.overlap, "seed": args.seed,
@@ -94,7 +118,12 @@ def experiment_from_args(args: argparse.Namespace):
     train = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
     overrides.append({"train": {k: v for k, v in train.items() if v is not None}})
     overrides += [parse_override(s) for s in args.set]
-    exp = Experiment(resolve(params, overrides))
+    if args.config:  # the params model: a pipeline file is validated whole, as the workflow saw it
+        from dblocks.params import experiment_config
+
+        exp = Experiment(experiment_config(args.config, args.experiment, overrides))
+    else:
+        exp = Experiment(resolve({}, overrides))
     _existing_dir(args.data, "--data")
     _existing_dir(args.data_root, "--data-root")
     if args.data is not None:
@@ -369,9 +398,10 @@ def cmd_training_compute(args) -> None:
 
 
 def cmd_track_init(args) -> None:
-    from dblocks.tracking import init_runs, read_params_file
+    from dblocks.params import Params
+    from dblocks.tracking import init_runs
 
-    read_params_file(args.params)  # one-line ConfigError (exit 2) before MLflow is imported
+    Params.load(args.params)  # one-line ConfigError (exit 2) before MLflow is imported
     if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         raise UsageError(f"--out-dir {args.out_dir}: exists and is not a directory")
     for path in init_runs(args.params, args.out_dir, args.tracking_uri, args.experiment, args.store_only,
@@ -402,11 +432,12 @@ def cmd_ui(args) -> None:
     import os
     import shutil
 
-    from dblocks.tracking import read_params_file, resolve_uri, sqlite_path
+    from dblocks.params import Params
+    from dblocks.tracking import resolve_uri, sqlite_path
 
     configured = args.tracking_uri
     if configured is None and args.params is not None:
-        configured = (read_params_file(args.params).get("tracking") or {}).get("uri")
+        configured = Params.load(args.params).tracking_uri
     uri = resolve_uri(configured)
     if not uri.startswith("sqlite:///"):
         raise UsageError(f"tracking URI {uri}: is not a SQLite store; allowed: sqlite:///PATH (a server URI "
@@ -655,6 +686,42 @@ def cmd_tables(args) -> None:
     print(f"wrote {len(written)} files under {args.out}")
 
 
+def cmd_verify(args) -> None:
+    """Hash every artefact of a params file against its JSON record; with --quarantine set the corrupt
+    ones aside so that the next workflow run rebuilds exactly them and what depends on them."""
+    from dblocks.integrity import CORRUPT, MISSING, OK, check, quarantine
+    from dblocks.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.params)
+    counts = {OK: 0, MISSING: 0, CORRUPT: 0}
+    remaining = 0
+    for artefact in pipe.artefacts():
+        finding = check(artefact)
+        group = pipe.group_of(artefact)
+        if finding.status == MISSING and group is not None and Path(group).is_dir():
+            finding = type(finding)(finding.path, CORRUPT, f"missing from {group}, which its job wrote whole")
+        counts[finding.status] += 1
+        if finding.status == MISSING and args.verbose:
+            print(f"missing  {artefact} (not built yet)")
+        if finding.status == OK and args.verbose:
+            print(f"ok       {artefact}")
+        if finding.status != CORRUPT:
+            continue
+        print(f"CORRUPT  {artefact}: {finding.detail}")
+        if args.quarantine:
+            for moved in quarantine(finding, Path(group) if group else None):
+                print(f"         set aside as {moved}")
+        else:
+            remaining += 1
+    print(f"{counts[OK]} intact, {counts[CORRUPT]} corrupt, {counts[MISSING]} not built yet "
+          f"({len(pipe.artefacts())} artefacts of {args.params})")
+    if counts[CORRUPT] and args.quarantine:
+        print("the next 'snakemake' run rebuilds what was set aside, and everything that depends on it")
+    if remaining:
+        raise IntegrityFailure(f"{remaining} corrupt artefact(s); rerun with --quarantine to set them aside "
+                               f"so that 'snakemake' rebuilds them")
+
+
 def cmd_dvc_yaml(args) -> None:
     from dblocks.dvcgen import generate
 
@@ -677,7 +744,7 @@ def cmd_dvc_yaml(args) -> None:
 # ------------------------------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dblocks", description=__doc__.split(".")[0] + ".",
+    parser = OneLineParser(prog="dblocks", description=__doc__.split(".")[0] + ".",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -689,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("partition", cmd_partition, "print the noise partition into B blocks")
     p.add_argument("--blocks", type=int, required=True)
     p.add_argument("--kind", default="equiprobable", help="equiprobable | uniform")
-    p.add_argument("--overlap", type=float, default=0.0, help="training overlap gamma in [0, 0.5)")
+    p.add_argument("--overlap", type=finite_float, default=0.0, help="training overlap gamma in [0, 0.5)")
     p.add_argument("--json", action="store_true", help="print JSON (boundaries ascending, train_intervals)")
 
     command("models", cmd_models, "list the architecture registry")
@@ -768,7 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, help="number of samples (default: sample.num_images); the grid shows up "
                    "to 10 rows of one sample per class")
     p.add_argument("--steps", type=int, help="Euler steps (default: sample.steps)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: sample.guidance)")
+    p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: sample.guidance)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="digits-latent: its prepared directory, whose autoencoder decodes the samples")
     p.add_argument("--no-progress", action="store_true")
@@ -837,6 +904,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (tables/ and figures/ are written in it)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the params file's; env overrides)")
 
+    p = command("verify", cmd_verify,
+                "check every artefact of a params file (data, checkpoints, models) against the sha256 in its "
+                "JSON record; exit 1 if one is corrupt")
+    p.add_argument("--params", default="params/tiny.yaml")
+    p.add_argument("--quarantine", action="store_true",
+                   help="set corrupt artefacts aside as <name>.corrupt so that the next snakemake run rebuilds "
+                        "exactly them and what depends on them (nothing is deleted)")
+    p.add_argument("--verbose", action="store_true", help="list intact and not-yet-built artefacts too")
+
     p = command("dvc-yaml", cmd_dvc_yaml, "write dvc.yaml from the Snakemake DAG (or --check it is current)")
     p.add_argument("--params", default="params/tiny.yaml")
     p.add_argument("--out", default="dvc.yaml")
@@ -846,7 +922,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad option already reported in one line
+        return int(exc.code or 0)
     try:
         args.func(args)
     except Exception as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -95,23 +96,28 @@ def parse_override(text: str) -> dict:
 def read_yaml_mapping(path: str | Path, option: str) -> dict:
     """A YAML file whose top level is a mapping; problems are reported against the option that named it."""
     path = Path(path)
+    named = f"{option}{'' if option.endswith('=') else ' '}{path}"
     if not path.is_file():
-        raise ConfigError(f"{option} {path}: file not found")
+        raise ConfigError(f"{named}: file not found")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{option} {path}: not valid YAML ({exc.__class__.__name__})") from None
+        raise ConfigError(f"{named}: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{option} {path}: expected a mapping at the top level")
+        raise ConfigError(f"{named}: expected a mapping at the top level")
     return data
 
 
 def load_params(path: str | Path, experiment: str | None = None) -> dict:
-    """Read one experiment from a YAML params file.
+    """Read one experiment from a YAML params file (see :func:`pick_experiment`)."""
+    return pick_experiment(read_yaml_mapping(path, "--config"), path, experiment)
+
+
+def pick_experiment(data: dict, path: str | Path, experiment: str | None = None) -> dict:
+    """One experiment's unresolved settings from a params file's contents.
 
     A file holds either one experiment mapping, or ``experiments: {name: mapping}`` (with an optional
     ``defaults:`` mapping merged under each), from which ``experiment`` picks one."""
-    data = read_yaml_mapping(path, "--config")
     if "experiments" not in data:
         if experiment is not None and data.get("name", experiment) != experiment:
             raise ConfigError(f"--experiment {experiment!r}: {path} holds only {data.get('name')!r}")
@@ -148,8 +154,31 @@ def describe_error(error: jsonschema.ValidationError) -> str:
     return f"{key}: {error.message}"
 
 
+def non_finite(value: Any, key: str = "") -> tuple[str, float] | None:
+    """The first NaN or infinite number in a nested mapping/list, as (dotted key, value), or None.
+
+    JSON schema bounds cannot catch them (every comparison with NaN is false), and YAML spells them
+    ``.nan`` / ``.inf``; a NaN learning rate would otherwise train garbage without a word."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key or "(value)", value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = non_finite(v, f"{key}.{k}" if key else str(k))
+        if found:
+            return found
+    return None
+
+
+def check_finite(data: Any, where: str = "") -> None:
+    found = non_finite(data)
+    if found:
+        key, value = found
+        raise ConfigError(f"{where}{key}={value} is not a finite number; allowed: a finite number")
+
+
 def validate(config: dict) -> dict:
     """Raise ConfigError (first problem, one line) or return the config unchanged."""
+    check_finite(config)
     errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(config),
                     key=lambda e: (len(e.absolute_path), _key_path(e)))
     if errors:

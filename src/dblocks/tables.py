@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
 
 from dblocks.paper import PAPER_TABLES, table_sort_key
 
@@ -103,7 +102,7 @@ METHOD_LABELS = {"blockwise": "DiffusionBlocks", "e2e": "End-to-end backprop", "
 
 @dataclass
 class ExperimentSpec:
-    """One experiment of the params file, merged over the package defaults (not validated)."""
+    """One experiment of the params file, resolved and validated by the params model."""
 
     name: str
     config: dict
@@ -134,31 +133,17 @@ class ParamsInfo:
 
 
 def read_params(path: str | Path) -> ParamsInfo:
-    """The parts of a pipeline params file the tables need (YAML anchors and ``<<`` merges resolved)."""
-    from dblocks.config import DEFAULTS, deep_merge
+    """What the tables need of a params file, read through the one params model (dblocks.params): the same
+    validation, defaults and resolved experiments that the jobs saw."""
+    from dblocks.params import Params
 
-    path = Path(path)
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    tracking = data.get("tracking") or {}
-    defaults = data.get("defaults") or {}
-    entries = data.get("experiments")
-    if entries is None:  # a single-experiment file
-        entries = {data.get("name") or path.stem: {k: v for k, v in data.items() if k != "tracking"}}
-    experiments = {}
-    for name, entry in (entries or {}).items():
-        config = deep_merge(deep_merge(DEFAULTS, defaults), entry or {})
-        config["name"] = name
-        pipeline = config.get("pipeline") or {}
-        experiments[name] = ExperimentSpec(
-            name=name, config=config,
-            tables=[str(t) for t in pipeline.get("tables") or []],
-            methods=[str(m) for m in pipeline.get("methods") or ["blockwise"]],
-            baseline=pipeline.get("baseline"))
-    return ParamsInfo(path=path, scale=str(data.get("scale", "tiny")), tracking_uri=tracking.get("uri"),
-                      mlflow_experiment=str(tracking.get("experiment") or f"diffusion-blocks-{data.get('scale', 'tiny')}"),
-                      resources=data.get("resources") or {}, experiments=experiments)
+    params = Params.load(path)
+    experiments = {name: ExperimentSpec(name=name, config=config, tables=params.tables(name),
+                                        methods=params.methods(name), baseline=params.baseline(name))
+                   for name, config in params.experiments.items()}
+    return ParamsInfo(path=params.path, scale=params.scale, tracking_uri=params.tracking_uri,
+                      mlflow_experiment=params.mlflow_experiment, resources=params.resources,
+                      experiments=experiments)
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:

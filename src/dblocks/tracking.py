@@ -212,19 +212,6 @@ def _create_parent(client, experiment_id: str, name: str, scale: str, config: di
     return run.info.run_id
 
 
-def read_params_file(params_path: str | Path) -> dict:
-    from dblocks.config import ConfigError, read_yaml_mapping
-
-    path = Path(params_path)
-    data = read_yaml_mapping(path, "--params")
-    if not isinstance(data.get("experiments"), dict) or not data["experiments"]:
-        raise ConfigError(f"--params {path}: expected a mapping with a non-empty 'experiments:' mapping")
-    tracking = data.get("tracking") or {}
-    if not isinstance(tracking, dict):
-        raise ConfigError(f"--params {path}: 'tracking' must be a mapping with uri and experiment")
-    return data
-
-
 STORE_RECORD = "store.json"
 
 
@@ -240,18 +227,17 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
     experiment config is resolved and validated before the tracking store is touched. With
     ``allow_offline`` an unreachable store is a warning: the records name no parent run, so the jobs
     run untracked and :func:`sync_journals` logs them later."""
-    from dblocks.config import ConfigError, config_hash, load_params, resolve
+    from dblocks.config import ConfigError, config_hash
+    from dblocks.params import Params
 
-    data = read_params_file(params_path)
-    tracking = data.get("tracking") or {}
-    uri = resolve_uri(uri or tracking.get("uri"))
-    mlflow_experiment = tracking.get("experiment") or "diffusion-blocks"
-    scale = str(data.get("scale") or "")
-    unknown = sorted(set(names or []) - set(data["experiments"]))
+    params = Params.load(params_path)
+    uri = resolve_uri(uri or params.tracking_uri)
+    mlflow_experiment, scale = params.mlflow_experiment, params.scale
+    unknown = sorted(set(names or []) - set(params.experiments))
     if unknown:
-        raise ConfigError(f"--experiment {unknown[0]}: not in {params_path}; allowed: {', '.join(data['experiments'])}")
-    selected = [] if store_only else (names or list(data["experiments"]))
-    configs = {name: resolve(load_params(params_path, name)) for name in selected}
+        raise ConfigError(f"--experiment {unknown[0]}: not in {params_path}; allowed: {', '.join(params.experiments)}")
+    selected = [] if store_only else (names or list(params.experiments))
+    configs = {name: params.experiments[name] for name in selected}
     out_dir = Path(out_dir)
 
     import mlflow

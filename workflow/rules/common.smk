@@ -5,12 +5,11 @@ import re
 import sys
 from pathlib import Path
 
-import yaml
 from snakemake.exceptions import WorkflowError
 
 from dblocks.checkpoint import sidecar_path
 from dblocks.config import AUTOENCODER_FILE, TRAINED_AUTOENCODER_DATASETS, ConfigError
-from dblocks.pipeline import Pipeline, invalidate_downstream_of_missing, quarantine_corrupt
+from dblocks.pipeline import Pipeline
 
 # One params file is the single source of truth (DVC reads it too); choose it with
 # `--config params=params/paper.yaml`. Other `--config` keys would not reach the jobs, so they are refused.
@@ -20,22 +19,15 @@ if config:
         f"--config {', '.join(sorted(config))}: experiments are set in the params file only; "
         f"allowed: --config params=<params/*.yaml>"
     )
-if not Path(PARAMS).is_file():
-    raise WorkflowError(f"--config params={PARAMS}: file not found; allowed: params/tiny.yaml, params/paper.yaml")
-config.update(yaml.safe_load(Path(PARAMS).read_text()))
-
 try:
-    PIPE = Pipeline.load(PARAMS, root=workflow.basedir)
+    PIPE = Pipeline.load(PARAMS, "--config params=")
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 
-# A checkpoint whose bytes no longer match its recorded sha256 is moved aside before the DAG is built,
-# so Snakemake reruns exactly that job and what depends on it (and never assembles a corrupt block).
-for _bad in quarantine_corrupt(PIPE.checkpoint_files()):
-    logger.warning(f"{_bad}: checksum mismatch or missing record; moved aside as {_bad.name}.corrupt, will rebuild")
-# A deleted block must be rebuilt even though its assembled model still exists: see the function's note.
-for _stale in invalidate_downstream_of_missing(PIPE):
-    logger.warning(f"{_stale}: an input is missing; moved aside as {_stale.name}.stale, will rebuild")
+# Parsing reads the params file and nothing else: no artefact is hashed, moved or deleted here, because
+# every dry run and every SLURM job parses this file again. A deleted block is rebuilt because `rule all`
+# asks for every checkpoint (see PIPE.targets); a corrupt one is found by `dblocks verify` (or the
+# `verify` rule), which sets it aside so that the next run rebuilds exactly it and what depends on it.
 
 SCALE = PIPE.scale  # the label of the numbers (tiny | paper)
 OUT = PIPE.out  # the folder of this params file's products (default: the scale)

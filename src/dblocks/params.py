@@ -1,0 +1,179 @@
+"""The params model: the one reader of a params file (``params/*.yaml``).
+
+A params file is the single source of truth of a pipeline run: its scale, MLflow tracking, resources,
+evaluation protocol and experiments. :func:`Params.load` reads it once, checks it against the schema shipped
+in this package (``schema/params.schema.json``), resolves every experiment over ``defaults`` and the package
+defaults, validates each one (``dblocks.config.validate``) and the links between them (judges, shared
+baselines). The Snakefile, DVC generation, ``track-init``, ``tables``, ``ui`` and every command's
+``--config`` read params through this module and nothing else, so there is one set of defaults and one
+set of error messages.
+
+Loading is cheap and pure: it reads the YAML file only (never an artefact) and imports no torch, so every
+Snakemake parse, including the one each SLURM job does, can afford it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+
+from dblocks.config import (ConfigError, check_finite, config_hash, describe_error, pick_experiment,
+                            read_yaml_mapping, resolve)
+
+SCHEMA_FILE = "schema/params.schema.json"
+BLOCKWISE, E2E, PAPER = "blockwise", "e2e", "paper"
+#: settings that shape only the block-wise model; end-to-end training never reads them
+BLOCKWISE_ONLY = frozenset({"blocks", "partition", "overlap", "layer_split"})
+
+
+def schema() -> dict:
+    return json.loads(resources.files("dblocks").joinpath(SCHEMA_FILE).read_text())
+
+
+@dataclass
+class Params:
+    """A validated params file: the raw settings and every experiment resolved."""
+
+    path: Path
+    raw: dict
+    experiments: dict[str, dict]
+
+    @classmethod
+    def load(cls, path: str | Path, option: str = "--params"):
+        """Read and validate a whole params file; every problem is one ConfigError naming its key and what
+        is allowed (prefixed by the file)."""
+        path = Path(path)
+        raw = read_yaml_mapping(path, option)
+        check_finite(raw, f"{path}: ")
+        errors = sorted(jsonschema.Draft202012Validator(schema()).iter_errors(raw),
+                        key=lambda e: len(e.absolute_path))
+        if errors:
+            raise ConfigError(f"{path}: {describe_error(errors[0])}")
+        experiments = {}
+        for name in raw["experiments"]:
+            try:
+                experiments[name] = resolve(pick_experiment(raw, path, name))
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: experiments.{name}.{exc}") from None
+        params = cls(path, raw, experiments)
+        for name in experiments:
+            params._check_judge(name)
+            params._check_baseline(name)
+        return params
+
+    def _check_judge(self, name: str) -> None:
+        judge = self.judge(name)
+        if judge is None:
+            return
+        judges = [e for e, c in self.experiments.items() if c["task"] == "ar_text" and E2E in self.methods(e)]
+        if judge not in judges:
+            raise ConfigError(f"{self.path}: experiments.{name}.pipeline.judge={judge!r} is not an "
+                              f"autoregressive experiment with an e2e baseline; allowed: {', '.join(judges)}")
+
+    def _check_baseline(self, name: str) -> None:
+        """A shared end-to-end baseline must train exactly the network this experiment's own would."""
+        source = self.baseline(name)
+        if source is None:
+            return
+        key = f"{self.path}: experiments.{name}.pipeline.baseline={source!r}"
+        if E2E in self.methods(name):
+            raise ConfigError(f"{key}: the experiment trains its own e2e baseline; allowed: drop 'e2e' from its "
+                              f"methods, or drop the baseline key")
+        own = self.e2e_config(name)
+        candidates = [e for e in self.experiments
+                      if e != name and E2E in self.methods(e) and self.e2e_config(e) == own]
+        if source not in candidates:
+            raise ConfigError(f"{key} is not an experiment with an e2e baseline whose settings equal this one's "
+                              f"outside {', '.join(sorted(BLOCKWISE_ONLY))}; allowed: "
+                              f"{', '.join(candidates) or 'none in this file'}")
+
+    def e2e_config(self, exp: str) -> dict:
+        """What end-to-end training of ``exp`` depends on: its config without the block-wise settings."""
+        return {k: v for k, v in self.experiments[exp].items() if k not in BLOCKWISE_ONLY | {"name", "pipeline"}}
+
+    # --- top-level settings ---------------------------------------------------------------------------
+    @property
+    def scale(self) -> str:
+        return self.raw["scale"]
+
+    @property
+    def out(self) -> str:
+        """The folder name under results/, checkpoints/, models/, metrics/ and logs/: ``outputs`` if the
+        params file sets it (two params files of one scale must not share folders), else the scale."""
+        return self.raw.get("outputs") or self.scale
+
+    @property
+    def tracking_uri(self) -> str:
+        """The configured MLflow store (MLFLOW_TRACKING_URI overrides it where runs are opened)."""
+        return self.raw["tracking"]["uri"]
+
+    @property
+    def mlflow_experiment(self) -> str:
+        return self.raw["tracking"]["experiment"]
+
+    @property
+    def resources(self) -> dict:
+        return self.raw["resources"]
+
+    @property
+    def evaluation(self) -> dict:
+        return self.raw["evaluation"]
+
+    @property
+    def text_evaluation(self) -> dict:
+        return self.evaluation.get("text", {})
+
+    # --- per experiment -------------------------------------------------------------------------------
+    def methods(self, exp: str) -> list[str]:
+        return list(self.experiments[exp]["pipeline"]["methods"])
+
+    def tables(self, exp: str) -> list[str]:
+        return [str(t) for t in self.experiments[exp]["pipeline"]["tables"]]
+
+    def baseline(self, exp: str) -> str | None:
+        """The experiment whose end-to-end run stands for this one's (``pipeline.baseline``), if any."""
+        return self.experiments[exp]["pipeline"].get("baseline")
+
+    def judge(self, exp: str) -> str | None:
+        """The experiment whose end-to-end AR baseline judges this experiment's generated text."""
+        return self.experiments[exp]["pipeline"].get("judge")
+
+    def blocks(self, exp: str) -> int:
+        return self.experiments[exp]["blocks"]
+
+    def hash(self, exp: str) -> str:
+        """The experiment's config hash: what its checkpoints, runs and records are keyed by."""
+        return config_hash(self.experiments[exp])
+
+    @cached_property
+    def datasets(self) -> dict[str, str | None]:
+        """Each dataset used, with the data_root of the first experiment that names one."""
+        out: dict[str, str | None] = {}
+        for cfg in self.experiments.values():
+            if out.get(cfg["dataset"]) is None:
+                out[cfg["dataset"]] = cfg["data_root"]
+        return out
+
+
+def experiment_config(path: str | Path, experiment: str | None = None, overrides: list[dict] | None = None) -> dict:
+    """One resolved experiment for a command's ``--config FILE [--experiment NAME]`` and its overrides.
+
+    A pipeline params file (``experiments:``) is loaded and validated whole through :meth:`Params.load`, so a
+    job sees exactly the configuration the workflow validated. A file holding a single experiment mapping
+    (the hand-run form) is resolved on its own."""
+    data = read_yaml_mapping(path, "--config")
+    if "experiments" not in data:
+        check_finite(data, f"{path}: ")
+        return resolve(pick_experiment(data, path, experiment), overrides)
+    params = Params.load(path, "--config")
+    if experiment is None:
+        if len(params.experiments) != 1:
+            raise ConfigError(f"--experiment is required: {path} defines {', '.join(params.experiments)}")
+        experiment = next(iter(params.experiments))
+    if experiment not in params.experiments:
+        raise ConfigError(f"--experiment {experiment!r}: not in {path}; allowed: {', '.join(params.experiments)}")
+    return resolve(params.experiments[experiment], overrides)
