@@ -170,6 +170,15 @@ def test_tiny_params_files_never_write_the_same_file(params, out):
     assert all(o.startswith("data/prepared/") for o in image & other), sorted(image & other)
 
 
+@pytest.mark.parametrize("params", ["params/tiny.yaml", "params/paper.yaml", "params/tiny-text.yaml",
+                                    "params/tiny-latent.yaml"])
+def test_snakemake_lint_is_clean(params):
+    """Snakemake's own linter: a software environment per rule, non-file values through params:, named
+    inputs and outputs in commands, helper functions in common.smk, envvars for what jobs need."""
+    out = snakemake("--lint", "--config", f"params={params}")
+    assert "Congratulations, your workflow is in a good condition!" in out.stdout + out.stderr, out.stdout
+
+
 def test_dvc_yaml_is_generated_from_the_current_dag():
     assert (REPO / "dvc.yaml").read_text() == generate("params/tiny.yaml", REPO), \
         "dvc.yaml is stale: run `dblocks dvc-yaml`"

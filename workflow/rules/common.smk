@@ -1,5 +1,5 @@
-# Loads the params file into Snakemake's config, validates every experiment before any job starts, and
-# defines the names every rule shares.
+# Loads the params file through the one params model, validates every experiment before any job starts,
+# and defines the names and helper functions every rule shares (rules files hold rules only).
 import os
 import re
 import sys
@@ -26,17 +26,26 @@ except ConfigError as exc:
 
 # Parsing reads the params file and nothing else: no artefact is hashed, moved or deleted here, because
 # every dry run and every SLURM job parses this file again. A deleted block is rebuilt because `rule all`
-# asks for every checkpoint (see PIPE.targets); a corrupt one is found by `dblocks verify` (or the
-# `verify` rule), which sets it aside so that the next run rebuilds exactly it and what depends on it.
+# asks for every checkpoint (see Pipeline.targets); a corrupt one is found by `dblocks verify` (or
+# `snakemake verify`), which sets it aside so that the next run rebuilds exactly it and what depends on it.
 
-SCALE = PIPE.scale  # the label of the numbers (tiny | paper)
 OUT = PIPE.out  # the folder of this params file's products (default: the scale)
 RES = PIPE.resources
 EXPERIMENTS = list(PIPE.experiments)
 
-# Jobs call `dblocks`; make the one installed beside this Snakemake visible to them (and to SLURM jobs,
-# which inherit the submitting environment).
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+# Jobs call `dblocks`. Make the one installed beside this Snakemake visible to them (a user need not
+# activate the virtual environment); SLURM jobs inherit PATH from the submitting environment, and with
+# --software-deployment-method conda the job's environment puts its own first.
+envvars:
+    "PATH",
+
+
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+
+# The software environment of every job (Snakemake resolves it relative to the rules files): used with
+# `--software-deployment-method conda`; ignored otherwise, when jobs run in the current environment.
+ENV = "../envs/dblocks.yaml"
 
 
 # Wildcards can only take these shapes, so no value can smuggle shell syntax into a command.
@@ -46,6 +55,9 @@ wildcard_constraints:
     method="blockwise|e2e|paper",
     assembled="blockwise|paper",
     dataset=r"[a-z0-9][a-z0-9-]*",
+
+
+# --- datasets -------------------------------------------------------------------------------------------
 
 
 def dataset_other_than(names):
@@ -63,6 +75,18 @@ def prepared_split(split):
     return lambda wildcards: [f"{PIPE.prepared(dataset_of(wildcards))}/{split}.{ext}" for ext in ("safetensors", "json")]
 
 
+def prepared_dir(wildcards):
+    return PIPE.prepared(dataset_of(wildcards))
+
+
+def data_root_option(wildcards):
+    root = PIPE.datasets.get(wildcards.dataset)
+    return f"--data-root {root}" if root else ""
+
+
+# --- training -------------------------------------------------------------------------------------------
+
+
 def training_runtime(wildcards, attempt):
     """Minutes per training job; a retry after a timeout gets proportionally more."""
     return RES["runtime"] * attempt
@@ -74,3 +98,84 @@ TRAIN_RESOURCES = dict(
     runtime=training_runtime,
     **({"gpu_model": RES["gpu_model"]} if RES.get("gpu_model") else {}),
 )
+EVAL_RESOURCES = dict(gpu=RES["gpu"], mem_mb=RES["mem_mb"])
+
+
+def config_hash(wildcards):
+    """Not read by the command: a changed experiment changes this value, and Snakemake's params trigger then
+    reruns exactly that experiment's jobs."""
+    return PIPE.hash(wildcards.exp)
+
+
+# --- assembly and evaluation ----------------------------------------------------------------------------
+
+
+def assemble_inputs(wildcards):
+    if wildcards.assembled == "paper":
+        return [PIPE.paper_dir(wildcards.exp)]
+    return [PIPE.block_checkpoint(wildcards.exp, b) for b in range(1, PIPE.blocks(wildcards.exp) + 1)]
+
+
+def assemble_files(wildcards, input):
+    """The block files to compose: the inputs themselves, or the paper mode's directory's B blocks."""
+    if wildcards.assembled == "paper":
+        return " ".join(PIPE.block_checkpoint(wildcards.exp, b, "paper") for b in range(1, PIPE.blocks(wildcards.exp) + 1))
+    return " ".join(input.blocks)
+
+
+def of_tasks(*tasks):
+    """A wildcard pattern matching exactly the experiments of these tasks (never empty-matching)."""
+    return "|".join(e for e, c in PIPE.experiments.items() if c["task"] in tasks) or "^$"
+
+
+def with_record(path):
+    """A safetensors artefact and the JSON record that holds its sha256."""
+    return [path, str(sidecar_path(path))] if path else []
+
+
+def fid_features_files(wildcards=None):
+    return with_record(PIPE.fid_features())
+
+
+def decoder_files(dataset):
+    """The trained autoencoder (and its record) that decodes a latent dataset's samples, if it has one."""
+    return with_record(PIPE.autoencoder(dataset))
+
+
+def decoder_option(wildcards):
+    """A trained autoencoder is read from the prepared directory it was written to."""
+    return f" --data {PIPE.prepared(dataset_of(wildcards))}" if decoder_files(dataset_of(wildcards)) else ""
+
+
+def reference_stats_files(split):
+    return lambda w: with_record(PIPE.reference_stats(dataset_of(w), split))
+
+
+def reference_inputs(wildcards):
+    return [f"{PIPE.prepared(wildcards.dataset)}/{s}.{e}" for s in ("train", "test") for e in ("safetensors", "json")]
+
+
+def reference_samples_option(wildcards):
+    return "" if wildcards.size == "all" else f"--samples {wildcards.size}"
+
+
+def judge_checkpoint(wildcards):
+    judge = PIPE.judge(wildcards.exp)
+    return [PIPE.e2e_checkpoint(judge)] if judge else []
+
+
+def text_evaluation_args(wildcards, input):
+    opts = PIPE.text_evaluation
+    args = [f"--judge {input.judge}"] if input.judge else []
+    for key in ("bound_samples", "max_windows", "prompts", "continuations", "new_tokens"):
+        if key in opts:
+            args.append(f"--{key.replace('_', '-')} {opts[key]}")
+    if "mauve_features" in opts:
+        args.append("--mauve-features " + " ".join(opts["mauve_features"]))
+    if opts.get("hf_judges"):
+        args.append("--hf-judges " + " ".join(opts["hf_judges"]))
+    return " ".join(args)
+
+
+def all_metrics(wildcards=None):
+    return [PIPE.metrics(e, m) for e in EXPERIMENTS for m in PIPE.methods(e)]

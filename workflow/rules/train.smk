@@ -10,8 +10,9 @@ rule train_block:
         checkpoint=f"checkpoints/{OUT}/{{exp}}/block-{{block}}.safetensors",
         metadata=f"checkpoints/{OUT}/{{exp}}/block-{{block}}.json",
     params:
-        config_hash=lambda w: PIPE.hash(w.exp),
-        data=lambda w: PIPE.prepared(dataset_of(w)),
+        file=PARAMS,
+        config_hash=config_hash,
+        data=prepared_dir,
     log:
         f"logs/{OUT}/{{exp}}/train-block-{{block}}.log",
     benchmark:
@@ -19,8 +20,10 @@ rule train_block:
     threads: RES["threads"]
     resources:
         **TRAIN_RESOURCES,
+    conda:
+        ENV
     shell:
-        "OMP_NUM_THREADS={threads} dblocks train-block --config {PARAMS} --experiment {wildcards.exp} "
+        "OMP_NUM_THREADS={threads} dblocks train-block --config {params.file} --experiment {wildcards.exp} "
         "--block {wildcards.block} --data {params.data} --track {input.run} --out {output.checkpoint} "
         "--no-progress > {log} 2>&1"
 
@@ -33,8 +36,9 @@ rule train_baseline:
         checkpoint=f"checkpoints/{OUT}/{{exp}}/e2e.safetensors",
         metadata=f"checkpoints/{OUT}/{{exp}}/e2e.json",
     params:
-        config_hash=lambda w: PIPE.hash(w.exp),
-        data=lambda w: PIPE.prepared(dataset_of(w)),
+        file=PARAMS,
+        config_hash=config_hash,
+        data=prepared_dir,
     log:
         f"logs/{OUT}/{{exp}}/train-e2e.log",
     benchmark:
@@ -42,8 +46,10 @@ rule train_baseline:
     threads: RES["threads"]
     resources:
         **TRAIN_RESOURCES,
+    conda:
+        ENV
     shell:
-        "OMP_NUM_THREADS={threads} dblocks train-baseline --config {PARAMS} --experiment {wildcards.exp} "
+        "OMP_NUM_THREADS={threads} dblocks train-baseline --config {params.file} --experiment {wildcards.exp} "
         "--data {params.data} --track {input.run} --out {output.checkpoint} --no-progress > {log} 2>&1"
 
 
@@ -54,10 +60,11 @@ rule train_shared:
         data=prepared_split("train"),
         run=f"results/{OUT}/runs/{{exp}}.json",
     output:
-        directory(f"checkpoints/{OUT}/{{exp}}/paper"),
+        blocks=directory(f"checkpoints/{OUT}/{{exp}}/paper"),
     params:
-        config_hash=lambda w: PIPE.hash(w.exp),
-        data=lambda w: PIPE.prepared(dataset_of(w)),
+        file=PARAMS,
+        config_hash=config_hash,
+        data=prepared_dir,
     log:
         f"logs/{OUT}/{{exp}}/train-paper.log",
     benchmark:
@@ -65,6 +72,8 @@ rule train_shared:
     threads: RES["threads"]
     resources:
         **TRAIN_RESOURCES,
+    conda:
+        ENV
     shell:
-        "OMP_NUM_THREADS={threads} dblocks train-shared --config {PARAMS} --experiment {wildcards.exp} "
-        "--data {params.data} --track {input.run} --out-dir {output} --no-progress > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} dblocks train-shared --config {params.file} --experiment {wildcards.exp} "
+        "--data {params.data} --track {input.run} --out-dir {output.blocks} --no-progress > {log} 2>&1"
