@@ -64,6 +64,19 @@ def test_torch_pair_is_locked_as_pyproject_pins_it():
         assert only_version(name) == version
 
 
+def test_every_locked_package_comes_from_pypi():
+    """No machine-local index or wheel folder leaks into the lock (e.g. a CPU-only torch from a find-links
+    folder): everything but the project itself is a PyPI file with its hash."""
+    for name, entries in envlock.lock_packages().items():
+        for package in entries:
+            if name == "diffusion-blocks":
+                assert package["source"] == {"editable": "."}
+                continue
+            assert package["source"] == {"registry": "https://pypi.org/simple"}, (name, package["source"])
+            files = package.get("wheels", []) + ([package["sdist"]] if "sdist" in package else [])
+            assert files and all(f["hash"].startswith("sha256:") for f in files), name
+
+
 def test_installed_versions_equal_the_lock():
     locked = envlock.lock_versions()
     for name in KEY_PACKAGES:
