@@ -23,7 +23,8 @@ import pytest
 from dblocks.checkpoint import load_metadata
 from dblocks.cli import main
 from dblocks.config import config_hash, load_params, resolve
-from dblocks.tracking import DEFAULT_URI, JobRun, _retry, flatten, init_runs, resolve_uri
+from dblocks.params import Params
+from dblocks.tracking import EXPERIMENT_KIND_TAG, DEFAULT_URI, JobRun, _retry, flatten, init_runs, resolve_uri
 
 VENV_BIN = Path(sys.executable).parent
 PARAMS = """\
@@ -160,11 +161,12 @@ def test_init_runs_creates_parent_runs_once(store, server, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert sorted(p.name for p in store.paths) == ["micro-a.json", "micro-b.json"]
     exp = store.client.get_experiment_by_name("dblocks-test")
+    assert exp.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"  # the UI opens on the runs table
     for name, tables, methods in (("micro-a", "1,12", "blockwise,e2e"), ("micro-b", "6", "blockwise")):
         rec = store.record[name]
         assert rec == {"tracking_uri": store.uri, "mlflow_experiment": "dblocks-test",
                        "experiment_id": exp.experiment_id, "parent_run_id": rec["parent_run_id"],
-                       "experiment": name, "scale": "tiny"}
+                       "experiment": name, "scale": "tiny", "data": "data/prepared/digits"}
         run = store.client.get_run(rec["parent_run_id"])
         config = resolve(load_params(store.params, name))
         assert run.info.status == "FINISHED" and run.info.run_name == name
@@ -267,6 +269,17 @@ def test_tracked_cli_jobs_are_child_runs(store, tmp_path, capsys):
     assert ev.data.tags["model_sha256"] == record["model_sha256"]
     assert ev.data.metrics["accuracy"] == pytest.approx(record["accuracy"])
     assert ev.data.metrics["examples"] == record["examples"] and "eval_seconds" in ev.data.metrics
+    # the evaluation record and run name the configuration, the code and the evaluation settings
+    params = Params.load(store.params)
+    assert record["config_hash"] == params.hash("micro-a") == ev.data.tags["dblocks.config_hash"]
+    assert record["git_commit"] == (ev.data.tags["dblocks.git_commit"] or None)
+    assert record["eval_hash"] == params.eval_hash("micro-a") == ev.data.tags["dblocks.eval_hash"]
+    assert record["evaluation"] == params.evaluation_settings("micro-a") == {"task": "classification",
+                                                                             "split": "test", "seed": 0}
+    assert ev.data.params["evaluation.split"] == "test" and ev.data.params["evaluation.seed"] == "0"
+    # ... and the parent run shows the result at a glance
+    parent = store.client.get_run(rec["parent_run_id"])
+    assert parent.data.metrics["blockwise.accuracy"] == pytest.approx(record["accuracy"])
 
     # a finished block is skipped, and makes no run
     before = len(_children(store, rec["parent_run_id"]))

@@ -506,7 +506,11 @@ def cmd_sample(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from dblocks.evaluate import evaluate_classifier, evaluate_generator
+    from dblocks.config import config_hash
+    from dblocks.evaluate import evaluate_classifier, evaluate_generator, fid_references
+    from dblocks.params import evaluation_hash, evaluation_settings
+    from dblocks.tracking import (EVAL_HASH_TAG, dataset_input, git_commit, headline_metrics, prepared_input,
+                                  record_data)
 
     out = _output(args.out, ".json")
     track = _track_path(args)
@@ -530,11 +534,12 @@ def cmd_evaluate(args) -> None:
     bad = sorted(set(args.hf_judges) - set(HF_JUDGES))
     if bad:
         raise UsageError(f"--hf-judges {bad[0]!r}: allowed: {', '.join(HF_JUDGES)}")
-    judge = None
+    judge = judge_hash = None
     if args.judge is not None:
         if exp.config["task"] not in ("ar_text", "recurrent_text"):
             raise UsageError("--judge applies to autoregressive and recurrent-depth text models only")
         judge, judge_exp, judge_meta = _load_path(args.judge, "--judge")
+        judge_hash = config_hash(judge_exp.config)
         if judge_meta.get("kind") != "e2e" or judge_exp.config["task"] != "ar_text":
             raise UsageError(f"--judge {args.judge}: must be an end-to-end autoregressive text model (train-baseline)")
         if judge_exp.tokenizer != exp.tokenizer or judge_exp.config["dataset"] != exp.config["dataset"]:
@@ -544,10 +549,14 @@ def cmd_evaluate(args) -> None:
         if args.features is None:
             raise UsageError("--features is required for a generation model: a digits feature net (from "
                              "'dblocks train-feature-net') or Inception weights (from 'dblocks inception-weights')")
-        _feature_space(args.features)
+        space = _feature_space(args.features)
         stats = {split: path for split, path in (("train", args.train_stats), ("test", args.test_stats)) if path}
         for split, path in stats.items():
             _existing([path], f"--{split}-stats")
+        # what the statistics summarize: the prepared splits, found under --data or the pipeline's data
+        # directory named by the --track record (read from JSON records only)
+        reference_samples, references = fid_references({k: Path(v) for k, v in stats.items()},
+                                                       [args.data, record_data(track)])
         if args.grid is not None:
             _output(args.grid, ".png", "--grid")
         from dblocks.data.latents import decoder_for
@@ -561,7 +570,29 @@ def cmd_evaluate(args) -> None:
     if judge is not None:
         judge.to(device)
     block = meta.get("block") if meta.get("kind") == "block" else None
+    # the settings this evaluation's numbers depend on, from the options it received (the tables keep only
+    # runs whose evaluation hash equals the one dblocks.params computes from the params file)
+    sample_config = exp.config["sample"]
+    settings = evaluation_settings(exp.config["task"], {
+        "split": args.split, "seed": args.seed, "evaluations": args.evaluations, "bound_samples": args.bound_samples,
+        "max_windows": args.max_windows, "prompts": args.prompts, "continuations": args.continuations,
+        "new_tokens": args.new_tokens, "mauve_features": args.mauve_features, "hf_judges": args.hf_judges,
+        "judge": judge_hash, "samples": args.samples or sample_config["num_images"],
+        "sample_steps": args.sample_steps or sample_config["steps"], "guidance": sample_config["guidance"],
+        **({"fid_features": space.kind, "fid_reference": sorted(stats), "reference_samples": reference_samples}
+           if generation else {})})
+    eval_hash = evaluation_hash(settings)
     with _tracker(track, "evaluate", meta.get("method"), block, exp.config) as run:
+        if run is not None:
+            run.set_tags({EVAL_HASH_TAG: eval_hash})
+            run.log_params({f"evaluation.{k}": v for k, v in settings.items()})
+            if stats:  # the prepared splits behind the FID reference statistics (else the statistics files)
+                run.log_inputs([prepared_input(r["prepared"], r["split"], "fid-reference") if r["prepared"] else
+                                dataset_input(r["dataset"], r["split"], r["sha256"], r["stats"], "fid-reference",
+                                              reference_samples=r["samples"]) if r["sha256"] else None
+                                for r in references])
+            elif args.data is not None:
+                run.log_dataset(args.data, args.split, "evaluation")
         data = None if stats else exp.load_data(args.split, args.data)
         if exp.config["task"] in ("ar_text", "recurrent_text"):
             from dblocks.evaluate import evaluate_ar_lm
@@ -602,10 +633,13 @@ def cmd_evaluate(args) -> None:
             result = evaluate_classifier(model, exp, data, seed=args.seed)
             summary = f"accuracy {100 * result['accuracy']:.2f}% on {len(data)} {args.split} examples"
         record = {"experiment": exp.name, "method": meta.get("method"), "split": args.split, "scale": args.scale,
-                  "device": str(device), "model": str(args.model), "model_sha256": meta["sha256"], **result}
+                  "device": str(device), "model": str(args.model), "model_sha256": meta["sha256"],
+                  "config_hash": config_hash(exp.config), "git_commit": git_commit(), "eval_hash": eval_hash,
+                  "evaluation": settings, **result}
         write_json_atomic(out, record)
         if run is not None:
             run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            run.log_parent_metrics(headline_metrics(meta.get("method"), result))
             run.set_tags({"model_sha256": record["model_sha256"], "split": args.split, "model_path": str(args.model),
                           "dblocks.device": str(device), **({"fid_label": result["fid_label"]} if generation else {})})
             run.log_artifact(out, "evaluation")
@@ -840,13 +874,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="digits-latent: its prepared directory, whose autoencoder decodes the samples")
     p.add_argument("--no-progress", action="store_true")
 
+    from dblocks.params import EVALUATE_DEFAULTS as EVAL  # one set of defaults for the command and the tables
+
     p = command("evaluate", cmd_evaluate, "evaluate an assembled or end-to-end model: accuracy (classification) "
                 "or samples, a sample grid and FID (generation)")
     p.add_argument("model", metavar="MODEL", help="model (.safetensors)")
     p.add_argument("--out", required=True, help="metrics JSON path")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"],
+    p.add_argument("--split", default=EVAL["split"], choices=["train", "validation", "test"],
                    help="validation exists for text datasets only")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--seed", type=int, default=EVAL["seed"], help="seed of the initial noise")
     p.add_argument("--scale", default="tiny", help="label recorded with the metric (tiny | paper)")
     p.add_argument("--data", help="prepared dataset directory (default: load the source); for digits-latent also "
                                   "where the autoencoder that decodes its samples is")
@@ -855,23 +891,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-stats", help="generation: cached reference statistics of the train split "
                                          "('dblocks reference-stats'); with --test-stats: train and test FID")
     p.add_argument("--test-stats", help="generation: cached reference statistics of the test split")
-    p.add_argument("--evaluations", type=int, default=1,
+    p.add_argument("--evaluations", type=int, default=EVAL["evaluations"],
                    help="generation: independent sample sets (seeds --seed, --seed+1, ...); FID is the best of them")
     p.add_argument("--fid-batch-size", type=int, default=256, help="generation: feature-extraction batch size")
     p.add_argument("--samples", type=int, help="generation: number of samples (default: sample.num_images)")
     p.add_argument("--sample-steps", type=int, help="generation: Euler steps (default: sample.steps)")
     p.add_argument("--grid", help="generation: write a PNG grid of samples here")
-    p.add_argument("--bound-samples", type=int, default=1,
+    p.add_argument("--bound-samples", type=int, default=EVAL["bound_samples"],
                    help="masked text: masking times per window and block for the BPC bound")
-    p.add_argument("--max-windows", type=int, help="text: score only the first N windows of the split")
+    p.add_argument("--max-windows", type=int, default=EVAL["max_windows"], help="text: score only the first N windows of the split")
     p.add_argument("--judge", help="AR text: an end-to-end AR model (.safetensors) that scores generative "
                    "perplexity and gives the reference-LM MAUVE features (offline stand-in for Llama-2/GPT2-XL)")
-    p.add_argument("--prompts", type=int, default=100, help="AR text: prompts from the split's windows")
-    p.add_argument("--continuations", type=int, default=5, help="AR text: continuations per prompt")
-    p.add_argument("--new-tokens", type=int, default=50, help="AR text: tokens per continuation")
-    p.add_argument("--hf-judges", nargs="*", default=[],
+    p.add_argument("--prompts", type=int, default=EVAL["prompts"], help="AR text: prompts from the split's windows")
+    p.add_argument("--continuations", type=int, default=EVAL["continuations"], help="AR text: continuations per prompt")
+    p.add_argument("--new-tokens", type=int, default=EVAL["new_tokens"], help="AR text: tokens per continuation")
+    p.add_argument("--hf-judges", nargs="*", default=list(EVAL["hf_judges"]),
                    help="AR text: generative perplexity under pretrained judges (online): gpt2-xl, llama2")
-    p.add_argument("--mauve-features", nargs="*", default=["reference-lm", "minilm"],
+    p.add_argument("--mauve-features", nargs="*", default=list(EVAL["mauve_features"]),
                    help="AR text: MAUVE featurizers: reference-lm (needs --judge), minilm (offline), "
                         "gpt2-large (online, the paper's)")
     p.add_argument("--no-progress", action="store_true")

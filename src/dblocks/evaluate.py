@@ -221,3 +221,36 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
             record["mauve_reference"] = mauve_from_features(p_feat, q_feat, seed)
             record["mauve_reference_label"] = REFERENCE_LM_LABEL
     return record
+
+
+def fid_references(stats: dict[str, Path],
+                   data_dirs: list[str | Path | None]) -> tuple[int | list[int] | None, list[dict]]:
+    """What cached FID reference statistics (``{split: file}``) summarize, read from their JSON records (and
+    the prepared splits' records, looked up in ``data_dirs``): the ``reference_samples`` setting they were
+    made with (None: each whole split, as a params file without ``evaluation.reference_samples`` makes
+    them) and per file {dataset, split, sha256, samples, examples, prepared, stats}, where ``prepared`` is
+    the directory holding the very split they were computed from (same sha256), or None if not found."""
+    import json
+
+    from dblocks.checkpoint import load_metadata, sidecar_path
+
+    found = []
+    for split, path in sorted(stats.items()):
+        key = load_metadata(path).get("key") or {}
+        info = {"dataset": key.get("dataset"), "split": key.get("split", split), "sha256": key.get("data_sha256"),
+                "samples": key.get("samples"), "examples": None, "prepared": None, "stats": Path(path)}
+        for directory in data_dirs:
+            if not directory:
+                continue
+            try:
+                record = json.loads(sidecar_path(Path(directory) / f"{info['split']}.safetensors").read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict) and info["sha256"] and record.get("sha256") == info["sha256"]:
+                info.update(examples=record.get("examples"), prepared=Path(directory))
+                break
+        found.append(info)
+    whole = all(isinstance(i["samples"], int) and isinstance(i["examples"], int) and i["samples"] >= i["examples"]
+                for i in found)
+    counts = sorted({i["samples"] for i in found if isinstance(i["samples"], int)})
+    return (None if whole or not counts else counts[0] if len(counts) == 1 else counts), found

@@ -13,6 +13,7 @@ Snakemake parse, including the one each SLURM job does, can afford it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,13 +22,51 @@ from pathlib import Path
 
 import jsonschema
 
-from dblocks.config import (ConfigError, check_finite, config_hash, describe_error, pick_experiment,
+from dblocks.config import (TEXT_TASKS, ConfigError, check_finite, config_hash, describe_error, pick_experiment,
                             read_yaml_mapping, resolve)
 
 SCHEMA_FILE = "schema/params.schema.json"
 BLOCKWISE, E2E, PAPER = "blockwise", "e2e", "paper"
 #: settings that shape only the block-wise model; end-to-end training never reads them
 BLOCKWISE_ONLY = frozenset({"blocks", "partition", "overlap", "layer_split"})
+
+
+#: ``dblocks evaluate``'s defaults for the evaluation settings it may be given (its option defaults are these)
+EVALUATE_DEFAULTS: dict = {"split": "test", "seed": 0, "evaluations": 1, "bound_samples": 1, "max_windows": None,
+                           "prompts": 100, "continuations": 5, "new_tokens": 50,
+                           "mauve_features": ["reference-lm", "minilm"], "hf_judges": []}
+#: the settings that shape each task's evaluation numbers (beyond split and seed); execution-only options
+#: (batch sizes, device, output paths, progress) are not settings
+EVALUATION_KEYS: dict[str, tuple[str, ...]] = {
+    "classification": (),
+    "generation": ("samples", "sample_steps", "guidance", "evaluations", "fid_features", "fid_reference",
+                   "reference_samples"),
+    "masked_text": ("bound_samples", "max_windows", "sample_steps"),
+    "ar_text": ("max_windows", "prompts", "continuations", "new_tokens", "mauve_features", "hf_judges", "judge"),
+}
+EVALUATION_KEYS["recurrent_text"] = EVALUATION_KEYS["ar_text"]
+
+
+def evaluation_settings(task: str, values: dict) -> dict:
+    """What an evaluation of a ``task`` model depends on beyond the model itself: its task's keys of
+    :data:`EVALUATION_KEYS` (and split, seed) taken from ``values``, else :data:`EVALUATE_DEFAULTS`; lists are
+    sorted (they are sets), numbers of a float setting are floats. The one definition behind
+    :func:`evaluation_hash`: ``dblocks evaluate`` builds ``values`` from the options it received,
+    :meth:`Params.evaluation_settings` from a params file."""
+    out: dict = {"task": task}
+    for key in ("split", "seed", *EVALUATION_KEYS[task]):
+        value = values.get(key, EVALUATE_DEFAULTS.get(key))
+        if isinstance(value, (list, tuple)):
+            value = sorted(value)
+        elif key == "guidance" and value is not None:
+            value = float(value)
+        out[key] = value
+    return out
+
+
+def evaluation_hash(settings: dict) -> str:
+    """The evaluation-settings hash of :func:`evaluation_settings` (16 hex digits, like the config hash)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def schema() -> dict:
@@ -148,6 +187,30 @@ class Params:
     def hash(self, exp: str) -> str:
         """The experiment's config hash: what its checkpoints, runs and records are keyed by."""
         return config_hash(self.experiments[exp])
+
+    def evaluation_settings(self, exp: str) -> dict:
+        """The settings the pipeline's evaluate job of ``exp`` runs with (:func:`evaluation_settings`): what
+        workflow/rules/evaluate.smk passes from the ``evaluation:`` section (generation: samples, sample
+        steps, sample sets, FID features, train and test reference statistics of ``reference_samples``
+        images; text: ``evaluation.text`` and the judge experiment), the experiment's ``sample`` settings
+        where the command reads them, and the command's defaults for the rest."""
+        config, evaluation = self.experiments[exp], self.evaluation
+        task = config["task"]
+        values: dict = {"sample_steps": config["sample"]["steps"]}
+        if task == "generation":
+            values.update(samples=evaluation["samples"], sample_steps=evaluation["sample_steps"],
+                          guidance=config["sample"]["guidance"], evaluations=evaluation.get("evaluations", 1),
+                          fid_features=evaluation["fid_features"], fid_reference=["test", "train"],
+                          reference_samples=evaluation.get("reference_samples"))
+        elif task in TEXT_TASKS:
+            values.update(self.text_evaluation)
+            judge = self.judge(exp)
+            values["judge"] = self.hash(judge) if judge else None
+        return evaluation_settings(task, values)
+
+    def eval_hash(self, exp: str) -> str:
+        """The evaluation-settings hash that ``exp``'s evaluate runs must carry to be this file's."""
+        return evaluation_hash(self.evaluation_settings(exp))
 
     @cached_property
     def datasets(self) -> dict[str, str | None]:

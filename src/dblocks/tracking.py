@@ -13,7 +13,16 @@ params, metrics with their steps and times, artifact paths, a unique ``dblocks.r
 journals of finished jobs that the store does not hold yet. The run key makes that idempotent: a run
 already in the store is never logged twice, and a run cut short by an outage is replaced, not
 duplicated. Several processes may log to one SQLite file at once; "database is locked" is retried
-with a short backoff. ``mlflow`` is imported lazily, so importing this module is cheap."""
+with a short backoff. ``mlflow`` is imported lazily, so importing this module is cheap.
+
+What a user browsing the store sees: the MLflow experiment is of the classic kind (tag
+``mlflow.experimentKind`` = ``custom_model_development``), so MLflow 3's UI opens it on the runs table, not
+on the GenAI traces overview. Each parent run carries its experiment's headline results per method
+(``<method>.<metric>``, e.g. ``blockwise.accuracy``, ``e2e.fid_test``), logged by the evaluate jobs (or by
+``track-sync`` for journaled ones), so the runs table shows results at a glance. Training and evaluation
+runs list the prepared dataset splits they read as MLflow dataset inputs (name ``<dataset>-<split>``,
+digest = the first 36 hex digits of the split's sha256, the full sha256 and size in its profile, source =
+the prepared file), read from each split's JSON record, never by hashing the data."""
 
 from __future__ import annotations
 
@@ -34,13 +43,23 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import dblocks
-from dblocks.checkpoint import write_json_atomic
+from dblocks.checkpoint import sidecar_path, write_json_atomic
 
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_JOB = "parent"
 JOURNAL_DIR = "journal"
 RUN_KEY_TAG = "dblocks.run_key"
+EVAL_HASH_TAG = "dblocks.eval_hash"
+#: MLflow 3's experiment kind: "custom_model_development" opens the UI on the runs table (classic ML); an
+#: experiment without it (or with only an inferred kind) may open on the GenAI traces overview
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: the evaluation metrics a parent run carries per method, as ``<method>.<metric>`` (when the evaluation made them)
+HEADLINE_METRICS = ("accuracy", "fid", "fid_train", "fid_test", "bpc", "mauve_reference", "mauve_minilm",
+                    "mauve_gpt2_large", "gen_ppl_reference", "gen_ppl_llama2", "gen_ppl_gpt2xl", "next_token_bits")
+#: MLflow's limit on a dataset digest
+_MAX_DIGEST = 36
 #: MLflow's limits per log_batch request
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
@@ -151,6 +170,59 @@ def _log_params(client, run_id: str, params: dict[str, str]) -> None:
         _retry(client.log_batch, run_id, params=chunk, synchronous=True)
 
 
+def headline_metrics(method: str | None, metrics: dict[str, Any]) -> dict[str, float]:
+    """An evaluation's headline numbers as its parent run carries them: ``{"<method>.<metric>": value}`` for
+    each of :data:`HEADLINE_METRICS` among ``metrics`` (child and parent share the metric names)."""
+    return {f"{method or 'model'}.{k}": float(metrics[k]) for k in HEADLINE_METRICS
+            if isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool)}
+
+
+def dataset_input(name: str, split: str, sha256: str, source: str | Path, context: str, **profile) -> dict:
+    """One MLflow dataset input as journals keep it: name ``<name>-<split>``, digest = the first 36 hex digits
+    of ``sha256`` (MLflow's limit; the whole hash is in the profile with ``profile``), a local source."""
+    return {"name": f"{name}-{split}", "digest": sha256[:_MAX_DIGEST], "source_type": "local",
+            "source": json.dumps({"uri": str(Path(source).resolve())}),
+            "profile": json.dumps({"sha256": sha256, "split": split, **profile}, sort_keys=True),
+            "tags": {"mlflow.data.context": context, "dblocks.split": split}}
+
+
+def prepared_input(directory: str | Path, split: str, context: str) -> dict | None:
+    """The dataset input of a prepared split (``<directory>/<split>.safetensors``) from its JSON record, which
+    holds the sha256 (the tensors are neither read nor hashed); None without a readable record."""
+    path = Path(directory) / f"{split}.safetensors"
+    try:
+        meta = json.loads(sidecar_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(meta, dict) or meta.get("kind") not in ("dataset", "text-dataset")
+            or not isinstance(meta.get("sha256"), str)):
+        return None
+    size = {"num_examples": meta["examples"]} if "examples" in meta else {"tokens": meta.get("tokens")}
+    return dataset_input(str(meta.get("name", "data")), str(meta.get("split", split)), meta["sha256"], path,
+                         context, **size)
+
+
+def record_data(run_json_path: str | Path | None) -> str | None:
+    """The prepared data directory that a ``track-init`` record names (``data``), or None."""
+    if run_json_path is None:
+        return None
+    try:
+        record = json.loads(Path(run_json_path).read_text())
+    except (OSError, ValueError):
+        return None
+    data = record.get("data") if isinstance(record, dict) else None
+    return data if isinstance(data, str) and data else None
+
+
+def _log_inputs(client, run_id: str, inputs: list[dict]) -> None:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    datasets = [DatasetInput(Dataset(i["name"], i["digest"], i["source_type"], i["source"], i.get("schema"),
+                                     i.get("profile")), [InputTag(k, v) for k, v in i["tags"].items()])
+                for i in inputs]
+    _retry(client.log_inputs, run_id, datasets=datasets)
+
+
 # ------------------------------------------------------------------------------------ parent runs
 
 def _default_artifact_location(uri: str, name: str) -> str | None:
@@ -164,18 +236,24 @@ def _default_artifact_location(uri: str, name: str) -> str | None:
 
 
 def _get_or_create_experiment(client, name: str, uri: str) -> str:
+    """The id of the MLflow experiment ``name``, created (of the classic kind) if missing; an existing one
+    is restored if deleted and gets the kind if it has none (or only one the UI inferred)."""
     from mlflow.exceptions import MlflowException
 
     exp = _retry(client.get_experiment_by_name, name)
     if exp is None:
         try:
-            return _retry(client.create_experiment, name, artifact_location=_default_artifact_location(uri, name))
+            return _retry(client.create_experiment, name, artifact_location=_default_artifact_location(uri, name),
+                          tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:
             exp = _retry(client.get_experiment_by_name, name)  # created meanwhile by another process
             if exp is None:
                 raise
     if exp.lifecycle_stage != "active":
         _retry(client.restore_experiment, exp.experiment_id)
+    kind = (exp.tags or {}).get(EXPERIMENT_KIND_TAG, "")
+    if not kind or kind.endswith("_inferred") or kind == "no_inferred_type":
+        _retry(client.set_experiment_tag, exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
 
 
@@ -226,11 +304,13 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
     ``uri`` overrides the params file's ``tracking.uri``; MLFLOW_TRACKING_URI overrides both. Every
     experiment config is resolved and validated before the tracking store is touched. With
     ``allow_offline`` an unreachable store is a warning: the records name no parent run, so the jobs
-    run untracked and :func:`sync_journals` logs them later."""
+    run untracked and :func:`sync_journals` logs them later. Each experiment's record also names its
+    prepared data directory (``data``, relative to where the pipeline runs), whose train split its training
+    jobs log as their dataset input."""
     from dblocks.config import ConfigError, config_hash
-    from dblocks.params import Params
+    from dblocks.pipeline import Pipeline
 
-    params = Params.load(params_path)
+    params = Pipeline.load(params_path)
     uri = resolve_uri(uri or params.tracking_uri)
     mlflow_experiment, scale = params.mlflow_experiment, params.scale
     unknown = sorted(set(names or []) - set(params.experiments))
@@ -255,7 +335,8 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
                 run_id = _reusable_parent(client, path, uri, experiment_id, config_hash(config))
                 if run_id is None:
                     run_id = _create_parent(client, experiment_id, name, scale, config)
-                records[path] = dict(base, experiment_id=experiment_id, parent_run_id=run_id, experiment=name)
+                records[path] = dict(base, experiment_id=experiment_id, parent_run_id=run_id, experiment=name,
+                                     data=params.prepared(config["dataset"]))
     except TrackingError as exc:
         if not allow_offline:
             raise
@@ -265,8 +346,9 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
               f"'dblocks track-sync --runs-dir {out_dir}')", file=sys.stderr, flush=True)
         offline = dict(base, experiment_id=None, offline=str(exc))
         records = {out_dir / STORE_RECORD: offline} if store_only else {}
-        records.update({out_dir / f"{name}.json": dict(offline, parent_run_id=None, experiment=name)
-                        for name in configs})
+        records.update({out_dir / f"{name}.json": dict(offline, parent_run_id=None, experiment=name,
+                                                       data=params.prepared(config["dataset"]))
+                        for name, config in configs.items()})
     for path, record in records.items():
         write_json_atomic(path, record, keep_unchanged=True)
     return list(records)
@@ -368,8 +450,9 @@ class JobRun:
                      "mlflow.user": _user()})
         self.journal = {"format": 1, "run_key": key, "record": record, "run_name": self._run_name(experiment),
                         "tags": tags, "params": flatten(self.config), "config": self.config, "metrics": [],
-                        "artifacts": [], "start_time": _now_ms(), "end_time": None, "status": "RUNNING",
-                        "run_id": None, "synced": False}
+                        "artifacts": [], "inputs": [], "parent_metrics": [], "start_time": _now_ms(),
+                        "end_time": None, "status": "RUNNING", "run_id": None, "synced": False,
+                        "parent_synced": False}
         job = ".".join(str(x) for x in (experiment, self.job, self.method or "-", self.block or "-"))
         self.journal_path = self.path.parent / JOURNAL_DIR / f"{_safe_name(job)}.json"
 
@@ -407,6 +490,11 @@ class JobRun:
             self._start()
         except Exception as exc:
             self._disable("starting the run", exc)
+        data = self.journal["record"].get("data")
+        if self.job == "train" and data:  # the pipeline's training jobs read the train split named by the record
+            item = prepared_input(data, "train", "training")
+            if item is not None and item["name"] == f"{self.config.get('dataset')}-train":
+                self.log_inputs([item])
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -460,6 +548,40 @@ class JobRun:
         self.journal["tags"].update(tags)
         if self.enabled and self.run_id is not None:
             self._call("setting tags", _log_tags, self.client, self.run_id, tags)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log more params (values as strings, others as JSON), e.g. an evaluation's settings."""
+        flat = {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()}
+        self.journal["params"].update(flat)
+        if self.enabled and self.run_id is not None:
+            self._call("logging params", _log_params, self.client, self.run_id, flat)
+
+    def log_inputs(self, inputs: list[dict]) -> None:
+        """Log dataset inputs (:func:`dataset_input`, :func:`prepared_input`; None entries are skipped)."""
+        inputs = [i for i in inputs if i]
+        self.journal["inputs"].extend(inputs)
+        if inputs and self.enabled and self.run_id is not None:
+            self._call("logging dataset inputs", _log_inputs, self.client, self.run_id, inputs)
+
+    def log_dataset(self, directory: str | Path, split: str, context: str) -> dict | None:
+        """Log a prepared split as a dataset input (from its JSON record); returns it, None without a record."""
+        item = prepared_input(directory, split, context)
+        self.log_inputs([item])
+        return item
+
+    def log_parent_metrics(self, metrics: dict[str, float | None]) -> None:
+        """Log ``metrics`` (None values skipped) to this job's parent run as well: the experiment's results
+        at a glance (:func:`headline_metrics`). Journaled, so that ``track-sync`` logs them with the run."""
+        from mlflow.entities import Metric
+
+        items = [[k, float(v), _now_ms(), 0] for k, v in metrics.items() if v is not None]
+        self.journal["parent_metrics"].extend(items)
+        parent = self.journal["record"].get("parent_run_id")
+        if not items or not self.enabled or self.run_id is None or not parent:
+            return
+        self._call("logging metrics to the parent run", _log_metric_batches, self.client, parent,
+                   [Metric(*item) for item in items])
+        self.journal["parent_synced"] = self.enabled
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None, name: str | None = None) -> None:
         """Log the file ``path`` under ``artifact_path``, as ``name`` if given (the tables look sample grids
@@ -578,6 +700,8 @@ def _log_journal(client, experiment_id: str, journal: dict, report: SyncReport) 
     run_id = run.info.run_id
     _log_params(client, run_id, journal["params"])
     _log_metric_batches(client, run_id, [Metric(k, v, t, s) for k, v, t, s in journal["metrics"]])
+    if journal.get("inputs"):
+        _log_inputs(client, run_id, journal["inputs"])
     for item in journal["artifacts"]:
         path = Path(item["path"])
         if path.is_file():
@@ -587,6 +711,25 @@ def _log_journal(client, experiment_id: str, journal: dict, report: SyncReport) 
     # FINISHED last: a sync cut short leaves a RUNNING run, which the next sync replaces
     _retry(client.set_terminated, run_id, journal["status"], journal["end_time"])
     return run_id
+
+
+def _sync_parent_metrics(client, run_id: str, journal: dict) -> bool:
+    """Log a journal's parent metrics to the parent of its stored run ``run_id``; False if that parent is gone."""
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    parent = _retry(client.get_run, run_id).data.tags.get("mlflow.parentRunId")
+    if not parent:
+        return False
+    try:
+        if _retry(client.get_run, parent).info.lifecycle_stage != "active":
+            return False
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    _log_metric_batches(client, parent, [Metric(k, v, t, s) for k, v, t, s in journal["parent_metrics"]])
+    return True
 
 
 def sync_journals(runs_dir: str | Path, uri: str | None = None) -> SyncReport:
@@ -622,6 +765,12 @@ def sync_journals(runs_dir: str | Path, uri: str | None = None) -> SyncReport:
                         report.replaced.append(str(path))
                     run_id = _log_journal(client, experiment_id, journal, report)
                     report.logged.append(str(path))
-                if not journal.get("synced") or journal.get("run_id") != run_id:
-                    write_json_atomic(path, dict(journal, synced=True, run_id=run_id), keep_unchanged=True)
+                    journal = dict(journal, parent_synced=False)  # a new run: its parent needs the metrics
+                parent_synced = bool(journal.get("parent_synced"))
+                if journal.get("parent_metrics") and not parent_synced:
+                    parent_synced = _sync_parent_metrics(client, run_id, journal)
+                if (not journal.get("synced") or journal.get("run_id") != run_id
+                        or parent_synced != bool(journal.get("parent_synced"))):
+                    write_json_atomic(path, dict(journal, synced=True, run_id=run_id, parent_synced=parent_synced),
+                                      keep_unchanged=True)
     return report
