@@ -339,3 +339,54 @@ def test_deleting_or_corrupting_one_block_reruns_only_that_block(micro_run):
     assert (untouched.stat().st_mtime_ns, load_metadata(untouched)["sha256"]) == before
     assert load_metadata(block)["block"] == 1
     assert planned(micro_run, params) == []
+
+
+def test_dvc_reruns_exactly_the_stages_that_read_a_changed_setting(micro_run, tmp_path):
+    """dvc.yaml's params dependencies: change one value of each top-level section of the params file and
+    `dvc status` names exactly the stages whose commands read that section."""
+    import shutil
+
+    work = tmp_path / "dvc"
+    shutil.copytree(micro_run, work, ignore=shutil.ignore_patterns(".snakemake"))
+    params = "micro.yaml"
+    plan = snakemake("-n", "-p", "--forceall", "--cores", 1, "--config", f"params={params}", cwd=work).stdout
+    from dblocks.dvcgen import render
+
+    (work / "dvc.yaml").write_text(render(parse_dry_run(plan), params, work))
+
+    def run(*argv):
+        proc = subprocess.run(argv, cwd=work, capture_output=True, text=True, env=ENV, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    run("git", "init", "-q")
+    run(str(BIN / "dvc"), "init", "-q")
+    run(str(BIN / "dvc"), "commit", "-f", "-q")  # record the finished run's state in dvc.lock
+    stages = list(yaml.safe_load((work / "dvc.yaml").read_text())["stages"])
+    assert json.loads(run(str(BIN / "dvc"), "status", "--json")) == {}
+
+    original = (work / params).read_text()
+
+    def changed(edit) -> set[str]:
+        raw = yaml.safe_load(original)
+        edit(raw)
+        (work / params).write_text(yaml.safe_dump(raw))
+        try:
+            return set(json.loads(run(str(BIN / "dvc"), "status", "--json")))
+        finally:
+            (work / params).write_text(original)
+
+    def of(*prefixes) -> set[str]:
+        return {s for s in stages if s.startswith(prefixes)}
+
+    evaluations = of("evaluate_")
+    assert changed(lambda r: r.update(scale="paper")) == of("tracking_", "tables") | evaluations
+    assert changed(lambda r: r["tracking"].update(experiment="renamed")) == of("tracking_", "tables")
+    assert changed(lambda r: r["resources"].update(threads=2)) == of("tables")
+    assert changed(lambda r: r["evaluation"].update(samples=41)) == of("reference_stats", "tables") | evaluations
+    assert changed(lambda r: r["defaults"].update(seed=1)) == of("tracking_parent", "train_", "tables") | evaluations
+    vit = changed(lambda r: r["experiments"]["vit-cifar100"]["train"].update(steps=5))
+    assert vit == {s for s in stages if s.split(".")[1:2] == ["vit-cifar100"]} - of("assemble") | of("tables")
+    # settings that do not change what a block learns (here: how the tables label it) retrain nothing
+    untrained = changed(lambda r: r["experiments"]["vit-cifar100"]["pipeline"].update(tables=["1"]))
+    assert untrained == of("tables", "evaluate_classifier.vit-cifar100")

@@ -8,14 +8,36 @@ settings alone (it never opens an artefact), so parsing the Snakefile reads noth
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from dblocks.checkpoint import sidecar_path
-from dblocks.config import AUTOENCODER_FILE, TRAINED_AUTOENCODER_DATASETS
+from dblocks.config import AUTOENCODER_FILE, TRAINED_AUTOENCODER_DATASETS, UNHASHED_KEYS
 from dblocks.params import BLOCKWISE, E2E, PAPER, Params
 
-__all__ = ["Pipeline", "BLOCKWISE", "E2E", "PAPER"]
+__all__ = ["Pipeline", "BLOCKWISE", "E2E", "PAPER", "READS"]
 
+#: The params-file keys that each rule's command reads. "{config}" stands for the settings an experiment's
+#: training reads (its entry and ``defaults``, without the keys left out of the config hash: device,
+#: data_root, sample, pipeline); "{exp}" for the job's experiment; None for the whole file. DVC declares them
+#: as the stage's params dependencies and Snakemake reruns a job when their values change (a rule param
+#: holds their digest; training rules use the config hash, which is the same thing resolved), so both engines
+#: rerun exactly the jobs that read a changed setting. Rules absent here read no params: their inputs are
+#: files, and their options are structural (a changed one changes the job list: regenerate dvc.yaml).
+EVALUATION_READS = ("scale", "evaluation", "defaults", "experiments.{exp}")
+READS: dict[str, tuple[str, ...] | None] = {
+    "tracking_store": ("scale", "tracking"),
+    "tracking_parent": ("scale", "tracking", "{config}"),
+    "train_block": ("{config}",),
+    "train_baseline": ("{config}",),
+    "train_shared": ("{config}",),
+    "reference_stats": ("evaluation",),
+    "evaluate_classifier": EVALUATION_READS,
+    "evaluate_generator": EVALUATION_READS,
+    "evaluate_text": EVALUATION_READS,
+    "tables": None,
+}
 
 class Pipeline(Params):
     """A validated params file (:class:`dblocks.params.Params`) plus where every artefact lives and which
@@ -25,6 +47,41 @@ class Pipeline(Params):
     def needs_feature_net(self) -> bool:
         """Generation on digits is scored with a digits classifier's features (domain FID)."""
         return any(c["task"] == "generation" for c in self.experiments.values())
+
+    # --- what each job reads ---------------------------------------------------------------------------
+    def reads(self, rule: str, exp: str | None = None) -> list[str] | None:
+        """The dotted params keys a rule's command reads (None: the whole file; []: none)."""
+        if rule not in READS:
+            return []
+        if READS[rule] is None:
+            return None
+        keys: list[str] = []
+        for key in READS[rule]:
+            if key == "{config}":
+                keys += self._hashed_keys("defaults") + self._hashed_keys(f"experiments.{exp}")
+            elif self.value(key.format(exp=exp)) is not None:
+                keys.append(key.format(exp=exp))
+        return keys
+
+    def _hashed_keys(self, section: str) -> list[str]:
+        """The keys of a mapping of the file that enter the config hash, dotted (e.g. experiments.x.train)."""
+        return [f"{section}.{k}" for k in self.value(section) or {} if k not in UNHASHED_KEYS]
+
+    def settings_digest(self, rule: str, exp: str | None = None) -> str:
+        """A digest of the values a rule's command reads: a Snakemake param, so that a changed setting reruns
+        the jobs that read it (and only those)."""
+        keys = self.reads(rule, exp)
+        values = self.raw if keys is None else {k: self.value(k) for k in keys}
+        return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def value(self, dotted: str):
+        """The raw value of a dotted key of the params file (None where absent, e.g. optional defaults)."""
+        node = self.raw
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
 
     # --- paths (relative to the repository root) ---------------------------------------------------
     def prepared(self, dataset: str) -> str:

@@ -13,7 +13,9 @@ from dblocks.pipeline import Pipeline
 
 # One params file is the single source of truth (DVC reads it too); choose it with
 # `--config params=params/paper.yaml`. Other `--config` keys would not reach the jobs, so they are refused.
-PARAMS = config.pop("params", "params/tiny.yaml")
+# The path is normalised (relative to the working directory) because it is a param of the jobs: another
+# spelling of the same file (./params/tiny.yaml, an absolute path) must not look like a changed setting.
+PARAMS = os.path.relpath(os.path.abspath(config.pop("params", "params/tiny.yaml")))
 if config:
     raise WorkflowError(
         f"--config {', '.join(sorted(config))}: experiments are set in the params file only; "
@@ -99,6 +101,12 @@ TRAIN_RESOURCES = dict(
     **({"gpu_model": RES["gpu_model"]} if RES.get("gpu_model") else {}),
 )
 EVAL_RESOURCES = dict(gpu=RES["gpu"], mem_mb=RES["mem_mb"])
+
+
+def settings_of(rule):
+    """Not read by the command (it reads the params file itself): the digest of the settings that the rule's
+    command reads, so that a changed setting reruns exactly the jobs that read it (Pipeline.reads)."""
+    return lambda wildcards: PIPE.settings_digest(rule, wildcards.get("exp"))
 
 
 def config_hash(wildcards):

@@ -50,6 +50,7 @@ rule evaluate_classifier:
     params:
         data=prepared_dir,
         scale=PIPE.scale,
+        settings=settings_of("evaluate_classifier"),
     log:
         f"logs/{OUT}/{{exp}}/evaluate-{{method}}.log",
     benchmark:
@@ -98,6 +99,7 @@ rule reference_stats:
         features=lambda w, input: input.features[0],
         samples=reference_samples_option,
         batch=PIPE.evaluation.get("fid_batch_size", 256),
+        settings=settings_of("reference_stats"),
     log:
         "logs/reference-stats-{dataset}-{space}-{size}.log",
     resources:
@@ -136,6 +138,7 @@ rule evaluate_generator:
         steps=PIPE.evaluation["sample_steps"],
         evaluations=PIPE.evaluation.get("evaluations", 1),
         batch=PIPE.evaluation.get("fid_batch_size", 256),
+        settings=settings_of("evaluate_generator"),
     log:
         f"logs/{OUT}/{{exp}}/evaluate-{{method}}.log",
     benchmark:
@@ -168,6 +171,7 @@ rule evaluate_text:
         scale=PIPE.scale,
         data=prepared_dir,
         extra=text_evaluation_args,
+        settings=settings_of("evaluate_text"),
     log:
         f"logs/{OUT}/{{exp}}/evaluate-{{method}}.log",
     benchmark:

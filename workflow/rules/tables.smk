@@ -13,6 +13,7 @@ rule tables:
         file=PARAMS,
         runs=f"results/{OUT}/runs",  # the run records of the tracking jobs (not an input: see track-sync)
         out=lambda w, output: os.path.dirname(output.tables),
+        settings=settings_of("tables"),
     log:
         f"logs/{OUT}/tables.log",
     conda:

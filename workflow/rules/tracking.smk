@@ -10,6 +10,7 @@ rule tracking_store:
     params:
         file=PARAMS,
         runs=lambda w, output: os.path.dirname(output.record),
+        settings=settings_of("tracking_store"),
     log:
         f"logs/{OUT}/tracking-store.log",
     conda:
@@ -27,6 +28,7 @@ rule tracking_parent:
         file=PARAMS,
         runs=lambda w, output: os.path.dirname(output.record),
         config_hash=config_hash,  # a changed experiment gets a new parent run
+        settings=settings_of("tracking_parent"),
     log:
         f"logs/{OUT}/{{exp}}/tracking-parent.log",
     conda:
