@@ -3,9 +3,11 @@ then ``dblocks.tables.generate`` and checks on every kind of output."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -63,15 +65,29 @@ def _flat_params(name: str) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in tables.flatten(config).items()}
 
 
+@functools.cache
+def _hashes(params_yaml: str | None = None) -> dict[str, tuple[str, str]]:
+    """{experiment: (config hash, evaluation hash)} of PARAMS (or of this YAML text), as the tables compute them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "params.yaml"
+        path.write_text(params_yaml or yaml.safe_dump(PARAMS, sort_keys=False))
+        return tables.read_params(path).hashes()
+
+
 def _log(client: MlflowClient, eid: str, experiment: str, job: str, method: str = "", block: str = "",
          metrics: dict | None = None, history: list[float] | None = None, status: str = "FINISHED",
          parent: str | None = None, device: str | None = None, artifact: Path | None = None,
-         with_params: bool = False) -> str:
+         with_params: bool = False, config_hash: str | None = None, eval_hash: str | None = None) -> str:
+    """A run as the pipeline logs it: tagged with its experiment's current config hash (and evaluation hash,
+    for an evaluate run) unless ``config_hash`` / ``eval_hash`` say otherwise."""
     start = BASE_MS + 1000 * next(_clock)
+    current_config, current_eval = _hashes()[experiment]
     tags = {"dblocks.experiment": experiment, "dblocks.scale": "tiny", "dblocks.method": method,
             "dblocks.block": block, "dblocks.job": job,
             "dblocks.tables": ",".join(PARAMS["experiments"][experiment]["pipeline"]["tables"]),
-            "dblocks.config_hash": "0123456789abcdef", "dblocks.git_commit": "deadbeefcafe"}
+            "dblocks.config_hash": config_hash or current_config, "dblocks.git_commit": "deadbeefcafe"}
+    if job == "evaluate":
+        tags["dblocks.eval_hash"] = eval_hash or current_eval
     if parent:
         tags["mlflow.parentRunId"] = parent
     if device:
@@ -105,7 +121,8 @@ def generated(tmp_path_factory):
     grid = root / "samples.png"
     Image.new("RGB", (24, 16), (200, 30, 30)).save(grid)
 
-    # Table 1 and 12: the ViT; a stale evaluate run, the real one, then a FAILED rerun that must not win
+    # Table 1 and 12: the ViT; an older evaluate run, the rerun of the same configuration, then a FAILED
+    # rerun, and newer runs of another configuration and of other evaluation settings: none of these win
     parent = _experiment_runs(client, eid, "vit-cifar100", 3)
     _log(client, eid, "vit-cifar100", "train", "e2e", parent=parent, device="cpu", with_params=True,
          metrics={"seconds_per_step": 0.03}, history=[2.5, 1.5, 1.0, 0.8])
@@ -114,6 +131,12 @@ def generated(tmp_path_factory):
     _log(client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.8731})
     _log(client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.10},
          status="FAILED")
+    _log(client, eid, "vit-cifar100", "evaluate", "blockwise", metrics={"accuracy": 0.99},
+         config_hash="00000000000000aa")
+    _log(client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.98},
+         eval_hash="00000000000000bb")
+    _log(client, eid, "vit-cifar100", "train", "blockwise", "1", config_hash="00000000000000aa",
+         metrics={"seconds_per_step": 9.0}, history=[9.0, 9.0])
 
     parent = _experiment_runs(client, eid, "noprop-cifar100", 3)
     _log(client, eid, "noprop-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.8555})
@@ -166,7 +189,8 @@ def test_table1_ours_beside_paper_and_latest_finished_run_wins(generated):
     header = _md_row(text, "method")
     assert header[1] == "paper"
     assert header[2] == "ours (tiny: ViT-micro on digits, CPU)"
-    assert _md_row(text, "DiffusionBlocks")[1:] == ["59.30", "87.31"]  # not 50.00 (older), not 10.00 (FAILED)
+    # not 50.00 (older), 10.00 (FAILED), 99.00 (another config) or 98.00 (other evaluation settings)
+    assert _md_row(text, "DiffusionBlocks")[1:] == ["59.30", "87.31"]
     assert _md_row(text, "End-to-end backprop")[1:] == ["60.25", "90.12"]
     assert _md_row(text, "Forward-Forward")[1:] == ["7.85", "—"]
     assert "not comparable" in text
@@ -350,3 +374,96 @@ def test_online_only_metrics_read_not_run_rather_than_missing():
     assert metric_cell(Index(), "ar", "e2e", "mauve_gpt2_large").text == DASH
     assert metric_cell(Index(), "ar", "e2e", "gen_ppl_reference").text == NA
     assert metric_cell(Index(), "ar", "e2e", "mauve_reference").text == "0.90"
+
+
+# ------------------------------------------------------------------ runs of this configuration only
+
+OTHER_CONFIG, OTHER_EVAL = "00000000000000aa", "00000000000000bb"
+
+
+def test_runs_of_other_configurations_read_na_with_the_reason_never_an_older_number(tmp_path):
+    """A cell reads only runs whose config hash (and, for evaluations, evaluation hash) is the params
+    file's: stale runs give n/a with the reason, whatever their age; a matching run gives its number, and
+    of several matching reruns the newest wins. Curves and sample grids follow the same rule, and a shared
+    baseline must match the hash of the experiment that trains it."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    eid = client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(PARAMS, sort_keys=False))
+    config_hash, eval_hash = _hashes()["vit-cifar100"]
+    grid = tmp_path / "samples.png"
+    Image.new("RGB", (8, 8)).save(grid)
+
+    # only stale runs: two evaluations of another configuration (the newest runs in the store), one with
+    # other evaluation settings, a training run of another configuration, and for the shared baseline an
+    # end-to-end evaluation tagged with noprop-cifar100's hash instead of vit-cifar100's
+    for accuracy in (0.91, 0.92):
+        _log(client, eid, "vit-cifar100", "evaluate", "blockwise", metrics={"accuracy": accuracy},
+             config_hash=OTHER_CONFIG)
+    _log(client, eid, "vit-cifar100", "evaluate", "e2e", metrics={"accuracy": 0.93}, eval_hash=OTHER_EVAL)
+    _log(client, eid, "vit-cifar100", "evaluate", "e2e", metrics={"accuracy": 0.94},
+         config_hash=_hashes()["noprop-cifar100"][0])
+    _log(client, eid, "vit-cifar100", "train", "blockwise", "1", config_hash=OTHER_CONFIG, history=[1.0, 0.5])
+    _log(client, eid, "dit-t10-b2", "evaluate", "blockwise", metrics={"fid": 12.0}, artifact=grid,
+         eval_hash=OTHER_EVAL)
+
+    out = tmp_path / "stale"
+    tables.generate(params_path, out, tracking_uri=uri)
+    text = (out / "tables" / "table1.md").read_text()
+    assert _md_row(text, "DiffusionBlocks")[1:] == ["59.30", "n/a"]
+    assert _md_row(text, "End-to-end backprop")[1:] == ["60.25", "n/a"]
+    assert (f"no evaluate run of this configuration (config_hash {config_hash}); 2 runs of other "
+            f"configurations exist") in text
+    assert (f"no evaluate run with this file's evaluation settings (eval_hash {eval_hash}); 1 run of this "
+            f"configuration with other evaluation settings exists") in text
+    for value in ("91.00", "92.00", "93.00", "94.00"):
+        assert value not in text
+    table6 = (out / "tables" / "table6.md").read_text()
+    assert _md_row(table6, "Backprop")[1:] == ["47.80", "n/a"]  # noprop's hash is not vit-cifar100's
+    assert "94.00" not in table6
+    index = (out / "tables" / "index.md").read_text()
+    assert "`curves-vit-cifar100.png`: no finished train run of this configuration" in index
+    assert "`samples-dit-t10-b2-blockwise.png`: no evaluate run with this file's evaluation settings" in index
+    assert not (out / "figures" / "samples-dit-t10-b2-blockwise.png").exists()
+    assert f"| vit-cifar100 | `{config_hash}` | `{eval_hash}` |" in index
+    assert "6 runs of these experiments, of other configurations or evaluation settings, were left out" in index
+
+    # the runs of this configuration arrive: their numbers are shown, the newest rerun's where there are two
+    parent = _log(client, eid, "vit-cifar100", "parent", with_params=True)
+    _log(client, eid, "vit-cifar100", "train", "blockwise", "1", parent=parent, history=[2.0, 1.0, 0.7])
+    _log(client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.80})
+    _log(client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.85})
+    _log(client, eid, "vit-cifar100", "evaluate", "e2e", parent=parent, metrics={"accuracy": 0.90})
+    _log(client, eid, "dit-t10-b2", "evaluate", "blockwise", metrics={"fid": 30.0}, artifact=grid)
+    out = tmp_path / "current"
+    tables.generate(params_path, out, tracking_uri=uri)
+    text = (out / "tables" / "table1.md").read_text()
+    assert _md_row(text, "DiffusionBlocks")[1:] == ["59.30", "85.00"]
+    assert _md_row(text, "End-to-end backprop")[1:] == ["60.25", "90.00"]
+    assert "n/a in row" not in text
+    assert f"config {config_hash}, evaluation {eval_hash}" in text  # the sources name the hashes
+    assert _md_row((out / "tables" / "table6.md").read_text(), "Backprop")[1:] == ["47.80", "90.00"]
+    assert _md_row((out / "tables" / "table10.md").read_text(), "2")[1:4] == ["35.47", "30.00", "dit-t10-b2"]
+    assert (out / "figures" / "curves-vit-cifar100.png").is_file()
+    assert (out / "figures" / "samples-dit-t10-b2-blockwise.png").is_file()
+
+
+def test_a_changed_evaluation_section_leaves_old_evaluations_out(tmp_path):
+    """The evaluation hash covers the params file's evaluation settings, which the config hash does not:
+    more samples make the old FID n/a (same configuration, other settings), not a stale number."""
+    changed = {**PARAMS, "evaluation": {**PARAMS["evaluation"], "samples": 16}}
+    text_yaml = yaml.safe_dump(changed, sort_keys=False)
+    assert _hashes(text_yaml)["dit-t10-b2"][0] == _hashes()["dit-t10-b2"][0]  # same configuration
+    assert _hashes(text_yaml)["dit-t10-b2"][1] != _hashes()["dit-t10-b2"][1]  # other evaluation settings
+    assert _hashes(text_yaml)["vit-cifar100"] == _hashes()["vit-cifar100"]  # classification reads neither
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    eid = client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
+    _log(client, eid, "dit-t10-b2", "evaluate", "blockwise", metrics={"fid": 30.0})
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(text_yaml)
+    tables.generate(params_path, tmp_path / "out", tracking_uri=uri)
+    text = (tmp_path / "out" / "tables" / "table10.md").read_text()
+    assert _md_row(text, "2")[1:4] == ["35.47", "n/a", "dit-t10-b2"]
+    assert "other evaluation settings" in text

@@ -9,17 +9,25 @@ pipeline logged, and writes::
     out_dir/figures/*.png                   training curves, metric vs B / gamma, partition bars, sample grids
 
 Every number of ours comes from MLflow (never from loose metric files); the paper's come from
-``dblocks.paper``. Where a cell has several candidate runs (reruns), the most recent FINISHED run wins.
-Placement (which row or column a run belongs to) uses the parameters the run logged (its own, else its
-parent's, else its experiment's latest training run's), falling back to the params file.
+``dblocks.paper``. Only runs of the params file's *current* configuration count: a run's
+``dblocks.config_hash`` tag must equal its experiment's config hash (``Params.hash``; for a shared
+end-to-end baseline, the hash of the experiment that trains it), and an evaluate run's ``dblocks.eval_hash``
+must equal the hash of the evaluation settings that the file gives that experiment (``Params.eval_hash``:
+samples, sample steps, FID features, reference statistics, text protocol, judge...). Among the matching
+runs of a cell, the most recent FINISHED one wins; runs of other configurations or evaluation settings are
+never shown, however recent. The same holds for the training curves, the sample grids, which methods and
+blocks an experiment has, and the parameters that place a run (its own, else its parent's, else its
+experiment's latest matching training run's, falling back to the params file).
 
-Cell symbols: a number; ``n/a`` = expected but missing (no finished run, or the metric was not logged; a
-footnote says which); ``—`` = not applicable (the paper reports no number, or this project does not run
-that method).
+Cell symbols: a number; ``n/a`` = expected but missing (no matching finished run, or the metric was not
+logged; a footnote says which, e.g. "no evaluate run of this configuration (config_hash ...); 2 runs of
+other configurations exist"); ``—`` = not applicable (the paper reports no number, or this project does
+not run that method).
 
 The run contract (tags on every run): ``dblocks.experiment``, ``dblocks.scale``, ``dblocks.method``
 (blockwise | e2e | paper, "" for parents), ``dblocks.block`` ("1".."B" for block training, else ""),
-``dblocks.job`` (parent | train | evaluate), optional ``dblocks.device``; ``mlflow.parentRunId`` on children.
+``dblocks.job`` (parent | train | evaluate), ``dblocks.config_hash``, ``dblocks.git_commit``,
+``dblocks.eval_hash`` (evaluate runs), optional ``dblocks.device``; ``mlflow.parentRunId`` on children.
 Metrics: train runs ``train_loss`` (history), ``seconds_per_step``; evaluate runs ``accuracy`` (fraction),
 ``fid``, ``bpc``, ``mauve``, ``gen_ppl_llama2``, ``gen_ppl_gpt2xl``; artifact ``samples.png`` on generation
 evaluate runs."""
@@ -109,6 +117,8 @@ class ExperimentSpec:
     tables: list[str]
     methods: list[str]
     baseline: str | None = None  # the experiment whose end-to-end run is this one's (pipeline.baseline)
+    config_hash: str | None = None  # what its runs' dblocks.config_hash must be (None: any)
+    eval_hash: str | None = None  # what its evaluate runs' dblocks.eval_hash must be (None: any)
 
     @property
     def task(self) -> str:
@@ -131,6 +141,10 @@ class ParamsInfo:
         ids = {t for e in self.experiments.values() for t in e.tables}
         return sorted(ids, key=table_sort_key)
 
+    def hashes(self) -> dict[str, tuple[str | None, str | None]]:
+        """{experiment: (config hash, evaluation hash)} that its runs must carry to be this file's."""
+        return {name: (e.config_hash, e.eval_hash) for name, e in self.experiments.items()}
+
 
 def read_params(path: str | Path) -> ParamsInfo:
     """What the tables need of a params file, read through the one params model (dblocks.params): the same
@@ -139,7 +153,8 @@ def read_params(path: str | Path) -> ParamsInfo:
 
     params = Params.load(path)
     experiments = {name: ExperimentSpec(name=name, config=config, tables=params.tables(name),
-                                        methods=params.methods(name), baseline=params.baseline(name))
+                                        methods=params.methods(name), baseline=params.baseline(name),
+                                        config_hash=params.hash(name), eval_hash=params.eval_hash(name))
                    for name, config in params.experiments.items()}
     return ParamsInfo(path=params.path, scale=params.scale, tracking_uri=params.tracking_uri,
                       mlflow_experiment=params.mlflow_experiment, resources=params.resources,
@@ -202,19 +217,26 @@ class RunInfo:
 
 
 class RunIndex:
-    """All runs of one MLflow experiment (active, of this scale), with the look-ups the tables need."""
+    """All runs of one MLflow experiment (active, of this scale), with the look-ups the tables need.
 
-    def __init__(self, runs: Iterable[RunInfo], scale: str | None = None) -> None:
+    ``hashes`` maps an experiment to the (config hash, evaluation hash) its runs must carry to count
+    (:meth:`ParamsInfo.hashes`); look-ups see only those runs, and say why when they find none. An
+    experiment it does not name (or a None hash) accepts any run."""
+
+    def __init__(self, runs: Iterable[RunInfo], scale: str | None = None,
+                 hashes: dict[str, tuple[str | None, str | None]] | None = None) -> None:
         self.runs = [r for r in runs if scale is None or r.tag("scale") in ("", scale)]
         self.by_id = {r.run_id: r for r in self.runs}
+        self.hashes = dict(hashes or {})
 
     @classmethod
-    def from_mlflow(cls, client, experiment_name: str, scale: str | None = None) -> "RunIndex":
+    def from_mlflow(cls, client, experiment_name: str, scale: str | None = None,
+                    hashes: dict[str, tuple[str | None, str | None]] | None = None) -> "RunIndex":
         from mlflow.entities import ViewType
 
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
-            return cls([], scale)
+            return cls([], scale, hashes)
         runs, token = [], None
         while True:
             page = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ACTIVE_ONLY,
@@ -223,23 +245,53 @@ class RunIndex:
             token = page.token
             if not token:
                 break
-        return cls(runs, scale)
+        return cls(runs, scale, hashes)
 
-    def matching(self, experiment: str, job: str, method: str | None = None, block: str | None = None) -> list[RunInfo]:
+    def is_current(self, run: RunInfo, experiment: str) -> bool:
+        """Whether ``run`` is of the configuration (and, for an evaluate run, the evaluation settings) that the
+        params file now gives ``experiment``."""
+        config_hash, eval_hash = self.hashes.get(experiment, (None, None))
+        if config_hash and run.tag("config_hash") != config_hash:
+            return False
+        return not (eval_hash and run.tag("job") == "evaluate" and run.tag("eval_hash") != eval_hash)
+
+    def matching(self, experiment: str, job: str, method: str | None = None, block: str | None = None,
+                 current: bool = True) -> list[RunInfo]:
+        """The runs of ``experiment`` of this job (method, block), newest first; with ``current`` (the default)
+        only those of the experiment's current configuration and evaluation settings."""
         out = [r for r in self.runs if r.tag("experiment") == experiment and r.tag("job") == job
-               and (method is None or r.tag("method") == method) and (block is None or r.tag("block") == block)]
+               and (method is None or r.tag("method") == method) and (block is None or r.tag("block") == block)
+               and (not current or self.is_current(r, experiment))]
         return sorted(out, key=lambda r: r.order, reverse=True)
 
     def latest(self, experiment: str, job: str, method: str | None = None,
                block: str | None = None) -> tuple[RunInfo | None, str]:
-        """The most recent FINISHED run, or None and why not."""
-        candidates = self.matching(experiment, job, method, block)
-        for run in candidates:
+        """The most recent FINISHED run of the current configuration, or None and why not."""
+        current = self.matching(experiment, job, method, block)
+        for run in current:
             if run.status == "FINISHED":
                 return run, ""
-        if candidates:
-            return None, f"no FINISHED {job} run (latest is {candidates[0].status}, run {candidates[0].short})"
-        return None, f"no {job} run logged"
+        if current:
+            return None, (f"no FINISHED {job} run of this configuration (latest is {current[0].status}, "
+                          f"run {current[0].short})")
+        others = self.matching(experiment, job, method, block, current=False)
+        if not others:
+            return None, f"no {job} run logged"
+        config_hash, eval_hash = self.hashes.get(experiment, (None, None))
+        same_config = [r for r in others if not config_hash or r.tag("config_hash") == config_hash]
+        if same_config:  # evaluate runs of this configuration, made with other evaluation settings
+            return None, (f"no {job} run with this file's evaluation settings (eval_hash {eval_hash}); "
+                          f"{_runs(len(same_config))} of this configuration with other evaluation settings "
+                          f"{_exist(len(same_config))} (latest: run {same_config[0].short}, "
+                          f"eval_hash {same_config[0].tag('eval_hash') or 'none'})")
+        return None, (f"no {job} run of this configuration (config_hash {config_hash}); {_runs(len(others))} of "
+                      f"other configurations {_exist(len(others))} (latest: run {others[0].short}, "
+                      f"config_hash {others[0].tag('config_hash') or 'none'})")
+
+    def stale(self) -> int:
+        """How many runs of the experiments in :attr:`hashes` are of other configurations or settings."""
+        return sum(1 for r in self.runs if r.tag("experiment") in self.hashes and r.tag("job") != "parent"
+                   and not self.is_current(r, r.tag("experiment")))
 
     def methods(self, experiment: str, job: str) -> list[str]:
         return sorted({r.tag("method") for r in self.matching(experiment, job) if r.tag("method")})
@@ -250,7 +302,7 @@ class RunIndex:
 
     def logged_params(self, experiment: str, run: RunInfo | None = None) -> dict:
         """The params a run was made with: its own, its parent's, else its experiment's latest train or
-        parent run's (finished ones first)."""
+        parent run's of the current configuration (finished ones first)."""
         if run is not None and run.params:
             return run.params
         parent = self.by_id.get(str(run.tags.get(PARENT_TAG, ""))) if run is not None else None
@@ -263,6 +315,14 @@ class RunIndex:
                 if candidate.params:
                     return candidate.params
         return {}
+
+
+def _runs(n: int) -> str:
+    return f"{n} run{'s' if n != 1 else ''}"
+
+
+def _exist(n: int) -> str:
+    return "exists" if n == 1 else "exist"
 
 
 # ---------------------------------------------------------------------------------------------- cells
@@ -347,8 +407,10 @@ class Table:
         for run in sorted(seen.values(), key=lambda r: (r.tag("experiment"), r.tag("method"), r.tag("block"))):
             block = f", block {run.tag('block')}" if run.tag("block") else ""
             commit = f", git {run.tag('git_commit')[:10]}" if run.tag("git_commit") else ""
+            hashes = f", config {run.tag('config_hash')}" if run.tag("config_hash") else ""
+            hashes += f", evaluation {run.tag('eval_hash')}" if run.tag("eval_hash") else ""
             out.append(f"run {run.run_id}: {run.tag('experiment')}, {run.tag('method')}{block}, "
-                       f"{run.tag('job')}{commit}")
+                       f"{run.tag('job')}{commit}{hashes}")
         return out
 
 
@@ -922,7 +984,7 @@ def figure_curves(ctx: Context, client, exp: ExperimentSpec, path: Path) -> tupl
                 label = f"block {block}" if block else {"e2e": "end-to-end"}.get(method, METHOD_LABELS.get(method, method))
                 series.append((label, [m.step for m in history], [m.value for m in history]))
     if not series:
-        return None, "no finished train run with a train_loss history"
+        return None, "no finished train run of this configuration with a train_loss history"
     fig, (ax,) = _new_figure(1, 6.0, 4.0)
     for label, steps, values in series:
         ax.plot(steps, values, label=label, linewidth=1.2)
@@ -1045,7 +1107,7 @@ def generate(params_path: str | Path, out_dir: str | Path, tracking_uri: str | N
     out_dir = Path(out_dir)
     tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
     client = MlflowClient(tracking_uri=tracking_uri_for(params, tracking_uri))
-    index = RunIndex.from_mlflow(client, params.mlflow_experiment, params.scale)
+    index = RunIndex.from_mlflow(client, params.mlflow_experiment, params.scale, params.hashes())
     ctx = Context(params, index)
     written: list[Path] = []
     warnings: list[str] = []
@@ -1053,6 +1115,7 @@ def generate(params_path: str | Path, out_dir: str | Path, tracking_uri: str | N
         warnings.append(f"MLflow experiment `{params.mlflow_experiment}` has no runs of scale {params.scale!r}: "
                         "every value of ours is missing")
         print(f"dblocks.tables: warning: {warnings[-1]}", file=sys.stderr)
+    stale = index.stale()
 
     tables: list[Table] = []
     for table_id in params.table_ids():
@@ -1099,16 +1162,22 @@ def generate(params_path: str | Path, out_dir: str | Path, tracking_uri: str | N
                    f"samples, {exp.name}, {method}")
 
     written.append(_atomic_text(tables_dir / "index.md", render_index(params, tables, figures, skipped, warnings,
-                                                                     out_dir)))
+                                                                     out_dir, stale)))
     return written
 
 
 def render_index(params: ParamsInfo, tables: list[Table], figures: list[tuple[Path, str]],
-                 skipped: list[tuple[str, str]], warnings: list[str], out_dir: Path) -> str:
+                 skipped: list[tuple[str, str]], warnings: list[str], out_dir: Path, stale: int = 0) -> str:
     lines = ["# Paper tables and figures, from MLflow", "",
              f"Params file `{params.path.name}` (scale `{params.scale}`), MLflow experiment "
              f"`{params.mlflow_experiment}`. Every number of ours is read from MLflow; the paper's numbers "
-             "come from `dblocks.paper`. Where runs were repeated, the most recent FINISHED run is used.", ""]
+             "come from `dblocks.paper`. Only runs of this file's current configuration are used: a run's "
+             "`dblocks.config_hash` tag must equal its experiment's config hash, and an evaluation run's "
+             "`dblocks.eval_hash` the hash of the evaluation settings this file gives it (both listed below); "
+             "where such runs were repeated, the most recent FINISHED one is used. A value with no such run is "
+             f"`{NA}` (its footnote says why), never an older configuration's number."
+             + (f" {_runs(stale)} of these experiments, of other configurations or evaluation settings, "
+                "were left out." if stale else ""), ""]
     if params.scale != "paper":
         lines += [f"**{params.scale.capitalize()}-scale numbers are not comparable to the paper's**: smaller "
                   "models, other data and far fewer steps. They check that the pipeline runs end to end and that "
@@ -1129,6 +1198,12 @@ def render_index(params: ParamsInfo, tables: list[Table], figures: list[tuple[Pa
         lines.append("- none")
     if skipped:
         lines += ["", "## Figures not drawn", ""] + [f"- `{name}`: {why}" for name, why in skipped]
+    lines += ["", "## Runs used", "",
+              "In MLflow, find an experiment's runs with the search ``tags.`dblocks.config_hash` = '<config "
+              "hash>'`` (and its evaluations with ``tags.`dblocks.eval_hash` = '<evaluation hash>'``).", "",
+              "| experiment | config hash | evaluation hash |", "|---|---|---|"]
+    lines += [f"| {e.name} | `{e.config_hash or 'any'}` | `{e.eval_hash or 'any'}` |"
+              for e in params.experiments.values()]
     return "\n".join(lines) + "\n"
 
 
