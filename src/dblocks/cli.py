@@ -507,8 +507,8 @@ def cmd_sample(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from dblocks.config import config_hash
-    from dblocks.evaluate import evaluate_classifier, evaluate_generator, fid_references
-    from dblocks.params import evaluation_hash, evaluation_settings
+    from dblocks.evaluate import command_settings, evaluate_classifier, evaluate_generator, fid_references
+    from dblocks.params import evaluation_hash
     from dblocks.tracking import (EVAL_HASH_TAG, dataset_input, git_commit, headline_metrics, prepared_input,
                                   record_data)
 
@@ -572,15 +572,9 @@ def cmd_evaluate(args) -> None:
     block = meta.get("block") if meta.get("kind") == "block" else None
     # the settings this evaluation's numbers depend on, from the options it received (the tables keep only
     # runs whose evaluation hash equals the one dblocks.params computes from the params file)
-    sample_config = exp.config["sample"]
-    settings = evaluation_settings(exp.config["task"], {
-        "split": args.split, "seed": args.seed, "evaluations": args.evaluations, "bound_samples": args.bound_samples,
-        "max_windows": args.max_windows, "prompts": args.prompts, "continuations": args.continuations,
-        "new_tokens": args.new_tokens, "mauve_features": args.mauve_features, "hf_judges": args.hf_judges,
-        "judge": judge_hash, "samples": args.samples or sample_config["num_images"],
-        "sample_steps": args.sample_steps or sample_config["steps"], "guidance": sample_config["guidance"],
-        **({"fid_features": space.kind, "fid_reference": sorted(stats), "reference_samples": reference_samples}
-           if generation else {})})
+    settings = command_settings(vars(args), exp.config, judge_hash, {
+        "fid_features": space.kind, "fid_reference": sorted(stats), "reference_samples": reference_samples}
+        if generation else None)
     eval_hash = evaluation_hash(settings)
     with _tracker(track, "evaluate", meta.get("method"), block, exp.config) as run:
         if run is not None:
