@@ -24,7 +24,8 @@ from dblocks.checkpoint import load_metadata
 from dblocks.cli import main
 from dblocks.config import config_hash, load_params, resolve
 from dblocks.params import Params
-from dblocks.tracking import EXPERIMENT_KIND_TAG, DEFAULT_URI, JobRun, _retry, flatten, init_runs, resolve_uri
+from dblocks.tracking import (DEFAULT_URI, EXPERIMENT_KIND_TAG, JobRun, _retry, flatten, headline_metrics, init_runs,
+                              resolve_uri, sync_journals)
 
 VENV_BIN = Path(sys.executable).parent
 PARAMS = """\
@@ -474,3 +475,44 @@ def test_parent_run_job_does_not_import_torch(tmp_path):
                          cwd=tmp_path).stdout
     assert out.strip().splitlines()[-1] == "0 False"
     assert json.loads((tmp_path / "runs" / "vit-cifar100.json").read_text())["parent_run_id"]
+
+
+# -------------------------------------------------------------------------- logged later, in full
+
+def test_a_journaled_evaluation_updates_the_parent_when_synced(store, tmp_path):
+    """An evaluate job that ran while the store was down: track-sync logs its run with its dataset input,
+    and its headline metrics to the parent run, once."""
+    rec = store.record["micro-b"]
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    offline = runs_dir / "micro-b.json"  # what track-init --allow-offline writes: no experiment, no parent
+    offline.write_text(json.dumps({**rec, "experiment_id": None, "parent_run_id": None, "offline": "down"}))
+    data = tmp_path / "prepared"
+    data.mkdir()
+    (data / "test.json").write_text(json.dumps({"kind": "dataset", "name": "digits", "split": "test",
+                                                "examples": 7, "sha256": "ab" * 32}))
+    config = resolve(load_params(store.params, "micro-b"))
+    with JobRun(offline, "evaluate", "e2e", None, config) as run:
+        run.log_dataset(data, "test", "evaluation")
+        run.log_metrics({"accuracy": 0.625})
+        run.log_parent_metrics(headline_metrics("e2e", {"accuracy": 0.625, "examples": 7, "eval_seconds": 1.0}))
+    assert not run.enabled and run.run_id is None
+    journal = json.loads(run.journal_path.read_text())
+    assert [m[:2] for m in journal["parent_metrics"]] == [["e2e.accuracy", 0.625]] and not journal["parent_synced"]
+
+    report = sync_journals(runs_dir)
+    assert len(report.logged) == 1
+    journal = json.loads(run.journal_path.read_text())
+    assert journal["parent_synced"] and journal["synced"]
+    child = store.client.get_run(journal["run_id"])
+    parent = store.client.get_run(child.data.tags["mlflow.parentRunId"])  # found by experiment and config hash
+    assert parent.data.tags["dblocks.job"] == "parent" and parent.data.tags["dblocks.experiment"] == "micro-b"
+    assert parent.data.tags["dblocks.config_hash"] == config_hash(config)
+    assert parent.data.metrics["e2e.accuracy"] == 0.625 and "e2e.examples" not in parent.data.metrics
+    (item,) = child.inputs.dataset_inputs
+    assert item.dataset.name == "digits-test" and item.dataset.digest == ("ab" * 32)[:36]
+    assert {t.key: t.value for t in item.tags}["mlflow.data.context"] == "evaluation"
+    # again: nothing logged twice
+    assert sync_journals(runs_dir).present == [str(run.journal_path)]
+    history = store.client.get_metric_history(parent.info.run_id, "e2e.accuracy")
+    assert len(history) == 1
