@@ -422,13 +422,15 @@ def test_server_returns_parent_and_child_runs(store, server, monkeypatch):
 PARALLEL_JOB = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    from dblocks.tracking import JobRun
+    from dblocks.tracking import JobRun, dataset_input
     track, block, go = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     config = json.loads(sys.argv[4])
     with JobRun(track, "train", "parallel", block, config, flush_every=1) as run:
         deadline = time.time() + 60
         while not go.exists() and time.time() < deadline:  # start logging together: real contention
             time.sleep(0.02)
+        # all four create the same new MLflow dataset at once (as an experiment's block jobs do)
+        run.log_inputs([dataset_input("race", "train", "cd" * 32, track, "training", num_examples=1)])
         for step in range(1, 21):
             run.log_step(step, 1.0 / step, 1e-3)
         run.log_metrics({"train_seconds": 1.0})
@@ -460,6 +462,7 @@ def test_four_parallel_processes_share_one_sqlite_store(store, tmp_path):
         assert r.data.tags["mlflow.parentRunId"] == store.record["micro-a"]["parent_run_id"]
         assert _steps(store.client, r.info.run_id, "train_loss") == list(range(1, 21))
         assert _steps(store.client, r.info.run_id, "lr") == list(range(1, 21))
+        assert [i.dataset.name for i in r.inputs.dataset_inputs] == ["race-train"]
 
 
 def test_parent_run_job_does_not_import_torch(tmp_path):

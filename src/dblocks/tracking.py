@@ -214,13 +214,26 @@ def record_data(run_json_path: str | Path | None) -> str | None:
     return data if isinstance(data, str) and data else None
 
 
-def _log_inputs(client, run_id: str, inputs: list[dict]) -> None:
+_DUPLICATE = ("unique constraint", "integrityerror", "duplicate key", "already exists")
+
+
+def _log_inputs(client, run_id: str, inputs: list[dict], attempts: int = 5) -> None:
+    """Log dataset inputs. A dataset is stored once per MLflow experiment, and jobs that start together
+    (the B block jobs of an experiment) race to create it: the losers' insert fails as a duplicate, and
+    their next attempt finds it (each attempt is one transaction, so nothing half-written remains)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     datasets = [DatasetInput(Dataset(i["name"], i["digest"], i["source_type"], i["source"], i.get("schema"),
                                      i.get("profile")), [InputTag(k, v) for k, v in i["tags"].items()])
                 for i in inputs]
-    _retry(client.log_inputs, run_id, datasets=datasets)
+    for attempt in range(attempts):
+        try:
+            _retry(client.log_inputs, run_id, datasets=datasets)
+            return
+        except Exception as exc:
+            if attempt == attempts - 1 or not any(s in str(exc).lower() for s in _DUPLICATE):
+                raise
+            time.sleep(0.05 * (1.0 + random.random()))
 
 
 # ------------------------------------------------------------------------------------ parent runs
