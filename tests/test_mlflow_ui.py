@@ -1,7 +1,7 @@
 """What a user browsing the runs sees, checked through a real MLflow server's REST API (on loopback): the
-experiment opens on the runs table (its kind is classic ML, not GenAI), a parent run carries its
-experiment's results per method, and training and evaluation runs list the prepared dataset they read as
-an MLflow dataset input whose digest is that split's sha256 (from its JSON record). The store is filled by
+experiment is of the classic ML kind (not GenAI) and has a saved runs view showing the Dataset column
+and the parents' results, a parent run carries its experiment's results per method, and training and evaluation runs (and their parent) list the prepared dataset they read as an
+MLflow dataset input whose digest is that split's sha256 (from its JSON record). The store is filled by
 the project's own commands: track-init, a 4-step ViT-micro block and baseline, and an evaluation."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import mlflow
 import pytest
 
 from dblocks.cli import main
-from dblocks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+from dblocks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, RUNS_VIEW_KEY, runs_view_url
 
 VENV_BIN = Path(sys.executable).parent
 EXPERIMENT = "dblocks-ui-test"
@@ -121,6 +121,11 @@ def test_runs_as_the_mlflow_server_shows_them(tmp_path, monkeypatch):
                           + urllib.parse.urlencode({"experiment_name": EXPERIMENT}))["experiment"]
         tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
         assert tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+        # the saved runs view that runs_view_url opens: the Dataset column and the parents' results
+        view = json.loads(tags[f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"])
+        assert view == {"selectedColumns": ["attributes.`Dataset`", "metrics.`blockwise.accuracy`",
+                                            "metrics.`e2e.accuracy`"]}
+        assert runs_view_url(experiment["experiment_id"], url).startswith(f"{url}/#/experiments/")
 
         runs = _post(f"{url}/api/2.0/mlflow/runs/search",
                      {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
@@ -150,7 +155,9 @@ def test_runs_as_the_mlflow_server_shows_them(tmp_path, monkeypatch):
                                                           "num_examples": prepared[split]["examples"]}
                 assert json.loads(dataset["source"])["uri"] == str(tmp_path / f"data/prepared/digits/{split}.safetensors")
                 assert input_tags == {"mlflow.data.context": context, "dblocks.split": split}
-        assert inputs(parent) == []
+        # the parent run lists what its jobs read, each dataset once, so its row of the runs table names it
+        assert sorted((d["name"], d["digest"]) for d, _ in inputs(parent)) == [
+            ("digits-test", prepared["test"]["sha256"][:36]), ("digits-train", prepared["train"]["sha256"][:36])]
 
         evaluate, evaluate_tags = by_job[("evaluate", "e2e")]
         assert evaluate_tags["dblocks.eval_hash"] == record["eval_hash"]

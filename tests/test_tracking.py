@@ -512,6 +512,7 @@ def test_a_journaled_evaluation_updates_the_parent_when_synced(store, tmp_path):
     assert parent.data.tags["dblocks.job"] == "parent" and parent.data.tags["dblocks.experiment"] == "micro-b"
     assert parent.data.tags["dblocks.config_hash"] == config_hash(config)
     assert parent.data.metrics["e2e.accuracy"] == 0.625 and "e2e.examples" not in parent.data.metrics
+    assert "digits-test" in [i.dataset.name for i in parent.inputs.dataset_inputs]
     (item,) = child.inputs.dataset_inputs
     assert item.dataset.name == "digits-test" and item.dataset.digest == ("ab" * 32)[:36]
     assert {t.key: t.value for t in item.tags}["mlflow.data.context"] == "evaluation"
@@ -519,3 +520,18 @@ def test_a_journaled_evaluation_updates_the_parent_when_synced(store, tmp_path):
     assert sync_journals(runs_dir).present == [str(run.journal_path)]
     history = store.client.get_metric_history(parent.info.run_id, "e2e.accuracy")
     assert len(history) == 1
+
+
+def test_runs_view_names_each_tasks_headline_metrics():
+    from dblocks.pipeline import Pipeline
+    from dblocks.tracking import runs_view
+
+    repo = Path(__file__).resolve().parents[1]
+    tiny = runs_view(Pipeline.load(repo / "params/tiny.yaml"))["selectedColumns"]
+    assert tiny[0] == "attributes.`Dataset`"
+    assert {"metrics.`blockwise.accuracy`", "metrics.`e2e.accuracy`", "metrics.`blockwise.fid_test`",
+            "metrics.`e2e.fid_train`"} <= set(tiny)
+    text = set(runs_view(Pipeline.load(repo / "params/tiny-text.yaml"))["selectedColumns"])
+    assert {"metrics.`blockwise.bpc`", "metrics.`blockwise.mauve_reference`", "metrics.`e2e.gen_ppl_reference`",
+            "metrics.`blockwise.next_token_bits`"} <= text
+    assert not any("gpt2_large" in c or "llama2" in c for c in text)  # online metrics only when configured

@@ -399,11 +399,12 @@ def cmd_training_compute(args) -> None:
 
 def cmd_track_init(args) -> None:
     from dblocks.params import Params
-    from dblocks.tracking import init_runs
+    from dblocks.tracking import init_runs, runs_view_url
 
     Params.load(args.params)  # one-line ConfigError (exit 2) before MLflow is imported
     if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         raise UsageError(f"--out-dir {args.out_dir}: exists and is not a directory")
+    experiment_id = None
     for path in init_runs(args.params, args.out_dir, args.tracking_uri, args.experiment, args.store_only,
                           args.allow_offline):
         record = json.loads(path.read_text())
@@ -411,6 +412,9 @@ def cmd_track_init(args) -> None:
         if record.get("offline"):
             what = "no run yet (store unreachable)"
         print(f"wrote {path}: {what} in {record['mlflow_experiment']!r} at {record['tracking_uri']}")
+        experiment_id = record.get("experiment_id") or experiment_id
+    if experiment_id is not None:
+        print(f"browse the runs: 'dblocks ui --params {args.params}', then open {runs_view_url(experiment_id)}")
 
 
 def cmd_track_sync(args) -> None:

@@ -16,13 +16,16 @@ duplicated. Several processes may log to one SQLite file at once; "database is l
 with a short backoff. ``mlflow`` is imported lazily, so importing this module is cheap.
 
 What a user browsing the store sees: the MLflow experiment is of the classic kind (tag
-``mlflow.experimentKind`` = ``custom_model_development``), so MLflow 3's UI opens it on the runs table, not
-on the GenAI traces overview. Each parent run carries its experiment's headline results per method
+``mlflow.experimentKind`` = ``custom_model_development``), which MLflow 3 UIs that read the tag open on the
+runs table rather than the GenAI traces overview (MLflow 3.17's UI decides by its own "GenAI / Model
+training" switch instead, remembered per browser: ``#/experiments/<id>?workflowType=machine_learning``
+opens the runs table). Each parent run carries its experiment's headline results per method
 (``<method>.<metric>``, e.g. ``blockwise.accuracy``, ``e2e.fid_test``), logged by the evaluate jobs (or by
 ``track-sync`` for journaled ones), so the runs table shows results at a glance. Training and evaluation
 runs list the prepared dataset splits they read as MLflow dataset inputs (name ``<dataset>-<split>``,
 digest = the first 36 hex digits of the split's sha256, the full sha256 and size in its profile, source =
-the prepared file), read from each split's JSON record, never by hashing the data."""
+the prepared file), read from each split's JSON record, never by hashing the data; their parent runs list
+them too, so that every row of the runs table names its data."""
 
 from __future__ import annotations
 
@@ -60,6 +63,10 @@ HEADLINE_METRICS = ("accuracy", "fid", "fid_train", "fid_test", "bpc", "mauve_re
                     "mauve_gpt2_large", "gen_ppl_reference", "gen_ppl_llama2", "gen_ppl_gpt2xl", "next_token_bits")
 #: MLflow's limit on a dataset digest
 _MAX_DIGEST = 36
+#: the saved runs-table view (an experiment tag the MLflow UI reads): the Dataset column and the parents'
+#: headline metrics; open it with :func:`runs_view_url`
+RUNS_VIEW_KEY = "dblocks"
+_SHARED_VIEW_TAG = "mlflow.sharedViewState."
 #: MLflow's limits per log_batch request
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
@@ -238,6 +245,49 @@ def _log_inputs(client, run_id: str, inputs: list[dict], attempts: int = 5) -> N
 
 # ------------------------------------------------------------------------------------ parent runs
 
+def headline_metric_names(task: str, settings: dict) -> list[str]:
+    """The :data:`HEADLINE_METRICS` that an evaluation of a ``task`` model with these evaluation settings
+    (:func:`dblocks.params.evaluation_settings`) logs."""
+    if task == "classification":
+        return ["accuracy"]
+    if task == "generation":
+        return ["fid_train", "fid_test"]  # fid is fid_test when there are both
+    if task == "masked_text":
+        return ["bpc"]
+    features, judged = set(settings.get("mauve_features") or []), settings.get("judge") is not None
+    names = [("mauve_reference", "reference-lm" in features and judged), ("mauve_minilm", "minilm" in features),
+             ("mauve_gpt2_large", "gpt2-large" in features), ("gen_ppl_reference", judged),
+             ("gen_ppl_llama2", "llama2" in (settings.get("hf_judges") or [])),
+             ("gen_ppl_gpt2xl", "gpt2-xl" in (settings.get("hf_judges") or [])), ("next_token_bits", True)]
+    return [name for name, logged in names if logged]
+
+
+def runs_view(params) -> dict:
+    """The runs-table view of a params file's MLflow experiment (MLflow's shared view state): the Dataset
+    column, then every ``<method>.<metric>`` that its parent runs will carry."""
+    columns = []
+    for exp, config in params.experiments.items():
+        for metric in headline_metric_names(config["task"], params.evaluation_settings(exp)):
+            columns += [f"{method}.{metric}" for method in params.methods(exp)]
+    methods = ["blockwise", "paper", "e2e"]
+    ordered = sorted(dict.fromkeys(columns), key=lambda c: (methods.index(c.split(".")[0])
+                                                            if c.split(".")[0] in methods else 9, c))
+    return {"selectedColumns": ["attributes.`Dataset`", *(f"metrics.`{c}`" for c in ordered)]}
+
+
+def runs_view_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """Where the MLflow UI (``dblocks ui``) shows the runs table with :func:`runs_view` (MLflow 3.17's UI
+    opens an experiment on its GenAI overview unless asked for the model-training view)."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW_KEY}"
+
+
+def _set_runs_view(client, experiment_id: str, view: dict) -> None:
+    value = json.dumps(view)
+    exp = _retry(client.get_experiment, experiment_id)
+    if (exp.tags or {}).get(_SHARED_VIEW_TAG + RUNS_VIEW_KEY) != value:
+        _retry(client.set_experiment_tag, experiment_id, _SHARED_VIEW_TAG + RUNS_VIEW_KEY, value)
+
+
 def _default_artifact_location(uri: str, name: str) -> str | None:
     """Artifacts of a SQLite store go beside the database file, in mlruns/<experiment> (MLflow's default
     is ./mlruns of whichever directory the experiment happened to be created from)."""
@@ -341,6 +391,7 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
         with _store_errors(uri):
             client = _retry(mlflow.MlflowClient, tracking_uri=uri)
             experiment_id = _get_or_create_experiment(client, mlflow_experiment, uri)
+            _set_runs_view(client, experiment_id, runs_view(params))
             if store_only:
                 records[out_dir / STORE_RECORD] = dict(base, experiment_id=experiment_id)
             for name, config in configs.items():
@@ -569,12 +620,22 @@ class JobRun:
         if self.enabled and self.run_id is not None:
             self._call("logging params", _log_params, self.client, self.run_id, flat)
 
+    def _parent(self) -> str | None:
+        """The parent run to update, while tracking works."""
+        return self.journal["record"].get("parent_run_id") if self.enabled and self.run_id is not None else None
+
     def log_inputs(self, inputs: list[dict]) -> None:
-        """Log dataset inputs (:func:`dataset_input`, :func:`prepared_input`; None entries are skipped)."""
+        """Log dataset inputs (:func:`dataset_input`, :func:`prepared_input`; None entries are skipped), on the
+        parent run too, so that the experiment's row of the runs table names its data (MLflow keeps one
+        input per dataset and run, however many jobs log it)."""
         inputs = [i for i in inputs if i]
         self.journal["inputs"].extend(inputs)
         if inputs and self.enabled and self.run_id is not None:
             self._call("logging dataset inputs", _log_inputs, self.client, self.run_id, inputs)
+        parent = self._parent()
+        if inputs and parent:
+            self._call("logging dataset inputs to the parent run", _log_inputs, self.client, parent, inputs)
+            self.journal["parent_synced"] = self.enabled
 
     def log_dataset(self, directory: str | Path, split: str, context: str) -> dict | None:
         """Log a prepared split as a dataset input (from its JSON record); returns it, None without a record."""
@@ -589,8 +650,8 @@ class JobRun:
 
         items = [[k, float(v), _now_ms(), 0] for k, v in metrics.items() if v is not None]
         self.journal["parent_metrics"].extend(items)
-        parent = self.journal["record"].get("parent_run_id")
-        if not items or not self.enabled or self.run_id is None or not parent:
+        parent = self._parent()
+        if not items or not parent:
             return
         self._call("logging metrics to the parent run", _log_metric_batches, self.client, parent,
                    [Metric(*item) for item in items])
@@ -726,8 +787,9 @@ def _log_journal(client, experiment_id: str, journal: dict, report: SyncReport) 
     return run_id
 
 
-def _sync_parent_metrics(client, run_id: str, journal: dict) -> bool:
-    """Log a journal's parent metrics to the parent of its stored run ``run_id``; False if that parent is gone."""
+def _sync_parent(client, run_id: str, journal: dict) -> bool:
+    """Log a journal's parent metrics and dataset inputs to the parent of its stored run ``run_id``; False
+    if that parent is gone."""
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
@@ -741,7 +803,9 @@ def _sync_parent_metrics(client, run_id: str, journal: dict) -> bool:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return False
         raise
-    _log_metric_batches(client, parent, [Metric(k, v, t, s) for k, v, t, s in journal["parent_metrics"]])
+    _log_metric_batches(client, parent, [Metric(k, v, t, s) for k, v, t, s in journal.get("parent_metrics") or []])
+    if journal.get("inputs"):
+        _log_inputs(client, parent, journal["inputs"])
     return True
 
 
@@ -778,10 +842,10 @@ def sync_journals(runs_dir: str | Path, uri: str | None = None) -> SyncReport:
                         report.replaced.append(str(path))
                     run_id = _log_journal(client, experiment_id, journal, report)
                     report.logged.append(str(path))
-                    journal = dict(journal, parent_synced=False)  # a new run: its parent needs the metrics
+                    journal = dict(journal, parent_synced=False)  # a new run: update its parent
                 parent_synced = bool(journal.get("parent_synced"))
-                if journal.get("parent_metrics") and not parent_synced:
-                    parent_synced = _sync_parent_metrics(client, run_id, journal)
+                if (journal.get("parent_metrics") or journal.get("inputs")) and not parent_synced:
+                    parent_synced = _sync_parent(client, run_id, journal)
                 if (not journal.get("synced") or journal.get("run_id") != run_id
                         or parent_synced != bool(journal.get("parent_synced"))):
                     write_json_atomic(path, dict(journal, synced=True, run_id=run_id, parent_synced=parent_synced),
