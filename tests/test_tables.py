@@ -427,6 +427,7 @@ def test_runs_of_other_configurations_read_na_with_the_reason_never_an_older_num
     assert "`samples-dit-t10-b2-blockwise.png`: no evaluate run with this file's evaluation settings" in index
     assert not (out / "figures" / "samples-dit-t10-b2-blockwise.png").exists()
     assert f"| vit-cifar100 | `{config_hash}` | `{eval_hash}` |" in index
+    assert "/runs?workflowType=machine_learning&viewStateShareKey=dblocks>" in index
     assert "6 runs of these experiments, of other configurations or evaluation settings, were left out" in index
 
     # the runs of this configuration arrive: their numbers are shown, the newest rerun's where there are two

@@ -1116,6 +1116,7 @@ def generate(params_path: str | Path, out_dir: str | Path, tracking_uri: str | N
                         "every value of ours is missing")
         print(f"dblocks.tables: warning: {warnings[-1]}", file=sys.stderr)
     stale = index.stale()
+    experiment = client.get_experiment_by_name(params.mlflow_experiment)
 
     tables: list[Table] = []
     for table_id in params.table_ids():
@@ -1161,13 +1162,14 @@ def generate(params_path: str | Path, out_dir: str | Path, tracking_uri: str | N
             record(name, fetch_samples(ctx, client, exp, method, figures_dir / name),
                    f"samples, {exp.name}, {method}")
 
-    written.append(_atomic_text(tables_dir / "index.md", render_index(params, tables, figures, skipped, warnings,
-                                                                     out_dir, stale)))
+    written.append(_atomic_text(tables_dir / "index.md", render_index(
+        params, tables, figures, skipped, warnings, out_dir, stale, experiment.experiment_id if experiment else None)))
     return written
 
 
 def render_index(params: ParamsInfo, tables: list[Table], figures: list[tuple[Path, str]],
-                 skipped: list[tuple[str, str]], warnings: list[str], out_dir: Path, stale: int = 0) -> str:
+                 skipped: list[tuple[str, str]], warnings: list[str], out_dir: Path, stale: int = 0,
+                 experiment_id: str | None = None) -> str:
     lines = ["# Paper tables and figures, from MLflow", "",
              f"Params file `{params.path.name}` (scale `{params.scale}`), MLflow experiment "
              f"`{params.mlflow_experiment}`. Every number of ours is read from MLflow; the paper's numbers "
@@ -1198,8 +1200,13 @@ def render_index(params: ParamsInfo, tables: list[Table], figures: list[tuple[Pa
         lines.append("- none")
     if skipped:
         lines += ["", "## Figures not drawn", ""] + [f"- `{name}`: {why}" for name, why in skipped]
-    lines += ["", "## Runs used", "",
-              "In MLflow, find an experiment's runs with the search ``tags.`dblocks.config_hash` = '<config "
+    lines += ["", "## Runs used", ""]
+    if experiment_id is not None:
+        from dblocks.tracking import runs_view_url
+
+        lines += [f"Browse them with `dblocks ui --params {params.path}` (from the folder the pipeline runs in), "
+                  f"at <{runs_view_url(experiment_id)}>: the runs table with each experiment's results and data.", ""]
+    lines += ["In MLflow, find an experiment's runs with the search ``tags.`dblocks.config_hash` = '<config "
               "hash>'`` (and its evaluations with ``tags.`dblocks.eval_hash` = '<evaluation hash>'``).", "",
               "| experiment | config hash | evaluation hash |", "|---|---|---|"]
     lines += [f"| {e.name} | `{e.config_hash or 'any'}` | `{e.eval_hash or 'any'}` |"
