@@ -489,7 +489,9 @@ def test_a_journaled_evaluation_updates_the_parent_when_synced(store, tmp_path):
     runs_dir = tmp_path / "runs"
     runs_dir.mkdir()
     offline = runs_dir / "micro-b.json"  # what track-init --allow-offline writes: no experiment, no parent
-    offline.write_text(json.dumps({**rec, "experiment_id": None, "parent_run_id": None, "offline": "down"}))
+    view = {"selectedColumns": ["attributes.`Dataset`", "metrics.`e2e.accuracy`"]}
+    offline.write_text(json.dumps({**rec, "experiment_id": None, "parent_run_id": None, "offline": "down",
+                                   "runs_view": view}))
     data = tmp_path / "prepared"
     data.mkdir()
     (data / "test.json").write_text(json.dumps({"kind": "dataset", "name": "digits", "split": "test",
@@ -513,6 +515,9 @@ def test_a_journaled_evaluation_updates_the_parent_when_synced(store, tmp_path):
     assert parent.data.tags["dblocks.config_hash"] == config_hash(config)
     assert parent.data.metrics["e2e.accuracy"] == 0.625 and "e2e.examples" not in parent.data.metrics
     assert "digits-test" in [i.dataset.name for i in parent.inputs.dataset_inputs]
+    # the runs view that track-init could not save while the store was down
+    tags = store.client.get_experiment(rec["experiment_id"]).tags
+    assert json.loads(tags["mlflow.sharedViewState.dblocks"]) == view
     (item,) = child.inputs.dataset_inputs
     assert item.dataset.name == "digits-test" and item.dataset.digest == ("ab" * 32)[:36]
     assert {t.key: t.value for t in item.tags}["mlflow.data.context"] == "evaluation"

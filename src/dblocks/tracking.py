@@ -408,7 +408,7 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
         # (creating the experiment and parent runs) once the store is back.
         print(f"dblocks: warning: {exc}; going on without tracking (log the runs later with "
               f"'dblocks track-sync --runs-dir {out_dir}')", file=sys.stderr, flush=True)
-        offline = dict(base, experiment_id=None, offline=str(exc))
+        offline = dict(base, experiment_id=None, offline=str(exc), runs_view=runs_view(params))
         records = {out_dir / STORE_RECORD: offline} if store_only else {}
         records.update({out_dir / f"{name}.json": dict(offline, parent_run_id=None, experiment=name,
                                                        data=params.prepared(config["dataset"]))
@@ -830,6 +830,9 @@ def sync_journals(runs_dir: str | Path, uri: str | None = None) -> SyncReport:
         with _store_errors(target):
             client = _retry(mlflow.MlflowClient, tracking_uri=target)
             experiment_id = _get_or_create_experiment(client, experiment_name, target)
+            views = [v for _, j in items for v in [(j.get("record") or {}).get("runs_view")] if isinstance(v, dict)]
+            if views:  # track-init could not save it: the store was down
+                _set_runs_view(client, experiment_id, views[-1])
             existing = _runs_by_key(client, experiment_id)
             for path, journal in items:
                 run = existing.get(journal["run_key"])
