@@ -1,8 +1,9 @@
 """What a user browsing the runs sees, checked through a real MLflow server's REST API (on loopback): the
-experiment is of the classic ML kind (not GenAI) and has a saved runs view showing the Dataset column
-and the parents' results, a parent run carries its experiment's results per method, and training and evaluation runs (and their parent) list the prepared dataset they read as an
-MLflow dataset input whose digest is that split's sha256 (from its JSON record). The store is filled by
-the project's own commands: track-init, a 4-step ViT-micro block and baseline, and an evaluation."""
+experiment is of the classic ML kind (not GenAI) and has a saved runs view showing the Dataset column and
+the parents' results, a parent run carries its experiment's results per method, and training and
+evaluation runs (and their parent) list the prepared dataset they read as an MLflow dataset input whose
+digest is that split's sha256 (from its JSON record). The store is filled by the project's own commands:
+track-init, a 4-step ViT-micro block and baseline, and an evaluation."""
 
 from __future__ import annotations
 
@@ -153,7 +154,8 @@ def test_runs_as_the_mlflow_server_shows_them(tmp_path, monkeypatch):
                 assert dataset["name"] == f"digits-{split}" and dataset["digest"] == sha[:36]
                 assert json.loads(dataset["profile"]) == {"sha256": sha, "split": split,
                                                           "num_examples": prepared[split]["examples"]}
-                assert json.loads(dataset["source"])["uri"] == str(tmp_path / f"data/prepared/digits/{split}.safetensors")
+                source = tmp_path / f"data/prepared/digits/{split}.safetensors"
+                assert json.loads(dataset["source"])["uri"] == str(source)
                 assert input_tags == {"mlflow.data.context": context, "dblocks.split": split}
         # the parent run lists what its jobs read, each dataset once, so its row of the runs table names it
         assert sorted((d["name"], d["digest"]) for d, _ in inputs(parent)) == [

@@ -468,3 +468,13 @@ def test_a_changed_evaluation_section_leaves_old_evaluations_out(tmp_path):
     text = (tmp_path / "out" / "tables" / "table10.md").read_text()
     assert _md_row(text, "2")[1:4] == ["35.47", "n/a", "dit-t10-b2"]
     assert "other evaluation settings" in text
+
+
+def test_an_evaluation_logged_before_eval_hashes_says_to_rerun_it():
+    tags = {"dblocks.experiment": "x", "dblocks.job": "evaluate", "dblocks.method": "blockwise",
+            "dblocks.config_hash": "c" * 16}
+    old = tables.RunInfo("a" * 32, "FINISHED", 1, 2, tags, {}, {"accuracy": 0.5})
+    index = tables.RunIndex([old], "tiny", {"x": ("c" * 16, "e" * 16)})
+    run, why = index.latest("x", "evaluate", "blockwise")
+    assert run is None and "no eval_hash: logged before evaluation settings were recorded" in why
+    assert index.stale() == 1 and tables.RunIndex([old], "tiny").latest("x", "evaluate", "blockwise")[0] is old

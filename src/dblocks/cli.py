@@ -897,7 +897,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="generation: write a PNG grid of samples here")
     p.add_argument("--bound-samples", type=int, default=EVAL["bound_samples"],
                    help="masked text: masking times per window and block for the BPC bound")
-    p.add_argument("--max-windows", type=int, default=EVAL["max_windows"], help="text: score only the first N windows of the split")
+    p.add_argument("--max-windows", type=int, default=EVAL["max_windows"],
+                   help="text: score only the first N windows of the split")
     p.add_argument("--judge", help="AR text: an end-to-end AR model (.safetensors) that scores generative "
                    "perplexity and gives the reference-LM MAUVE features (offline stand-in for Llama-2/GPT2-XL)")
     p.add_argument("--prompts", type=int, default=EVAL["prompts"], help="AR text: prompts from the split's windows")

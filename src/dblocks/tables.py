@@ -280,10 +280,12 @@ class RunIndex:
         config_hash, eval_hash = self.hashes.get(experiment, (None, None))
         same_config = [r for r in others if not config_hash or r.tag("config_hash") == config_hash]
         if same_config:  # evaluate runs of this configuration, made with other evaluation settings
+            latest = same_config[0]
+            recorded = (f"eval_hash {latest.tag('eval_hash')}" if latest.tag("eval_hash") else
+                        "no eval_hash: logged before evaluation settings were recorded; rerun the evaluation")
             return None, (f"no {job} run with this file's evaluation settings (eval_hash {eval_hash}); "
                           f"{_runs(len(same_config))} of this configuration with other evaluation settings "
-                          f"{_exist(len(same_config))} (latest: run {same_config[0].short}, "
-                          f"eval_hash {same_config[0].tag('eval_hash') or 'none'})")
+                          f"{_exist(len(same_config))} (latest: run {latest.short}, {recorded})")
         return None, (f"no {job} run of this configuration (config_hash {config_hash}); {_runs(len(others))} of "
                       f"other configurations {_exist(len(others))} (latest: run {others[0].short}, "
                       f"config_hash {others[0].tag('config_hash') or 'none'})")
