@@ -54,8 +54,9 @@ PARENT_JOB = "parent"
 JOURNAL_DIR = "journal"
 RUN_KEY_TAG = "dblocks.run_key"
 EVAL_HASH_TAG = "dblocks.eval_hash"
-#: MLflow 3's experiment kind: "custom_model_development" opens the UI on the runs table (classic ML); an
-#: experiment without it (or with only an inferred kind) may open on the GenAI traces overview
+#: MLflow 3's experiment kind: "custom_model_development" is classic ML (runs), not GenAI (traces). MLflow UIs
+#: that read it open such an experiment on its runs table; 3.17's UI follows its own GenAI / Model training
+#: switch instead (see runs_view_url)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 #: the evaluation metrics a parent run carries per method, as ``<method>.<metric>`` (when the evaluation made them)
@@ -186,7 +187,8 @@ def headline_metrics(method: str | None, metrics: dict[str, Any]) -> dict[str, f
 
 def dataset_input(name: str, split: str, sha256: str, source: str | Path, context: str, **profile) -> dict:
     """One MLflow dataset input as journals keep it: name ``<name>-<split>``, digest = the first 36 hex digits
-    of ``sha256`` (MLflow's limit; the whole hash is in the profile with ``profile``), a local source."""
+    of ``sha256`` (MLflow's limit), a profile with the whole sha256, the split and ``profile`` (its size), and
+    the file as a local source."""
     return {"name": f"{name}-{split}", "digest": sha256[:_MAX_DIGEST], "source_type": "local",
             "source": json.dumps({"uri": str(Path(source).resolve())}),
             "profile": json.dumps({"sha256": sha256, "split": split, **profile}, sort_keys=True),
