@@ -6,6 +6,7 @@ they summarize (``evaluation.reference_samples``, None for whole splits) from JS
 
 from __future__ import annotations
 
+import copy
 import json
 import shlex
 from pathlib import Path
@@ -14,7 +15,9 @@ import pytest
 import torch
 
 from dblocks.checkpoint import save_checkpoint
-from dblocks.cli import build_parser
+from dblocks.cli import build_parser, evaluation_options
+from dblocks.config import resolve
+from dblocks.experiment import Experiment
 from dblocks.dvcgen import snakemake_jobs
 from dblocks.evaluate import command_settings, fid_references
 from dblocks.params import EVALUATE_DEFAULTS, evaluation_hash, evaluation_settings
@@ -33,7 +36,8 @@ def _evaluate_argv(command: str) -> list[str]:
 
 
 @pytest.mark.parametrize("params_file", ["params/tiny.yaml", "params/tiny-text.yaml"])
-def test_the_rules_give_evaluate_the_settings_the_params_model_hashes(params_file):
+def test_the_rules_give_evaluate_the_settings_the_params_model_hashes(params_file, monkeypatch):
+    monkeypatch.chdir(REPO)  # the rules name the params file relative to the repository
     pipe = Pipeline.load(REPO / params_file)
     parser = build_parser()
     jobs = [j for j in snakemake_jobs(params_file, REPO) if j.rule.startswith("evaluate_")]
@@ -43,6 +47,11 @@ def test_the_rules_give_evaluate_the_settings_the_params_model_hashes(params_fil
         config = pipe.experiments[exp]
         tasks.add(config["task"])
         args = parser.parse_args(_evaluate_argv(job.command))
+        assert args.params == params_file  # the protocol comes from the file, not from the command line
+        model_config = copy.deepcopy(config)
+        model_config["sample"] = {**model_config["sample"], "guidance": 99.0}  # stale settings in the model
+        evaluation_options(args, Experiment(model_config))  # what the command does with --params
+        config = model_config
         judge = pipe.judge(exp) if args.judge else None
         assert (judge is not None) == (pipe.judge(exp) is not None), job.command
         fid = None
@@ -60,6 +69,7 @@ def test_the_rules_give_evaluate_the_settings_the_params_model_hashes(params_fil
 
 def test_the_command_defaults_are_the_params_models():
     args = build_parser().parse_args(["evaluate", "m.safetensors", "--out", "m.json"])
+    evaluation_options(args, Experiment(resolve({})))  # no --params: the defaults fill what was not given
     assert {k: getattr(args, k) for k in EVALUATE_DEFAULTS} == EVALUATE_DEFAULTS
 
 

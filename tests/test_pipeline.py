@@ -383,10 +383,20 @@ def test_dvc_reruns_exactly_the_stages_that_read_a_changed_setting(micro_run, tm
     assert changed(lambda r: r.update(scale="paper")) == of("tracking_", "tables") | evaluations
     assert changed(lambda r: r["tracking"].update(experiment="renamed")) == of("tracking_", "tables")
     assert changed(lambda r: r["resources"].update(threads=2)) == of("tables")
-    assert changed(lambda r: r["evaluation"].update(samples=41)) == of("reference_stats", "tables") | evaluations
+    assert changed(lambda r: r["evaluation"].update(samples=41)) == of("tables") | evaluations
     assert changed(lambda r: r["defaults"].update(seed=1)) == of("tracking_parent", "train_", "tables") | evaluations
     vit = changed(lambda r: r["experiments"]["vit-cifar100"]["train"].update(steps=5))
     assert vit == {s for s in stages if s.split(".")[1:2] == ["vit-cifar100"]} - of("assemble") | of("tables")
     # settings that do not change what a block learns (here: how the tables label it) retrain nothing
     untrained = changed(lambda r: r["experiments"]["vit-cifar100"]["pipeline"].update(tables=["1"]))
     assert untrained == of("tables", "evaluate_classifier.vit-cifar100")
+
+    # `dvc exp run -S` on an evaluation setting reruns the evaluations, which read the new value from the file
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "finished run")
+    run(str(BIN / "dvc"), "exp", "run", "-S", f"{params}:evaluation.samples=24")
+    record = json.loads((work / "metrics/tiny/dit-t10-b2/blockwise.json").read_text())
+    assert record["evaluation"]["samples"] == 24 and record["eval_hash"] == Pipeline.load(work / params).eval_hash(
+        "dit-t10-b2")
+    assert f"| {record['fid_test']:.2f} |" in (work / "results/tiny/tables/table10.md").read_text()  # and the table
+    assert json.loads(run(str(BIN / "dvc"), "status", "--json")) == {}

@@ -509,6 +509,33 @@ def cmd_sample(args) -> None:
     print(f"wrote {out}: {n} samples, {steps} steps, block calls {model.calls}, {seconds:.1f} s")
 
 
+#: evaluate's options that are evaluation settings or labels: given on the command line, else from --params,
+#: else these defaults (dblocks.params.EVALUATE_DEFAULTS, shared with the tables' evaluation hash)
+EVALUATE_OPTIONS = ("scale", "samples", "sample_steps", "evaluations", "fid_batch_size", "bound_samples",
+                    "max_windows", "prompts", "continuations", "new_tokens", "mauve_features", "hf_judges")
+
+
+def evaluation_options(args, exp) -> None:
+    """Fill evaluate's options that were not given from ``--params`` (the file the workflow runs: its scale,
+    evaluation protocol and the experiment's sample settings, so a changed setting takes effect without a new
+    command line), else the command's defaults."""
+    from dblocks.params import EVALUATE_DEFAULTS, Params
+
+    from_file: dict = {}
+    if args.params is not None:
+        params = Params.load(args.params)
+        if exp.name not in params.experiments:
+            raise UsageError(f"--params {args.params}: has no experiment {exp.name!r} (the model's); allowed: "
+                             f"{', '.join(params.experiments)}")
+        from_file = params.evaluate_options(exp.name)
+        exp.config["sample"] = from_file.pop("sample")
+    defaults = {**EVALUATE_DEFAULTS, "scale": "tiny", "fid_batch_size": 256}
+    for key in EVALUATE_OPTIONS:
+        if getattr(args, key) is None:
+            value = from_file.get(key, defaults.get(key))
+            setattr(args, key, list(value) if isinstance(value, (list, tuple)) else value)
+
+
 def cmd_evaluate(args) -> None:
     from dblocks.config import config_hash
     from dblocks.evaluate import command_settings, evaluate_classifier, evaluate_generator, fid_references
@@ -519,6 +546,7 @@ def cmd_evaluate(args) -> None:
     out = _output(args.out, ".json")
     track = _track_path(args)
     model, exp, meta = _load(args)
+    evaluation_options(args, exp)
     generation = exp.config["task"] == "generation"
     text = exp.tokenizer is not None
     _existing_dir(args.data, "--data")
@@ -881,7 +909,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=EVAL["split"], choices=["train", "validation", "test"],
                    help="validation exists for text datasets only")
     p.add_argument("--seed", type=int, default=EVAL["seed"], help="seed of the initial noise")
-    p.add_argument("--scale", default="tiny", help="label recorded with the metric (tiny | paper)")
+    p.add_argument("--params", help="a params file: the scale label, the evaluation protocol (evaluation:) and the "
+                   "model's experiment's sample settings come from it (what the workflow passes); options given "
+                   "here win")
+    p.add_argument("--scale", help="label recorded with the metric (tiny | paper; default: --params' scale, else tiny)")
     p.add_argument("--data", help="prepared dataset directory (default: load the source); for digits-latent also "
                                   "where the autoencoder that decodes its samples is")
     p.add_argument("--features", help="generation: FID features, a digits feature net ('dblocks train-feature-net') "
@@ -889,24 +920,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-stats", help="generation: cached reference statistics of the train split "
                                          "('dblocks reference-stats'); with --test-stats: train and test FID")
     p.add_argument("--test-stats", help="generation: cached reference statistics of the test split")
-    p.add_argument("--evaluations", type=int, default=EVAL["evaluations"],
+    p.add_argument("--evaluations", type=int,
                    help="generation: independent sample sets (seeds --seed, --seed+1, ...); FID is the best of them")
-    p.add_argument("--fid-batch-size", type=int, default=256, help="generation: feature-extraction batch size")
+    p.add_argument("--fid-batch-size", type=int, help="generation: feature-extraction batch size (default 256)")
     p.add_argument("--samples", type=int, help="generation: number of samples (default: sample.num_images)")
     p.add_argument("--sample-steps", type=int, help="generation: Euler steps (default: sample.steps)")
     p.add_argument("--grid", help="generation: write a PNG grid of samples here")
-    p.add_argument("--bound-samples", type=int, default=EVAL["bound_samples"],
+    p.add_argument("--bound-samples", type=int,
                    help="masked text: masking times per window and block for the BPC bound")
-    p.add_argument("--max-windows", type=int, default=EVAL["max_windows"],
+    p.add_argument("--max-windows", type=int,
                    help="text: score only the first N windows of the split")
     p.add_argument("--judge", help="AR text: an end-to-end AR model (.safetensors) that scores generative "
                    "perplexity and gives the reference-LM MAUVE features (offline stand-in for Llama-2/GPT2-XL)")
-    p.add_argument("--prompts", type=int, default=EVAL["prompts"], help="AR text: prompts from the split's windows")
-    p.add_argument("--continuations", type=int, default=EVAL["continuations"], help="AR text: continuations per prompt")
-    p.add_argument("--new-tokens", type=int, default=EVAL["new_tokens"], help="AR text: tokens per continuation")
-    p.add_argument("--hf-judges", nargs="*", default=list(EVAL["hf_judges"]),
+    p.add_argument("--prompts", type=int, help=f"AR text: prompts from the split's windows (default {EVAL['prompts']})")
+    p.add_argument("--continuations", type=int,
+                   help=f"AR text: continuations per prompt (default {EVAL['continuations']})")
+    p.add_argument("--new-tokens", type=int, help=f"AR text: tokens per continuation (default {EVAL['new_tokens']})")
+    p.add_argument("--hf-judges", nargs="*",
                    help="AR text: generative perplexity under pretrained judges (online): gpt2-xl, llama2")
-    p.add_argument("--mauve-features", nargs="*", default=list(EVAL["mauve_features"]),
+    p.add_argument("--mauve-features", nargs="*",
                    help="AR text: MAUVE featurizers: reference-lm (needs --judge), minilm (offline), "
                         "gpt2-large (online, the paper's)")
     p.add_argument("--no-progress", action="store_true")

@@ -208,6 +208,20 @@ class Params:
             values["judge"] = self.hash(judge) if judge else None
         return evaluation_settings(task, values)
 
+    def evaluate_options(self, exp: str) -> dict:
+        """What ``dblocks evaluate --params FILE`` takes from this file for a model of ``exp``: the scale label,
+        the options of its task's evaluation protocol (generation: ``evaluation.samples``, ``sample_steps``,
+        ``evaluations``, ``fid_batch_size``; text: ``evaluation.text``) and the experiment's current ``sample``
+        settings (guidance, sampling batch), which win over those recorded in the model at training time."""
+        config, evaluation = self.experiments[exp], self.evaluation
+        options: dict = {"scale": self.scale, "sample": dict(config["sample"])}
+        if config["task"] == "generation":
+            options.update({k: evaluation[k] for k in ("samples", "sample_steps", "evaluations", "fid_batch_size")
+                            if k in evaluation})
+        elif config["task"] in TEXT_TASKS:
+            options.update(self.text_evaluation)
+        return options
+
     def eval_hash(self, exp: str) -> str:
         """The evaluation-settings hash that ``exp``'s evaluate runs must carry to be this file's."""
         return evaluation_hash(self.evaluation_settings(exp))

@@ -172,18 +172,5 @@ def judge_checkpoint(wildcards):
     return [PIPE.e2e_checkpoint(judge)] if judge else []
 
 
-def text_evaluation_args(wildcards, input):
-    opts = PIPE.text_evaluation
-    args = [f"--judge {input.judge}"] if input.judge else []
-    for key in ("bound_samples", "max_windows", "prompts", "continuations", "new_tokens"):
-        if key in opts:
-            args.append(f"--{key.replace('_', '-')} {opts[key]}")
-    if "mauve_features" in opts:
-        args.append("--mauve-features " + " ".join(opts["mauve_features"]))
-    if opts.get("hf_judges"):
-        args.append("--hf-judges " + " ".join(opts["hf_judges"]))
-    return " ".join(args)
-
-
 def all_metrics(wildcards=None):
     return [PIPE.metrics(e, m) for e in EXPERIMENTS for m in PIPE.methods(e)]

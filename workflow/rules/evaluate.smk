@@ -48,8 +48,8 @@ rule evaluate_classifier:
     wildcard_constraints:
         exp=of_tasks("classification"),
     params:
+        file=PARAMS,
         data=prepared_dir,
-        scale=PIPE.scale,
         settings=settings_of("evaluate_classifier"),
     log:
         f"logs/{OUT}/{{exp}}/evaluate-{{method}}.log",
@@ -61,8 +61,8 @@ rule evaluate_classifier:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --data {params.data} --track {input.run} "
-        "--scale {params.scale} --out {output.metrics} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --params {params.file} --data {params.data} "
+        "--track {input.run} --out {output.metrics} > {log} 2>&1"
 
 
 rule inception_weights:
@@ -129,15 +129,11 @@ rule evaluate_generator:
     wildcard_constraints:
         exp=of_tasks("generation"),
     params:
-        scale=PIPE.scale,
+        file=PARAMS,
         features=lambda w, input: input.features[0],
         train_stats=lambda w, input: input.train_stats[0],
         test_stats=lambda w, input: input.test_stats[0],
         decoder=decoder_option,
-        samples=PIPE.evaluation["samples"],
-        steps=PIPE.evaluation["sample_steps"],
-        evaluations=PIPE.evaluation.get("evaluations", 1),
-        batch=PIPE.evaluation.get("fid_batch_size", 256),
         settings=settings_of("evaluate_generator"),
     log:
         f"logs/{OUT}/{{exp}}/evaluate-{{method}}.log",
@@ -149,10 +145,9 @@ rule evaluate_generator:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --track {input.run} --scale {params.scale} "
+        "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --params {params.file} --track {input.run} "
         "--features {params.features} --train-stats {params.train_stats} --test-stats {params.test_stats}{params.decoder} "
-        "--evaluations {params.evaluations} --fid-batch-size {params.batch} --samples {params.samples} "
-        "--sample-steps {params.steps} --grid {output.grid} --out {output.metrics} --no-progress > {log} 2>&1"
+        "--grid {output.grid} --out {output.metrics} --no-progress > {log} 2>&1"
 
 
 rule evaluate_text:
@@ -168,9 +163,9 @@ rule evaluate_text:
     wildcard_constraints:
         exp=of_tasks("masked_text", "ar_text", "recurrent_text"),
     params:
-        scale=PIPE.scale,
+        file=PARAMS,
         data=prepared_dir,
-        extra=text_evaluation_args,
+        judge=lambda w, input: f"--judge {input.judge}" if input.judge else "",
         settings=settings_of("evaluate_text"),
     log:
         f"logs/{OUT}/{{exp}}/evaluate-{{method}}.log",
@@ -182,5 +177,5 @@ rule evaluate_text:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --data {params.data} --track {input.run} "
-        "--scale {params.scale} {params.extra} --out {output.metrics} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --params {params.file} --data {params.data} "
+        "--track {input.run} {params.judge} --out {output.metrics} > {log} 2>&1"
