@@ -439,9 +439,12 @@ def cmd_ui(args) -> None:
     from dblocks.params import Params
     from dblocks.tracking import resolve_uri, sqlite_path
 
+    # the params file gives the store (unless --tracking-uri does) and the experiment whose runs to link
+    wanted = args.params is not None and (args.tracking_uri is None or Path(args.params).is_file())
+    params = Params.load(args.params) if wanted else None
     configured = args.tracking_uri
-    if configured is None and args.params is not None:
-        configured = Params.load(args.params).tracking_uri
+    if configured is None and params is not None:
+        configured = params.tracking_uri
     uri = resolve_uri(configured)
     if not uri.startswith("sqlite:///"):
         raise UsageError(f"tracking URI {uri}: is not a SQLite store; allowed: sqlite:///PATH (a server URI "
@@ -458,7 +461,17 @@ def cmd_ui(args) -> None:
         raise UsageError("the 'mlflow' command is not installed next to this Python")
     argv = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
             "--workers", str(args.workers)]
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI for {uri} at {base} (Ctrl-C stops it)", flush=True)
+    if params is not None:  # MLflow 3 opens an experiment on its GenAI overview: link the runs table instead
+        from mlflow import MlflowClient
+
+        from dblocks.tracking import runs_view_url
+
+        experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(params.mlflow_experiment)
+        if experiment is not None:
+            print(f"the runs of {params.mlflow_experiment!r}: {runs_view_url(experiment.experiment_id, base)}",
+                  flush=True)
     os.execv(mlflow, argv)  # the server replaces this process: signals reach it directly
 
 
