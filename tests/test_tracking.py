@@ -22,7 +22,7 @@ import pytest
 
 from dblocks.checkpoint import load_metadata
 from dblocks.cli import main
-from dblocks.config import config_hash, load_params, resolve
+from dblocks.config import config_hash
 from dblocks.params import Params
 from dblocks.tracking import (DEFAULT_URI, EXPERIMENT_KIND_TAG, JobRun, _retry, flatten, headline_metrics, init_runs,
                               resolve_uri, sync_journals)
@@ -169,7 +169,7 @@ def test_init_runs_creates_parent_runs_once(store, server, monkeypatch):
                        "experiment_id": exp.experiment_id, "parent_run_id": rec["parent_run_id"],
                        "experiment": name, "scale": "tiny", "data": "data/prepared/digits"}
         run = store.client.get_run(rec["parent_run_id"])
-        config = resolve(load_params(store.params, name))
+        config = Params.load(store.params).experiments[name]
         assert run.info.status == "FINISHED" and run.info.run_name == name
         tags = run.data.tags
         assert tags["dblocks.job"] == "parent" and tags["dblocks.experiment"] == name
@@ -308,7 +308,7 @@ def test_tracked_baseline_and_paper_mode(store, tmp_path):
 
 
 def test_job_failure_marks_run_failed_and_propagates(store):
-    config = resolve(load_params(store.params, "micro-b"))
+    config = Params.load(store.params).experiments["micro-b"]
     with pytest.raises(ZeroDivisionError):
         with JobRun(store.root / "runs" / "micro-b.json", "train", "blockwise", 2, config) as run:
             run.log_step(2, 1.5, 1e-3)
@@ -389,7 +389,7 @@ def _wait_healthy(server, timeout: float = 90.0) -> None:
 
 def test_server_returns_parent_and_child_runs(store, server, monkeypatch):
     rec = store.record["micro-b"]
-    config = resolve(load_params(store.params, "micro-b"))
+    config = Params.load(store.params).experiments["micro-b"]
     with JobRun(store.root / "runs" / "micro-b.json", "train", "blockwise", 3, config) as direct:
         direct.log_step(2, 0.5, 1e-3)
     _wait_healthy(server)
@@ -442,7 +442,7 @@ PARALLEL_JOB = textwrap.dedent("""
 
 def test_four_parallel_processes_share_one_sqlite_store(store, tmp_path):
     track = store.root / "runs" / "micro-a.json"
-    config = json.dumps(resolve(load_params(store.params, "micro-a")))
+    config = json.dumps(Params.load(store.params).experiments["micro-a"])
     go = tmp_path / "go"
     procs = [subprocess.Popen([sys.executable, "-c", PARALLEL_JOB, str(track), str(b), str(go), config],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for b in (1, 2, 3, 4)]
@@ -496,7 +496,7 @@ def test_a_journaled_evaluation_updates_the_parent_when_synced(store, tmp_path):
     data.mkdir()
     (data / "test.json").write_text(json.dumps({"kind": "dataset", "name": "digits", "split": "test",
                                                 "examples": 7, "sha256": "ab" * 32}))
-    config = resolve(load_params(store.params, "micro-b"))
+    config = Params.load(store.params).experiments["micro-b"]
     with JobRun(offline, "evaluate", "e2e", None, config) as run:
         run.log_dataset(data, "test", "evaluation")
         run.log_metrics({"accuracy": 0.625})

@@ -108,11 +108,6 @@ def read_yaml_mapping(path: str | Path, option: str) -> dict:
     return data
 
 
-def load_params(path: str | Path, experiment: str | None = None) -> dict:
-    """Read one experiment from a YAML params file (see :func:`pick_experiment`)."""
-    return pick_experiment(read_yaml_mapping(path, "--config"), path, experiment)
-
-
 def pick_experiment(data: dict, path: str | Path, experiment: str | None = None) -> dict:
     """One experiment's unresolved settings from a params file's contents.
 
