@@ -8,11 +8,7 @@ track-init, a 4-step ViT-micro block and baseline, and an evaluation."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -24,8 +20,8 @@ import pytest
 
 from dblocks.cli import main
 from dblocks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, RUNS_VIEW_KEY, runs_view_url
+from tests.ui_server import ui_server
 
-VENV_BIN = Path(sys.executable).parent
 EXPERIMENT = "dblocks-ui-test"
 PARAMS = f"""\
 scale: tiny
@@ -41,27 +37,6 @@ experiments:
     train: {{steps: 4, batch_size: 8, warmup: 1, log_every: 2, checkpoint_every: 2}}
     pipeline: {{tables: ["1"], methods: [blockwise, e2e]}}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server and its workers: the process group this test started, by its id."""
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _get(url: str, timeout: float = 30) -> dict:
@@ -100,13 +75,8 @@ def test_runs_as_the_mlflow_server_shows_them(tmp_path, monkeypatch):
     mlflow.MlflowClient(uri).create_experiment(EXPERIMENT)
     assert main(["track-init", "--params", "params.yaml", "--out-dir", "runs", "--tracking-uri", uri]) == 0
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "wb")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner process
-    proc = subprocess.Popen([str(VENV_BIN / "dblocks"), "ui", "--tracking-uri", uri, "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:  # the server boots while the jobs run
+    with ui_server(uri, tmp_path / "server.log") as server:  # the server boots while the jobs run
+        url, proc = server.url, server.proc
         assert main(["prepare", "--dataset", "digits", "--out", "data/prepared/digits"]) == 0
         common = ["--config", "params.yaml", "--experiment", "micro", "--data", "data/prepared/digits",
                   "--track", "runs/micro.json", "--no-progress"]
@@ -164,7 +134,4 @@ def test_runs_as_the_mlflow_server_shows_them(tmp_path, monkeypatch):
         evaluate, evaluate_tags = by_job[("evaluate", "e2e")]
         assert evaluate_tags["dblocks.eval_hash"] == record["eval_hash"]
         assert evaluate_tags["dblocks.config_hash"] == record["config_hash"]
-    finally:
-        _stop(proc)
-        log.close()
     assert proc.poll() is not None

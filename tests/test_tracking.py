@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +22,7 @@ from dblocks.checkpoint import load_metadata
 from dblocks.cli import main
 from dblocks.config import config_hash
 from dblocks.params import Params
+from tests.ui_server import ui_server
 from dblocks.tracking import (DEFAULT_URI, EXPERIMENT_KIND_TAG, JobRun, _retry, flatten, headline_metrics, init_runs,
                               resolve_uri, sync_journals)
 
@@ -75,43 +74,12 @@ def store(tmp_path_factory):
                            record={p.stem: json.loads(p.read_text()) for p in paths})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server and its uvicorn children: the process group this test started, by its id."""
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="module")
 def server(store):
     """The MLflow UI on the store's SQLite file as users start it (``dblocks ui``, after init_runs made
     the store), started early: it boots while the in-process tests run."""
-    port = _free_port()
-    log = open(store.root / "server.log", "wb")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner process
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([str(VENV_BIN / "dblocks"), "ui", "--tracking-uri", store.uri, "--port", str(port)],
-                            cwd=store.root, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, proc=proc, log=store.root / "server.log",
-                              stop=lambda: _stop(proc))
-    finally:
-        _stop(proc)
-        log.close()
+    with ui_server(store.uri, store.root / "server.log", cwd=store.root) as running:
+        yield running
 
 
 def _children(store, parent_id: str) -> list:
