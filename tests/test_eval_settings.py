@@ -19,8 +19,8 @@ from dblocks.cli import build_parser, evaluation_options
 from dblocks.config import resolve
 from dblocks.experiment import Experiment
 from dblocks.dvcgen import snakemake_jobs
-from dblocks.evaluate import command_settings, fid_references
-from dblocks.params import EVALUATE_DEFAULTS, evaluation_hash, evaluation_settings
+from dblocks.evaluate import fid_references
+from dblocks.params import EVALUATE_DEFAULTS, command_settings, evaluation_hash, evaluation_settings
 from dblocks.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parents[1]

@@ -551,8 +551,8 @@ def evaluation_options(args, exp) -> None:
 
 def cmd_evaluate(args) -> None:
     from dblocks.config import config_hash
-    from dblocks.evaluate import command_settings, evaluate_classifier, evaluate_generator, fid_references
-    from dblocks.params import evaluation_hash
+    from dblocks.evaluate import evaluate_classifier, evaluate_generator, fid_references
+    from dblocks.params import command_settings, evaluation_hash
     from dblocks.tracking import (EVAL_HASH_TAG, dataset_input, git_commit, headline_metrics, prepared_input,
                                   record_data)
 

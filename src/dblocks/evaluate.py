@@ -254,17 +254,3 @@ def fid_references(stats: dict[str, Path],
                 for i in found)
     counts = sorted({i["samples"] for i in found if isinstance(i["samples"], int)})
     return (None if whole or not counts else counts[0] if len(counts) == 1 else counts), found
-
-
-def command_settings(options: dict, config: dict, judge_hash: str | None = None, fid: dict | None = None) -> dict:
-    """The evaluation settings (:func:`dblocks.params.evaluation_settings`) of a ``dblocks evaluate`` run, from
-    the options it received (its argparse namespace as a dict), the model's config (whose ``sample``
-    settings fill in samples and steps not given, and give the guidance), the config hash of its ``--judge``
-    and, for a generator, ``fid`` = {fid_features, fid_reference, reference_samples} of its FID reference."""
-    from dblocks.params import evaluation_settings
-
-    sample = config["sample"]
-    return evaluation_settings(config["task"], {
-        **options, "judge": judge_hash, "samples": options.get("samples") or sample["num_images"],
-        "sample_steps": options.get("sample_steps") or sample["steps"], "guidance": sample["guidance"],
-        **(fid or {})})

@@ -64,6 +64,19 @@ def evaluation_settings(task: str, values: dict) -> dict:
     return out
 
 
+def command_settings(options: dict, config: dict, judge_hash: str | None = None, fid: dict | None = None) -> dict:
+    """The evaluation settings (:func:`evaluation_settings`) of a ``dblocks evaluate`` run, from the options it
+    runs with (its argparse namespace as a dict, or :meth:`Params.evaluate_options`), the model's config
+    (whose ``sample`` settings fill in samples and steps not given, and give the guidance), the config hash
+    of its judge and, for a generator, ``fid`` = {fid_features, fid_reference, reference_samples} of its FID
+    reference. The command and the tables both call this, so their hashes agree by construction."""
+    sample = config["sample"]
+    return evaluation_settings(config["task"], {
+        **options, "judge": judge_hash, "samples": options.get("samples") or sample["num_images"],
+        "sample_steps": options.get("sample_steps") or sample["steps"], "guidance": sample["guidance"],
+        **(fid or {})})
+
+
 def evaluation_hash(settings: dict) -> str:
     """The evaluation-settings hash of :func:`evaluation_settings` (16 hex digits, like the config hash)."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -189,24 +202,18 @@ class Params:
         return config_hash(self.experiments[exp])
 
     def evaluation_settings(self, exp: str) -> dict:
-        """The settings the pipeline's evaluate job of ``exp`` runs with (:func:`evaluation_settings`): what
-        workflow/rules/evaluate.smk passes from the ``evaluation:`` section (generation: samples, sample
-        steps, sample sets, FID features, train and test reference statistics of ``reference_samples``
-        images; text: ``evaluation.text`` and the judge experiment), the experiment's ``sample`` settings
-        where the command reads them, and the command's defaults for the rest."""
-        config, evaluation = self.experiments[exp], self.evaluation
-        task = config["task"]
-        values: dict = {"sample_steps": config["sample"]["steps"]}
-        if task == "generation":
-            values.update(samples=evaluation["samples"], sample_steps=evaluation["sample_steps"],
-                          guidance=config["sample"]["guidance"], evaluations=evaluation.get("evaluations", 1),
-                          fid_features=evaluation["fid_features"], fid_reference=["test", "train"],
-                          reference_samples=evaluation.get("reference_samples"))
-        elif task in TEXT_TASKS:
-            values.update(self.text_evaluation)
-            judge = self.judge(exp)
-            values["judge"] = self.hash(judge) if judge else None
-        return evaluation_settings(task, values)
+        """The settings the pipeline's evaluate job of ``exp`` runs with: :func:`command_settings` of the
+        options ``dblocks evaluate --params`` takes from this file (:meth:`evaluate_options`), the
+        experiment's current sample settings, its judge's config hash and, for a generator, the train and
+        test reference statistics of ``evaluation.fid_features`` over ``reference_samples`` images."""
+        options = self.evaluate_options(exp)
+        config = {**self.experiments[exp], "sample": options.pop("sample")}
+        judge = self.judge(exp)
+        fid = None
+        if config["task"] == "generation":
+            fid = {"fid_features": self.evaluation["fid_features"], "fid_reference": ["test", "train"],
+                   "reference_samples": self.evaluation.get("reference_samples")}
+        return command_settings(options, config, self.hash(judge) if judge else None, fid)
 
     def evaluate_options(self, exp: str) -> dict:
         """What ``dblocks evaluate --params FILE`` takes from this file for a model of ``exp``: the scale label,
