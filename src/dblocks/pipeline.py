@@ -1,5 +1,5 @@
 """The pipeline's view of a params file: which experiments exist, which methods and blocks each one
-trains, where every artefact lives, and the command each job runs.
+trains, where every artefact lives, and which settings each job reads.
 
 The Snakefile, the DVC stage list and the tests all read the job graph from here, so the two workflow
 engines cannot drift apart: ``dvc.yaml`` is generated from these jobs (``dblocks dvc-yaml``) and a test
@@ -38,6 +38,7 @@ READS: dict[str, tuple[str, ...] | None] = {
     "evaluate_text": EVALUATION_READS,
     "tables": None,
 }
+
 
 class Pipeline(Params):
     """A validated params file (:class:`dblocks.params.Params`) plus where every artefact lives and which
