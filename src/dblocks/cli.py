@@ -775,7 +775,7 @@ def cmd_verify(args) -> None:
             finding = type(finding)(finding.path, CORRUPT, f"missing from {group}, which its job wrote whole")
         counts[finding.status] += 1
         if finding.status == MISSING and args.verbose:
-            print(f"missing  {artefact} (not built yet)")
+            print(f"missing  {artefact} (not built yet, or deleted: the next run builds it)")
         if finding.status == OK and args.verbose:
             print(f"ok       {artefact}")
         if finding.status != CORRUPT:
@@ -786,7 +786,7 @@ def cmd_verify(args) -> None:
                 print(f"         set aside as {moved}")
         else:
             remaining += 1
-    print(f"{counts[OK]} intact, {counts[CORRUPT]} corrupt, {counts[MISSING]} not built yet "
+    print(f"{counts[OK]} intact, {counts[CORRUPT]} corrupt, {counts[MISSING]} missing "
           f"({len(pipe.artefacts())} artefacts of {args.params})")
     if counts[CORRUPT] and args.quarantine:
         print("the next 'snakemake' run rebuilds what was set aside, and everything that depends on it")

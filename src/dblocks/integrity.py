@@ -28,14 +28,12 @@ class Finding:
 def check(path: str | Path) -> Finding:
     """Whether a safetensors artefact exists and its bytes match the sha256 its JSON record holds."""
     path = Path(path)
-    if not path.exists() and not sidecar_path(path).exists():
-        return Finding(path, MISSING)
+    if not path.is_file():  # not built yet, or deleted: the workflow rebuilds it (it is a target)
+        return Finding(path, MISSING, "its JSON record remains" if sidecar_path(path).exists() else "")
     try:
         expected = load_metadata(path)["sha256"]
     except CheckpointError as exc:
         return Finding(path, CORRUPT, str(exc))
-    if not path.is_file():
-        return Finding(path, CORRUPT, "its JSON record exists but the tensor file does not")
     actual = sha256_file(path)
     if actual != expected:
         return Finding(path, CORRUPT, f"sha256 {actual[:12]}... does not match the record's {expected[:12]}...")
