@@ -341,6 +341,27 @@ def test_deleting_or_corrupting_one_block_reruns_only_that_block(micro_run):
     assert planned(micro_run, params) == []
 
 
+def test_snakemake_reruns_exactly_the_jobs_that_read_a_changed_setting(micro_run):
+    """A changed value reruns the jobs whose commands read it: the evaluations for an evaluation setting,
+    the MLflow set-up (and the evaluations that log there) for `tracking`, never a finished block."""
+    params = micro_run / "micro.yaml"
+    original = params.read_text()
+    assert planned(micro_run, params) == []
+    evaluations = [job("evaluate_classifier", exp="vit-cifar100", method="blockwise"),
+                   job("evaluate_classifier", exp="vit-cifar100", method="e2e"),
+                   job("evaluate_generator", exp="dit-t10-b2", method="blockwise")]
+    try:
+        params.write_text(original.replace("samples: 40", "samples: 24"))
+        assert planned(micro_run, params) == sorted(evaluations + [job("tables")])
+        params.write_text(original.replace("experiment: micro}", "experiment: micro-renamed}"))
+        assert planned(micro_run, params) == sorted(evaluations + [
+            job("tracking_store"), job("tracking_parent", exp="vit-cifar100"),
+            job("tracking_parent", exp="dit-t10-b2"), job("tables")])
+    finally:
+        params.write_text(original)
+    assert planned(micro_run, params) == []
+
+
 def test_dvc_reruns_exactly_the_stages_that_read_a_changed_setting(micro_run, tmp_path):
     """dvc.yaml's params dependencies: change one value of each top-level section of the params file and
     `dvc status` names exactly the stages whose commands read that section."""

@@ -109,6 +109,12 @@ def settings_of(rule):
     return lambda wildcards: PIPE.settings_digest(rule, wildcards.get("exp"))
 
 
+def run_record(wildcards):
+    """The experiment's MLflow run record, as an input whose age does not count (`ancient`): it says where a
+    job logs, not what it computes, so a rewritten record (a changed `tracking:` section) reruns no training."""
+    return ancient(f"results/{OUT}/runs/{wildcards.exp}.json")
+
+
 def config_hash(wildcards):
     """Not read by the command: a changed experiment changes this value, and Snakemake's params trigger then
     reruns exactly that experiment's jobs."""

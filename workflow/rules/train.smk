@@ -1,11 +1,12 @@
 # One job per (experiment, block): each trains only its own block and never sees another block.
-# `params.config_hash` makes Snakemake rerun exactly the jobs whose experiment changed.
+# `params.config_hash` makes Snakemake rerun exactly the jobs whose experiment changed; the MLflow run record
+# only says where to log, so rewriting it (a changed `tracking:` section) never retrains a block.
 
 
 rule train_block:
     input:
         data=prepared_split("train"),
-        run=f"results/{OUT}/runs/{{exp}}.json",
+        run=run_record,
     output:
         checkpoint=f"checkpoints/{OUT}/{{exp}}/block-{{block}}.safetensors",
         metadata=f"checkpoints/{OUT}/{{exp}}/block-{{block}}.json",
@@ -31,7 +32,7 @@ rule train_block:
 rule train_baseline:
     input:
         data=prepared_split("train"),
-        run=f"results/{OUT}/runs/{{exp}}.json",
+        run=run_record,
     output:
         checkpoint=f"checkpoints/{OUT}/{{exp}}/e2e.safetensors",
         metadata=f"checkpoints/{OUT}/{{exp}}/e2e.json",
@@ -58,7 +59,7 @@ rule train_shared:
     block checkpoints at once, so its output is their directory."""
     input:
         data=prepared_split("train"),
-        run=f"results/{OUT}/runs/{{exp}}.json",
+        run=run_record,
     output:
         blocks=directory(f"checkpoints/{OUT}/{{exp}}/paper"),
     params:
