@@ -8,19 +8,16 @@ track-init, a 4-step ViT-micro block and baseline, and an evaluation."""
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import mlflow
 import pytest
 
 from dblocks.cli import main
 from dblocks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, RUNS_VIEW_KEY, runs_view_url
-from tests.ui_server import ui_server
+from tests.ui_server import ui_server, wait_healthy
 
 EXPERIMENT = "dblocks-ui-test"
 PARAMS = f"""\
@@ -51,21 +48,6 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(resp.read())
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited ({proc.returncode}): {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"mlflow server not healthy after {timeout} s: {log.read_text()[-2000:]}")
-
-
 def test_runs_as_the_mlflow_server_shows_them(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the pipeline's layout: data/prepared/<dataset>, the store beside it
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -86,7 +68,7 @@ def test_runs_as_the_mlflow_server_shows_them(tmp_path, monkeypatch):
                      "runs/micro.json", "--out", "metrics/e2e.json"]) == 0
         record = json.loads((tmp_path / "metrics/e2e.json").read_text())
         prepared = {s: json.loads((tmp_path / f"data/prepared/digits/{s}.json").read_text()) for s in ("train", "test")}
-        _wait_healthy(url, proc, tmp_path / "server.log")
+        wait_healthy(server)
 
         experiment = _get(f"{url}/api/2.0/mlflow/experiments/get-by-name?"
                           + urllib.parse.urlencode({"experiment_name": EXPERIMENT}))["experiment"]

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +21,7 @@ from dblocks.checkpoint import load_metadata
 from dblocks.cli import main
 from dblocks.config import config_hash
 from dblocks.params import Params
-from tests.ui_server import ui_server
+from tests.ui_server import ui_server, wait_healthy
 from dblocks.tracking import (DEFAULT_URI, EXPERIMENT_KIND_TAG, JobRun, _retry, flatten, headline_metrics, init_runs,
                               resolve_uri, sync_journals)
 
@@ -340,27 +339,12 @@ def _listening(port: int) -> list[str]:
     return sorted(set(found))
 
 
-def _wait_healthy(server, timeout: float = 90.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if server.proc.poll() is not None:
-            pytest.fail(f"mlflow server exited ({server.proc.returncode}): {server.log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"mlflow server not healthy after {timeout} s: {server.log.read_text()[-2000:]}")
-
-
 def test_server_returns_parent_and_child_runs(store, server, monkeypatch):
     rec = store.record["micro-b"]
     config = Params.load(store.params).experiments["micro-b"]
     with JobRun(store.root / "runs" / "micro-b.json", "train", "blockwise", 3, config) as direct:
         direct.log_step(2, 0.5, 1e-3)
-    _wait_healthy(server)
+    wait_healthy(server)
     assert _listening(server.port) == ["127.0.0.1"]  # loopback only, unless the user passes --host
     # a job may also log through the server (same store, same parent)
     via_server = store.root / "runs" / "micro-b-http.json"

@@ -9,8 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -51,3 +56,19 @@ def ui_server(uri: str, log: Path, cwd: Path | None = None):
                                   stop=lambda: stop(proc))
         finally:
             stop(proc)
+
+
+def wait_healthy(server, timeout: float = 90.0) -> None:
+    """Until the server answers /health (a test fails with the server's log if it exits or never does)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.proc.poll() is not None:
+            pytest.fail(f"mlflow server exited ({server.proc.returncode}): {server.log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"mlflow server not healthy after {timeout} s: {server.log.read_text()[-2000:]}")
