@@ -109,3 +109,21 @@ def test_fid_references_read_records_only(tmp_path):
     other = {"test": _stats(tmp_path / "other.safetensors", "test", "f" * 64, 10)}
     samples, (info,) = fid_references(other, [data])
     assert samples == 10 and info["prepared"] is None and info["sha256"] == "f" * 64
+
+
+def test_the_scale_label_is_never_guessed(tmp_path, monkeypatch):
+    """--scale, else --params' scale, else the --track record's (its params file's), else "unknown"."""
+    monkeypatch.chdir(REPO)
+    parser = build_parser()
+
+    def scale(*extra) -> str:
+        args = parser.parse_args(["evaluate", "m.safetensors", "--out", "m.json", *extra])
+        evaluation_options(args, Experiment(resolve({"name": "vit-cifar100"})))
+        return args.scale
+
+    record = tmp_path / "run.json"
+    record.write_text(json.dumps({"scale": "paper", "experiment": "vit-cifar100"}))
+    assert scale() == "unknown"
+    assert scale("--track", str(record)) == "paper"
+    assert scale("--params", "params/tiny.yaml", "--track", str(record)) == "tiny"
+    assert scale("--scale", "paper", "--params", "params/tiny.yaml") == "paper"

@@ -531,8 +531,10 @@ EVALUATE_OPTIONS = ("scale", "samples", "sample_steps", "evaluations", "fid_batc
 def evaluation_options(args, exp) -> None:
     """Fill evaluate's options that were not given from ``--params`` (the file the workflow runs: its scale,
     evaluation protocol and the experiment's sample settings, so a changed setting takes effect without a new
-    command line), else the command's defaults."""
+    command line), else the command's defaults. The scale label is never guessed: without --scale or
+    --params it is the --track record's (its params file's), else "unknown"."""
     from dblocks.params import EVALUATE_DEFAULTS, Params
+    from dblocks.tracking import record_value
 
     from_file: dict = {}
     if args.params is not None:
@@ -542,7 +544,8 @@ def evaluation_options(args, exp) -> None:
                              f"{', '.join(params.experiments)}")
         from_file = params.evaluate_options(exp.name)
         exp.config["sample"] = from_file.pop("sample")
-    defaults = {**EVALUATE_DEFAULTS, "scale": "tiny", "fid_batch_size": 256}
+    scale = record_value(getattr(args, "track", None), "scale") or "unknown"
+    defaults = {**EVALUATE_DEFAULTS, "scale": scale, "fid_batch_size": 256}
     for key in EVALUATE_OPTIONS:
         if getattr(args, key) is None:
             value = from_file.get(key, defaults.get(key))
@@ -925,7 +928,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", help="a params file: the scale label, the evaluation protocol (evaluation:) and the "
                    "model's experiment's sample settings come from it (what the workflow passes); options given "
                    "here win")
-    p.add_argument("--scale", help="label recorded with the metric (tiny | paper; default: --params' scale, else tiny)")
+    p.add_argument("--scale", help="label recorded with the metric (tiny | paper; default: --params' scale, else the "
+                                   "--track record's, else unknown)")
     p.add_argument("--data", help="prepared dataset directory (default: load the source); for digits-latent also "
                                   "where the autoencoder that decodes its samples is")
     p.add_argument("--features", help="generation: FID features, a digits feature net ('dblocks train-feature-net') "

@@ -211,16 +211,21 @@ def prepared_input(directory: str | Path, split: str, context: str) -> dict | No
                          context, **size)
 
 
-def record_data(run_json_path: str | Path | None) -> str | None:
-    """The prepared data directory that a ``track-init`` record names (``data``), or None."""
+def record_value(run_json_path: str | Path | None, key: str) -> str | None:
+    """A non-empty string field of a ``track-init`` record (e.g. ``data``, ``scale``), or None."""
     if run_json_path is None:
         return None
     try:
         record = json.loads(Path(run_json_path).read_text())
     except (OSError, ValueError):
         return None
-    data = record.get("data") if isinstance(record, dict) else None
-    return data if isinstance(data, str) and data else None
+    value = record.get(key) if isinstance(record, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def record_data(run_json_path: str | Path | None) -> str | None:
+    """The prepared data directory that a ``track-init`` record names (``data``), or None."""
+    return record_value(run_json_path, "data")
 
 
 _DUPLICATE = ("unique constraint", "integrityerror", "duplicate key", "already exists")
