@@ -765,17 +765,18 @@ def cmd_tables(args) -> None:
 def cmd_verify(args) -> None:
     """Hash every artefact of a params file against its JSON record; with --quarantine set the corrupt
     ones aside so that the next workflow run rebuilds exactly them and what depends on them."""
-    from dblocks.integrity import CORRUPT, MISSING, OK, check, quarantine
+    from dblocks.integrity import CORRUPT, MISSING, OK, Finding, check, quarantine
     from dblocks.pipeline import Pipeline
 
     pipe = Pipeline.load(args.params)
+    artefacts = pipe.artefacts()
     counts = {OK: 0, MISSING: 0, CORRUPT: 0}
     remaining = 0
-    for artefact in pipe.artefacts():
+    for artefact in artefacts:
         finding = check(artefact)
         group = pipe.group_of(artefact)
         if finding.status == MISSING and group is not None and Path(group).is_dir():
-            finding = type(finding)(finding.path, CORRUPT, f"missing from {group}, which its job wrote whole")
+            finding = Finding(finding.path, CORRUPT, f"missing from {group}, which its job wrote whole")
         counts[finding.status] += 1
         if finding.status == MISSING and args.verbose:
             print(f"missing  {artefact} (not built yet, or deleted: the next run builds it)")
@@ -790,7 +791,7 @@ def cmd_verify(args) -> None:
         else:
             remaining += 1
     print(f"{counts[OK]} intact, {counts[CORRUPT]} corrupt, {counts[MISSING]} missing "
-          f"({len(pipe.artefacts())} artefacts of {args.params})")
+          f"({len(artefacts)} artefacts of {args.params})")
     if counts[CORRUPT] and args.quarantine:
         print("the next 'snakemake' run rebuilds what was set aside, and everything that depends on it")
     if remaining:

@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-
 from dblocks.paper import PAPER_TABLES, table_sort_key
 
 TAG = "dblocks."
