@@ -15,12 +15,14 @@ from torch import nn
 
 import dblocks
 from dblocks.blocks import AssembledModel, BlockDenoiser
-from dblocks.checkpoint import CheckpointError, load_checkpoint, load_metadata, save_checkpoint
+from dblocks.checkpoint import AVERAGE_PREFIX, CheckpointError, load_checkpoint, load_metadata, save_checkpoint
 from dblocks.config import config_hash
 from dblocks.experiment import Experiment
 from dblocks.tracking import git_commit
 
 TASK_PREFIX = "task/"
+#: ``sample.weights``: which weights a trained model is used with
+WEIGHTS = ("auto", "ema", "raw")
 
 
 class AssemblyError(ValueError):
@@ -38,23 +40,28 @@ def provenance(exp: Experiment) -> dict:
     }
 
 
-def _tensors(model: nn.Module, exp: Experiment, prefix: str = "") -> dict[str, torch.Tensor]:
-    out = {prefix + k: v for k, v in model.state_dict().items()}
-    out.update({prefix + k: v for k, v in exp.task.buffers().items()})
+def _tensors(model: nn.Module, exp: Experiment, averaged: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """A trained module's tensors: its weights, the weight average beside them (``ema/...``) when training
+    kept one, and the task's shared target space."""
+    out = dict(model.state_dict())
+    if averaged is not None:
+        out.update({AVERAGE_PREFIX + k: v for k, v in averaged.state_dict().items()})
+    out.update(exp.task.buffers())
     return out
 
 
 def save_block(path: Path, model: BlockDenoiser, exp: Experiment, block: int, method: str, step: int,
-               extra: dict | None = None) -> dict:
+               extra: dict | None = None, averaged: BlockDenoiser | None = None) -> dict:
     meta = {**provenance(exp), "kind": "block", "method": method, "block": block,
             "blocks": exp.partition.blocks, "partition": exp.partition.to_dict(), "layer_split": exp.split,
             "layers": exp.layer_indices(block), "step": step, **(extra or {})}
-    return save_checkpoint(path, _tensors(model, exp), meta)
+    return save_checkpoint(path, _tensors(model, exp, averaged), meta)
 
 
-def save_e2e(path: Path, model: BlockDenoiser, exp: Experiment, step: int, extra: dict | None = None) -> dict:
+def save_e2e(path: Path, model: BlockDenoiser, exp: Experiment, step: int, extra: dict | None = None,
+             averaged: BlockDenoiser | None = None) -> dict:
     meta = {**provenance(exp), "kind": "e2e", "method": "e2e", "step": step, **(extra or {})}
-    return save_checkpoint(path, _tensors(model, exp), meta)
+    return save_checkpoint(path, _tensors(model, exp, averaged), meta)
 
 
 def _require_same(field: str, meta: dict, ref: dict, path: Path, ref_path: Path) -> None:
@@ -134,29 +141,44 @@ def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -
         raise CheckpointError(path, f"weights do not fit the architecture in its config: {exc}") from None
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Experiment, dict]:
-    """Rebuild a model from an assembled, block or end-to-end checkpoint (safetensors + JSON, no pickle).
+def choose_weights(tensors: dict[str, torch.Tensor], weights: str, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """One trained module's raw weights or their average (``sample.weights``), and which of the two it is."""
+    if weights not in WEIGHTS:
+        raise CheckpointError(path, f"weights {weights!r} asked for; allowed: {', '.join(WEIGHTS)}")
+    average = {k[len(AVERAGE_PREFIX):]: v for k, v in tensors.items() if k.startswith(AVERAGE_PREFIX)}
+    if weights == "ema" and not average:
+        raise CheckpointError(path, "sample.weights=ema but training kept no weight average "
+                                    "(train.ema_decay is 0); allowed: raw, auto", field="tensors")
+    if average and weights != "raw":
+        return average, "ema"
+    return {k: v for k, v in tensors.items() if not k.startswith(AVERAGE_PREFIX)}, "raw"
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu",
+               weights: str = "auto") -> tuple[nn.Module, Experiment, dict]:
+    """Rebuild a model from an assembled, block or end-to-end checkpoint (safetensors + JSON, no pickle),
+    with its raw weights or their average (``weights``, one of :data:`WEIGHTS`); the returned metadata's
+    ``weights`` field says which were loaded.
 
     Returns an AssembledModel for assembled and block files (a lone block routes every sigma to itself,
     for inspection) and a BlockDenoiser for end-to-end files."""
     path = Path(path)
     tensors, meta = load_checkpoint(path)
     exp = Experiment(meta["config"])
-    weights = {k: v for k, v in tensors.items() if not k.startswith(TASK_PREFIX)}
+    trained = {k: v for k, v in tensors.items() if not k.startswith(TASK_PREFIX)}
     kind = meta.get("kind")
-    if kind == "e2e":
-        model: nn.Module = exp.e2e()
-        _load_into(model, weights, path)
+    if kind in ("e2e", "block"):
+        model: nn.Module = exp.e2e() if kind == "e2e" else exp.block(meta["block"])
+        state, used = choose_weights(trained, weights, path)
+        _load_into(model, state, path)
     elif kind == "assembled":
         blocks = exp.empty_blocks()
         for b, blk in enumerate(blocks, 1):
             prefix = f"block{b}/"
-            _load_into(blk, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, path)
+            state, used = choose_weights({k[len(prefix):]: v for k, v in trained.items() if k.startswith(prefix)},
+                                         weights, path)
+            _load_into(blk, state, path)
         model = AssembledModel(blocks, exp.partition)
-    elif kind == "block":
-        blk = exp.block(meta["block"])
-        _load_into(blk, weights, path)
-        model = blk
     else:
         raise CheckpointError(path, f"unknown checkpoint kind {kind!r}", field="kind")
-    return model.to(device).eval(), exp, meta
+    return model.to(device).eval(), exp, {**meta, "weights": used}

@@ -383,6 +383,8 @@ _OPTIM = "optim/"
 _RNG_TORCH = "rng/torch"
 _RNG_CUDA = "rng/cuda/"
 _RNG_GEN = "rng/gen/"
+# the weight average (dblocks.ema), in a training state and beside the raw weights in a trained checkpoint
+AVERAGE_PREFIX = "ema/"
 
 
 def _with_prefix(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -455,14 +457,17 @@ def save_training_state(
     step: int,
     generators: Mapping[str, torch.Generator],
     extra: Mapping[str, Any] | None = None,
+    average: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Save everything needed to resume training bit-identically, as one (atomic, hashed) checkpoint:
-    model and optimizer tensors and RNG states in the tensor file, the rest in the JSON."""
+    model and optimizer tensors, the weight average (``average``, if training keeps one) and RNG states
+    in the tensor file, the rest in the JSON."""
     extra = dict(extra or {})
     if "step" in extra:
         raise CheckpointError(path, "'step' is passed separately, not in extra", field="extra.step")
     optim_tensors, optim_plain = _split_optimizer_state(optimizer.state_dict())
-    tensors = {**_with_prefix(_MODEL, model.state_dict()), **optim_tensors, **_rng_tensors(generators)}
+    tensors = {**_with_prefix(_MODEL, model.state_dict()), **optim_tensors, **_rng_tensors(generators),
+               **_with_prefix(AVERAGE_PREFIX, average or {})}
     metadata = {
         "kind": TRAINING_STATE_KIND,
         "step": int(step),
@@ -520,6 +525,17 @@ def _check_generators_match(path: Path, generators: Mapping[str, torch.Generator
         )
 
 
+def _check_average_matches(path: Path, average: Mapping[str, torch.Tensor] | None,
+                           saved: Mapping[str, torch.Tensor]) -> None:
+    live = {name: (list(t.shape), t.dtype) for name, t in (average or {}).items()}
+    kept = {name: (list(t.shape), t.dtype) for name, t in saved.items()}
+    if live != kept:
+        what = ("a weight average was saved but training keeps none" if average is None else
+                "training keeps a weight average but none was saved" if not saved else
+                "the saved weight average does not match the model's")
+        raise CheckpointError(path, f"{what} (train.ema_decay changed?)", field=AVERAGE_PREFIX.rstrip("/"))
+
+
 def _restore_rng(tensors: Mapping[str, torch.Tensor], generators: Mapping[str, torch.Generator]) -> None:
     import torch
 
@@ -539,8 +555,10 @@ def load_training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     generators: Mapping[str, torch.Generator],
+    average: Mapping[str, torch.Tensor] | None = None,
 ) -> dict:
-    """Restore a state written by :func:`save_training_state` in place; returns ``{"step", **extra}``.
+    """Restore a state written by :func:`save_training_state` in place (``average``'s tensors included);
+    returns ``{"step", **extra}``.
 
     Everything is checked against the live objects before anything is modified, so a mismatching
     checkpoint raises CheckpointError and leaves model, optimizer and RNGs as they were."""
@@ -566,6 +584,8 @@ def load_training_state(
     _check_model_matches(path, model, model_state)
     _check_optimizer_matches(path, optimizer, optim_state["param_groups"])
     _check_generators_match(path, generators, _under_prefix(_RNG_GEN, tensors))
+    saved_average = _under_prefix(AVERAGE_PREFIX, tensors)
+    _check_average_matches(path, average, saved_average)
     if (scheduler is None) != (record["scheduler"] is None):
         raise CheckpointError(path, "scheduler given but none saved, or the reverse", field="scheduler")
 
@@ -575,4 +595,6 @@ def load_training_state(
     if scheduler is not None:
         scheduler.load_state_dict(record["scheduler"])
     _restore_rng(tensors, generators)
+    for name, tensor in (average or {}).items():
+        tensor.copy_(saved_average[name])
     return {"step": record["step"], **record["extra"]}

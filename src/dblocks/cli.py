@@ -260,6 +260,18 @@ def cmd_prepare(args) -> None:
         raise UsageError(f"--autoencoder-steps {args.autoencoder_steps}: allowed: an integer >= 1")
     if args.seed < 0:
         raise UsageError(f"--seed {args.seed}: allowed: an integer >= 0")
+    if args.autoencoder is not None and args.dataset != "imagenet256":
+        raise UsageError(f"--autoencoder: {args.dataset} is not encoded by a chosen autoencoder; allowed with: "
+                         f"imagenet256")
+    if args.dataset == "imagenet256":
+        from dblocks.data.latents import IMAGENET_AUTOENCODERS, prepare_imagenet_latents
+
+        autoencoder = args.autoencoder or IMAGENET_AUTOENCODERS[0]
+        if autoencoder not in IMAGENET_AUTOENCODERS:
+            raise UsageError(f"--autoencoder {autoencoder!r}: allowed: {', '.join(IMAGENET_AUTOENCODERS)}")
+        for path in prepare_imagenet_latents(args.data_root, args.out, autoencoder):
+            print(f"wrote {path} (encoded by {autoencoder})")
+        return
     if trains_autoencoder:
         from dblocks.data.digits_latent import STEPS, prepare_digits_latent
 
@@ -487,26 +499,38 @@ def cmd_assemble(args) -> None:
     print(f"wrote {out}: {meta['experiment']}, {meta['blocks']} blocks, method {meta['method']}")
 
 
-def _load(args):
-    return _load_path(args.model, "MODEL")
-
-
-def _load_path(model: str, option: str):
+def _load_path(model: str, option: str, weights: str = "auto"):
     from dblocks.assemble import load_model
     from dblocks.checkpoint import CheckpointError
 
     (path,) = _existing([model], option)
     try:
-        return load_model(path)
+        return load_model(path, weights=weights)
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _recorded_config(model: str, option: str) -> dict:
+    """A model's config from its JSON record alone (no tensor is read): what to load it with."""
+    from dblocks.checkpoint import CheckpointError, load_metadata
+
+    (path,) = _existing([model], option)
+    try:
+        return load_metadata(path)["config"]
+    except (CheckpointError, KeyError) as exc:
+        raise UsageError(f"{option} {model}: {exc}") from None
+
+
+def _weights(args, config: dict) -> str:
+    """--weights, else the experiment's sample.weights (records written before it existed: auto)."""
+    return args.weights or config["sample"].get("weights", "auto")
 
 
 def cmd_sample(args) -> None:
     from dblocks.evaluate import class_balanced_samples, save_class_grid
 
     out = _output(args.out, ".png")
-    model, exp, meta = _load(args)
+    model, exp, meta = _load_path(args.model, "MODEL", _weights(args, _recorded_config(args.model, "MODEL")))
     if exp.config["task"] != "generation":
         raise UsageError(f"MODEL {args.model}: is a {exp.config['task']} model; 'sample' needs a generation model")
     _existing_dir(args.data, "--data")
@@ -519,7 +543,8 @@ def cmd_sample(args) -> None:
     images, model, _, seconds = class_balanced_samples(model, exp, n, steps, args.seed, args.guidance,
                                                        progress=not args.no_progress)
     save_class_grid(decode(images) if decode is not None else images, exp, out)
-    print(f"wrote {out}: {n} samples, {steps} steps, block calls {model.calls}, {seconds:.1f} s")
+    print(f"wrote {out}: {n} samples, {steps} steps, {meta['weights']} weights, block calls {model.calls}, "
+          f"{seconds:.1f} s")
 
 
 #: evaluate's options that are evaluation settings or labels: given on the command line, else from --params,
@@ -559,10 +584,15 @@ def cmd_evaluate(args) -> None:
     from dblocks.tracking import (EVAL_HASH_TAG, dataset_input, git_commit, headline_metrics, prepared_input,
                                   record_data)
 
+    from dblocks.experiment import Experiment
+
     out = _output(args.out, ".json")
     track = _track_path(args)
-    model, exp, meta = _load(args)
-    evaluation_options(args, exp)
+    wanted = Experiment(_recorded_config(args.model, "MODEL"))
+    evaluation_options(args, wanted)  # the sample settings (weights among them) this evaluation runs with
+    args.weights = _weights(args, wanted.config)
+    model, exp, meta = _load_path(args.model, "MODEL", args.weights)
+    exp.config["sample"] = wanted.config["sample"]
     generation = exp.config["task"] == "generation"
     text = exp.tokenizer is not None
     _existing_dir(args.data, "--data")
@@ -676,6 +706,7 @@ def cmd_evaluate(args) -> None:
             summary = f"accuracy {100 * result['accuracy']:.2f}% on {len(data)} {args.split} examples"
         record = {"experiment": exp.name, "method": meta.get("method"), "split": args.split, "scale": args.scale,
                   "device": str(device), "model": str(args.model), "model_sha256": meta["sha256"],
+                  "weights": meta["weights"],
                   "config_hash": config_hash(exp.config), "git_commit": git_commit(), "eval_hash": eval_hash,
                   "evaluation": settings, **result}
         write_json_atomic(out, record)
@@ -683,6 +714,7 @@ def cmd_evaluate(args) -> None:
             run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
             run.log_parent_metrics(headline_metrics(meta.get("method"), result))
             run.set_tags({"model_sha256": record["model_sha256"], "split": args.split, "model_path": str(args.model),
+                          "dblocks.weights": meta["weights"],
                           "dblocks.device": str(device), **({"fid_label": result["fid_label"]} if generation else {})})
             run.log_artifact(out, "evaluation")
             if generation and args.grid:
@@ -820,6 +852,12 @@ def cmd_dvc_yaml(args) -> None:
 
 # ------------------------------------------------------------------------------------------ parser
 
+def _weights_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", choices=["auto", "ema", "raw"],
+                   help="the trained weights or their average (default: the experiment's sample.weights; auto = "
+                        "the average where training kept one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="dblocks", description=__doc__.split(".")[0] + ".",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -848,6 +886,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoencoder-steps", type=int,
                    help="digits-latent: training steps of its autoencoder (default: dblocks.data.digits_latent.STEPS)")
     p.add_argument("--seed", type=int, default=0, help="digits-latent: seed of its autoencoder's training")
+    p.add_argument("--autoencoder", help="imagenet256: sd-vae-ft-ema (default; diffusers, online once) or "
+                                         "untrained-conv (a stand-in of its geometry, written beside the splits)")
 
     p = command("train-block", cmd_train_block, "train one block denoiser on its own noise interval")
     p.add_argument("--block", type=int, required=True, help="block index, 1 = highest noise")
@@ -913,6 +953,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "to 10 rows of one sample per class")
     p.add_argument("--steps", type=int, help="Euler steps (default: sample.steps)")
     p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: sample.guidance)")
+    _weights_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="digits-latent: its prepared directory, whose autoencoder decodes the samples")
     p.add_argument("--no-progress", action="store_true")
@@ -925,6 +966,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="metrics JSON path")
     p.add_argument("--split", default=EVAL["split"], choices=["train", "validation", "test"],
                    help="validation exists for text datasets only")
+    _weights_option(p)
     p.add_argument("--seed", type=int, default=EVAL["seed"], help="seed of the initial noise")
     p.add_argument("--params", help="a params file: the scale label, the evaluation protocol (evaluation:) and the "
                    "model's experiment's sample settings come from it (what the workflow passes); options given "

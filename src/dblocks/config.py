@@ -35,9 +35,10 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "noise": {"p_mean": -1.2, "p_std": 1.2, "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5},
     "train": {"steps": 1500, "batch_size": 128, "lr": 5e-4, "weight_decay": 0.0, "warmup": 50,
-              "schedule": "cosine", "grad_clip": 1.0, "max_loss_weight": None, "checkpoint_every": 250,
-              "log_every": 25},
-    "sample": {"steps": 50, "guidance": 2.0, "num_images": 64, "batch_size": 256, "seed": 0},
+              "schedule": "cosine", "min_lr": None, "augment": "none", "ema_decay": 0.0, "ema_rampup": 0.05,
+              "precision": "fp32", "tf32": True, "grad_clip": 1.0, "max_loss_weight": None,
+              "checkpoint_every": 250, "log_every": 25},
+    "sample": {"steps": 50, "guidance": 2.0, "num_images": 64, "batch_size": 256, "seed": 0, "weights": "auto"},
 }
 
 #: keys that do not change what a block learns; left out of the config hash
@@ -193,6 +194,16 @@ def validate(config: dict) -> dict:
         allowed = TEXT_DATASETS if text_task else [d for d in datasets if d not in TEXT_DATASETS]
         raise ConfigError(f"dataset={config['dataset']!r} does not fit task={config['task']!r}; "
                           f"allowed: {', '.join(allowed)}")
+    augment = config["train"]["augment"]
+    allowed_augment = (("none",) if text_task else ("none", "flip") if config["dataset"] in LATENT_DATASETS
+                       else None)
+    if allowed_augment and augment not in allowed_augment:
+        raise ConfigError(f"train.augment={augment!r} does not apply to dataset={config['dataset']!r}; "
+                          f"allowed: {', '.join(allowed_augment)}")
+    min_lr = config["train"]["min_lr"]
+    if min_lr is not None and min_lr > config["train"]["lr"]:
+        raise ConfigError(f"train.min_lr={min_lr} is above train.lr={config['train']['lr']}; "
+                          f"allowed: 0 <= min_lr <= lr")
     if config["task"] == "recurrent_text" and config["blocks"] != 1:
         raise ConfigError(f"blocks={config['blocks']}: a recurrent-depth model is one denoiser (its K iterations "
                           f"are K Euler steps of the same block); allowed: 1")

@@ -8,27 +8,38 @@ baselines). The Snakefile, DVC generation, ``track-init``, ``tables``, ``ui`` an
 ``--config`` read params through this module and nothing else, so there is one set of defaults and one
 set of error messages.
 
-Loading is cheap and pure: it reads the YAML file only (never an artefact) and imports no torch, so every
+A params file may build on another (an overlay): ``base: paper.yaml`` (relative to the overlay) names the file
+it starts from; its own top-level sections are deep-merged over the base's (mappings merge, scalars and lists
+replace), and three keys reshape the base's experiments: ``only`` (keep just these), ``override`` (a mapping
+deep-merged over every experiment after its own settings) and ``data_roots`` (``{dataset: path}``: the
+data_root of every experiment reading that dataset). What the rest of the project sees is the merged result
+(:attr:`Params.raw`), so a changed value in either file changes the same hashes and digests; :attr:`Params.files`
+lists the files it came from and :meth:`Params.param_sources` says which keys of which file hold a value.
+
+Loading is cheap and pure: it reads the YAML files only (never an artefact) and imports no torch, so every
 Snakemake parse, including the one each SLURM job does, can afford it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
 import jsonschema
 
-from dblocks.config import (TEXT_TASKS, ConfigError, check_finite, config_hash, describe_error, pick_experiment,
-                            read_yaml_mapping, resolve)
+from dblocks.config import (DEFAULTS, TEXT_TASKS, ConfigError, check_finite, config_hash, deep_merge,
+                            describe_error, pick_experiment, read_yaml_mapping, resolve)
 
 SCHEMA_FILE = "schema/params.schema.json"
 BLOCKWISE, E2E, PAPER = "blockwise", "e2e", "paper"
 #: settings that shape only the block-wise model; end-to-end training never reads them
 BLOCKWISE_ONLY = frozenset({"blocks", "partition", "overlap", "layer_split"})
+#: the keys with which a file builds on another; they reshape the merged settings and are never part of them
+OVERLAY_KEYS = ("base", "only", "override", "data_roots")
 
 
 #: ``dblocks evaluate``'s defaults for the evaluation settings it may be given (its option defaults are these)
@@ -49,12 +60,12 @@ EVALUATION_KEYS["recurrent_text"] = EVALUATION_KEYS["ar_text"]
 
 def evaluation_settings(task: str, values: dict) -> dict:
     """What an evaluation of a ``task`` model depends on beyond the model itself: its task's keys of
-    :data:`EVALUATION_KEYS` (and split, seed) taken from ``values``, else :data:`EVALUATE_DEFAULTS`; lists are
+    :data:`EVALUATION_KEYS` (and split, seed, the weights asked for) taken from ``values``, else :data:`EVALUATE_DEFAULTS`; lists are
     sorted (they are sets), numbers of a float setting are floats. The one definition behind
     :func:`evaluation_hash`: ``dblocks evaluate`` builds ``values`` from the options it received,
     :meth:`Params.evaluation_settings` from a params file."""
     out: dict = {"task": task}
-    for key in ("split", "seed", *EVALUATION_KEYS[task]):
+    for key in ("split", "seed", "weights", *EVALUATION_KEYS[task]):
         value = values.get(key, EVALUATE_DEFAULTS.get(key))
         if isinstance(value, (list, tuple)):
             value = sorted(value)
@@ -72,7 +83,8 @@ def command_settings(options: dict, config: dict, judge_hash: str | None = None,
     reference. The command and the tables both call this, so their hashes agree by construction."""
     sample = config["sample"]
     return evaluation_settings(config["task"], {
-        **options, "judge": judge_hash, "samples": options.get("samples") or sample["num_images"],
+        **options, "judge": judge_hash, "weights": options.get("weights") or sample.get("weights", "auto"),
+        "samples": options.get("samples") or sample["num_images"],
         "sample_steps": options.get("sample_steps") or sample["steps"], "guidance": sample["guidance"],
         **(fid or {})})
 
@@ -86,36 +98,125 @@ def schema() -> dict:
     return json.loads(resources.files("dblocks").joinpath(SCHEMA_FILE).read_text())
 
 
+def read_layers(path: str | Path, option: str = "--params") -> list[tuple[Path, dict]]:
+    """The files a params file is built from, as (path, contents), the root base first and ``path`` last.
+    A ``base`` is relative to the file naming it; a chain that comes back to a file is refused."""
+    path, chain = Path(path), []
+    while True:
+        raw = read_yaml_mapping(path, option)
+        check_finite(raw, f"{path}: ")
+        chain.append((path, raw))
+        if "base" not in raw:
+            return chain[::-1]
+        base = raw["base"]
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{path}: base={base!r} has the wrong type; allowed: the path of a params file, "
+                              f"relative to {path.parent}")
+        following = Path(os.path.normpath(path.parent / base))
+        if any(following.resolve() == p.resolve() for p, _ in chain):
+            raise ConfigError(f"{path}: base={base!r} leads back to {following}; allowed: a params file that does "
+                              f"not build on this one")
+        option, path = f"{path}: base=", following
+
+
+def dataset_of(entry: dict, defaults: dict | None) -> str:
+    """The dataset an unresolved experiment entry reads (its own, else ``defaults``', else the package's)."""
+    return entry.get("dataset") or (defaults or {}).get("dataset") or DEFAULTS["dataset"]
+
+
+def merge_layers(chain: list[tuple[Path, dict]]) -> dict:
+    """The settings of a chain of files (:func:`read_layers`): each file's sections deep-merged over the
+    previous result, the result checked against the schema after every file (errors name that file), then
+    that file's ``only``, ``override`` and ``data_roots`` applied to the experiments."""
+    validator = jsonschema.Draft202012Validator(schema())
+    merged: dict = {}
+    for path, raw in chain:
+        merged = deep_merge(merged, {k: v for k, v in raw.items() if k not in OVERLAY_KEYS})
+        overlay = {k: raw[k] for k in OVERLAY_KEYS if k in raw}
+        errors = sorted(validator.iter_errors({**merged, **overlay}), key=lambda e: len(e.absolute_path))
+        if errors:
+            raise ConfigError(f"{path}: {describe_error(errors[0])}")
+        experiments = merged["experiments"]
+        if "only" in overlay:
+            unknown = [name for name in overlay["only"] if name not in experiments]
+            if unknown:
+                raise ConfigError(f"{path}: only: {unknown[0]!r} is not an experiment here; allowed: "
+                                  f"{', '.join(experiments)}")
+            experiments = {name: e for name, e in experiments.items() if name in overlay["only"]}
+        if "override" in overlay:
+            experiments = {name: deep_merge(e or {}, overlay["override"]) for name, e in experiments.items()}
+        read = {name: dataset_of(e or {}, merged.get("defaults")) for name, e in experiments.items()}
+        for dataset, root in overlay.get("data_roots", {}).items():
+            if dataset not in read.values():
+                raise ConfigError(f"{path}: data_roots.{dataset}: no experiment reads this dataset; allowed: "
+                                  f"{', '.join(sorted(set(read.values())))}")
+            experiments = {name: {**(e or {}), "data_root": root} if read[name] == dataset else e
+                           for name, e in experiments.items()}
+        merged["experiments"] = experiments
+    return merged
+
+
 @dataclass
 class Params:
-    """A validated params file: the raw settings and every experiment resolved."""
+    """A validated params file: the raw settings (an overlay's merged over its base) and every experiment
+    resolved."""
 
     path: Path
     raw: dict
     experiments: dict[str, dict]
+    layers: list[tuple[Path, dict]] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: str | Path, option: str = "--params"):
-        """Read and validate a whole params file; every problem is one ConfigError naming its key and what
-        is allowed (prefixed by the file)."""
+        """Read and validate a whole params file (and the files it builds on); every problem is one
+        ConfigError naming its key and what is allowed (prefixed by the file)."""
         path = Path(path)
-        raw = read_yaml_mapping(path, option)
-        check_finite(raw, f"{path}: ")
-        errors = sorted(jsonschema.Draft202012Validator(schema()).iter_errors(raw),
-                        key=lambda e: len(e.absolute_path))
-        if errors:
-            raise ConfigError(f"{path}: {describe_error(errors[0])}")
+        layers = read_layers(path, option)
+        raw = merge_layers(layers)
         experiments = {}
         for name in raw["experiments"]:
             try:
                 experiments[name] = resolve(pick_experiment(raw, path, name))
             except ConfigError as exc:
                 raise ConfigError(f"{path}: experiments.{name}.{exc}") from None
-        params = cls(path, raw, experiments)
+        params = cls(path, raw, experiments, layers)
         for name in experiments:
             params._check_judge(name)
             params._check_baseline(name)
         return params
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file these settings were read from, the root base first and this file last."""
+        return [p for p, _ in self.layers] or [self.path]
+
+    def param_sources(self, keys: list[str] | None) -> dict[Path, list[str] | None]:
+        """Where the values of these dotted keys of the merged settings are written (None: every value), as
+        {file: its keys}, for DVC's params dependencies (DVC reads files, not merged settings). A key is
+        written under its own name, and in an overlay also as ``override.<rest>`` (for ``experiments.<name>.
+        <rest>``) and ``data_roots.<dataset>`` (for an experiment's data_root). Files holding none of the keys
+        are left out; a file that builds on nothing gives back ``keys`` unchanged."""
+        if len(self.files) == 1 or keys is None:
+            return {path: keys for path in self.files}
+        out: dict[Path, list[str] | None] = {}
+        for path, raw in self.layers:
+            written = list(dict.fromkeys(w for key in keys for w in self._written(raw, key)))
+            if written:
+                out[path] = written
+        return out
+
+    def _written(self, raw: dict, key: str) -> list[str]:
+        """The keys of one file's contents ``raw`` that set the merged key ``key`` (see :meth:`param_sources`)."""
+        parts = key.split(".")
+        found = [key] if _has(raw, parts) else []
+        if parts[0] == "experiments" and len(parts) >= 2 and parts[1] in self.experiments:
+            rest = parts[2:]
+            if "override" in raw and _has(raw["override"], rest):
+                found.append(".".join(["override", *rest]))
+            dataset = self.experiments[parts[1]]["dataset"]
+            if rest in ([], ["data_root"]) and dataset in raw.get("data_roots", {}):
+                found.append(f"data_roots.{dataset}")
+        return found
 
     def _check_judge(self, name: str) -> None:
         judge = self.judge(name)
@@ -170,6 +271,10 @@ class Params:
     @property
     def resources(self) -> dict:
         return self.raw["resources"]
+
+    def encoder(self, dataset: str) -> str | None:
+        """The autoencoder named for a latent dataset (``autoencoders:``), or None: its default."""
+        return self.raw.get("autoencoders", {}).get(dataset)
 
     @property
     def evaluation(self) -> dict:
@@ -243,14 +348,23 @@ class Params:
         return out
 
 
+def _has(mapping: dict, parts: list[str]) -> bool:
+    """Whether the nested mapping holds a value at this key path (the empty path: the mapping itself)."""
+    for part in parts:
+        if not isinstance(mapping, dict) or part not in mapping:
+            return False
+        mapping = mapping[part]
+    return True
+
+
 def experiment_config(path: str | Path, experiment: str | None = None, overrides: list[dict] | None = None) -> dict:
     """One resolved experiment for a command's ``--config FILE [--experiment NAME]`` and its overrides.
 
-    A pipeline params file (``experiments:``) is loaded and validated whole through :meth:`Params.load`, so a
+    A pipeline params file (``experiments:``, or an overlay's ``base:``) is loaded and validated whole through :meth:`Params.load`, so a
     job sees exactly the configuration the workflow validated. A file holding a single experiment mapping
     (the hand-run form) is resolved on its own."""
     data = read_yaml_mapping(path, "--config")
-    if "experiments" not in data:
+    if "experiments" not in data and "base" not in data:
         check_finite(data, f"{path}: ")
         return resolve(pick_experiment(data, path, experiment), overrides)
     params = Params.load(path, "--config")

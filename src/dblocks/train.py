@@ -4,6 +4,7 @@ the optimizer, schedule, gradient clipping, NaN guard, progress bar and resumabl
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,10 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dblocks.augment import augment
 from dblocks.blocks import AssembledModel, BlockDenoiser
 from dblocks.checkpoint import load_training_state, save_training_state
 from dblocks.data import ImageDataset
 from dblocks.data.text import TextDataset
+from dblocks.ema import EMA
 from dblocks.noise import Partition
 
 Batch = dict[str, torch.Tensor]
@@ -128,12 +131,19 @@ def training_job(exp, method: str, block: int | None = None) -> tuple[nn.Module,
     raise ValueError(f"unknown method {method!r}; allowed: blockwise, e2e, paper")
 
 
-def sample_batch(data: ImageDataset | TextDataset, batch_size: int, gen: torch.Generator, device: torch.device) -> Batch:
-    """A batch drawn with replacement by ``gen`` (whose state alone fixes the data position on resume)."""
+def sample_batch(data: ImageDataset | TextDataset, batch_size: int, gen: torch.Generator, device: torch.device,
+                 augmentation: str = "none") -> Batch:
+    """A batch drawn with replacement by ``gen`` (whose state alone fixes the data position on resume), images
+    augmented on ``device`` by ``augmentation`` (``train.augment``) with draws from the same generator."""
     idx = torch.randint(len(data), (batch_size,), generator=gen)
     if hasattr(data, "batch"):  # text windows
         return data.batch(idx, device)
-    return {"image": data.images[idx].to(device), "label": data.labels[idx].to(device)}
+    flipped = data.flipped[idx].to(device) if augmentation == "flip" and data.flipped is not None else None
+    if augmentation != "none" and data.latent_scale is not None and flipped is None:
+        raise TrainingError(f"train.augment={augmentation!r}: {data.name} holds autoencoder latents without "
+                            f"the latents of mirrored images; allowed: none, or prepare it again to get them")
+    return {"image": augment(data.images[idx].to(device), augmentation, gen, flipped),
+            "label": data.labels[idx].to(device)}
 
 
 def apply_gradients(module: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -149,16 +159,34 @@ def apply_gradients(module: nn.Module, loss: torch.Tensor, optimizer: torch.opti
     optimizer.step()
 
 
-def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
+def lr_lambda(warmup: int, total: int, schedule: str, floor: float = 0.0) -> Callable[[int], float]:
+    """The learning rate as a fraction of ``train.lr`` at each step: linear warm-up over ``warmup`` steps,
+    then constant, or a cosine from 1 down to ``floor`` (``train.min_lr / train.lr``) at the last step."""
     def factor(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
         if schedule == "constant":
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def precision_context(device: torch.device, precision: str):
+    """The forward pass and loss of one step under ``train.precision``: bf16 autocast (weights, gradients and
+    optimizer state stay float32, so there is no loss scaling to manage) or plain float32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def allow_tf32(device: torch.device, enabled: bool) -> None:
+    """TF32 tensor cores for float32 matmuls and convolutions on CUDA (``train.tf32``), as the DiT and authors'
+    ViT code set it; CPUs have no TF32, so this changes nothing there."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 @dataclass
@@ -167,6 +195,7 @@ class TrainResult:
     seconds: float
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since last log)
     resumed_from: int = 0
+    averaged: nn.Module | None = None  # a copy of the module holding the EMA weights (train.ema_decay > 0)
 
 
 def train(module: nn.Module, objective: Objective, data: ImageDataset | TextDataset, cfg: dict, *, seed: int,
@@ -176,23 +205,29 @@ def train(module: nn.Module, objective: Objective, data: ImageDataset | TextData
     """Run ``steps`` (default cfg['steps']) optimizer steps on the parameters of ``module``.
 
     If ``state_path`` holds a training state from an interrupted run it is resumed exactly (model,
-    optimizer, schedule, RNG and data-sampling state); the state is refreshed every
-    cfg['checkpoint_every'] steps."""
+    optimizer, schedule, weight average, RNG and data-sampling state); the state is refreshed every
+    cfg['checkpoint_every'] steps. With cfg['ema_decay'] > 0 the result carries the averaged weights."""
     total = steps or cfg["steps"]
     module.to(device).train()
+    allow_tf32(device, cfg["tf32"])
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg["warmup"], total, cfg["schedule"]))
+    floor = (cfg["min_lr"] or 0.0) / cfg["lr"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg["warmup"], total, cfg["schedule"], floor))
+    ema = EMA(module, cfg["ema_decay"], cfg["ema_rampup"]) if cfg["ema_decay"] else None
+    average = ema.tensors if ema is not None else None
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed + 1)  # data order, sigma and noise draws
+    gen = torch.Generator().manual_seed(seed + 1)  # data order, augmentation, sigma and noise draws
     start = 0
     if state_path is not None and Path(state_path).exists():
-        start = load_training_state(state_path, module, optimizer, scheduler, {"data": gen})["step"]
+        start = load_training_state(state_path, module, optimizer, scheduler, {"data": gen}, average)["step"]
     result = TrainResult(steps=total, seconds=0.0, resumed_from=start)
     running, count, t0 = 0.0, 0, time.perf_counter()
     bar = tqdm(range(start, total), desc=desc, initial=start, total=total, disable=not progress,
                mininterval=1.0, dynamic_ncols=True)
     for step in bar:
-        loss = objective(sample_batch(data, cfg["batch_size"], gen, device), gen)
+        batch = sample_batch(data, cfg["batch_size"], gen, device, cfg["augment"])
+        with precision_context(device, cfg["precision"]):
+            loss = objective(batch, gen)
         if not torch.isfinite(loss):
             raise TrainingError(f"{desc}: loss is {loss.item()} at step {step + 1}; {_STOPPED}")
         try:
@@ -200,6 +235,8 @@ def train(module: nn.Module, objective: Objective, data: ImageDataset | TextData
         except TrainingError as exc:
             raise TrainingError(f"{desc}: {exc} at step {step + 1}; {_STOPPED}") from None
         scheduler.step()
+        if ema is not None:
+            ema.update(module, step)
         running, count = running + loss.item(), count + 1
         done = step + 1
         if done % cfg["log_every"] == 0 or done == total:
@@ -210,10 +247,12 @@ def train(module: nn.Module, objective: Objective, data: ImageDataset | TextData
                 on_log(done, mean, scheduler.get_last_lr()[0])
             running, count = 0.0, 0
         if state_path is not None and done % cfg["checkpoint_every"] == 0 and done < total:
-            save_training_state(state_path, module, optimizer, scheduler, done, {"data": gen})
+            save_training_state(state_path, module, optimizer, scheduler, done, {"data": gen}, average=average)
     bar.close()
-    bad = next((name for name, p in module.named_parameters() if not torch.isfinite(p).all()), None)
-    if bad is not None:  # last line of defence: never hand back weights that would poison a checkpoint
-        raise TrainingError(f"{desc}: parameter {bad} is not finite after step {total}; {_STOPPED}")
+    result.averaged = ema.averaged(module) if ema is not None else None
+    for weights in filter(None, (module, result.averaged)):
+        bad = next((name for name, p in weights.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:  # last line of defence: never hand back weights that would poison a checkpoint
+            raise TrainingError(f"{desc}: parameter {bad} is not finite after step {total}; {_STOPPED}")
     result.seconds = time.perf_counter() - t0
     return result

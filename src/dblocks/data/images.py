@@ -48,6 +48,8 @@ class ImageDataset:
     labels: torch.Tensor
     num_classes: int
     latent_scale: float | None = None
+    #: a latent dataset's encodings of the mirrored images (train.augment=flip picks them), else None
+    flipped: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.labels.shape != (self.images.shape[0],):
