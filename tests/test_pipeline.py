@@ -57,7 +57,7 @@ def _params(**edits) -> dict:
 
 
 @pytest.mark.parametrize("edits, message", [
-    ({"scale": "huge"}, "scale='huge' is not allowed; allowed: tiny, paper"),
+    ({"scale": "huge"}, "scale='huge' is not allowed; allowed: tiny, paper, smoke"),
     ({"evaluation/fid_features": "clip"}, "evaluation.fid_features='clip' is not allowed; allowed: digits, inception"),
     ({"resources/gpu": -1}, "resources.gpu=-1 is out of range; allowed: >= 0"),
     ({"experiments/vit-cifar100/pipeline/methods": ["adjoint"]},
@@ -115,7 +115,8 @@ def test_snakemake_refuses_config_overrides_that_would_not_reach_jobs(tmp_path):
 # ------------------------------------------------------------------------------------------ the DAG
 
 
-@pytest.mark.parametrize("params", ["params/tiny.yaml", "params/paper.yaml", "params/tiny-latent.yaml"])
+@pytest.mark.parametrize("params", ["params/tiny.yaml", "params/paper.yaml", "params/tiny-latent.yaml",
+                                    "params/smoke.yaml"])
 def test_dry_run_has_exactly_b_block_jobs_per_experiment(params):
     pipe = Pipeline.load(REPO / params)
     jobs = snakemake_jobs(params, REPO)
@@ -131,7 +132,7 @@ def test_dry_run_has_exactly_b_block_jobs_per_experiment(params):
     assert generators and all("--train-stats" in j.command and "--test-stats" in j.command for j in generators)
     refs = [j for j in jobs if j.rule == "reference_stats"]
     assert len(refs) == len({pipe.experiments[j.wildcards["exp"]]["dataset"] for j in generators})
-    assert all(o.startswith("data/reference/") for j in refs for o in j.outputs)
+    assert all(o.startswith(f"{pipe.data_dir}/reference/") for j in refs for o in j.outputs)
     # a dataset whose prepare trains its autoencoder (digits-latent) writes it beside its splits, and its
     # reference statistics and evaluations decode with exactly that file
     for j in [*refs, *generators]:
@@ -171,7 +172,7 @@ def test_tiny_params_files_never_write_the_same_file(params, out):
 
 
 @pytest.mark.parametrize("params", ["params/tiny.yaml", "params/paper.yaml", "params/tiny-text.yaml",
-                                    "params/tiny-latent.yaml"])
+                                    "params/tiny-latent.yaml", "params/smoke.yaml"])
 def test_snakemake_lint_is_clean(params):
     """Snakemake's own linter: a software environment per rule, non-file values through params:, named
     inputs and outputs in commands, helper functions in common.smk, envvars for what jobs need."""

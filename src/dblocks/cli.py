@@ -290,6 +290,16 @@ def cmd_prepare(args) -> None:
         print(f"wrote {save_prepared(ds, args.out)}: {len(ds)} images {ds.shape}, {ds.num_classes} classes")
 
 
+def cmd_smoke_data(args) -> None:
+    from dblocks.data.synthetic import DATASETS, write_smoke_data
+
+    bad = [d for d in args.dataset or () if d not in DATASETS]
+    if bad:
+        raise UsageError(f"--dataset {bad[0]!r}: allowed: {', '.join(DATASETS)}")
+    written = write_smoke_data(args.out, args.dataset or DATASETS, args.seed)
+    print(f"{args.out}: {len(written)} files written" + ("" if written else " (all were current)"))
+
+
 def cmd_models(args) -> None:
     from dblocks.models import ARCHITECTURES
 
@@ -888,6 +898,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="digits-latent: seed of its autoencoder's training")
     p.add_argument("--autoencoder", help="imagenet256: sd-vae-ft-ema (default; diffusers, online once) or "
                                          "untrained-conv (a stand-in of its geometry, written beside the splits)")
+
+    p = command("smoke-data", cmd_smoke_data, "write generated stand-ins of the paper's datasets in their real "
+                "on-disk formats (for params/smoke.yaml)")
+    p.add_argument("--out", required=True, help="folder; each dataset goes to OUT/<dataset>")
+    p.add_argument("--dataset", action="append", help="only this one (repeatable): cifar10 | cifar100 | imagenet | "
+                                                      "text8 | lm1b | openwebtext; default: all")
+    p.add_argument("--seed", type=int, default=0)
 
     p = command("train-block", cmd_train_block, "train one block denoiser on its own noise interval")
     p.add_argument("--block", type=int, required=True, help="block index, 1 = highest noise")

@@ -82,7 +82,7 @@ def snakemake_jobs(params: str, cwd: str | Path = ".") -> list[Job]:
     return parse_dry_run(proc.stdout)
 
 
-def stage(job: Job, params: str, pipe) -> dict:
+def stage(job: Job, params: str, pipe, cwd: str | Path = ".") -> dict:
     log_dirs = sorted({str(Path(p).parent) for p in job.log})
     # Snakemake creates log directories itself; DVC does not.
     command = (f"mkdir -p {' '.join(log_dirs)} && " if log_dirs else "") + job.command
@@ -90,8 +90,8 @@ def stage(job: Job, params: str, pipe) -> dict:
     if job.inputs:
         out["deps"] = job.inputs
     reads = pipe.reads(job.rule, job.wildcards.get("exp"))
-    if reads is None or reads:
-        out["params"] = [{params: reads}]  # None: every value of the file
+    if reads is None or reads:  # None: every value of the file (of every file an overlay builds on)
+        out["params"] = [{os.path.relpath(path, cwd): keys} for path, keys in pipe.param_sources(reads).items()]
     metrics = [p for p in job.outputs if p.startswith("metrics/") and p.endswith(".json")]
     outs = [p for p in job.outputs if p not in metrics]
     if outs:
@@ -107,7 +107,7 @@ def render(jobs: list[Job], params: str, cwd: str | Path = ".") -> str:
     from dblocks.pipeline import Pipeline
 
     pipe = Pipeline.load(Path(cwd) / params)
-    stages = {job.name: stage(job, params, pipe) for job in sorted(jobs, key=lambda j: j.name)}
+    stages = {job.name: stage(job, params, pipe, cwd) for job in sorted(jobs, key=lambda j: j.name)}
     figures = sorted({p for j in jobs for p in j.outputs if p.rstrip("/").endswith("/figures")})
     document: dict = {"stages": stages}
     if figures:

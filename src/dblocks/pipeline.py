@@ -85,13 +85,26 @@ class Pipeline(Params):
         return node
 
     # --- paths (relative to the repository root) ---------------------------------------------------
+    @property
+    def data_dir(self) -> str:
+        """The folder of prepared datasets (``prepared/``) and FID reference statistics (``reference/``):
+        ``data_dir`` if the params file sets it (generated stand-in data must never mix with real), else data."""
+        return self.raw.get("data_dir") or "data"
+
     def prepared(self, dataset: str) -> str:
-        return f"data/prepared/{dataset}"
+        return f"{self.data_dir}/prepared/{dataset}"
 
     def autoencoder(self, dataset: str) -> str | None:
-        """The autoencoder that a dataset's prepare step trains and its samples are decoded with (written
-        beside its prepared splits), or None: pixel data, or a pretrained VAE (imagenet256)."""
-        return f"{self.prepared(dataset)}/{AUTOENCODER_FILE}" if dataset in TRAINED_AUTOENCODER_DATASETS else None
+        """The autoencoder that a dataset's prepare step writes beside its prepared splits and its samples are
+        decoded with (digits-latent's trained one; imagenet256's untrained stand-in where ``autoencoders:``
+        names it), or None: pixel data, or a pretrained VAE (imagenet256's sd-vae-ft-ema)."""
+        local = dataset in TRAINED_AUTOENCODER_DATASETS or self.encoder(dataset) == "untrained-conv"
+        return f"{self.prepared(dataset)}/{AUTOENCODER_FILE}" if local else None
+
+    @property
+    def autoencoded_datasets(self) -> list[str]:
+        """The datasets whose prepare step writes an autoencoder beside its splits (always digits-latent)."""
+        return sorted(set(TRAINED_AUTOENCODER_DATASETS) | {d for d in self.datasets if self.autoencoder(d)})
 
     def run_json(self, exp: str) -> str:
         return f"results/{self.out}/runs/{exp}.json"
@@ -126,7 +139,7 @@ class Pipeline(Params):
     def reference_stats(self, dataset: str, split: str) -> str:
         """Cached FID reference statistics, named by dataset, feature space and sample count."""
         size = self.evaluation.get("reference_samples") or "all"
-        return f"data/reference/{dataset}/{self.evaluation['fid_features']}-{size}/{split}.safetensors"
+        return f"{self.data_dir}/reference/{dataset}/{self.evaluation['fid_features']}-{size}/{split}.safetensors"
 
     def tables_dir(self) -> str:
         return f"results/{self.out}/tables"

@@ -8,7 +8,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from dblocks.checkpoint import sidecar_path
-from dblocks.config import AUTOENCODER_FILE, TRAINED_AUTOENCODER_DATASETS, ConfigError
+from dblocks.config import AUTOENCODER_FILE, ConfigError
 from dblocks.pipeline import Pipeline
 
 # One params file is the single source of truth (DVC reads it too); choose it with
@@ -32,8 +32,10 @@ except ConfigError as exc:
 # `snakemake verify`), which sets it aside so that the next run rebuilds exactly it and what depends on it.
 
 OUT = PIPE.out  # the folder of this params file's products (default: the scale)
+DATA = PIPE.data_dir  # the folder of its prepared datasets and FID reference statistics (default: data)
 RES = PIPE.resources
 EXPERIMENTS = list(PIPE.experiments)
+AUTOENCODED = PIPE.autoencoded_datasets  # their prepare step also writes the autoencoder that encodes them
 
 
 # Jobs call `dblocks`. Make the one installed beside this Snakemake visible to them (a user need not
@@ -84,6 +86,12 @@ def prepared_dir(wildcards):
 def data_root_option(wildcards):
     root = PIPE.datasets.get(wildcards.dataset)
     return f"--data-root {root}" if root else ""
+
+
+def autoencoder_option(wildcards):
+    """The autoencoder a latent dataset is encoded with, where the params file names one (autoencoders:)."""
+    name = PIPE.encoder(wildcards.dataset)
+    return f" --autoencoder {name}" if name else ""
 
 
 # --- training -------------------------------------------------------------------------------------------

@@ -3,22 +3,23 @@
 
 rule prepare_data:
     output:
-        train="data/prepared/{dataset}/train.safetensors",
-        test="data/prepared/{dataset}/test.safetensors",
+        train=f"{DATA}/prepared/{{dataset}}/train.safetensors",
+        test=f"{DATA}/prepared/{{dataset}}/test.safetensors",
         # the JSON records hold each file's sha256 and are versioned with it
-        train_meta="data/prepared/{dataset}/train.json",
-        test_meta="data/prepared/{dataset}/test.json",
+        train_meta=f"{DATA}/prepared/{{dataset}}/train.json",
+        test_meta=f"{DATA}/prepared/{{dataset}}/test.json",
     wildcard_constraints:
-        dataset=dataset_other_than(TRAINED_AUTOENCODER_DATASETS),
+        dataset=dataset_other_than(AUTOENCODED),
     params:
         root=data_root_option,
+        autoencoder=autoencoder_option,
         out=lambda w, output: os.path.dirname(output.train),
     log:
         "logs/prepare-{dataset}.log",
     conda:
         ENV
     shell:
-        "dblocks prepare --dataset {wildcards.dataset} {params.root} --out {params.out} > {log} 2>&1"
+        "dblocks prepare --dataset {wildcards.dataset} {params.root}{params.autoencoder} --out {params.out} > {log} 2>&1"
 
 
 # The same step for a dataset whose prepare trains the autoencoder that encodes it (digits-latent): that
@@ -26,11 +27,11 @@ rule prepare_data:
 # and evaluations that decode with it depend on it.
 use rule prepare_data as prepare_autoencoded_data with:
     output:
-        train="data/prepared/{dataset}/train.safetensors",
-        test="data/prepared/{dataset}/test.safetensors",
-        train_meta="data/prepared/{dataset}/train.json",
-        test_meta="data/prepared/{dataset}/test.json",
-        autoencoder=f"data/prepared/{{dataset}}/{AUTOENCODER_FILE}",
-        autoencoder_meta=f"data/prepared/{{dataset}}/{sidecar_path(AUTOENCODER_FILE)}",
+        train=f"{DATA}/prepared/{{dataset}}/train.safetensors",
+        test=f"{DATA}/prepared/{{dataset}}/test.safetensors",
+        train_meta=f"{DATA}/prepared/{{dataset}}/train.json",
+        test_meta=f"{DATA}/prepared/{{dataset}}/test.json",
+        autoencoder=f"{DATA}/prepared/{{dataset}}/{AUTOENCODER_FILE}",
+        autoencoder_meta=f"{DATA}/prepared/{{dataset}}/{sidecar_path(AUTOENCODER_FILE)}",
     wildcard_constraints:
-        dataset="|".join(map(re.escape, TRAINED_AUTOENCODER_DATASETS)) or "^$",
+        dataset="|".join(map(re.escape, AUTOENCODED)) or "^$",

@@ -22,19 +22,21 @@ rule assemble:
 rule feature_net:
     """Digits classifier whose features score generated digits (domain FID); trained once per scale."""
     input:
-        "data/prepared/digits/train.safetensors",
-        "data/prepared/digits/train.json",
-        "data/prepared/digits/test.safetensors",
-        "data/prepared/digits/test.json",
+        f"{DATA}/prepared/digits/train.safetensors",
+        f"{DATA}/prepared/digits/train.json",
+        f"{DATA}/prepared/digits/test.safetensors",
+        f"{DATA}/prepared/digits/test.json",
     output:
         net=f"models/{OUT}/digits-features.safetensors",
         record=f"models/{OUT}/digits-features.json",
+    params:
+        data=lambda w, input: os.path.dirname(input[0]),
     log:
         f"logs/{OUT}/feature-net.log",
     conda:
         ENV
     shell:
-        "dblocks train-feature-net --data data/prepared/digits --out {output.net} > {log} 2>&1"
+        "dblocks train-feature-net --data {params.data} --out {output.net} > {log} 2>&1"
 
 
 rule evaluate_classifier:
@@ -87,10 +89,10 @@ rule reference_stats:
         features=fid_features_files,
         decoder=lambda w: decoder_files(w.dataset),
     output:
-        train="data/reference/{dataset}/{space}-{size}/train.safetensors",
-        train_meta="data/reference/{dataset}/{space}-{size}/train.json",
-        test="data/reference/{dataset}/{space}-{size}/test.safetensors",
-        test_meta="data/reference/{dataset}/{space}-{size}/test.json",
+        train=f"{DATA}/reference/{{dataset}}/{{space}}-{{size}}/train.safetensors",
+        train_meta=f"{DATA}/reference/{{dataset}}/{{space}}-{{size}}/train.json",
+        test=f"{DATA}/reference/{{dataset}}/{{space}}-{{size}}/test.safetensors",
+        test_meta=f"{DATA}/reference/{{dataset}}/{{space}}-{{size}}/test.json",
     wildcard_constraints:
         space="digits|inception",
         size=r"all|[0-9]+",

@@ -10,6 +10,12 @@ one codec serves both. For users with a network, :func:`load_sd_vae` loads ``sta
 (the paper's VAE) through ``diffusers`` (the optional extra ``[latents]``); tests use an untrained
 :class:`dblocks.data.autoencoder.ConvAutoencoder` of the same geometry, so nothing here needs the network.
 
+Which autoencoder encodes ImageNet is a setting (params ``autoencoders.imagenet256``, ``prepare --autoencoder``):
+``sd-vae-ft-ema`` (the paper's), or ``untrained-conv``, that test double, written beside the prepared splits so
+that a smoke run exercises the whole path (center crop, encode, scale, decode for FID) offline. The prepared
+splits record which one encoded them (``autoencoder``, and the sha256 of a file beside them), and
+:func:`decoder_for` decodes with exactly that one.
+
 Latents are stored multiplied by the codec's scale, which brings them to roughly unit variance, as DiT
 does: :data:`LATENT_SCALE` (0.18215, Stable Diffusion's factor) for sd-vae-ft-ema, 1/std of the training
 latents for a trained autoencoder; :meth:`LatentCodec.decode` undoes it."""
@@ -30,6 +36,8 @@ from dblocks.data.autoencoder import Geometry
 LATENT_SCALE = 0.18215
 SD_VAE = "stabilityai/sd-vae-ft-ema"
 IMAGE_SIZE = 256
+#: the autoencoders that may encode imagenet256 (params ``autoencoders.imagenet256``; the first is the default)
+IMAGENET_AUTOENCODERS = ("sd-vae-ft-ema", "untrained-conv")
 
 
 def geometry_of(vae: nn.Module) -> Geometry:
@@ -155,28 +163,57 @@ def load_imagenet_latents(split: str, root: str | os.PathLike | None, codec: Lat
     return ImageDataset("imagenet256", split, latents, labels, max(len(classes), 1000), latent_scale=codec.scale)
 
 
+def prepare_imagenet_latents(root: str | os.PathLike | None, out: str | os.PathLike,
+                             autoencoder: str = IMAGENET_AUTOENCODERS[0], batch_size: int = 64,
+                             progress: bool = False) -> list[Path]:
+    """``dblocks prepare --dataset imagenet256``: encode ``root/train`` and ``root/val`` once with
+    ``autoencoder`` and write both splits to ``out`` (with ``untrained-conv``, the autoencoder first, beside
+    them); every split records the autoencoder that encoded it. Returns the written paths."""
+    from dblocks.config import AUTOENCODER_FILE
+    from dblocks.data.autoencoder import ConvAutoencoder, save_autoencoder
+    from dblocks.data.prepared import save_prepared
+
+    if autoencoder not in IMAGENET_AUTOENCODERS:
+        raise ValueError(f"autoencoder {autoencoder!r}: allowed: {', '.join(IMAGENET_AUTOENCODERS)}")
+    written, provenance = [], {"autoencoder": autoencoder}
+    if autoencoder == "untrained-conv":  # sd-vae-ft-ema's geometry and scale; weights from seed 0, untrained
+        codec = LatentCodec(ConvAutoencoder(seed=0))
+        meta = save_autoencoder(Path(out) / AUTOENCODER_FILE, codec.vae, codec.scale,
+                                {"dataset": "imagenet256", "autoencoder": autoencoder, "trained_on": None,
+                                 "seed": 0, "stands_in_for": SD_VAE})
+        written.append(Path(out) / AUTOENCODER_FILE)
+        provenance["autoencoder_sha256"] = meta["sha256"]
+    else:
+        codec = load_sd_vae()
+    for split in IMAGENET_FOLDERS:
+        ds = load_imagenet_latents(split, root, codec, batch_size=batch_size, progress=progress)
+        written.append(save_prepared(ds, out, provenance=provenance))
+    return written
+
+
 def decoder_for(dataset: str, data_dir: str | os.PathLike | None = None):
     """How to turn a dataset's samples into images for FID: None for pixel datasets; for latent ones the
-    decoder of the autoencoder that encoded them: sd-vae-ft-ema for imagenet256, and for a dataset whose
-    prepare step trained its own autoencoder (digits-latent) that autoencoder, read from the prepared
-    directory ``data_dir`` and checked to be the one that encoded the split there."""
-    from dblocks.config import AUTOENCODER_FILE, LATENT_DATASETS, TRAINED_AUTOENCODER_DATASETS
-
-    if dataset not in LATENT_DATASETS:
-        return None
-    if dataset not in TRAINED_AUTOENCODER_DATASETS:
-        return load_sd_vae().decode
+    decoder of the autoencoder that encoded them. Where the prepared split in ``data_dir`` records an
+    autoencoder file (digits-latent's trained one, imagenet256's untrained stand-in) that file, read from
+    ``data_dir`` and checked to be the one that encoded the split; otherwise (imagenet256) sd-vae-ft-ema."""
     from dblocks.checkpoint import CheckpointError, load_metadata
+    from dblocks.config import AUTOENCODER_FILE, LATENT_DATASETS, TRAINED_AUTOENCODER_DATASETS
     from dblocks.data.autoencoder import load_autoencoder
     from dblocks.data.images import DataError
     from dblocks.data.prepared import prepared_path
 
+    if dataset not in LATENT_DATASETS:
+        return None
     if data_dir is None:
-        raise DataError(f"{dataset} samples are decoded by the autoencoder its prepare step trained: pass the "
-                        f"prepared directory (--data) that holds {AUTOENCODER_FILE}")
-    codec, meta = load_autoencoder(Path(data_dir) / AUTOENCODER_FILE)
+        if dataset in TRAINED_AUTOENCODER_DATASETS:
+            raise DataError(f"{dataset} samples are decoded by the autoencoder its prepare step trained: pass the "
+                            f"prepared directory (--data) that holds {AUTOENCODER_FILE}")
+        return load_sd_vae().decode
     split = prepared_path(data_dir, "train")
     encoded_by = load_metadata(split).get("autoencoder_sha256")
+    if encoded_by is None and dataset not in TRAINED_AUTOENCODER_DATASETS:
+        return load_sd_vae().decode
+    codec, meta = load_autoencoder(Path(data_dir) / AUTOENCODER_FILE)
     if encoded_by != meta["sha256"]:
         raise CheckpointError(split, f"was encoded by autoencoder {encoded_by}, not by the {AUTOENCODER_FILE} "
                                      f"beside it ({meta['sha256']}); run 'dblocks prepare' again",
