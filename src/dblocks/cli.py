@@ -349,7 +349,8 @@ def cmd_train_block(args) -> None:
         return
 
     def save(model, result):
-        return {"": (out, save_block(out, model, exp, b, "blockwise", result.steps, _train_summary(result)))}
+        return {"": (out, save_block(out, model, exp, b, "blockwise", result.steps, _train_summary(result),
+                                     result.averaged))}
 
     result = _run_training(args, exp, "blockwise", b, derive_seed(exp.config["seed"], "train-block", b),
                            out.with_suffix(".state.safetensors"), save)
@@ -368,7 +369,7 @@ def cmd_train_baseline(args) -> None:
         return
 
     def save(model, result):
-        return {"": (out, save_e2e(out, model, exp, result.steps, _train_summary(result)))}
+        return {"": (out, save_e2e(out, model, exp, result.steps, _train_summary(result), result.averaged))}
 
     result = _run_training(args, exp, "e2e", None, derive_seed(exp.config["seed"], "train-e2e"),
                            out.with_suffix(".state.safetensors"), save)
@@ -385,10 +386,11 @@ def cmd_train_shared(args) -> None:
     _track_path(args)
 
     def save(model, result):
+        averaged = result.averaged.blocks if result.averaged is not None else [None] * len(model.blocks)
         return {f".block{b}": (out_dir / f"block-{b}.safetensors",
                                save_block(out_dir / f"block-{b}.safetensors", blk, exp, b, "paper", result.steps,
-                                          _train_summary(result)))
-                for b, blk in enumerate(model.blocks, 1)}
+                                          _train_summary(result), avg))
+                for b, (blk, avg) in enumerate(zip(model.blocks, averaged), 1)}
 
     result = _run_training(args, exp, "paper", None, derive_seed(exp.config["seed"], "train-shared"),
                            out_dir / "shared.state.safetensors", save)
