@@ -14,7 +14,7 @@ ENVLOCK := $(PYTHON) workflow/scripts/envlock.py
 # uv installs into ./.venv whatever the caller's environment says
 UVENV  := UV_PROJECT_ENVIRONMENT=$(VENV)
 
-.PHONY: setup lock conda-env run run-all test clean-venv
+.PHONY: setup lock conda-env run run-all smoke test clean-venv
 
 # Redone only when pyproject.toml or uv.lock changed since the last install. --compile-bytecode: uv does not
 # write .pyc files by default (pip does), and where PYTHONDONTWRITEBYTECODE is set (as on this project's
@@ -47,6 +47,13 @@ run: $(STAMP)
 run-all: run
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(BIN)/snakemake --config params=params/tiny-latent.yaml
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(BIN)/snakemake --config params=params/tiny-text.yaml
+
+# Smoke run of the paper DAG: params/smoke.yaml over params/paper.yaml, every experiment with the paper's
+# architectures, 2 optimizer steps per job and a handful of samples, on generated stand-ins of the datasets
+# written in their real on-disk formats (data/smoke/raw; rewritten only where their bytes would change).
+smoke: $(STAMP)
+	$(BIN)/dblocks smoke-data --out data/smoke/raw
+	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(BIN)/snakemake --config params=params/smoke.yaml
 
 # The SLURM tests need SLURM's Debian packages: installed here when this is root with apt-get (a no-op when
 # they are there). Elsewhere they are skipped with the reason, except under CI=true, where that fails.

@@ -55,9 +55,9 @@ def write_smoke_data(out: str | os.PathLike, datasets=DATASETS, seed: int = 0) -
     unknown = [d for d in datasets if d not in DATASETS]
     if unknown:
         raise ValueError(f"dataset {unknown[0]!r}: allowed: {', '.join(DATASETS)}")
-    import datasets
+    from datasets import disable_progress_bars
 
-    datasets.disable_progress_bars()  # one parquet file per split: a bar each is noise
+    disable_progress_bars()  # one parquet file per split: a bar each is noise
     writers = {"cifar10": _cifar, "cifar100": _cifar, "imagenet": _imagenet, "text8": _text8, "lm1b": _lm1b,
                "openwebtext": _openwebtext}
     written: list[Path] = []
