@@ -10,14 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from dblocks.assemble import assemble, load_model, save_e2e
+from dblocks.assemble import assemble, load_model, save_block, save_e2e
 from dblocks.augment import augment, random_crop
 from dblocks.checkpoint import load_checkpoint
 from dblocks.cli import main
 from dblocks.config import ConfigError, resolve
 from dblocks.ema import EMA, beta, half_life
 from dblocks.experiment import Experiment
-from dblocks.train import TrainingError, block_objective, cross_entropy_objective, lr_lambda, train
+from dblocks.train import (TrainingError, block_objective, cross_entropy_objective, lr_lambda,
+                           paper_mode_objective, train)
 from tests.conftest import micro_config
 
 CPU = torch.device("cpu")
@@ -222,3 +223,22 @@ def test_cosine_ends_at_the_floor_and_warms_up_linearly():
     with pytest.raises(ConfigError, match="train.min_lr=0.01 is above train.lr"):
         resolve({"train": {"lr": 1e-3, "min_lr": 1e-2}})
     assert math.isclose(lr_lambda(0, 10, "constant", 0.5)(7), 1.0)
+
+
+def test_shared_stem_mode_learns_its_label_table_and_the_blocks_keep_it(vit_exp, tmp_path):
+    """The authors' single process learns an L2-normalised label table; independent blocks keep the fixed one."""
+    model = vit_exp.shared_blocks()
+    table = model.label_table.weight.detach().clone()
+    train(model, paper_mode_objective(model), vit_exp.load_data("train"), vit_exp.config["train"], seed=0,
+          device=CPU, progress=False)
+    assert not torch.equal(model.label_table.weight, table)  # trained through the noisy input
+    learned = vit_exp.task.embedding.detach()
+    assert torch.allclose(learned.norm(dim=1), torch.ones(len(learned)))
+    paths = [tmp_path / f"block-{b}.safetensors" for b in (1, 2, 3)]
+    for b, (path, blk) in enumerate(zip(paths, model.blocks), 1):
+        save_block(path, blk, vit_exp, b, "paper", 8)
+    assemble(paths, tmp_path / "model.safetensors")
+    loaded, exp, _ = load_model(tmp_path / "model.safetensors")
+    assert torch.equal(exp.task.embedding, learned)  # sampling reads the learned space
+    assert not torch.equal(learned, Experiment(vit_exp.config).task.fixed)
+    assert not hasattr(Experiment(vit_exp.config).block(1), "label_table")

@@ -165,6 +165,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     path = Path(path)
     tensors, meta = load_checkpoint(path)
     exp = Experiment(meta["config"])
+    exp.task.load_buffers({k: v for k, v in tensors.items() if k.startswith(TASK_PREFIX)})
     trained = {k: v for k, v in tensors.items() if not k.startswith(TASK_PREFIX)}
     kind = meta.get("kind")
     if kind in ("e2e", "block"):

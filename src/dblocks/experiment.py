@@ -114,11 +114,15 @@ class Experiment:
         return BlockDenoiser(self.arch.stem(), self.arch.layers(self.split[b - 1]), self.arch.head(), self.task)
 
     def shared_blocks(self) -> AssembledModel:
-        """The paper's single-process mode: one stem and head shared by all B blocks."""
+        """The paper's single-process mode: one stem and head shared by all B blocks (and, for classification,
+        a learned label table: the task's target space follows it)."""
         torch.manual_seed(derive_seed(self.config["seed"], "init-shared"))
         layers = self.arch.layers(self.arch.spec.depth)
-        return convert_stack(layers, self.partition, self.arch.stem(), self.arch.head(), self.task,
-                             split=self.split, share_stem_head=True)
+        model = convert_stack(layers, self.partition, self.arch.stem(), self.arch.head(), self.task,
+                              split=self.split, share_stem_head=True)
+        if self.config["task"] == "classification":  # the authors' learned label table, trained with the rest
+            model.label_table = self.task.learn_embedding()
+        return model
 
     def e2e(self) -> BlockDenoiser:
         """The end-to-end baseline on the same architecture: all L layers, one stem and head.

@@ -121,7 +121,7 @@ class AdaLNZeroLayer(nn.Module):
     (:data:`LAYER_STYLES`); ``rope_period`` is the period of rotary positions (Llama style only)."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, cond_dim: int | None = None,
-                 style: str = "dit", rope_period: int | None = None) -> None:
+                 style: str = "dit", rope_period: int | None = None, dropout: float = 0.0) -> None:
         super().__init__()
         if style not in LAYER_STYLES:
             raise ValueError(f"unknown layer style {style!r}; allowed: {', '.join(LAYER_STYLES)}")
@@ -140,11 +140,14 @@ class AdaLNZeroLayer(nn.Module):
         nn.init.zeros_(self.modulation[1].weight)
         nn.init.zeros_(self.modulation[1].bias)
         self.attn_mask: torch.Tensor | None = None  # set by architectures that need one (causal text)
+        # on the residual branches, where ViT (timm's proj_drop / drop) puts it; parameter-free, so checkpoints
+        # do not change, and its draws come from torch's generator, which the training state saves
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c).chunk(6, dim=-1)
-        h = h + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(h), shift_a, scale_a), self.attn_mask)
-        h = h + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift_m, scale_m))
+        h = h + gate_a.unsqueeze(1) * self.drop(self.attn(modulate(self.norm1(h), shift_a, scale_a), self.attn_mask))
+        h = h + gate_m.unsqueeze(1) * self.drop(self.mlp(modulate(self.norm2(h), shift_m, scale_m)))
         return h
 
 

@@ -25,6 +25,7 @@ class ArchSpec:
     layer_style: str = "dit"  # residual layer body (dblocks.layers.LAYER_STYLES): "dit" or "llama" (AR models)
     recurrence: int | None = None  # huginn only: mean number of recurrent-block iterations (and K at inference)
     backprop_depth: int | None = None  # huginn only: iterations the baseline backpropagates through
+    dropout: float = 0.0  # on each layer's attention and MLP outputs while training (the authors' ViT: 0.1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -32,7 +33,7 @@ class ArchSpec:
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     # paper sizes (SPEC section 5)
-    "ViT-paper": ArchSpec("vit", depth=12, width=128, heads=4, patch=4),
+    "ViT-paper": ArchSpec("vit", depth=12, width=128, heads=4, patch=4, dropout=0.1),  # the authors' ViT code
     "DiT-S/2": ArchSpec("dit", depth=12, width=384, heads=6, patch=2),
     "DiT-B/2": ArchSpec("dit", depth=12, width=768, heads=12, patch=2),
     "DiT-L/2": ArchSpec("dit", depth=24, width=1024, heads=16, patch=2),

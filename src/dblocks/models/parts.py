@@ -47,8 +47,8 @@ class Architecture:
         # Llama-style layers carry rotary positions with the context as period: the noisy half of an AR
         # [clean; noisy] sequence shares the clean half's positions
         rope = s.context if s.layer_style == "llama" else None
-        layers = [AdaLNZeroLayer(s.width, s.heads, s.mlp_ratio, style=s.layer_style, rope_period=rope)
-                  for _ in range(count)]
+        layers = [AdaLNZeroLayer(s.width, s.heads, s.mlp_ratio, style=s.layer_style, rope_period=rope,
+                                 dropout=s.dropout) for _ in range(count)]
         if s.family in ("ar", "huginn"):
             # its causal corner serves the clean-only baseline and the single causal stream of Huginn
             mask = clean_noisy_mask(s.context)

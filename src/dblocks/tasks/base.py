@@ -47,3 +47,7 @@ class Task(ABC):
     def buffers(self) -> dict[str, torch.Tensor]:
         """Fixed tensors that define the target space; stored in every checkpoint and compared at assembly."""
         return {}
+
+    def load_buffers(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take the target space from a checkpoint's ``buffers()`` tensors. Tasks whose space is always
+        derived from the seed (and checked equal at assembly) need nothing here."""
