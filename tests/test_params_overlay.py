@@ -1,0 +1,183 @@
+"""Params overlays: a file that says ``base: other.yaml`` is that file with its own sections merged over it,
+and ``only`` / ``override`` / ``data_roots`` reshape the experiments. Everything downstream (hashes, digests,
+DVC's params dependencies, a job's --config) sees the merged settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dblocks.config import ConfigError
+from dblocks.params import Params, experiment_config
+from dblocks.pipeline import Pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASE = """
+scale: paper
+tracking: {uri: "sqlite:///mlflow.db", experiment: base}
+resources: {gpu: 1, mem_mb: 1000, runtime: 10, threads: 1}
+evaluation: {samples: 100, sample_steps: 50, fid_features: inception, text: {prompts: 10, new_tokens: 5}}
+defaults: {seed: 0}
+experiments:
+  vit:
+    task: classification
+    arch: ViT-micro
+    dataset: cifar100
+    train: {steps: 100, batch_size: 64, lr: 1.0e-3}
+    pipeline: {tables: ["1"], methods: [blockwise, e2e]}
+  dit:
+    task: generation
+    arch: DiT-micro
+    dataset: cifar10
+    layer_split: [1, 1, 1]
+    train: {steps: 200, batch_size: 32}
+    pipeline: {tables: ["2"], methods: [blockwise]}
+"""
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def base(tmp_path) -> Path:
+    return write(tmp_path, "base.yaml", BASE)
+
+
+def test_overlay_merges_sections_over_its_base(base):
+    overlay = write(base.parent, "over.yaml", """
+base: base.yaml
+scale: smoke
+tracking: {experiment: over}
+evaluation: {samples: 4, text: {prompts: 2}}
+experiments:
+  dit: {blocks: 2, layer_split: [2, 1]}   # lists replace
+""")
+    params = Params.load(overlay)
+    assert params.files == [base, overlay]
+    assert params.scale == "smoke" and params.mlflow_experiment == "over"
+    assert params.tracking_uri == "sqlite:///mlflow.db"  # mappings merge: the base's uri stays
+    assert params.evaluation["samples"] == 4 and params.evaluation["sample_steps"] == 50
+    assert params.text_evaluation == {"prompts": 2, "new_tokens": 5}
+    assert params.experiments["dit"]["layer_split"] == [2, 1]
+    assert params.experiments["vit"]["train"]["steps"] == 100
+
+
+def test_override_data_roots_and_only_reshape_the_experiments(base):
+    overlay = write(base.parent, "over.yaml", """
+base: base.yaml
+only: [dit]
+override: {train: {steps: 2, batch_size: 2}, sample: {num_images: 8}}
+data_roots: {cifar10: generated/cifar10}
+experiments:
+  dit: {train: {lr: 0.5}}
+""")
+    params = Params.load(overlay)
+    assert list(params.experiments) == ["dit"]
+    train = params.experiments["dit"]["train"]
+    # override wins over the experiment's own settings (the overlay's and the base's); the rest stays
+    assert (train["steps"], train["batch_size"], train["lr"]) == (2, 2, 0.5)
+    assert params.experiments["dit"]["sample"]["num_images"] == 8
+    assert params.experiments["dit"]["data_root"] == "generated/cifar10"
+    # a job's --config FILE --experiment NAME gets the same resolved experiment
+    assert experiment_config(overlay, "dit") == params.experiments["dit"]
+
+
+def test_an_overlay_can_build_on_an_overlay(base, tmp_path):
+    write(tmp_path, "mid.yaml", "base: base.yaml\noverride: {train: {steps: 3}}\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    top = write(sub, "top.yaml", "base: ../mid.yaml\nonly: [vit]\nevaluation: {samples: 2}\n")
+    params = Params.load(top)
+    assert [p.name for p in params.files] == ["base.yaml", "mid.yaml", "top.yaml"]
+    assert list(params.experiments) == ["vit"] and params.experiments["vit"]["train"]["steps"] == 3
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: missing.yaml\n", "over.yaml: base=", ),
+    ("base: over.yaml\n", "base='over.yaml' leads back to"),
+    ("base: 3\n", "base=3 has the wrong type"),
+    ("base: base.yaml\nscale: huge\n", "over.yaml: scale='huge' is not allowed; allowed: tiny, paper, smoke"),
+    ("base: base.yaml\nonly: [vit, nope]\n", "over.yaml: only: 'nope' is not an experiment here; allowed: vit, dit"),
+    ("base: base.yaml\ndata_roots: {imagenet256: x}\n",
+     "over.yaml: data_roots.imagenet256: no experiment reads this dataset; allowed: cifar10, cifar100"),
+    ("base: base.yaml\noverride: {train: {steps: 0}}\n", "experiments.vit.train.steps=0 is out of range; allowed: >= 1"),
+    ("base: base.yaml\nautoencoders: {imagenet256: vqgan}\n",
+     "autoencoders.imagenet256='vqgan' is not allowed; allowed: sd-vae-ft-ema, untrained-conv"),
+])
+def test_overlay_errors_name_the_file_key_and_allowed_values(base, text, message):
+    with pytest.raises(ConfigError) as err:
+        Params.load(write(base.parent, "over.yaml", text))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_change_in_the_base_changes_what_the_jobs_that_read_it_see(base):
+    """Snakemake reruns a job when its config hash or settings digest changes; both come from the merged
+    settings, so an edit of the base file reruns exactly what it would rerun in the base itself, and an edit
+    the overlay overrides reruns nothing."""
+    overlay = write(base.parent, "over.yaml", "base: base.yaml\noverride: {train: {steps: 2}}\n")
+    before = Pipeline.load(overlay)
+
+    def after(edit) -> Pipeline:
+        raw = yaml.safe_load(BASE)
+        edit(raw)
+        base.write_text(yaml.safe_dump(raw))
+        return Pipeline.load(overlay)
+
+    lr = after(lambda r: r["experiments"]["vit"]["train"].update(lr=2e-3))
+    assert lr.hash("vit") != before.hash("vit") and lr.hash("dit") == before.hash("dit")
+    steps = after(lambda r: r["experiments"]["vit"]["train"].update(steps=7))  # overridden: no change
+    assert steps.hash("vit") == before.hash("vit")
+    samples = after(lambda r: r["evaluation"].update(samples=5))
+    assert samples.settings_digest("evaluate_generator", "dit") != before.settings_digest("evaluate_generator", "dit")
+    assert samples.settings_digest("train_block", "dit") == before.settings_digest("train_block", "dit")
+
+
+def test_dvc_params_name_keys_that_exist_in_the_file_they_name(base):
+    """DVC reads params from files, not merged settings: each key is declared in the file that writes it,
+    an override under override.<key>, a data root under data_roots.<dataset>."""
+    overlay = write(base.parent, "over.yaml", """
+base: base.yaml
+evaluation: {samples: 4}
+override: {train: {steps: 2}}
+data_roots: {cifar10: generated/cifar10}
+""")
+    pipe = Pipeline.load(overlay)
+    assert pipe.param_sources(pipe.reads("train_block", "dit")) == {
+        base: ["defaults.seed", "experiments.dit.task", "experiments.dit.arch", "experiments.dit.dataset",
+               "experiments.dit.layer_split", "experiments.dit.train"],
+        overlay: ["override.train"]}
+    assert pipe.param_sources(pipe.reads("evaluate_generator", "dit")) == {
+        base: ["scale", "evaluation", "defaults", "experiments.dit"],
+        overlay: ["evaluation", "override", "data_roots.cifar10"]}
+    assert pipe.param_sources(pipe.reads("tracking_store")) == {base: ["scale", "tracking"]}
+    assert pipe.param_sources(None) == {base: None, overlay: None}
+    # a file that builds on nothing is declared as before: its own keys, itself only
+    plain = Pipeline.load(base)
+    assert plain.param_sources(plain.reads("train_block", "dit")) == {base: plain.reads("train_block", "dit")}
+
+
+def test_smoke_params_dvc_stages_declare_only_existing_keys():
+    """The generated dvc.yaml of params/smoke.yaml: every params key lies in the file it names."""
+    from dblocks.dvcgen import generate
+
+    stages = yaml.safe_load(generate("params/smoke.yaml", REPO))["stages"]
+    files = {name: yaml.safe_load((REPO / name).read_text()) for name in ("params/paper.yaml", "params/smoke.yaml")}
+    declared = 0
+    for name, stage in stages.items():
+        for entry in stage.get("params", []):
+            for path, keys in entry.items():
+                for key in keys or []:
+                    node = files[path]
+                    for part in key.split("."):
+                        assert isinstance(node, dict) and part in node, (name, path, key)
+                        node = node[part]
+                    declared += 1
+    assert declared > 0
+    assert stages["train_block.dit-imagenet256.1"]["params"][1] == {"params/smoke.yaml": ["override.train"]}
