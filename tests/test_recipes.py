@@ -242,3 +242,12 @@ def test_shared_stem_mode_learns_its_label_table_and_the_blocks_keep_it(vit_exp,
     assert torch.equal(exp.task.embedding, learned)  # sampling reads the learned space
     assert not torch.equal(learned, Experiment(vit_exp.config).task.fixed)
     assert not hasattr(Experiment(vit_exp.config).block(1), "label_table")
+
+
+def test_a_job_of_k_times_the_steps_stretches_the_warm_up_too(vit_exp):
+    """The shared-stem mode runs B x train.steps; its warm-up is B x train.warmup, as in the authors' code."""
+    cfg = {**vit_exp.config["train"], "steps": 4, "warmup": 2, "log_every": 1, "schedule": "constant"}
+    model, lrs = vit_exp.shared_blocks(), []
+    train(model, paper_mode_objective(model), vit_exp.load_data("train"), cfg, seed=0, device=CPU, steps=12,
+          on_log=lambda step, loss, lr: lrs.append(lr), progress=False)
+    assert lrs[:7] == pytest.approx([cfg["lr"] * min(1.0, (k + 2) / 6) for k in range(7)])

@@ -212,7 +212,10 @@ def train(module: nn.Module, objective: Objective, data: ImageDataset | TextData
     allow_tf32(device, cfg["tf32"])
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     floor = (cfg["min_lr"] or 0.0) / cfg["lr"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg["warmup"], total, cfg["schedule"], floor))
+    # a job that runs k x train.steps (the paper's shared-stem mode: B x, one block per step) stretches the
+    # warm-up by k too, as the authors' single process does, so each block sees the schedule the baseline sees
+    warmup = round(cfg["warmup"] * total / cfg["steps"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total, cfg["schedule"], floor))
     ema = EMA(module, cfg["ema_decay"], cfg["ema_rampup"]) if cfg["ema_decay"] else None
     average = ema.tensors if ema is not None else None
     torch.manual_seed(seed)
