@@ -112,13 +112,14 @@ def test_fid_references_read_records_only(tmp_path):
 
 
 def test_the_scale_label_is_never_guessed(tmp_path, monkeypatch):
-    """--scale, else --params' scale, else the --track record's (its params file's), else "unknown"."""
+    """--scale, else --params' scale, else the --track record's (its params file's), else the model's record's,
+    else "unknown"."""
     monkeypatch.chdir(REPO)
     parser = build_parser()
 
-    def scale(*extra) -> str:
+    def scale(*extra, trained_at: str = "unknown") -> str:
         args = parser.parse_args(["evaluate", "m.safetensors", "--out", "m.json", *extra])
-        evaluation_options(args, Experiment(resolve({"name": "vit-cifar100"})))
+        evaluation_options(args, Experiment(resolve({"name": "vit-cifar100"}), trained_at))
         return args.scale
 
     record = tmp_path / "run.json"
@@ -127,3 +128,5 @@ def test_the_scale_label_is_never_guessed(tmp_path, monkeypatch):
     assert scale("--track", str(record)) == "paper"
     assert scale("--params", "params/tiny.yaml", "--track", str(record)) == "tiny"
     assert scale("--scale", "paper", "--params", "params/tiny.yaml") == "paper"
+    assert scale(trained_at="smoke") == "smoke"  # the model's record: the params file it was trained from
+    assert scale("--track", str(record), trained_at="smoke") == "paper"

@@ -12,7 +12,7 @@ from torch import nn
 
 from dblocks.assemble import assemble, load_model, save_block, save_e2e
 from dblocks.augment import augment, random_crop
-from dblocks.checkpoint import load_checkpoint
+from dblocks.checkpoint import load_checkpoint, load_metadata
 from dblocks.cli import main
 from dblocks.config import ConfigError, resolve
 from dblocks.ema import EMA, beta, half_life
@@ -251,3 +251,14 @@ def test_a_job_of_k_times_the_steps_stretches_the_warm_up_too(vit_exp):
     train(model, paper_mode_objective(model), vit_exp.load_data("train"), cfg, seed=0, device=CPU, steps=12,
           on_log=lambda step, loss, lr: lrs.append(lr), progress=False)
     assert lrs[:7] == pytest.approx([cfg["lr"] * min(1.0, (k + 2) / 6) for k in range(7)])
+
+
+def test_checkpoints_carry_the_scale_of_the_params_file_they_were_trained_from(tmp_path):
+    out = tmp_path / "block-1.safetensors"
+    assert _run("train-block", "--config", "params/tiny.yaml", "--experiment", "vit-cifar100", "--block", 1,
+                "--steps", 1, "--batch-size", 4, "--no-progress", "--out", out) == 0
+    assert load_metadata(out)["scale"] == "tiny"
+    model = tmp_path / "model.safetensors"
+    assert _run("train-baseline", "--arch", "ViT-micro", "--steps", 1, "--batch-size", 4, "--no-progress",
+                "--out", model) == 0
+    assert load_metadata(model)["scale"] == "unknown"  # no params file, no --track record: never guessed

@@ -472,9 +472,16 @@ def test_a_changed_evaluation_section_leaves_old_evaluations_out(tmp_path):
 
 def test_an_evaluation_logged_before_eval_hashes_says_to_rerun_it():
     tags = {"dblocks.experiment": "x", "dblocks.job": "evaluate", "dblocks.method": "blockwise",
-            "dblocks.config_hash": "c" * 16}
+            "dblocks.config_hash": "c" * 16, "dblocks.scale": "tiny"}
     old = tables.RunInfo("a" * 32, "FINISHED", 1, 2, tags, {}, {"accuracy": 0.5})
     index = tables.RunIndex([old], "tiny", {"x": ("c" * 16, "e" * 16)})
     run, why = index.latest("x", "evaluate", "blockwise")
     assert run is None and "no eval_hash: logged before evaluation settings were recorded" in why
     assert index.stale() == 1 and tables.RunIndex([old], "tiny").latest("x", "evaluate", "blockwise")[0] is old
+
+
+def test_a_run_of_another_or_no_scale_never_fills_a_cell():
+    tags = {"dblocks.experiment": "x", "dblocks.job": "evaluate", "dblocks.method": "blockwise"}
+    runs = [tables.RunInfo(str(i) * 32, "FINISHED", 1, 2, {**tags, **extra}, {}, {"accuracy": 0.5})
+            for i, extra in enumerate([{}, {"dblocks.scale": "smoke"}, {"dblocks.scale": "tiny"}])]
+    assert [r.run_id for r in tables.RunIndex(runs, "tiny").runs] == ["2" * 32]

@@ -32,6 +32,7 @@ class AssemblyError(ValueError):
 def provenance(exp: Experiment) -> dict:
     return {
         "experiment": exp.name,
+        "scale": exp.scale,
         "config": exp.config,
         "config_hash": config_hash(exp.config),
         "seed": exp.config["seed"],
@@ -129,6 +130,7 @@ def assemble(paths: Sequence[str | Path], out: str | Path, expected_blocks: int 
     first = records[0][1]
     meta = {k: first[k] for k in ("experiment", "config", "config_hash", "seed", "method", "blocks",
                                   "partition", "layer_split")}
+    meta["scale"] = first.get("scale", "unknown")
     meta.update({"kind": "assembled", "sources": sources, "package_version": dblocks.__version__,
                  "git_commit": git_commit()})
     return save_checkpoint(out, tensors, meta)
@@ -164,7 +166,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     for inspection) and a BlockDenoiser for end-to-end files."""
     path = Path(path)
     tensors, meta = load_checkpoint(path)
-    exp = Experiment(meta["config"])
+    exp = Experiment(meta["config"], meta.get("scale", "unknown"))
     exp.task.load_buffers({k: v for k, v in tensors.items() if k.startswith(TASK_PREFIX)})
     trained = {k: v for k, v in tensors.items() if not k.startswith(TASK_PREFIX)}
     kind = meta.get("kind")

@@ -118,12 +118,17 @@ def experiment_from_args(args: argparse.Namespace):
     train = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
     overrides.append({"train": {k: v for k, v in train.items() if v is not None}})
     overrides += [parse_override(s) for s in args.set]
-    if args.config:  # the params model: a pipeline file is validated whole, as the workflow saw it
-        from dblocks.params import experiment_config
+    # the scale label: the pipeline params file's, else the --track record's, else unknown
+    from dblocks.tracking import record_value
 
-        exp = Experiment(experiment_config(args.config, args.experiment, overrides))
+    scale = record_value(getattr(args, "track", None), "scale") or "unknown"
+    if args.config:  # the params model: a pipeline file is validated whole, as the workflow saw it
+        from dblocks.params import experiment_config, scale_of
+
+        exp = Experiment(experiment_config(args.config, args.experiment, overrides),
+                         scale_of(args.config) or scale)
     else:
-        exp = Experiment(resolve({}, overrides))
+        exp = Experiment(resolve({}, overrides), scale)
     _existing_dir(args.data, "--data")
     _existing_dir(args.data_root, "--data-root")
     if args.data is not None:
@@ -522,13 +527,14 @@ def _load_path(model: str, option: str, weights: str = "auto"):
         raise UsageError(str(exc)) from None
 
 
-def _recorded_config(model: str, option: str) -> dict:
-    """A model's config from its JSON record alone (no tensor is read): what to load it with."""
+def _recorded(model: str, option: str) -> tuple[dict, str]:
+    """A model's config and scale label from its JSON record alone (no tensor is read)."""
     from dblocks.checkpoint import CheckpointError, load_metadata
 
     (path,) = _existing([model], option)
     try:
-        return load_metadata(path)["config"]
+        meta = load_metadata(path)
+        return meta["config"], meta.get("scale", "unknown")
     except (CheckpointError, KeyError) as exc:
         raise UsageError(f"{option} {model}: {exc}") from None
 
@@ -542,7 +548,7 @@ def cmd_sample(args) -> None:
     from dblocks.evaluate import class_balanced_samples, save_class_grid
 
     out = _output(args.out, ".png")
-    model, exp, meta = _load_path(args.model, "MODEL", _weights(args, _recorded_config(args.model, "MODEL")))
+    model, exp, meta = _load_path(args.model, "MODEL", _weights(args, _recorded(args.model, "MODEL")[0]))
     if exp.config["task"] != "generation":
         raise UsageError(f"MODEL {args.model}: is a {exp.config['task']} model; 'sample' needs a generation model")
     _existing_dir(args.data, "--data")
@@ -569,7 +575,8 @@ def evaluation_options(args, exp) -> None:
     """Fill evaluate's options that were not given from ``--params`` (the file the workflow runs: its scale,
     evaluation protocol and the experiment's sample settings, so a changed setting takes effect without a new
     command line), else the command's defaults. The scale label is never guessed: without --scale or
-    --params it is the --track record's (its params file's), else "unknown"."""
+    --params it is the --track record's (its params file's), else the model's record's (the params file it
+    was trained from), else "unknown"."""
     from dblocks.params import EVALUATE_DEFAULTS, Params
     from dblocks.tracking import record_value
 
@@ -581,7 +588,7 @@ def evaluation_options(args, exp) -> None:
                              f"{', '.join(params.experiments)}")
         from_file = params.evaluate_options(exp.name)
         exp.config["sample"] = from_file.pop("sample")
-    scale = record_value(getattr(args, "track", None), "scale") or "unknown"
+    scale = record_value(getattr(args, "track", None), "scale") or exp.scale  # the model's own record's
     defaults = {**EVALUATE_DEFAULTS, "scale": scale, "fid_batch_size": 256}
     for key in EVALUATE_OPTIONS:
         if getattr(args, key) is None:
@@ -600,7 +607,7 @@ def cmd_evaluate(args) -> None:
 
     out = _output(args.out, ".json")
     track = _track_path(args)
-    wanted = Experiment(_recorded_config(args.model, "MODEL"))
+    wanted = Experiment(*_recorded(args.model, "MODEL"))
     evaluation_options(args, wanted)  # the sample settings (weights among them) this evaluation runs with
     args.weights = _weights(args, wanted.config)
     model, exp, meta = _load_path(args.model, "MODEL", args.weights)

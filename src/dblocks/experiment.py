@@ -41,6 +41,8 @@ def derive_seed(*parts: object) -> int:
 @dataclass
 class Experiment:
     config: dict
+    #: the scale label of the params file it came from (tiny | smoke | paper), recorded with what it trains
+    scale: str = "unknown"
 
     @property
     def name(self) -> str:

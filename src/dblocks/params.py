@@ -357,6 +357,17 @@ def _has(mapping: dict, parts: list[str]) -> bool:
     return True
 
 
+def is_pipeline_file(data: dict) -> bool:
+    """A params file's contents: a pipeline file (``experiments:``, or an overlay's ``base:``), or a single
+    hand-run experiment mapping."""
+    return "experiments" in data or "base" in data
+
+
+def scale_of(path: str | Path) -> str | None:
+    """The scale label of a pipeline params file (its own or its base's); None for a single-experiment file."""
+    return Params.load(path, "--config").scale if is_pipeline_file(read_yaml_mapping(path, "--config")) else None
+
+
 def experiment_config(path: str | Path, experiment: str | None = None, overrides: list[dict] | None = None) -> dict:
     """One resolved experiment for a command's ``--config FILE [--experiment NAME]`` and its overrides.
 
@@ -364,7 +375,7 @@ def experiment_config(path: str | Path, experiment: str | None = None, overrides
     job sees exactly the configuration the workflow validated. A file holding a single experiment mapping
     (the hand-run form) is resolved on its own."""
     data = read_yaml_mapping(path, "--config")
-    if "experiments" not in data and "base" not in data:
+    if not is_pipeline_file(data):
         check_finite(data, f"{path}: ")
         return resolve(pick_experiment(data, path, experiment), overrides)
     params = Params.load(path, "--config")

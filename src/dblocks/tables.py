@@ -224,7 +224,8 @@ class RunIndex:
 
     def __init__(self, runs: Iterable[RunInfo], scale: str | None = None,
                  hashes: dict[str, tuple[str | None, str | None]] | None = None) -> None:
-        self.runs = [r for r in runs if scale is None or r.tag("scale") in ("", scale)]
+        # exactly this scale: a run without the label (or with another) never fills a cell of this table
+        self.runs = [r for r in runs if scale is None or r.tag("scale") == scale]
         self.by_id = {r.run_id: r for r in self.runs}
         self.hashes = dict(hashes or {})
 
