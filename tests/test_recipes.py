@@ -65,6 +65,24 @@ def test_crop_is_a_window_of_the_black_padded_image():
     assert (out == -1).any()  # some crops reach into the padding
 
 
+def test_randaugment_ops_on_a_group_equal_the_ops_image_by_image():
+    """rand_augment batches the images that drew the same op; that is exact only if every op of torchvision's
+    space treats the images of a batch independently (e.g. autocontrast's and equalize's statistics)."""
+    from torchvision.transforms import v2
+
+    transform = v2.RandAugment()
+    pixels = ((_images(n=5, size=16) + 1) * 127.5).round().to(torch.uint8)
+    for name, (magnitudes_of, _) in transform._AUGMENTATION_SPACE.items():
+        magnitudes = magnitudes_of(transform.num_magnitude_bins, 16, 16)
+        magnitude = float(magnitudes[transform.magnitude]) if magnitudes is not None else 0.0
+
+        def apply(x):
+            return transform._apply_image_or_video_transform(x, name, magnitude, interpolation=transform.interpolation,
+                                                             fill=transform._fill)
+
+        assert torch.equal(apply(pixels), torch.stack([apply(p[None])[0] for p in pixels])), name
+
+
 def test_augmentation_is_refused_where_it_has_no_meaning():
     with pytest.raises(ConfigError, match="train.augment='crop_flip' does not apply to dataset='digits-latent'"):
         resolve({"task": "generation", "arch": "DiT-tiny/1", "dataset": "digits-latent",

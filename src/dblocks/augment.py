@@ -12,7 +12,7 @@ run's random stream exactly as it was before augmentation existed.
 - ``crop_flip``: ``RandomCrop(32, padding=4)`` then the flip, the CIFAR recipe of the authors' ViT code.
   The padding is black (-1 in this project's [-1, 1] pixel range), as torchvision pads a PIL image.
 - ``randaugment``: ``crop_flip`` then torchvision's ``RandAugment`` (2 ops, magnitude 9: its defaults, which
-  the authors' longer recipe uses), per image, on 8-bit pixels as the PIL pipeline sees them.
+  the authors' longer recipe uses), ops drawn per image, on 8-bit pixels as the PIL pipeline sees them.
 """
 
 from __future__ import annotations
@@ -53,18 +53,39 @@ def random_crop(images: torch.Tensor, gen: torch.Generator, padding: int = CROP_
 
 
 def rand_augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """torchvision's RandAugment applied to each image on its own (one call on a batch would give every image
-    the same ops). RandAugment draws from torch's global generator, so its draws run in a forked RNG seeded
-    from ``gen``: the job's stream fixes them, and nothing else's randomness (dropout) is disturbed."""
+    """torchvision's RandAugment (its defaults: 2 ops of magnitude 9 from its 14-op space), every image drawing
+    its own ops and signs from ``gen``, as one RandAugment call per image would.
+
+    One call on a batch would give every image the same ops, and a call per image costs ~10 ms of small
+    kernels each (over a second per CIFAR batch of 128, many times the ViT's own step). So the images are
+    grouped by (op, sign) and each group goes through torchvision's op in one batched call: the ops
+    themselves are torchvision's (``_apply_image_or_video_transform``, the method RandAugment calls; its
+    per-image statistics, e.g. autocontrast's range, are computed per image in a batch too); only the
+    drawing is done here, so the draws come from the job's generator."""
     from torchvision.transforms import v2
 
-    seed = int(torch.randint(2 ** 62, (1,), generator=gen))
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # 8-bit, as PIL holds an image
     transform = v2.RandAugment()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        out = torch.stack([transform(image) for image in pixels])
-    return out.to(images.dtype) / 127.5 - 1
+    space = list(transform._AUGMENTATION_SPACE.items())
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # 8-bit, as PIL holds an image
+    n, _, height, width = pixels.shape
+    for _ in range(transform.num_ops):
+        ops = torch.randint(len(space), (n,), generator=gen)
+        negative = torch.rand(n, generator=gen) <= 0.5
+        out = pixels.clone()
+        for op in ops.unique().tolist():
+            name, (magnitudes_of, signed) = space[op]
+            magnitudes = magnitudes_of(transform.num_magnitude_bins, height, width)
+            magnitude = float(magnitudes[transform.magnitude]) if magnitudes is not None else 0.0
+            signs = (1.0, -1.0) if signed and magnitudes is not None else (1.0,)
+            for sign in signs:
+                chosen = (ops == op) & (negative == (sign < 0)) if len(signs) == 2 else ops == op
+                index = chosen.nonzero().squeeze(1).to(pixels.device)
+                if len(index):
+                    out[index] = transform._apply_image_or_video_transform(
+                        pixels[index], name, sign * magnitude, interpolation=transform.interpolation,
+                        fill=transform._fill)
+        pixels = out
+    return pixels.to(images.dtype) / 127.5 - 1
 
 
 def augment(images: torch.Tensor, kind: str, gen: torch.Generator,
