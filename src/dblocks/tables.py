@@ -581,9 +581,11 @@ def _is_fid_table(paper: dict | None) -> bool:
     return bool(paper) and paper.get("metric") == "FID"
 
 
-def _cost_columns(prefix: str, header: str) -> list[Column]:
-    return [Column(f"{prefix}{m}", f"{header} {h}", re.sub(r"[^a-z0-9]+", "_", f"{header} {h}".lower()).strip("_"),
-                   "cost") for m, (_, h, _) in COST_METRICS.items()]
+def _cost_columns(prefix: str, header: str, scale: str) -> list[Column]:
+    """Our inference cost beside our FID; the header names the scale, as every column of our numbers does."""
+    return [Column(f"{prefix}{m}", f"{header} {h} ({scale})",
+                   re.sub(r"[^a-z0-9]+", "_", f"{header} {h}".lower()).strip("_"), "cost")
+            for m, (_, h, _) in COST_METRICS.items()]
 
 
 def _cost_cells(ctx: Context, prefix: str, exp: ExperimentSpec | None, method: str | None,
@@ -618,7 +620,7 @@ def build_methods_table(ctx: Context, table_id: str, paper: dict, exps: list[Exp
                 [Column(f"ours:{k}", _ours_header(ctx, exps, label), f"ours_{k}", "ours") for k, label in ours_cols.items()])
     cost = _is_fid_table(paper)
     if cost:
-        columns += _cost_columns("cost:", "ours")
+        columns += _cost_columns("cost:", "ours", ctx.params.scale)
     table = Table(table_id, paper["title"], ctx.caption(table_id, paper, exps), columns,
                   notes=list(paper.get("notes", [])) + OURS_NOTES.get(table_id, []) + ([COST_NOTE] if cost else []),
                   feeders=[e.name for e in exps])
@@ -769,7 +771,7 @@ def build_grid_table(ctx: Context, table_id: str, paper: dict, exps: list[Experi
     cost = _is_fid_table(paper)
     if cost:
         for p, label in partitions.items():
-            columns += _cost_columns(f"cost:{p}:", f"ours {label}")
+            columns += _cost_columns(f"cost:{p}:", f"ours {label}", ctx.params.scale)
         notes.append(COST_NOTE)
     table = Table(table_id, paper["title"], ctx.caption(table_id, paper, exps), columns, notes=notes,
                   feeders=[e.name for e in exps])
@@ -835,7 +837,7 @@ def build_sweep_table(ctx: Context, table_id: str, paper: dict, exps: list[Exper
                Column("experiment", "experiment", "experiment", "info")]
     cost = _is_fid_table(paper)
     if cost:
-        columns += _cost_columns("cost:", "ours")
+        columns += _cost_columns("cost:", "ours", ctx.params.scale)
         notes.append(COST_NOTE)
     table = Table(table_id, paper["title"], ctx.caption(table_id, paper, exps), columns, notes=notes,
                   feeders=[e.name for e in exps], metric=metric)
@@ -1182,7 +1184,11 @@ def render_index(params: ParamsInfo, tables: list[Table], figures: list[tuple[Pa
              f"`{NA}` (its footnote says why), never an older configuration's number."
              + (f" {_runs(stale)} of these experiments, of other configurations or evaluation settings, "
                 "were left out." if stale else ""), ""]
-    if params.scale != "paper":
+    if params.scale == "smoke":
+        lines += ["**Smoke-scale numbers measure nothing**: the paper's architectures, trained for a couple of "
+                  "steps on generated stand-in data, evaluated on a handful of samples. They show that the "
+                  "paper-scale pipeline runs end to end, not what it would reproduce.", ""]
+    elif params.scale != "paper":
         lines += [f"**{params.scale.capitalize()}-scale numbers are not comparable to the paper's**: smaller "
                   "models, other data and far fewer steps. They check that the pipeline runs end to end and that "
                   "trends can be read, not that the paper's values are reproduced.", ""]
