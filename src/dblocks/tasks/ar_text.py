@@ -13,6 +13,8 @@ from dblocks.tasks.classification import ClassificationTask
 
 
 class ARTextTask(ClassificationTask):
+    TABLE = "task/token_embedding"
+
     def __init__(self, vocab_size: int, seq_len: int, embedding_dim: int, seed: int, sigma_data: float = 0.5) -> None:
         super().__init__(vocab_size, embedding_dim, seed, sigma_data)
         self.seq_len = seq_len
@@ -30,9 +32,6 @@ class ARTextTask(ClassificationTask):
     def loss(self, raw, denoised, batch, weight):
         per_token = F.cross_entropy(raw.float().transpose(1, 2), batch["tokens"], reduction="none")
         return (weight * per_token.mean(1)).mean()
-
-    def buffers(self):
-        return {"task/token_embedding": self.embedding}
 
 
 class NextTokenEmbeddingTask(ARTextTask):

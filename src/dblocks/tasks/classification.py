@@ -39,6 +39,9 @@ class LabelTable(nn.Module):
 
 
 class ClassificationTask(Task):
+    #: the checkpoint name of the target space (the embedding table)
+    TABLE = "task/label_embedding"
+
     def __init__(self, num_classes: int, embedding_dim: int, seed: int, sigma_data: float = 0.5) -> None:
         self.num_classes = num_classes
         self.fixed = label_embeddings(num_classes, embedding_dim, seed)
@@ -74,8 +77,8 @@ class ClassificationTask(Task):
         return edm.weighted_cross_entropy(raw, batch["label"], weight)
 
     def buffers(self):
-        return {"task/label_embedding": self.embedding.detach()}
+        return {self.TABLE: self.embedding.detach()}
 
     def load_buffers(self, tensors):
         """A trained model's target space as its checkpoint stores it (learned or fixed), fixed from now on."""
-        self.fixed, self.table = tensors["task/label_embedding"], None
+        self.fixed, self.table = tensors[self.TABLE], None
