@@ -75,8 +75,13 @@ def test_codec_scales_latents_and_has_the_vae_shapes(codec):
 def test_center_crop_and_folder_encoding(codec, imagenet_root):
     img = Image.fromarray(np.zeros((700, 280, 3), dtype=np.uint8))
     assert center_crop_arr(img).shape == (256, 256, 3)
-    latents, labels, classes = encode_folder(codec, imagenet_root / "train", batch_size=2)
+    latents, labels, classes, none = encode_folder(codec, imagenet_root / "train", batch_size=2)
     assert latents.shape == (3, 4, 32, 32) and labels.tolist() == [0, 0, 1] and classes == ["n00000000", "n00000001"]
+    assert none is None
+    # both flips kept: the second set encodes the mirrored images (not mirrored latents)
+    again, _, _, flipped = encode_folder(codec, imagenet_root / "train", batch_size=2, mirrored=True)
+    assert torch.equal(again, latents) and flipped.shape == latents.shape
+    assert not torch.allclose(flipped, latents.flip(-1))
 
 
 def test_latent_dataset_prepares_trains_samples_and_scores(codec, imagenet_root, tmp_path):
@@ -84,8 +89,12 @@ def test_latent_dataset_prepares_trains_samples_and_scores(codec, imagenet_root,
     for split in ("train", "test"):
         ds = load_imagenet_latents(split, imagenet_root, codec=codec)
         assert ds.name == "imagenet256" and ds.images.shape[1:] == (4, 32, 32) and ds.num_classes == 1000
+        assert (ds.flipped is not None) == (split == "train")  # train.augment: flip picks these
         save_prepared(ds, prepared)
-        torch.testing.assert_close(load_prepared(prepared, split).images, ds.images, rtol=0, atol=0)  # floats kept
+        loaded = load_prepared(prepared, split)
+        torch.testing.assert_close(loaded.images, ds.images, rtol=0, atol=0)  # floats kept
+        if split == "train":
+            torch.testing.assert_close(loaded.flipped, ds.flipped, rtol=0, atol=0)
     with pytest.raises(ValueError, match="data_root"):
         load_image_dataset("imagenet256", "train")
 

@@ -280,3 +280,16 @@ def test_checkpoints_carry_the_scale_of_the_params_file_they_were_trained_from(t
     assert _run("train-baseline", "--arch", "ViT-micro", "--steps", 1, "--batch-size", 4, "--no-progress",
                 "--out", model) == 0
     assert load_metadata(model)["scale"] == "unknown"  # no params file, no --track record: never guessed
+
+
+def test_latents_without_their_mirrored_encodings_are_not_flipped():
+    from dblocks.data import ImageDataset
+    from dblocks.train import sample_batch
+
+    latents = ImageDataset("imagenet256", "train", torch.randn(4, 4, 2, 2), torch.zeros(4, dtype=torch.long), 1000,
+                           latent_scale=0.18215)
+    with pytest.raises(TrainingError, match="without the latents of mirrored images"):
+        sample_batch(latents, 2, torch.Generator().manual_seed(0), CPU, "flip")
+    latents.flipped = -latents.images
+    batch = sample_batch(latents, 8, torch.Generator().manual_seed(0), CPU, "flip")
+    assert all(any(torch.equal(x, y) for y in (*latents.images, *latents.flipped)) for x in batch["image"])

@@ -124,24 +124,33 @@ def center_crop_arr(image, size: int = IMAGE_SIZE):
 
 
 def encode_folder(codec: LatentCodec, root: str | os.PathLike, size: int = IMAGE_SIZE, batch_size: int = 64,
-                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                  progress: bool = False, mirrored: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]:
     """An ImageNet-style folder (``root/<class>/*.JPEG``, classes sorted by name as torchvision's
-    ImageFolder does) -> (scaled latents (N, 4, size/8, size/8), labels, class names). Images are
-    center-cropped (:func:`center_crop_arr`) and encoded a batch at a time, so only the latents are
-    held in memory."""
+    ImageFolder does) -> (scaled latents (N, 4, size/8, size/8), labels, class names, latents of the
+    mirrored images if ``mirrored`` else None). Images are center-cropped (:func:`center_crop_arr`) and
+    encoded a batch at a time, so only the latents are held in memory.
+
+    ``mirrored`` keeps both flips for DiT's random horizontal flip (``train.augment: flip``): the encoder is
+    not flip-equivariant, so mirroring a latent is not the latent of the mirrored image, and encoding one
+    random flip per image once (fast-DiT's cache) would fix each image's flip for the whole run. The price
+    is a second encoding and twice the storage of the train split."""
     from torchvision.datasets import ImageFolder
 
     folder = ImageFolder(os.fspath(root))
     if len(folder) == 0:
         raise FileNotFoundError(f"no images under {root}")
-    latents = []
+    latents, flipped = [], []
     samples = folder.samples
     for start in tqdm(range(0, len(samples), batch_size), desc="encode", disable=not progress, mininterval=1.0):
         batch = [torch.from_numpy(center_crop_arr(folder.loader(path), size)).permute(2, 0, 1)
                  for path, _ in samples[start:start + batch_size]]
-        latents.append(codec.encode(torch.stack(batch).float().div(127.5).sub(1.0), batch_size=batch_size))
+        images = torch.stack(batch).float().div(127.5).sub(1.0)
+        latents.append(codec.encode(images, batch_size=batch_size))
+        if mirrored:
+            flipped.append(codec.encode(images.flip(-1), batch_size=batch_size))
     labels = torch.tensor([label for _, label in samples], dtype=torch.long)
-    return torch.cat(latents), labels, list(folder.classes)
+    return torch.cat(latents), labels, list(folder.classes), torch.cat(flipped) if mirrored else None
 
 
 #: ImageNet's folders per split (the validation set is the test split, as in the paper's test FID)
@@ -151,16 +160,19 @@ IMAGENET_FOLDERS = {"train": "train", "test": "val"}
 def load_imagenet_latents(split: str, root: str | os.PathLike | None, codec: LatentCodec | None = None,
                           batch_size: int = 64, progress: bool = False):
     """ImageNet 256 as VAE latents: ``root/train`` and ``root/val`` in ImageFolder layout, encoded by
-    ``codec`` (default: sd-vae-ft-ema through diffusers). Returns an ImageDataset of (4, 32, 32) latents."""
+    ``codec`` (default: sd-vae-ft-ema through diffusers). Returns an ImageDataset of (4, 32, 32) latents; the
+    train split also carries the latents of the mirrored images (``flipped``, for ``train.augment: flip``)."""
     from dblocks.data.images import ImageDataset
 
     if root is None:
         raise ValueError("imagenet256 needs data_root: a local ImageNet copy with train/ and val/ class folders "
                          "(ImageNet cannot be downloaded automatically)")
     codec = codec or load_sd_vae()
-    latents, labels, classes = encode_folder(codec, Path(root) / IMAGENET_FOLDERS[split], batch_size=batch_size,
-                                             progress=progress)
-    return ImageDataset("imagenet256", split, latents, labels, max(len(classes), 1000), latent_scale=codec.scale)
+    latents, labels, classes, flipped = encode_folder(codec, Path(root) / IMAGENET_FOLDERS[split],
+                                                      batch_size=batch_size, progress=progress,
+                                                      mirrored=split == "train")
+    return ImageDataset("imagenet256", split, latents, labels, max(len(classes), 1000), latent_scale=codec.scale,
+                        flipped=flipped)
 
 
 def prepare_imagenet_latents(root: str | os.PathLike | None, out: str | os.PathLike,

@@ -34,8 +34,11 @@ def save_prepared(ds: ImageDataset, directory: str | Path, provenance: dict | No
     else:  # pixels go back to their original integers, so the round trip is exact
         meta["pixel_max"] = PIXEL_MAX[ds.name]
         images = torch.round((ds.images + 1) / 2 * meta["pixel_max"]).to(torch.uint8)
+    tensors = {"images": images, "labels": ds.labels}
+    if ds.flipped is not None:  # a latent dataset's encodings of the mirrored images (train.augment: flip)
+        tensors["flipped"] = ds.flipped.float().contiguous()
     path = prepared_path(directory, ds.split)
-    save_checkpoint(path, {"images": images, "labels": ds.labels}, meta)
+    save_checkpoint(path, tensors, meta)
     return path
 
 
@@ -53,9 +56,13 @@ def _load_split(directory: str | Path, split: str, kind: str, expected_name: str
 
 def load_prepared(directory: str | Path, split: str, expected_name: str | None = None) -> ImageDataset:
     path, tensors, meta = _load_split(directory, split, "dataset", expected_name)
-    if set(tensors) != {"images", "labels"}:
-        raise CheckpointError(path, f"holds tensors {sorted(tensors)}; allowed: images and labels", field="tensors")
-    images, labels = tensors["images"], tensors["labels"]
+    if not {"images", "labels"} <= set(tensors) <= {"images", "labels", "flipped"}:
+        raise CheckpointError(path, f"holds tensors {sorted(tensors)}; allowed: images and labels (and, for "
+                                    f"latents, flipped)", field="tensors")
+    images, labels, flipped = tensors["images"], tensors["labels"], tensors.get("flipped")
+    if flipped is not None and ("latent_scale" not in meta or flipped.shape != images.shape):
+        raise CheckpointError(path, f"has mirrored encodings of shape {tuple(flipped.shape)}; allowed: latents of "
+                                    f"the images' shape {tuple(images.shape)}", field="flipped")
     if images.ndim != 4 or labels.shape != (images.shape[0],):
         raise CheckpointError(path, f"has {labels.shape[0] if labels.ndim else 0} labels for images of shape "
                                     f"{tuple(images.shape)}; allowed: images (N, C, H, W) with N labels",
@@ -68,7 +75,7 @@ def load_prepared(directory: str | Path, split: str, expected_name: str | None =
     else:
         images = images.float() / meta["pixel_max"] * 2 - 1
     return ImageDataset(meta["name"], meta["split"], images, labels.long(), meta["num_classes"],
-                        latent_scale=meta.get("latent_scale"))
+                        latent_scale=meta.get("latent_scale"), flipped=flipped)
 
 
 def save_prepared_text(name: str, split: str, directory: str | Path, root=None) -> Path:
