@@ -191,6 +191,15 @@ def test_checkpoints_carry_both_weights_and_evaluation_names_the_ones_it_read(tm
         assert _run("evaluate", model_path, "--out", out, "--weights", weights, "--no-progress") == 0
         record = json.loads(out.read_text())
         assert record["weights"] == weights and record["evaluation"]["weights"] == weights
+    # without --weights the config's sample.weights decides (recorded with the model; --params' wins in the DAG)
+    raw_cfg = tmp_path / "raw"
+    raw_cfg.mkdir()
+    for b in (1, 2):
+        assert _run("train-block", *common, "--set", "sample.weights=raw", "--block", b,
+                    "--out", raw_cfg / f"block-{b}.safetensors") == 0
+    assemble([raw_cfg / f"block-{b}.safetensors" for b in (1, 2)], raw_cfg / "model.safetensors")
+    assert _run("evaluate", raw_cfg / "model.safetensors", "--out", raw_cfg / "m.json", "--no-progress") == 0
+    assert json.loads((raw_cfg / "m.json").read_text())["weights"] == "raw"
     # a checkpoint without an average cannot be evaluated "with" one
     plain = tmp_path / "plain.safetensors"
     assert _run("train-baseline", *common[:-2], "--out", plain) == 0
