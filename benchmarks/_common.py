@@ -75,9 +75,9 @@ def synchronize(device: torch.device) -> None:
 
 # ------------------------------------------------------------------------------------------ output
 
-def write_json(name: str, record: dict) -> Path:
-    """results/bench/<name>.json, written atomically."""
-    path = RESULTS / f"{name}.json"
+def write_json(name: str, record: dict, path: Path | None = None) -> Path:
+    """results/bench/<name>.json (or ``path``), written atomically."""
+    path = Path(path) if path is not None else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
