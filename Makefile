@@ -51,9 +51,13 @@ run-all: run
 # Smoke run of the paper DAG: params/smoke.yaml over params/paper.yaml, every experiment with the paper's
 # architectures, 2 optimizer steps per job and a handful of samples, on generated stand-ins of the datasets
 # written in their real on-disk formats (data/smoke/raw; rewritten only where their bytes would change).
+# SMOKE_MEM_MB: the memory Snakemake may hand out at once (each training job asks for its share of its network's
+# layers, params/smoke.yaml's resources), so two whole DiT-L/2 networks (~12 GB each) never train side by side.
+SMOKE_MEM_MB ?= 20000
 smoke: $(STAMP)
 	$(BIN)/dblocks smoke-data --out data/smoke/raw
-	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(BIN)/snakemake --config params=params/smoke.yaml
+	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(BIN)/snakemake --config params=params/smoke.yaml \
+		--resources mem_mb=$(SMOKE_MEM_MB)
 
 # The SLURM tests need SLURM's Debian packages: installed here when this is root with apt-get (a no-op when
 # they are there). Elsewhere they are skipped with the reason, except under CI=true, where that fails.

@@ -23,6 +23,7 @@ from dblocks.data.latents import IMAGE_SIZE, LATENT_SCALE, decoder_for
 from dblocks.data.synthetic import CIFAR_SIZES, IMAGENET_CLASSES, IMAGENET_PER_CLASS, write_smoke_data
 from dblocks.data.text import load_text_dataset
 from dblocks.params import Params
+from dblocks.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -41,6 +42,23 @@ def test_smoke_params_keep_every_paper_experiment_at_full_size():
         assert ours.pop("data_root").startswith("data/smoke/raw/")
         theirs.pop("data_root")
         assert ours == theirs, name
+
+
+def test_a_job_asks_for_its_share_of_the_memory_so_two_whole_dit_l_never_train_at_once():
+    """make smoke gives Snakemake SMOKE_MEM_MB (20 GB): a whole DiT-L/2 (end to end, or B=1) asks for
+    resources.mem_mb, a block for its share of the layers, never less than the runtime's floor."""
+    import re
+
+    pipe = Pipeline.load(REPO / "params/smoke.yaml")
+    whole = pipe.resources["mem_mb"]
+    assert pipe.training_memory("dit-imagenet256", "e2e") == pipe.training_memory("dit-t8-b1", "blockwise", 1) == whole
+    assert pipe.training_memory("dit-t8-b6", "blockwise", 2) == -(-whole * 4 // 24)
+    assert pipe.training_memory("dit-t7-equiprob-363", "blockwise", 2) == -(-whole * 6 // 12)
+    assert pipe.training_memory("vit-cifar100", "paper") == whole  # the shared-stem process holds every block
+    budget = int(re.search(r"SMOKE_MEM_MB \?= (\d+)", (REPO / "Makefile").read_text()).group(1))
+    assert whole <= budget < 2 * whole and budget <= 22000  # the 24 GB machine, with room for Snakemake
+    tiny = Pipeline.load(REPO / "params/tiny.yaml")
+    assert tiny.training_memory("dit-t10-b6", "blockwise", 1) == Pipeline.RUNTIME_MB
 
 
 def test_generated_data_is_deterministic_and_reads_through_the_real_loaders(tmp_path):

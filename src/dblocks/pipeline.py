@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 from dblocks.checkpoint import sidecar_path
 from dblocks.config import AUTOENCODER_FILE, TRAINED_AUTOENCODER_DATASETS, UNHASHED_KEYS
+from dblocks.models import get_arch
+from dblocks.noise import layer_split
 from dblocks.params import BLOCKWISE, E2E, PAPER, Params
 
 __all__ = ["Pipeline", "BLOCKWISE", "E2E", "PAPER", "READS"]
@@ -83,6 +86,28 @@ class Pipeline(Params):
                 return None
             node = node[part]
         return node
+
+    # --- what each job asks of the machine -----------------------------------------------------------
+    #: every job's floor (MB): what torch, MLflow and a Python process hold before the first tensor
+    RUNTIME_MB = 1024
+
+    def training_memory(self, exp: str, method: str, block: int | str | None = None) -> int:
+        """MB a training job asks for. ``resources.mem_mb`` is what the whole network needs; a block job holds
+        only its block's share of the layers (states and activations alike: the method's memory saving,
+        SPEC section 7) and asks for that share, never less than :attr:`RUNTIME_MB`. So a scheduler with a
+        memory budget (Snakemake's --resources mem_mb, SLURM) runs small blocks beside a large job instead
+        of two whole networks at once."""
+        config = self.experiments[exp]
+        depth = get_arch(config["arch"]).depth
+        layers = depth if method != BLOCKWISE else \
+            layer_split(depth, config["blocks"], config["layer_split"])[int(block) - 1]
+        total = self.resources["mem_mb"]
+        return max(min(total, self.RUNTIME_MB), math.ceil(total * layers / depth))
+
+    @property
+    def evaluation_memory(self) -> int:
+        """MB an evaluation (or reference statistics) job asks for: ``resources.eval_mem_mb``, else mem_mb."""
+        return self.resources.get("eval_mem_mb") or self.resources["mem_mb"]
 
     # --- paths (relative to the repository root) ---------------------------------------------------
     @property

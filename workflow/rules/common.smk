@@ -102,13 +102,21 @@ def training_runtime(wildcards, attempt):
     return RES["runtime"] * attempt
 
 
-TRAIN_RESOURCES = dict(
-    gpu=RES["gpu"],
-    mem_mb=RES["mem_mb"],
-    runtime=training_runtime,
-    **({"gpu_model": RES["gpu_model"]} if RES.get("gpu_model") else {}),
-)
-EVAL_RESOURCES = dict(gpu=RES["gpu"], mem_mb=RES["mem_mb"])
+def training_memory(method):
+    """MB a training job asks for: its share of the network's layers (Pipeline.training_memory)."""
+    return lambda wildcards: PIPE.training_memory(wildcards.exp, method, wildcards.get("block"))
+
+
+def train_resources(method):
+    return dict(
+        gpu=RES["gpu"],
+        mem_mb=training_memory(method),
+        runtime=training_runtime,
+        **({"gpu_model": RES["gpu_model"]} if RES.get("gpu_model") else {}),
+    )
+
+
+EVAL_RESOURCES = dict(gpu=RES["gpu"], mem_mb=PIPE.evaluation_memory)
 
 
 def settings_of(rule):

@@ -20,7 +20,7 @@ rule train_block:
         f"results/{OUT}/benchmarks/{{exp}}/train-block-{{block}}.tsv"
     threads: RES["threads"]
     resources:
-        **TRAIN_RESOURCES,
+        **train_resources("blockwise"),
     conda:
         ENV
     shell:
@@ -46,7 +46,7 @@ rule train_baseline:
         f"results/{OUT}/benchmarks/{{exp}}/train-e2e.tsv"
     threads: RES["threads"]
     resources:
-        **TRAIN_RESOURCES,
+        **train_resources("e2e"),
     conda:
         ENV
     shell:
@@ -72,7 +72,7 @@ rule train_shared:
         f"results/{OUT}/benchmarks/{{exp}}/train-paper.tsv"
     threads: RES["threads"]
     resources:
-        **TRAIN_RESOURCES,
+        **train_resources("paper"),
     conda:
         ENV
     shell:
