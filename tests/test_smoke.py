@@ -146,6 +146,9 @@ def test_smoke_part_trains_the_paper_architectures_for_two_steps(smoke_part):
         for name in ("block-1", "block-3", "e2e"):
             meta = load_metadata(smoke_part / f"checkpoints/smoke/{exp}/{name}.safetensors")
             assert meta["config"]["arch"] == arch and meta["config"]["train"]["steps"] == 2, (exp, name)
+            # keep_weights: false: Snakemake deleted the weights once evaluated; their records stay
+            assert not (smoke_part / f"checkpoints/smoke/{exp}/{name}.safetensors").exists()
+        assert not (smoke_part / f"models/smoke/{exp}/blockwise.safetensors").exists()
     # the prepared data came from the generated parquet files through the real CIFAR loader
     prepared = load_metadata(smoke_part / "data/smoke/prepared/cifar100/train.safetensors")
     assert prepared["examples"] == CIFAR_SIZES["cifar100"]["train"] and prepared["num_classes"] == 100

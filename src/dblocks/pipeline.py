@@ -116,6 +116,12 @@ class Pipeline(Params):
         ``data_dir`` if the params file sets it (generated stand-in data must never mix with real), else data."""
         return self.raw.get("data_dir") or "data"
 
+    @property
+    def keep_weights(self) -> bool:
+        """Whether trained weights stay once evaluated (``keep_weights``, default true). A smoke run trains the
+        paper's networks for two steps: their ~55 GB are worth nothing once every job that reads them ran."""
+        return self.raw.get("keep_weights", True)
+
     def prepared(self, dataset: str) -> str:
         return f"{self.data_dir}/prepared/{dataset}"
 
@@ -171,12 +177,12 @@ class Pipeline(Params):
 
     # --- the job list ---------------------------------------------------------------------------------
     def targets(self) -> list[str]:
-        """Everything 'rule all' asks for: every evaluation, the tables, and every trained checkpoint and
-        assembled model. Asking for the checkpoints themselves is what makes a deleted block (or one that
+        """Everything 'rule all' asks for: every evaluation, the tables, and (unless ``keep_weights`` is false)
+        every trained checkpoint and assembled model. Asking for the checkpoints themselves is what makes a deleted block (or one that
         `dblocks verify` set aside) rebuild with Snakemake's own means: the missing target reruns, and its
         assembly, evaluation and the tables rerun after it because their input is rebuilt."""
         metrics = [self.metrics(e, m) for e in self.experiments for m in self.methods(e)]
-        return metrics + [self.tables_dir()] + self.trained_files()
+        return metrics + [self.tables_dir()] + (self.trained_files() if self.keep_weights else [])
 
     def trained_files(self) -> list[str]:
         """Block checkpoints, end-to-end baselines and assembled models, each with its JSON record; the

@@ -47,6 +47,12 @@ envvars:
 
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
+def weights(path):
+    """A file of trained weights: kept, or with `keep_weights: false` (a smoke run) deleted by Snakemake once
+    every job that reads it has run (its JSON record stays)."""
+    return path if PIPE.keep_weights else temp(path)
+
+
 # The software environment of every job (Snakemake resolves it relative to the rules files): used with
 # `--software-deployment-method conda`; ignored otherwise, when jobs run in the current environment.
 ENV = "../envs/dblocks.yaml"

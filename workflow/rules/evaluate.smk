@@ -6,7 +6,7 @@ rule assemble:
     input:
         blocks=assemble_inputs,
     output:
-        model=f"models/{OUT}/{{exp}}/{{assembled}}.safetensors",
+        model=weights(f"models/{OUT}/{{exp}}/{{assembled}}.safetensors"),
         record=f"models/{OUT}/{{exp}}/{{assembled}}.json",
     params:
         blocks=lambda w: PIPE.blocks(w.exp),

@@ -8,7 +8,7 @@ rule train_block:
         data=prepared_split("train"),
         run=run_record,
     output:
-        checkpoint=f"checkpoints/{OUT}/{{exp}}/block-{{block}}.safetensors",
+        checkpoint=weights(f"checkpoints/{OUT}/{{exp}}/block-{{block}}.safetensors"),
         metadata=f"checkpoints/{OUT}/{{exp}}/block-{{block}}.json",
     params:
         file=PARAMS,
@@ -34,7 +34,7 @@ rule train_baseline:
         data=prepared_split("train"),
         run=run_record,
     output:
-        checkpoint=f"checkpoints/{OUT}/{{exp}}/e2e.safetensors",
+        checkpoint=weights(f"checkpoints/{OUT}/{{exp}}/e2e.safetensors"),
         metadata=f"checkpoints/{OUT}/{{exp}}/e2e.json",
     params:
         file=PARAMS,
@@ -61,7 +61,7 @@ rule train_shared:
         data=prepared_split("train"),
         run=run_record,
     output:
-        blocks=directory(f"checkpoints/{OUT}/{{exp}}/paper"),
+        blocks=weights(directory(f"checkpoints/{OUT}/{{exp}}/paper")),
     params:
         file=PARAMS,
         config_hash=config_hash,
