@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from dblocks.cli import main
 from dblocks.config import ConfigError, resolve
 from dblocks.ema import EMA, beta, half_life
 from dblocks.experiment import Experiment
+from dblocks.params import Params
 from dblocks.train import (TrainingError, block_objective, cross_entropy_objective, lr_lambda,
                            paper_mode_objective, train)
 from tests.conftest import micro_config
@@ -302,3 +304,12 @@ def test_latents_without_their_mirrored_encodings_are_not_flipped():
     latents.flipped = -latents.images
     batch = sample_batch(latents, 8, torch.Generator().manual_seed(0), CPU, "flip")
     assert all(any(torch.equal(x, y) for y in (*latents.images, *latents.flipped)) for x in batch["image"])
+
+
+def test_the_shared_stem_classifier_refuses_a_weight_average_it_could_not_keep_whole(tmp_path, capsys):
+    params = tmp_path / "p.yaml"
+    params.write_text(f"base: {Path('params/paper.yaml').resolve()}\noverride: {{train: {{ema_decay: 0.9}}}}\n")
+    with pytest.raises(ConfigError, match="experiments.vit-cifar100.train.ema_decay=0.9: the shared-stem mode"):
+        Params.load(params)
+    assert _run("train-shared", "--arch", "ViT-micro", "--set", "train.ema_decay=0.5", "--out-dir", tmp_path) == 2
+    assert "the shared-stem mode learns the label table" in capsys.readouterr().err

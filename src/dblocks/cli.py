@@ -387,6 +387,9 @@ def cmd_train_shared(args) -> None:
 
     exp = experiment_from_args(args)
     out_dir = Path(args.out_dir)
+    if exp.config["task"] == "classification" and exp.config["train"]["ema_decay"]:
+        raise UsageError(f"train.ema_decay={exp.config['train']['ema_decay']}: the shared-stem mode learns the "
+                         f"label table, which the weight average does not cover; allowed: 0")
     _device(exp)
     _track_path(args)
 

@@ -183,6 +183,7 @@ class Params:
         for name in experiments:
             params._check_judge(name)
             params._check_baseline(name)
+            params._check_shared_stem(name)
         return params
 
     @property
@@ -243,6 +244,14 @@ class Params:
             raise ConfigError(f"{key} is not an experiment with an e2e baseline whose settings equal this one's "
                               f"outside {', '.join(sorted(BLOCKWISE_ONLY))}; allowed: "
                               f"{', '.join(candidates) or 'none in this file'}")
+
+    def _check_shared_stem(self, name: str) -> None:
+        config = self.experiments[name]
+        if PAPER in self.methods(name) and config["task"] == "classification" and config["train"]["ema_decay"]:
+            raise ConfigError(f"{self.path}: experiments.{name}.train.ema_decay={config['train']['ema_decay']}: the "
+                              f"shared-stem mode ('paper' in pipeline.methods) learns the label table, which the "
+                              f"weight average does not cover; allowed: 0 (the authors' ViT keeps no average), or "
+                              f"drop 'paper' from the methods")
 
     def e2e_config(self, exp: str) -> dict:
         """What end-to-end training of ``exp`` depends on: its config without the block-wise settings."""
