@@ -243,8 +243,10 @@ def test_tracked_cli_jobs_are_child_runs(store, tmp_path, capsys):
     assert record["git_commit"] == (ev.data.tags["dblocks.git_commit"] or None)
     assert record["eval_hash"] == params.eval_hash("micro-a") == ev.data.tags["dblocks.eval_hash"]
     assert record["evaluation"] == params.evaluation_settings("micro-a") == {"task": "classification",
-                                                                             "split": "test", "seed": 0}
+                                                                             "split": "test", "seed": 0,
+                                                                             "weights": "auto"}
     assert ev.data.params["evaluation.split"] == "test" and ev.data.params["evaluation.seed"] == "0"
+    assert record["weights"] == ev.data.tags["dblocks.weights"] == "raw"  # auto, and no average was kept
     # ... and the parent run shows the result at a glance
     parent = store.client.get_run(rec["parent_run_id"])
     assert parent.data.metrics["blockwise.accuracy"] == pytest.approx(record["accuracy"])
