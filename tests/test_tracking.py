@@ -398,8 +398,11 @@ def test_four_parallel_processes_share_one_sqlite_store(store, tmp_path):
     track = store.root / "runs" / "micro-a.json"
     config = json.dumps(Params.load(store.params).experiments["micro-a"])
     go = tmp_path / "go"
+    # run where the record's relative data path names nothing (a checkout that ran the pipeline has a prepared
+    # digits split there, which a training job would log as its input beside the one logged here)
     procs = [subprocess.Popen([sys.executable, "-c", PARALLEL_JOB, str(track), str(b), str(go), config],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for b in (1, 2, 3, 4)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+             for b in (1, 2, 3, 4)]
     time.sleep(0.5)
     go.touch()
     outs = [p.communicate(timeout=120) for p in procs]
