@@ -181,3 +181,13 @@ def test_smoke_params_dvc_stages_declare_only_existing_keys():
                     declared += 1
     assert declared > 0
     assert stages["train_block.dit-imagenet256.1"]["params"][1] == {"params/smoke.yaml": ["override.train"]}
+
+
+def test_the_masked_lm_evaluation_takes_the_files_sample_steps():
+    """evaluation.sample_steps is the masked LM's unmasking steps too (it was ignored for text tasks, so
+    tiny-text's 48 and the smoke run's 6 evaluated with the model's own sample.steps of 50)."""
+    for name, steps in (("params/tiny-text.yaml", 48), ("params/smoke.yaml", 6)):
+        params = Params.load(REPO / name)
+        assert params.evaluate_options("mdm-text8")["sample_steps"] == steps
+        assert params.evaluation_settings("mdm-text8")["sample_steps"] == steps
+        assert "sample_steps" not in params.evaluate_options("ar-lm1b")

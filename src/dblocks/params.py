@@ -332,8 +332,9 @@ class Params:
     def evaluate_options(self, exp: str) -> dict:
         """What ``dblocks evaluate --params FILE`` takes from this file for a model of ``exp``: the scale label,
         the options of its task's evaluation protocol (generation: ``evaluation.samples``, ``sample_steps``,
-        ``evaluations``, ``fid_batch_size``; text: ``evaluation.text``) and the experiment's current ``sample``
-        settings (guidance, sampling batch), which win over those recorded in the model at training time."""
+        ``evaluations``, ``fid_batch_size``; text: ``evaluation.text``, and for the masked LM ``sample_steps``)
+        and the experiment's current ``sample`` settings (guidance, sampling batch), which win over those
+        recorded in the model at training time."""
         config, evaluation = self.experiments[exp], self.evaluation
         options: dict = {"scale": self.scale, "sample": dict(config["sample"])}
         if config["task"] == "generation":
@@ -341,6 +342,8 @@ class Params:
                             if k in evaluation})
         elif config["task"] in TEXT_TASKS:
             options.update(self.text_evaluation)
+            if config["task"] == "masked_text" and "sample_steps" in evaluation:  # its unmasking steps
+                options["sample_steps"] = evaluation["sample_steps"]
         return options
 
     def eval_hash(self, exp: str) -> str:
