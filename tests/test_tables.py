@@ -485,3 +485,17 @@ def test_a_run_of_another_or_no_scale_never_fills_a_cell():
     runs = [tables.RunInfo(str(i) * 32, "FINISHED", 1, 2, {**tags, **extra}, {}, {"accuracy": 0.5})
             for i, extra in enumerate([{}, {"dblocks.scale": "smoke"}, {"dblocks.scale": "tiny"}])]
     assert [r.run_id for r in tables.RunIndex(runs, "tiny").runs] == ["2" * 32]
+
+
+def test_a_metric_the_evaluation_was_not_asked_for_reads_not_run_here():
+    """mauve_features / hf_judges choose what an evaluation computes (a smoke run: reference-lm only): a
+    metric the run's logged settings did not ask for reads "—" (not run here), one they asked for reads n/a."""
+    run = tables.RunInfo("r" * 32, "FINISHED", 1, 2, {}, {"evaluation.mauve_features": '["reference-lm"]',
+                                                         "evaluation.hf_judges": "[]"}, {"mauve_reference": 0.5})
+    index = SimpleNamespace(latest=lambda *args: (run, ""))
+    cell = functools.partial(tables.metric_cell, index, "ar-lm1b", "blockwise")
+    assert cell("mauve_reference").text == "0.50"
+    assert cell("mauve_minilm").text == cell("gen_ppl_llama2").text == tables.DASH
+    asked = tables.RunInfo("s" * 32, "FINISHED", 1, 2, {}, {"evaluation.mauve_features": '["minilm"]'}, {})
+    index.latest = lambda *args: (asked, "")
+    assert cell("mauve_minilm").text == tables.NA and "mauve_minilm not logged" in cell("mauve_minilm").note

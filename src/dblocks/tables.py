@@ -81,6 +81,13 @@ OURS_METRICS["5"] = OURS_METRICS["4"]
 #: metrics that need a download (GPT-2 large features; Llama-2 / GPT2-XL judges): a finished run without
 #: them was not asked for them (offline, or not configured), so their cell reads "not run here", not n/a
 ONLINE_METRICS = frozenset({"mauve_gpt2_large", "gen_ppl_llama2", "gen_ppl_gpt2xl"})
+#: metrics an evaluation computes only when its settings ask for them: metric -> (evaluation setting, the
+#: value that asks); a finished run whose logged settings leave it out was not asked, so "not run here" too
+#: (e.g. a smoke run's mauve_features: [reference-lm] has no MiniLM MAUVE)
+OPTIONAL_METRICS: dict[str, tuple[str, str]] = {
+    "mauve_gpt2_large": ("mauve_features", "gpt2-large"), "mauve_minilm": ("mauve_features", "minilm"),
+    "mauve_reference": ("mauve_features", "reference-lm"), "gen_ppl_llama2": ("hf_judges", "llama2"),
+    "gen_ppl_gpt2xl": ("hf_judges", "gpt2-xl")}
 
 #: inference cost that every generator evaluation logs, shown beside each FID of ours:
 #: MLflow metric -> (multiplier, header, decimals)
@@ -361,10 +368,19 @@ def metric_cell(index: RunIndex, experiment: str, method: str, metric: str, mult
             return Cell(text=DASH)
         return missing(f"{why} ({what})")
     if metric not in run.metrics or run.metrics[metric] is None or math.isnan(run.metrics[metric]):
-        if metric in ONLINE_METRICS and metric not in run.metrics:
+        if metric not in run.metrics and (metric in ONLINE_METRICS or not _asked_for(run, metric)):
             return Cell(text=DASH)
         return missing(f"{metric} not logged (run {run.short}: {what})", run)
     return Cell(text=fmt(run.metrics[metric] * multiplier, decimals), value=run.metrics[metric] * multiplier, run=run)
+
+
+def _asked_for(run: RunInfo, metric: str) -> bool:
+    """Whether the run's logged evaluation settings asked for an optional metric (runs that logged none: yes)."""
+    if metric not in OPTIONAL_METRICS:
+        return True
+    setting, value = OPTIONAL_METRICS[metric]
+    logged = parse_param(run.params.get(f"evaluation.{setting}"))
+    return not isinstance(logged, (list, tuple)) or value in logged
 
 
 # ---------------------------------------------------------------------------------------------- table
