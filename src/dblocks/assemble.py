@@ -16,13 +16,12 @@ from torch import nn
 import dblocks
 from dblocks.blocks import AssembledModel, BlockDenoiser
 from dblocks.checkpoint import AVERAGE_PREFIX, CheckpointError, load_checkpoint, load_metadata, save_checkpoint
-from dblocks.config import config_hash
+from dblocks.config import UNKNOWN_SCALE, WEIGHTS, config_hash
 from dblocks.experiment import Experiment
 from dblocks.tracking import git_commit
 
 TASK_PREFIX = "task/"
 #: ``sample.weights``: which weights a trained model is used with
-WEIGHTS = ("auto", "ema", "raw")
 
 
 class AssemblyError(ValueError):
@@ -130,7 +129,7 @@ def assemble(paths: Sequence[str | Path], out: str | Path, expected_blocks: int 
     first = records[0][1]
     meta = {k: first[k] for k in ("experiment", "config", "config_hash", "seed", "method", "blocks",
                                   "partition", "layer_split")}
-    meta["scale"] = first.get("scale", "unknown")
+    meta["scale"] = first.get("scale", UNKNOWN_SCALE)
     meta.update({"kind": "assembled", "sources": sources, "package_version": dblocks.__version__,
                  "git_commit": git_commit()})
     return save_checkpoint(out, tensors, meta)
@@ -157,16 +156,18 @@ def choose_weights(tensors: dict[str, torch.Tensor], weights: str, path: Path) -
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu",
-               weights: str = "auto") -> tuple[nn.Module, Experiment, dict]:
+               weights: str | None = None) -> tuple[nn.Module, Experiment, dict]:
     """Rebuild a model from an assembled, block or end-to-end checkpoint (safetensors + JSON, no pickle),
-    with its raw weights or their average (``weights``, one of :data:`WEIGHTS`); the returned metadata's
-    ``weights`` field says which were loaded.
+    with its raw weights or their average (``weights``, one of :data:`WEIGHTS`; None: the model's own
+    sample.weights, auto for records older than it); the returned metadata's ``weights`` field says which
+    were loaded.
 
     Returns an AssembledModel for assembled and block files (a lone block routes every sigma to itself,
     for inspection) and a BlockDenoiser for end-to-end files."""
     path = Path(path)
     tensors, meta = load_checkpoint(path)
-    exp = Experiment(meta["config"], meta.get("scale", "unknown"))
+    exp = Experiment(meta["config"], meta.get("scale", UNKNOWN_SCALE))
+    weights = weights or exp.config["sample"].get("weights", "auto")
     exp.task.load_buffers({k: v for k, v in tensors.items() if k.startswith(TASK_PREFIX)})
     trained = {k: v for k, v in tensors.items() if not k.startswith(TASK_PREFIX)}
     kind = meta.get("kind")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from dblocks.checkpoint import write_json_atomic
-from dblocks.config import parse_override, resolve
+from dblocks.config import UNKNOWN_SCALE, WEIGHTS, parse_override, resolve
 
 EXIT_USAGE = 2
 
@@ -121,7 +121,7 @@ def experiment_from_args(args: argparse.Namespace):
     # the scale label: the pipeline params file's, else the --track record's, else unknown
     from dblocks.tracking import record_value
 
-    scale = record_value(getattr(args, "track", None), "scale") or "unknown"
+    scale = record_value(getattr(args, "track", None), "scale") or UNKNOWN_SCALE
     if args.config:  # the params model: a pipeline file is validated whole, as the workflow saw it
         from dblocks.params import experiment_config, scale_of
 
@@ -519,7 +519,7 @@ def cmd_assemble(args) -> None:
     print(f"wrote {out}: {meta['experiment']}, {meta['blocks']} blocks, method {meta['method']}")
 
 
-def _load_path(model: str, option: str, weights: str = "auto"):
+def _load_path(model: str, option: str, weights: str | None = None):
     from dblocks.assemble import load_model
     from dblocks.checkpoint import CheckpointError
 
@@ -537,21 +537,16 @@ def _recorded(model: str, option: str) -> tuple[dict, str]:
     (path,) = _existing([model], option)
     try:
         meta = load_metadata(path)
-        return meta["config"], meta.get("scale", "unknown")
+        return meta["config"], meta.get("scale", UNKNOWN_SCALE)
     except (CheckpointError, KeyError) as exc:
         raise UsageError(f"{option} {model}: {exc}") from None
-
-
-def _weights(args, config: dict) -> str:
-    """--weights, else the experiment's sample.weights (records written before it existed: auto)."""
-    return args.weights or config["sample"].get("weights", "auto")
 
 
 def cmd_sample(args) -> None:
     from dblocks.evaluate import class_balanced_samples, save_class_grid
 
     out = _output(args.out, ".png")
-    model, exp, meta = _load_path(args.model, "MODEL", _weights(args, _recorded(args.model, "MODEL")[0]))
+    model, exp, meta = _load_path(args.model, "MODEL", args.weights)  # None: the model's sample.weights
     if exp.config["task"] != "generation":
         raise UsageError(f"MODEL {args.model}: is a {exp.config['task']} model; 'sample' needs a generation model")
     _existing_dir(args.data, "--data")
@@ -610,9 +605,11 @@ def cmd_evaluate(args) -> None:
 
     out = _output(args.out, ".json")
     track = _track_path(args)
+    # The record first (JSON only, no tensor): --params may replace the sample settings, and sample.weights
+    # among them decides which tensors load_model reads.
     wanted = Experiment(*_recorded(args.model, "MODEL"))
-    evaluation_options(args, wanted)  # the sample settings (weights among them) this evaluation runs with
-    args.weights = _weights(args, wanted.config)
+    evaluation_options(args, wanted)
+    args.weights = args.weights or wanted.config["sample"].get("weights", "auto")
     model, exp, meta = _load_path(args.model, "MODEL", args.weights)
     exp.config["sample"] = wanted.config["sample"]
     generation = exp.config["task"] == "generation"
@@ -875,7 +872,7 @@ def cmd_dvc_yaml(args) -> None:
 # ------------------------------------------------------------------------------------------ parser
 
 def _weights_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", choices=["auto", "ema", "raw"],
+    p.add_argument("--weights", choices=WEIGHTS,
                    help="the trained weights or their average (default: the experiment's sample.weights; auto = "
                         "the average where training kept one)")
 

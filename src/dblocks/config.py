@@ -41,6 +41,12 @@ DEFAULTS: dict[str, Any] = {
     "sample": {"steps": 50, "guidance": 2.0, "num_images": 64, "batch_size": 256, "seed": 0, "weights": "auto"},
 }
 
+#: which trained weights a model is loaded with (sample.weights, --weights): auto = the weight average where
+#: training kept one (train.ema_decay > 0), else the raw weights. Kept here so the CLI's parser needs no torch.
+WEIGHTS = ("auto", "ema", "raw")
+#: the scale label of a model or run whose params file said none (a bare CLI job without --config or --track)
+UNKNOWN_SCALE = "unknown"
+
 #: keys that do not change what a block learns; left out of the config hash
 UNHASHED_KEYS = ("device", "data_root", "sample", "pipeline")
 

@@ -12,6 +12,7 @@ from functools import cached_property
 import torch
 
 from dblocks.blocks import AssembledModel, BlockDenoiser, convert_stack
+from dblocks.config import UNKNOWN_SCALE
 from dblocks.data import ImageDataset, load_image_dataset, load_prepared, load_prepared_text
 from dblocks.data.digits_latent import LATENT_SHAPE as DIGITS_LATENT_SHAPE
 from dblocks.data.text import VOCAB_SIZE, TextDataset, load_text_dataset
@@ -42,7 +43,7 @@ def derive_seed(*parts: object) -> int:
 class Experiment:
     config: dict
     #: the scale label of the params file it came from (tiny | smoke | paper), recorded with what it trains
-    scale: str = "unknown"
+    scale: str = UNKNOWN_SCALE
 
     @property
     def name(self) -> str:
