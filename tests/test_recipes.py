@@ -19,7 +19,7 @@ from dblocks.config import ConfigError, resolve
 from dblocks.ema import EMA, beta, half_life
 from dblocks.experiment import Experiment
 from dblocks.params import Params
-from dblocks.train import (TrainingError, block_objective, cross_entropy_objective, lr_lambda,
+from dblocks.train import (Objective, TrainingError, block_objective, cross_entropy_objective, lr_lambda,
                            paper_mode_objective, train)
 from tests.conftest import micro_config
 
@@ -131,14 +131,14 @@ def test_resume_with_augmentation_and_ema_is_bit_identical(tmp_path):
     state, m, calls = tmp_path / "block-1.state.safetensors", exp.block(1), {"n": 0}
     objective = block_objective(m, exp.partition, 1)
 
-    def dies_at_step_6(batch, gen):
+    def dies_at_step_6(batch):
         calls["n"] += 1
         if calls["n"] == 6:
             raise KeyboardInterrupt  # after the state of step 4 (checkpoint_every=4)
-        return objective(batch, gen)
+        return objective.loss(batch)
 
     with pytest.raises(KeyboardInterrupt):
-        train(m, dies_at_step_6, data, cfg, seed=5, device=CPU, state_path=state, progress=False)
+        train(m, Objective(dies_at_step_6, objective.draw), data, cfg, seed=5, device=CPU, state_path=state, progress=False)
     resumed = exp.block(1)
     result = train(resumed, block_objective(resumed, exp.partition, 1), data, cfg, seed=5, device=CPU,
                    state_path=state, progress=False)
@@ -157,12 +157,12 @@ def test_a_training_state_and_its_config_must_agree_on_the_average(tmp_path):
         calls = iter(range(10))
         objective = block_objective(m, exp.partition, 1)
 
-        def dies(batch, gen):
+        def dies(batch):
             if next(calls) == 3:
                 raise KeyboardInterrupt
-            return objective(batch, gen)
+            return objective.loss(batch)
 
-        train(m, dies, exp.load_data("train"), cfg, seed=0, device=CPU, state_path=state, progress=False)
+        train(m, Objective(dies, objective.draw), exp.load_data("train"), cfg, seed=0, device=CPU, state_path=state, progress=False)
     with pytest.raises(Exception, match="a weight average was saved but training keeps none"):
         train(exp.block(1), objective, exp.load_data("train"), {**cfg, "ema_decay": 0.0}, seed=0, device=CPU,
               state_path=state, progress=False)
@@ -218,12 +218,12 @@ def test_bf16_autocast_learns_digits_and_keeps_float32_weights(tmp_path):
     seen = []
     objective = cross_entropy_objective(model)
 
-    def spy(batch, gen):
-        loss = objective(batch, gen)
+    def spy(batch):
+        loss = objective.loss(batch)
         seen.append(torch.is_autocast_enabled("cpu"))
         return loss
 
-    train(model, spy, exp.load_data("train"), exp.config["train"], seed=0, device=CPU, progress=False)
+    train(model, Objective(spy, objective.draw), exp.load_data("train"), exp.config["train"], seed=0, device=CPU, progress=False)
     assert all(seen)
     test = exp.load_data("test")
     with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 from dblocks.blocks import AssembledModel
 from dblocks.experiment import Experiment
 from dblocks.sample import classify
-from dblocks.train import TrainingError, block_objective, paper_mode_objective, train
+from dblocks.train import Objective, TrainingError, block_objective, paper_mode_objective, train
 from tests.conftest import micro_config
 
 CPU = torch.device("cpu")
@@ -106,14 +106,14 @@ def test_resume_after_interruption_is_bit_identical(vit_exp, tmp_path):
     calls = {"n": 0}
     objective = block_objective(m, vit_exp.partition, 1)
 
-    def dies_at_step_6(batch, gen):
+    def dies_at_step_6(batch):
         calls["n"] += 1
         if calls["n"] == 6:
             raise KeyboardInterrupt  # a kill between two checkpoints (checkpoint_every=4)
-        return objective(batch, gen)
+        return objective.loss(batch)
 
     with pytest.raises(KeyboardInterrupt):
-        train(m, dies_at_step_6, data, cfg, seed=5, device=CPU, state_path=state, progress=False)
+        train(m, Objective(dies_at_step_6, objective.draw), data, cfg, seed=5, device=CPU, state_path=state, progress=False)
     assert state.exists()
 
     resumed = vit_exp.block(1)
@@ -127,7 +127,7 @@ def test_resume_after_interruption_is_bit_identical(vit_exp, tmp_path):
 def test_nan_loss_stops_training(vit_exp):
     m = vit_exp.block(1)
     with pytest.raises(TrainingError, match="loss is nan"):
-        train(m, lambda batch, gen: torch.tensor(float("nan"), requires_grad=True), vit_exp.load_data("train"),
+        train(m, Objective(lambda batch: torch.tensor(float("nan"), requires_grad=True)), vit_exp.load_data("train"),
               vit_exp.config["train"], seed=0, device=CPU, progress=False)
 
 
@@ -144,9 +144,9 @@ def test_paper_mode_shares_stem_and_head_and_samples_blocks(vit_exp, monkeypatch
         state = gen.get_state()
         picked.append(int(torch.randint(3, (1,), generator=gen)))
         gen.set_state(state)
-        return objective(batch, gen)
+        return objective.draw(batch, gen)
 
-    train(model, spy, vit_exp.load_data("train"), cfg, seed=0, device=CPU, progress=False)
+    train(model, Objective(objective.loss, spy), vit_exp.load_data("train"), cfg, seed=0, device=CPU, progress=False)
     # one optimizer over the union (shared parameters counted once)
     assert {id(p) for p in seen[0]} == {id(p) for p in model.parameters()}
     after = model.state_dict()

@@ -187,7 +187,7 @@ def _tracker(track: Path | None, job: str, method: str | None, block: int | None
     return JobRun(track, job, method, block, config)
 
 
-def _log_training(run, result, checkpoints: dict[str, tuple[Path, dict]], device) -> None:
+def _log_training(run, result, checkpoints: dict[str, tuple[Path, dict]], device, ranks: int = 1) -> None:
     """Metrics, checkpoint hashes and JSON sidecars of a finished training job; ``checkpoints`` maps a
     tag suffix ("" for a single checkpoint, ".block<b>" for several) to (path, metadata as written)."""
     from dblocks.checkpoint import sidecar_path
@@ -198,7 +198,8 @@ def _log_training(run, result, checkpoints: dict[str, tuple[Path, dict]], device
     run.log_metrics({"train_seconds": result.seconds, "seconds_per_step": result.seconds / ran if ran > 0 else None,
                      "final_loss": result.losses[-1][1] if result.losses else None,
                      "steps_run": ran, "resumed_from": result.resumed_from}, step=result.steps)
-    tags = {"dblocks.device": str(device)}  # timings are only comparable on the same device
+    # timings are only comparable on the same device and number of ranks (device: rank 0's)
+    tags = {"dblocks.device": str(device), "dblocks.ranks": str(ranks)}
     for suffix, (path, meta) in checkpoints.items():
         tags[f"checkpoint_sha256{suffix}"] = meta["sha256"]
         tags[f"checkpoint_path{suffix}"] = str(path)
@@ -219,7 +220,10 @@ def _finished(out: Path, exp, force: bool) -> bool:
     except CheckpointError:
         return False  # incomplete or corrupt: retrain it
     if meta.get("config_hash") == config_hash(exp.config):
-        print(f"{out}: already trained with this config (step {meta.get('step')}); use --force to retrain")
+        from dblocks.distributed import launched
+
+        if launched().main:
+            print(f"{out}: already trained with this config (step {meta.get('step')}); use --force to retrain")
         return True
     raise UsageError(f"--out {out}: holds a checkpoint of another config (config_hash {meta.get('config_hash')}); "
                      f"use --force to overwrite it")
@@ -321,22 +325,30 @@ def _train_summary(result) -> dict:
 
 def _run_training(args, exp, method: str, block: int | None, seed: int, state_path: Path, save):
     """The body every training command shares: track, load data, train (resuming from ``state_path``),
-    save, drop the resume state, log. ``save(module, result)`` returns {tag suffix: (path, metadata)}."""
+    save, drop the resume state, log. ``save(module, result)`` returns {tag suffix: (path, metadata)}.
+
+    Started by torchrun with N processes, it trains data-parallel (dblocks.distributed): every rank trains,
+    only rank 0 tracks, writes and prints; the others never write a file."""
+    from dblocks import distributed
     from dblocks.checkpoint import remove_checkpoint
     from dblocks.train import train, training_job
 
-    device = _device(exp)
-    track = _track_path(args)
-    with _tracker(track, "train", method, block, exp.config) as run:
-        data = exp.load_data("train", args.data)
-        module, objective, steps = training_job(exp, method, block)
-        result = train(module, objective, data, exp.config["train"], seed=seed, device=device, steps=steps,
-                       state_path=state_path, desc=f"{exp.name} {method}" + (f" block {block}" if block else ""),
-                       on_log=run.log_step if run is not None else None, progress=not args.no_progress)
-        written = save(module, result)
-        remove_checkpoint(state_path)  # the resume state, and whatever a killed save of it left
-        _log_training(run, result, written, device)
-    return result
+    world, device = distributed.setup(_device(exp))
+    track = _track_path(args) if world.main else None
+    try:
+        with _tracker(track, "train", method, block, exp.config) as run:
+            data = exp.load_data("train", args.data)
+            module, objective, steps = training_job(exp, method, block)
+            result = train(module, objective, data, exp.config["train"], seed=seed, device=device, steps=steps,
+                           state_path=state_path, desc=f"{exp.name} {method}" + (f" block {block}" if block else ""),
+                           on_log=run.log_step if run is not None else None, progress=not args.no_progress)
+            if world.main:
+                written = save(module, result)
+                remove_checkpoint(state_path)  # the resume state, and whatever a killed save of it left
+                _log_training(run, result, written, device, world.size)
+    finally:
+        distributed.teardown()
+    return result if world.main else None  # None: a rank that prints nothing
 
 
 def cmd_train_block(args) -> None:
@@ -359,7 +371,8 @@ def cmd_train_block(args) -> None:
 
     result = _run_training(args, exp, "blockwise", b, derive_seed(exp.config["seed"], "train-block", b),
                            out.with_suffix(".state.safetensors"), save)
-    print(f"wrote {out} (block {b}/{exp.partition.blocks}, {result.seconds:.1f} s)")
+    if result is not None:
+        print(f"wrote {out} (block {b}/{exp.partition.blocks}, {result.seconds:.1f} s)")
 
 
 def cmd_train_baseline(args) -> None:
@@ -378,7 +391,8 @@ def cmd_train_baseline(args) -> None:
 
     result = _run_training(args, exp, "e2e", None, derive_seed(exp.config["seed"], "train-e2e"),
                            out.with_suffix(".state.safetensors"), save)
-    print(f"wrote {out} (end-to-end baseline, {result.seconds:.1f} s)")
+    if result is not None:
+        print(f"wrote {out} (end-to-end baseline, {result.seconds:.1f} s)")
 
 
 def cmd_train_shared(args) -> None:
@@ -402,7 +416,8 @@ def cmd_train_shared(args) -> None:
 
     result = _run_training(args, exp, "paper", None, derive_seed(exp.config["seed"], "train-shared"),
                            out_dir / "shared.state.safetensors", save)
-    print(f"wrote {exp.partition.blocks} blocks (shared stem and head) to {out_dir} ({result.seconds:.1f} s)")
+    if result is not None:
+        print(f"wrote {exp.partition.blocks} blocks (shared stem and head) to {out_dir} ({result.seconds:.1f} s)")
 
 
 def cmd_training_compute(args) -> None:

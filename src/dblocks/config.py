@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",
     "noise": {"p_mean": -1.2, "p_std": 1.2, "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5},
-    "train": {"steps": 1500, "batch_size": 128, "lr": 5e-4, "weight_decay": 0.0, "warmup": 50,
+    "train": {"steps": 1500, "batch_size": 128, "batch_per_device": None, "lr": 5e-4, "weight_decay": 0.0, "warmup": 50,
               "schedule": "cosine", "min_lr": None, "augment": "none", "ema_decay": 0.0, "ema_rampup": 0.05,
               "precision": "fp32", "tf32": True, "grad_clip": 1.0, "max_loss_weight": None,
               "checkpoint_every": 250, "log_every": 25},
@@ -236,6 +236,13 @@ def resolve(params: dict | None = None, overrides: list[dict] | None = None) -> 
     return validate(config)
 
 
+#: train settings that change how a step is computed, not what it computes: left out of the config hash too,
+#: so a finished block is not retrained because its job now splits the global batch differently
+UNHASHED_TRAIN_KEYS = ("batch_per_device",)
+
+
 def config_hash(config: dict) -> str:
     hashed = {k: v for k, v in config.items() if k not in UNHASHED_KEYS}
+    if isinstance(hashed.get("train"), dict):
+        hashed["train"] = {k: v for k, v in hashed["train"].items() if k not in UNHASHED_TRAIN_KEYS}
     return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]

@@ -41,8 +41,12 @@ def loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5, max_weight: float 
 def add_noise(y: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """z_sigma = y + sigma * eps."""
     device = y.device if generator is None else generator.device
-    eps = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=device).to(y.device)
-    return y + per_example(sigma, y) * eps
+    return noisy(y, sigma, torch.randn(y.shape, generator=generator, dtype=y.dtype, device=device))
+
+
+def noisy(y: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """z_sigma = y + sigma * eps for a given draw eps (on any device)."""
+    return y + per_example(sigma, y) * eps.to(device=y.device, dtype=y.dtype)
 
 
 def skip_combine(z: torch.Tensor, raw: torch.Tensor, sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:

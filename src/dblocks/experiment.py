@@ -95,7 +95,7 @@ class Experiment:
             # the shared target space: every job derives the same table from the experiment seed
             return ClassificationTask(self.arch.num_classes, self.arch.target_dim,
                                       derive_seed(self.config["seed"], "label-embedding"), sd)
-        return ImageGenerationTask(self.arch.image_shape, self.arch.num_classes, sd)
+        return ImageGenerationTask(self.arch.image_shape, self.arch.num_classes, sd, self.arch.spec.class_dropout)
 
     def load_data(self, split: str, prepared: str | None = None) -> ImageDataset | TextDataset:
         """One split: from a prepared directory (what the pipeline's prepare step wrote) or the source."""

@@ -68,7 +68,12 @@ class MaskingPartition(Partition):
 def mask_tokens(tokens: torch.Tensor, t: torch.Tensor, mask_id: int,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """z_t: each token replaced by ``mask_id`` independently with probability t (per example)."""
-    u = torch.rand(tokens.shape, generator=generator).to(tokens.device)
+    return masked_where(tokens, t, torch.rand(tokens.shape, generator=generator), mask_id)
+
+
+def masked_where(tokens: torch.Tensor, t: torch.Tensor, u: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """``tokens`` with ``mask_id`` wherever the uniform draw ``u`` (one per token) is below the example's t."""
+    u = u.to(tokens.device)
     return torch.where(u < t.reshape(-1, 1).to(tokens.device), torch.full_like(tokens, mask_id), tokens)
 
 
@@ -91,8 +96,11 @@ class MaskedTextTask(Task):
     def target_shape(self):
         return (self.seq_len,)
 
-    def corrupt(self, y, sigma, generator):
-        return mask_tokens(y, sigma, self.mask_id, generator)
+    def draw_noise(self, shape, generator, device="cpu"):
+        return torch.rand(shape, generator=generator)  # u per token: masked where u < t (mask_tokens)
+
+    def apply_noise(self, y, sigma, noise):
+        return masked_where(y, sigma, noise, self.mask_id)
 
     def network_inputs(self, z, sigma):
         return z, sigma.float()  # no preconditioning: the network embeds the token ids and t itself

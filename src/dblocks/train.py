@@ -14,8 +14,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from dblocks import distributed
 from dblocks.augment import augment
 from dblocks.blocks import AssembledModel, BlockDenoiser
 from dblocks.checkpoint import load_training_state, save_training_state
@@ -25,7 +27,29 @@ from dblocks.ema import EMA
 from dblocks.noise import Partition
 
 Batch = dict[str, torch.Tensor]
-Objective = Callable[[Batch, torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a training job minimises, in two parts so that a step's rows can be computed anywhere (on any
+    rank of a data-parallel job, in any micro-batch) with the numbers one process would use: ``draw`` adds
+    every random input of a step (noise levels, noise, the paper mode's block) to the whole global batch, from
+    the job's generator; ``loss`` is the mean loss over the rows it is given and draws nothing."""
+
+    loss: Callable[[Batch], torch.Tensor]
+    draw: Callable[[Batch, torch.Generator], Batch] = lambda batch, gen: batch
+    #: False where a step leaves some parameters without a gradient (the paper mode trains one block per
+    #: step): DistributedDataParallel must then look for them every step
+    every_parameter: bool = True
+
+    def __call__(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        """One process's loss of a whole batch."""
+        return self.loss(self.draw(batch, gen))
+
+
+def rows_of(batch: Batch, rows: slice) -> Batch:
+    """The same rows of every tensor of a batch (all are per example)."""
+    return {k: v[rows] for k, v in batch.items()}
 
 
 class TrainingError(RuntimeError):
@@ -41,15 +65,21 @@ def denoising_objective(model: BlockDenoiser, sample_sigma: Callable[[int, torch
     """lambda(sigma)-weighted denoising loss of one denoiser with sigma from ``sample_sigma``."""
     task = model.task
 
-    def objective(batch: Batch, gen: torch.Generator) -> torch.Tensor:
-        y = task.target(batch)
+    def draw(batch: Batch, gen: torch.Generator) -> Batch:
+        with torch.no_grad():
+            y = task.target(batch)  # only its shape: the target may hold learned parameters (shared stem)
         sigma = sample_sigma(y.shape[0], gen).to(y.device)
-        z = task.corrupt(y, sigma, gen)
+        noise = task.draw_noise(y.shape, gen).to(y.device)
+        return {**task.draw_inputs(batch, gen), "sigma": sigma, "noise": noise}
+
+    def loss(batch: Batch) -> torch.Tensor:
+        sigma = batch["sigma"]
+        z = task.apply_noise(task.target(batch), sigma, batch["noise"])
         out = model(z, sigma, task.condition(batch))
         weight = task.loss_weight(sigma, max_loss_weight)
         return task.loss(out.raw, out.denoised, {**batch, "noisy": z}, weight)
 
-    return objective
+    return Objective(loss, draw)
 
 
 def block_objective(model: BlockDenoiser, partition: Partition, block: int,
@@ -63,45 +93,53 @@ def paper_mode_objective(model: AssembledModel, max_loss_weight: float | None = 
     partition = model.partition
     per_block = [block_objective(blk, partition, b, max_loss_weight) for b, blk in enumerate(model.blocks, 1)]
 
-    def objective(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+    def draw(batch: Batch, gen: torch.Generator) -> Batch:
         b = int(torch.randint(partition.blocks, (1,), generator=gen))
-        return per_block[b](batch, gen)
+        drawn = per_block[b].draw(batch, gen)
+        return {**drawn, "block": torch.full((len(drawn["sigma"]),), b, device=drawn["sigma"].device)}
 
-    return objective
+    def loss(batch: Batch) -> torch.Tensor:
+        return per_block[int(batch["block"][0])].loss(batch)
+
+    return Objective(loss, draw, every_parameter=False)
 
 
 def cross_entropy_objective(model: BlockDenoiser) -> Objective:
     """The ordinary end-to-end classifier: no noise, plain cross-entropy on the logits."""
-
-    def objective(batch: Batch, gen: torch.Generator) -> torch.Tensor:
-        return F.cross_entropy(model.network(None, batch["image"], None), batch["label"])
-
-    return objective
+    return Objective(lambda batch: F.cross_entropy(model.network(None, batch["image"], None), batch["label"]))
 
 
 def next_token_objective(model: BlockDenoiser) -> Objective:
     """The ordinary end-to-end language model: clean tokens, causal mask, next-token cross-entropy."""
 
-    def objective(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+    def loss(batch: Batch) -> torch.Tensor:
         tokens = batch["tokens"]
         logits = model.network(None, tokens, None)
         return F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:])
 
-    return objective
+    return Objective(loss)
 
 
-def recurrent_objective(model: BlockDenoiser, mean_recurrence: int, backprop_depth: int) -> Objective:
+def recurrent_objective(model: BlockDenoiser, mean_recurrence: int, backprop_depth: int, width: int) -> Objective:
     """The Huginn baseline: next-token cross-entropy after r ~ log-normal Poisson (mean ``mean_recurrence``)
-    iterations of the recurrent block, backpropagating through the last ``backprop_depth`` only."""
+    iterations of the recurrent block from a random state (``width`` wide), backpropagating through the last
+    ``backprop_depth`` only."""
     from dblocks.models.huginn import recurrent_logits, sample_recurrence
 
-    def objective(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+    def draw(batch: Batch, gen: torch.Generator) -> Batch:
         tokens = batch["tokens"]
         r = sample_recurrence(mean_recurrence, gen)
-        logits = recurrent_logits(model, tokens[:, :-1], r, backprop_depth, gen)
+        state = torch.randn(tokens.shape[0], tokens.shape[1] - 1, width, generator=gen)
+        return {**batch, "recurrence": torch.full((tokens.shape[0],), r, device=tokens.device),
+                "state": state.to(tokens.device)}
+
+    def loss(batch: Batch) -> torch.Tensor:
+        tokens = batch["tokens"]
+        logits = recurrent_logits(model, tokens[:, :-1], int(batch["recurrence"][0]), backprop_depth,
+                                  state=batch["state"])
         return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:])
 
-    return objective
+    return Objective(loss, draw)
 
 
 def training_job(exp, method: str, block: int | None = None) -> tuple[nn.Module, Objective, int]:
@@ -124,7 +162,8 @@ def training_job(exp, method: str, block: int | None = None) -> tuple[nn.Module,
             return model, next_token_objective(model), cfg["steps"]
         if exp.config["task"] == "recurrent_text":
             spec = exp.arch.spec
-            return model, recurrent_objective(model, spec.recurrence, spec.backprop_depth), cfg["steps"]
+            return model, recurrent_objective(model, spec.recurrence, spec.backprop_depth, spec.width), \
+                cfg["steps"]
         full = exp.full_range
         return model, denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g), max_w), \
             cfg["steps"]
@@ -146,17 +185,56 @@ def sample_batch(data: ImageDataset | TextDataset, batch_size: int, gen: torch.G
             "label": data.labels[idx].to(device)}
 
 
-def apply_gradients(module: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                    grad_clip: float | None) -> None:
-    """One optimizer step, gradients clipped to ``grad_clip`` (if set). A non-finite gradient norm raises
-    :class:`TrainingError` before the step, so an overflow never reaches the weights (a finite loss can
-    still have infinite gradients, and AdamW would turn them into NaN weights)."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+def clip_and_step(module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
+    """One optimizer step on the gradients of a step's backward passes, clipped to ``grad_clip`` (if set). A
+    non-finite gradient norm raises :class:`TrainingError` before the step, so an overflow never reaches the
+    weights (a finite loss can still have infinite gradients, and AdamW would turn them into NaN weights)."""
     norm = nn.utils.clip_grad_norm_(module.parameters(), grad_clip or math.inf)
     if not torch.isfinite(norm):
         raise TrainingError(f"gradient norm is {norm.item()}")
     optimizer.step()
+
+
+class _Loss(nn.Module):
+    """An objective's loss as a module's forward, over ``module``'s parameters: what DistributedDataParallel
+    wraps, since it synchronises gradients of what runs inside its forward."""
+
+    def __init__(self, module: nn.Module, loss: Callable[[Batch], torch.Tensor]) -> None:
+        super().__init__()
+        self.module, self.loss = module, loss
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.loss(batch)
+
+
+def micro_batches(rows: slice, per_device: int | None) -> list[slice]:
+    """``rows`` in consecutive pieces of at most ``per_device`` (train.batch_per_device; None: one piece),
+    whose gradients are accumulated before the optimizer step."""
+    size = per_device or (rows.stop - rows.start)
+    return [slice(a, min(a + size, rows.stop)) for a in range(rows.start, rows.stop, max(1, size))]
+
+
+def backward_step(runner: nn.Module, objective: Objective, batch: Batch, device: torch.device, precision: str,
+                  per_device: int | None) -> torch.Tensor:
+    """Backward passes of this rank's share of one step's global batch (drawn already), in micro-batches:
+    each piece's mean loss is weighted by its share of the global batch times the world size, so that
+    DistributedDataParallel's mean over ranks of the accumulated gradients is the gradient of the global
+    batch's mean loss, whatever the number of ranks and pieces. Returns the global mean loss (detached)."""
+    world = distributed.world()
+    total = len(next(iter(batch.values())))
+    pieces = micro_batches(world.rows(total), per_device)
+    accumulated = torch.zeros((), device=device)
+    for i, rows in enumerate(pieces):
+        # gradients are synchronised once per step, on the last piece's backward
+        sync = runner.no_sync() if isinstance(runner, DistributedDataParallel) and i < len(pieces) - 1 \
+            else contextlib.nullcontext()
+        with sync:
+            with precision_context(device, precision):
+                loss = runner(rows_of(batch, rows))
+            share = loss * (world.size * (rows.stop - rows.start) / total)
+            share.backward()
+        accumulated += share.detach().float()
+    return distributed.all_mean(accumulated)
 
 
 def lr_lambda(warmup: int, total: int, schedule: str, floor: float = 0.0) -> Callable[[int], float]:
@@ -225,16 +303,26 @@ def train(module: nn.Module, objective: Objective, data: ImageDataset | TextData
         start = load_training_state(state_path, module, optimizer, scheduler, {"data": gen}, average)["step"]
     result = TrainResult(steps=total, seconds=0.0, resumed_from=start)
     running, count, t0 = 0.0, 0, time.perf_counter()
-    bar = tqdm(range(start, total), desc=desc, initial=start, total=total, disable=not progress,
+    world = distributed.world()
+    if cfg["batch_size"] < world.size:
+        raise TrainingError(f"train.batch_size={cfg['batch_size']} is the global batch, shared by {world.size} "
+                            f"ranks; allowed: at least {world.size}")
+    runner: nn.Module = _Loss(module, objective.loss)
+    if world.size > 1:
+        runner = DistributedDataParallel(runner, device_ids=[device] if device.type == "cuda" else None,
+                                         find_unused_parameters=not objective.every_parameter)
+    bar = tqdm(range(start, total), desc=desc, initial=start, total=total, disable=not progress or not world.main,
                mininterval=1.0, dynamic_ncols=True)
     for step in bar:
-        batch = sample_batch(data, cfg["batch_size"], gen, device, cfg["augment"])
-        with precision_context(device, cfg["precision"]):
-            loss = objective(batch, gen)
-        if not torch.isfinite(loss):
+        # every rank draws the whole global batch and its random inputs from the same generator state, then
+        # computes its rows: the run is the same whatever the number of ranks (up to reduction order)
+        batch = objective.draw(sample_batch(data, cfg["batch_size"], gen, device, cfg["augment"]), gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss = backward_step(runner, objective, batch, device, cfg["precision"], cfg.get("batch_per_device"))
+        if not torch.isfinite(loss):  # the mean over all ranks: every rank stops here together
             raise TrainingError(f"{desc}: loss is {loss.item()} at step {step + 1}; {_STOPPED}")
         try:
-            apply_gradients(module, loss, optimizer, cfg["grad_clip"])
+            clip_and_step(module, optimizer, cfg["grad_clip"])
         except TrainingError as exc:
             raise TrainingError(f"{desc}: {exc} at step {step + 1}; {_STOPPED}") from None
         scheduler.step()
@@ -249,7 +337,7 @@ def train(module: nn.Module, objective: Objective, data: ImageDataset | TextData
             if on_log:
                 on_log(done, mean, scheduler.get_last_lr()[0])
             running, count = 0.0, 0
-        if state_path is not None and done % cfg["checkpoint_every"] == 0 and done < total:
+        if state_path is not None and done % cfg["checkpoint_every"] == 0 and done < total and world.main:
             save_training_state(state_path, module, optimizer, scheduler, done, {"data": gen}, average=average)
     bar.close()
     result.averaged = ema.averaged(module) if ema is not None else None

@@ -27,8 +27,7 @@ def sincos_2d(width: int, grid: int) -> torch.Tensor:
 
 
 class DiTStem(nn.Module):
-    def __init__(self, image_shape: tuple[int, int, int], patch: int, width: int, num_classes: int,
-                 class_dropout: float = 0.1) -> None:
+    def __init__(self, image_shape: tuple[int, int, int], patch: int, width: int, num_classes: int) -> None:
         super().__init__()
         channels, h, w = image_shape
         if h != w:
@@ -39,14 +38,9 @@ class DiTStem(nn.Module):
         self.noise_embed = NoiseEmbedding(width)
         self.label_embed = nn.Embedding(num_classes + 1, width)  # last row: the null class
         nn.init.normal_(self.label_embed.weight, std=0.02)
-        self.null_label = num_classes
-        self.class_dropout = class_dropout
+        self.null_label = num_classes  # label dropout (ImageGenerationTask.draw_inputs) trains it
 
     def forward(self, z_in, labels, c_noise):
-        if self.training and self.class_dropout > 0:
-            # label dropout trains the unconditional model that classifier-free guidance needs
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.class_dropout
-            labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
         h = self.patch_embed(z_in).flatten(2).transpose(1, 2) + self.pos_embed
         return h, self.noise_embed(c_noise) + self.label_embed(labels)
 

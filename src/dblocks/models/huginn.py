@@ -92,14 +92,17 @@ def sample_recurrence(mean: int, generator: torch.Generator, sigma: float = 0.5)
 
 
 def recurrent_logits(model, tokens: torch.Tensor, recurrence: int, backprop_depth: int | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """End-to-end Huginn: prelude once, the recurrent block ``recurrence`` times from a random state, coda.
-    Only the last ``backprop_depth`` iterations are differentiated (truncated BPTT; None: all)."""
+                     generator: torch.Generator | None = None, state: torch.Tensor | None = None) -> torch.Tensor:
+    """End-to-end Huginn: prelude once, the recurrent block ``recurrence`` times from a random state (``state``,
+    else drawn from ``generator``), coda. Only the last ``backprop_depth`` iterations are differentiated
+    (truncated BPTT; None: all)."""
     stem, head = model.stem, model.head
     c = stem.condition(tokens, None)
     e = stem.encode(tokens, c)
     device = tokens.device
-    state = torch.randn(*e.shape, generator=generator, device="cpu" if generator is not None else device).to(device)
+    if state is None:
+        state = torch.randn(*e.shape, generator=generator, device="cpu" if generator is not None else device)
+    state = state.to(device)
     frozen = recurrence - (backprop_depth if backprop_depth is not None else recurrence)
     for i in range(recurrence):
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= frozen):

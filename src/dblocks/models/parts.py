@@ -40,7 +40,7 @@ class Architecture:
         if s.family == "huginn":
             return HuginnStem(self.num_classes, s.context, s.width, s.heads, self.target_dim, noisy_target,
                               mlp_ratio=s.mlp_ratio)
-        return DiTStem(self.image_shape, s.patch, s.width, self.num_classes, s.class_dropout)
+        return DiTStem(self.image_shape, s.patch, s.width, self.num_classes)
 
     def layers(self, count: int) -> list[nn.Module]:
         s = self.spec

@@ -19,6 +19,11 @@ class Task(ABC):
     @abstractmethod
     def target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
+    def draw_inputs(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """A training batch with the task's own random inputs drawn (none by default; image generation: label
+        dropout), from the step's generator, for the whole global batch."""
+        return batch
+
     @abstractmethod
     def denoise(self, raw: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor: ...
 
@@ -34,7 +39,17 @@ class Task(ABC):
     # --- the forward process; EDM's by default, a task with another one (masked text) overrides these ---
     def corrupt(self, y: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """z from the clean target y at noise level sigma (EDM: y + sigma * eps)."""
-        return edm.add_noise(y, sigma, generator)
+        return self.apply_noise(y, sigma, self.draw_noise(y.shape, generator, y.device))
+
+    def draw_noise(self, shape: torch.Size, generator: torch.Generator | None,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+        """The random draw behind :meth:`corrupt` for targets of ``shape`` (EDM: eps ~ N(0, I)), on the
+        generator's device, so that training can draw it for a whole global batch and corrupt any rows of it."""
+        return torch.randn(shape, generator=generator, device=generator.device if generator is not None else device)
+
+    def apply_noise(self, y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """z from y, sigma and a draw of :meth:`draw_noise` (EDM: y + sigma * eps)."""
+        return edm.noisy(y, sigma, noise)
 
     def network_inputs(self, z: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the raw network sees: (c_in * z, c_noise) under EDM preconditioning."""

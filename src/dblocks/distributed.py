@@ -1,0 +1,111 @@
+"""Data-parallel training jobs: the process group a job started by ``torchrun`` joins, and which rank may write.
+
+A training command run as ``torchrun --standalone --nproc_per_node=N -m dblocks train-block ...`` (the SLURM
+profile does this for a job that asks for N > 1 GPUs) has N processes with the same arguments; torchrun sets
+RANK, LOCAL_RANK and WORLD_SIZE in each. :func:`setup` joins them into one process group (NCCL on CUDA, gloo
+on CPU) and gives each its device. The training loop (:mod:`dblocks.train`) then draws the same global batch
+on every rank and lets each compute its share, so what a run learns does not depend on N; only rank 0 writes
+checkpoints, training state, logs and MLflow runs (:func:`is_main`). A command run without torchrun is a
+world of one, and every function here is then a no-op.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, n: int) -> slice:
+        """This rank's rows of a global batch of ``n``: contiguous, sizes differing by at most one."""
+        return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
+
+
+_WORLD = World()
+
+
+def launched() -> World:
+    """The world torchrun (or any launcher setting its variables) started this process in; a world of one
+    without it."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+
+
+def setup(device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group of a multi-process job and return (world, this rank's device): with CUDA,
+    GPU LOCAL_RANK of the node. A single process returns the world of one and ``device`` unchanged."""
+    global _WORLD
+    world = launched()
+    if world.size == 1 or dist.is_initialized():
+        _WORLD = world
+        return world, device
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    # a generous timeout: rank 0 alone may spend minutes writing a checkpoint while the others wait
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    _WORLD = world
+    return world, device
+
+
+def world() -> World:
+    """The world :func:`setup` joined (a world of one before it or without torchrun)."""
+    return _WORLD
+
+
+def is_main() -> bool:
+    """Whether this process may write files: rank 0, or the only process."""
+    return _WORLD.main
+
+
+def all_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of ``value`` over the ranks (``value`` itself in a world of one)."""
+    if _WORLD.size == 1:
+        return value
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / _WORLD.size
+
+
+def all_gather_rows(rows: torch.Tensor, total: int) -> torch.Tensor:
+    """Every rank's ``rows`` (its :meth:`World.rows` share of ``total``) concatenated in rank order, on every
+    rank; ``rows`` itself in a world of one."""
+    if _WORLD.size == 1:
+        return rows
+    sizes = [World(r, _WORLD.size).rows(total) for r in range(_WORLD.size)]
+    longest = max(s.stop - s.start for s in sizes)
+    padded = torch.zeros((longest, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: s.stop - s.start] for g, s in zip(gathered, sizes)])
+
+
+def barrier() -> None:
+    if _WORLD.size > 1:
+        dist.barrier()
+
+
+def teardown() -> None:
+    """Leave the process group (at the end of a command, so the ranks exit together)."""
+    global _WORLD
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _WORLD = World()

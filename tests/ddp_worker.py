@@ -1,0 +1,60 @@
+"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node=N``: trains the data-parallel jobs the test
+compares with one process (a ViT block, a DiT block, the paper's shared-stem mode, an end-to-end DiT with
+gradient accumulation), each for a few steps, and writes their weights (and weight averages) from rank 0.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dblocks import distributed
+from dblocks.experiment import Experiment
+from dblocks.train import train, training_job
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.conftest import micro_config  # noqa: E402
+
+STEPS = 20
+
+
+def jobs() -> dict[str, tuple[Experiment, str, int | None]]:
+    """name -> (experiment, method, block): one of each kind of training job, 20 steps of micro models."""
+    train_cfg = {"steps": STEPS, "batch_size": 16, "warmup": 2, "log_every": 5, "ema_decay": 0.9}
+    vit = Experiment(micro_config(train=train_cfg))
+    dit = Experiment(micro_config(task="generation", train={**train_cfg, "augment": "flip"}))
+    accumulated = Experiment(micro_config(task="generation", train={**train_cfg, "batch_per_device": 3}))
+    return {"vit-block-2": (vit, "blockwise", 2), "dit-block-1": (dit, "blockwise", 1),
+            "vit-paper": (Experiment(micro_config(train={**train_cfg, "ema_decay": 0.0})), "paper", None),
+            "dit-e2e-accumulated": (accumulated, "e2e", None)}
+
+
+def run(name: str, exp: Experiment, method: str, block: int | None, device: torch.device) -> dict[str, torch.Tensor]:
+    module, objective, steps = training_job(exp, method, block)
+    result = train(module, objective, exp.load_data("train"), exp.config["train"], seed=7, device=device,
+                   steps=steps, progress=False)
+    tensors = {f"model/{k}": v.detach().clone() for k, v in module.state_dict().items()}
+    if result.averaged is not None:
+        tensors.update({f"ema/{k}": v.detach().clone() for k, v in result.averaged.state_dict().items()})
+    tensors["losses"] = torch.tensor([loss for _, loss in result.losses])
+    return tensors
+
+
+def main(out: Path) -> None:
+    world, device = distributed.setup(torch.device("cpu"))
+    try:
+        for name, (exp, method, block) in jobs().items():
+            tensors = run(name, exp, method, block, device)
+            if world.main:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"{name}.safetensors"))
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
