@@ -22,7 +22,7 @@ from dblocks.config import resolve
 from dblocks.data.images import ImageDataset
 from dblocks.experiment import DATASET_SHAPES, Experiment
 from dblocks.models import ARCHITECTURES, get_arch
-from dblocks.train import apply_gradients, sample_batch, training_job
+from dblocks.train import clip_and_step, sample_batch, training_job
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "bench"
@@ -204,7 +204,7 @@ def largest_block(exp: Experiment) -> int:
 
 class Trainer:
     """Optimizer steps of one job, with the training loop's own pieces (``sample_batch``,
-    ``apply_gradients`` at the default train.grad_clip, AdamW) but without its LR schedule, logging and
+    ``clip_and_step`` at the default train.grad_clip, AdamW) but without its LR schedule, logging and
     checkpointing. ``step()`` runs one step and returns the loss."""
 
     def __init__(self, module: torch.nn.Module, objective, data: ImageDataset, batch_size: int,
@@ -220,8 +220,10 @@ class Trainer:
         return sample_batch(self.data, self.batch_size, self.gen, self.device)
 
     def step(self) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
         loss = self.objective(self.batch(), self.gen)
-        apply_gradients(self.module, loss, self.optimizer, self.grad_clip)
+        loss.backward()
+        clip_and_step(self.module, self.optimizer, self.grad_clip)
         return loss.detach()
 
 
