@@ -15,6 +15,7 @@ import yaml
 
 from dblocks.checkpoint import load_metadata
 from dblocks.config import ConfigError
+from dblocks.data.latents import SHARDED_DATASETS
 from dblocks.dvcgen import generate, parse_dry_run, snakemake_jobs
 from dblocks.pipeline import Pipeline
 
@@ -145,7 +146,10 @@ def test_dry_run_has_exactly_b_block_jobs_per_experiment(params):
     for dataset, j in prepared.items():
         autoencoder = pipe.autoencoder(dataset)
         assert (autoencoder in j.outputs) == (autoencoder is not None)
-        assert j.rule == ("prepare_autoencoded_data" if autoencoder else "prepare_data")
+        # a sharded dataset's shards are one more output, their folder (dblocks.data.prepared)
+        sharded = dataset in SHARDED_DATASETS
+        assert (f"{pipe.prepared(dataset)}/shards" in j.outputs) == sharded
+        assert j.rule == "prepare_" + "sharded_" * sharded + "autoencoded_" * (autoencoder is not None) + "data"
     inception = [j for j in jobs if j.rule == "inception_weights"]
     assert len(inception) == (pipe.evaluation["fid_features"] == "inception")
     train_jobs = [j for j in jobs if j.rule.startswith("train_")]

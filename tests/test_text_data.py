@@ -95,6 +95,6 @@ def test_prepared_text_holds_both_tokenizations_and_windows_them_like_the_source
     assert main(["prepare", "--dataset", "shakespeare", "--out", str(tmp_path)]) == 0
     for tokenizer, seq_len in (("char27", 64), ("bytes", 48)):
         prepared = load_prepared_text(tmp_path, "test", seq_len, tokenizer, expected_name="shakespeare")
-        assert torch.equal(prepared.tokens, load_text_dataset("shakespeare", "test", seq_len, tokenizer).tokens)
+        assert torch.equal(prepared.tokens[:], load_text_dataset("shakespeare", "test", seq_len, tokenizer).tokens)
     with pytest.raises(ValueError, match="holds dataset 'shakespeare', the config asks for 'text8'"):
         load_prepared_text(tmp_path, "train", 8, "char27", expected_name="text8")

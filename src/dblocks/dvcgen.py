@@ -2,7 +2,8 @@
 
 Snakemake is asked for its full plan (``snakemake -n -p --forceall``); each job becomes one DVC stage
 named ``<rule>.<wildcard values>`` (e.g. one ``train_block.<experiment>.<block>`` per experiment x block)
-with the same command, the same inputs as deps and the same outputs as outs. Evaluation JSON files become
+with the same command, the same inputs as deps and the same outputs as outs (a directory output, such as a
+sharded dataset's ``shards/`` folder, is one out that DVC versions as a folder). Evaluation JSON files become
 DVC metrics, the figures directory DVC plots, and every stage depends on exactly the params keys its
 command reads (``Pipeline.reads``), so DVC, like Snakemake, reruns only what a changed setting touches.
 """

@@ -29,6 +29,8 @@ def layer_evaluations(model: AssembledModel, grid: list[float], guided: bool) ->
 
 
 def evaluate_classifier(model, exp: Experiment, data: ImageDataset, seed: int = 0) -> dict:
+    """Accuracy on ``data``; its images are classified a batch at a time (``images.split``), so a prepared
+    split is read from its files batch by batch, never held whole."""
     t0 = time.perf_counter()
     if isinstance(model, AssembledModel):
         preds = classify(model, data.images, torch.Generator().manual_seed(seed))
@@ -86,9 +88,8 @@ def evaluate_generator(model, exp: Experiment, reference: ImageDataset | None, *
     space = FeatureSpace.from_weights(features)
     if reference_stats:
         refs = {split: load_reference_statistics(path)[0] for split, path in reference_stats.items()}
-    else:
-        ref_images = decode(reference.images) if decode is not None else reference.images
-        refs = {reference.split: image_statistics(ref_images, space, batch_size, progress)}
+    else:  # the split's images (or latents, decoded) are read and embedded a batch at a time
+        refs = {reference.split: image_statistics(reference.images, space, batch_size, progress, decode=decode)}
     scores: dict[str, list[float]] = {split: [] for split in refs}
     seconds = []
     for i in range(evaluations):
@@ -124,7 +125,7 @@ def evaluate_masked_lm(model, exp: Experiment, data, *, seed: int = 0, samples_p
     from dblocks.masked_diffusion import bits_per_token, sample_text
 
     model = as_assembled(model, exp)
-    tokens = data.tokens if max_windows is None else data.tokens[:max_windows]
+    tokens = data.tokens[:max_windows]  # read (a prepared split's from its file) as one int64 tensor
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     bpc = bits_per_token(model, tokens, gen, samples_per_block)
@@ -189,7 +190,7 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
         record["layer_evals_per_token"] = sum(len(b.layers) for b in model.blocks)  # each block once per token
     else:
         record["layer_evals_per_token"] = len(model.layers)
-    scored = data.tokens if max_windows is None else data.tokens[:max_windows]
+    scored = data.tokens[:max_windows]
     quality_gen = torch.Generator().manual_seed(seed)
     record.update(recurrent_next_token_quality(model, scored, iterations, quality_gen) if recurrent
                   else next_token_quality(model, scored, quality_gen))

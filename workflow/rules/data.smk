@@ -1,4 +1,19 @@
 # Datasets are written once, before any training job, into DVC-tracked files that every job reads.
+#
+# A split is `<split>.safetensors` with its JSON record `<split>.json`. The datasets in SHARDED (ImageNet:
+# 1.28M latents and their mirrored twins, 42 GB) are encoded straight into shards, whose number is known only
+# once the images are counted: they go to one folder, `shards/`, declared as a directory output; the split
+# file holds the labels and its record lists and hashes every shard (dblocks.data.prepared), so the split
+# files stay the inputs that downstream jobs name, and they change whenever a shard does.
+
+# = dblocks.data.latents.SHARDED_DATASETS (spelled out: importing it would import torch at every parse, and
+# every SLURM job parses again; tests/test_prepared_memory.py checks that the two agree)
+SHARDED = ["imagenet256"]
+
+
+def only(names):
+    """A dataset-wildcard pattern matching exactly ``names`` (never the empty name, even for no names)."""
+    return "|".join(map(re.escape, sorted(names))) or "^$"
 
 
 rule prepare_data:
@@ -9,7 +24,7 @@ rule prepare_data:
         train_meta=f"{DATA}/prepared/{{dataset}}/train.json",
         test_meta=f"{DATA}/prepared/{{dataset}}/test.json",
     wildcard_constraints:
-        dataset=dataset_other_than(AUTOENCODED),
+        dataset=dataset_other_than(AUTOENCODED + SHARDED),
     params:
         root=data_root_option,
         autoencoder=autoencoder_option,
@@ -34,4 +49,30 @@ use rule prepare_data as prepare_autoencoded_data with:
         autoencoder=f"{DATA}/prepared/{{dataset}}/{AUTOENCODER_FILE}",
         autoencoder_meta=f"{DATA}/prepared/{{dataset}}/{sidecar_path(AUTOENCODER_FILE)}",
     wildcard_constraints:
-        dataset="|".join(map(re.escape, AUTOENCODED)) or "^$",
+        dataset=only(set(AUTOENCODED) - set(SHARDED)),
+
+
+# A sharded dataset (imagenet256 encoded by sd-vae-ft-ema): its shards are one more output, a folder.
+use rule prepare_data as prepare_sharded_data with:
+    output:
+        train=f"{DATA}/prepared/{{dataset}}/train.safetensors",
+        test=f"{DATA}/prepared/{{dataset}}/test.safetensors",
+        train_meta=f"{DATA}/prepared/{{dataset}}/train.json",
+        test_meta=f"{DATA}/prepared/{{dataset}}/test.json",
+        shards=directory(f"{DATA}/prepared/{{dataset}}/shards"),
+    wildcard_constraints:
+        dataset=only(set(SHARDED) - set(AUTOENCODED)),
+
+
+# A sharded dataset whose prepare also writes its autoencoder (imagenet256 with the untrained stand-in).
+use rule prepare_autoencoded_data as prepare_sharded_autoencoded_data with:
+    output:
+        train=f"{DATA}/prepared/{{dataset}}/train.safetensors",
+        test=f"{DATA}/prepared/{{dataset}}/test.safetensors",
+        train_meta=f"{DATA}/prepared/{{dataset}}/train.json",
+        test_meta=f"{DATA}/prepared/{{dataset}}/test.json",
+        autoencoder=f"{DATA}/prepared/{{dataset}}/{AUTOENCODER_FILE}",
+        autoencoder_meta=f"{DATA}/prepared/{{dataset}}/{sidecar_path(AUTOENCODER_FILE)}",
+        shards=directory(f"{DATA}/prepared/{{dataset}}/shards"),
+    wildcard_constraints:
+        dataset=only(set(SHARDED) & set(AUTOENCODED)),

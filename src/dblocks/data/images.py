@@ -1,4 +1,5 @@
-"""Image datasets as in-memory tensors: float32 (N, C, H, W) scaled to [-1, 1] with int64 labels.
+"""Image datasets: float32 (N, C, H, W) scaled to [-1, 1] with int64 labels (a prepared split's images are
+read from its files a batch at a time, :mod:`dblocks.data.prepared`).
 
 * ``digits``: scikit-learn's 8x8 handwritten digits. They ship inside scikit-learn, so this is the
   offline default; the train/test split is a fixed stratified 80/20 split.
@@ -16,10 +17,13 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from dblocks.data.prepared import StoredRows
 
 IMAGE_DATASETS = ("digits", "digits-latent", "cifar10", "cifar100", "imagenet256")
 SPLITS = ("train", "test")
@@ -39,17 +43,22 @@ class DataError(ValueError):
 
 @dataclass
 class ImageDataset:
-    """A whole split held in memory; ``images`` are in [-1, 1], ``labels`` in [0, num_classes). For a
-    latent dataset ``images`` are autoencoder latents multiplied by ``latent_scale`` (None for pixels)."""
+    """One split; ``images`` are in [-1, 1], ``labels`` in [0, num_classes). For a latent dataset ``images`` are
+    autoencoder latents multiplied by ``latent_scale`` (None for pixels).
+
+    A split loaded from its source holds ``images`` (and ``flipped``) as tensors; a prepared split
+    (:func:`dblocks.data.prepared.load_prepared`) as :class:`dblocks.data.prepared.StoredRows`, read from its
+    files when indexed. Both give float32 rows for ``images[index]`` and batches for ``images.split(n)``, so
+    code that works a batch at a time takes either; ``images[:]`` is the whole split in memory (small data)."""
 
     name: str
     split: str
-    images: torch.Tensor
+    images: torch.Tensor | StoredRows
     labels: torch.Tensor
     num_classes: int
     latent_scale: float | None = None
     #: a latent dataset's encodings of the mirrored images (train.augment=flip picks them), else None
-    flipped: torch.Tensor | None = None
+    flipped: torch.Tensor | StoredRows | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.labels.shape != (self.images.shape[0],):

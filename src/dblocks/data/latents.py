@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -123,70 +124,108 @@ def center_crop_arr(image, size: int = IMAGE_SIZE):
     return arr[top:top + size, left:left + size]
 
 
-def encode_folder(codec: LatentCodec, root: str | os.PathLike, size: int = IMAGE_SIZE, batch_size: int = 64,
-                  progress: bool = False, mirrored: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]:
-    """An ImageNet-style folder (``root/<class>/*.JPEG``, classes sorted by name as torchvision's
-    ImageFolder does) -> (scaled latents (N, 4, size/8, size/8), labels, class names, latents of the
-    mirrored images if ``mirrored`` else None). Images are center-cropped (:func:`center_crop_arr`) and
-    encoded a batch at a time, so only the latents are held in memory.
+def encode_batches(codec: LatentCodec, folder, size: int = IMAGE_SIZE, batch_size: int = 64, progress: bool = False,
+                   mirrored: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """A torchvision ``ImageFolder``'s images in its order, center-cropped (:func:`center_crop_arr`) and encoded
+    a batch at a time: (scaled latents, latents of the mirrored images if ``mirrored`` else None) per batch.
 
     ``mirrored`` keeps both flips for DiT's random horizontal flip (``train.augment: flip``): the encoder is
     not flip-equivariant, so mirroring a latent is not the latent of the mirrored image, and encoding one
     random flip per image once (fast-DiT's cache) would fix each image's flip for the whole run. The price
     is a second encoding and twice the storage of the train split."""
-    from torchvision.datasets import ImageFolder
-
-    folder = ImageFolder(os.fspath(root))
-    if len(folder) == 0:
-        raise FileNotFoundError(f"no images under {root}")
-    latents, flipped = [], []
     samples = folder.samples
     for start in tqdm(range(0, len(samples), batch_size), desc="encode", disable=not progress, mininterval=1.0):
         batch = [torch.from_numpy(center_crop_arr(folder.loader(path), size)).permute(2, 0, 1)
                  for path, _ in samples[start:start + batch_size]]
         images = torch.stack(batch).float().div(127.5).sub(1.0)
-        latents.append(codec.encode(images, batch_size=batch_size))
-        if mirrored:
-            flipped.append(codec.encode(images.flip(-1), batch_size=batch_size))
-    labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+        yield (codec.encode(images, batch_size=batch_size),
+               codec.encode(images.flip(-1), batch_size=batch_size) if mirrored else None)
+
+
+def image_folder(root: str | os.PathLike):
+    """An ImageNet-style folder (``root/<class>/*.JPEG``, classes sorted by name as torchvision's ImageFolder
+    does), with at least one image."""
+    from torchvision.datasets import ImageFolder
+
+    folder = ImageFolder(os.fspath(root))
+    if len(folder) == 0:
+        raise FileNotFoundError(f"no images under {root}")
+    return folder
+
+
+def encode_folder(codec: LatentCodec, root: str | os.PathLike, size: int = IMAGE_SIZE, batch_size: int = 64,
+                  progress: bool = False, mirrored: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]:
+    """An ImageNet-style folder -> (scaled latents (N, 4, size/8, size/8), labels, class names, latents of the
+    mirrored images if ``mirrored`` else None), all in memory (:func:`encode_batches`; ``prepare`` writes
+    shards instead, :func:`write_imagenet_split`)."""
+    folder = image_folder(root)
+    latents, flipped = zip(*encode_batches(codec, folder, size, batch_size, progress, mirrored))
+    labels = torch.tensor([label for _, label in folder.samples], dtype=torch.long)
     return torch.cat(latents), labels, list(folder.classes), torch.cat(flipped) if mirrored else None
 
 
 #: ImageNet's folders per split (the validation set is the test split, as in the paper's test FID)
 IMAGENET_FOLDERS = {"train": "train", "test": "val"}
+#: the datasets whose prepare writes shards (:mod:`dblocks.data.prepared`); workflow/rules/data.smk names them too
+SHARDED_DATASETS = ("imagenet256",)
+
+
+def _imagenet_root(root: str | os.PathLike | None) -> Path:
+    if root is None:
+        raise ValueError("imagenet256 needs data_root: a local ImageNet copy with train/ and val/ class folders "
+                         "(ImageNet cannot be downloaded automatically)")
+    return Path(root)
 
 
 def load_imagenet_latents(split: str, root: str | os.PathLike | None, codec: LatentCodec | None = None,
                           batch_size: int = 64, progress: bool = False):
-    """ImageNet 256 as VAE latents: ``root/train`` and ``root/val`` in ImageFolder layout, encoded by
+    """ImageNet 256 as VAE latents, in memory: ``root/train`` and ``root/val`` in ImageFolder layout, encoded by
     ``codec`` (default: sd-vae-ft-ema through diffusers). Returns an ImageDataset of (4, 32, 32) latents; the
     train split also carries the latents of the mirrored images (``flipped``, for ``train.augment: flip``)."""
     from dblocks.data.images import ImageDataset
 
-    if root is None:
-        raise ValueError("imagenet256 needs data_root: a local ImageNet copy with train/ and val/ class folders "
-                         "(ImageNet cannot be downloaded automatically)")
+    root = _imagenet_root(root)
     codec = codec or load_sd_vae()
-    latents, labels, classes, flipped = encode_folder(codec, Path(root) / IMAGENET_FOLDERS[split],
+    latents, labels, classes, flipped = encode_folder(codec, root / IMAGENET_FOLDERS[split],
                                                       batch_size=batch_size, progress=progress,
                                                       mirrored=split == "train")
     return ImageDataset("imagenet256", split, latents, labels, max(len(classes), 1000), latent_scale=codec.scale,
                         flipped=flipped)
 
 
+def write_imagenet_split(codec: LatentCodec, root: str | os.PathLike | None, split: str, out: str | os.PathLike,
+                         provenance: dict | None = None, shard_size: int | str | None = None, batch_size: int = 64,
+                         progress: bool = False) -> Path:
+    """Encode one ImageNet split straight into shards under ``out`` (:class:`dblocks.data.prepared.ShardWriter`,
+    ``shard_size`` examples each, default :func:`dblocks.data.prepared.shard_examples`): at most one shard of
+    latents is in memory, whatever the split's size. The latents' scale is the codec's own (sd-vae-ft-ema's
+    0.18215, which its untrained stand-in shares), so nothing is computed over the whole split first. Returns
+    the split file; the train split carries the mirrored images' latents (``flipped``)."""
+    from dblocks.data.prepared import ShardWriter, dataset_record
+
+    folder = image_folder(_imagenet_root(root) / IMAGENET_FOLDERS[split])
+    meta = dataset_record("imagenet256", split, max(len(folder.classes), 1000), len(folder), codec.scale, provenance)
+    writer = ShardWriter(out, meta, shard_size)
+    for latents, flipped in encode_batches(codec, folder, batch_size=batch_size, progress=progress,
+                                           mirrored=split == "train"):
+        writer.add({"images": latents} if flipped is None else {"images": latents, "flipped": flipped})
+    return writer.finish(torch.tensor([label for _, label in folder.samples], dtype=torch.long))
+
+
 def prepare_imagenet_latents(root: str | os.PathLike | None, out: str | os.PathLike,
                              autoencoder: str = IMAGENET_AUTOENCODERS[0], batch_size: int = 64,
-                             progress: bool = False) -> list[Path]:
+                             progress: bool = False, shard_size: int | str | None = None) -> list[Path]:
     """``dblocks prepare --dataset imagenet256``: encode ``root/train`` and ``root/val`` once with
-    ``autoencoder`` and write both splits to ``out`` (with ``untrained-conv``, the autoencoder first, beside
-    them); every split records the autoencoder that encoded it. Returns the written paths."""
+    ``autoencoder`` and write both splits to ``out`` as shards (:func:`write_imagenet_split`; with
+    ``untrained-conv``, the autoencoder first, beside them); every split records the autoencoder that encoded
+    it. Returns the written autoencoder and split files (the shards are listed in the splits' records)."""
     from dblocks.config import AUTOENCODER_FILE
     from dblocks.data.autoencoder import ConvAutoencoder, save_autoencoder
-    from dblocks.data.prepared import save_prepared
 
     if autoencoder not in IMAGENET_AUTOENCODERS:
         raise ValueError(f"autoencoder {autoencoder!r}: allowed: {', '.join(IMAGENET_AUTOENCODERS)}")
+    _imagenet_root(root)  # before an autoencoder is built or downloaded
     written, provenance = [], {"autoencoder": autoencoder}
     if autoencoder == "untrained-conv":  # sd-vae-ft-ema's geometry and scale; weights from seed 0, untrained
         codec = LatentCodec(ConvAutoencoder(seed=0))
@@ -198,8 +237,7 @@ def prepare_imagenet_latents(root: str | os.PathLike | None, out: str | os.PathL
     else:
         codec = load_sd_vae()
     for split in IMAGENET_FOLDERS:
-        ds = load_imagenet_latents(split, root, codec, batch_size=batch_size, progress=progress)
-        written.append(save_prepared(ds, out, provenance=provenance))
+        written.append(write_imagenet_split(codec, root, split, out, provenance, shard_size, batch_size, progress))
     return written
 
 

@@ -30,10 +30,14 @@ import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dblocks.config import TEXT_DATASETS  # the params vocabulary lives with the params
+
+if TYPE_CHECKING:
+    from dblocks.data.prepared import StoredRows
 
 TOKENIZERS = ("char27", "bytes")
 TEXT_SPLITS = ("train", "validation", "test")
@@ -84,11 +88,13 @@ def encode_documents(documents, tokenizer: str) -> torch.Tensor:
 
 @dataclass
 class TextDataset:
-    """A split as non-overlapping windows (N, seq_len) of token ids in [0, vocab_size)."""
+    """A split as non-overlapping windows (N, seq_len) of token ids in [0, vocab_size): an int64 tensor, or for a
+    prepared split (:func:`dblocks.data.prepared.load_prepared_text`) :class:`dblocks.data.prepared.StoredRows`
+    that read the windows from the file when indexed (``tokens[index]`` is int64 either way)."""
 
     name: str
     split: str
-    tokens: torch.Tensor
+    tokens: torch.Tensor | StoredRows
     tokenizer: str
 
     def __post_init__(self) -> None:
@@ -229,7 +235,3 @@ def token_streams(name: str, split: str, root=None) -> dict[str, torch.Tensor]:
     so one prepared directory serves every text task and context length."""
     return {"char27": _stream(name, split, "char27", root).to(torch.uint8),
             "bytes": _stream(name, split, "bytes", root).to(torch.int16)}
-
-
-def text_dataset_from_stream(name: str, split: str, stream: torch.Tensor, seq_len: int, tokenizer: str) -> TextDataset:
-    return TextDataset(name, split, windows(stream.long(), seq_len), tokenizer)

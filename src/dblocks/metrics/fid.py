@@ -17,7 +17,8 @@ Pieces:
 - :class:`DigitsFeatureExtractor`, a torch-fidelity ``FeatureExtractorBase`` registered as
   :data:`FEATURE_EXTRACTOR_NAME` ("dblocks-digits") providing the feature :data:`FEATURE_LAYER`
   ("digits64"); torch-fidelity hands it ``feature_extractor_weights_path``, the feature-net checkpoint.
-- :class:`ImageTensorDataset`, float images in [-1, 1] -> the uint8 CHW tensors torch-fidelity reads.
+- :class:`ImageTensorDataset`, float images in [-1, 1] -> the uint8 CHW tensors torch-fidelity reads;
+  :class:`RowImageDataset` the same a batch at a time, for splits that are not held in memory.
 - :func:`domain_fid`, FID between two image sets in these features. Cached reference statistics
   (train and test, reused across evaluations) live in :mod:`dblocks.metrics.reference`, in safetensors:
   torch-fidelity's own statistics cache is not used, because it reads its files back with
@@ -223,8 +224,10 @@ def build_digits_feature_net(
 
     train = train if train is not None else load_image_dataset("digits", "train")
     test = test if test is not None else load_image_dataset("digits", "test")
-    net = train_feature_net(train.images, train.labels, steps=steps, seed=seed)
-    accuracy = feature_net_accuracy(net, test.images, test.labels)
+    # [:] holds the whole split in memory (prepared splits are read from their files when indexed): the
+    # digits are 1437 + 360 images of 8x8, and training draws from all of them at every step
+    net = train_feature_net(train.images[:], train.labels, steps=steps, seed=seed)
+    accuracy = feature_net_accuracy(net, test.images[:], test.labels)
     if accuracy < min_test_accuracy:
         raise RuntimeError(f"digits feature net reached only {accuracy:.4f} test accuracy (< {min_test_accuracy})")
     metadata = {"dataset": "digits", "steps": int(steps), "seed": int(seed), "test_accuracy": accuracy}
@@ -346,6 +349,34 @@ class ImageTensorDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.data[index]
+
+
+class RowImageDataset(torch.utils.data.Dataset):
+    """The rows of ``images`` (a tensor, or a prepared split's :class:`dblocks.data.prepared.StoredRows`) as the
+    uint8 CHW tensors torch-fidelity reads, made one DataLoader batch at a time (``__getitems__``), so that a
+    split is never held whole as floats or images: ``rows`` picks which rows, in which order (default all);
+    ``decode`` turns a batch into float images in [-1, 1] first (a latent dataset's autoencoder decoder); gray
+    images are repeated to ``channels`` (3 for Inception) if given."""
+
+    def __init__(self, images, rows: torch.Tensor | None = None, decode=None, channels: int | None = None):
+        if images.ndim != 4:
+            raise ValueError(f"expected images (N, C, H, W), got {tuple(images.shape)}")
+        self.images, self.rows, self.decode, self.channels = images, rows, decode, channels
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else self.images.shape[0]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        x = self.images[self.rows[index] if self.rows is not None else index]
+        if self.decode is not None:
+            x = self.decode(x)
+        if self.channels is not None and x.shape[1] == 1:
+            x = x.expand(-1, self.channels, -1, -1)
+        return list(to_uint8(x))
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.__getitems__([index])[0]
 
 
 def domain_fid(

@@ -71,26 +71,29 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def extract_features(images: torch.Tensor, space: FeatureSpace, batch_size: int = 256,
-                     progress: bool = False) -> torch.Tensor:
+def extract_features(images, space: FeatureSpace, batch_size: int = 256, progress: bool = False, *,
+                     rows: torch.Tensor | None = None, decode=None) -> torch.Tensor:
     """(N, D) features of float images (N, C, H, W) in [-1, 1], by torch-fidelity's extractor and data
-    loop (its progress bar with ``progress``). Gray images are repeated to RGB for Inception."""
+    loop (its progress bar with ``progress``). ``images`` is a tensor or a prepared split's rows
+    (:class:`dblocks.data.prepared.StoredRows`), read, ``decode``d (latents to images) and converted a batch at a
+    time; ``rows`` picks which of them (default all). Gray images are repeated to RGB for Inception."""
     from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-    from dblocks.metrics.fid import ImageTensorDataset, register_digits_feature_extractor
+    from dblocks.metrics.fid import RowImageDataset, register_digits_feature_extractor
     from dblocks.metrics.inception import register_inception_feature_extractor
 
-    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 2:
-        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+    if not hasattr(images, "ndim") or images.ndim != 4 or images.shape[0] < 2:
+        shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
         raise ValueError(f"expected images (N, C, H, W) with N >= 2, got {shape}")
-    if space.kind == "inception" and images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
+    if rows is not None and len(rows) < 2:
+        raise ValueError(f"expected at least 2 images, got rows {rows.tolist()}")
     register_digits_feature_extractor()
     register_inception_feature_extractor()
     extractor = create_feature_extractor(space.extractor, [space.layer], cuda=_cuda(),
                                          feature_extractor_weights_path=str(space.weights), verbose=progress)
-    features = get_featuresdict_from_dataset(ImageTensorDataset(images), extractor, int(batch_size), _cuda(),
-                                             save_cpu_ram=True, verbose=progress)
+    dataset = RowImageDataset(images, rows, decode, channels=3 if space.kind == "inception" else None)
+    features = get_featuresdict_from_dataset(dataset, extractor, int(batch_size), _cuda(), save_cpu_ram=True,
+                                             verbose=progress)
     return features[space.layer]
 
 
@@ -108,9 +111,11 @@ def fid_from_statistics(generated: dict[str, np.ndarray], reference: dict[str, n
     return float(fid_statistics_to_metric(generated, reference, False)[KEY_METRIC_FID])
 
 
-def image_statistics(images: torch.Tensor, space: FeatureSpace, batch_size: int = 256,
-                     progress: bool = False) -> dict[str, np.ndarray]:
-    return statistics(extract_features(images, space, batch_size, progress))
+def image_statistics(images, space: FeatureSpace, batch_size: int = 256, progress: bool = False, *,
+                     rows: torch.Tensor | None = None, decode=None) -> dict[str, np.ndarray]:
+    """{"mu", "sigma"} of the features of ``images`` (or of their ``rows``, ``decode``d first): see
+    :func:`extract_features`."""
+    return statistics(extract_features(images, space, batch_size, progress, rows=rows, decode=decode))
 
 
 # ------------------------------------------------------------------------------- the reference cache
@@ -130,24 +135,14 @@ def key_digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def reference_images(data_dir: str | os.PathLike, split: str, samples: int | None, decode=None) -> torch.Tensor:
-    """The split's images, or a fixed random subset of ``samples`` of them (seeded, the same every time).
-    A latent dataset's latents are decoded to images (by ``decode``, default the decoder of the autoencoder
-    that encoded them, :func:`dblocks.data.latents.decoder_for`): its reference statistics are those of the
-    autoencoder's reconstructions of the split."""
-    from dblocks.data import load_prepared
-    from dblocks.data.latents import decoder_for
-
-    data = load_prepared(data_dir, split)
-    images = data.images
-    if samples is None or samples >= len(images):
-        if samples is not None and samples > len(images):
-            raise ValueError(f"reference samples {samples} exceed the {len(images)} images of split {split!r}")
-        chosen = images
-    else:
-        chosen = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:samples]]
-    decode = decode or decoder_for(data.name, data_dir)
-    return decode(chosen) if decode is not None else chosen
+def reference_rows(examples: int, split: str, samples: int | None) -> torch.Tensor | None:
+    """Which rows of a split of ``examples`` the reference statistics summarize: all (None), or a fixed random
+    subset of ``samples`` of them (seeded, the same every time)."""
+    if samples is None or samples >= examples:
+        if samples is not None and samples > examples:
+            raise ValueError(f"reference samples {samples} exceed the {examples} images of split {split!r}")
+        return None
+    return torch.randperm(examples, generator=torch.Generator().manual_seed(0))[:samples]
 
 
 def load_reference_statistics(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
@@ -173,7 +168,14 @@ def reference_statistics(data_dir: str | os.PathLike, split: str, space: Feature
             return stats, meta, True
     except CheckpointError:
         pass  # missing or damaged: compute it
-    stats = image_statistics(reference_images(data_dir, split, samples, decode), space, batch_size, progress)
+    from dblocks.data import load_prepared
+    from dblocks.data.latents import decoder_for
+
+    # the split's rows are read, decoded (a latent dataset's: by the autoencoder that encoded them, so its
+    # statistics are those of the reconstructions) and embedded a batch at a time
+    data = load_prepared(data_dir, split)
+    stats = image_statistics(data.images, space, batch_size, progress, rows=reference_rows(len(data), split, samples),
+                             decode=decode or decoder_for(data.name, data_dir))
     meta = save_checkpoint(out, {"mu": torch.from_numpy(np.ascontiguousarray(stats["mu"])),
                                  "sigma": torch.from_numpy(np.ascontiguousarray(stats["sigma"]))},
                            {"kind": KIND, "key": key, "key_sha256": digest, "fid_label": space.label})
