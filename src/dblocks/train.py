@@ -96,7 +96,8 @@ def paper_mode_objective(model: AssembledModel, max_loss_weight: float | None = 
     def draw(batch: Batch, gen: torch.Generator) -> Batch:
         b = int(torch.randint(partition.blocks, (1,), generator=gen))
         drawn = per_block[b].draw(batch, gen)
-        return {**drawn, "block": torch.full((len(drawn["sigma"]),), b, device=drawn["sigma"].device)}
+        # kept on the CPU, like every per-step choice: reading it back costs no device synchronisation
+        return {**drawn, "block": torch.full((len(drawn["sigma"]),), b)}
 
     def loss(batch: Batch) -> torch.Tensor:
         return per_block[int(batch["block"][0])].loss(batch)
@@ -130,7 +131,7 @@ def recurrent_objective(model: BlockDenoiser, mean_recurrence: int, backprop_dep
         tokens = batch["tokens"]
         r = sample_recurrence(mean_recurrence, gen)
         state = torch.randn(tokens.shape[0], tokens.shape[1] - 1, width, generator=gen)
-        return {**batch, "recurrence": torch.full((tokens.shape[0],), r, device=tokens.device),
+        return {**batch, "recurrence": torch.full((tokens.shape[0],), r),  # on the CPU, as the paper mode's block
                 "state": state.to(tokens.device)}
 
     def loss(batch: Batch) -> torch.Tensor:
