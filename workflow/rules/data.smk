@@ -9,11 +9,11 @@
 # = dblocks.data.latents.SHARDED_DATASETS (spelled out: importing it would import torch at every parse, and
 # every SLURM job parses again; tests/test_prepared_memory.py checks that the two agree)
 SHARDED = ["imagenet256"]
-
-
-def only(names):
-    """A dataset-wildcard pattern matching exactly ``names`` (never the empty name, even for no names)."""
-    return "|".join(map(re.escape, sorted(names))) or "^$"
+# The dataset-wildcard patterns of the three rules below (each matches no name when its set is empty), so that
+# exactly one prepare rule claims each dataset's files: with or without an autoencoder, sharded or not.
+AUTOENCODED_NOT_SHARDED = "|".join(re.escape(d) for d in AUTOENCODED if d not in SHARDED) or "^$"
+SHARDED_NOT_AUTOENCODED = "|".join(re.escape(d) for d in SHARDED if d not in AUTOENCODED) or "^$"
+SHARDED_AUTOENCODED = "|".join(re.escape(d) for d in SHARDED if d in AUTOENCODED) or "^$"
 
 
 rule prepare_data:
@@ -49,7 +49,7 @@ use rule prepare_data as prepare_autoencoded_data with:
         autoencoder=f"{DATA}/prepared/{{dataset}}/{AUTOENCODER_FILE}",
         autoencoder_meta=f"{DATA}/prepared/{{dataset}}/{sidecar_path(AUTOENCODER_FILE)}",
     wildcard_constraints:
-        dataset=only(set(AUTOENCODED) - set(SHARDED)),
+        dataset=AUTOENCODED_NOT_SHARDED,
 
 
 # A sharded dataset (imagenet256 encoded by sd-vae-ft-ema): its shards are one more output, a folder.
@@ -61,7 +61,7 @@ use rule prepare_data as prepare_sharded_data with:
         test_meta=f"{DATA}/prepared/{{dataset}}/test.json",
         shards=directory(f"{DATA}/prepared/{{dataset}}/shards"),
     wildcard_constraints:
-        dataset=only(set(SHARDED) - set(AUTOENCODED)),
+        dataset=SHARDED_NOT_AUTOENCODED,
 
 
 # A sharded dataset whose prepare also writes its autoencoder (imagenet256 with the untrained stand-in).
@@ -75,4 +75,4 @@ use rule prepare_autoencoded_data as prepare_sharded_autoencoded_data with:
         autoencoder_meta=f"{DATA}/prepared/{{dataset}}/{sidecar_path(AUTOENCODER_FILE)}",
         shards=directory(f"{DATA}/prepared/{{dataset}}/shards"),
     wildcard_constraints:
-        dataset=only(set(SHARDED) & set(AUTOENCODED)),
+        dataset=SHARDED_AUTOENCODED,

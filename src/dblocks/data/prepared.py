@@ -88,13 +88,14 @@ class FileRows:
     """``count`` rows of shape ``row_shape`` and type ``dtype``, stored back to back from byte ``offset`` of the
     file ``path`` and read with positional reads of exactly the rows asked for: no memory map (whose touched
     pages would count in the process's resident memory) and no file position, so one open file serves every
-    caller. The file is opened on first use, again in an unpickled copy."""
+    caller. The file is opened here, right after the loader verified it, so that a later replacement of the
+    path (a new prepare) is not read at this file's offsets; an unpickled copy opens the path again."""
 
     def __init__(self, path: str | Path, offset: int, dtype: torch.dtype, row_shape: Sequence[int], count: int):
         self.path, self.offset, self.dtype = Path(path), int(offset), dtype
         self.row_shape, self.count = tuple(int(n) for n in row_shape), int(count)
         self.row_bytes = math.prod(self.row_shape) * dtype.itemsize
-        self._file = None
+        self._file = open(self.path, "rb", buffering=0)
 
     def __len__(self) -> int:
         return self.count
