@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 from dblocks import distributed
+from dblocks.blocks import AssembledModel
 from dblocks.experiment import Experiment
+from dblocks.sample import generate
 from dblocks.train import train, training_job
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,6 +47,16 @@ def run(name: str, exp: Experiment, method: str, block: int | None, device: torc
     return tensors
 
 
+def samples() -> torch.Tensor | None:
+    """10 class-conditional samples of a freshly built 3-block DiT, in chunks of 3 (dealt over the ranks)."""
+    exp = Experiment(micro_config(task="generation"))
+    torch.manual_seed(0)
+    model = AssembledModel(exp.empty_blocks(), exp.partition)
+    grid = exp.partition.boundaries[::-1]
+    return generate(model, torch.arange(10) % 10, list(grid), torch.Generator().manual_seed(3), guidance=2.0,
+                    null_label=exp.arch.num_classes, batch_size=3)
+
+
 def main(out: Path) -> None:
     world, device = distributed.setup(torch.device("cpu"))
     try:
@@ -52,6 +64,10 @@ def main(out: Path) -> None:
             tensors = run(name, exp, method, block, device)
             if world.main:
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"{name}.safetensors"))
+        images = samples()
+        assert (images is not None) == world.main
+        if world.main:
+            save_file({"images": images}, str(out / "samples.safetensors"))
     finally:
         distributed.teardown()
 

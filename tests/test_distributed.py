@@ -58,6 +58,13 @@ def test_two_ranks_with_half_the_batch_each_learn_what_one_process_learns(two_ra
     assert torch.allclose(two["losses"], one["losses"], atol=1e-5), (two["losses"], one["losses"])
 
 
+def test_sampling_dealt_over_two_ranks_gives_one_process_samples(two_ranks):
+    two = load_file(str(two_ranks / "samples.safetensors"))["images"]
+    one = ddp_worker.samples()
+    assert two.shape == one.shape == (10, 1, 8, 8)
+    assert torch.equal(two, one)  # same chunks, same noise, same arithmetic: bit for bit
+
+
 # --------------------------------------------------------------------------- killed with 2 ranks, resumed with 1
 
 JOB = ["train-block", "--arch", "ViT-micro", "--blocks", "3", "--block", "2", "--steps", "60", "--batch-size", "16",

@@ -97,6 +97,32 @@ def all_gather_rows(rows: torch.Tensor, total: int) -> torch.Tensor:
     return torch.cat([g[: s.stop - s.start] for g, s in zip(gathered, sizes)])
 
 
+def collect_chunks(mine: dict[int, torch.Tensor], sizes: list[int], device: torch.device) -> torch.Tensor | None:
+    """The chunks of a work list dealt round-robin over the ranks (chunk i to rank i % N), concatenated in
+    order on rank 0 (None on the others). ``mine`` holds this rank's chunks by index, ``sizes`` every
+    chunk's row count; chunks travel one at a time (point to point, on ``device`` as NCCL needs), so no rank
+    holds more than its own share plus one chunk beyond what rank 0 assembles."""
+    if _WORLD.size == 1:
+        return torch.cat([mine[i].cpu() for i in range(len(sizes))])
+    like = next(iter(mine.values()), None)
+    meta = [tuple(like.shape[1:]) if like is not None else None, like.dtype if like is not None else None]
+    shapes: list = [None] * _WORLD.size
+    dist.all_gather_object(shapes, meta)  # the row shape and dtype, from any rank that has a chunk
+    tail, dtype = next(m for m in shapes if m[0] is not None)
+    out = []
+    for i, rows in enumerate(sizes):
+        owner = i % _WORLD.size
+        if owner == 0 and _WORLD.main:
+            out.append(mine[i].cpu())
+        elif _WORLD.main:
+            buffer = torch.empty((rows, *tail), dtype=dtype, device=device)
+            dist.recv(buffer, src=owner)
+            out.append(buffer.cpu())
+        elif owner == _WORLD.rank:
+            dist.send(mine[i].to(device).contiguous(), dst=0)
+    return torch.cat(out) if _WORLD.main else None
+
+
 def barrier() -> None:
     if _WORLD.size > 1:
         dist.barrier()

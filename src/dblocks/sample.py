@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dblocks import edm
+from dblocks import distributed, edm
 from dblocks.blocks import AssembledModel, BlockDenoiser, DenoiserOutput
 
 
@@ -68,18 +68,27 @@ def classify_direct(model: BlockDenoiser, images: torch.Tensor, batch_size: int 
 @torch.no_grad()
 def generate(model: AssembledModel, labels: torch.Tensor, grid: list[float], generator: torch.Generator,
              guidance: float = 1.0, null_label: int | None = None, batch_size: int = 256,
-             progress: bool = False) -> torch.Tensor:
-    """Class-conditional images in [-1, 1] from N Euler steps on ``grid``."""
+             progress: bool = False) -> torch.Tensor | None:
+    """Class-conditional images in [-1, 1] from N Euler steps on ``grid``.
+
+    In a data-parallel job (dblocks.distributed) the chunks of ``batch_size`` are dealt round-robin over the
+    ranks and gathered on rank 0, which returns them all (the others return None). Every rank draws every
+    chunk's initial noise from ``generator``, so each image starts from the noise one process would give it:
+    the samples are those of one process, whatever the number of ranks."""
     model.eval()
     device = next(model.parameters()).device
-    images = []
-    for chunk in labels.split(batch_size):
+    world = distributed.world()
+    chunks = labels.split(batch_size)
+    mine = {}
+    for i, chunk in enumerate(chunks):
         chunk = chunk.to(device)
         z = initial_noise((chunk.shape[0], *model.task.target_shape), grid[0], generator, device)
+        if i % world.size != world.rank:
+            continue
         null = None if null_label is None else torch.full_like(chunk, null_label)
-        x, _ = euler_sample(model, z, grid, chunk, guidance, null, progress)
-        images.append(x.clamp(-1, 1).cpu())
-    return torch.cat(images)
+        x, _ = euler_sample(model, z, grid, chunk, guidance, null, progress and world.main)
+        mine[i] = x.clamp(-1, 1).cpu()  # off the device: only one chunk is there at a time
+    return distributed.collect_chunks(mine, [len(c) for c in chunks], device)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 4) -> Path:
