@@ -7,6 +7,7 @@ gradient accumulation), each for a few steps, and writes their weights (and weig
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 from dblocks import distributed
 from dblocks.blocks import AssembledModel
 from dblocks.experiment import Experiment
+from dblocks.evaluate import evaluate_generator
 from dblocks.sample import generate
 from dblocks.train import train, training_job
 
@@ -57,6 +59,18 @@ def samples() -> torch.Tensor | None:
                     null_label=exp.arch.num_classes, batch_size=3)
 
 
+def evaluation(inputs: Path) -> dict | None:
+    """evaluate_generator's record for a freshly built 3-block DiT, against the feature net and reference
+    statistics the test wrote under ``inputs`` (rank 0's; None on the others)."""
+    exp = Experiment(micro_config(task="generation"))
+    torch.manual_seed(0)
+    model = AssembledModel(exp.empty_blocks(), exp.partition)
+    stats = {split: inputs / f"{split}.safetensors" for split in ("train", "test")}
+    result = evaluate_generator(model, exp, None, features=inputs / "net.safetensors", samples=24, steps=3,
+                                grid_path=None, reference_stats=stats, evaluations=2, batch_size=8)
+    return None if result is None else {k: v for k, v in result.items() if "seconds" not in k}
+
+
 def main(out: Path) -> None:
     world, device = distributed.setup(torch.device("cpu"))
     try:
@@ -68,6 +82,9 @@ def main(out: Path) -> None:
         assert (images is not None) == world.main
         if world.main:
             save_file({"images": images}, str(out / "samples.safetensors"))
+        record = evaluation(out)
+        if world.main:
+            (out / "evaluation.json").write_text(json.dumps(record))
     finally:
         distributed.teardown()
 

@@ -18,6 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from dblocks.checkpoint import load_checkpoint
+from dblocks.data import load_image_dataset, save_prepared
+from dblocks.metrics.fid import save_feature_net, train_feature_net
+from dblocks.metrics.reference import FeatureSpace, reference_statistics
 from tests import ddp_worker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,9 +41,21 @@ def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], wh
     assert worst <= ATOL, f"{what}: differs by {worst:.3g} (tolerance {ATOL})"
 
 
+def fid_inputs(root: Path) -> None:
+    """A small digits feature net and its train / test reference statistics, as evaluation reads them."""
+    for split in ("train", "test"):
+        save_prepared(load_image_dataset("digits", split), root / "digits")
+    train = load_image_dataset("digits", "train")
+    save_feature_net(train_feature_net(train.images, train.labels, steps=20, seed=0), root / "net.safetensors")
+    space = FeatureSpace.from_weights(root / "net.safetensors")
+    for split in ("train", "test"):
+        reference_statistics(root / "digits", split, space, root / f"{split}.safetensors")
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
+    fid_inputs(out)
     proc = subprocess.run(torchrun(2, str(REPO / "tests/ddp_worker.py"), str(out)), cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -63,6 +78,13 @@ def test_sampling_dealt_over_two_ranks_gives_one_process_samples(two_ranks):
     one = ddp_worker.samples()
     assert two.shape == one.shape == (10, 1, 8, 8)
     assert torch.equal(two, one)  # same chunks, same noise, same arithmetic: bit for bit
+
+
+def test_fid_evaluation_with_two_ranks_records_what_one_process_records(two_ranks):
+    two = json.loads((two_ranks / "evaluation.json").read_text())
+    one = ddp_worker.evaluation(two_ranks)
+    assert two == json.loads(json.dumps(one))  # FIDs of both sample sets, block calls summed over the ranks
+    assert len(two["fid_test_all"]) == 2 and two["fid_test"] > 0
 
 
 # --------------------------------------------------------------------------- killed with 2 ranks, resumed with 1

@@ -677,7 +677,13 @@ def cmd_evaluate(args) -> None:
     for option in ("evaluations", "fid_batch_size"):
         if getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} {getattr(args, option)}: allowed: an integer >= 1")
-    device = _device(exp)
+    from dblocks import distributed
+
+    world, device = distributed.setup(_device(exp))
+    if world.size > 1 and not generation:
+        raise UsageError(f"{world.size} processes (torchrun): a data-parallel evaluation samples images for FID; "
+                         f"a {exp.config['task']} model is evaluated by one process; allowed: 1 process")
+    track = track if world.main else None  # only rank 0 tracks and writes
     model.to(device)
     if judge is not None:
         judge.to(device)
@@ -731,6 +737,9 @@ def cmd_evaluate(args) -> None:
                                         reference_stats={k: Path(v) for k, v in stats.items()},
                                         evaluations=args.evaluations, batch_size=args.fid_batch_size,
                                         decode=decode)
+            distributed.teardown()
+            if result is None:  # another rank of a data-parallel evaluation: rank 0 scored its samples
+                return
             scores = ", ".join(f"{k} {result[k]:.3f}" for k in ("fid_train", "fid_test") if k in result) \
                 or f"{result['fid']:.3f}"
             summary = (f"{result['fid_label']} {scores} vs {result['fid_reference']}, {samples} samples, "

@@ -83,6 +83,15 @@ def all_mean(value: torch.Tensor) -> torch.Tensor:
     return value / _WORLD.size
 
 
+def sum_over_ranks(counts: list[int]) -> list[int]:
+    """Element-wise sums of a small list of counters over the ranks (``counts`` itself in a world of one)."""
+    if _WORLD.size == 1:
+        return list(counts)
+    gathered: list = [None] * _WORLD.size
+    dist.all_gather_object(gathered, list(counts))
+    return [sum(column) for column in zip(*gathered)]
+
+
 def all_gather_rows(rows: torch.Tensor, total: int) -> torch.Tensor:
     """Every rank's ``rows`` (its :meth:`World.rows` share of ``total``) concatenated in rank order, on every
     rank; ``rows`` itself in a world of one."""

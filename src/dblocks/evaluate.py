@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from dblocks import distributed
 from dblocks.blocks import AssembledModel, BlockDenoiser
 from dblocks.data import ImageDataset
 from dblocks.experiment import Experiment
@@ -70,8 +71,11 @@ def save_class_grid(images: torch.Tensor, exp: Experiment, path: Path) -> None:
 def evaluate_generator(model, exp: Experiment, reference: ImageDataset | None, *, features: str | Path,
                        samples: int, steps: int, grid_path: Path | None, seed: int = 0, progress: bool = False,
                        reference_stats: dict[str, Path] | None = None, evaluations: int = 1,
-                       batch_size: int = 256, decode=None) -> dict:
+                       batch_size: int = 256, decode=None) -> dict | None:
     """Class-balanced samples from ``steps`` Euler steps, FID and the sampling cost.
+
+    In a data-parallel job (dblocks.distributed) every rank samples its share of the chunks and rank 0 scores
+    them all and returns the record; the other ranks return None. The samples are those of one process.
 
     ``features`` is a digits feature net (domain FID, the tiny scale) or converted Inception weights (the
     paper's FID), both safetensors checkpoints told apart by their record. With ``reference_stats`` ({split: cached statistics
@@ -86,7 +90,9 @@ def evaluate_generator(model, exp: Experiment, reference: ImageDataset | None, *
     if evaluations < 1:
         raise ValueError(f"evaluations must be >= 1, got {evaluations}")
     space = FeatureSpace.from_weights(features)
-    if reference_stats:
+    if not distributed.is_main():
+        refs = {}  # only rank 0 scores
+    elif reference_stats:
         refs = {split: load_reference_statistics(path)[0] for split, path in reference_stats.items()}
     else:  # the split's images (or latents, decoded) are read and embedded a batch at a time
         refs = {reference.split: image_statistics(reference.images, space, batch_size, progress, decode=decode)}
@@ -96,15 +102,19 @@ def evaluate_generator(model, exp: Experiment, reference: ImageDataset | None, *
         images, routed, grid, sample_seconds = class_balanced_samples(model, exp, samples, steps, seed + i,
                                                                       progress=progress)
         seconds.append(sample_seconds)
+        if i == 0:  # one evaluation's block calls (the counters keep running), over all ranks of the job
+            calls = distributed.sum_over_ranks(routed.calls)
+        if images is None:  # a data-parallel job's other ranks: their samples went to rank 0, which scores them
+            continue
         if decode is not None:
             images = decode(images)
-        if i == 0:
-            calls = list(routed.calls)  # one evaluation's block calls (the counters keep running)
-            if grid_path is not None:
-                save_class_grid(images, exp, grid_path)
+        if i == 0 and grid_path is not None:
+            save_class_grid(images, exp, grid_path)
         generated = image_statistics(images, space, batch_size, progress)
         for split, ref in refs.items():
             scores[split].append(fid_from_statistics(generated, ref))
+    if not distributed.is_main():
+        return None
     best = {f"fid_{split}": min(values) for split, values in scores.items()}
     headline = best.get("fid_test", next(iter(best.values())))
     guidance = exp.config["sample"]["guidance"]
