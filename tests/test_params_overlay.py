@@ -191,3 +191,75 @@ def test_the_masked_lm_evaluation_takes_the_files_sample_steps():
         assert params.evaluate_options("mdm-text8")["sample_steps"] == steps
         assert params.evaluation_settings("mdm-text8")["sample_steps"] == steps
         assert "sample_steps" not in params.evaluate_options("ar-lm1b")
+
+
+# ------------------------------------------------------------------------------- per-experiment resources
+
+
+def test_an_experiment_s_training_resources_are_merged_over_the_file_s_and_never_hashed(base):
+    """resources.experiments.<name>: that experiment's training jobs take these keys over the file's
+    resources; the config hash and every job's settings digest stay as they were (GPUs do not change what
+    a job learns), and a job of N ranks asks N times a rank's memory share."""
+    before = Pipeline.load(base)
+    raw = yaml.safe_load(BASE)
+    raw["resources"]["experiments"] = {"dit": {"gpu": 4, "gpu_model": "h100", "runtime": 30}}
+    base.write_text(yaml.safe_dump(raw))
+    pipe = Pipeline.load(base)
+    assert pipe.training_resources("dit") == {"gpu": 4, "gpu_model": "h100", "mem_mb": 1000, "runtime": 30,
+                                              "threads": 1}
+    assert pipe.training_resources("vit") == {"gpu": 1, "mem_mb": 1000, "runtime": 10, "threads": 1}
+    assert (pipe.ranks("dit"), pipe.ranks("vit")) == (4, 1)
+    for exp in ("vit", "dit"):
+        assert pipe.hash(exp) == before.hash(exp)
+        for rule in ("train_block", "tracking_parent", "evaluate_generator", "evaluate_classifier"):
+            assert pipe.settings_digest(rule, exp) == before.settings_digest(rule, exp)
+    # DiT-micro has 3 layers, one per block: a block job's share is 1/3 of 1000 MB, floored at the runtime's
+    # 1024 MB, i.e. the whole 1000, for each of its 4 ranks
+    assert pipe.training_memory("dit", "blockwise", 1) == 4 * 1000
+    assert pipe.training_memory("vit", "e2e") == before.training_memory("vit", "e2e") == 1000
+
+
+def test_a_cpu_run_keeps_its_base_s_gpu_experiments_in_one_process(base):
+    """An overlay with resources.gpu: 0 (params/smoke.yaml over params/paper.yaml) runs every job on the
+    CPU in one process: an experiment's own gpu and gpu_model are ignored, its other keys are not."""
+    raw = yaml.safe_load(BASE)
+    raw["resources"]["experiments"] = {"dit": {"gpu": 8, "gpu_model": "a100", "threads": 4}}
+    base.write_text(yaml.safe_dump(raw))
+    assert Pipeline.load(base).ranks("dit") == 8
+    overlay = write(base.parent, "over.yaml", "base: base.yaml\nresources: {gpu: 0}\n")
+    pipe = Pipeline.load(overlay)
+    assert pipe.training_resources("dit") == {"gpu": 0, "mem_mb": 1000, "runtime": 10, "threads": 4}
+    assert pipe.ranks("dit") == 1
+    # an overlay keeping only some experiments may leave the others' resources behind
+    assert list(Pipeline.load(write(base.parent, "only.yaml", "base: base.yaml\nonly: [vit]\n")).experiments) == ["vit"]
+
+
+def test_paper_dit_l_trains_on_eight_gpus_and_the_smoke_run_on_the_cpu():
+    paper, smoke = Pipeline.load(REPO / "params/paper.yaml"), Pipeline.load(REPO / "params/smoke.yaml")
+    dit_l = {e for e, c in paper.experiments.items() if c["arch"] == "DiT-L/2"}
+    assert dit_l == {"dit-imagenet256", "dit-t8-b1", "dit-t8-b2", "dit-t8-b4", "dit-t8-b6"}
+    for exp in paper.experiments:
+        assert paper.ranks(exp) == (8 if exp in dit_l else 1), exp
+        assert smoke.ranks(exp) == 1, exp
+    # the batch stays the paper's global batch, 64 rows per GPU
+    assert {paper.experiments[e]["train"]["batch_size"] for e in dit_l} == {512}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("resources: {experiments: {nope: {gpu: 2}}}\n",
+     "over.yaml: resources.experiments.nope: not an experiment here; allowed: vit, dit"),
+    ("resources: {experiments: {vit: {gpu: 2, cpus: 4}}}\n",
+     "resources.experiments.vit: unknown key ('cpus' was unexpected); allowed keys: gpu, gpu_model, mem_mb, "
+     "runtime, threads"),
+    ("resources: {experiments: {vit: {eval_mem_mb: 4}}}\n", "resources.experiments.vit: unknown key"),
+    ("resources: {experiments: {vit: {gpu: -1}}}\n", "resources.experiments.vit.gpu=-1 is out of range; allowed: >= 0"),
+    ("resources: {experiments: {vit: {}}}\n", "resources.experiments.vit: {} should be non-empty"),
+    ("resources: {experiments: {dit: {gpu: 64}}}\n",
+     "over.yaml: resources.experiments.dit.gpu=64: a training job of dit runs 64 ranks, each computing a share of "
+     "train.batch_size=32 (the global batch); allowed: at most 32 GPUs, or a larger batch"),
+    ("resources: {gpu: 33}\n", "over.yaml: resources.gpu=33: a training job of dit runs 33 ranks"),
+])
+def test_per_experiment_resources_errors_name_the_key_and_allowed_values(base, text, message):
+    with pytest.raises(ConfigError) as err:
+        Params.load(write(base.parent, "over.yaml", "base: base.yaml\n" + text))
+    assert message in str(err.value)

@@ -154,6 +154,15 @@ def test_dry_run_has_exactly_b_block_jobs_per_experiment(params):
     assert len(inception) == (pipe.evaluation["fid_features"] == "inception")
     train_jobs = [j for j in jobs if j.rule.startswith("train_")]
     assert all("--track" in j.command and "> logs/" in j.command for j in train_jobs)
+    # a job of N > 1 GPUs trains N data-parallel ranks under torchrun (paper: DiT-L/2 on 8), sharing the job's
+    # threads (here 1: the dry run has 1 core); every other job runs dblocks in one process
+    for j in train_jobs:
+        ranks = pipe.ranks(j.wildcards["exp"])
+        launch = f"torchrun --standalone --nproc_per_node={ranks} -m dblocks" if ranks > 1 else "dblocks"
+        assert j.command.startswith(f"OMP_NUM_THREADS=1 {launch} {j.rule.replace('_', '-')} "), j.command
+    parallel = {j.wildcards["exp"] for j in train_jobs if "torchrun" in j.command}
+    assert parallel == ({"dit-imagenet256", "dit-t8-b1", "dit-t8-b2", "dit-t8-b4", "dit-t8-b6"}
+                        if params.endswith("paper.yaml") else set())
     if params.endswith("paper.yaml"):  # paper scale asks SLURM for a GPU per training job
         assert "gpu=1" in snakemake("-n", "--config", f"params={params}", "--rerun-triggers", "mtime").stdout
 
@@ -362,6 +371,25 @@ def test_snakemake_reruns_exactly_the_jobs_that_read_a_changed_setting(micro_run
         assert planned(micro_run, params) == sorted(evaluations + [
             job("tracking_store"), job("tracking_parent", exp="vit-cifar100"),
             job("tracking_parent", exp="dit-t10-b2"), job("tables")])
+    finally:
+        params.write_text(original)
+    assert planned(micro_run, params) == []
+
+
+def test_training_on_another_number_of_gpus_reruns_no_job(micro_run):
+    """The GPUs (hence ranks) of an experiment's jobs are resources, outside every config hash and settings
+    digest, and the command's launcher is a param derived from them, which Snakemake's params trigger leaves
+    out: the same blocks on 2 GPUs each are not changed jobs (only the tables, which read the whole file)."""
+    params = micro_run / "micro.yaml"
+    original = params.read_text()
+    assert planned(micro_run, params) == []
+    try:
+        params.write_text(original.replace("resources: {gpu: 0,", "resources: {experiments: {vit-cifar100: {gpu: 2}}, gpu: 1,"))
+        assert Pipeline.load(params).ranks("vit-cifar100") == 2
+        out = snakemake("-n", "-p", "--cores", 2, "--config", f"params={params}", "--forcerun", "train_block",
+                        "--until", "train_block", cwd=micro_run).stdout
+        assert "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 -m dblocks train-block" in out
+        assert planned(micro_run, params) == [job("tables")]
     finally:
         params.write_text(original)
     assert planned(micro_run, params) == []

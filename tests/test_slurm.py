@@ -6,8 +6,12 @@ only the cluster-specific settings (partition, no account, squeue status checks,
 on the command line, as a site would. In the first run block 3 is made to fail on purpose (its resume state
 is corrupt) and block 2 is killed with scancel mid-training; the second run, after the corrupt state is
 removed, must run only block 3 and what depends on it. What ran is checked with SLURM itself: every job's
-record from `scontrol show job` (state, exit code, GPU request, time limit) and the job's own SLURM
-output file, which names its rule and wildcards.
+record from `scontrol show job` (state, exit code, GPU request, task count, time limit) and the job's own
+SLURM output file, which names its rule and wildcards.
+
+The micro experiment's training jobs ask for 2 GPUs (`resources.experiments`), so each is one SLURM job of
+one task holding 2 GPUs in which torchrun starts 2 data-parallel ranks (on the CPU: the cluster's GPUs are
+count-only); its evaluation asks for one GPU. The cluster has 4, so two block jobs still run side by side.
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ BIN = Path(sys.executable).parent
 PROFILE = REPO / "profiles/slurm"
 EXP = "vit-cifar100"
 STEPS, CHECKPOINT_EVERY = 400, 50  # ~6 s of training: scancel lands after the first checkpoint, before the end
+RANKS = 2  # GPUs, hence data-parallel ranks, of each training job
 MICRO = f"""
 scale: tiny
 tracking: {{uri: "sqlite:///mlflow.db", experiment: micro-slurm}}
-resources: {{gpu: 1, mem_mb: 1000, runtime: 10, threads: 1}}
+resources: {{gpu: 1, mem_mb: 1000, runtime: 10, threads: 1, experiments: {{{EXP}: {{gpu: {RANKS}}}}}}}
 evaluation: {{samples: 40, sample_steps: 6, fid_features: digits}}
 defaults: {{dataset: digits, seed: 0, device: cpu}}
 experiments:
@@ -70,7 +75,7 @@ def cluster(tmp_path_factory):
     # SIGKILL is covered by the daemons' parent-death signal.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        with LocalCluster(tmp_path_factory.mktemp("slurm-cluster")) as running:
+        with LocalCluster(tmp_path_factory.mktemp("slurm-cluster"), gpus=2 * RANKS) as running:
             yield running
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -97,8 +102,9 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = RUN_TIMEOUT) -> i
         raise AssertionError(f"snakemake did not finish in {timeout} s:\n{log.read_text()[-4000:]}") from None
 
 
-def training_job_of(cluster: LocalCluster, b: int) -> str:
-    """The SLURM job id of the process now training block ``b`` on this cluster (read from its environment)."""
+def training_processes(cluster: LocalCluster, b: int) -> list[dict[str, str]]:
+    """The environments of the processes now training block ``b`` on this cluster (torchrun and its ranks)."""
+    found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -107,8 +113,25 @@ def training_job_of(cluster: LocalCluster, b: int) -> str:
             continue
         if b"train-block" in cmd and [b"--block", str(b).encode()] in [cmd[i:i + 2] for i in range(len(cmd))] \
                 and environ.get(b"SLURM_CONF", b"").decode() == cluster.env["SLURM_CONF"]:
-            return environ[b"SLURM_JOB_ID"].decode()
+            found.append({k.decode(): v.decode() for k, v in environ.items()})
+    return found
+
+
+def training_job_of(cluster: LocalCluster, b: int) -> str:
+    """The SLURM job id of the process now training block ``b`` on this cluster (read from its environment)."""
+    for environ in training_processes(cluster, b):
+        return environ["SLURM_JOB_ID"]
     raise LookupError(f"no process trains block {b}")
+
+
+RANK_ENV = ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_GPUS_ON_NODE", "WORLD_SIZE")
+
+
+def ranks_of(cluster: LocalCluster, b: int) -> dict[str, tuple] | None:
+    """{RANK: its SLURM job, job step, task, the step's task count and GPUs, WORLD_SIZE} of the ranks training
+    block ``b`` (from their environments), once all of them run."""
+    ranks = {e["RANK"]: tuple(e.get(k) for k in RANK_ENV) for e in training_processes(cluster, b) if "RANK" in e}
+    return ranks if len(ranks) == RANKS else None
 
 
 def wait_for(predicate, timeout: float, what: str, log: Path):
@@ -148,6 +171,7 @@ def runs(cluster, tmp_path_factory):
         # block 2 has written its first training-state checkpoint: kill its SLURM job now
         wait_for(lambda: (work / state(2)).exists(), RUN_TIMEOUT, "block 2 wrote no training state", log1)
         killed = wait_for(lambda: _try(training_job_of, cluster, 2), 30, "no process trains block 2", log1)
+        ranks = wait_for(lambda: ranks_of(cluster, 2), 30, f"block 2 is not trained by {RANKS} ranks", log1)
         cluster.client("scancel", killed)
         rc1 = finish(proc, log1)
     finally:
@@ -163,7 +187,7 @@ def runs(cluster, tmp_path_factory):
     rc2 = finish(proc, log2)
     seen = {j["JobId"] for j in jobs1}
     jobs2 = [j for j in cluster.jobs() if j["JobId"] not in seen]
-    return dict(work=work, killed=killed, rc1=rc1, rc2=rc2, log1=log1, log2=log2, before_rerun=before_rerun,
+    return dict(work=work, killed=killed, ranks=ranks, rc1=rc1, rc2=rc2, log1=log1, log2=log2, before_rerun=before_rerun,
                 run1=[(describe(j, work), j) for j in jobs1], run2=[(describe(j, work), j) for j in jobs2])
 
 
@@ -191,10 +215,16 @@ def test_every_job_went_through_sbatch_and_slurm_ran_it(runs):
             assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), (rule, wildcards, job)
 
 
-def test_training_jobs_request_one_gpu_and_their_time_limit_grows_with_each_attempt(runs):
+def test_gpu_requests_training_jobs_are_one_task_and_their_time_limit_grows_with_each_attempt(runs):
+    """A training job asks for its experiment's GPUs in ONE task (torchrun starts the ranks inside it: a
+    job of several tasks would start the whole job once per task); evaluation runs one process on one GPU;
+    the small jobs ask for none."""
+    wanted = {"train_block": f"gpu:{RANKS}", "evaluate_classifier": "gpu:1"}
     for (rule, _), job in runs["run1"] + runs["run2"]:
         gpus = job.get("TresPerJob", "") + job.get("TresPerNode", "")
-        assert ("gpu:1" in gpus) == (rule in ("train_block", "evaluate_classifier")), (rule, job)
+        assert ("gpu" in gpus) == (rule in wanted), (rule, job)
+        if rule in wanted:
+            assert wanted[rule] in gpus and job["NumTasks"] == "1", (rule, job)
     attempts = sorted(of(runs["run1"], "train_block", f"exp={EXP}, block=3"), key=lambda j: int(j["JobId"]))
     assert [j["TimeLimit"] for j in attempts] == [f"00:{10 * a}:00" for a in range(1, len(attempts) + 1)]
 
@@ -230,3 +260,23 @@ def test_a_scancelled_job_is_resubmitted_and_resumes_from_its_checkpoint(runs):
     assert 0 < meta["resumed_from"] < STEPS and meta["resumed_from"] % CHECKPOINT_EVERY == 0
     assert meta["step"] == STEPS
     assert not (runs["work"] / state(2)).exists()  # a finished job drops its resume state
+
+
+def test_a_two_gpu_training_job_is_one_task_whose_torchrun_starts_two_ranks(runs):
+    """Block 2, caught while it trained: both ranks run in the same SLURM job, job step and task (torchrun
+    started them, not SLURM), a step of one task holding 2 GPUs, in a world of 2; each finished block job's
+    MLflow run records 2 ranks."""
+    ranks = runs["ranks"]
+    assert sorted(ranks) == [str(r) for r in range(RANKS)]
+    assert set(ranks.values()) == {(runs["killed"], "0", "0", "1", str(RANKS), str(RANKS))}, ranks
+    job = next(j for (rule, _), j in runs["run1"] if j["JobId"] == runs["killed"])
+    assert job["NumTasks"] == "1" and f"gpu:{RANKS}" in job["TresPerJob"], job
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{runs['work'] / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("micro-slurm")
+    trained = [r for r in client.search_runs([experiment.experiment_id], max_results=1000)
+               if r.data.tags.get("dblocks.job") == "train" and r.info.status == "FINISHED"]
+    assert {r.data.tags["dblocks.block"] for r in trained} == {"1", "2", "3"}
+    assert {r.data.tags["dblocks.ranks"] for r in trained} == {str(RANKS)}

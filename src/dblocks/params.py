@@ -137,6 +137,10 @@ def merge_layers(chain: list[tuple[Path, dict]]) -> dict:
         if errors:
             raise ConfigError(f"{path}: {describe_error(errors[0])}")
         experiments = merged["experiments"]
+        for name in raw.get("resources", {}).get("experiments", {}):
+            if name not in experiments:
+                raise ConfigError(f"{path}: resources.experiments.{name}: not an experiment here; allowed: "
+                                  f"{', '.join(experiments)}")
         if "only" in overlay:
             unknown = [name for name in overlay["only"] if name not in experiments]
             if unknown:
@@ -184,6 +188,7 @@ class Params:
             params._check_judge(name)
             params._check_baseline(name)
             params._check_shared_stem(name)
+            params._check_ranks(name)
         return params
 
     @property
@@ -253,6 +258,16 @@ class Params:
                               f"weight average does not cover; allowed: 0 (the authors' ViT keeps no average), or "
                               f"drop 'paper' from the methods")
 
+    def _check_ranks(self, name: str) -> None:
+        """Every rank of a data-parallel job computes at least one row of the global batch."""
+        ranks, batch = self.ranks(name), self.experiments[name]["train"]["batch_size"]
+        if ranks > batch:
+            own = "gpu" in self.resources.get("experiments", {}).get(name, {})
+            key = f"resources.experiments.{name}.gpu" if own else "resources.gpu"
+            raise ConfigError(f"{self.path}: {key}={ranks}: a training job of {name} runs {ranks} ranks, each "
+                              f"computing a share of train.batch_size={batch} (the global batch); allowed: at most "
+                              f"{batch} GPUs, or a larger batch")
+
     def e2e_config(self, exp: str) -> dict:
         """What end-to-end training of ``exp`` depends on: its config without the block-wise settings."""
         return {k: v for k, v in self.experiments[exp].items() if k not in BLOCKWISE_ONLY | {"name", "pipeline"}}
@@ -279,7 +294,28 @@ class Params:
 
     @property
     def resources(self) -> dict:
+        """The file's ``resources`` section: every job's defaults (``experiments`` holds the training jobs' own
+        settings of single experiments, see :meth:`training_resources`)."""
         return self.raw["resources"]
+
+    def training_resources(self, exp: str) -> dict:
+        """What each training job of ``exp`` asks of the machine: ``resources`` with the experiment's own
+        ``resources.experiments.<exp>`` merged over it (gpu, gpu_model, mem_mb, runtime, threads). They live in
+        the ``resources`` section, outside the experiment, so they enter no config hash and no job's settings
+        digest: the number of GPUs that train a block does not change what it learns (dblocks.train draws
+        the same global batch on every rank). A CPU run, whose file-level ``resources.gpu`` is 0 (tiny,
+        smoke), trains every job in one process without a GPU: an experiment's own gpu and gpu_model are
+        ignored there, so an overlay such as params/smoke.yaml keeps its base's GPU experiments on the CPU."""
+        base = {k: v for k, v in self.resources.items() if k != "experiments"}
+        merged = {**base, **self.resources.get("experiments", {}).get(exp, {})}
+        if not base["gpu"]:
+            merged["gpu"] = 0
+            merged.pop("gpu_model", None)
+        return merged
+
+    def ranks(self, exp: str) -> int:
+        """Processes of each training job of ``exp``: one per GPU (torchrun, data parallel), else one."""
+        return max(1, self.training_resources(exp)["gpu"])
 
     def encoder(self, dataset: str) -> str | None:
         """The autoencoder named for a latent dataset (``autoencoders:``), or None: its default."""

@@ -92,17 +92,19 @@ class Pipeline(Params):
     RUNTIME_MB = 1024
 
     def training_memory(self, exp: str, method: str, block: int | str | None = None) -> int:
-        """MB a training job asks for. ``resources.mem_mb`` is what the whole network needs; a block job holds
-        only its block's share of the layers (states and activations alike: the method's memory saving,
-        SPEC section 7) and asks for that share, never less than :attr:`RUNTIME_MB`. So a scheduler with a
-        memory budget (Snakemake's --resources mem_mb, SLURM) runs small blocks beside a large job instead
-        of two whole networks at once."""
+        """MB a training job asks for. ``mem_mb`` (the experiment's training resources,
+        :meth:`~dblocks.params.Params.training_resources`) is what one process training the whole network
+        needs; a block job holds only its block's share of the layers (states and activations alike: the
+        method's memory saving, SPEC section 7) and asks for that share, never less than :attr:`RUNTIME_MB`.
+        So a scheduler with a memory budget (Snakemake's --resources mem_mb, SLURM) runs small blocks beside a
+        large job instead of two whole networks at once. A data-parallel job runs one process per GPU, each
+        a whole replica of its block, and asks for that many times the share."""
         config = self.experiments[exp]
         depth = get_arch(config["arch"]).depth
         layers = depth if method != BLOCKWISE else \
             layer_split(depth, config["blocks"], config["layer_split"])[int(block) - 1]
-        total = self.resources["mem_mb"]
-        return max(min(total, self.RUNTIME_MB), math.ceil(total * layers / depth))
+        total = self.training_resources(exp)["mem_mb"]
+        return self.ranks(exp) * max(min(total, self.RUNTIME_MB), math.ceil(total * layers / depth))
 
     @property
     def evaluation_memory(self) -> int:

@@ -103,26 +103,67 @@ def autoencoder_option(wildcards):
 # --- training -------------------------------------------------------------------------------------------
 
 
+# A training job's resources are its experiment's (Pipeline.training_resources: the file's `resources`, with
+# `resources.experiments.<exp>` over them). They are resources and threads, never params, so changing them
+# reruns nothing: how many GPUs train a block does not change what it learns.
+
+
+def training_threads(wildcards):
+    return PIPE.training_resources(wildcards.exp)["threads"]
+
+
+def training_gpus(wildcards):
+    return PIPE.training_resources(wildcards.exp)["gpu"]
+
+
+def training_gpu_model(wildcards):
+    """The GPU type of a job that asks for GPUs; '' (no type) otherwise: the SLURM executor would turn a type
+    with 0 GPUs into --gpus=<model>:0."""
+    res = PIPE.training_resources(wildcards.exp)
+    return res.get("gpu_model", "") if res["gpu"] else ""
+
+
 def training_runtime(wildcards, attempt):
     """Minutes per training job; a retry after a timeout gets proportionally more."""
-    return RES["runtime"] * attempt
+    return PIPE.training_resources(wildcards.exp)["runtime"] * attempt
 
 
 def training_memory(method):
-    """MB a training job asks for: its share of the network's layers (Pipeline.training_memory)."""
+    """MB a training job asks for: its share of the network's layers, times its ranks (Pipeline.training_memory)."""
     return lambda wildcards: PIPE.training_memory(wildcards.exp, method, wildcards.get("block"))
+
+
+# Only where some experiment names a GPU type: every job then carries the resource ('' where it has none).
+GPU_MODELS = any(PIPE.training_resources(e).get("gpu_model") for e in EXPERIMENTS)
 
 
 def train_resources(method):
     return dict(
-        gpu=RES["gpu"],
+        gpu=training_gpus,
         mem_mb=training_memory(method),
         runtime=training_runtime,
-        **({"gpu_model": RES["gpu_model"]} if RES.get("gpu_model") else {}),
+        **({"gpu_model": training_gpu_model} if GPU_MODELS else {}),
     )
 
 
-EVAL_RESOURCES = dict(gpu=RES["gpu"], mem_mb=PIPE.evaluation_memory)
+def launcher(wildcards, threads, resources):
+    """How a training command starts: `dblocks` in one process, or, for a job granted N > 1 GPUs, N data-
+    parallel ranks on this node under `torchrun --standalone` (rank i on GPU i of the job's; the SLURM
+    executor runs the job as ONE task holding the N GPUs, see profiles/slurm/config.yaml). The ranks share the
+    job's threads. Taking threads and resources makes this a derived param, which Snakemake leaves out of its
+    params rerun trigger: the same job on another number of GPUs is not a changed job."""
+    ranks = max(1, int(resources.gpu))
+    if ranks == 1:
+        return f"OMP_NUM_THREADS={threads} dblocks"
+    return f"OMP_NUM_THREADS={max(1, threads // ranks)} torchrun --standalone --nproc_per_node={ranks} -m dblocks"
+
+
+# An evaluation runs one process: one GPU at most, whatever a training job asks for.
+EVAL_RESOURCES = dict(
+    gpu=min(RES["gpu"], 1),
+    mem_mb=PIPE.evaluation_memory,
+    **({"gpu_model": RES["gpu_model"]} if RES["gpu"] and RES.get("gpu_model") else {}),
+)
 
 
 def settings_of(rule):

@@ -1,6 +1,8 @@
 # One job per (experiment, block): each trains only its own block and never sees another block.
 # `params.config_hash` makes Snakemake rerun exactly the jobs whose experiment changed; the MLflow run record
 # only says where to log, so rewriting it (a changed `tracking:` section) never retrains a block.
+# A job's threads and resources are its experiment's (common.smk: train_resources); `params.launch` starts the
+# command in one process, or under torchrun with one data-parallel rank per GPU when the job has N > 1.
 
 
 rule train_block:
@@ -14,17 +16,18 @@ rule train_block:
         file=PARAMS,
         config_hash=config_hash,
         data=prepared_dir,
+        launch=launcher,
     log:
         f"logs/{OUT}/{{exp}}/train-block-{{block}}.log",
     benchmark:
         f"results/{OUT}/benchmarks/{{exp}}/train-block-{{block}}.tsv"
-    threads: RES["threads"]
+    threads: training_threads
     resources:
         **train_resources("blockwise"),
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} dblocks train-block --config {params.file} --experiment {wildcards.exp} "
+        "{params.launch} train-block --config {params.file} --experiment {wildcards.exp} "
         "--block {wildcards.block} --data {params.data} --track {input.run} --out {output.checkpoint} "
         "--no-progress > {log} 2>&1"
 
@@ -40,17 +43,18 @@ rule train_baseline:
         file=PARAMS,
         config_hash=config_hash,
         data=prepared_dir,
+        launch=launcher,
     log:
         f"logs/{OUT}/{{exp}}/train-e2e.log",
     benchmark:
         f"results/{OUT}/benchmarks/{{exp}}/train-e2e.tsv"
-    threads: RES["threads"]
+    threads: training_threads
     resources:
         **train_resources("e2e"),
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} dblocks train-baseline --config {params.file} --experiment {wildcards.exp} "
+        "{params.launch} train-baseline --config {params.file} --experiment {wildcards.exp} "
         "--data {params.data} --track {input.run} --out {output.checkpoint} --no-progress > {log} 2>&1"
 
 
@@ -66,15 +70,16 @@ rule train_shared:
         file=PARAMS,
         config_hash=config_hash,
         data=prepared_dir,
+        launch=launcher,
     log:
         f"logs/{OUT}/{{exp}}/train-paper.log",
     benchmark:
         f"results/{OUT}/benchmarks/{{exp}}/train-paper.tsv"
-    threads: RES["threads"]
+    threads: training_threads
     resources:
         **train_resources("paper"),
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} dblocks train-shared --config {params.file} --experiment {wildcards.exp} "
+        "{params.launch} train-shared --config {params.file} --experiment {wildcards.exp} "
         "--data {params.data} --track {input.run} --out-dir {output.blocks} --no-progress > {log} 2>&1"
