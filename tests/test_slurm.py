@@ -280,3 +280,6 @@ def test_a_two_gpu_training_job_is_one_task_whose_torchrun_starts_two_ranks(runs
                if r.data.tags.get("dblocks.job") == "train" and r.info.status == "FINISHED"]
     assert {r.data.tags["dblocks.block"] for r in trained} == {"1", "2", "3"}
     assert {r.data.tags["dblocks.ranks"] for r in trained} == {str(RANKS)}
+    # and the job's own log says so (rank 0 prints it; the other rank prints nothing)
+    log = (runs["work"] / f"logs/tiny/{EXP}/train-block-1.log").read_text()
+    assert log.count(f"data parallel: {RANKS} ranks, global batch 16") == 1, log[-2000:]

@@ -334,6 +334,11 @@ def _run_training(args, exp, method: str, block: int | None, seed: int, state_pa
     from dblocks.train import train, training_job
 
     world, device = distributed.setup(_device(exp))
+    if world.size > 1 and world.main:
+        cfg = exp.config["train"]
+        print(f"data parallel: {world.size} ranks, global batch {cfg['batch_size']}"
+              + (f", at most {cfg['batch_per_device']} rows per device pass" if cfg["batch_per_device"] else ""),
+              flush=True)
     track = _track_path(args) if world.main else None
     try:
         with _tracker(track, "train", method, block, exp.config) as run:
