@@ -147,7 +147,8 @@ def train_resources(method):
 
 
 def launcher(wildcards, threads, resources):
-    """How a training command starts: `dblocks` in one process, or, for a job granted N > 1 GPUs, N data-
+    """How a training command (or a generator's evaluation) starts: `dblocks` in one process, or, for a job
+    granted N > 1 GPUs, N data-
     parallel ranks on this node under `torchrun --standalone` (rank i on GPU i of the job's; the SLURM
     executor runs the job as ONE task holding the N GPUs, see profiles/slurm/config.yaml). The ranks share the
     job's threads. Taking threads and resources makes this a derived param, which Snakemake leaves out of its
@@ -158,7 +159,16 @@ def launcher(wildcards, threads, resources):
     return f"OMP_NUM_THREADS={max(1, threads // ranks)} torchrun --standalone --nproc_per_node={ranks} -m dblocks"
 
 
-# An evaluation runs one process: one GPU at most, whatever a training job asks for.
+# A generator's evaluation (sampling for FID) runs on its experiment's GPUs, as its training does; each rank
+# holds a whole model, so the memory is the evaluation's times the ranks.
+generator_evaluation_resources = dict(
+    gpu=training_gpus,
+    mem_mb=lambda wildcards: PIPE.ranks(wildcards.exp) * PIPE.evaluation_memory,
+    **({"gpu_model": training_gpu_model} if GPU_MODELS else {}),
+)
+
+
+# The other evaluations run one process: one GPU at most, whatever a training job asks for.
 EVAL_RESOURCES = dict(
     gpu=min(RES["gpu"], 1),
     mem_mb=PIPE.evaluation_memory,

@@ -117,7 +117,8 @@ rule reference_stats:
 rule evaluate_generator:
     """Samples (each Euler step runs only the block owning its sigma), a sample grid, and train and test
     FID against the cached reference statistics (best of evaluation.evaluations sample sets); a latent
-    dataset's samples are decoded first."""
+    dataset's samples are decoded first. On the experiment's GPUs: with N > 1 its ranks share the sampling and
+    rank 0 scores (dblocks.evaluate.evaluate_generator; the numbers are those of one process)."""
     input:
         model=lambda w: PIPE.model(w.exp, w.method),
         run=f"results/{OUT}/runs/{{exp}}.json",
@@ -137,17 +138,18 @@ rule evaluate_generator:
         test_stats=lambda w, input: input.test_stats[0],
         decoder=decoder_option,
         settings=settings_of("evaluate_generator"),
+        launch=launcher,
     log:
         f"logs/{OUT}/{{exp}}/evaluate-{{method}}.log",
     benchmark:
         f"results/{OUT}/benchmarks/{{exp}}/evaluate-{{method}}.tsv"
-    threads: RES["threads"]
+    threads: training_threads
     resources:
-        **EVAL_RESOURCES,
+        **generator_evaluation_resources,
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --params {params.file} --track {input.run} "
+        "{params.launch} evaluate {input.model} --params {params.file} --track {input.run} "
         "--features {params.features} --train-stats {params.train_stats} --test-stats {params.test_stats}{params.decoder} "
         "--grid {output.grid} --out {output.metrics} --no-progress > {log} 2>&1"
 

@@ -96,8 +96,12 @@ class LatentCodec:
         return torch.cat(out)
 
 
-def load_sd_vae(name: str = SD_VAE, device: str | torch.device = "cpu") -> LatentCodec:
-    """The paper's VAE through diffusers (downloads on first use; needs ``pip install 'diffusion-blocks[latents]'``)."""
+def load_sd_vae(name: str = SD_VAE, device: str | torch.device | None = None) -> LatentCodec:
+    """The paper's VAE through diffusers (downloads on first use; needs ``pip install 'diffusion-blocks[latents]'``),
+    on ``device`` (default: the GPU where there is one: encoding ImageNet's 2.6M images, both flips, or decoding
+    150k FID samples is GPU work)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         from diffusers.models import AutoencoderKL
     except ImportError as exc:
