@@ -63,7 +63,7 @@ smoke: $(STAMP)
 # they are there). Elsewhere they are skipped with the reason, except under CI=true, where that fails.
 test: $(STAMP)
 	tests/slurm/install.sh --if-possible
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 clean-venv:
 	rm -rf $(VENV)

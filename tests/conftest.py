@@ -10,7 +10,13 @@ import torch
 # Tests never reach a hub: fail fast instead of retrying the network.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core (pytest-xdist): each, and the jobs it starts, computes on one
+    # thread, since torch's threads spin-wait and several per core slow every test down severalfold
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from dblocks.config import resolve  # noqa: E402
 from dblocks.experiment import Experiment  # noqa: E402
