@@ -14,8 +14,7 @@ import pytest
 import yaml
 
 from dblocks.checkpoint import load_metadata
-from dblocks.config import ConfigError
-from dblocks.data.latents import SHARDED_DATASETS
+from dblocks.config import SHARDED_DATASETS, ConfigError
 from dblocks.dvcgen import generate, parse_dry_run, snakemake_jobs
 from dblocks.pipeline import Pipeline
 

@@ -22,11 +22,12 @@ from PIL import Image
 from dblocks.checkpoint import CheckpointError, sidecar_path
 from dblocks.data import ImageDataset, load_prepared, load_prepared_text, save_prepared
 from dblocks.data.autoencoder import ConvAutoencoder
-from dblocks.data.latents import (SHARDED_DATASETS, LatentCodec, encode_folder, prepare_imagenet_latents,
+from dblocks.data.latents import (LatentCodec, encode_folder, prepare_imagenet_latents,
                                   write_imagenet_split)
 from dblocks.data.prepared import (DEFAULT_SHARD_EXAMPLES, SHARD_EXAMPLES_ENV, StoredRows, pixels_to_unit,
                                    save_prepared_text, shard_examples)
 from dblocks.data.text import load_text_dataset
+from dblocks.pipeline import Pipeline
 from dblocks.train import sample_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,11 +231,6 @@ def test_shard_size_setting(monkeypatch):
             shard_examples()
 
 
-def test_the_workflow_declares_the_shards_of_exactly_the_sharded_datasets():
-    declared = re.search(r"^SHARDED = (\[.*\])$", (REPO / "workflow/rules/data.smk").read_text(), re.M).group(1)
-    assert sorted(json.loads(declared.replace("'", '"'))) == sorted(SHARDED_DATASETS)
-
-
 def test_prepared_text_windows_are_read_per_batch_as_int64(tmp_path):
     save_prepared_text("shakespeare", "test", tmp_path)
     for tokenizer in ("char27", "bytes"):
@@ -245,3 +241,28 @@ def test_prepared_text_windows_are_read_per_batch_as_int64(tmp_path):
         batch = prepared.batch(idx)["tokens"]
         assert batch.dtype == torch.int64 and torch.equal(batch, source.tokens[idx])
         assert torch.equal(prepared.tokens[:3, 5:9], source.tokens[:3, 5:9]) and len(prepared) == len(source)
+
+
+def test_verify_checks_every_listed_shard_and_sets_a_corrupt_ones_folder_aside(imagenet_root, tmp_path, monkeypatch):
+    """`dblocks verify` hashes the shards a sharded split's record lists; a corrupt shard sets aside the whole
+    shards/ folder (the prepare job's directory output), so the next run prepares the data set again."""
+    monkeypatch.setenv(SHARD_EXAMPLES_ENV, "2")
+    monkeypatch.chdir(tmp_path)
+    prepared = tmp_path / "data/prepared/imagenet256"
+    prepare_imagenet_latents(imagenet_root, prepared, "untrained-conv", batch_size=2)
+    params = tmp_path / "part.yaml"
+    params.write_text(f"base: {REPO / 'params/smoke.yaml'}\nonly: [dit-imagenet256]\ndata_dir: data\n")
+    shards = sorted(f"data/prepared/imagenet256/shards/{p.name}" for p in (prepared / "shards").iterdir()
+                    if p.suffix == ".safetensors")
+    assert len(shards) == 5 and set(shards) <= set(Pipeline.load(params).artefacts())
+
+    dblocks = str(Path(sys.executable).parent / "dblocks")
+    ok = subprocess.run([dblocks, "verify", "--params", str(params)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "0 corrupt" in ok.stdout, ok.stdout + ok.stderr
+    shard = prepared / "shards/train-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad = subprocess.run([dblocks, "verify", "--params", str(params), "--quarantine"], capture_output=True, text=True)
+    assert "CORRUPT  data/prepared/imagenet256/shards/train-00001.safetensors" in bad.stdout, bad.stdout + bad.stderr
+    assert not (prepared / "shards").exists() and (prepared / "shards.corrupt").is_dir()

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from dblocks.checkpoint import sidecar_path
-from dblocks.config import AUTOENCODER_FILE, TRAINED_AUTOENCODER_DATASETS, UNHASHED_KEYS
+from dblocks.config import AUTOENCODER_FILE, SHARD_DIR, SHARDED_DATASETS, TRAINED_AUTOENCODER_DATASETS, UNHASHED_KEYS
 from dblocks.models import get_arch
 from dblocks.noise import layer_split
 from dblocks.params import BLOCKWISE, E2E, PAPER, Params
@@ -205,6 +205,8 @@ class Pipeline(Params):
         FID feature nets and reference statistics, blocks, baselines, models): what `dblocks verify` checks
         against the sha256 in each file's JSON record."""
         files = [f"{self.prepared(d)}/{split}.safetensors" for d in self.datasets for split in ("train", "test")]
+        files += [shard for d in self.datasets if d in SHARDED_DATASETS for split in ("train", "test")
+                  for shard in self.shards(d, split)]
         files += [a for a in map(self.autoencoder, self.datasets) if a is not None]
         generated = sorted({c["dataset"] for c in self.experiments.values() if c["task"] == "generation"})
         if generated:
@@ -219,9 +221,21 @@ class Pipeline(Params):
                 files.append(self.model(exp, method))
         return list(dict.fromkeys(files))
 
+    def shards(self, dataset: str, split: str) -> list[str]:
+        """The shard files a sharded split's record lists (none before it is prepared). A sharded split's
+        record is small JSON; the shards themselves are not opened here."""
+        record = Path(self.prepared(dataset)) / f"{split}.json"
+        try:
+            entries = json.loads(record.read_text()).get("shards") or []
+        except (OSError, ValueError):
+            return []  # not prepared yet, or unreadable: verify reports the split file itself
+        return [f"{self.prepared(dataset)}/{e['file']}" for e in entries if isinstance(e, dict) and "file" in e]
+
     def group_of(self, artefact: str) -> str | None:
         """The directory that one job writes as a whole and that holds this artefact (the paper mode's B
-        blocks), or None: such a file is rebuilt by rebuilding its directory."""
+        blocks, a sharded split's shards/), or None: such a file is rebuilt by rebuilding its directory."""
+        if Path(artefact).parent.name == SHARD_DIR:
+            return str(Path(artefact).parent)
         for exp in self.experiments:
             if PAPER in self.methods(exp) and Path(artefact).parent == Path(self.paper_dir(exp)):
                 return self.paper_dir(exp)

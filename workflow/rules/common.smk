@@ -8,7 +8,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from dblocks.checkpoint import sidecar_path
-from dblocks.config import AUTOENCODER_FILE, ConfigError
+from dblocks.config import AUTOENCODER_FILE, SHARD_DIR, SHARDED_DATASETS, ConfigError
 from dblocks.pipeline import Pipeline
 
 # One params file is the single source of truth (DVC reads it too); choose it with

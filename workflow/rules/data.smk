@@ -6,9 +6,7 @@
 # file holds the labels and its record lists and hashes every shard (dblocks.data.prepared), so the split
 # files stay the inputs that downstream jobs name, and they change whenever a shard does.
 
-# = dblocks.data.latents.SHARDED_DATASETS (spelled out: importing it would import torch at every parse, and
-# every SLURM job parses again; tests/test_prepared_memory.py checks that the two agree)
-SHARDED = ["imagenet256"]
+SHARDED = list(SHARDED_DATASETS)
 # The dataset-wildcard patterns of the three rules below (each matches no name when its set is empty), so that
 # exactly one prepare rule claims each dataset's files: with or without an autoencoder, sharded or not.
 AUTOENCODED_NOT_SHARDED = "|".join(re.escape(d) for d in AUTOENCODED if d not in SHARDED) or "^$"
@@ -59,7 +57,7 @@ use rule prepare_data as prepare_sharded_data with:
         test=f"{DATA}/prepared/{{dataset}}/test.safetensors",
         train_meta=f"{DATA}/prepared/{{dataset}}/train.json",
         test_meta=f"{DATA}/prepared/{{dataset}}/test.json",
-        shards=directory(f"{DATA}/prepared/{{dataset}}/shards"),
+        shards=directory(f"{DATA}/prepared/{{dataset}}/{SHARD_DIR}"),
     wildcard_constraints:
         dataset=SHARDED_NOT_AUTOENCODED,
 
@@ -73,6 +71,6 @@ use rule prepare_autoencoded_data as prepare_sharded_autoencoded_data with:
         test_meta=f"{DATA}/prepared/{{dataset}}/test.json",
         autoencoder=f"{DATA}/prepared/{{dataset}}/{AUTOENCODER_FILE}",
         autoencoder_meta=f"{DATA}/prepared/{{dataset}}/{sidecar_path(AUTOENCODER_FILE)}",
-        shards=directory(f"{DATA}/prepared/{{dataset}}/shards"),
+        shards=directory(f"{DATA}/prepared/{{dataset}}/{SHARD_DIR}"),
     wildcard_constraints:
         dataset=SHARDED_AUTOENCODED,

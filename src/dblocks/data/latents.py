@@ -171,8 +171,6 @@ def encode_folder(codec: LatentCodec, root: str | os.PathLike, size: int = IMAGE
 
 #: ImageNet's folders per split (the validation set is the test split, as in the paper's test FID)
 IMAGENET_FOLDERS = {"train": "train", "test": "val"}
-#: the datasets whose prepare writes shards (:mod:`dblocks.data.prepared`); workflow/rules/data.smk names them too
-SHARDED_DATASETS = ("imagenet256",)
 
 
 def _imagenet_root(root: str | os.PathLike | None) -> Path:

@@ -39,14 +39,14 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 
 from dblocks.checkpoint import CheckpointError, load_checkpoint, remove_checkpoint, save_checkpoint
-from dblocks.config import LATENT_DATASETS  # datasets of autoencoder latents: stored as float32 with their scale
+# LATENT_DATASETS: autoencoder latents, stored as float32 with their scale
+from dblocks.config import LATENT_DATASETS, SHARD_DIR
 from dblocks.data.images import ImageDataset
 from dblocks.data.text import TextDataset, token_streams
 
 #: largest raw pixel value per dataset: digits count ink in 0..16, CIFAR is 8-bit
 PIXEL_MAX = {"digits": 16, "cifar10": 255, "cifar100": 255}
 #: the folder, beside the split files, that holds a sharded split's shards
-SHARD_DIR = "shards"
 #: the environment variable that sets the examples per shard of a sharded prepare (imagenet256)
 SHARD_EXAMPLES_ENV = "DBLOCKS_SHARD_EXAMPLES"
 #: ImageNet train: 26 shards of 1.6 GB (latents and mirrored latents); its validation split is one shard
