@@ -17,14 +17,17 @@ from safetensors.torch import save_file
 from dblocks import distributed
 from dblocks.blocks import AssembledModel
 from dblocks.experiment import Experiment
-from dblocks.evaluate import evaluate_generator
+from dblocks.config import resolve
+from dblocks.evaluate import evaluate_generator, in_chunks
 from dblocks.sample import generate
+from dblocks.text_generation import generate_baseline, generate_blockwise
 from dblocks.train import train, training_job
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.conftest import micro_config  # noqa: E402
 
 STEPS = 20
+CPU = torch.device("cpu")
 
 
 def jobs() -> dict[str, tuple[Experiment, str, int | None]]:
@@ -71,6 +74,19 @@ def evaluation(inputs: Path) -> dict | None:
     return None if result is None else {k: v for k, v in result.items() if "seconds" not in k}
 
 
+def continuations() -> dict[str, torch.Tensor] | None:
+    """7 top-p continuations (end-to-end AR) and 7 block-wise greedy ones of 4 tokens each, from freshly built
+    micro models, in chunks of 2 (dealt over the ranks): rank 0's, None on the others."""
+    exp = Experiment(resolve({"task": "ar_text", "arch": "AR-micro", "dataset": "shakespeare", "blocks": 4,
+                              "device": "cpu"}))
+    torch.manual_seed(0)
+    baseline, blocks = exp.e2e().eval(), AssembledModel(exp.empty_blocks(), exp.partition).eval()
+    prompts = exp.load_data("validation").tokens[:7, :12]
+    out = {"e2e": in_chunks(lambda c, g: generate_baseline(baseline, c, 4, g), prompts, 2, 5, "test", CPU),
+           "blockwise": in_chunks(lambda c, g: generate_blockwise(blocks, c, 4, g), prompts, 2, 5, "test", CPU)}
+    return None if out["e2e"] is None else out
+
+
 def main(out: Path) -> None:
     world, device = distributed.setup(torch.device("cpu"))
     try:
@@ -85,6 +101,9 @@ def main(out: Path) -> None:
         record = evaluation(out)
         if world.main:
             (out / "evaluation.json").write_text(json.dumps(record))
+        texts = continuations()
+        if world.main:
+            save_file(texts, str(out / "continuations.safetensors"))
     finally:
         distributed.teardown()
 

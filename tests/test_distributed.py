@@ -87,6 +87,14 @@ def test_fid_evaluation_with_two_ranks_records_what_one_process_records(two_rank
     assert len(two["fid_test_all"]) == 2 and two["fid_test"] > 0
 
 
+def test_text_continuations_dealt_over_two_ranks_are_one_process_continuations(two_ranks):
+    two = load_file(str(two_ranks / "continuations.safetensors"))
+    one = ddp_worker.continuations()
+    for kind in ("e2e", "blockwise"):  # top-p draws and block-wise denoising noise, per chunk
+        assert two[kind].shape == one[kind].shape == (7, 4)
+        assert torch.equal(two[kind], one[kind]), kind
+
+
 # --------------------------------------------------------------------------- killed with 2 ranks, resumed with 1
 
 JOB = ["train-block", "--arch", "ViT-micro", "--blocks", "3", "--block", "2", "--steps", "60", "--batch-size", "16",

@@ -685,9 +685,10 @@ def cmd_evaluate(args) -> None:
     from dblocks import distributed
 
     world, device = distributed.setup(_device(exp))
-    if world.size > 1 and not generation:
-        raise UsageError(f"{world.size} processes (torchrun): a data-parallel evaluation samples images for FID; "
-                         f"a {exp.config['task']} model is evaluated by one process; allowed: 1 process")
+    if world.size > 1 and not (generation or exp.config["task"] in ("ar_text", "recurrent_text")):
+        raise UsageError(f"{world.size} processes (torchrun): a data-parallel evaluation shares sampling (images for "
+                         f"FID, text continuations for MAUVE); a {exp.config['task']} model is evaluated by one "
+                         f"process; allowed: 1 process")
     track = track if world.main else None  # only rank 0 tracks and writes
     model.to(device)
     if judge is not None:
@@ -724,6 +725,9 @@ def cmd_evaluate(args) -> None:
             except OSError as exc:  # a hub model that cannot be downloaded (offline) or found
                 raise UsageError(f"--hf-judges / --mauve-features gpt2-large: could not load a Hugging Face "
                                  f"model ({exc.__class__.__name__}); these need the network") from None
+            distributed.teardown()
+            if result is None:  # another rank of a data-parallel evaluation: rank 0 scored its continuations
+                return
             summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("mauve_reference", "mauve_minilm",
                                                                   "gen_ppl_reference", "next_token_bits")
                                 if k in result)

@@ -13,7 +13,7 @@ import torch
 from dblocks import distributed
 from dblocks.blocks import AssembledModel, BlockDenoiser
 from dblocks.data import ImageDataset
-from dblocks.experiment import Experiment
+from dblocks.experiment import Experiment, derive_seed
 from dblocks.sample import classify, classify_direct, generate, save_grid
 
 
@@ -151,14 +151,30 @@ def evaluate_masked_lm(model, exp: Experiment, data, *, seed: int = 0, samples_p
             "sample_text": [data.decode(s) for s in samples]}
 
 
+def in_chunks(fn, rows: torch.Tensor, size: int, seed: int, purpose: str, device) -> torch.Tensor | None:
+    """``fn(chunk, generator)`` over ``rows`` in chunks of ``size``, chunk i with its own generator seeded from
+    (seed, purpose, i): so the result depends neither on how many rows a device holds at once beyond ``size``
+    (paper scale: 5,000 continuations of 512-token prompts never share one batch) nor on the number of ranks,
+    which the chunks are dealt over (round-robin; rank 0 gathers them and returns all, the others None)."""
+    world = distributed.world()
+    chunks = rows.split(size)
+    mine = {i: fn(chunk, torch.Generator().manual_seed(derive_seed(seed, purpose, i)))
+            for i, chunk in enumerate(chunks) if i % world.size == world.rank}
+    return distributed.collect_chunks(mine, [len(c) for c in chunks], device)
+
+
 def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, prompts: int = 100,
                    continuations: int = 5, new_tokens: int = 50, max_windows: int | None = None,
-                   featurizers: tuple[str, ...] = ("reference-lm", "minilm"), hf_judges: tuple[str, ...] = ()) -> dict:
+                   featurizers: tuple[str, ...] = ("reference-lm", "minilm"), hf_judges: tuple[str, ...] = ()
+                   ) -> dict | None:
     """The paper's protocol at any scale: prompts from held-out windows, ``continuations`` continuations of
     ``new_tokens`` tokens each (block-wise: B denoising steps per token, greedy; end-to-end: top-p 0.95),
     MAUVE against the windows' true continuations, generative perplexity under ``judge`` and plain
     next-token quality. ``judge`` is a causal next-token model (this experiment's own end-to-end reference
-    LM offline, labelled so); without it only next-token quality and the samples are reported."""
+    LM offline, labelled so); without it only next-token quality and the samples are reported.
+
+    Continuations are generated ``sample.batch_size`` prompts at a time (:func:`in_chunks`); in a data-parallel
+    job the ranks share the chunks and rank 0 scores (the others return None)."""
     from dblocks.metrics.mauve import (MINILM_LABEL, REFERENCE_LM_LABEL, mauve_from_features, minilm_features,
                                        reference_lm_features)
     from dblocks.text_generation import (continuation_nll, generate_baseline, generate_blockwise, generate_recurrent,
@@ -175,16 +191,24 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
     blockwise = isinstance(model, AssembledModel)
     windows = data.tokens[:prompts]
     prompt = windows[:, :prompt_len].repeat_interleave(continuations, dim=0)
-    gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     if blockwise:
         model.calls = [0] * len(model.blocks)
     if recurrent:
-        generated = generate_recurrent(model, prompt, new_tokens, iterations, gen)
+        def continue_(chunk, gen):
+            return generate_recurrent(model, chunk, new_tokens, iterations, gen)
     elif blockwise:
-        generated = generate_blockwise(model, prompt, new_tokens, gen)
+        def continue_(chunk, gen):
+            return generate_blockwise(model, chunk, new_tokens, gen)
     else:
-        generated = generate_baseline(model, prompt, new_tokens, gen, top_p=0.95)
+        def continue_(chunk, gen):
+            return generate_baseline(model, chunk, new_tokens, gen, top_p=0.95)
+    generated = in_chunks(continue_, prompt, exp.config["sample"]["batch_size"], seed, "continuations",
+                          next(model.parameters()).device)
+    if blockwise:
+        model.calls = distributed.sum_over_ranks(model.calls)
+    if generated is None:  # a data-parallel job's other ranks: rank 0 scores the continuations
+        return None
     steps = f"{iterations} Euler steps" if recurrent else "B Euler steps"
     record = {"prompts": prompts, "continuations": continuations, "new_tokens": new_tokens,
               "prompt_tokens": prompt_len, "sampler": f"greedy, {steps} per token" if blockwise else "top-p 0.95",
