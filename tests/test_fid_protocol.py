@@ -160,6 +160,8 @@ def test_protocol_train_and_test_fid_best_of_k_and_grid(digits_setup, tmp_path):
         assert len(values) == 2 and values[0] != values[1]  # two independent sample sets
         assert result[f"fid_{split}"] == min(values) > 0
     assert result["fid"] == result["fid_test"]
+    # digits: the held-out judge read both sample sets (an untrained model: near chance, 1 in 10)
+    assert len(result["class_agreement_all"]) == 2 and 0 <= result["class_agreement"] < 0.5
     guided = 2 if exp.config["sample"]["guidance"] != 1.0 else 1
     assert result["layer_evals_per_sample"] == 4 * 3 * guided and result["sample_seconds_per_sample"] > 0
     # the grid: 4 rows (40 samples / 10 classes) of 10 digits, upscaled x4, 2-pixel padding

@@ -752,7 +752,8 @@ def cmd_evaluate(args) -> None:
             scores = ", ".join(f"{k} {result[k]:.3f}" for k in ("fid_train", "fid_test") if k in result) \
                 or f"{result['fid']:.3f}"
             summary = (f"{result['fid_label']} {scores} vs {result['fid_reference']}, {samples} samples, "
-                       f"best of {args.evaluations}")
+                       f"best of {args.evaluations}"
+                       + (f"; class agreement {result['class_agreement']:.3f}" if "class_agreement" in result else ""))
         else:
             result = evaluate_classifier(model, exp, data, seed=args.seed)
             summary = f"accuracy {100 * result['accuracy']:.2f}% on {len(data)} {args.split} examples"

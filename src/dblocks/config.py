@@ -64,6 +64,9 @@ LATENT_DATASETS = ("imagenet256", "digits-latent")
 #: pretrained sd-vae-ft-ema instead); the autoencoder is written beside the prepared splits as
 #: AUTOENCODER_FILE, so the pipeline and DVC version it with the latents it made and evaluation decodes with it.
 TRAINED_AUTOENCODER_DATASETS = ("digits-latent",)
+#: datasets whose generated samples are 8x8 digits (digits-latent: once decoded), which a held-out digit
+#: classifier judges (dblocks.metrics.class_agreement); kept here so the tables know without importing torch
+JUDGED_DATASETS = ("digits", "digits-latent")
 #: datasets whose prepare step encodes straight into shards (``<data>/prepared/<dataset>/SHARD_DIR/``, listed and
 #: hashed in each split's record: dblocks.data.prepared): ImageNet's 1.28M latents and their mirrored twins,
 #: ~42 GB, never held in memory at once. Kept here so the workflow declares the shards without importing torch.

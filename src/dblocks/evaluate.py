@@ -12,8 +12,10 @@ import torch
 
 from dblocks import distributed
 from dblocks.blocks import AssembledModel, BlockDenoiser
+from dblocks.config import JUDGED_DATASETS
 from dblocks.data import ImageDataset
 from dblocks.experiment import Experiment, derive_seed
+from dblocks.metrics.class_agreement import class_agreement
 from dblocks.sample import classify, classify_direct, generate, save_grid
 
 
@@ -77,6 +79,9 @@ def evaluate_generator(model, exp: Experiment, reference: ImageDataset | None, *
     In a data-parallel job (dblocks.distributed) every rank samples its share of the chunks and rank 0 scores
     them all and returns the record; the other ranks return None. The samples are those of one process.
 
+    Digit samples are also read by a held-out digit classifier (:mod:`dblocks.metrics.class_agreement`):
+    ``class_agreement`` is the mean over the sample sets of the fraction read as the class asked for.
+
     ``features`` is a digits feature net (domain FID, the tiny scale) or converted Inception weights (the
     paper's FID), both safetensors checkpoints told apart by their record. With ``reference_stats`` ({split: cached statistics
     file}, e.g. train and test) the paper's protocol runs: ``evaluations`` independent sample sets (seeds
@@ -98,6 +103,7 @@ def evaluate_generator(model, exp: Experiment, reference: ImageDataset | None, *
         refs = {reference.split: image_statistics(reference.images, space, batch_size, progress, decode=decode)}
     scores: dict[str, list[float]] = {split: [] for split in refs}
     seconds = []
+    judged, agreement = exp.config["dataset"] in JUDGED_DATASETS, []  # digits: class agreement beside FID
     for i in range(evaluations):
         images, routed, grid, sample_seconds = class_balanced_samples(model, exp, samples, steps, seed + i,
                                                                       progress=progress)
@@ -110,6 +116,8 @@ def evaluate_generator(model, exp: Experiment, reference: ImageDataset | None, *
             images = decode(images)
         if i == 0 and grid_path is not None:
             save_class_grid(images, exp, grid_path)
+        if judged:
+            agreement.append(class_agreement(images, torch.arange(len(images)) % exp.arch.num_classes))
         generated = image_statistics(images, space, batch_size, progress)
         for split, ref in refs.items():
             scores[split].append(fid_from_statistics(generated, ref))
@@ -125,6 +133,8 @@ def evaluate_generator(model, exp: Experiment, reference: ImageDataset | None, *
             "sample_seconds": round(sum(seconds) / len(seconds), 3),
             "sample_seconds_per_sample": sum(seconds) / len(seconds) / samples,
             "block_calls": calls,
+            **({"class_agreement": sum(agreement) / len(agreement), "class_agreement_all": agreement}
+               if judged else {}),
             "layer_evals_per_sample": layer_evaluations(routed, grid, guided=guidance != 1.0)}
 
 

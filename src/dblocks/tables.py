@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from dblocks.config import JUDGED_DATASETS
 from dblocks.paper import PAPER_TABLES, table_sort_key
 
 TAG = "dblocks."
@@ -58,7 +59,8 @@ NA = "n/a"
 #: our value columns per table: column key -> (MLflow metric, multiplier to the paper's unit, header)
 OURS_METRICS: dict[str, dict[str, tuple[str, float, str]]] = {
     "1": {"accuracy": ("accuracy", 100.0, "accuracy (%)")},
-    "2": {"fid_train": ("fid_train", 1.0, "FID (train)"), "fid_test": ("fid_test", 1.0, "FID (test)")},
+    "2": {"fid_train": ("fid_train", 1.0, "FID (train)"), "fid_test": ("fid_test", 1.0, "FID (test)"),
+          "class_agreement": ("class_agreement", 1.0, "class agreement")},
     "3": {"bpc": ("bpc", 1.0, "BPC")},
     # what evaluate_text logs: MAUVE per featurizer and generative perplexity under this project's own
     # end-to-end AR reference LM (offline) and under Llama-2 / GPT2-XL (online, evaluation.text.hf_judges)
@@ -81,6 +83,9 @@ OURS_METRICS["5"] = OURS_METRICS["4"]
 #: metrics that need a download (GPT-2 large features; Llama-2 / GPT2-XL judges): a finished run without
 #: them was not asked for them (offline, or not configured), so their cell reads "not run here", not n/a
 ONLINE_METRICS = frozenset({"mauve_gpt2_large", "gen_ppl_llama2", "gen_ppl_gpt2xl"})
+#: metrics computed only for some data sets (class agreement: digit samples, dblocks.metrics.class_agreement):
+#: a run of another data set reads "not run here"
+DATASET_METRICS: dict[str, tuple[str, ...]] = {"class_agreement": JUDGED_DATASETS}
 #: metrics an evaluation computes only when its settings ask for them: metric -> (evaluation setting, the
 #: value that asks); a finished run whose logged settings leave it out was not asked, so "not run here" too
 #: (e.g. a smoke run's mauve_features: [reference-lm] has no MiniLM MAUVE)
@@ -368,7 +373,9 @@ def metric_cell(index: RunIndex, experiment: str, method: str, metric: str, mult
             return Cell(text=DASH)
         return missing(f"{why} ({what})")
     if metric not in run.metrics or run.metrics[metric] is None or math.isnan(run.metrics[metric]):
-        if metric not in run.metrics and (metric in ONLINE_METRICS or not _asked_for(run, metric)):
+        if metric not in run.metrics and (metric in ONLINE_METRICS or not _asked_for(run, metric)
+                                          or (metric in DATASET_METRICS
+                                              and run.params.get("dataset") not in DATASET_METRICS[metric])):
             return Cell(text=DASH)
         return missing(f"{metric} not logged (run {run.short}: {what})", run)
     return Cell(text=fmt(run.metrics[metric] * multiplier, decimals), value=run.metrics[metric] * multiplier, run=run)
