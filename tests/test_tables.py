@@ -144,7 +144,7 @@ def generated(tmp_path_factory):
     # Table 7 / 10: one FID logged with samples; one evaluate run whose FID is not logged (yet)
     parent = _experiment_runs(client, eid, "dit-t7-uniform-363", 3)
     _log(client, eid, "dit-t7-uniform-363", "evaluate", "blockwise", parent=parent, artifact=grid,
-         metrics={"fid": 41.5, "sample_seconds": 3.0, "layer_evals_per_sample": 150})
+         metrics={"fid": 41.5, "sample_seconds": 3.0, "layer_evals_per_sample": 150, "class_agreement": 0.8125})
     parent = _experiment_runs(client, eid, "dit-t7-equiprob-444", 3)
     _log(client, eid, "dit-t7-equiprob-444", "evaluate", "blockwise", parent=parent,
          metrics={"sample_seconds": 3.0, "layer_evals_per_sample": 150})
@@ -281,12 +281,14 @@ def test_table12_timings(generated):
 
 def test_tex_is_a_tabular(generated):
     tex = (generated["out"] / "tables" / "table7.tex").read_text()
-    # layer split, paper x2, ours x2, then the inference cost (layer evals, ms per sample) per partition
-    body = tex[tex.index(r"\begin{tabular}{lrrrrrrrr}"):tex.index(r"\end{tabular}")]
+    # layer split, paper x2, ours x2, our class agreement x2 (digits), then the inference cost (layer evals,
+    # ms per sample) per partition
+    body = tex[tex.index(r"\begin{tabular}{lrrrrrrrrrr}"):tex.index(r"\end{tabular}")]
     rows = [line for line in body.splitlines() if line.endswith(r"\\")]
     assert len(rows) == 5  # header + 4 splits
-    assert all(line.count("&") == 8 for line in rows)
-    assert "41.50" in body and "---" in body
+    assert all(line.count("&") == 10 for line in rows)
+    assert "class agreement" in rows[0]
+    assert "41.50" in body and "---" in body and "0.812" in body  # FID and class agreement of the same run
     assert r"{[}3, 6, 3{]} & 43.59" in body  # a row starting with [ would be read as \\[length]
     assert tex.count(r"\begin{table}") == tex.count(r"\end{table}") == 1
     t1 = (generated["out"] / "tables" / "table1.tex").read_text()

@@ -739,6 +739,18 @@ class Placed:
     cell: Cell
 
 
+def _judged(exps: list[ExperimentSpec]) -> bool:
+    """Whether any of these experiments draws digits, whose samples the held-out judge reads (class agreement)."""
+    return any(e.config.get("dataset") in JUDGED_DATASETS for e in exps)
+
+
+def _agreement_cell(ctx: Context, placed: Placed | None) -> Cell:
+    """The class agreement of the run behind a placed FID cell (dblocks.metrics.class_agreement)."""
+    if placed is None:
+        return Cell(DASH)
+    return metric_cell(ctx.index, placed.exp.name, _denoiser_method(ctx, placed.exp), "class_agreement", 1.0, 3)
+
+
 def _place(slot: dict, key: Any, exp: ExperimentSpec, cell: Cell, notes: list[str]) -> None:
     """Put a cell in a slot; on a conflict the most recent finished run wins."""
     prev = slot.get(key)
@@ -791,6 +803,10 @@ def build_grid_table(ctx: Context, table_id: str, paper: dict, exps: list[Experi
     columns += [Column(f"paper:{p}", f"paper {label}", f"paper_{p}", "paper") for p, label in partitions.items()]
     columns += [Column(f"ours:{p}", f"ours {label} ({ctx.params.scale})", f"ours_{p}", "ours")
                 for p, label in partitions.items()]
+    judged = _judged(exps)
+    if judged:
+        columns += [Column(f"agree:{p}", f"ours {label}: class agreement", f"agreement_{p}", "ours")
+                    for p, label in partitions.items()]
     cost = _is_fid_table(paper)
     if cost:
         for p, label in partitions.items():
@@ -804,6 +820,8 @@ def build_grid_table(ctx: Context, table_id: str, paper: dict, exps: list[Experi
             row[f"paper:{p}"] = number(r["values"].get(p), decimals)
             placed = slots.get((i, p))
             row[f"ours:{p}"] = placed.cell if placed else Cell(DASH)
+            if judged:
+                row[f"agree:{p}"] = _agreement_cell(ctx, placed)
             if cost:
                 row.update(_cost_cells(ctx, f"cost:{p}:", placed.exp if placed else None,
                                        _denoiser_method(ctx, placed.exp) if placed else None))
@@ -858,6 +876,9 @@ def build_sweep_table(ctx: Context, table_id: str, paper: dict, exps: list[Exper
                Column("ours", _ours_header(ctx, exps) if len(candidates) == 1 else f"ours {metric_label} ({ctx.describe(exps)})",
                       "ours", "ours"),
                Column("experiment", "experiment", "experiment", "info")]
+    judged = _is_fid_table(paper) and _judged(exps)
+    if judged:
+        columns.append(Column("agreement", "ours: class agreement", "agreement", "ours"))
     cost = _is_fid_table(paper)
     if cost:
         columns += _cost_columns("cost:", "ours", ctx.params.scale)
@@ -869,6 +890,8 @@ def build_sweep_table(ctx: Context, table_id: str, paper: dict, exps: list[Exper
         row = {param: Cell(rows[key]["label"]), "paper": number(rows[key]["value"], decimals),
                "ours": placed.cell if placed else Cell(DASH),
                "experiment": Cell(placed.exp.name if placed else DASH), "_key": Cell(str(key), key)}
+        if judged:
+            row["agreement"] = _agreement_cell(ctx, placed)
         if cost:
             row.update(_cost_cells(ctx, "cost:", placed.exp if placed else None,
                                    _denoiser_method(ctx, placed.exp) if placed else None))
