@@ -36,9 +36,16 @@ def jobs() -> dict[str, tuple[Experiment, str, int | None]]:
     vit = Experiment(micro_config(train=train_cfg))
     dit = Experiment(micro_config(task="generation", train={**train_cfg, "augment": "flip"}))
     accumulated = Experiment(micro_config(task="generation", train={**train_cfg, "batch_per_device": 3}))
+    text = {"dataset": "shakespeare", "device": "cpu", "train": train_cfg}
+    masked = Experiment(resolve({**text, "task": "masked_text", "arch": "MDM-micro", "blocks": 3}))
+    huginn = Experiment(resolve({**text, "task": "recurrent_text", "arch": "Huginn-micro", "blocks": 1}))
+    ar = Experiment(resolve({**text, "task": "ar_text", "arch": "AR-micro", "blocks": 4}))
     return {"vit-block-2": (vit, "blockwise", 2), "dit-block-1": (dit, "blockwise", 1),
             "vit-paper": (Experiment(micro_config(train={**train_cfg, "ema_decay": 0.0})), "paper", None),
-            "dit-e2e-accumulated": (accumulated, "e2e", None)}
+            "dit-e2e-accumulated": (accumulated, "e2e", None),
+            # the text objectives: masking draws, Huginn's recurrence count and initial state, clean/noisy AR
+            "mdm-block-2": (masked, "blockwise", 2), "huginn-e2e": (huginn, "e2e", None),
+            "ar-block-3": (ar, "blockwise", 3)}
 
 
 def run(name: str, exp: Experiment, method: str, block: int | None, device: torch.device) -> dict[str, torch.Tensor]:
