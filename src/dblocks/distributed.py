@@ -92,20 +92,6 @@ def sum_over_ranks(counts: list[int]) -> list[int]:
     return [sum(column) for column in zip(*gathered)]
 
 
-def all_gather_rows(rows: torch.Tensor, total: int) -> torch.Tensor:
-    """Every rank's ``rows`` (its :meth:`World.rows` share of ``total``) concatenated in rank order, on every
-    rank; ``rows`` itself in a world of one."""
-    if _WORLD.size == 1:
-        return rows
-    sizes = [World(r, _WORLD.size).rows(total) for r in range(_WORLD.size)]
-    longest = max(s.stop - s.start for s in sizes)
-    padded = torch.zeros((longest, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
-    padded[: rows.shape[0]] = rows
-    gathered = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[: s.stop - s.start] for g, s in zip(gathered, sizes)])
-
-
 def collect_chunks(mine: dict[int, torch.Tensor], sizes: list[int], device: torch.device) -> torch.Tensor | None:
     """The chunks of a work list dealt round-robin over the ranks (chunk i to rank i % N), concatenated in
     order on rank 0 (None on the others). ``mine`` holds this rank's chunks by index, ``sizes`` every
@@ -130,11 +116,6 @@ def collect_chunks(mine: dict[int, torch.Tensor], sizes: list[int], device: torc
         elif owner == _WORLD.rank:
             dist.send(mine[i].to(device).contiguous(), dst=0)
     return torch.cat(out) if _WORLD.main else None
-
-
-def barrier() -> None:
-    if _WORLD.size > 1:
-        dist.barrier()
 
 
 def teardown() -> None:

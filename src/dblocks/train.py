@@ -215,7 +215,7 @@ def micro_batches(rows: slice, per_device: int | None) -> list[slice]:
     return [slice(a, min(a + size, rows.stop)) for a in range(rows.start, rows.stop, max(1, size))]
 
 
-def backward_step(runner: nn.Module, objective: Objective, batch: Batch, device: torch.device, precision: str,
+def backward_step(runner: nn.Module, batch: Batch, device: torch.device, precision: str,
                   per_device: int | None) -> torch.Tensor:
     """Backward passes of this rank's share of one step's global batch (drawn already), in micro-batches:
     each piece's mean loss is weighted by its share of the global batch times the world size, so that
@@ -286,6 +286,10 @@ def train(module: nn.Module, objective: Objective, data: ImageDataset | TextData
     If ``state_path`` holds a training state from an interrupted run it is resumed exactly (model,
     optimizer, schedule, weight average, RNG and data-sampling state); the state is refreshed every
     cfg['checkpoint_every'] steps. With cfg['ema_decay'] > 0 the result carries the averaged weights."""
+    world = distributed.world()
+    if cfg["batch_size"] < world.size:  # before any work: every rank needs a row of the global batch
+        raise TrainingError(f"train.batch_size={cfg['batch_size']} is the global batch, shared by {world.size} "
+                            f"ranks; allowed: at least {world.size}")
     total = steps or cfg["steps"]
     module.to(device).train()
     allow_tf32(device, cfg["tf32"])
@@ -304,10 +308,6 @@ def train(module: nn.Module, objective: Objective, data: ImageDataset | TextData
         start = load_training_state(state_path, module, optimizer, scheduler, {"data": gen}, average)["step"]
     result = TrainResult(steps=total, seconds=0.0, resumed_from=start)
     running, count, t0 = 0.0, 0, time.perf_counter()
-    world = distributed.world()
-    if cfg["batch_size"] < world.size:
-        raise TrainingError(f"train.batch_size={cfg['batch_size']} is the global batch, shared by {world.size} "
-                            f"ranks; allowed: at least {world.size}")
     runner: nn.Module = _Loss(module, objective.loss)
     if world.size > 1:
         runner = DistributedDataParallel(runner, device_ids=[device] if device.type == "cuda" else None,
@@ -319,7 +319,7 @@ def train(module: nn.Module, objective: Objective, data: ImageDataset | TextData
         # computes its rows: the run is the same whatever the number of ranks (up to reduction order)
         batch = objective.draw(sample_batch(data, cfg["batch_size"], gen, device, cfg["augment"]), gen)
         optimizer.zero_grad(set_to_none=True)
-        loss = backward_step(runner, objective, batch, device, cfg["precision"], cfg.get("batch_per_device"))
+        loss = backward_step(runner, batch, device, cfg["precision"], cfg.get("batch_per_device"))
         if not torch.isfinite(loss):  # the mean over all ranks: every rank stops here together
             raise TrainingError(f"{desc}: loss is {loss.item()} at step {step + 1}; {_STOPPED}")
         try:
