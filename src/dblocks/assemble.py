@@ -16,7 +16,7 @@ from torch import nn
 import dblocks
 from dblocks.blocks import AssembledModel, BlockDenoiser
 from dblocks.checkpoint import AVERAGE_PREFIX, CheckpointError, load_checkpoint, load_metadata, save_checkpoint
-from dblocks.config import UNKNOWN_SCALE, WEIGHTS, config_hash
+from dblocks.config import UNKNOWN_SCALE, WEIGHTS, chosen_weights, config_hash
 from dblocks.experiment import Experiment
 from dblocks.tracking import git_commit
 
@@ -167,7 +167,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     path = Path(path)
     tensors, meta = load_checkpoint(path)
     exp = Experiment(meta["config"], meta.get("scale", UNKNOWN_SCALE))
-    weights = weights or exp.config["sample"].get("weights", "auto")
+    weights = chosen_weights(weights, exp.config["sample"])
     exp.task.load_buffers({k: v for k, v in tensors.items() if k.startswith(TASK_PREFIX)})
     trained = {k: v for k, v in tensors.items() if not k.startswith(TASK_PREFIX)}
     kind = meta.get("kind")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from dblocks.checkpoint import write_json_atomic
-from dblocks.config import UNKNOWN_SCALE, WEIGHTS, parse_override, resolve
+from dblocks.config import UNKNOWN_SCALE, WEIGHTS, chosen_weights, parse_override, resolve
 
 EXIT_USAGE = 2
 
@@ -629,7 +629,7 @@ def cmd_evaluate(args) -> None:
     # among them decides which tensors load_model reads.
     wanted = Experiment(*_recorded(args.model, "MODEL"))
     evaluation_options(args, wanted)
-    args.weights = args.weights or wanted.config["sample"].get("weights", "auto")
+    args.weights = chosen_weights(args.weights, wanted.config["sample"])
     model, exp, meta = _load_path(args.model, "MODEL", args.weights)
     exp.config["sample"] = wanted.config["sample"]
     generation = exp.config["task"] == "generation"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import jsonschema
 
-from dblocks.config import (DEFAULTS, TEXT_TASKS, ConfigError, check_finite, config_hash, deep_merge,
+from dblocks.config import (DEFAULTS, TEXT_TASKS, ConfigError, check_finite, chosen_weights, config_hash, deep_merge,
                             describe_error, pick_experiment, read_yaml_mapping, resolve)
 
 SCHEMA_FILE = "schema/params.schema.json"
@@ -83,7 +83,7 @@ def command_settings(options: dict, config: dict, judge_hash: str | None = None,
     reference. The command and the tables both call this, so their hashes agree by construction."""
     sample = config["sample"]
     return evaluation_settings(config["task"], {
-        **options, "judge": judge_hash, "weights": options.get("weights") or sample.get("weights", "auto"),
+        **options, "judge": judge_hash, "weights": chosen_weights(options.get("weights"), sample),
         "samples": options.get("samples") or sample["num_images"],
         "sample_steps": options.get("sample_steps") or sample["steps"], "guidance": sample["guidance"],
         **(fid or {})})
