@@ -293,6 +293,12 @@ class Params:
         return self.raw["tracking"]["experiment"]
 
     @property
+    def tracking_mode(self) -> str:
+        """live: jobs log to the store as they run; journal: jobs write only their journal, and the tables
+        job logs them all (``dblocks track-sync``)."""
+        return self.raw["tracking"].get("mode", "live")
+
+    @property
     def resources(self) -> dict:
         """The file's ``resources`` section: every job's defaults (``experiments`` holds the training jobs' own
         settings of single experiments, see :meth:`training_resources`)."""
