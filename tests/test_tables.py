@@ -369,6 +369,8 @@ def test_online_only_metrics_read_not_run_rather_than_missing():
     from dblocks.tables import DASH, NA, ONLINE_METRICS, metric_cell
 
     class Index:
+        seeds: dict = {}
+
         def latest(self, experiment, job, method, block):
             return SimpleNamespace(metrics={"mauve_reference": 0.9}, short="abcd1234"), ""
 
@@ -494,10 +496,47 @@ def test_a_metric_the_evaluation_was_not_asked_for_reads_not_run_here():
     metric the run's logged settings did not ask for reads "—" (not run here), one they asked for reads n/a."""
     run = tables.RunInfo("r" * 32, "FINISHED", 1, 2, {}, {"evaluation.mauve_features": '["reference-lm"]',
                                                          "evaluation.hf_judges": "[]"}, {"mauve_reference": 0.5})
-    index = SimpleNamespace(latest=lambda *args: (run, ""))
+    index = SimpleNamespace(latest=lambda *args: (run, ""), seeds={})
     cell = functools.partial(tables.metric_cell, index, "ar-lm1b", "blockwise")
     assert cell("mauve_reference").text == "0.50"
     assert cell("mauve_minilm").text == cell("gen_ppl_llama2").text == tables.DASH
     asked = tables.RunInfo("s" * 32, "FINISHED", 1, 2, {}, {"evaluation.mauve_features": '["minilm"]'}, {})
     index.latest = lambda *args: (asked, "")
     assert cell("mauve_minilm").text == tables.NA and "mauve_minilm not logged" in cell("mauve_minilm").note
+
+
+def test_an_experiment_run_with_several_seeds_reads_as_mean_std_and_n(tmp_path):
+    """pipeline.seeds: 3 -> the experiment and two repeats with seeds 1 and 2 (own hashes, own runs); a cell of
+    the experiment aggregates the seeds' values (mean, sample std, n), names the seeds it lacks, lists every run
+    among its sources, and the CSV carries std and n beside the mean."""
+    params = {**PARAMS, "experiments": {"vit": {"task": "classification", "arch": "ViT-micro", "blocks": 3,
+                                                "pipeline": {"tables": ["1"], "methods": ["blockwise"], "seeds": 3}}}}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    info = tables.read_params(path)
+    assert list(info.experiments) == ["vit"] and list(info.experiments["vit"].replicates) == ["vit-seed1", "vit-seed2"]
+    hashes = info.hashes()
+    assert len({config for config, _ in hashes.values()}) == 3  # three trainings, not one
+    assert info.seeds() == {"vit": ["vit", "vit-seed1", "vit-seed2"]}
+
+    def run(name: str, accuracy: float, k: int) -> tables.RunInfo:
+        tags = {"dblocks.experiment": name, "dblocks.scale": "tiny", "dblocks.job": "evaluate",
+                "dblocks.method": "blockwise", "dblocks.config_hash": hashes[name][0],
+                "dblocks.eval_hash": hashes[name][1]}
+        return tables.RunInfo(f"{k:032d}", "FINISHED", k, k + 1, tags, {}, {"accuracy": accuracy})
+
+    two = tables.RunIndex([run("vit", 0.90, 1), run("vit-seed1", 0.94, 2)], "tiny", hashes, info.seeds())
+    cell = tables.metric_cell(two, "vit", "blockwise", "accuracy", 100.0)
+    assert (cell.value, cell.n, cell.text) == (pytest.approx(92.0), 2, "92.00 ± 2.83")
+    assert cell.std == pytest.approx(2 ** 1.5) and "2 of 3 seeds" in cell.note and "vit-seed2" in cell.note
+    three = tables.RunIndex([run("vit", 0.90, 1), run("vit-seed1", 0.94, 2), run("vit-seed2", 0.92, 3)], "tiny",
+                            hashes, info.seeds())
+    cell = tables.metric_cell(three, "vit", "blockwise", "accuracy", 100.0)
+    assert (cell.value, cell.std, cell.n, cell.note) == (pytest.approx(92.0), pytest.approx(2.0), 3, "")
+    assert sorted(r.tag("experiment") for r in cell.sources) == ["vit", "vit-seed1", "vit-seed2"]
+    table = tables.Table("1", "t", [], [tables.Column("label", "Method", "method", "label"),
+                                         tables.Column("ours", "Ours", "ours_accuracy", "ours")],
+                         rows=[{"label": tables.Cell("DiffusionBlocks"), "ours": cell}])
+    assert tables.render_csv(table).splitlines() == ["method,ours_accuracy,ours_accuracy_std,ours_accuracy_n,notes",
+                                                     "DiffusionBlocks,92,2,3,"]
+    assert "92.00 ± 2.00" in tables.render_md(table) and len(table.sources()) == 3

@@ -160,6 +160,33 @@ def merge_layers(chain: list[tuple[Path, dict]]) -> dict:
     return merged
 
 
+def seed_name(name: str, seed: int, own_seed: int) -> str:
+    """The experiment that trains ``name``'s configuration with ``seed``: itself for its own seed, else
+    ``<name>-seed<seed>``."""
+    return name if seed == own_seed else f"{name}-seed{seed}"
+
+
+def expand_seeds(experiments: dict[str, dict], path: Path) -> dict[str, dict]:
+    """Each experiment with ``pipeline.seeds: N > 1`` followed by its N - 1 replicates: the same config with
+    the next seeds, named by :func:`seed_name`, marked ``pipeline.replicate_of``, and linked to the replicate
+    of their baseline with the same seed (a seed's block-wise model is compared with that seed's baseline)."""
+    out: dict[str, dict] = {}
+    for name, config in experiments.items():
+        out[name] = config
+        own, count = config["seed"], config["pipeline"].get("seeds", 1)
+        for seed in range(own + 1, own + count):
+            twin = seed_name(name, seed, own)
+            if twin in experiments:
+                raise ConfigError(f"{path}: experiments.{twin}: the name of {name}'s run with seed {seed} "
+                                  f"(pipeline.seeds={count}); allowed: another name for it")
+            pipeline = {**config["pipeline"], "replicate_of": name}
+            baseline = pipeline.get("baseline")
+            if baseline in experiments:
+                pipeline["baseline"] = seed_name(baseline, seed, experiments[baseline]["seed"])
+            out[twin] = {**config, "name": twin, "seed": seed, "pipeline": pipeline}
+    return out
+
+
 @dataclass
 class Params:
     """A validated params file: the raw settings (an overlay's merged over its base) and every experiment
@@ -183,6 +210,7 @@ class Params:
                 experiments[name] = resolve(pick_experiment(raw, path, name))
             except ConfigError as exc:
                 raise ConfigError(f"{path}: experiments.{name}.{exc}") from None
+        experiments = expand_seeds(experiments, path)
         params = cls(path, raw, experiments, layers)
         for name in experiments:
             params._check_judge(name)
@@ -352,6 +380,14 @@ class Params:
 
     def blocks(self, exp: str) -> int:
         return self.experiments[exp]["blocks"]
+
+    def replicate_of(self, exp: str) -> str:
+        """The experiment whose seed ``exp`` repeats (``pipeline.seeds``); itself if it is not a repeat."""
+        return self.experiments[exp]["pipeline"].get("replicate_of", exp)
+
+    def replicates(self, exp: str) -> list[str]:
+        """``exp`` and the experiments that repeat it with the other seeds of ``pipeline.seeds``, in seed order."""
+        return [name for name in self.experiments if self.replicate_of(name) == exp]
 
     def hash(self, exp: str) -> str:
         """The experiment's config hash: what its checkpoints, runs and records are keyed by."""

@@ -130,6 +130,9 @@ class ExperimentSpec:
     baseline: str | None = None  # the experiment whose end-to-end run is this one's (pipeline.baseline)
     config_hash: str | None = None  # what its runs' dblocks.config_hash must be (None: any)
     eval_hash: str | None = None  # what its evaluate runs' dblocks.eval_hash must be (None: any)
+    #: the experiments that are this one with other seeds (pipeline.seeds), each with its (config, eval) hashes;
+    #: its cells aggregate over them and itself
+    replicates: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
 
     @property
     def task(self) -> str:
@@ -153,8 +156,16 @@ class ParamsInfo:
         return sorted(ids, key=table_sort_key)
 
     def hashes(self) -> dict[str, tuple[str | None, str | None]]:
-        """{experiment: (config hash, evaluation hash)} that its runs must carry to be this file's."""
-        return {name: (e.config_hash, e.eval_hash) for name, e in self.experiments.items()}
+        """{experiment: (config hash, evaluation hash)} that its runs must carry to be this file's (the
+        experiments that repeat another with other seeds included)."""
+        out = {name: (e.config_hash, e.eval_hash) for name, e in self.experiments.items()}
+        for e in self.experiments.values():
+            out.update(e.replicates)
+        return out
+
+    def seeds(self) -> dict[str, list[str]]:
+        """{experiment: itself and its repeats with other seeds}, for the experiments that have repeats."""
+        return {name: [name, *e.replicates] for name, e in self.experiments.items() if e.replicates}
 
 
 def read_params(path: str | Path) -> ParamsInfo:
@@ -165,8 +176,10 @@ def read_params(path: str | Path) -> ParamsInfo:
     params = Params.load(path)
     experiments = {name: ExperimentSpec(name=name, config=config, tables=params.tables(name),
                                         methods=params.methods(name), baseline=params.baseline(name),
-                                        config_hash=params.hash(name), eval_hash=params.eval_hash(name))
-                   for name, config in params.experiments.items()}
+                                        config_hash=params.hash(name), eval_hash=params.eval_hash(name),
+                                        replicates={r: (params.hash(r), params.eval_hash(r))
+                                                    for r in params.replicates(name) if r != name})
+                   for name, config in params.experiments.items() if params.replicate_of(name) == name}
     return ParamsInfo(path=params.path, scale=params.scale, tracking_uri=params.tracking_uri,
                       mlflow_experiment=params.mlflow_experiment, resources=params.resources,
                       experiments=experiments)
@@ -235,20 +248,24 @@ class RunIndex:
     experiment it does not name (or a None hash) accepts any run."""
 
     def __init__(self, runs: Iterable[RunInfo], scale: str | None = None,
-                 hashes: dict[str, tuple[str | None, str | None]] | None = None) -> None:
+                 hashes: dict[str, tuple[str | None, str | None]] | None = None,
+                 seeds: dict[str, list[str]] | None = None) -> None:
         # exactly this scale: a run without the label (or with another) never fills a cell of this table
         self.runs = [r for r in runs if scale is None or r.tag("scale") == scale]
         self.by_id = {r.run_id: r for r in self.runs}
         self.hashes = dict(hashes or {})
+        #: {experiment: the experiments that train it with each seed}: a metric of it aggregates over them
+        self.seeds = dict(seeds or {})
 
     @classmethod
     def from_mlflow(cls, client, experiment_name: str, scale: str | None = None,
-                    hashes: dict[str, tuple[str | None, str | None]] | None = None) -> "RunIndex":
+                    hashes: dict[str, tuple[str | None, str | None]] | None = None,
+                    seeds: dict[str, list[str]] | None = None) -> "RunIndex":
         from mlflow.entities import ViewType
 
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
-            return cls([], scale, hashes)
+            return cls([], scale, hashes, seeds)
         runs, token = [], None
         while True:
             page = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ACTIVE_ONLY,
@@ -257,7 +274,7 @@ class RunIndex:
             token = page.token
             if not token:
                 break
-        return cls(runs, scale, hashes)
+        return cls(runs, scale, hashes, seeds)
 
     def is_current(self, run: RunInfo, experiment: str) -> bool:
         """Whether ``run`` is of the configuration (and, for an evaluate run, the evaluation settings) that the
@@ -344,9 +361,16 @@ def _exist(n: int) -> str:
 @dataclass
 class Cell:
     text: str = DASH
-    value: float | None = None
+    value: float | None = None  # over seeds: the mean
     note: str = ""
     run: RunInfo | None = None
+    std: float | None = None  # over seeds: the sample standard deviation (n - 1 in the denominator)
+    n: int = 1  # how many seeds' values make it
+    runs: list[RunInfo] = field(default_factory=list)  # over seeds: every run behind the value
+
+    @property
+    def sources(self) -> list[RunInfo]:
+        return self.runs or ([self.run] if self.run is not None else [])
 
 
 def fmt(value: float | None, decimals: int = 2) -> str:
@@ -363,9 +387,34 @@ def missing(note: str, run: RunInfo | None = None) -> Cell:
     return Cell(text=NA, note=note, run=run)
 
 
+def over_seeds(cells: list[Cell], decimals: int = 2) -> Cell:
+    """One cell for a metric measured with several seeds: mean +- sample standard deviation over the seeds that
+    have it, the seeds that lack it named in its note; no seed with a value: the first seed's cell."""
+    valued = [c for c in cells if c.value is not None]
+    if len(cells) == 1 or not valued:
+        return cells[0]
+    values = [c.value for c in valued]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    text = f"{fmt(mean, decimals)} ± {fmt(std, decimals)}" if std is not None else fmt(mean, decimals)
+    lacking = [c.note or c.text for c in cells if c.value is None]
+    note = (f"{len(values)} of {len(cells)} seeds; missing: {'; '.join(lacking)}" if lacking else "")
+    return Cell(text=text, value=mean, note=note, run=valued[0].run, std=std, n=len(values),
+                runs=[r for c in valued for r in c.sources])
+
+
 def metric_cell(index: RunIndex, experiment: str, method: str, metric: str, multiplier: float = 1.0,
                 decimals: int = 2, job: str = "evaluate", block: str | None = None,
                 expected: bool = True) -> Cell:
+    """The metric of ``experiment``'s latest current run of this job; for an experiment trained with several
+    seeds (pipeline.seeds), :func:`over_seeds` of each seed's."""
+    seeds = index.seeds.get(experiment, [experiment])
+    return over_seeds([_seed_cell(index, name, method, metric, multiplier, decimals, job, block, expected)
+                       for name in seeds], decimals)
+
+
+def _seed_cell(index: RunIndex, experiment: str, method: str, metric: str, multiplier: float, decimals: int,
+               job: str, block: str | None, expected: bool) -> Cell:
     run, why = index.latest(experiment, job, method, block)
     what = f"{experiment}, {method}" + (f", block {block}" if block else "")
     if run is None:
@@ -426,8 +475,9 @@ class Table:
         seen: dict[str, RunInfo] = {}
         for row in self.rows:
             for cell in row.values():
-                if cell.run is not None and cell.value is not None:
-                    seen.setdefault(cell.run.run_id, cell.run)
+                if cell.value is not None:
+                    for run in cell.sources:
+                        seen.setdefault(run.run_id, run)
         out = []
         for run in sorted(seen.values(), key=lambda r: (r.tag("experiment"), r.tag("method"), r.tag("block"))):
             block = f", block {run.tag('block')}" if run.tag("block") else ""
@@ -463,7 +513,12 @@ def render_md(table: Table) -> str:
 def render_csv(table: Table) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([c.csv for c in table.columns] + ["notes"])
+    # a column measured over several seeds also gets its standard deviation and seed count
+    seeded = {c.key for c in table.columns if any(row.get(c.key, Cell()).n > 1 for row in table.rows)}
+    header = []
+    for col in table.columns:
+        header += [col.csv, f"{col.csv}_std", f"{col.csv}_n"] if col.key in seeded else [col.csv]
+    writer.writerow(header + ["notes"])
     for row in table.rows:
         values = []
         for col in table.columns:
@@ -472,6 +527,8 @@ def render_csv(table: Table) -> str:
                 values.append("" if cell.value is None else f"{cell.value:.6g}")
             else:
                 values.append(cell.text)
+            if col.key in seeded:
+                values += ["" if cell.std is None else f"{cell.std:.6g}", "" if cell.value is None else str(cell.n)]
         notes = "; ".join(cell.note for cell in row.values() if cell.note)
         writer.writerow(values + [notes])
     return buf.getvalue()
@@ -544,6 +601,11 @@ class Context:
                      f"MLflow experiment `{self.params.mlflow_experiment}`.")
         if self.params.scale != "paper":
             lines.append(f"{self.params.scale.capitalize()}-scale numbers are not comparable to the paper's.")
+        seeded = [f"{e.name} ({len(e.replicates) + 1} seeds: {', '.join([e.name, *e.replicates])})"
+                  for e in exps if e.replicates]
+        if seeded:
+            lines.append(f"Ours over seeds: mean ± sample standard deviation over the seeds of {'; '.join(seeded)}; "
+                         f"one value where a single seed was run.")
         # Say which FID ours is: at the tiny scale it is measured in a digits classifier's features
         fid_kinds = _unique(run.tags["fid_label"] for e in exps for run in self.index.matching(e.name, "evaluate")
                             if run.tags.get("fid_label"))
@@ -1157,7 +1219,7 @@ def generate(params_path: str | Path, out_dir: str | Path, tracking_uri: str | N
     out_dir = Path(out_dir)
     tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
     client = MlflowClient(tracking_uri=tracking_uri_for(params, tracking_uri))
-    index = RunIndex.from_mlflow(client, params.mlflow_experiment, params.scale, params.hashes())
+    index = RunIndex.from_mlflow(client, params.mlflow_experiment, params.scale, params.hashes(), params.seeds())
     ctx = Context(params, index)
     written: list[Path] = []
     warnings: list[str] = []
