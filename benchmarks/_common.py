@@ -22,6 +22,7 @@ from dblocks.config import resolve
 from dblocks.data.images import ImageDataset
 from dblocks.experiment import DATASET_SHAPES, Experiment
 from dblocks.models import ARCHITECTURES, get_arch
+from dblocks.optim import adamw
 from dblocks.train import clip_and_step, sample_batch, training_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,7 +214,7 @@ class Trainer:
         self.module = module.to(device).train()
         self.objective, self.data, self.batch_size, self.device = objective, data, batch_size, device
         self.grad_clip = cfg["grad_clip"]
-        self.optimizer = torch.optim.AdamW(module.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        self.optimizer = adamw(module.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         self.gen = torch.Generator().manual_seed(seed)
 
     def batch(self) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from dblocks.data import ImageDataset
 from dblocks.data.text import TextDataset
 from dblocks.ema import EMA
 from dblocks.noise import Partition
+from dblocks.optim import adamw
 
 Batch = dict[str, torch.Tensor]
 
@@ -293,7 +294,7 @@ def train(module: nn.Module, objective: Objective, data: ImageDataset | TextData
     total = steps or cfg["steps"]
     module.to(device).train()
     allow_tf32(device, cfg["tf32"])
-    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = adamw(module.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])  # torch.optim.AdamW
     floor = (cfg["min_lr"] or 0.0) / cfg["lr"]
     # a job that runs k x train.steps (the paper's shared-stem mode: B x, one block per step) stretches the
     # warm-up by k too, as the authors' single process does, so each block sees the schedule the baseline sees
