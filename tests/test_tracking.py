@@ -424,8 +424,9 @@ def test_four_parallel_processes_share_one_sqlite_store(store, tmp_path):
 
 def test_parent_run_job_does_not_import_torch(tmp_path):
     """tracking_parent is one job per experiment and needs only MLflow: importing torch would add ~2 s of
-    start-up to each of them (the CLI names its errors without importing their torch-heavy modules)."""
-    params = Path(__file__).resolve().parents[1] / "params" / "tiny.yaml"
+    start-up to each of them (the CLI names its errors without importing their torch-heavy modules). The paper
+    file tracks live: its track-init makes the parent run (a journal-mode one imports no MLflow either)."""
+    params = Path(__file__).resolve().parents[1] / "params" / "paper.yaml"
     code = ("import sys; from dblocks.cli import main; "
             f"rc = main(['track-init', '--params', {str(params)!r}, '--out-dir', {str(tmp_path / 'runs')!r}, "
             f"'--tracking-uri', {'sqlite:///' + str(tmp_path / 'mlflow.db')!r}, '--experiment', 'vit-cifar100']); "
@@ -497,3 +498,108 @@ def test_runs_view_names_each_tasks_headline_metrics():
     assert {"metrics.`blockwise.bpc`", "metrics.`blockwise.mauve_reference`", "metrics.`e2e.gen_ppl_reference`",
             "metrics.`blockwise.next_token_bits`"} <= text
     assert not any("gpt2_large" in c or "llama2" in c for c in text)  # online metrics only when configured
+
+
+# ---------------------------------------------------------------------------------------- journal mode
+
+JOURNAL_PARAMS = PARAMS.replace("  experiment: dblocks-test\n", "  experiment: dblocks-test\n  mode: journal\n")
+#: what differs between a run logged live and the same run logged later from its journal, besides ids
+_TIMING_METRICS = ("train_seconds", "seconds_per_step", "eval_seconds")
+_PER_RUN_TAGS = ("mlflow.parentRunId", "dblocks.run_key", "dblocks.logged_later")
+#: file hashes: a checkpoint's JSON header holds its training time
+_TIMED_FILE_TAGS = ("checkpoint_sha256", "model_sha256")
+
+
+def _store_contents(client) -> dict:
+    """What a user sees in the store, without ids and times: the experiment's tags, and every run by (job,
+    experiment, method, block) with its name, status, parent (by name), tags, params, metrics (timings by key
+    only), dataset inputs and artifacts."""
+    (exp,) = [e for e in client.search_experiments() if e.name == "dblocks-test"]
+    runs = client.search_runs([exp.experiment_id])
+    names = {r.info.run_id: r.info.run_name for r in runs}
+    out = {"experiment_tags": exp.tags, "runs": {}}
+    for run in runs:
+        tags = run.data.tags
+        key = tuple(tags.get(f"dblocks.{k}") for k in ("job", "experiment", "method", "block"))
+        assert key not in out["runs"], key
+        out["runs"][key] = {
+            "name": run.info.run_name, "status": run.info.status,
+            "parent": names.get(tags.get("mlflow.parentRunId")),
+            "logged_later": tags.get("dblocks.logged_later"),
+            "tags": {k: None if k in _TIMED_FILE_TAGS else v for k, v in tags.items() if k not in _PER_RUN_TAGS},
+            "params": run.data.params,
+            "metrics": {k: None if k in _TIMING_METRICS else v for k, v in run.data.metrics.items()},
+            "inputs": sorted((i.dataset.name, i.dataset.digest, i.dataset.source) for i in run.inputs.dataset_inputs),
+            "artifacts": sorted(f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")),
+        }
+    return out
+
+
+def test_journal_mode_then_track_sync_leaves_what_live_mode_logs(tmp_path, monkeypatch, capsys):
+    """The same jobs, tracked live and in journal mode (track-init, a baseline, its evaluation): after
+    track-sync the journal-mode store holds the same experiment, parent runs (both experiments', one without any
+    job), child runs, tags, params, metrics, dataset inputs and artifacts; only ids, times and each child's
+    dblocks.logged_later tag differ. Nothing touches that store before track-sync."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    model, result = tmp_path / "e2e.safetensors", tmp_path / "eval.json"
+    stores = {}
+    for mode, text in (("live", PARAMS), ("journal", JOURNAL_PARAMS)):
+        root = tmp_path / mode
+        root.mkdir()
+        (root / "params.yaml").write_text(text)
+        uri, runs = f"sqlite:///{root}/mlflow.db", root / "runs"
+        assert run_cli("track-init", "--params", root / "params.yaml", "--out-dir", runs, "--tracking-uri", uri,
+                       "--store-only") == 0
+        assert run_cli("track-init", "--params", root / "params.yaml", "--out-dir", runs, "--tracking-uri", uri) == 0
+        track = runs / "micro-a.json"
+        assert run_cli("train-baseline", "--config", root / "params.yaml", "--experiment", "micro-a", "--no-progress",
+                       "--out", model, "--track", track, "--force") == 0
+        assert run_cli("evaluate", model, "--out", result, "--track", track) == 0
+        assert "warning" not in capsys.readouterr().err.lower()
+        if mode == "journal":
+            record = json.loads(track.read_text())
+            assert record["mode"] == "journal" and record["parent_run_id"] is None
+            assert record["config"] == Params.load(root / "params.yaml").experiments["micro-a"]
+            assert not (root / "mlflow.db").exists()  # the store is untouched until track-sync
+            assert len(sync_journals(runs).logged) == 2
+            assert not sync_journals(runs).logged  # idempotent, and no second parent run either
+        stores[mode] = _store_contents(mlflow.MlflowClient(uri))
+    live, journal = stores["live"], stores["journal"]
+    assert journal["experiment_tags"] == live["experiment_tags"]  # the kind and the runs view
+    assert sorted(journal["runs"]) == sorted(live["runs"]) == sorted([
+        ("parent", "micro-a", "blockwise,e2e", ""), ("parent", "micro-b", "blockwise", ""),
+        ("train", "micro-a", "e2e", ""), ("evaluate", "micro-a", "e2e", "")])
+    for key, run in live["runs"].items():
+        later = journal["runs"][key]
+        assert run.pop("logged_later") is None
+        assert later.pop("logged_later") == (None if key[0] == "parent" else "true")
+        assert later == run, key
+    parent = live["runs"][("parent", "micro-a", "blockwise,e2e", "")]
+    assert parent["metrics"] == {"e2e.accuracy": json.loads(result.read_text())["accuracy"]}
+    assert parent["params"] == flatten(Params.load(tmp_path / "live" / "params.yaml").experiments["micro-a"])
+    assert live["runs"][("train", "micro-a", "e2e", "")]["parent"] == "micro-a"
+
+
+def test_a_journal_mode_job_never_imports_mlflow(tmp_path):
+    """In journal mode track-init and a tracked training job import no MLflow (seconds of every job's start-up),
+    print no warning and leave the store alone; the job's journal holds its run for track-sync."""
+    params = tmp_path / "params.yaml"
+    params.write_text(JOURNAL_PARAMS)
+    runs, out = tmp_path / "runs", tmp_path / "block-1.safetensors"
+    init = ["track-init", "--params", str(params), "--out-dir", str(runs), "--tracking-uri",
+            f"sqlite:///{tmp_path}/mlflow.db"]
+    train = ["train-block", "--config", str(params), "--experiment", "micro-b", "--block", "1", "--no-progress",
+             "--out", str(out), "--track", str(runs / "micro-b.json")]
+    code = (f"import sys; from dblocks.cli import main; rcs = [main({init + ['--store-only']!r}), main({init!r}), "
+            f"main({train!r})]; print(*rcs, 'mlflow' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "0 0 0 False"
+    assert "warning" not in proc.stderr.lower(), proc.stderr
+    assert json.loads((runs / "store.json").read_text())["mode"] == "journal"
+    assert not (tmp_path / "mlflow.db").exists() and load_metadata(out)["block"] == 1
+    (journal,) = [json.loads(p.read_text()) for p in (runs / "journal").glob("*.json")]
+    assert journal["status"] == "FINISHED" and not journal["synced"]
+    assert [m[0] for m in journal["metrics"] if m[3] == 4][:2] == ["train_loss", "lr"]
+    assert journal["tags"]["checkpoint_sha256"] == load_metadata(out)["sha256"]

@@ -463,6 +463,8 @@ def cmd_track_init(args) -> None:
         what = f"parent run {record['parent_run_id']}" if "parent_run_id" in record else "experiment"
         if record.get("offline"):
             what = "no run yet (store unreachable)"
+        elif record.get("mode") == "journal":
+            what = "no run yet (journal mode: 'dblocks track-sync' logs the jobs' journals)"
         print(f"wrote {path}: {what} in {record['mlflow_experiment']!r} at {record['tracking_uri']}")
         experiment_id = record.get("experiment_id") or experiment_id
     if experiment_id is not None:

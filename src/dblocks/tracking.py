@@ -15,6 +15,14 @@ already in the store is never logged twice, and a run cut short by an outage is 
 duplicated. Several processes may log to one SQLite file at once; "database is locked" is retried
 with a short backoff. ``mlflow`` is imported lazily, so importing this module is cheap.
 
+``tracking.mode: journal`` in the params file makes the journal the only log while the pipeline runs:
+``track-init`` writes its records (marked ``"mode": "journal"``, naming no run) without importing MLflow or
+touching the store, the jobs write their journals without importing MLflow (seconds saved per job, which
+matters when jobs take seconds), and ``track-sync`` logs everything in one process, creating the MLflow
+experiment and the parent runs as ``track-init`` does in the default ``live`` mode. The store then holds
+the same runs, tags, params and metrics as after a live run, except for times and each child's
+``dblocks.logged_later`` tag.
+
 What a user browsing the store sees: the MLflow experiment is of the classic kind (tag
 ``mlflow.experimentKind`` = ``custom_model_development``), which MLflow 3 UIs that read the tag open on the
 runs table rather than the GenAI traces overview (MLflow 3.17's UI decides by its own "GenAI / Model
@@ -361,6 +369,8 @@ def _create_parent(client, experiment_id: str, name: str, scale: str, config: di
 
 
 STORE_RECORD = "store.json"
+#: ``tracking.mode`` in which jobs only write their journals (see the module's docstring)
+JOURNAL_MODE = "journal"
 
 
 def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = None,
@@ -376,7 +386,11 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
     ``allow_offline`` an unreachable store is a warning: the records name no parent run, so the jobs
     run untracked and :func:`sync_journals` logs them later. Each experiment's record also names its
     prepared data directory (``data``, relative to where the pipeline runs), whose train split its training
-    jobs log as their dataset input."""
+    jobs log as their dataset input.
+
+    In journal mode (``tracking.mode: journal``) it neither imports MLflow nor touches the store: the records
+    say ``"mode": "journal"`` and name no run, and each experiment's record holds the experiment's config, from
+    which :func:`sync_journals` creates the parent run that track-init would have created."""
     from dblocks.config import ConfigError, config_hash
     from dblocks.pipeline import Pipeline
 
@@ -389,11 +403,21 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
     selected = [] if store_only else (names or list(params.experiments))
     configs = {name: params.experiments[name] for name in selected}
     out_dir = Path(out_dir)
+    base = {"tracking_uri": uri, "mlflow_experiment": mlflow_experiment, "scale": scale}
+    records: dict[Path, dict] = {}
+    if params.tracking_mode == JOURNAL_MODE:  # the jobs only journal; track-sync logs everything
+        journal = dict(base, mode=JOURNAL_MODE, experiment_id=None, runs_view=runs_view(params))
+        if store_only:
+            records[out_dir / STORE_RECORD] = journal
+        for name, config in configs.items():
+            records[out_dir / f"{name}.json"] = dict(journal, parent_run_id=None, experiment=name,
+                                                     data=params.prepared(config["dataset"]), config=config)
+        for path, record in records.items():
+            write_json_atomic(path, record, keep_unchanged=True)
+        return list(records)
 
     import mlflow
 
-    base = {"tracking_uri": uri, "mlflow_experiment": mlflow_experiment, "scale": scale}
-    records: dict[Path, dict] = {}
     try:
         with _store_errors(uri):
             client = _retry(mlflow.MlflowClient, tracking_uri=uri)
@@ -463,7 +487,9 @@ class JobRun:
     method, block, git commit, config hash and paper tables, the flattened config as params. Every
     method is a no-op on the store once tracking has failed (one warning line on stderr); exceptions of
     the job itself propagate and mark the run FAILED. Whatever happens to the store, everything logged
-    is also kept in the job's journal (written at exit) for :func:`sync_journals`."""
+    is also kept in the job's journal (written at exit) for :func:`sync_journals`. With a journal-mode record
+    (``track-init`` of a params file with ``tracking.mode: journal``) the journal is all it writes: it never
+    imports MLflow and prints nothing (an outage it is not)."""
 
     def __init__(self, run_json_path: str | Path, job: str, method: str | None, block: int | None, config: dict,
                  tables: list[str] | None = None, *, flush_every: int = 50, flush_seconds: float = 15.0):
@@ -557,10 +583,13 @@ class JobRun:
     # -- context manager
     def __enter__(self) -> "JobRun":
         self._open_journal()
-        try:
-            self._start()
-        except Exception as exc:
-            self._disable("starting the run", exc)
+        if self.journal["record"].get("mode") == JOURNAL_MODE:
+            self.enabled = False  # journal only, by choice: track-sync logs it
+        else:
+            try:
+                self._start()
+            except Exception as exc:
+                self._disable("starting the run", exc)
         data = self.journal["record"].get("data")
         if self.job == "train" and data:  # the pipeline's training jobs read the train split named by the record
             item = prepared_input(data, "train", "training")
@@ -583,10 +612,8 @@ class JobRun:
 
     # -- logging
     def _record(self, key: str, value: float, step: int) -> None:
-        from mlflow.entities import Metric
-
-        metric = Metric(key, float(value), _now_ms(), int(step))
-        self.journal["metrics"].append([metric.key, metric.value, metric.timestamp, metric.step])
+        metric = [key, float(value), _now_ms(), int(step)]  # an MLflow Metric's fields, built when sent
+        self.journal["metrics"].append(metric)
         if self.enabled:
             self._buffer.append(metric)
 
@@ -601,7 +628,9 @@ class JobRun:
         if not self.enabled or self.run_id is None:
             self._buffer.clear()
             return
-        pending, self._buffer = self._buffer, []
+        from mlflow.entities import Metric
+
+        pending, self._buffer = [Metric(*m) for m in self._buffer], []
         _log_metric_batches(self.client, self.run_id, pending,
                             lambda chunk: self._call("logging metrics", self.client.log_batch, self.run_id,
                                                      metrics=chunk, synchronous=True))
@@ -653,13 +682,13 @@ class JobRun:
     def log_parent_metrics(self, metrics: dict[str, float | None]) -> None:
         """Log ``metrics`` (None values skipped) to this job's parent run as well: the experiment's results
         at a glance (:func:`headline_metrics`). Journaled, so that ``track-sync`` logs them with the run."""
-        from mlflow.entities import Metric
-
         items = [[k, float(v), _now_ms(), 0] for k, v in metrics.items() if v is not None]
         self.journal["parent_metrics"].extend(items)
         parent = self._parent()
         if not items or not parent:
             return
+        from mlflow.entities import Metric
+
         self._call("logging metrics to the parent run", _log_metric_batches, self.client, parent,
                    [Metric(*item) for item in items])
         self.journal["parent_synced"] = self.enabled
@@ -747,11 +776,20 @@ def _runs_by_key(client, experiment_id: str) -> dict[str, Any]:
 
 def _find_parent(client, experiment_id: str, journal: dict) -> str:
     """The journal's parent run if the store has it live, else the experiment's newest live parent run
-    for the same config, else a new parent run (the store was down when the pipeline set it up)."""
+    for the same config, else a new parent run (the store was down when the pipeline set it up, or the
+    pipeline runs in journal mode). The config is the one its record holds (journal mode: the params file's,
+    as track-init gives a parent run in live mode), else the job's."""
     from mlflow.entities import ViewType
     from mlflow.exceptions import MlflowException
 
+    from dblocks.config import config_hash
+
     record, tags = journal["record"], journal["tags"]
+    if isinstance(record.get("config"), dict):
+        config = record["config"]
+        chash = config_hash(config)
+    else:
+        config, chash = journal["config"], tags["dblocks.config_hash"]
     parent = record.get("parent_run_id")
     if parent:
         try:
@@ -763,12 +801,25 @@ def _find_parent(client, experiment_id: str, journal: dict) -> str:
                 raise
     name = record.get("experiment") or tags["dblocks.experiment"]
     query = (f"tags.`dblocks.experiment` = '{name}' and tags.`dblocks.job` = '{PARENT_JOB}' and "
-             f"tags.`dblocks.config_hash` = '{tags['dblocks.config_hash']}'")
+             f"tags.`dblocks.config_hash` = '{chash}'")
     runs = _retry(client.search_runs, [experiment_id], query, run_view_type=ViewType.ACTIVE_ONLY,
                   max_results=1, order_by=["attributes.start_time DESC"])
     if runs:
         return runs[0].info.run_id
-    return _create_parent(client, experiment_id, name, tags.get("dblocks.scale", ""), journal["config"])
+    return _create_parent(client, experiment_id, name, record.get("scale") or tags.get("dblocks.scale", ""), config)
+
+
+def _journal_mode_records(runs_dir: str | Path) -> list[dict]:
+    """The journal-mode records of ``track-init`` in ``runs_dir`` (store.json and one per experiment)."""
+    out = []
+    for path in sorted(Path(runs_dir).glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("mode") == JOURNAL_MODE:
+            out.append(record)
+    return out
 
 
 def _log_journal(client, experiment_id: str, journal: dict, report: SyncReport) -> str:
@@ -820,7 +871,9 @@ def sync_journals(runs_dir: str | Path, uri: str | None = None) -> SyncReport:
     """Log every finished job's journal under ``runs_dir`` that the tracking store lacks (idempotent).
 
     The store is the one each journal was written for, unless ``uri`` (or MLFLOW_TRACKING_URI) names
-    another, e.g. a shared server that results are copied to."""
+    another, e.g. a shared server that results are copied to. Journal-mode records of ``track-init`` in
+    ``runs_dir`` get what live mode's track-init makes, whether or not a job has journaled yet: the MLflow
+    experiment, its runs view and each experiment's parent run."""
     import mlflow
 
     report = SyncReport()
@@ -833,13 +886,22 @@ def sync_journals(runs_dir: str | Path, uri: str | None = None) -> SyncReport:
         record = journal.get("record") or {}
         target = resolve_uri(uri or record.get("tracking_uri"))
         groups.setdefault((target, record.get("mlflow_experiment") or "diffusion-blocks"), []).append((path, journal))
-    for (target, experiment_name), items in groups.items():
+    planned: dict[tuple[str, str], list[dict]] = {}
+    for record in _journal_mode_records(runs_dir):
+        target = resolve_uri(uri or record.get("tracking_uri"))
+        planned.setdefault((target, record.get("mlflow_experiment") or "diffusion-blocks"), []).append(record)
+    for target, experiment_name in dict.fromkeys([*planned, *groups]):
+        items, records = groups.get((target, experiment_name), []), planned.get((target, experiment_name), [])
         with _store_errors(target):
             client = _retry(mlflow.MlflowClient, tracking_uri=target)
             experiment_id = _get_or_create_experiment(client, experiment_name, target)
-            views = [v for _, j in items for v in [(j.get("record") or {}).get("runs_view")] if isinstance(v, dict)]
-            if views:  # track-init could not save it: the store was down
+            views = [v for v in [(j.get("record") or {}).get("runs_view") for _, j in items]
+                     + [r.get("runs_view") for r in records] if isinstance(v, dict)]  # the records' are the newest
+            if views:  # track-init did not save it: the store was down, or the pipeline runs in journal mode
                 _set_runs_view(client, experiment_id, views[-1])
+            for record in records:  # the parent runs that track-init makes in live mode
+                if record.get("experiment") and isinstance(record.get("config"), dict):
+                    _find_parent(client, experiment_id, {"record": record, "tags": {}, "config": record["config"]})
             existing = _runs_by_key(client, experiment_id)
             for path, journal in items:
                 run = existing.get(journal["run_key"])
