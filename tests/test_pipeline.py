@@ -99,10 +99,10 @@ def test_shared_baseline_is_trained_once():
 
 def test_snakemake_refuses_bad_params_before_any_job(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(_params(**{"experiments/vit-cifar100/blocks": 9})))
+    path.write_text(yaml.safe_dump(_params(**{"experiments/vit-cifar100/blocks": 13})))
     proc = snakemake("-n", "--config", f"params={path}", cwd=tmp_path, check=False)
     assert proc.returncode != 0
-    assert "experiments.vit-cifar100.blocks=9 exceeds the depth of ViT-tiny (6 layers); allowed: 1..6" in \
+    assert "experiments.vit-cifar100.blocks=13 exceeds the depth of ViT-tiny (12 layers); allowed: 1..12" in \
         proc.stdout + proc.stderr
     assert not (tmp_path / "checkpoints").exists()
 
