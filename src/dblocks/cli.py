@@ -977,7 +977,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("track-init", cmd_track_init,
                 "create the MLflow experiment and one parent run per experiment of a params file, once, "
-                "before the jobs fan out")
+                "before the jobs fan out (tracking.mode: journal: only write the jobs' run records, without "
+                "touching the store; 'dblocks track-sync' creates both later)")
     p.add_argument("--params", required=True, help="params file (scale, tracking: {uri, experiment}, experiments)")
     p.add_argument("--out-dir", required=True, help="directory for <experiment>.json (the jobs' --track files)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.uri of the params file; "
@@ -990,8 +991,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "untracked and 'dblocks track-sync' logs them later")
 
     p = command("track-sync", cmd_track_sync,
-                "log the runs that jobs journaled while the tracking store was unreachable (idempotent: "
-                "a run already in the store is never logged twice)")
+                "log the runs that jobs journaled (in journal mode, or while the tracking store was unreachable), "
+                "with the parent runs they lack (idempotent: a run already in the store is never logged twice)")
     p.add_argument("--runs-dir", required=True, help="the directory of track-init's records (holds journal/)")
     p.add_argument("--tracking-uri", help="log into this store instead of the one each job was meant for "
                                           "(MLFLOW_TRACKING_URI overrides)")
