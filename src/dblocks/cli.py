@@ -1141,10 +1141,13 @@ def _ending() -> None:
     collections over everything torch (and MLflow) allocated, ~0.4 s of every job on two busy cores that
     would only free memory the operating system takes back anyway. Everything the command wrote is closed by
     now; atexit handlers still run and the standard streams are still flushed (only unreachable cycles are
-    left to the exit). Never on a call from Python (tests), whose process goes on."""
+    left to the exit). Never on a call from Python (tests), whose process goes on, nor where triton was loaded
+    (torch-fidelity's import pulls it in): its nanobind extensions print pages of "leaked instance" warnings
+    at exit when their objects are left uncollected."""
     import gc
 
-    gc.freeze()
+    if "triton" not in sys.modules:
+        gc.freeze()
 
 
 if __name__ == "__main__":

@@ -396,7 +396,8 @@ def over_seeds(cells: list[Cell], decimals: int = 2) -> Cell:
     values = [c.value for c in valued]
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-    text = f"{fmt(mean, decimals)} ± {fmt(std, decimals)}" if std is not None else fmt(mean, decimals)
+    # no spread (a cost that does not depend on the seed, e.g. layer evaluations per sample): the value alone
+    text = f"{fmt(mean, decimals)} ± {fmt(std, decimals)}" if std else fmt(mean, decimals)
     lacking = [c.note or c.text for c in cells if c.value is None]
     note = (f"{len(values)} of {len(cells)} seeds; missing: {'; '.join(lacking)}" if lacking else "")
     return Cell(text=text, value=mean, note=note, run=valued[0].run, std=std, n=len(values),
