@@ -111,6 +111,37 @@ def test_blockwise_blocks_learn_and_generation_runs_one_block_per_step():
     assert 0 <= quality["next_token_accuracy"] <= 1 and math.isfinite(quality["next_token_bits"])
 
 
+@pytest.fixture(scope="module")
+def trained_blocks():
+    """All four block-wise blocks of AR-micro, trained briefly and assembled."""
+    exp = micro_ar_exp(train={"steps": 60, "batch_size": 16, "lr": 3e-3, "warmup": 5, "log_every": 10})
+    data = exp.load_data("train")
+    blocks = []
+    for b in range(1, 5):
+        model, objective, steps = training_job(exp, "blockwise", b)
+        train(model, objective, data, exp.config["train"], seed=b, device=torch.device("cpu"), steps=steps,
+              progress=False)
+        blocks.append(model)
+    return exp, AssembledModel(blocks, exp.partition).eval()
+
+
+def test_blockwise_next_token_bits_score_the_models_prediction_not_the_chains_confidence(trained_blocks):
+    """Plain next-token bits of the block-wise model are the cross-entropy of its next-token distribution (the
+    highest-noise block at sigma_max), as the baseline's are: a trained model beats a uniform guess. The last
+    block's logits after the chain only read off the token the chain committed to (near-certain, often wrong):
+    their cross-entropy, once reported as the next-token bits, is above log2(257) and is now chain_bits."""
+    exp, model = trained_blocks
+    val = exp.load_data("validation").tokens[:64]
+    quality = next_token_quality(model, val, torch.Generator().manual_seed(0))
+    assert quality["next_token_bits"] < math.log2(257) - 2.0, quality
+    with torch.no_grad():  # by hand: block 1 at sigma_max, whose noisy slots carry nothing of their tokens
+        z = 80.0 * torch.randn(len(val), 24, 32, generator=torch.Generator().manual_seed(1))
+        logits = model.blocks[0](z, torch.tensor([80.0]), val).raw[:, 1:]
+    by_hand = torch.nn.functional.cross_entropy(logits.transpose(1, 2), val[:, 1:]).item() / math.log(2)
+    assert quality["next_token_bits"] == pytest.approx(by_hand, abs=0.05)
+    assert quality["chain_bits"] > quality["next_token_bits"] and 0 <= quality["chain_accuracy"] <= 1
+
+
 def test_top_p_keeps_the_smallest_nucleus():
     logits = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.15), math.log(0.05)]])
     kept = torch.isfinite(top_p_filter(logits, 0.75))[0].tolist()

@@ -2,6 +2,13 @@
 greedy read-out), the baseline's top-p sampling, plain next-token quality of both, and the negative
 log-likelihood of continuations under a judge model (generative perplexity).
 
+The B-step chain from sigma_max noise is a sampler: the probability-flow ODE carries the random start to one
+token, and the argmax of the last block's logits only reads off the token the chain has committed to. Those
+last logits are the lowest-noise block's answer given an almost clean z, so they are as confident as a
+copy of z and say nothing about the other tokens the chain could have produced. The model's next-token
+distribution p(x_i | x_<i) is the denoiser's posterior at sigma_max, where the noisy slot carries nothing of
+its token (:func:`predictive_logits`); that is what plain next-token quality scores.
+
 Block-wise runs always use the full context (the clean/noisy mask is built for it): to produce token k the
 clean half holds the prefix (later positions hold padding, which the noisy slot k cannot see: it attends to
 clean j < k only) and noisy slot k starts from sigma_max noise."""
@@ -24,6 +31,20 @@ def _device(model) -> torch.device:
 def _grid(model: AssembledModel) -> list[float]:
     """One Euler step per block: from sigma_max down the partition's boundaries (the equi-quantile grid)."""
     return list(reversed(model.partition.boundaries))
+
+
+@torch.no_grad()
+def predictive_logits(model: AssembledModel, tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """logits_i for token x_i at every position (teacher forcing) from the highest-noise block at sigma_max: the
+    model's next-token distribution p(x_i | x_<i). At sigma_max the noisy slot holds noise alone (signal to noise
+    1 / sigma_max), so the optimal denoiser's posterior over the token is its prediction from the clean prefix,
+    which the blocks' cross-entropy trains there; it is what the chain starts from. ``tokens`` is what the
+    network reads (the AR model: the window; Huginn's single stream: the window less its last token), one
+    noisy slot per token."""
+    sigma = model.partition.boundaries[-1]
+    shape = (tokens.shape[0], tokens.shape[1], model.task.embedding.shape[1])
+    z = initial_noise(shape, sigma, generator, _device(model))
+    return model(z, sigma, tokens.to(_device(model))).raw
 
 
 @torch.no_grad()
@@ -78,19 +99,34 @@ def generate_baseline(model: BlockDenoiser, prompts: torch.Tensor, new_tokens: i
 @torch.no_grad()
 def next_token_quality(model, tokens: torch.Tensor, generator: torch.Generator, batch_size: int = 64) -> dict:
     """Plain next-token quality on windows (N, T), positions 1..T-1 (each predicted from all earlier tokens):
-    bits per token and top-1 accuracy. Block-wise: the final logits of the B-step chain from noise;
-    end-to-end: the causal model's logits."""
-    nll, correct, count = 0.0, 0, 0
+    bits per token and top-1 accuracy of the model's next-token distribution. End-to-end: the causal model's
+    logits. Block-wise: :func:`predictive_logits` (the highest-noise block at sigma_max), and besides it what the
+    B-step chain from noise does under teacher forcing: ``chain_accuracy``, how often the token it emits (the
+    argmax of the last block's logits, as generation reads it) is the true one, and ``chain_bits``, the
+    cross-entropy of those last logits, which scores how confidently the chain reads off the token it has
+    committed to, not a prediction (it exceeds log2 V once the chain commits to wrong tokens)."""
+    blockwise = isinstance(model, AssembledModel)
+    totals = {"nll": 0.0, "correct": 0, "chain_nll": 0.0, "chain_correct": 0}
+    count = 0
+
+    def score(logits, target, prefix=""):
+        totals[prefix + "nll"] += F.cross_entropy(logits.float().transpose(1, 2), target, reduction="sum").item()
+        totals[prefix + "correct"] += (logits.argmax(-1) == target).sum().item()
+
     for chunk in tokens.split(batch_size):
         chunk = chunk.to(_device(model))
-        if isinstance(model, AssembledModel):
-            logits, target = denoised_logits(model, chunk, generator)[:, 1:], chunk[:, 1:]
+        target = chunk[:, 1:]
+        if blockwise:
+            score(predictive_logits(model, chunk, generator)[:, 1:], target)
+            score(denoised_logits(model, chunk, generator)[:, 1:], target, "chain_")
         else:
-            logits, target = model.network(None, chunk, None)[:, :-1], chunk[:, 1:]
-        nll += F.cross_entropy(logits.float().transpose(1, 2), target, reduction="sum").item()
-        correct += (logits.argmax(-1) == target).sum().item()
+            score(model.network(None, chunk, None)[:, :-1], target)
         count += target.numel()
-    return {"next_token_bits": nll / count / math.log(2), "next_token_accuracy": correct / count}
+    record = {"next_token_bits": totals["nll"] / count / math.log(2), "next_token_accuracy": totals["correct"] / count}
+    if blockwise:
+        record.update(chain_bits=totals["chain_nll"] / count / math.log(2),
+                      chain_accuracy=totals["chain_correct"] / count)
+    return record
 
 
 @torch.no_grad()
@@ -141,12 +177,25 @@ def generate_recurrent(model, prompts: torch.Tensor, new_tokens: int, iterations
 @torch.no_grad()
 def recurrent_next_token_quality(model, tokens: torch.Tensor, iterations: int, generator: torch.Generator,
                                  batch_size: int = 64) -> dict:
-    """Bits per token and top-1 accuracy of the next-token prediction at every position after K iterations."""
-    nll, correct, count = 0.0, 0, 0
+    """Bits per token and top-1 accuracy of the next-token prediction at every position: the baseline's after K
+    iterations; block-wise, the model's next-token distribution (the denoiser at sigma_max,
+    :func:`predictive_logits`), with ``chain_accuracy`` and ``chain_bits`` of the K-step chain's last logits
+    as in :func:`next_token_quality`."""
+    blockwise = isinstance(model, AssembledModel)
+    totals = {"nll": 0.0, "correct": 0, "chain_nll": 0.0, "chain_correct": 0}
+    count = 0
     for chunk in tokens.split(batch_size):
         chunk = chunk.to(_device(model))
-        logits, target = recurrent_depth_logits(model, chunk[:, :-1], iterations, generator), chunk[:, 1:]
-        nll += F.cross_entropy(logits.float().transpose(1, 2), target, reduction="sum").item()
-        correct += (logits.argmax(-1) == target).sum().item()
+        target = chunk[:, 1:]
+        scored = [("", predictive_logits(model, chunk[:, :-1], generator))] if blockwise else []
+        scored.append(("chain_" if blockwise else "", recurrent_depth_logits(model, chunk[:, :-1], iterations,
+                                                                             generator)))
+        for prefix, logits in scored:
+            totals[prefix + "nll"] += F.cross_entropy(logits.float().transpose(1, 2), target, reduction="sum").item()
+            totals[prefix + "correct"] += (logits.argmax(-1) == target).sum().item()
         count += target.numel()
-    return {"next_token_bits": nll / count / math.log(2), "next_token_accuracy": correct / count}
+    record = {"next_token_bits": totals["nll"] / count / math.log(2), "next_token_accuracy": totals["correct"] / count}
+    if blockwise:
+        record.update(chain_bits=totals["chain_nll"] / count / math.log(2),
+                      chain_accuracy=totals["chain_correct"] / count)
+    return record
