@@ -142,6 +142,19 @@ def test_blockwise_next_token_bits_score_the_models_prediction_not_the_chains_co
     assert quality["chain_bits"] > quality["next_token_bits"] and 0 <= quality["chain_accuracy"] <= 1
 
 
+def test_blockwise_sampler_steps_and_start_noise(trained_blocks):
+    """More Euler steps per token walk the same equal-mass grid (8 = 2 per block, each block twice); a start
+    noise of 0 makes the chain deterministic, whatever the generator."""
+    exp, model = trained_blocks
+    prompts = exp.load_data("validation").tokens[:3, :8]
+    model.calls = [0] * 4
+    out = generate_blockwise(model, prompts, 5, torch.Generator().manual_seed(0), steps=8)
+    assert out.shape == (3, 5) and model.calls == [10, 10, 10, 10]
+    a, b = (generate_blockwise(model, prompts, 5, torch.Generator().manual_seed(s), start_noise=0.0) for s in (0, 1))
+    assert torch.equal(a, b)
+    assert list(reversed(model.partition.boundaries)) == exp.partition.dist.quantile_grid(4)
+
+
 def test_top_p_keeps_the_smallest_nucleus():
     logits = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.15), math.log(0.05)]])
     kept = torch.isfinite(top_p_filter(logits, 0.75))[0].tolist()

@@ -175,20 +175,22 @@ def in_chunks(fn, rows: torch.Tensor, size: int, seed: int, purpose: str, device
 
 def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, prompts: int = 100,
                    continuations: int = 5, new_tokens: int = 50, max_windows: int | None = None,
-                   featurizers: tuple[str, ...] = ("reference-lm", "minilm"), hf_judges: tuple[str, ...] = ()
-                   ) -> dict | None:
+                   featurizers: tuple[str, ...] = ("reference-lm", "minilm"), hf_judges: tuple[str, ...] = (),
+                   steps_per_token: int | None = None, start_noise: float = 1.0, top_p: float = 0.95) -> dict | None:
     """The paper's protocol at any scale: prompts from held-out windows, ``continuations`` continuations of
     ``new_tokens`` tokens each (block-wise: B denoising steps per token, greedy; end-to-end: top-p 0.95),
     MAUVE against the windows' true continuations, generative perplexity under ``judge`` and plain
     next-token quality. ``judge`` is a causal next-token model (this experiment's own end-to-end reference
     LM offline, labelled so); without it only next-token quality and the samples are reported.
+    ``steps_per_token`` and ``start_noise`` change the block-wise sampler (:func:`dblocks.text_generation.
+    generate_blockwise`; None and 1: the paper's B steps from sigma_max noise), ``top_p`` the baseline's.
 
     Continuations are generated ``sample.batch_size`` prompts at a time (:func:`in_chunks`); in a data-parallel
     job the ranks share the chunks and rank 0 scores (the others return None)."""
     from dblocks.metrics.mauve import (MINILM_LABEL, REFERENCE_LM_LABEL, mauve_from_features, minilm_features,
                                        reference_lm_features)
     from dblocks.text_generation import (continuation_nll, generate_baseline, generate_blockwise, generate_recurrent,
-                                         next_token_quality, recurrent_next_token_quality)
+                                         next_token_quality, recurrent_next_token_quality, sigma_grid)
 
     recurrent = exp.config["task"] == "recurrent_text"
     iterations = exp.arch.spec.recurrence  # Huginn: K iterations (block-wise: K Euler steps) per token
@@ -209,19 +211,22 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
             return generate_recurrent(model, chunk, new_tokens, iterations, gen)
     elif blockwise:
         def continue_(chunk, gen):
-            return generate_blockwise(model, chunk, new_tokens, gen)
+            return generate_blockwise(model, chunk, new_tokens, gen, steps_per_token, start_noise)
     else:
         def continue_(chunk, gen):
-            return generate_baseline(model, chunk, new_tokens, gen, top_p=0.95)
+            return generate_baseline(model, chunk, new_tokens, gen, top_p=top_p)
     generated = in_chunks(continue_, prompt, exp.config["sample"]["batch_size"], seed, "continuations",
                           next(model.parameters()).device)
     if blockwise:
         model.calls = distributed.sum_over_ranks(model.calls)
     if generated is None:  # a data-parallel job's other ranks: rank 0 scores the continuations
         return None
-    steps = f"{iterations} Euler steps" if recurrent else "B Euler steps"
+    steps = f"{iterations} Euler steps" if recurrent else \
+        "B Euler steps" if steps_per_token is None else f"{steps_per_token} Euler steps"
+    start = "" if start_noise == 1.0 or recurrent else f", start noise x {start_noise:g}"
     record = {"prompts": prompts, "continuations": continuations, "new_tokens": new_tokens,
-              "prompt_tokens": prompt_len, "sampler": f"greedy, {steps} per token" if blockwise else "top-p 0.95",
+              "prompt_tokens": prompt_len,
+              "sampler": f"greedy, {steps} per token{start}" if blockwise else f"top-p {top_p:g}",
               "generate_seconds": round(time.perf_counter() - t0, 3)}
     if blockwise:
         record["block_calls"] = list(model.calls)
@@ -230,8 +235,9 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
         outer = len(net.stem.prelude) + len(net.head.coda)
         record["layer_evals_per_token"] = (iterations * (outer + len(net.layers)) if blockwise
                                            else outer + iterations * len(net.layers))
-    elif blockwise:
-        record["layer_evals_per_token"] = sum(len(b.layers) for b in model.blocks)  # each block once per token
+    elif blockwise:  # each block once per token (steps_per_token = k B: k times)
+        record["layer_evals_per_token"] = (sum(len(b.layers) for b in model.blocks) if steps_per_token is None
+                                           else layer_evaluations(model, sigma_grid(model, steps_per_token), False))
     else:
         record["layer_evals_per_token"] = len(model.layers)
     scored = data.tokens[:max_windows]

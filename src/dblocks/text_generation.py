@@ -28,9 +28,14 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _grid(model: AssembledModel) -> list[float]:
-    """One Euler step per block: from sigma_max down the partition's boundaries (the equi-quantile grid)."""
-    return list(reversed(model.partition.boundaries))
+def sigma_grid(model: AssembledModel, steps: int | None = None) -> list[float]:
+    """One Euler step per block: from sigma_max down the partition's boundaries (the equi-quantile grid); or
+    ``steps`` steps on the equal-mass grid (a multiple of B lands on the boundaries: each block runs steps / B)."""
+    if steps is None:
+        return list(reversed(model.partition.boundaries))
+    if steps < 1:
+        raise ValueError(f"steps per token must be >= 1, got {steps}")
+    return model.partition.dist.quantile_grid(steps)
 
 
 @torch.no_grad()
@@ -48,19 +53,24 @@ def predictive_logits(model: AssembledModel, tokens: torch.Tensor, generator: to
 
 
 @torch.no_grad()
-def denoised_logits(model: AssembledModel, tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def denoised_logits(model: AssembledModel, tokens: torch.Tensor, generator: torch.Generator,
+                    steps: int | None = None, start_noise: float = 1.0) -> torch.Tensor:
     """logits_i for token x_i at every position at once (teacher forcing: noisy slots are independent given
-    the clean tokens), after the B-step chain from sigma_max noise; the last step's block gives the logits."""
-    grid = _grid(model)
-    z = initial_noise((tokens.shape[0], *model.task.target_shape), grid[0], generator, _device(model))
+    the clean tokens), after the B-step chain (or ``steps`` steps, :func:`sigma_grid`) from sigma_max noise; the last
+    step's block gives the logits. ``start_noise`` scales the starting noise (1: the sampler; below 1 it
+    leans toward the most likely token, as a temperature below 1 does; 0: a deterministic chain)."""
+    grid = sigma_grid(model, steps)
+    z = start_noise * initial_noise((tokens.shape[0], *model.task.target_shape), grid[0], generator, _device(model))
     _, out = euler_sample(model, z, grid, tokens.to(_device(model)))
     return out.raw
 
 
 @torch.no_grad()
 def generate_blockwise(model: AssembledModel, prompts: torch.Tensor, new_tokens: int,
-                       generator: torch.Generator) -> torch.Tensor:
-    """Greedy continuations (N, new_tokens) of ``prompts`` (N, P): B denoising steps per token."""
+                       generator: torch.Generator, steps: int | None = None, start_noise: float = 1.0) -> torch.Tensor:
+    """Continuations (N, new_tokens) of ``prompts`` (N, P): B denoising steps per token (or ``steps``), each
+    token the argmax of the last block's logits. The chain from noise samples the token (the argmax reads off
+    what it committed to); ``start_noise`` below 1 makes it greedier (:func:`denoised_logits`)."""
     model.eval()
     context = model.task.seq_len
     n, p = prompts.shape
@@ -69,7 +79,7 @@ def generate_blockwise(model: AssembledModel, prompts: torch.Tensor, new_tokens:
     tokens = torch.zeros(n, context, dtype=torch.long, device=_device(model))
     tokens[:, :p] = prompts.to(tokens.device)
     for k in range(p, p + new_tokens):
-        tokens[:, k] = denoised_logits(model, tokens, generator)[:, k].argmax(-1)
+        tokens[:, k] = denoised_logits(model, tokens, generator, steps, start_noise)[:, k].argmax(-1)
     return tokens[:, p:p + new_tokens].cpu()
 
 
