@@ -206,8 +206,8 @@ def test_dit_blocks_sample_a_png_grid(tmp_path, capsys):
 BAD_INPUTS = [
     (["train-block", "--block", 1, "--arch", "ViT-huge"], "arch='ViT-huge' is not a registered architecture"),
     (["train-block", "--block", 1, "--blocks", 0], "blocks=0 is out of range; allowed: >= 1"),
-    (["train-block", "--block", 1, "--blocks", 7], "blocks=7 exceeds the depth"),
-    (["train-block", "--block", 1, "--layer-split", "3,3,3"], "must sum to the depth L=6"),
+    (["train-block", "--block", 1, "--blocks", 13], "blocks=13 exceeds the depth"),
+    (["train-block", "--block", 1, "--layer-split", "3,3,3"], "must sum to the depth L=12"),
     (["train-block", "--block", 1, "--layer-split", "1,1,1,3"], "has 4 entries; it must have exactly B=3"),
     (["train-block", "--block", 1, "--overlap", 0.5], "overlap=0.5 is out of range; allowed: < 0.5"),
     (["train-block", "--block", 1, "--overlap", -0.1], "overlap=-0.1 is out of range; allowed: >= 0"),

@@ -19,16 +19,18 @@ def _state(module):
 
 
 def _record_optimizer_params(monkeypatch) -> list:
-    """Capture the parameters every AdamW built during the test holds."""
+    """Capture the parameters every optimizer the training loop builds during the test holds."""
+    import dblocks.train
+
     seen = []
-    real = torch.optim.AdamW
+    real = dblocks.train.adamw
 
     def spy(params, *args, **kwargs):
         params = list(params)
         seen.append(params)
         return real(params, *args, **kwargs)
 
-    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    monkeypatch.setattr(dblocks.train, "adamw", spy)
     return seen
 
 
