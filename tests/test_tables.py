@@ -540,3 +540,5 @@ def test_an_experiment_run_with_several_seeds_reads_as_mean_std_and_n(tmp_path):
     assert tables.render_csv(table).splitlines() == ["method,ours_accuracy,ours_accuracy_std,ours_accuracy_n,notes",
                                                      "DiffusionBlocks,92,2,3,"]
     assert "92.00 ± 2.00" in tables.render_md(table) and len(table.sources()) == 3
+    index_md = tables.render_index(info, [table], [], [], [], tmp_path)
+    assert all(f"| {name} | `{config}` | `{evaluation}` |" in index_md for name, (config, evaluation) in hashes.items())

@@ -1326,8 +1326,9 @@ def render_index(params: ParamsInfo, tables: list[Table], figures: list[tuple[Pa
     lines += ["In MLflow, find an experiment's runs with the search ``tags.`dblocks.config_hash` = '<config "
               "hash>'`` (and its evaluations with ``tags.`dblocks.eval_hash` = '<evaluation hash>'``).", "",
               "| experiment | config hash | evaluation hash |", "|---|---|---|"]
-    lines += [f"| {e.name} | `{e.config_hash or 'any'}` | `{e.eval_hash or 'any'}` |"
-              for e in params.experiments.values()]
+    for e in params.experiments.values():  # each seed of an experiment is a configuration of its own
+        lines += [f"| {name} | `{config or 'any'}` | `{evaluation or 'any'}` |" for name, (config, evaluation)
+                  in {e.name: (e.config_hash, e.eval_hash), **e.replicates}.items()]
     return "\n".join(lines) + "\n"
 
 
