@@ -56,6 +56,11 @@ EVALUATION_KEYS: dict[str, tuple[str, ...]] = {
     "ar_text": ("max_windows", "prompts", "continuations", "new_tokens", "mauve_features", "hf_judges", "judge"),
 }
 EVALUATION_KEYS["recurrent_text"] = EVALUATION_KEYS["ar_text"]
+#: a task's evaluation protocol, where it changed what a number means with the same settings (part of the
+#: evaluation hash, so runs of the former protocol read "other evaluation settings" in the tables instead of
+#: filling a cell): 2 = block-wise next-token bits from the model's next-token distribution (the highest-noise
+#: block at sigma_max), no longer the chain's last logits (docs/ar-text.md)
+PROTOCOLS: dict[str, int] = {"ar_text": 2, "recurrent_text": 2}
 
 
 def evaluation_settings(task: str, values: dict) -> dict:
@@ -65,6 +70,8 @@ def evaluation_settings(task: str, values: dict) -> dict:
     :func:`evaluation_hash`: ``dblocks evaluate`` builds ``values`` from the options it received,
     :meth:`Params.evaluation_settings` from a params file."""
     out: dict = {"task": task}
+    if task in PROTOCOLS:
+        out["protocol"] = PROTOCOLS[task]
     for key in ("split", "seed", "weights", *EVALUATION_KEYS[task]):
         value = values.get(key, EVALUATE_DEFAULTS.get(key))
         if isinstance(value, (list, tuple)):

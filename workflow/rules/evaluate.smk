@@ -171,6 +171,7 @@ rule evaluate_text:
         data=prepared_dir,
         judge=lambda w, input: f"--judge {input.judge}" if input.judge else "",
         settings=settings_of("evaluate_text"),
+        eval_hash=lambda w: PIPE.eval_hash(w.exp),  # a new evaluation protocol (params.PROTOCOLS) reruns it
     log:
         f"logs/{OUT}/{{exp}}/evaluate-{{method}}.log",
     benchmark:
