@@ -106,6 +106,29 @@ def generate_baseline(model: BlockDenoiser, prompts: torch.Tensor, new_tokens: i
     return tokens[:, prompts.shape[1]:].cpu()
 
 
+def _next_token_record(tokens: torch.Tensor, batch_size: int, device: torch.device, scored) -> dict:
+    """Bits per token and top-1 accuracy over windows (N, T), positions 1..T-1, of the logits that
+    ``scored(chunk)`` gives as (prefix, logits of positions 1..T-1) pairs: prefix "" for the model's next-token
+    distribution, "chain_" for a block-wise chain's read-out (``chain_bits`` / ``chain_accuracy``)."""
+    totals: dict[str, float] = {}
+    count = 0
+    for chunk in tokens.split(batch_size):
+        chunk = chunk.to(device)
+        target = chunk[:, 1:]
+        for prefix, logits in scored(chunk):
+            nll = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="sum").item()
+            totals[prefix + "nll"] = totals.get(prefix + "nll", 0.0) + nll
+            totals[prefix + "correct"] = totals.get(prefix + "correct", 0) + (logits.argmax(-1) == target).sum().item()
+        count += target.numel()
+    names = {"": ("next_token_bits", "next_token_accuracy"), "chain_": ("chain_bits", "chain_accuracy")}
+    record = {}
+    for prefix, (bits, accuracy) in names.items():
+        if prefix + "nll" in totals:
+            record[bits] = totals[prefix + "nll"] / count / math.log(2)
+            record[accuracy] = totals[prefix + "correct"] / count
+    return record
+
+
 @torch.no_grad()
 def next_token_quality(model, tokens: torch.Tensor, generator: torch.Generator, batch_size: int = 64) -> dict:
     """Plain next-token quality on windows (N, T), positions 1..T-1 (each predicted from all earlier tokens):
@@ -115,28 +138,14 @@ def next_token_quality(model, tokens: torch.Tensor, generator: torch.Generator, 
     argmax of the last block's logits, as generation reads it) is the true one, and ``chain_bits``, the
     cross-entropy of those last logits, which scores how confidently the chain reads off the token it has
     committed to, not a prediction (it exceeds log2 V once the chain commits to wrong tokens)."""
-    blockwise = isinstance(model, AssembledModel)
-    totals = {"nll": 0.0, "correct": 0, "chain_nll": 0.0, "chain_correct": 0}
-    count = 0
-
-    def score(logits, target, prefix=""):
-        totals[prefix + "nll"] += F.cross_entropy(logits.float().transpose(1, 2), target, reduction="sum").item()
-        totals[prefix + "correct"] += (logits.argmax(-1) == target).sum().item()
-
-    for chunk in tokens.split(batch_size):
-        chunk = chunk.to(_device(model))
-        target = chunk[:, 1:]
-        if blockwise:
-            score(predictive_logits(model, chunk, generator)[:, 1:], target)
-            score(denoised_logits(model, chunk, generator)[:, 1:], target, "chain_")
-        else:
-            score(model.network(None, chunk, None)[:, :-1], target)
-        count += target.numel()
-    record = {"next_token_bits": totals["nll"] / count / math.log(2), "next_token_accuracy": totals["correct"] / count}
-    if blockwise:
-        record.update(chain_bits=totals["chain_nll"] / count / math.log(2),
-                      chain_accuracy=totals["chain_correct"] / count)
-    return record
+    if isinstance(model, AssembledModel):
+        def scored(chunk):
+            return [("", predictive_logits(model, chunk, generator)[:, 1:]),
+                    ("chain_", denoised_logits(model, chunk, generator)[:, 1:])]
+    else:
+        def scored(chunk):
+            return [("", model.network(None, chunk, None)[:, :-1])]
+    return _next_token_record(tokens, batch_size, _device(model), scored)
 
 
 @torch.no_grad()
@@ -192,20 +201,12 @@ def recurrent_next_token_quality(model, tokens: torch.Tensor, iterations: int, g
     :func:`predictive_logits`), with ``chain_accuracy`` and ``chain_bits`` of the K-step chain's last logits
     as in :func:`next_token_quality`."""
     blockwise = isinstance(model, AssembledModel)
-    totals = {"nll": 0.0, "correct": 0, "chain_nll": 0.0, "chain_correct": 0}
-    count = 0
-    for chunk in tokens.split(batch_size):
-        chunk = chunk.to(_device(model))
-        target = chunk[:, 1:]
-        scored = [("", predictive_logits(model, chunk[:, :-1], generator))] if blockwise else []
-        scored.append(("chain_" if blockwise else "", recurrent_depth_logits(model, chunk[:, :-1], iterations,
-                                                                             generator)))
-        for prefix, logits in scored:
-            totals[prefix + "nll"] += F.cross_entropy(logits.float().transpose(1, 2), target, reduction="sum").item()
-            totals[prefix + "correct"] += (logits.argmax(-1) == target).sum().item()
-        count += target.numel()
-    record = {"next_token_bits": totals["nll"] / count / math.log(2), "next_token_accuracy": totals["correct"] / count}
-    if blockwise:
-        record.update(chain_bits=totals["chain_nll"] / count / math.log(2),
-                      chain_accuracy=totals["chain_correct"] / count)
-    return record
+
+    def scored(chunk):
+        read = chunk[:, :-1]  # Huginn's single stream: the window less its last token
+        if not blockwise:
+            return [("", recurrent_depth_logits(model, read, iterations, generator))]
+        return [("", predictive_logits(model, read, generator)),  # in this order: both draw from ``generator``
+                ("chain_", recurrent_depth_logits(model, read, iterations, generator))]
+
+    return _next_token_record(tokens, batch_size, _device(model), scored)
