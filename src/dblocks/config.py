@@ -44,6 +44,8 @@ DEFAULTS: dict[str, Any] = {
 #: which trained weights a model is loaded with (sample.weights, --weights): auto = the weight average where
 #: training kept one (train.ema_decay > 0), else the raw weights. Kept here so the CLI's parser needs no torch.
 WEIGHTS = ("auto", "ema", "raw")
+
+
 def chosen_weights(asked: str | None, sample: dict) -> str:
     """The weights to load: ``asked`` (--weights), else the sample section's ``weights`` (records written
     before that setting existed: auto)."""

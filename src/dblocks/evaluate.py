@@ -236,8 +236,7 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
         record["layer_evals_per_token"] = (iterations * (outer + len(net.layers)) if blockwise
                                            else outer + iterations * len(net.layers))
     elif blockwise:  # each block once per token (steps_per_token = k B: k times)
-        record["layer_evals_per_token"] = (sum(len(b.layers) for b in model.blocks) if steps_per_token is None
-                                           else layer_evaluations(model, sigma_grid(model, steps_per_token), False))
+        record["layer_evals_per_token"] = layer_evaluations(model, sigma_grid(model, steps_per_token), guided=False)
     else:
         record["layer_evals_per_token"] = len(model.layers)
     scored = data.tokens[:max_windows]
