@@ -42,6 +42,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -158,10 +159,8 @@ class ParamsInfo:
     def hashes(self) -> dict[str, tuple[str | None, str | None]]:
         """{experiment: (config hash, evaluation hash)} that its runs must carry to be this file's (the
         experiments that repeat another with other seeds included)."""
-        out = {name: (e.config_hash, e.eval_hash) for name, e in self.experiments.items()}
-        for e in self.experiments.values():
-            out.update(e.replicates)
-        return out
+        return {name: hashes for e in self.experiments.values()
+                for name, hashes in {e.name: (e.config_hash, e.eval_hash), **e.replicates}.items()}
 
     def seeds(self) -> dict[str, list[str]]:
         """{experiment: itself and its repeats with other seeds}, for the experiments that have repeats."""
@@ -394,8 +393,8 @@ def over_seeds(cells: list[Cell], decimals: int = 2) -> Cell:
     if len(cells) == 1 or not valued:
         return cells[0]
     values = [c.value for c in valued]
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    mean = statistics.mean(values)
+    std = statistics.stdev(values) if len(values) > 1 else None
     # no spread (a cost that does not depend on the seed, e.g. layer evaluations per sample): the value alone
     text = f"{fmt(mean, decimals)} ± {fmt(std, decimals)}" if std else fmt(mean, decimals)
     lacking = [c.note or c.text for c in cells if c.value is None]
@@ -1326,9 +1325,9 @@ def render_index(params: ParamsInfo, tables: list[Table], figures: list[tuple[Pa
     lines += ["In MLflow, find an experiment's runs with the search ``tags.`dblocks.config_hash` = '<config "
               "hash>'`` (and its evaluations with ``tags.`dblocks.eval_hash` = '<evaluation hash>'``).", "",
               "| experiment | config hash | evaluation hash |", "|---|---|---|"]
-    for e in params.experiments.values():  # each seed of an experiment is a configuration of its own
-        lines += [f"| {name} | `{config or 'any'}` | `{evaluation or 'any'}` |" for name, (config, evaluation)
-                  in {e.name: (e.config_hash, e.eval_hash), **e.replicates}.items()]
+    # each seed of an experiment is a configuration of its own
+    lines += [f"| {name} | `{config or 'any'}` | `{evaluation or 'any'}` |"
+              for name, (config, evaluation) in params.hashes().items()]
     return "\n".join(lines) + "\n"
 
 
