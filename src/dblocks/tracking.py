@@ -867,6 +867,11 @@ def _sync_parent(client, run_id: str, journal: dict) -> bool:
     return True
 
 
+def _store_of(record: dict, uri: str | None) -> tuple[str, str]:
+    """(tracking URI, MLflow experiment) that a run record's runs are logged to (``uri`` overrides its URI)."""
+    return resolve_uri(uri or record.get("tracking_uri")), record.get("mlflow_experiment") or "diffusion-blocks"
+
+
 def sync_journals(runs_dir: str | Path, uri: str | None = None) -> SyncReport:
     """Log every finished job's journal under ``runs_dir`` that the tracking store lacks (idempotent).
 
@@ -883,13 +888,10 @@ def sync_journals(runs_dir: str | Path, uri: str | None = None) -> SyncReport:
         if journal.get("status") != "FINISHED":
             report.unfinished.append(str(path))
             continue
-        record = journal.get("record") or {}
-        target = resolve_uri(uri or record.get("tracking_uri"))
-        groups.setdefault((target, record.get("mlflow_experiment") or "diffusion-blocks"), []).append((path, journal))
+        groups.setdefault(_store_of(journal.get("record") or {}, uri), []).append((path, journal))
     planned: dict[tuple[str, str], list[dict]] = {}
     for record in _journal_mode_records(runs_dir):
-        target = resolve_uri(uri or record.get("tracking_uri"))
-        planned.setdefault((target, record.get("mlflow_experiment") or "diffusion-blocks"), []).append(record)
+        planned.setdefault(_store_of(record, uri), []).append(record)
     for target, experiment_name in dict.fromkeys([*planned, *groups]):
         items, records = groups.get((target, experiment_name), []), planned.get((target, experiment_name), [])
         with _store_errors(target):
