@@ -34,17 +34,20 @@ class BlockDenoiser(nn.Module):
         self.task = task  # not a module: the target space is fixed, never trained
 
     def network(self, z_in: torch.Tensor | None, cond: torch.Tensor | None,
-                c_noise: torch.Tensor | None) -> torch.Tensor:
-        """F: the raw network, with its inputs already preconditioned."""
-        h, c = self.stem(z_in, cond, c_noise)
+                c_noise: torch.Tensor | None, cache=None) -> torch.Tensor:
+        """F: the raw network, with its inputs already preconditioned. A KV cache (dblocks.layers.KVCache; text
+        generation) reaches the stem, every layer and the head; none is passed without one, so parts without
+        the argument (other families, user layers) keep their signatures."""
+        with_cache = {} if cache is None else {"cache": cache}
+        h, c = self.stem(z_in, cond, c_noise, **with_cache)
         for layer in self.layers:
-            h = layer(h, c)
-        return self.head(h, c)
+            h = layer(h, c, **with_cache)
+        return self.head(h, c, **with_cache)
 
-    def forward(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None) -> DenoiserOutput:
+    def forward(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None, cache=None) -> DenoiserOutput:
         sigma = sigma.reshape(-1).expand(z.shape[0])
         z_in, c_noise = self.task.network_inputs(z, sigma)
-        raw = self.network(z_in, cond, c_noise)
+        raw = self.network(z_in, cond, c_noise, cache)
         return DenoiserOutput(raw=raw, denoised=self.task.denoise(raw, z, sigma))
 
 
@@ -95,8 +98,8 @@ class AssembledModel(nn.Module):
     def block_for(self, sigma: float) -> int:
         return self.partition.route(float(sigma))
 
-    def forward(self, z: torch.Tensor, sigma: float, cond: torch.Tensor | None) -> DenoiserOutput:
-        """Denoise at one noise level shared by the batch: exactly one block runs."""
+    def forward(self, z: torch.Tensor, sigma: float, cond: torch.Tensor | None, cache=None) -> DenoiserOutput:
+        """Denoise at one noise level shared by the batch: exactly one block runs (``cache``: BlockDenoiser.network)."""
         b = self.block_for(sigma)
         self.calls[b - 1] += 1
-        return self.blocks[b - 1](z, torch.full((z.shape[0],), float(sigma), device=z.device), cond)
+        return self.blocks[b - 1](z, torch.full((z.shape[0],), float(sigma), device=z.device), cond, cache)

@@ -63,6 +63,69 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10_000.
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+class KVCache:
+    """Incremental decoding: the keys and values that the positions computed so far left in every attention
+    layer, so that each new token runs the layers on its new positions only (O(1) rows per layer, not the whole
+    context) and they attend to the kept keys and to their own.
+
+    The caller announces each token's rows with :meth:`advance`: their positions in the layout of the full,
+    uncached sequence (which the layers' masks and rotary positions are written for), and how many of them, the
+    leading ones, later tokens attend to (an AR block-wise model's clean tokens; its noisy slot is seen by itself
+    only and is not kept). A layer may run several times per token at different conditionings c (a block-wise
+    model: once per sigma-grid step; Huginn: once per recurrence iteration); adaLN modulates every layer by c, so
+    the same positions' keys differ between those runs and each run keeps its own. Runs are told apart by their
+    order: the n-th call of a layer within a token is its n-th run, as every token makes the same calls in the
+    same order (the sampler's grid, K iterations); a token that does not is caught (the kept lengths disagree)."""
+
+    def __init__(self) -> None:
+        self.positions = torch.zeros(0, dtype=torch.long)  # this token's rows, in the full sequence's layout
+        self.keep = 0  # how many of them, the leading ones, are kept for later tokens
+        self._kept = torch.zeros(0, dtype=torch.long)  # positions kept before this token (the same in every run)
+        self._runs: dict = {}  # (attention, run) -> kept keys, values
+        self._calls: dict = {}  # attention -> its calls in this token
+        self._masks: dict = {}  # (id of a mask, device) -> its rows of this token, columns kept + this token's
+
+    @property
+    def length(self) -> int:
+        """Positions every run keeps once this token's calls are done: where the next token's rows begin."""
+        return len(self._kept) + self.keep
+
+    def advance(self, positions: torch.Tensor, keep: int | None = None) -> None:
+        """Begin a token: its calls compute the rows at ``positions`` (full-sequence layout), and the first
+        ``keep`` of them (default: all) are kept for later tokens."""
+        self._kept = torch.cat([self._kept, self.positions[: self.keep]])
+        self.positions = torch.as_tensor(positions, dtype=torch.long).cpu()
+        self.keep = len(self.positions) if keep is None else keep
+        self._calls, self._masks = {}, {}
+
+    def extend(self, attention: nn.Module, keys: torch.Tensor,
+               values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values (N, heads, positions, D) a call of ``attention`` attends to: its run's kept ones
+        followed by this call's (``keys``, ``values``: this token's rows), whose first ``keep`` it keeps."""
+        run = self._calls.get(attention, 0)
+        self._calls[attention] = run + 1
+        if (attention, run) in self._runs:
+            kept_keys, kept_values = self._runs[attention, run]
+            keys, values = torch.cat([kept_keys, keys], dim=2), torch.cat([kept_values, values], dim=2)
+        if keys.shape[2] != len(self._kept) + len(self.positions):
+            raise RuntimeError(f"KV cache out of step: run {run} of a layer kept {keys.shape[2] - len(self.positions)} "
+                               f"positions, the others {len(self._kept)} (the tokens made different calls)")
+        end = self.length
+        self._runs[attention, run] = keys[:, :, :end], values[:, :, :end]
+        return keys, values
+
+    def mask(self, mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """The full sequence's ``mask`` cut to this token's rows and the keys a call attends to (the kept
+        positions, then this token's), on ``device``: gathered once per token, shared by the layers."""
+        if mask is None:
+            return None
+        key = id(mask), device  # masks are layer attributes: alive, so their ids unique, all generation long
+        if key not in self._masks:
+            keys = torch.cat([self._kept, self.positions])
+            self._masks[key] = mask[..., self.positions, :][..., keys].to(device)
+        return self._masks[key]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention. ``rope_period`` (Llama-style layers) switches on rotary positions; token
     t sits at position t mod period, so the noisy half of an AR [clean; noisy] sequence shares the
@@ -79,16 +142,21 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=bias)
         self.proj = nn.Linear(width, width, bias=bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """``mask`` is written for the full sequence (a mask built for the longest sequence also covers its
+        prefixes). With a ``cache``, ``x`` holds the cache's current rows only (:class:`KVCache`)."""
         n, t, d = x.shape
-        if mask is not None and mask.shape[-1] != t:
-            mask = mask[..., :t, :t]  # a mask built for the longest sequence also covers its prefixes
-        if mask is not None:
-            mask = mask.to(x.device)  # set as a plain attribute, so .to(device) does not move it
         q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         if self.rope_period is not None:
-            positions = torch.arange(t, device=x.device) % self.rope_period
-            q, k = apply_rotary(q, positions), apply_rotary(k, positions)
+            positions = torch.arange(t, device=x.device) if cache is None else cache.positions.to(x.device)
+            positions = positions % self.rope_period
+            q, k = apply_rotary(q, positions), apply_rotary(k, positions)  # keys are kept rotated
+        if cache is not None:
+            k, v = cache.extend(self, k, v)
+            mask = cache.mask(mask, x.device)
+        elif mask is not None:
+            # set as a plain attribute, so .to(device) does not move it
+            mask = (mask[..., :t, :t] if mask.shape[-1] != t else mask).to(x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
@@ -144,9 +212,11 @@ class AdaLNZeroLayer(nn.Module):
         # do not change, and its draws come from torch's generator, which the training state saves
         self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, c: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """``cache``: incremental decoding (:class:`KVCache`), ``h`` holding its current rows only."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c).chunk(6, dim=-1)
-        h = h + gate_a.unsqueeze(1) * self.drop(self.attn(modulate(self.norm1(h), shift_a, scale_a), self.attn_mask))
+        h = h + gate_a.unsqueeze(1) * self.drop(self.attn(modulate(self.norm1(h), shift_a, scale_a), self.attn_mask,
+                                                          cache))
         h = h + gate_m.unsqueeze(1) * self.drop(self.mlp(modulate(self.norm2(h), shift_m, scale_m)))
         return h
 

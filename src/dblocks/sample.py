@@ -16,11 +16,13 @@ from dblocks.blocks import AssembledModel, BlockDenoiser, DenoiserOutput
 @torch.no_grad()
 def euler_sample(model: AssembledModel, z: torch.Tensor, grid: list[float], cond: torch.Tensor | None,
                  guidance: float = 1.0, null_cond: torch.Tensor | None = None,
-                 progress: bool = False) -> tuple[torch.Tensor, DenoiserOutput]:
+                 progress: bool = False, cache=None) -> tuple[torch.Tensor, DenoiserOutput]:
     """Integrate the probability-flow ODE along ``grid`` (descending sigmas, len = steps + 1).
 
     With ``guidance != 1`` and a ``null_cond``, classifier-free guidance combines conditional and
-    unconditional predictions, D = D_u + s (D_c - D_u), in one batched call of the same block."""
+    unconditional predictions, D = D_u + s (D_c - D_u), in one batched call of the same block. A KV cache
+    (dblocks.layers.KVCache; text generation, unguided) goes to every step's call, each a run of its block's
+    layers with keys of its own (they depend on sigma)."""
     guided = guidance != 1.0 and null_cond is not None
     out = None
     for sigma, sigma_next in tqdm(list(zip(grid[:-1], grid[1:])), desc="sample", disable=not progress,
@@ -30,7 +32,7 @@ def euler_sample(model: AssembledModel, z: torch.Tensor, grid: list[float], cond
             d_cond, d_uncond = both.denoised.chunk(2)
             out = DenoiserOutput(raw=both.raw.chunk(2)[0], denoised=d_uncond + guidance * (d_cond - d_uncond))
         else:
-            out = model(z, sigma, cond)
+            out = model(z, sigma, cond, cache) if cache is not None else model(z, sigma, cond)
         z = edm.euler_step(z, out.denoised, sigma, sigma_next)
     return z, out
 

@@ -11,7 +11,14 @@ its token (:func:`predictive_logits`); that is what plain next-token quality sco
 
 Block-wise runs always use the full context (the clean/noisy mask is built for it): to produce token k the
 clean half holds the prefix (later positions hold padding, which the noisy slot k cannot see: it attends to
-clean j < k only) and noisy slot k starts from sigma_max noise."""
+clean j < k only) and noisy slot k starts from sigma_max noise.
+
+Generation keeps a KV cache by default (dblocks.layers.KVCache): each token runs the layers on the positions it
+adds only (the baseline: the new token; block-wise: the clean token committed last and noisy slot k; Huginn: the
+new position), attending to the keys the earlier positions left, instead of recomputing the whole context.
+adaLN modulates every layer by c, so a block-wise model keeps the clean prefix's keys once per grid step (c
+depends on sigma) and Huginn once per recurrence iteration or Euler step. ``cache=False`` recomputes everything
+and gives the same tokens (up to float rounding); it is what the tests compare the cache against."""
 
 from __future__ import annotations
 
@@ -21,11 +28,22 @@ import torch
 import torch.nn.functional as F
 
 from dblocks.blocks import AssembledModel, BlockDenoiser
+from dblocks.layers import KVCache
 from dblocks.sample import euler_sample, initial_noise
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def _new_rows(cache: KVCache | None, length: int) -> int:
+    """Where the positions a causal sequence now ``length`` long needs computed begin: 0 without a cache; with one,
+    after those it kept, and the cache's next token computes (and keeps) the rest."""
+    if cache is None:
+        return 0
+    start = cache.length
+    cache.advance(torch.arange(start, length))
+    return start
 
 
 def sigma_grid(model: AssembledModel, steps: int | None = None) -> list[float]:
@@ -54,23 +72,28 @@ def predictive_logits(model: AssembledModel, tokens: torch.Tensor, generator: to
 
 @torch.no_grad()
 def denoised_logits(model: AssembledModel, tokens: torch.Tensor, generator: torch.Generator,
-                    steps: int | None = None, start_noise: float = 1.0) -> torch.Tensor:
+                    steps: int | None = None, start_noise: float = 1.0, cache: KVCache | None = None) -> torch.Tensor:
     """logits_i for token x_i at every position at once (teacher forcing: noisy slots are independent given
     the clean tokens), after the B-step chain (or ``steps`` steps, :func:`sigma_grid`) from sigma_max noise; the last
     step's block gives the logits. ``start_noise`` scales the starting noise (1: the sampler; below 1 it
-    leans toward the most likely token, as a temperature below 1 does; 0: a deterministic chain)."""
+    leans toward the most likely token, as a temperature below 1 does; 0: a deterministic chain). With a KV
+    ``cache`` (generation), ``tokens`` are the clean tokens of its current rows and only its noisy slots run, from
+    the noise drawn for every slot all the same (the generator's draws do not depend on the cache)."""
     grid = sigma_grid(model, steps)
     z = start_noise * initial_noise((tokens.shape[0], *model.task.target_shape), grid[0], generator, _device(model))
-    _, out = euler_sample(model, z, grid, tokens.to(_device(model)))
+    if cache is not None:
+        z = z[:, cache.positions[cache.keep:] - model.task.seq_len]
+    _, out = euler_sample(model, z, grid, tokens.to(_device(model)), cache=cache)
     return out.raw
 
 
 @torch.no_grad()
-def generate_blockwise(model: AssembledModel, prompts: torch.Tensor, new_tokens: int,
-                       generator: torch.Generator, steps: int | None = None, start_noise: float = 1.0) -> torch.Tensor:
+def generate_blockwise(model: AssembledModel, prompts: torch.Tensor, new_tokens: int, generator: torch.Generator,
+                       steps: int | None = None, start_noise: float = 1.0, cache: bool = True) -> torch.Tensor:
     """Continuations (N, new_tokens) of ``prompts`` (N, P): B denoising steps per token (or ``steps``), each
     token the argmax of the last block's logits. The chain from noise samples the token (the argmax reads off
-    what it committed to); ``start_noise`` below 1 makes it greedier (:func:`denoised_logits`)."""
+    what it committed to); ``start_noise`` below 1 makes it greedier (:func:`denoised_logits`). ``cache``: a KV
+    cache per grid step and layer (module docstring); each step runs its block on two positions."""
     model.eval()
     context = model.task.seq_len
     n, p = prompts.shape
@@ -78,8 +101,14 @@ def generate_blockwise(model: AssembledModel, prompts: torch.Tensor, new_tokens:
         raise ValueError(f"prompt ({p}) + new tokens ({new_tokens}) exceed the context of {context} tokens")
     tokens = torch.zeros(n, context, dtype=torch.long, device=_device(model))
     tokens[:, :p] = prompts.to(tokens.device)
+    kv = KVCache() if cache else None
     for k in range(p, p + new_tokens):
-        tokens[:, k] = denoised_logits(model, tokens, generator, steps, start_noise)[:, k].argmax(-1)
+        rows, slot = tokens, k
+        if kv is not None:  # the clean tokens the cache lacks (the prompt, then the one committed last), noisy slot k
+            start = kv.length
+            kv.advance(torch.cat([torch.arange(start, k), torch.tensor([context + k])]), keep=k - start)
+            rows, slot = tokens[:, start:k], -1
+        tokens[:, k] = denoised_logits(model, rows, generator, steps, start_noise, kv)[:, slot].argmax(-1)
     return tokens[:, p:p + new_tokens].cpu()
 
 
@@ -94,12 +123,14 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_baseline(model: BlockDenoiser, prompts: torch.Tensor, new_tokens: int, generator: torch.Generator,
-                      top_p: float = 0.95) -> torch.Tensor:
-    """Top-p samples (N, new_tokens) from the end-to-end next-token model."""
+                      top_p: float = 0.95, cache: bool = True) -> torch.Tensor:
+    """Top-p samples (N, new_tokens) from the end-to-end next-token model (``cache``: a KV cache, one new
+    position per token)."""
     model.eval()
     tokens = prompts.to(_device(model))
+    kv = KVCache() if cache else None
     for _ in range(new_tokens):
-        logits = model.network(None, tokens, None)[:, -1].float()
+        logits = model.network(None, tokens[:, _new_rows(kv, tokens.shape[1]):], None, kv)[:, -1].float()
         probs = top_p_filter(logits, top_p).softmax(-1)
         nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(tokens.device)
         tokens = torch.cat([tokens, nxt], dim=1)
@@ -165,26 +196,50 @@ def recurrent_depth_logits(model, tokens: torch.Tensor, iterations: int, generat
     """Next-token logits at every position of ``tokens`` (N, t) after K = ``iterations`` iterations.
     Block-wise: K Euler steps from sigma_max on the equal-mass grid, one denoiser call (one pass of the
     recurrent block) each; end-to-end: K recurrences of the block from a random state."""
+    tokens = tokens.to(_device(model))
+    return _recurrent_logits(model, tokens, _recurrent_start(model, *tokens.shape, iterations, generator), iterations)
+
+
+def _recurrent_start(model, n: int, positions: int, iterations: int, generator: torch.Generator) -> torch.Tensor:
+    """Starting states of ``positions`` positions: the block-wise chain's sigma_max noise, the baseline's random
+    latent state (as dblocks.models.huginn.recurrent_logits draws it)."""
+    if isinstance(model, AssembledModel):
+        sigma_max = model.partition.dist.quantile_grid(iterations)[0]
+        return initial_noise((n, positions, model.task.embedding.shape[1]), sigma_max, generator, _device(model))
+    return torch.randn(n, positions, model.stem.width, generator=generator)
+
+
+def _recurrent_logits(model, tokens: torch.Tensor, start: torch.Tensor, iterations: int,
+                      cache: KVCache | None = None) -> torch.Tensor:
+    """:func:`recurrent_depth_logits` from given starting states (with a KV cache: of its current rows)."""
     from dblocks.models.huginn import recurrent_logits
 
-    tokens = tokens.to(_device(model))
     if isinstance(model, AssembledModel):
-        grid = model.partition.dist.quantile_grid(iterations)
-        z = initial_noise((tokens.shape[0], tokens.shape[1], model.task.embedding.shape[1]), grid[0], generator,
-                          tokens.device)
-        _, out = euler_sample(model, z, grid, tokens)
+        _, out = euler_sample(model, start, model.partition.dist.quantile_grid(iterations), tokens, cache=cache)
         return out.raw
-    return recurrent_logits(model, tokens, iterations, None, generator)
+    return recurrent_logits(model, tokens, iterations, state=start, cache=cache)
 
 
 @torch.no_grad()
 def generate_recurrent(model, prompts: torch.Tensor, new_tokens: int, iterations: int, generator: torch.Generator,
-                       top_p: float = 0.95) -> torch.Tensor:
-    """Continuations (N, new_tokens): the block-wise model decodes greedily, the baseline with top-p."""
+                       top_p: float = 0.95, cache: bool = True) -> torch.Tensor:
+    """Continuations (N, new_tokens): the block-wise model decodes greedily, the baseline with top-p.
+
+    Every position's starting state (:func:`_recurrent_start`) is drawn once, when the position first runs, and
+    kept: a new token leaves the earlier positions as they were computed (Huginn's own decoding; they attend
+    causally, so appending a token changes none of them). That is what lets ``cache`` keep their keys per Euler
+    step or iteration and layer and run each token's new position only; False recomputes every position from
+    the same kept starts (the same tokens)."""
     model.eval()
     tokens = prompts.to(_device(model))
+    kv = KVCache() if cache else None
+    starts = None
     for _ in range(new_tokens):
-        logits = recurrent_depth_logits(model, tokens, iterations, generator)[:, -1].float()
+        done = 0 if starts is None else starts.shape[1]
+        new = _recurrent_start(model, tokens.shape[0], tokens.shape[1] - done, iterations, generator)
+        starts = new if starts is None else torch.cat([starts, new], dim=1)
+        first = _new_rows(kv, tokens.shape[1])
+        logits = _recurrent_logits(model, tokens[:, first:], starts[:, first:], iterations, kv)[:, -1].float()
         if isinstance(model, AssembledModel):
             nxt = logits.argmax(-1, keepdim=True)
         else:

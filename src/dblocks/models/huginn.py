@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from dblocks.layers import AdaLNZeroLayer, FinalLayer, NoiseEmbedding
+from dblocks.layers import AdaLNZeroLayer, FinalLayer, KVCache, NoiseEmbedding
 
 
 def _causal_layers(count: int, width: int, heads: int, mlp_ratio: float, context: int) -> nn.ModuleList:
@@ -54,20 +54,22 @@ class HuginnStem(nn.Module):
             return self.noise_embed(c_noise)
         return self.constant_cond.expand(tokens.shape[0], -1)
 
-    def encode(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """e: the prelude's output, computed once per sequence."""
-        e = self.token_embed(tokens) + self.pos_embed[:, : tokens.shape[1]]
+    def encode(self, tokens: torch.Tensor, c: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """e: the prelude's output, computed once per sequence (with a KV cache: for its current rows,
+        ``tokens`` being theirs)."""
+        at = slice(None, tokens.shape[1]) if cache is None else cache.positions
+        e = self.token_embed(tokens) + self.pos_embed[:, at]
         for layer in self.prelude:
-            e = layer(e, c)
+            e = layer(e, c, cache)
         return e
 
     def inject(self, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return self.adapter(torch.cat([state, e], dim=-1))
 
-    def forward(self, z_in, tokens, c_noise):
+    def forward(self, z_in, tokens, c_noise, cache=None):
         """DiffusionBlocks mode: the recurrent block's input from the noisy target embeddings."""
         c = self.condition(tokens, c_noise)
-        return self.inject(self.target_embed(z_in), self.encode(tokens, c)), c
+        return self.inject(self.target_embed(z_in), self.encode(tokens, c, cache)), c
 
 
 class HuginnHead(nn.Module):
@@ -77,9 +79,9 @@ class HuginnHead(nn.Module):
         self.coda = _causal_layers(coda, width, heads, mlp_ratio, context)
         self.final = FinalLayer(width, vocab_size)
 
-    def forward(self, h, c):
+    def forward(self, h, c, cache=None):
         for layer in self.coda:
-            h = layer(h, c)
+            h = layer(h, c, cache)
         return self.final(h, c)
 
 
@@ -92,13 +94,15 @@ def sample_recurrence(mean: int, generator: torch.Generator, sigma: float = 0.5)
 
 
 def recurrent_logits(model, tokens: torch.Tensor, recurrence: int, backprop_depth: int | None = None,
-                     generator: torch.Generator | None = None, state: torch.Tensor | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, state: torch.Tensor | None = None,
+                     cache: KVCache | None = None) -> torch.Tensor:
     """End-to-end Huginn: prelude once, the recurrent block ``recurrence`` times from a random state (``state``,
     else drawn from ``generator``), coda. Only the last ``backprop_depth`` iterations are differentiated
-    (truncated BPTT; None: all)."""
+    (truncated BPTT; None: all). With a KV cache (generation), ``tokens`` and ``state`` are its current rows:
+    iteration i's calls are the recurrent layers' i-th run, which keeps the keys of iteration i."""
     stem, head = model.stem, model.head
     c = stem.condition(tokens, None)
-    e = stem.encode(tokens, c)
+    e = stem.encode(tokens, c, cache)
     device = tokens.device
     if state is None:
         state = torch.randn(*e.shape, generator=generator, device="cpu" if generator is not None else device)
@@ -108,6 +112,6 @@ def recurrent_logits(model, tokens: torch.Tensor, recurrence: int, backprop_dept
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= frozen):
             h = stem.inject(state, e)
             for layer in model.layers:
-                h = layer(h, c)
+                h = layer(h, c, cache)
             state = h
-    return head(state, c)
+    return head(state, c, cache)

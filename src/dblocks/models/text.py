@@ -64,20 +64,31 @@ class ARStem(nn.Module):
         else:
             self.constant_cond = nn.Parameter(torch.zeros(1, width))
 
-    def forward(self, z_in, tokens, c_noise):
+    def forward(self, z_in, tokens, c_noise, cache=None):
+        """With a KV cache (dblocks.layers.KVCache, generation), the rows of its current token only: ``tokens``
+        are the clean tokens at its first positions, ``z_in`` the noisy slots after them (at context + i)."""
         t = tokens.shape[1]
-        if t > self.context:
-            raise ValueError(f"sequence of {t} tokens is longer than the context {self.context}")
-        pos = self.pos_embed[:, :t] if self.pos_embed is not None else 0.0
-        clean = self.token_embed(tokens) + pos
+        if cache is None:
+            clean_at = noisy_at = slice(None, t)
+            end = t
+        else:
+            clean_at, noisy_at = cache.positions[:t], cache.positions[t:] - self.context
+            end = int(clean_at[-1]) + 1 if t else 0
+        if end > self.context:
+            raise ValueError(f"sequence of {end} tokens is longer than the context {self.context}")
+        clean = self.token_embed(tokens) + self._positions(clean_at)
         if not self.noisy_target:
             return clean, self.constant_cond.expand(tokens.shape[0], -1)
-        if z_in.shape[1] != self.context or t != z_in.shape[1]:
+        if cache is None and (z_in.shape[1] != self.context or t != z_in.shape[1]):
             # the clean/noisy mask is built for the full context: block-wise runs always use all of it
             raise ValueError(f"block-wise AR runs need {self.context} clean and noisy positions, "
                              f"got {t} and {z_in.shape[1]}")
-        noisy = self.target_embed(z_in) + pos + self.noisy_marker
+        noisy = self.target_embed(z_in) + self._positions(noisy_at) + self.noisy_marker
         return torch.cat([clean, noisy], dim=1), self.noise_embed(c_noise)
+
+    def _positions(self, at):
+        """The learned position embeddings at ``at`` (a slice or positions), or 0: rotary positions instead."""
+        return self.pos_embed[:, at] if self.pos_embed is not None else 0.0
 
 
 class LastPositionsHead(nn.Module):
@@ -89,6 +100,9 @@ class LastPositionsHead(nn.Module):
         self.final = FinalLayer(width, vocab_size)
         self.seq_len = seq_len
 
-    def forward(self, h, c):
+    def forward(self, h, c, cache=None):
+        if cache is not None:  # a KV cache's rows (dblocks.layers.KVCache): the noisy slots among them, if any
+            noisy = cache.positions >= self.seq_len
+            return self.final(h[:, noisy.to(h.device)] if noisy.any() else h, c)
         half = h.shape[1] // 2 if h.shape[1] == 2 * self.seq_len else h.shape[1]
         return self.final(h[:, -half:], c)
