@@ -17,8 +17,9 @@ Generation keeps a KV cache by default (dblocks.layers.KVCache): each token runs
 adds only (the baseline: the new token; block-wise: the clean token committed last and noisy slot k; Huginn: the
 new position), attending to the keys the earlier positions left, instead of recomputing the whole context.
 adaLN modulates every layer by c, so a block-wise model keeps the clean prefix's keys once per grid step (c
-depends on sigma) and Huginn once per recurrence iteration or Euler step. ``cache=False`` recomputes everything
-and gives the same tokens (up to float rounding); it is what the tests compare the cache against."""
+depends on sigma) and Huginn once per recurrence iteration or Euler step (its positions keep the random start
+they were first given: :func:`generate_recurrent`). ``cache=False`` recomputes everything and gives the same
+tokens (up to float rounding); it is what the tests compare the cache against."""
 
 from __future__ import annotations
 
