@@ -1,6 +1,9 @@
 """Huginn-style recurrent depth (Geiping et al. 2025): prelude (2 layers) -> a recurrent block (4 layers,
 applied r times to a latent state s together with the prelude's output e through an adapter) -> coda
-(2 layers) -> next-token logits. All layers are causal adaLN-Zero layers (dblocks.layers).
+(2 layers) -> next-token logits. All layers are causal adaLN-Zero layers (dblocks.layers) of the architecture's
+layer style: Llama layers (Huginn's own) carry rotary positions and the stem adds none; DiT layers get learned
+absolute positions from the stem, which a narrow model learns slowly (Huginn-tiny with them stayed near the
+byte unigram entropy after its training budget).
 
 The parts fit dblocks.blocks.BlockDenoiser: the stem holds the token embedding, the prelude and the adapter;
 ``layers`` are the recurrent block; the head holds the coda and the read-out. Two ways to run them:
@@ -23,9 +26,11 @@ from torch import nn
 from dblocks.layers import AdaLNZeroLayer, FinalLayer, KVCache, NoiseEmbedding
 
 
-def _causal_layers(count: int, width: int, heads: int, mlp_ratio: float, context: int) -> nn.ModuleList:
+def _causal_layers(count: int, width: int, heads: int, mlp_ratio: float, context: int, style: str) -> nn.ModuleList:
     mask = torch.ones(context, context, dtype=torch.bool).tril()
-    layers = nn.ModuleList(AdaLNZeroLayer(width, heads, mlp_ratio) for _ in range(count))
+    rope = context if style == "llama" else None
+    layers = nn.ModuleList(AdaLNZeroLayer(width, heads, mlp_ratio, style=style, rope_period=rope)
+                           for _ in range(count))
     for layer in layers:
         layer.attn_mask = mask
     return layers
@@ -33,13 +38,16 @@ def _causal_layers(count: int, width: int, heads: int, mlp_ratio: float, context
 
 class HuginnStem(nn.Module):
     def __init__(self, vocab_size: int, context: int, width: int, heads: int, target_dim: int,
-                 noisy_target: bool, prelude: int = 2, mlp_ratio: float = 4.0) -> None:
+                 noisy_target: bool, prelude: int = 2, mlp_ratio: float = 4.0, style: str = "dit") -> None:
         super().__init__()
         self.token_embed = nn.Embedding(vocab_size, width)
-        self.pos_embed = nn.Parameter(torch.zeros(1, context, width))
         nn.init.normal_(self.token_embed.weight, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.prelude = _causal_layers(prelude, width, heads, mlp_ratio, context)
+        if style == "llama":
+            self.pos_embed = None  # rotary positions in the layers
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, context, width))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.prelude = _causal_layers(prelude, width, heads, mlp_ratio, context, style)
         self.adapter = nn.Linear(2 * width, width)  # [s; e] -> the recurrent block's input
         self.noisy_target = noisy_target
         self.width = width
@@ -58,7 +66,9 @@ class HuginnStem(nn.Module):
         """e: the prelude's output, computed once per sequence (with a KV cache: for its current rows,
         ``tokens`` being theirs)."""
         at = slice(None, tokens.shape[1]) if cache is None else cache.positions
-        e = self.token_embed(tokens) + self.pos_embed[:, at]
+        e = self.token_embed(tokens)
+        if self.pos_embed is not None:
+            e = e + self.pos_embed[:, at]
         for layer in self.prelude:
             e = layer(e, c, cache)
         return e
@@ -74,9 +84,9 @@ class HuginnStem(nn.Module):
 
 class HuginnHead(nn.Module):
     def __init__(self, vocab_size: int, context: int, width: int, heads: int, coda: int = 2,
-                 mlp_ratio: float = 4.0) -> None:
+                 mlp_ratio: float = 4.0, style: str = "dit") -> None:
         super().__init__()
-        self.coda = _causal_layers(coda, width, heads, mlp_ratio, context)
+        self.coda = _causal_layers(coda, width, heads, mlp_ratio, context, style)
         self.final = FinalLayer(width, vocab_size)
 
     def forward(self, h, c, cache=None):

@@ -39,7 +39,7 @@ class Architecture:
                           absolute_positions=s.layer_style != "llama")
         if s.family == "huginn":
             return HuginnStem(self.num_classes, s.context, s.width, s.heads, self.target_dim, noisy_target,
-                              mlp_ratio=s.mlp_ratio)
+                              mlp_ratio=s.mlp_ratio, style=s.layer_style)
         return DiTStem(self.image_shape, s.patch, s.width, self.num_classes)
 
     def layers(self, count: int) -> list[nn.Module]:
@@ -65,5 +65,6 @@ class Architecture:
         if s.family == "ar":
             return LastPositionsHead(s.width, self.num_classes, s.context)
         if s.family == "huginn":
-            return HuginnHead(self.num_classes, s.context, s.width, s.heads, mlp_ratio=s.mlp_ratio)
+            return HuginnHead(self.num_classes, s.context, s.width, s.heads, mlp_ratio=s.mlp_ratio,
+                              style=s.layer_style)
         return DiTHead(self.image_shape, s.patch, s.width)
