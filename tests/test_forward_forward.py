@@ -87,14 +87,14 @@ def test_no_gradient_crosses_a_unit_boundary(layers_per_unit):
     # and the total's gradient is the sum of the units' own: a backward hook on a later unit's output sees
     # only that unit's loss
     seen = []
-    outputs = model.unit_outputs(batch["image"], batch["label"])
+    outputs = list(model.unit_outputs(batch["image"], batch["label"]))
     outputs[1].register_hook(lambda g: seen.append(g.clone()))
     sum(goodness(h).sum() for h in outputs).backward()
     assert len(seen) == 1 and torch.allclose(seen[0], 2 * outputs[1].detach() / outputs[1][0].numel())
 
 
 def test_forward_forward_learns_digits():
-    """ViT-micro (3 layers, width 32), 300 steps of batch 64. Measured: 86.9 % test accuracy, chance 10 %."""
+    """ViT-micro (3 layers, width 32), 300 steps of batch 64. Measured: 80.0 % test accuracy, chance 10 %."""
     train, test = load_image_dataset("digits", "train"), load_image_dataset("digits", "test")
     state = train_forward_forward("ViT-micro", train, steps=300)
     model = forward_forward("ViT-micro", train.shape, 10, state)

@@ -23,7 +23,8 @@ What the paper (Hinton) does, and how it maps onto the ViT here:
 * **Classification** (section 3.3): run the image with every label, accumulate goodness over the units and
   pick the label with the most. The paper leaves the first hidden layer out of the sum; here it is in by
   default (``skip_first=False``), because the first unit holds the stem, the only part that sees the label
-  and the pixels directly: on the digits, ViT-micro after 300 steps reads 87 % with it and 68 % without.
+  and the pixels directly: on the digits it reads better with it (ViT-tiny, 1000 steps: 81 % vs 78 %;
+  ViT-micro, 300 steps: 80 % vs 71 %).
 
 A *unit* is ``layers_per_unit`` consecutive ViT layers (default 1: every layer learns on its own; 4 gives
 the B = 3 blocks of 4 layers of DiffusionBlocks' ViT, each trained end to end inside). The layers are the
@@ -37,7 +38,7 @@ units' step sizes.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +53,12 @@ from dblocks.train import Objective, train
 Batch = dict[str, torch.Tensor]
 
 #: the project's ViT-tiny settings (params/tiny.yaml) with clipping off (see above) and lr 1e-2: measured on
-#: the digits, 300 steps of ViT-micro reach 87 % at 1e-2 and 76 % at the ViT's 2e-3
+#: the digits, 300 steps of ViT-micro reach 80 % at 1e-2 and 56 % at the ViT's 2e-3
 FF_TRAIN = {"lr": 1e-2, "batch_size": 64, "warmup": 50, "schedule": "cosine", "grad_clip": None}
 
-#: the goodness threshold: a unit starts as the identity on RMS-1 tokens, goodness 1, so positives are pushed
-#: above 1 and negatives below
-THRESHOLD = 1.0
+#: the goodness threshold. A unit starts as the identity on RMS-1 tokens, goodness 1; measured on the digits
+#: (ViT-tiny, 1000 steps): 81 % test accuracy at threshold 2, 67 % at 1
+THRESHOLD = 2.0
 
 
 def goodness(h: torch.Tensor) -> torch.Tensor:
@@ -118,14 +119,14 @@ class ForwardForwardViT(nn.Module):
         token = F.one_hot(labels, patches.shape[-1]).to(patches.dtype).unsqueeze(1)
         return torch.cat([token, patches], dim=1) + self.pos_embed
 
-    def unit_outputs(self, images: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-        """Every unit's output. Each unit reads the previous output normalised and detached (the stem's output
-        is not detached: the stem is part of the first unit)."""
-        h, outputs = self.embed(images, labels), []
+    def unit_outputs(self, images: torch.Tensor, labels: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Every unit's output, one at a time (classifying C labels at once need not hold them all). Each unit
+        reads the previous output normalised and detached (the stem's output is not detached: the stem is
+        part of the first unit)."""
+        h = self.embed(images, labels)
         for i, unit in enumerate(self.units):
             h = unit(normalise(h if i == 0 else h.detach()))
-            outputs.append(h)
-        return outputs
+            yield h
 
     def unit_losses(self, images: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> list[torch.Tensor]:
         """Each unit's local loss on the images with labels ``positive`` and ``negative``, one pass for both."""
@@ -150,8 +151,8 @@ class ForwardForwardViT(nn.Module):
         n, classes = len(images), self.num_classes
         labels = torch.arange(classes, device=images.device).repeat(n)
         outputs = self.unit_outputs(images.repeat_interleave(classes, dim=0), labels)
-        counted = outputs[1:] if self.skip_first and len(outputs) > 1 else outputs
-        return sum(goodness(h) for h in counted).reshape(n, classes)
+        skip = 1 if self.skip_first and len(self.units) > 1 else 0
+        return sum(goodness(h) for i, h in enumerate(outputs) if i >= skip).reshape(n, classes)
 
     def classify(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The label with the highest accumulated goodness (deterministic: ``generator`` is unused)."""
