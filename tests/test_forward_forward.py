@@ -49,9 +49,16 @@ def test_goodness_and_loss_by_hand():
 def test_label_token_is_the_one_hot_label():
     model = ForwardForwardViT("ViT-micro", (1, 8, 8), 10)
     tokens = model.embed(torch.zeros(2, 1, 8, 8), torch.tensor([3, 7])) - model.pos_embed
-    assert torch.equal(tokens[:, 0], torch.nn.functional.one_hot(torch.tensor([3, 7]), 32).float())
+    assert torch.allclose(tokens[:, 0], torch.nn.functional.one_hot(torch.tensor([3, 7]), 32).float(), atol=1e-6)
     with pytest.raises(ValueError, match="width >= 100"):
         ForwardForwardViT("ViT-micro", (1, 8, 8), 100)
+
+
+def test_paper_vit_runs_on_cifar100_shapes():
+    model = ForwardForwardViT("ViT-paper", (3, 32, 32), 100).eval()
+    assert len(model.units) == 12 and model.classify(torch.zeros(2, 3, 32, 32)).shape == (2,)
+    with pytest.raises(ValueError, match="does not divide depth 12"):
+        ForwardForwardViT("ViT-paper", (3, 32, 32), 100, layers_per_unit=5)
 
 
 def test_negative_labels_are_wrong_and_cover_every_other_class():

@@ -172,6 +172,17 @@ def test_fm_loss_and_ct_loss_are_the_formulas():
     assert ct.loss(batch).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_paper_sizes_run_on_cifar100_shapes():
+    images, generator = torch.zeros(2, 3, 32, 32), torch.Generator().manual_seed(0)
+    block = dt_block("NoProp-paper", (3, 32, 32), 100).eval()
+    assert block(images, torch.zeros(2, 100)).shape == (2, 100)
+    for variant in ("ct", "fm"):
+        model = npm.CONTINUOUS[variant]("NoProp-paper", (3, 32, 32), 100).eval()
+        assert model.classify(images, generator, steps=2).shape == (2,)
+    with pytest.raises(ValueError, match="allowed: NoProp-paper, NoProp-tiny"):
+        dt_block("NoProp-huge", (3, 32, 32), 100)
+
+
 # ----------------------------------------------------------------------------------- independence
 
 
