@@ -218,7 +218,7 @@ def test_dt_block_job_builds_only_its_own_block(digits, monkeypatch):
 
 
 def test_training_dt_block_t_leaves_every_other_part_untouched(digits, monkeypatch):
-    train, test = digits
+    train, _ = digits
     torch.manual_seed(0)
     blocks = [dt_block(SPEC, train.shape, 10) for _ in range(10)]
     head = dt_head(10)

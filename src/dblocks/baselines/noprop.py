@@ -425,7 +425,8 @@ class NoPropFM(nn.Module):
 
     def draw(self, batch: Batch, gen: torch.Generator) -> Batch:
         n, d, device = len(batch["label"]), self.embeddings.shape[1], batch["label"].device
-        return {**batch, "time": torch.rand(n, generator=gen).to(device), "noise": _standard_normal((n, d), gen, device)}
+        return {**batch, "time": torch.rand(n, generator=gen).to(device),
+                "noise": _standard_normal((n, d), gen, device)}
 
     def loss(self, batch: Batch) -> torch.Tensor:
         u, z0, t = self.embeddings[batch["label"]], batch["noise"], batch["time"]
