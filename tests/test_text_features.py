@@ -109,8 +109,28 @@ def test_word_rate_counts_whole_words_of_the_training_vocabulary(train, profile,
     assert whole_words(" read it. ") == ["read", "it"] and whole_words("xyz") == []
     toy = NgramProfile("the cat sat on the mat", max_order=2)
     assert toy.word_rate([" the dog sat "]) == pytest.approx(2 / 3)
-    assert np.isnan(toy.word_rate(["", "abc"]))
+    assert toy.word_rate(["", "abc"]) == 0.0  # no whole word
     _, others = held_out
     continuations = _text([w[PROMPT:] for w in others])
     assert profile.word_rate(continuations) > 0.9  # measured 0.96
     assert profile.word_rate(_text([w[PROMPT:] for w in _salad(train, others, 0)])) < 0.5  # measured 0.30
+
+
+def test_cli_evaluates_ngram_mauve_offline(tmp_path, capsys):
+    import json
+
+    from dblocks.cli import main
+
+    cfg = tmp_path / "ar.yaml"
+    cfg.write_text(json.dumps({"name": "ar-micro", "task": "ar_text", "arch": "AR-micro", "dataset": "shakespeare",
+                               "blocks": 2, "device": "cpu", "train": {"steps": 2, "batch_size": 4, "warmup": 1}}))
+    assert main(["train-baseline", "--config", str(cfg), "--no-progress", "--out", str(tmp_path / "e.safetensors")]) == 0
+    args = ["evaluate", str(tmp_path / "e.safetensors"), "--out", str(tmp_path / "m.json"), "--prompts", "6",
+            "--continuations", "2", "--new-tokens", "6", "--max-windows", "4", "--mauve-features"]
+    assert main([*args, "ngram"]) == 0
+    record = json.loads((tmp_path / "m.json").read_text())
+    assert 0 <= record["mauve_ngram"] <= 1 and "n-gram models" in record["mauve_ngram_label"]
+    assert 0 <= record["train_word_rate"] <= 1 and 0 <= record["train_word_rate_reference"] <= 1
+    assert "mauve_ngram" in capsys.readouterr().out
+    assert main([*args, "bigram"]) == 2
+    assert "allowed: reference-lm, minilm, ngram, gpt2-large" in capsys.readouterr().err

@@ -645,9 +645,9 @@ def cmd_evaluate(args) -> None:
                           ("--new-tokens", args.new_tokens)):
         if value is not None and value < 1:
             raise UsageError(f"{option} {value}: allowed: an integer >= 1")
-    bad = sorted(set(args.mauve_features) - {"reference-lm", "minilm", "gpt2-large"})
+    bad = sorted(set(args.mauve_features) - {"reference-lm", "minilm", "ngram", "gpt2-large"})
     if bad:
-        raise UsageError(f"--mauve-features {bad[0]!r}: allowed: reference-lm, minilm, gpt2-large")
+        raise UsageError(f"--mauve-features {bad[0]!r}: allowed: reference-lm, minilm, ngram, gpt2-large")
     from dblocks.metrics.gen_ppl import HF_JUDGES
 
     bad = sorted(set(args.hf_judges) - set(HF_JUDGES))
@@ -721,7 +721,9 @@ def cmd_evaluate(args) -> None:
                 result = evaluate_ar_lm(model, exp, data, judge=judge, seed=args.seed, prompts=args.prompts,
                                         continuations=args.continuations, new_tokens=args.new_tokens,
                                         max_windows=args.max_windows, featurizers=tuple(args.mauve_features),
-                                        hf_judges=tuple(args.hf_judges))
+                                        hf_judges=tuple(args.hf_judges),
+                                        train_data=exp.load_data("train", args.data)
+                                        if "ngram" in args.mauve_features else None)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
             except OSError as exc:  # a hub model that cannot be downloaded (offline) or found
@@ -730,7 +732,7 @@ def cmd_evaluate(args) -> None:
             distributed.teardown()
             if result is None:  # another rank of a data-parallel evaluation: rank 0 scored its continuations
                 return
-            summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("mauve_reference", "mauve_minilm",
+            summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("mauve_reference", "mauve_minilm", "mauve_ngram",
                                                                   "gen_ppl_reference", "next_token_bits")
                                 if k in result)
         elif text:
@@ -1062,8 +1064,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-judges", nargs="*",
                    help="AR text: generative perplexity under pretrained judges (online): gpt2-xl, llama2")
     p.add_argument("--mauve-features", nargs="*",
-                   help="AR text: MAUVE featurizers: reference-lm (needs --judge), minilm (offline), "
-                        "gpt2-large (online, the paper's)")
+                   help="AR text: MAUVE featurizers: reference-lm (needs --judge), minilm (offline), ngram "
+                        "(offline; n-gram surprisal under the training split), gpt2-large (online, the paper's)")
     p.add_argument("--no-progress", action="store_true")
     _track_option(p)
 

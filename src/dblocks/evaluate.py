@@ -176,7 +176,8 @@ def in_chunks(fn, rows: torch.Tensor, size: int, seed: int, purpose: str, device
 def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, prompts: int = 100,
                    continuations: int = 5, new_tokens: int = 50, max_windows: int | None = None,
                    featurizers: tuple[str, ...] = ("reference-lm", "minilm"), hf_judges: tuple[str, ...] = (),
-                   steps_per_token: int | None = None, start_noise: float = 1.0, top_p: float = 0.95) -> dict | None:
+                   steps_per_token: int | None = None, start_noise: float = 1.0, top_p: float = 0.95,
+                   train_data=None) -> dict | None:
     """The paper's protocol at any scale: prompts from held-out windows, ``continuations`` continuations of
     ``new_tokens`` tokens each (block-wise: B denoising steps per token, greedy; end-to-end: top-p 0.95),
     MAUVE against the windows' true continuations, generative perplexity under ``judge`` and plain
@@ -184,6 +185,7 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
     LM offline, labelled so); without it only next-token quality and the samples are reported.
     ``steps_per_token`` and ``start_noise`` change the block-wise sampler (:func:`dblocks.text_generation.
     generate_blockwise`; None and 1: the paper's B steps from sigma_max noise), ``top_p`` the baseline's.
+    ``train_data``: the training split that the ``ngram`` featurizer counts (None: loaded from the source).
 
     Continuations are generated ``sample.batch_size`` prompts at a time (:func:`in_chunks`); in a data-parallel
     job the ranks share the chunks and rank 0 scores (the others return None)."""
@@ -260,6 +262,15 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
     if "minilm" in featurizers:
         record["mauve_minilm"] = mauve_from_features(minilm_features(p_text), minilm_features(q_text), seed)
         record["mauve_minilm_label"] = MINILM_LABEL
+    if "ngram" in featurizers:  # offline and order-sensitive: n-gram surprisal profiles (training split counts)
+        from dblocks.metrics.text_features import NGRAM_LABEL, NgramProfile
+
+        ngrams = NgramProfile.from_dataset(train_data if train_data is not None else exp.load_data("train"))
+        record["mauve_ngram"] = mauve_from_features(ngrams.features(p_text), ngrams.features(q_text), seed)
+        record["mauve_ngram_label"] = NGRAM_LABEL
+        # beside it: the share of the continuations' whole words that are training-split words
+        record["train_word_rate"] = ngrams.word_rate([data.decode(g) for g in generated])
+        record["train_word_rate_reference"] = ngrams.word_rate([data.decode(w[prompt_len:context]) for w in windows])
     if judge is not None:
         nll = continuation_nll(judge, prompt, generated)
         record.update({"gen_ppl_reference": math.exp(nll), "gen_nll_reference": nll,

@@ -6,6 +6,10 @@
   (:func:`reference_lm_features`): the mean and the last position of its final hidden states. They are
   order-sensitive (a causal model's states depend on the order of the tokens), which mean-pooled sentence
   encoders are not. Values are labelled with :data:`REFERENCE_LM_LABEL`, never as GPT-2 MAUVE.
+* Tiny scale (offline), featurizer ``ngram``: surprisal profiles under byte n-gram models of the training split
+  (:mod:`dblocks.metrics.text_features`), which rate shuffled words and letter salad low; labelled
+  :data:`dblocks.metrics.text_features.NGRAM_LABEL`.
+* ``minilm``: MiniLM sentence embeddings (:func:`minilm_features`), blind to word order.
 """
 
 from __future__ import annotations

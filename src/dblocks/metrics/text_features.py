@@ -140,7 +140,7 @@ class NgramProfile:
         return np.stack([self.profile(t) for t in texts]) if texts else np.zeros((0, self.max_order))
 
     def word_rate(self, texts: list[str]) -> float:
-        """Fraction of the texts' whole words (:func:`whole_words`) that occur in the training split (nan if
-        there are none)."""
+        """Fraction of the texts' whole words (:func:`whole_words`) that occur in the training split; 0 when
+        the texts hold no whole word (gibberish without spaces)."""
         words = [w for t in texts for w in whole_words(t)]
-        return sum(w in self.vocabulary for w in words) / len(words) if words else float("nan")
+        return sum(w in self.vocabulary for w in words) / len(words) if words else 0.0
