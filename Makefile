@@ -42,9 +42,11 @@ conda-env:
 run: $(STAMP)
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(BIN)/snakemake
 
-# Every table at tiny scale: the main job, then latent diffusion (Tables 2's ImageNet rows, 8) and the
-# language models (Tables 3, 4, 5, 11), each params file in its own result folders.
+# Every table at tiny scale: the main job, then the DiT design ablations (Tables 7, 10, overlap gamma), latent
+# diffusion (Tables 2's ImageNet rows, 8) and the language models (Tables 3, 4, 5, 11), each params file in its
+# own result folders.
 run-all: run
+	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(BIN)/snakemake --config params=params/tiny-ablations.yaml
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(BIN)/snakemake --config params=params/tiny-latent.yaml
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(BIN)/snakemake --config params=params/tiny-text.yaml
 

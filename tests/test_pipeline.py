@@ -45,8 +45,8 @@ def planned(cwd: Path, params: Path) -> list[tuple]:
 # ------------------------------------------------------------------------------------------ params
 
 
-def _params(**edits) -> dict:
-    raw = yaml.safe_load((REPO / "params/tiny.yaml").read_text())
+def _params(file: str = "params/tiny.yaml", **edits) -> dict:
+    raw = yaml.safe_load((REPO / file).read_text())
     for dotted, value in edits.items():
         cursor = raw
         *parents, last = dotted.split("/")
@@ -64,8 +64,10 @@ def _params(**edits) -> dict:
      "experiments.vit-cifar100.pipeline.methods.0='adjoint' is not allowed; allowed: blockwise, e2e, paper"),
     ({"experiments/vit-cifar100/overlap": 0.7}, "experiments.vit-cifar100.overlap=0.7 is out of range; allowed: < 0.5"),
     ({"experiments/dit-cifar10/arch": "DiT-XXL/2"}, "experiments.dit-cifar10.arch='DiT-XXL/2' is not a registered"),
-    ({"experiments/dit-t7-uniform-363/layer_split": [3, 6, 4]}, "must sum to the depth L=12"),
-    ({"experiments/dit-t10-b2/blocks": 0}, "experiments.dit-t10-b2.blocks=0 is out of range; allowed: >= 1"),
+    ({"file": "params/tiny-ablations.yaml", "experiments/dit-t7-uniform-363/layer_split": [3, 6, 4]},
+     "must sum to the depth L=12"),
+    ({"file": "params/tiny-ablations.yaml", "experiments/dit-t10-b2/blocks": 0},
+     "experiments.dit-t10-b2.blocks=0 is out of range; allowed: >= 1"),
 ])
 def test_params_rejections_name_key_and_allowed_values(edits, message, tmp_path):
     path = tmp_path / "bad.yaml"
@@ -172,15 +174,16 @@ def _outputs(params: str) -> frozenset[str]:
 
 
 @pytest.mark.parametrize("params, out", [("params/tiny-text.yaml", "tiny-text"),
-                                         ("params/tiny-latent.yaml", "tiny-latent")])
+                                         ("params/tiny-latent.yaml", "tiny-latent"),
+                                         ("params/tiny-ablations.yaml", "tiny-ablations")])
 def test_tiny_params_files_never_write_the_same_file(params, out):
-    """The text and latent files are scale 'tiny' like params/tiny.yaml; ``outputs:`` keeps their products
+    """The text, latent and ablation files are scale 'tiny' like params/tiny.yaml; ``outputs:`` keeps their products
     (tables, tracking records, checkpoints, logs) apart, so running one never invalidates another. Only a
-    prepared dataset may be shared (the latent file's digits feature net reads the digits): one command
-    writes the same files whichever params file asks for them."""
+    prepared dataset and its reference statistics may be shared (the latent file's digits feature net reads
+    the digits; the ablations sample digits): one command writes the same files whichever params file asks."""
     image, other = _outputs("params/tiny.yaml"), _outputs(params)
     assert f"results/{out}/tables" in other and f"results/{out}/runs/store.json" in other
-    assert all(o.startswith("data/prepared/") for o in image & other), sorted(image & other)
+    assert all(o.startswith(("data/prepared/", "data/reference/")) for o in image & other), sorted(image & other)
 
 
 @pytest.mark.parametrize("params", ["params/tiny.yaml", "params/paper.yaml", "params/tiny-text.yaml",

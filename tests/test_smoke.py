@@ -57,7 +57,7 @@ def test_a_job_asks_for_its_share_of_the_memory_so_two_whole_dit_l_never_train_a
     assert pipe.training_memory("vit-cifar100", "paper") == whole  # the shared-stem process holds every block
     budget = int(re.search(r"SMOKE_MEM_MB \?= (\d+)", (REPO / "Makefile").read_text()).group(1))
     assert whole <= budget < 2 * whole and budget <= 22000  # the 24 GB machine, with room for Snakemake
-    tiny = Pipeline.load(REPO / "params/tiny.yaml")
+    tiny = Pipeline.load(REPO / "params/tiny-ablations.yaml")
     assert tiny.training_memory("dit-t10-b6", "blockwise", 1) == Pipeline.RUNTIME_MB
 
 
