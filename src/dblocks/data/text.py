@@ -86,6 +86,15 @@ def encode_documents(documents, tokenizer: str) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
+def unigram_bits(tokens: torch.Tensor, vocab_size: int) -> float:
+    """The entropy in bits per token of the tokens' own frequencies: the cross-entropy that a context-free model
+    fitted to exactly these tokens reaches, so the floor that a text model's bits per character (masked LM
+    bound) or per byte (next-token) must get below to have learned anything beyond letter statistics."""
+    counts = torch.bincount(tokens.reshape(-1), minlength=vocab_size).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
 @dataclass
 class TextDataset:
     """A split as non-overlapping windows (N, seq_len) of token ids in [0, vocab_size): an int64 tensor, or for a

@@ -33,7 +33,7 @@ class Architecture:
         if s.family == "vit":
             return ViTStem(self.image_shape, s.patch, s.width, self.target_dim, noisy_target)
         if s.family == "mdm":
-            return MDMStem(self.num_classes, s.context, s.width)
+            return MDMStem(self.num_classes, s.context, s.width, absolute_positions=s.layer_style != "llama")
         if s.family == "ar":
             return ARStem(self.num_classes, s.context, s.width, self.target_dim, noisy_target,
                           absolute_positions=s.layer_style != "llama")

@@ -1,7 +1,10 @@
 """Text model parts. The masked diffusion LM (MDM) is a DiT-style bidirectional transformer: token
-embeddings of z_t (the vocabulary plus one mask id) with learned positions, conditioning c = embedding of
-the masking time t, adaLN-Zero layers (dblocks.layers) and an adaLN final layer to logits over the
-vocabulary. The final layer is zero-initialised, so an untrained model predicts the uniform distribution."""
+embeddings of z_t (the vocabulary plus one mask id), conditioning c = embedding of the masking time t,
+adaLN-Zero layers (dblocks.layers) and an adaLN final layer to logits over the vocabulary. Positions are
+rotary in Llama-style layers (MDLM's backbone has them too) or learned and added by the stem in DiT-style
+ones; a narrow MDM with learned positions did not get past single-letter statistics in its training budget
+(the attention has to learn from scratch where a neighbour is). The final layer is zero-initialised, so an
+untrained model predicts the uniform distribution."""
 
 from __future__ import annotations
 
@@ -12,18 +15,25 @@ from dblocks.layers import FinalLayer, NoiseEmbedding
 
 
 class MDMStem(nn.Module):
-    def __init__(self, vocab_size: int, seq_len: int, width: int) -> None:
+    def __init__(self, vocab_size: int, seq_len: int, width: int, absolute_positions: bool = True) -> None:
         super().__init__()
+        self.context = seq_len
         self.token_embed = nn.Embedding(vocab_size + 1, width)  # last id: the mask
-        self.pos_embed = nn.Parameter(torch.zeros(1, seq_len, width))
         nn.init.normal_(self.token_embed.weight, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if absolute_positions:
+            self.pos_embed = nn.Parameter(torch.zeros(1, seq_len, width))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            self.pos_embed = None  # rotary positions in the layers
         self.time_embed = NoiseEmbedding(width)
 
     def forward(self, z, cond, t):
-        if z.shape[1] > self.pos_embed.shape[1]:
-            raise ValueError(f"sequence of {z.shape[1]} tokens is longer than the context {self.pos_embed.shape[1]}")
-        return self.token_embed(z) + self.pos_embed[:, : z.shape[1]], self.time_embed(t)
+        if z.shape[1] > self.context:
+            raise ValueError(f"sequence of {z.shape[1]} tokens is longer than the context {self.context}")
+        h = self.token_embed(z)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed[:, : z.shape[1]]
+        return h, self.time_embed(t)
 
 
 class TokenHead(nn.Module):
