@@ -108,6 +108,7 @@ def test_cli_trains_blocks_assembles_and_reports_bpc(tmp_path):
                      "--max-windows", "64", "--sample-steps", "6", "--no-progress"]) == 0
     record = json.loads((tmp_path / "model.json").read_text())
     assert 3.5 < record["bpc"] < 6 and record["block_calls"] == [2, 2, 2]
+    assert 3.8 < record["unigram_bits"] < 4.3  # the floor the bound is read against (the scored windows' letters)
     assert record["layer_evals_per_sample"] == 6  # one layer per block, one block per step
     assert len(record["sample_text"]) == 4 and set(record["sample_text"][0]) <= set("abcdefghijklmnopqrstuvwxyz ")
     e2e = json.loads((tmp_path / "e2e.json").read_text())

@@ -14,6 +14,7 @@ from dblocks import distributed
 from dblocks.blocks import AssembledModel, BlockDenoiser
 from dblocks.config import JUDGED_DATASETS
 from dblocks.data import ImageDataset
+from dblocks.data.text import unigram_bits
 from dblocks.experiment import Experiment, derive_seed
 from dblocks.metrics.class_agreement import class_agreement
 from dblocks.sample import classify, classify_direct, generate, save_grid
@@ -154,7 +155,8 @@ def evaluate_masked_lm(model, exp: Experiment, data, *, seed: int = 0, samples_p
     model.calls = [0] * len(model.blocks)
     samples = sample_text(model, sample_num, steps, gen)
     depth = [len(b.layers) for b in model.blocks]
-    return {"bpc": bpc, "tokens": tokens.numel(), "eval_seconds": round(eval_seconds, 3),
+    return {"bpc": bpc, "unigram_bits": unigram_bits(tokens, data.vocab_size),  # the context-free floor
+            "tokens": tokens.numel(), "eval_seconds": round(eval_seconds, 3),
             "samples_per_block": samples_per_block, "sample_steps": steps, "block_calls": list(model.calls),
             # each unmasking step runs only the layers of the block that owns its t
             "layer_evals_per_sample": sum(depth[model.block_for((steps - i) / steps) - 1] for i in range(steps)),
@@ -245,6 +247,8 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
     quality_gen = torch.Generator().manual_seed(seed)
     record.update(recurrent_next_token_quality(model, scored, iterations, quality_gen) if recurrent
                   else next_token_quality(model, scored, quality_gen))
+    # the context-free floor next-token bits are read against (the tokens the next-token quality scores)
+    record["unigram_bits"] = unigram_bits(scored[:, 1:], data.vocab_size)
     p_text = [data.decode(torch.cat([a, b])) for a, b in zip(prompt, generated)]
     q_text = [data.decode(w[:context]) for w in windows]
     record["sample_text"] = p_text[:: continuations][:8]
