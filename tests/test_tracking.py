@@ -495,8 +495,9 @@ def test_runs_view_names_each_tasks_headline_metrics():
     assert {"metrics.`blockwise.accuracy`", "metrics.`e2e.accuracy`", "metrics.`blockwise.fid_test`",
             "metrics.`e2e.fid_train`"} <= set(tiny)
     text = set(runs_view(Pipeline.load(repo / "params/tiny-text.yaml"))["selectedColumns"])
-    assert {"metrics.`blockwise.bpc`", "metrics.`blockwise.mauve_reference`", "metrics.`e2e.gen_ppl_reference`",
+    assert {"metrics.`blockwise.bpc`", "metrics.`blockwise.mauve_ngram`", "metrics.`e2e.gen_ppl_reference`",
             "metrics.`blockwise.next_token_bits`"} <= text
+    assert "metrics.`blockwise.mauve_reference`" not in text  # only where the params ask for reference-LM features
     assert not any("gpt2_large" in c or "llama2" in c for c in text)  # online metrics only when configured
 
 

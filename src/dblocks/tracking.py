@@ -69,7 +69,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 #: the evaluation metrics a parent run carries per method, as ``<method>.<metric>`` (when the evaluation made them)
 HEADLINE_METRICS = ("accuracy", "fid", "fid_train", "fid_test", "bpc", "mauve_reference", "mauve_minilm",
-                    "mauve_gpt2_large", "gen_ppl_reference", "gen_ppl_llama2", "gen_ppl_gpt2xl", "next_token_bits")
+                    "mauve_ngram", "mauve_gpt2_large", "gen_ppl_reference", "gen_ppl_llama2", "gen_ppl_gpt2xl", "next_token_bits")
 #: MLflow's limit on a dataset digest
 _MAX_DIGEST = 36
 #: the saved runs-table view (an experiment tag the MLflow UI reads): the Dataset column and the parents'
@@ -271,7 +271,7 @@ def headline_metric_names(task: str, settings: dict) -> list[str]:
         return ["bpc"]
     features, judged = set(settings.get("mauve_features") or []), settings.get("judge") is not None
     names = [("mauve_reference", "reference-lm" in features and judged), ("mauve_minilm", "minilm" in features),
-             ("mauve_gpt2_large", "gpt2-large" in features), ("gen_ppl_reference", judged),
+             ("mauve_ngram", "ngram" in features), ("mauve_gpt2_large", "gpt2-large" in features), ("gen_ppl_reference", judged),
              ("gen_ppl_llama2", "llama2" in (settings.get("hf_judges") or [])),
              ("gen_ppl_gpt2xl", "gpt2-xl" in (settings.get("hf_judges") or [])), ("next_token_bits", True)]
     return [name for name, logged in names if logged]
