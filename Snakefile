@@ -1,5 +1,6 @@
-"""DiffusionBlocks pipeline: prepare data -> train one job per (experiment, block) and each baseline ->
-assemble -> evaluate (MLflow) -> the paper's tables and figures.
+"""DiffusionBlocks pipeline: prepare data -> train one job per (experiment, block) and each baseline (the
+end-to-end one; the block-local NoProp and Forward-Forward ones of local.smk) -> assemble -> evaluate (MLflow)
+-> the paper's tables and figures.
 
     snakemake --profile profiles/default                          # tiny scale (params/tiny.yaml), offline
     snakemake --profile slurm --config params=params/paper.yaml   # paper scale on a SLURM cluster
@@ -19,6 +20,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/tracking.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/local.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tables.smk"
 

@@ -24,6 +24,9 @@ from dblocks.cli import main
 MICRO = ["--arch", "ViT-micro", "--blocks", "3", "--steps", "4", "--batch-size", "8", "--no-progress",
          "--device", "cpu", "--set", "train.warmup=1", "--set", "train.log_every=2", "--set", "train.checkpoint_every=2"]
 TRAIN = ["train-block", *MICRO, "--block", "1", "--out", "out.safetensors"]
+#: NoProp-DT by hand: T = 2 blocks and a head (dblocks.baselines.jobs)
+NOPROP = ["--arch", "NoProp-tiny", "--blocks", "2", "--steps", "2", "--batch-size", "8", "--no-progress", "--device",
+          "cpu", "--set", "train.warmup=0", "--set", "train.grad_clip=null"]
 
 PARAMS = """\
 scale: tiny
@@ -53,6 +56,9 @@ def trained(tmp_path_factory) -> Path:
         assert run("train-block", *MICRO, "--block", b, "--out", d / f"block-{b}.safetensors") == 0
     assert run("train-block", *MICRO, "--overlap", "0.1", "--block", 3, "--out", d / "other-3.safetensors") == 0
     assert run("prepare", "--dataset", "digits", "--out", d / "digits") == 0
+    for part in (["--block", 1], ["--block", 2], ["--head"]):
+        name = "dt-head" if part == ["--head"] else f"dt-{part[1]}"
+        assert run("train-local", *NOPROP, "--method", "noprop-dt", *part, "--out", d / f"{name}.safetensors") == 0
     return d
 
 
@@ -219,6 +225,36 @@ CASES = [
                                                     "block-1.safetensors"],
          "--out block-1.safetensors: holds a checkpoint of another config",
          lambda cwd, t: _copy_blocks(cwd, t, ("block-1",)), also=["--force"]),
+    # ---- the block-local baselines (train-local, evaluate-local)
+    Case("params: a baseline on a network it cannot train", ["train-local", "--config", "p.yaml", "--method",
+                                                             "noprop-dt", "--block", 1, "--out", "o.safetensors"],
+         "experiments.good.arch='ViT-micro': method noprop-dt trains NoProp's own network; allowed: NoProp-paper, "
+         "NoProp-tiny", _write("p.yaml", PARAMS.replace("methods: [blockwise]", "methods: [noprop-dt]"))),
+    Case("cli: unknown baseline", ["train-local", *MICRO, "--method", "noprop", "--out", "o.safetensors"],
+         "--method 'noprop': allowed: noprop-dt, noprop-ct, noprop-fm, forward-forward"),
+    Case("cli: a NoProp-DT block beyond T", ["train-local", *NOPROP, "--method", "noprop-dt", "--block", 3, "--out",
+                                            "o.safetensors"],
+         "--block 3: noprop-dt trains 3 jobs (blocks=2); allowed: --block 1..2 or --head"),
+    Case("cli: a part of a one-job baseline", ["train-local", *NOPROP, "--method", "noprop-fm", "--head", "--out",
+                                              "o.safetensors"],
+         "--head: noprop-fm trains 1 job (blocks=2); allowed: neither --block nor --head"),
+    Case("cli: Forward-Forward units that do not divide the ViT", ["train-local", *MICRO[:2], "--blocks", "2",
+                                                                   *MICRO[4:], "--method", "forward-forward", "--out",
+                                                                   "o.safetensors"],
+         "blocks=2, layer_split=None: Forward-Forward trains blocks units of equally many of the 3 layers of "
+         "ViT-micro", also=["allowed: blocks in 1, 3"]),
+    Case("checkpoint: a baseline without its head", ["evaluate-local", "dt-1.safetensors", "dt-2.safetensors", "--out",
+                                                     "e.json"],
+         "parts block-1, block-2 given; allowed: exactly block-1, block-2, head",
+         lambda cwd, t: _copy_blocks(cwd, t, ("dt-1", "dt-2"))),
+    Case("checkpoint: a DiffusionBlocks block as a baseline", ["evaluate-local", "block-1.safetensors", "--out",
+                                                               "e.json"],
+         "block-1.safetensors", lambda cwd, t: _copy_blocks(cwd, t, ("block-1",)),
+         also=["is a 'block' checkpoint of method 'blockwise', not a block-local baseline's"]),
+    Case("checkpoint: a baseline's corrupt part", ["evaluate-local", "dt-1.safetensors", "dt-2.safetensors",
+                                                   "dt-head.safetensors", "--out", "e.json"],
+         "dt-2.safetensors", lambda cwd, t: (_copy_blocks(cwd, t, ("dt-1", "dt-2", "dt-head")),
+                                             _flip_byte(cwd / "dt-2.safetensors")), also=["sha256"]),
     # ---- training
     Case("training: diverging loss", [*TRAIN, "--lr", "1e30"], "is inf at step", exit_code=1,
          also=["stopped without writing a checkpoint", "lower train.lr"]),

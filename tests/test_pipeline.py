@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from dblocks.checkpoint import load_metadata
-from dblocks.config import SHARDED_DATASETS, ConfigError
+from dblocks.config import LOCAL_METHODS, SHARDED_DATASETS, ConfigError
 from dblocks.dvcgen import generate, parse_dry_run, snakemake_jobs
 from dblocks.pipeline import Pipeline
 
@@ -61,7 +61,31 @@ def _params(file: str = "params/tiny.yaml", **edits) -> dict:
     ({"evaluation/fid_features": "clip"}, "evaluation.fid_features='clip' is not allowed; allowed: digits, inception"),
     ({"resources/gpu": -1}, "resources.gpu=-1 is out of range; allowed: >= 0"),
     ({"experiments/vit-cifar100/pipeline/methods": ["adjoint"]},
-     "experiments.vit-cifar100.pipeline.methods.0='adjoint' is not allowed; allowed: blockwise, e2e, paper"),
+     "experiments.vit-cifar100.pipeline.methods.0='adjoint' is not allowed; allowed: blockwise, e2e, paper, "
+     "noprop-dt, noprop-ct, noprop-fm, forward-forward"),
+    ({"experiments/noprop-dt-cifar100/pipeline/methods": ["noprop"]},
+     "experiments.noprop-dt-cifar100.pipeline.methods.0='noprop' is not allowed; allowed: blockwise, e2e, paper, "
+     "noprop-dt, noprop-ct, noprop-fm, forward-forward"),
+    # a block-local baseline trains its own network with its own recipe: an experiment of its own
+    ({"experiments/ff-cifar100/pipeline/methods": ["forward-forward", "blockwise"]},
+     "experiments.ff-cifar100.pipeline.methods=['forward-forward', 'blockwise']: forward-forward train their own "
+     "network with their own train recipe, not the one of blockwise; allowed: blockwise, e2e, paper in one "
+     "experiment, the block-local methods (noprop-dt, noprop-ct, noprop-fm, forward-forward) in experiments of "
+     "their own"),
+    ({"experiments/ff-cifar100/pipeline/methods": ["noprop-dt"]},
+     "experiments.ff-cifar100.arch='ViT-tiny': method noprop-dt trains NoProp's own network; allowed: NoProp-paper, "
+     "NoProp-tiny"),
+    ({"experiments/noprop-ct-cifar100/pipeline/methods": ["blockwise"]},
+     "experiments.noprop-ct-cifar100.pipeline.methods.0='blockwise' cannot train arch='NoProp-tiny' (NoProp's "
+     "network); allowed: noprop-dt, noprop-ct, noprop-fm"),
+    ({"experiments/ff-cifar100/blocks": 5},
+     "experiments.ff-cifar100.blocks=5, layer_split=None: Forward-Forward trains blocks units of equally many of the "
+     "12 layers of ViT-tiny, each on its own goodness; allowed: blocks in 1, 2, 3, 4, 6, 12 and no layer_split"),
+    ({"experiments/noprop-fm-cifar100/arch": "NoProp-huge"},
+     "experiments.noprop-fm-cifar100.arch='NoProp-huge' is not a registered architecture; allowed: "),
+    ({"experiments/noprop-fm-cifar100/dataset": "digits-latent"},
+     "experiments.noprop-fm-cifar100.dataset='digits-latent' does not fit arch='NoProp-tiny' (NoProp's convolutional "
+     "network of pixel images); allowed: digits, cifar10, cifar100"),
     ({"experiments/vit-cifar100/overlap": 0.7}, "experiments.vit-cifar100.overlap=0.7 is out of range; allowed: < 0.5"),
     ({"experiments/dit-cifar10/arch": "DiT-XXL/2"}, "experiments.dit-cifar10.arch='DiT-XXL/2' is not a registered"),
     ({"file": "params/tiny-ablations.yaml", "experiments/dit-t7-uniform-363/layer_split": [3, 6, 4]},
@@ -153,6 +177,28 @@ def test_dry_run_has_exactly_b_block_jobs_per_experiment(params):
         assert j.rule == "prepare_" + "sharded_" * sharded + "autoencoded_" * (autoencoder is not None) + "data"
     inception = [j for j in jobs if j.rule == "inception_weights"]
     assert len(inception) == (pipe.evaluation["fid_features"] == "inception")
+    # the block-local baselines: NoProp-DT exactly T block jobs (blocks 1..T) and one head job; NoProp-CT / FM and
+    # Forward-Forward one job; one evaluation per method, reading every part
+    for exp in pipe.experiments:
+        for method in pipe.methods(exp):
+            if method in LOCAL_METHODS:
+                mine = [j for j in jobs if j.wildcards.get("exp") == exp and j.wildcards.get("local") == method]
+                blocks = sorted(int(j.wildcards["block"]) for j in mine if j.rule == "train_local_block")
+                heads = [j for j in mine if j.rule == "train_local_head"]
+                whole = [j for j in mine if j.rule == "train_local"]
+                (evaluation,) = [j for j in mine if j.rule == "evaluate_local"]
+                if method == "noprop-dt":
+                    assert blocks == list(range(1, pipe.blocks(exp) + 1)) and len(heads) == 1 and not whole, exp
+                    assert all(f"--block {j.wildcards['block']} " in j.command for j in mine if j.rule.endswith("block"))
+                    assert "--head " in heads[0].command
+                else:
+                    assert not blocks and not heads and len(whole) == 1, exp
+                parts = pipe.local_checkpoints(exp, method)
+                assert [i for i in evaluation.inputs if i.endswith(".safetensors") and i.startswith("checkpoints/")] \
+                    == parts
+                assert evaluation.outputs == [pipe.metrics(exp, method)] and " ".join(parts) in evaluation.command
+    if params == "params/tiny.yaml":  # Tables 6 and 1 run the baselines at tiny scale too
+        assert {m for e in pipe.experiments for m in pipe.methods(e)} >= set(LOCAL_METHODS)
     train_jobs = [j for j in jobs if j.rule.startswith("train_")]
     assert all("--track" in j.command and "> logs/" in j.command for j in train_jobs)
     # a job of N > 1 GPUs trains N data-parallel ranks under torchrun (paper: DiT-L/2 on 8), sharing the job's
@@ -160,7 +206,8 @@ def test_dry_run_has_exactly_b_block_jobs_per_experiment(params):
     for j in train_jobs:
         ranks = pipe.ranks(j.wildcards["exp"])
         launch = f"torchrun --standalone --nproc_per_node={ranks} -m dblocks" if ranks > 1 else "dblocks"
-        assert j.command.startswith(f"OMP_NUM_THREADS=1 {launch} {j.rule.replace('_', '-')} "), j.command
+        command = "train-local" if j.rule.startswith("train_local") else j.rule.replace("_", "-")
+        assert j.command.startswith(f"OMP_NUM_THREADS=1 {launch} {command} "), j.command
     parallel = {j.wildcards["exp"] for j in train_jobs if "torchrun" in j.command}
     assert parallel == ({"dit-imagenet256", "dit-t8-b1", "dit-t8-b2", "dit-t8-b4", "dit-t8-b6"}
                         if params.endswith("paper.yaml") else set())
@@ -456,3 +503,110 @@ def test_dvc_reruns_exactly_the_stages_that_read_a_changed_setting(micro_run, tm
         "dit-t10-b2")
     assert f"| {record['fid_test']:.2f} |" in (work / "results/tiny/tables/table10.md").read_text()  # and the table
     assert json.loads(run(str(BIN / "dvc"), "status", "--json")) == {}
+
+
+# ------------------------------------------------------------- the block-local baselines, run for real
+
+LOCAL = """
+scale: tiny
+tracking: {uri: "sqlite:///mlflow.db", experiment: micro-local, mode: journal}
+resources: {gpu: 0, mem_mb: 1000, runtime: 10, threads: 1}
+evaluation: {samples: 40, sample_steps: 6, fid_features: digits}
+defaults: {dataset: digits, seed: 0, device: cpu}
+templates:
+  vit: &vit {task: classification, arch: ViT-micro, blocks: 3,
+             train: &train {steps: 4, batch_size: 16, warmup: 1, log_every: 2, checkpoint_every: 2}}
+  noprop: &noprop {task: classification, arch: NoProp-tiny, blocks: 3,
+                   train: {<<: *train, lr: 1.0e-3, schedule: constant, warmup: 0, grad_clip: null}}
+experiments:
+  vit-cifar100: {<<: *vit, pipeline: {tables: ["1"], methods: [blockwise, e2e]}}
+  ff-cifar100: {<<: *vit, train: {<<: *train, lr: 1.0e-2, grad_clip: null},
+                pipeline: {tables: ["1"], methods: [forward-forward], seeds: 2}}
+  noprop-cifar100: {<<: *vit, overlap: 0.1, pipeline: {tables: ["6"], methods: [blockwise], baseline: vit-cifar100}}
+  noprop-dt-cifar100: {<<: *noprop, pipeline: {tables: ["6"], methods: [noprop-dt]}}
+  noprop-ct-cifar100: {<<: *noprop, pipeline: {tables: ["6"], methods: [noprop-ct]}}
+  noprop-fm-cifar100: {<<: *noprop, pipeline: {tables: ["6"], methods: [noprop-fm]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory) -> Path:
+    """Tables 1 and 6 with every row measured: ViT-micro DiffusionBlocks and its baseline, Forward-Forward (two
+    seeds), NoProp-DT (T = 3 block jobs and a head job), NoProp-CT and NoProp-FM, a few steps each, journal
+    tracking, then the tables from MLflow."""
+    work = tmp_path_factory.mktemp("local")
+    (work / "micro.yaml").write_text(LOCAL)
+    snakemake("--cores", 2, "--config", "params=micro.yaml", cwd=work)
+    return work
+
+
+def test_the_dag_has_t_noprop_block_jobs_and_one_head_job(tmp_path):
+    (tmp_path / "micro.yaml").write_text(LOCAL.replace("blocks: 3,\n                   train", "blocks: 5,\n                   train"))
+    plan = planned(tmp_path, tmp_path / "micro.yaml")
+    dt = [j for j in plan if dict(j[1]).get("exp") == "noprop-dt-cifar100"]
+    assert sorted(dict(j[1])["block"] for j in dt if j[0] == "train_local_block") == ["1", "2", "3", "4", "5"]
+    assert [j[0] for j in dt].count("train_local_head") == 1 and [j[0] for j in dt].count("evaluate_local") == 1
+    assert job("train_local", exp="noprop-ct-cifar100", local="noprop-ct") in plan
+    assert job("train_local", exp="ff-cifar100-seed1", local="forward-forward") in plan
+    assert not [j for j in plan if j[0] in ("train_block", "assemble") and dict(j[1])["exp"].startswith(("ff", "noprop-"))
+                and dict(j[1])["exp"] != "noprop-cifar100"]
+
+
+def test_baselines_fill_tables_1_and_6_from_real_runs(local_run):
+    def metrics(exp, method):
+        return json.loads((local_run / f"metrics/tiny/{exp}/{method}.json").read_text())
+
+    def row(table, label):
+        text = (local_run / f"results/tiny/tables/table{table}.md").read_text()
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| {label} |"))
+        return [c.strip() for c in line.strip("|").split("|")][1:]
+
+    # NoProp-DT: T = 3 block jobs and a head job, assembled by its evaluation; its cost is the blocks'
+    dt = metrics("noprop-dt-cifar100", "noprop-dt")
+    assert dt["train_jobs"] == 4 and len(dt["train_ms_per_step_per_block"]) == 3 and dt["head_ms_per_step"] > 0
+    assert 0 <= dt["accuracy"] <= 1 and dt["train_ms_per_step"] > 0 and dt["train_memory_mb"] >= 0
+    assert [Path(m).name for m in dt["models"]] == ["block-1.safetensors", "block-2.safetensors", "block-3.safetensors",
+                                                  "head.safetensors"]
+    for b in (1, 2, 3):
+        record = load_metadata(local_run / f"checkpoints/tiny/noprop-dt-cifar100/noprop-dt/block-{b}.safetensors")
+        assert (record["kind"], record["method"], record["part"], record["block"]) == ("local", "noprop-dt", f"block-{b}", b)
+        assert record["steps_run"] == 4 and record["train_memory_mb"] is not None
+    assert load_metadata(local_run / "checkpoints/tiny/noprop-dt-cifar100/noprop-dt/head.safetensors")["step"] == 3 * 4
+
+    # every row of both tables is ours, measured, with its training cost beside it
+    for label, exp, method in (("NoProp-DT", "noprop-dt-cifar100", "noprop-dt"),
+                               ("NoProp-CT", "noprop-ct-cifar100", "noprop-ct"),
+                               ("NoProp-FM", "noprop-fm-cifar100", "noprop-fm")):
+        cells = row(6, label)
+        record = metrics(exp, method)
+        assert cells[1] == f"{100 * record['accuracy']:.2f}", label
+        assert cells[2] == f"{record['train_ms_per_step']:.1f}" and cells[3] == f"{record['train_memory_mb']:.1f}"
+    assert row(6, "DiffusionBlocks")[1] == f"{100 * metrics('noprop-cifar100', 'blockwise')['accuracy']:.2f}"
+    ff = [100 * metrics(e, "forward-forward")["accuracy"] for e in ("ff-cifar100", "ff-cifar100-seed1")]
+    import statistics
+
+    mean, std = statistics.mean(ff), statistics.stdev(ff)
+    assert row(1, "Forward-Forward")[1] == (f"{mean:.2f} ± {std:.2f}" if f"{std:.2f}" != "0.00" else f"{mean:.2f}")
+    for table, label in ((1, "End-to-end backprop"), (1, "DiffusionBlocks"), (1, "Forward-Forward"), (6, "Backprop")):
+        assert "n/a" not in row(table, label) and "—" not in row(table, label)[1:], (table, label)
+
+    # MLflow holds a run per job: NoProp-DT's blocks "1".."3" and "head", one evaluation per method
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{local_run / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("micro-local").experiment_id], max_results=1000)
+    dt_runs = [r for r in runs if r.data.tags["dblocks.experiment"] == "noprop-dt-cifar100"]
+    assert sorted(r.data.tags["dblocks.block"] for r in dt_runs if r.data.tags["dblocks.job"] == "train") == \
+        ["1", "2", "3", "head"]
+    assert all("train_memory_mb" in r.data.metrics and "seconds_per_step" in r.data.metrics
+               for r in dt_runs if r.data.tags["dblocks.job"] == "train")
+    parents = [r for r in dt_runs if r.data.tags["dblocks.job"] == "parent"]
+    assert parents[0].data.metrics["noprop-dt.accuracy"] == pytest.approx(dt["accuracy"])
+
+    # a finished part is never retrained; the pipeline is up to date
+    again = subprocess.run([str(BIN / "dblocks"), "train-local", "--config", "micro.yaml", "--experiment",
+                            "noprop-dt-cifar100", "--method", "noprop-dt", "--block", "2", "--out",
+                            "checkpoints/tiny/noprop-dt-cifar100/noprop-dt/block-2.safetensors"],
+                           cwd=local_run, capture_output=True, text=True, env=ENV)
+    assert again.returncode == 0 and "already trained with this config" in again.stdout
+    assert planned(local_run, local_run / "micro.yaml") == []

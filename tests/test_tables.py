@@ -49,6 +49,14 @@ PARAMS = {
                     "pipeline": {"tables": ["11"], "methods": ["blockwise"]}},
         "ar-t11-b2": {"task": "ar_text", "arch": "AR-micro", "dataset": "shakespeare", "blocks": 2, "overlap": 0.1,
                       "pipeline": {"tables": ["11"], "methods": ["blockwise"]}},
+        # the block-local baselines: Forward-Forward for Table 1 (two seeds), NoProp-DT (T = 3 block jobs and a
+        # head job) and NoProp-CT for Table 6; no experiment runs NoProp-FM
+        "ff-cifar100": {"task": "classification", "arch": "ViT-micro", "blocks": 3,
+                        "pipeline": {"tables": ["1"], "methods": ["forward-forward"], "seeds": 2}},
+        "noprop-dt-cifar100": {"task": "classification", "arch": "NoProp-tiny", "blocks": 3,
+                               "pipeline": {"tables": ["6"], "methods": ["noprop-dt"]}},
+        "noprop-ct-cifar100": {"task": "classification", "arch": "NoProp-tiny", "blocks": 10,
+                               "pipeline": {"tables": ["6"], "methods": ["noprop-ct"]}},
     },
 }
 
@@ -82,9 +90,10 @@ def _log(client: MlflowClient, eid: str, experiment: str, job: str, method: str 
     for an evaluate run) unless ``config_hash`` / ``eval_hash`` say otherwise."""
     start = BASE_MS + 1000 * next(_clock)
     current_config, current_eval = _hashes()[experiment]
+    own = PARAMS["experiments"].get(experiment) or PARAMS["experiments"][experiment.rsplit("-seed", 1)[0]]
     tags = {"dblocks.experiment": experiment, "dblocks.scale": "tiny", "dblocks.method": method,
             "dblocks.block": block, "dblocks.job": job,
-            "dblocks.tables": ",".join(PARAMS["experiments"][experiment]["pipeline"]["tables"]),
+            "dblocks.tables": ",".join(own["pipeline"]["tables"]),
             "dblocks.config_hash": config_hash or current_config, "dblocks.git_commit": "deadbeefcafe"}
     if job == "evaluate":
         tags["dblocks.eval_hash"] = eval_hash or current_eval
@@ -103,11 +112,13 @@ def _log(client: MlflowClient, eid: str, experiment: str, job: str, method: str 
     return run_id
 
 
-def _experiment_runs(client, eid, name, blocks: int, seconds=(0.01, 0.011, 0.012), device="cpu") -> str:
+def _experiment_runs(client, eid, name, blocks: int, seconds=(0.01, 0.011, 0.012), device="cpu",
+                     method="blockwise") -> str:
     parent = _log(client, eid, name, "parent", with_params=True)
     for b in range(1, blocks + 1):
-        _log(client, eid, name, "train", "blockwise", str(b), parent=parent, device=device, with_params=True,
-             metrics={"seconds_per_step": seconds[b - 1], "train_seconds": 10 * seconds[b - 1], "final_loss": 0.5},
+        _log(client, eid, name, "train", method, str(b), parent=parent, device=device, with_params=True,
+             metrics={"seconds_per_step": seconds[b - 1], "train_seconds": 10 * seconds[b - 1], "final_loss": 0.5,
+                      "train_memory_mb": 20.0 + b},
              history=[2.0 / (b + i) for i in range(6)])
     return parent
 
@@ -125,7 +136,7 @@ def generated(tmp_path_factory):
     # rerun, and newer runs of another configuration and of other evaluation settings: none of these win
     parent = _experiment_runs(client, eid, "vit-cifar100", 3)
     _log(client, eid, "vit-cifar100", "train", "e2e", parent=parent, device="cpu", with_params=True,
-         metrics={"seconds_per_step": 0.03}, history=[2.5, 1.5, 1.0, 0.8])
+         metrics={"seconds_per_step": 0.03, "train_memory_mb": 40.0}, history=[2.5, 1.5, 1.0, 0.8])
     _log(client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.50})
     _log(client, eid, "vit-cifar100", "evaluate", "e2e", parent=parent, metrics={"accuracy": 0.9012})
     _log(client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.8731})
@@ -150,6 +161,20 @@ def generated(tmp_path_factory):
          metrics={"sample_seconds": 3.0, "layer_evals_per_sample": 150})
     parent = _experiment_runs(client, eid, "dit-t10-b2", 2)
     _log(client, eid, "dit-t10-b2", "evaluate", "blockwise", parent=parent, metrics={"fid": 35.0})
+
+    # Tables 1 and 6: the block-local baselines. Forward-Forward with two seeds (one job each); NoProp-DT's three
+    # block jobs and its head job (the head's cost is not a block's); NoProp-CT trained, not evaluated yet
+    for name, accuracy, seconds, memory in (("ff-cifar100", 0.70, 0.020, 30.0), ("ff-cifar100-seed1", 0.74, 0.022, 32.0)):
+        parent = _log(client, eid, name, "parent")
+        _log(client, eid, name, "train", "forward-forward", parent=parent, device="cpu",
+             metrics={"seconds_per_step": seconds, "train_memory_mb": memory}, history=[1.4, 1.0])
+        _log(client, eid, name, "evaluate", "forward-forward", parent=parent, metrics={"accuracy": accuracy})
+    parent = _experiment_runs(client, eid, "noprop-dt-cifar100", 3, seconds=(0.004, 0.005, 0.006), method="noprop-dt")
+    _log(client, eid, "noprop-dt-cifar100", "train", "noprop-dt", "head", parent=parent, device="cpu",
+         metrics={"seconds_per_step": 0.001, "train_memory_mb": 99.0})
+    _log(client, eid, "noprop-dt-cifar100", "evaluate", "noprop-dt", parent=parent, metrics={"accuracy": 0.9611})
+    _log(client, eid, "noprop-ct-cifar100", "train", "noprop-ct", device="cpu",
+         metrics={"seconds_per_step": 0.015, "train_memory_mb": 25.0})
 
     # Table 11: offline runs log MAUVE in the reference LM's feature space only
     for name, blocks, mauve in (("ar-lm1b", 4, 0.91), ("ar-t11-b2", 2, 0.97)):
@@ -189,23 +214,40 @@ def test_table1_ours_beside_paper_and_latest_finished_run_wins(generated):
     header = _md_row(text, "method")
     assert header[1] == "paper"
     assert header[2] == "ours (tiny: ViT-micro on digits, CPU)"
-    # not 50.00 (older), 10.00 (FAILED), 99.00 (another config) or 98.00 (other evaluation settings)
-    assert _md_row(text, "DiffusionBlocks")[1:] == ["59.30", "87.31"]
-    assert _md_row(text, "End-to-end backprop")[1:] == ["60.25", "90.12"]
-    assert _md_row(text, "Forward-Forward")[1:] == ["7.85", "—"]
-    assert "not comparable" in text
+    # not 50.00 (older), 10.00 (FAILED), 99.00 (another config) or 98.00 (other evaluation settings); beside
+    # the accuracy, the training cost: ms per step (the mean over the blocks' jobs) and memory (the largest job)
+    assert header[3:] == ["ours ms / training step (tiny)", "ours training memory (MB) (tiny)"]
+    assert _md_row(text, "DiffusionBlocks")[1:] == ["59.30", "87.31", "11.0", "23.0"]
+    assert _md_row(text, "End-to-end backprop")[1:] == ["60.25", "90.12", "30.0", "40.0"]
+    # Forward-Forward measured, not quoted: mean ± std over its two seeds, its one job's cost
+    assert _md_row(text, "Forward-Forward")[1:] == ["7.85", "72.00 ± 2.83", "21.0 ± 1.4", "31.0 ± 1.4"]
+    assert "not comparable" in text and "ff-cifar100 (2 seeds: ff-cifar100, ff-cifar100-seed1)" in text
 
     df = pd.read_csv(generated["out"] / "tables" / "table1.csv")
     assert {"method", "paper", "ours"} <= set(df.columns)
     row = df.set_index("method").loc["DiffusionBlocks"]
     assert row["paper"] == pytest.approx(59.30) and row["ours"] == pytest.approx(87.31)
-    assert pd.isna(df.set_index("method").loc["Forward-Forward", "ours"])
+    assert row["ours_ms_training_step"] == pytest.approx(11.0) and row["ours_training_memory_mb"] == pytest.approx(23.0)
+    ff = df.set_index("method").loc["Forward-Forward"]
+    assert (ff["ours"], ff["ours_std"], ff["ours_n"]) == (pytest.approx(72.0), pytest.approx(2.828, abs=1e-3), 2)
+
+
+def test_table6_noprop_rows_are_measured_with_their_training_cost(generated):
+    text = (generated["out"] / "tables" / "table6.md").read_text()
+    # NoProp-DT: its evaluation; ms per step the mean over its 3 block jobs (4, 5, 6 ms), memory the largest
+    # block job's (23 MB): the head job (1 ms, 99 MB) is not a block
+    assert _md_row(text, "NoProp-DT")[1:] == ["46.06", "96.11", "5.0", "23.0"]
+    assert _md_row(text, "NoProp-CT")[1:] == ["21.31", "n/a", "15.0", "25.0"]  # trained, not evaluated yet
+    assert _md_row(text, "NoProp-FM")[1:] == ["37.57", "—", "—", "—"]  # no experiment runs it
+    assert _md_row(text, "DiffusionBlocks")[1:] == ["46.88", "85.55", "11.0", "23.0"]
+    assert "n/a in row 'NoProp-CT'" in text and "no evaluate run logged (noprop-ct-cifar100, noprop-ct)" in text
+    assert "NoProp-tiny on digits" in text
 
 
 def test_table6_backprop_row_comes_from_the_shared_baseline(generated):
     text = (generated["out"] / "tables" / "table6.md").read_text()
-    assert _md_row(text, "DiffusionBlocks")[1:] == ["46.88", "85.55"]
-    assert _md_row(text, "Backprop")[1:] == ["47.80", "90.12"]  # vit-cifar100's e2e evaluation
+    assert _md_row(text, "DiffusionBlocks")[1:3] == ["46.88", "85.55"]
+    assert _md_row(text, "Backprop")[1:] == ["47.80", "90.12", "30.0", "40.0"]  # vit-cifar100's e2e runs
     assert "the end-to-end run of vit-cifar100, which noprop-cifar100 shares" in text
 
 
@@ -339,8 +381,8 @@ def test_no_runs_gives_na_tables(generated, tmp_path):
     params_path.write_text(yaml.safe_dump(params))
     written = tables.generate(params_path, tmp_path / "out", tracking_uri=generated["uri"])
     text = (tmp_path / "out" / "tables" / "table1.md").read_text()
-    assert _md_row(text, "DiffusionBlocks")[1:] == ["59.30", "n/a"]
-    assert "no evaluate run logged" in text
+    assert _md_row(text, "DiffusionBlocks")[1:] == ["59.30", "n/a", "n/a", "n/a"]
+    assert "no evaluate run logged" in text and "no train run logged" in text
     assert not [p for p in written if p.suffix == ".png"]
     index = (tmp_path / "out" / "tables" / "index.md").read_text()
     assert "warning: MLflow experiment `never-logged` has no runs" in index
@@ -415,8 +457,8 @@ def test_runs_of_other_configurations_read_na_with_the_reason_never_an_older_num
     out = tmp_path / "stale"
     tables.generate(params_path, out, tracking_uri=uri)
     text = (out / "tables" / "table1.md").read_text()
-    assert _md_row(text, "DiffusionBlocks")[1:] == ["59.30", "n/a"]
-    assert _md_row(text, "End-to-end backprop")[1:] == ["60.25", "n/a"]
+    assert _md_row(text, "DiffusionBlocks")[1:3] == ["59.30", "n/a"]
+    assert _md_row(text, "End-to-end backprop")[1:3] == ["60.25", "n/a"]
     assert (f"no evaluate run of this configuration (config_hash {config_hash}); 2 runs of other "
             f"configurations exist") in text
     assert (f"no evaluate run with this file's evaluation settings (eval_hash {eval_hash}); 1 run of this "
@@ -424,7 +466,7 @@ def test_runs_of_other_configurations_read_na_with_the_reason_never_an_older_num
     for value in ("91.00", "92.00", "93.00", "94.00"):
         assert value not in text
     table6 = (out / "tables" / "table6.md").read_text()
-    assert _md_row(table6, "Backprop")[1:] == ["47.80", "n/a"]  # noprop's hash is not vit-cifar100's
+    assert _md_row(table6, "Backprop")[1:3] == ["47.80", "n/a"]  # noprop's hash is not vit-cifar100's
     assert "94.00" not in table6
     index = (out / "tables" / "index.md").read_text()
     assert "`curves-vit-cifar100.png`: no finished train run of this configuration" in index
@@ -444,11 +486,12 @@ def test_runs_of_other_configurations_read_na_with_the_reason_never_an_older_num
     out = tmp_path / "current"
     tables.generate(params_path, out, tracking_uri=uri)
     text = (out / "tables" / "table1.md").read_text()
-    assert _md_row(text, "DiffusionBlocks")[1:] == ["59.30", "85.00"]
-    assert _md_row(text, "End-to-end backprop")[1:] == ["60.25", "90.00"]
-    assert "n/a in row" not in text
+    assert _md_row(text, "DiffusionBlocks")[1:3] == ["59.30", "85.00"]
+    assert _md_row(text, "End-to-end backprop")[1:3] == ["60.25", "90.00"]
+    assert not [line for line in text.splitlines()  # their accuracies are there (no e2e train run logs a cost here)
+                if line.startswith(("- n/a in row 'DiffusionBlocks'", "- n/a in row 'End-to-end")) and "'ours (tiny" in line]
     assert f"config {config_hash}, evaluation {eval_hash}" in text  # the sources name the hashes
-    assert _md_row((out / "tables" / "table6.md").read_text(), "Backprop")[1:] == ["47.80", "90.00"]
+    assert _md_row((out / "tables" / "table6.md").read_text(), "Backprop")[1:3] == ["47.80", "90.00"]
     assert _md_row((out / "tables" / "table10.md").read_text(), "2")[1:4] == ["35.47", "30.00", "dit-t10-b2"]
     assert (out / "figures" / "curves-vit-cifar100.png").is_file()
     assert (out / "figures" / "samples-dit-t10-b2-blockwise.png").is_file()

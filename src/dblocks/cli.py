@@ -197,7 +197,10 @@ def _log_training(run, result, checkpoints: dict[str, tuple[Path, dict]], device
     ran = result.steps - result.resumed_from  # a resumed job ran only the remaining steps
     run.log_metrics({"train_seconds": result.seconds, "seconds_per_step": result.seconds / ran if ran > 0 else None,
                      "final_loss": result.losses[-1][1] if result.losses else None,
-                     "steps_run": ran, "resumed_from": result.resumed_from}, step=result.steps)
+                     "steps_run": ran, "resumed_from": result.resumed_from,
+                     # dblocks.train.PeakMemory: the steps' memory on the job's device
+                     "peak_memory_mb": result.peak_memory_mb, "train_memory_mb": result.train_memory_mb},
+                    step=result.steps)
     # timings are only comparable on the same device and number of ranks (device: rank 0's)
     tags = {"dblocks.device": str(device), "dblocks.ranks": str(ranks)}
     for suffix, (path, meta) in checkpoints.items():
@@ -319,6 +322,10 @@ def cmd_models(args) -> None:
 
 def _train_summary(result) -> dict:
     return {"train_seconds": round(result.seconds, 3), "resumed_from": result.resumed_from,
+            "steps_run": result.steps - result.resumed_from,
+            "seconds_per_step": result.seconds / max(1, result.steps - result.resumed_from),
+            "peak_memory_mb": result.peak_memory_mb,
+            "train_memory_mb": result.train_memory_mb,
             "final_loss": result.losses[-1][1] if result.losses else None,
             "losses": [[s, round(v, 6)] for s, v in result.losses]}
 
@@ -423,6 +430,102 @@ def cmd_train_shared(args) -> None:
                            out_dir / "shared.state.safetensors", save)
     if result is not None:
         print(f"wrote {exp.partition.blocks} blocks (shared stem and head) to {out_dir} ({result.seconds:.1f} s)")
+
+
+# ------------------------------------------------------------------ block-local baselines (dblocks.baselines)
+
+def _local_method(args, exp) -> str:
+    """--method: a block-local baseline that the experiment (its params entry, if any) trains."""
+    from dblocks.config import LOCAL_METHODS
+
+    if args.method not in LOCAL_METHODS:
+        raise UsageError(f"--method {args.method!r}: allowed: {', '.join(LOCAL_METHODS)}")
+    listed = (exp.config.get("pipeline") or {}).get("methods")
+    if listed and args.method not in listed:
+        raise UsageError(f"--method {args.method}: experiment {exp.name} trains {', '.join(listed)}; allowed: "
+                         f"{', '.join(m for m in listed if m in LOCAL_METHODS) or 'none of the block-local methods'}")
+    return args.method
+
+
+def cmd_train_local(args) -> None:
+    """One training job of a block-local baseline (dblocks.baselines.jobs): NoProp-DT's block t or its head,
+    NoProp-CT, NoProp-FM or Forward-Forward, through the same loop, resume state, tracking and records as a
+    DiffusionBlocks block."""
+    from dblocks.baselines.jobs import HEAD, check_part, save_part
+    from dblocks.experiment import derive_seed
+
+    exp = experiment_from_args(args)
+    method = _local_method(args, exp)
+    out = _output(args.out, ".safetensors")
+    if args.head and args.block is not None:
+        raise UsageError("--block and --head: a job trains one part; allowed: one of them")
+    part = HEAD if args.head else args.block
+    check_part(exp.config, method, part)
+    _device(exp)
+    _track_path(args)
+    if _finished(out, exp, args.force):
+        return
+
+    def save(module, result):
+        return {"": (out, save_part(out, module, exp, method, part, result.steps, _train_summary(result)))}
+
+    result = _run_training(args, exp, method, part, derive_seed(exp.config["seed"], "train-local", method, part),
+                           out.with_suffix(".state.safetensors"), save)
+    if result is not None:
+        blocks = exp.config["blocks"]
+        what = method if part is None else f"{method} head" if part == HEAD else f"{method} block {part}/{blocks}"
+        ran = max(1, result.steps - result.resumed_from)
+        print(f"wrote {out} ({what}, {result.seconds:.1f} s, {1000 * result.seconds / ran:.1f} ms/step)")
+
+
+def cmd_evaluate_local(args) -> None:
+    """Test accuracy of a trained block-local baseline, assembled from its jobs' checkpoints, with the time
+    and memory per training step those jobs recorded; a metrics JSON and an MLflow evaluation run."""
+    from dblocks.baselines.jobs import evaluate, load_model, read_parts, training_cost
+    from dblocks.config import config_hash
+    from dblocks.experiment import Experiment
+    from dblocks.params import Params, command_settings, evaluation_hash
+    from dblocks.tracking import EVAL_HASH_TAG, git_commit, headline_metrics, record_value
+
+    out = _output(args.out, ".json")
+    track = _track_path(args)
+    config, records = read_parts(_existing(args.checkpoints, "CHECKPOINT"))
+    method = records[0][1]["method"]
+    scale = args.scale or record_value(track, "scale") or records[0][1].get("scale") or UNKNOWN_SCALE
+    if args.params is not None:
+        params = Params.load(args.params)
+        if config["name"] not in params.experiments:
+            raise UsageError(f"--params {args.params}: has no experiment {config['name']!r} (the checkpoints'); "
+                             f"allowed: {', '.join(params.experiments)}")
+        scale = args.scale or params.scale
+    exp = Experiment(config, scale)
+    _existing_dir(args.data, "--data")
+    device = _device(exp)
+    settings = command_settings({"split": args.split, "seed": args.seed}, config)
+    eval_hash = evaluation_hash(settings)
+    model = load_model(config, records)
+    with _tracker(track, "evaluate", method, None, config) as run:
+        if run is not None:
+            run.set_tags({EVAL_HASH_TAG: eval_hash})
+            run.log_params({f"evaluation.{k}": v for k, v in settings.items()})
+            if args.data is not None:
+                run.log_dataset(args.data, args.split, "evaluation")
+        result = {**evaluate(model, exp.load_data(args.split, args.data), args.seed, device), **training_cost(records)}
+        record = {"experiment": exp.name, "method": method, "split": args.split, "scale": scale,
+                  "device": str(device), "models": [str(p) for p, _ in records],
+                  "model_sha256": [m["sha256"] for _, m in records], "config_hash": config_hash(config),
+                  "git_commit": git_commit(), "eval_hash": eval_hash, "evaluation": settings, **result}
+        write_json_atomic(out, record)
+        if run is not None:
+            run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            run.log_parent_metrics(headline_metrics(method, result))
+            run.set_tags({"split": args.split, "dblocks.device": str(device),
+                          "model_sha256": ",".join(record["model_sha256"])})
+            run.log_artifact(out, "evaluation")
+    cost = (f"; training {result['train_ms_per_step']:.1f} ms/step" if "train_ms_per_step" in result else "") + \
+        (f", {result['train_memory_mb']:.1f} MB" if result.get("train_memory_mb") is not None else "")
+    print(f"{exp.name} ({method}): accuracy {100 * result['accuracy']:.2f}% on {result['examples']} {args.split} "
+          f"examples{cost}")
 
 
 def cmd_training_compute(args) -> None:
@@ -970,6 +1073,31 @@ def build_parser() -> argparse.ArgumentParser:
                 "the paper's single-process mode: shared stem and head, one block sampled per step")
     p.add_argument("--out-dir", required=True, help="directory for block-<b>.safetensors")
     _experiment_options(p)
+    _track_option(p)
+
+    p = command("train-local", cmd_train_local,
+                "train one job of a block-local baseline: NoProp-DT's block t (--block) or head (--head), NoProp-CT, "
+                "NoProp-FM or Forward-Forward (one job each), with the training loop, resume state and tracking of "
+                "the other training commands")
+    p.add_argument("--method", required=True, help="noprop-dt | noprop-ct | noprop-fm | forward-forward")
+    p.add_argument("--block", type=int, help="noprop-dt: block t, 1..T (T = the experiment's blocks)")
+    p.add_argument("--head", action="store_true", help="noprop-dt: its classification head")
+    p.add_argument("--out", required=True, help="checkpoint path (.safetensors; its record goes to .json)")
+    p.add_argument("--force", action="store_true", help="retrain even if --out already holds this part")
+    _experiment_options(p)
+    _track_option(p)
+
+    p = command("evaluate-local", cmd_evaluate_local,
+                "evaluate a trained block-local baseline from all its jobs' checkpoints: test accuracy, and the "
+                "time and memory per training step its jobs recorded")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="every part: noprop-dt's block-1..T and head, else the one model checkpoint")
+    p.add_argument("--out", required=True, help="metrics JSON path")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the samplers' noise (NoProp)")
+    p.add_argument("--params", help="a params file (its scale labels the metric; it must hold the experiment)")
+    p.add_argument("--scale", help="label recorded with the metric (default: --params', else the --track record's)")
+    p.add_argument("--data", help="prepared dataset directory (default: load the source)")
     _track_option(p)
 
     p = command("training-compute", cmd_training_compute,

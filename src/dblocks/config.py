@@ -82,6 +82,22 @@ SHARDED_DATASETS = ("imagenet256",)
 SHARD_DIR = "shards"
 AUTOENCODER_FILE = "autoencoder.safetensors"
 
+#: what ``pipeline.methods`` may name: DiffusionBlocks' own methods (block-wise, end-to-end baseline, the paper's
+#: shared-stem mode) and the paper's block-local baselines (dblocks.baselines: NoProp-DT / CT / FM of Table 6,
+#: Forward-Forward of Table 1). A baseline trains its own network with its own recipe (the experiment's arch and
+#: train section), so an experiment holds block-local methods alone, never beside the DiffusionBlocks ones.
+DIFFUSION_METHODS = ("blockwise", "e2e", "paper")
+NOPROP_METHODS = ("noprop-dt", "noprop-ct", "noprop-fm")
+LOCAL_METHODS = (*NOPROP_METHODS, "forward-forward")
+METHODS = (*DIFFUSION_METHODS, *LOCAL_METHODS)
+#: block-local methods trained as several independent jobs: NoProp-DT's T blocks (``blocks`` = T) and its head
+SPLIT_METHODS = ("noprop-dt",)
+#: NoProp's networks (dblocks.baselines.noprop.NOPROP_ARCHITECTURES, which a test keeps equal to this): the
+#: names are kept here so that validating params never imports torch
+NOPROP_ARCHS = ("NoProp-paper", "NoProp-tiny")
+#: the pixel datasets a NoProp network reads (its convolutional stages halve 8x8 or 32x32 images three times)
+NOPROP_DATASETS = ("digits", "cifar10", "cifar100")
+
 
 class ConfigError(ValueError):
     """An invalid parameter: the message names the key and what is allowed."""
@@ -201,9 +217,11 @@ def validate(config: dict) -> dict:
                     key=lambda e: (len(e.absolute_path), _key_path(e)))
     if errors:
         raise ConfigError(describe_error(errors[0]))
+    if config["arch"] in NOPROP_ARCHS:  # NoProp's own network: not a transformer of the registry
+        return _validate_noprop(config)
     if config["arch"] not in ARCHITECTURES:
         raise ConfigError(f"arch={config['arch']!r} is not a registered architecture; "
-                          f"allowed: {', '.join(ARCHITECTURES)}")
+                          f"allowed: {', '.join([*ARCHITECTURES, *NOPROP_ARCHS])}")
     spec = get_arch(config["arch"])
     family = TASK_FAMILY[config["task"]]
     if spec.family != family:
@@ -240,6 +258,51 @@ def validate(config: dict) -> dict:
     except ValueError as exc:
         raise ConfigError(f"layer_split: {exc}") from None
     return config
+
+
+def _validate_noprop(config: dict) -> dict:
+    """An experiment on NoProp's network (``arch`` in :data:`NOPROP_ARCHS`): a classifier of pixel images whose
+    ``blocks`` is NoProp's T (DT's independent blocks, CT's and FM's inference steps), trained by NoProp methods
+    only (see :func:`check_method`)."""
+    if config["task"] != "classification":
+        raise ConfigError(f"arch={config['arch']!r} is NoProp's classifier but task={config['task']!r}; "
+                          f"allowed: classification")
+    if config["dataset"] not in NOPROP_DATASETS:
+        raise ConfigError(f"dataset={config['dataset']!r} does not fit arch={config['arch']!r} (NoProp's "
+                          f"convolutional network of pixel images); allowed: {', '.join(NOPROP_DATASETS)}")
+    methods = (config.get("pipeline") or {}).get("methods") or []
+    for i, method in enumerate(methods):
+        if method not in NOPROP_METHODS:
+            raise ConfigError(f"pipeline.methods.{i}={method!r} cannot train arch={config['arch']!r} (NoProp's "
+                              f"network); allowed: {', '.join(NOPROP_METHODS)}")
+    return config
+
+
+def check_method(config: dict, method: str) -> None:
+    """Whether ``method`` (a ``pipeline.methods`` value, or ``train-local --method``) can train ``config``'s
+    experiment: one line naming the key and what is allowed, else nothing. NoProp's methods train NoProp's
+    network; Forward-Forward trains a ViT of the registry, in ``blocks`` units of equally many layers."""
+    if method not in METHODS:
+        raise ConfigError(f"method {method!r} is not allowed; allowed: {', '.join(METHODS)}")
+    arch = config["arch"]
+    if method in NOPROP_METHODS and arch not in NOPROP_ARCHS:
+        raise ConfigError(f"arch={arch!r}: method {method} trains NoProp's own network; allowed: "
+                          f"{', '.join(NOPROP_ARCHS)}")
+    if method not in NOPROP_METHODS and arch in NOPROP_ARCHS:
+        raise ConfigError(f"arch={arch!r} is NoProp's network; method {method} cannot train it; allowed: "
+                          f"{', '.join(NOPROP_METHODS)}")
+    if method == "forward-forward":
+        spec = get_arch(arch)
+        if config["task"] != "classification" or spec.family != "vit":
+            vits = [n for n, s in ARCHITECTURES.items() if s.family == "vit"]
+            raise ConfigError(f"arch={arch!r}, task={config['task']!r}: Forward-Forward classifies with a ViT; "
+                              f"allowed: task classification with arch {', '.join(vits)}")
+        if spec.depth % config["blocks"] or config["layer_split"] is not None:
+            divisors = [d for d in range(1, spec.depth + 1) if spec.depth % d == 0]
+            raise ConfigError(f"blocks={config['blocks']}, layer_split={config['layer_split']}: Forward-Forward "
+                              f"trains blocks units of equally many of the {spec.depth} layers of {arch}, each on "
+                              f"its own goodness; allowed: blocks in {', '.join(map(str, divisors))} and no "
+                              f"layer_split")
 
 
 def resolve(params: dict | None = None, overrides: list[dict] | None = None) -> dict:

@@ -6,8 +6,10 @@ for which the paper prints no numbers) to one dict:
 - ``title``: what the table shows; ``setting``: the paper's model and data; ``metric``: the quantity and unit;
   ``better``: ``"higher"`` or ``"lower"``;
 - ``kind``: how our runs are placed in it (``dblocks.tables`` reads this):
-  ``methods`` (one row per training method, ``key = {"method": ...}``; ``"method": None`` marks a method we do
-  not run, such as Forward-Forward), ``grid`` (rows by ``layer_split``, columns by ``partition``),
+  ``methods`` (one row per training method, ``key = {"method": ...}``, a ``pipeline.methods`` value: DiffusionBlocks'
+  blockwise / e2e, or a block-local baseline such as forward-forward or noprop-dt, whose row is filled by the
+  experiment that trains it; ``"method": None`` marks a method we do not run), ``grid`` (rows by ``layer_split``,
+  columns by ``partition``),
   ``sweep`` (rows by the parameter named in ``param``: ``blocks`` or ``overlap``), ``timing`` (Table 12);
 - ``columns``: ordered ``{column key: header}`` of the paper's value columns;
 - ``settings`` (optional): ``{setting key: {"label", "match"}}`` where one table holds several datasets; a
@@ -34,7 +36,7 @@ PAPER_TABLES: dict[str, dict[str, Any]] = {
         "rows": [
             {"label": "End-to-end backprop", "key": {"method": "e2e"}, "values": {"accuracy": 60.25}},
             {"label": "DiffusionBlocks", "key": {"method": "blockwise"}, "values": {"accuracy": 59.30}},
-            {"label": "Forward-Forward", "key": {"method": None}, "values": {"accuracy": 7.85}},
+            {"label": "Forward-Forward", "key": {"method": "forward-forward"}, "values": {"accuracy": 7.85}},
         ],
     },
     "2": {
@@ -107,9 +109,9 @@ PAPER_TABLES: dict[str, dict[str, Any]] = {
         "columns": {"accuracy": "accuracy (%)"},
         "rows": [
             {"label": "Backprop", "key": {"method": "e2e"}, "values": {"accuracy": 47.80}},
-            {"label": "NoProp-DT", "key": {"method": None}, "values": {"accuracy": 46.06}},
-            {"label": "NoProp-CT", "key": {"method": None}, "values": {"accuracy": 21.31}},
-            {"label": "NoProp-FM", "key": {"method": None}, "values": {"accuracy": 37.57}},
+            {"label": "NoProp-DT", "key": {"method": "noprop-dt"}, "values": {"accuracy": 46.06}},
+            {"label": "NoProp-CT", "key": {"method": "noprop-ct"}, "values": {"accuracy": 21.31}},
+            {"label": "NoProp-FM", "key": {"method": "noprop-fm"}, "values": {"accuracy": 37.57}},
             {"label": "DiffusionBlocks", "key": {"method": "blockwise"}, "values": {"accuracy": 46.88}},
         ],
     },

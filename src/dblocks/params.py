@@ -31,11 +31,12 @@ from pathlib import Path
 
 import jsonschema
 
-from dblocks.config import (DEFAULTS, TEXT_TASKS, ConfigError, check_finite, chosen_weights, config_hash, deep_merge,
-                            describe_error, pick_experiment, read_yaml_mapping, resolve)
+from dblocks.config import (DEFAULTS, DIFFUSION_METHODS, LOCAL_METHODS, TEXT_TASKS, ConfigError, check_finite,
+                            check_method, chosen_weights, config_hash, deep_merge, describe_error, pick_experiment,
+                            read_yaml_mapping, resolve)
 
 SCHEMA_FILE = "schema/params.schema.json"
-BLOCKWISE, E2E, PAPER = "blockwise", "e2e", "paper"
+BLOCKWISE, E2E, PAPER = "blockwise", "e2e", "paper"  # DiffusionBlocks' methods; the others: config.LOCAL_METHODS
 #: settings that shape only the block-wise model; end-to-end training never reads them
 BLOCKWISE_ONLY = frozenset({"blocks", "partition", "overlap", "layer_split"})
 #: the keys with which a file builds on another; they reshape the merged settings and are never part of them
@@ -220,6 +221,7 @@ class Params:
         experiments = expand_seeds(experiments, path)
         params = cls(path, raw, experiments, layers)
         for name in experiments:
+            params._check_methods(name)
             params._check_judge(name)
             params._check_baseline(name)
             params._check_shared_stem(name)
@@ -258,6 +260,26 @@ class Params:
             if rest in ([], ["data_root"]) and dataset in raw.get("data_roots", {}):
                 found.append(f"data_roots.{dataset}")
         return found
+
+    def _check_methods(self, name: str) -> None:
+        """An experiment's methods are DiffusionBlocks' (blockwise, e2e, paper) or block-local baselines
+        (dblocks.baselines), never both: a baseline trains its own network with its own recipe, which are the
+        experiment's arch and train section. Each baseline must fit the experiment (:func:`check_method`)."""
+        methods = self.methods(name)
+        key = f"{self.path}: experiments.{name}"
+        local = [m for m in methods if m in LOCAL_METHODS]
+        if local and len(local) != len(methods):
+            raise ConfigError(f"{key}.pipeline.methods={methods}: {', '.join(local)} train their own network with "
+                              f"their own train recipe, not the one of {', '.join(m for m in methods if m not in local)}; "
+                              f"allowed: {', '.join(DIFFUSION_METHODS)} in one experiment, the block-local methods "
+                              f"({', '.join(LOCAL_METHODS)}) in experiments of their own")
+        if local and self.judge(name):
+            raise ConfigError(f"{key}.pipeline.judge: block-local baselines classify images; allowed: no judge")
+        for method in local:
+            try:
+                check_method(self.experiments[name], method)
+            except ConfigError as exc:
+                raise ConfigError(f"{key}.{exc} (pipeline.methods)") from None
 
     def _check_judge(self, name: str) -> None:
         judge = self.judge(name)

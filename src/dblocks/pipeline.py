@@ -14,12 +14,16 @@ import math
 from pathlib import Path
 
 from dblocks.checkpoint import sidecar_path
-from dblocks.config import AUTOENCODER_FILE, SHARD_DIR, SHARDED_DATASETS, TRAINED_AUTOENCODER_DATASETS, UNHASHED_KEYS
+from dblocks.config import (AUTOENCODER_FILE, LOCAL_METHODS, SHARD_DIR, SHARDED_DATASETS, SPLIT_METHODS,
+                            TRAINED_AUTOENCODER_DATASETS, UNHASHED_KEYS)
 from dblocks.models import get_arch
 from dblocks.noise import layer_split
 from dblocks.params import BLOCKWISE, E2E, PAPER, Params
 
-__all__ = ["Pipeline", "BLOCKWISE", "E2E", "PAPER", "READS"]
+__all__ = ["Pipeline", "BLOCKWISE", "E2E", "PAPER", "LOCAL_METHODS", "HEAD", "READS"]
+
+#: NoProp-DT's head job: the part beside its T block jobs (dblocks.baselines.jobs.HEAD; kept here without torch)
+HEAD = "head"
 
 #: The params-file keys that each rule's command reads. "{config}" stands for the settings an experiment's
 #: training reads (its entry and ``defaults``, without the keys left out of the config hash: device,
@@ -36,7 +40,11 @@ READS: dict[str, tuple[str, ...] | None] = {
     "train_block": ("{config}",),
     "train_baseline": ("{config}",),
     "train_shared": ("{config}",),
+    "train_local_block": ("{config}",),
+    "train_local_head": ("{config}",),
+    "train_local": ("{config}",),
     "evaluate_classifier": EVALUATION_READS,
+    "evaluate_local": EVALUATION_READS,
     "evaluate_generator": EVALUATION_READS,
     "evaluate_text": EVALUATION_READS,
     "tables": None,
@@ -100,6 +108,8 @@ class Pipeline(Params):
         large job instead of two whole networks at once. A data-parallel job runs one process per GPU, each
         a whole replica of its block, and asks for that many times the share."""
         config = self.experiments[exp]
+        if method in LOCAL_METHODS:  # a baseline's job holds its whole network (a NoProp block is one)
+            return self.ranks(exp) * self.training_resources(exp)["mem_mb"]
         depth = get_arch(config["arch"]).depth
         layers = depth if method != BLOCKWISE else \
             layer_split(depth, config["blocks"], config["layer_split"])[int(block) - 1]
@@ -153,6 +163,22 @@ class Pipeline(Params):
     def e2e_checkpoint(self, exp: str) -> str:
         return f"checkpoints/{self.out}/{exp}/e2e.safetensors"
 
+    def local_parts(self, exp: str, method: str) -> list[int | str | None]:
+        """A block-local baseline's training jobs (dblocks.baselines.jobs.parts): NoProp-DT's blocks 1..T
+        (T = ``blocks``) and its head; one job (None) for NoProp-CT / FM and Forward-Forward."""
+        if method in SPLIT_METHODS:
+            return [*range(1, self.blocks(exp) + 1), HEAD]
+        return [None]
+
+    def local_checkpoint(self, exp: str, method: str, part: int | str | None = None) -> str:
+        """A block-local baseline's trained part: ``<method>/block-<t>``, ``<method>/head`` or ``<method>/model``."""
+        name = "model" if part is None else HEAD if part == HEAD else f"block-{part}"
+        return f"checkpoints/{self.out}/{exp}/{method}/{name}.safetensors"
+
+    def local_checkpoints(self, exp: str, method: str) -> list[str]:
+        """Every trained part of a block-local baseline, in the order its evaluation reads them."""
+        return [self.local_checkpoint(exp, method, part) for part in self.local_parts(exp, method)]
+
     def model(self, exp: str, method: str) -> str:
         return self.e2e_checkpoint(exp) if method == E2E else f"models/{self.out}/{exp}/{method}.safetensors"
 
@@ -192,6 +218,9 @@ class Pipeline(Params):
         files: list[str] = []
         for exp in self.experiments:
             for method in self.methods(exp):
+                if method in LOCAL_METHODS:  # its parts are the model; the evaluation assembles them
+                    files += self.local_checkpoints(exp, method)
+                    continue
                 if method == BLOCKWISE:
                     files += [self.block_checkpoint(exp, b) for b in range(1, self.blocks(exp) + 1)]
                 elif method == PAPER:
@@ -214,6 +243,9 @@ class Pipeline(Params):
         files += [self.reference_stats(d, split) for d in generated for split in ("train", "test")]
         for exp in self.experiments:
             for method in self.methods(exp):
+                if method in LOCAL_METHODS:
+                    files += self.local_checkpoints(exp, method)
+                    continue
                 if method == BLOCKWISE:
                     files += [self.block_checkpoint(exp, b) for b in range(1, self.blocks(exp) + 1)]
                 elif method == PAPER:
@@ -241,13 +273,16 @@ class Pipeline(Params):
                 return self.paper_dir(exp)
         return None
 
-    def training_jobs(self) -> list[tuple[str, str, int | None]]:
-        """(experiment, method, block) for every training job: B block jobs per block-wise experiment."""
-        jobs: list[tuple[str, str, int | None]] = []
+    def training_jobs(self) -> list[tuple[str, str, int | str | None]]:
+        """(experiment, method, block) for every training job: B block jobs per block-wise experiment; for a
+        block-local baseline its parts (NoProp-DT: T block jobs and its head, ``"head"``)."""
+        jobs: list[tuple[str, str, int | str | None]] = []
         for exp in self.experiments:
             for method in self.methods(exp):
                 if method == BLOCKWISE:
                     jobs += [(exp, method, b) for b in range(1, self.blocks(exp) + 1)]
+                elif method in LOCAL_METHODS:
+                    jobs += [(exp, method, part) for part in self.local_parts(exp, method)]
                 else:
                     jobs.append((exp, method, None))
         return jobs

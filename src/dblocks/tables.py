@@ -25,10 +25,11 @@ other configurations exist"); ``—`` = not applicable (the paper reports no num
 not run that method).
 
 The run contract (tags on every run): ``dblocks.experiment``, ``dblocks.scale``, ``dblocks.method``
-(blockwise | e2e | paper, "" for parents), ``dblocks.block`` ("1".."B" for block training, else ""),
+(blockwise | e2e | paper, or a block-local baseline: noprop-dt | noprop-ct | noprop-fm | forward-forward; "" for
+parents), ``dblocks.block`` ("1".."B" for block training, NoProp-DT's "1".."T" and "head", else ""),
 ``dblocks.job`` (parent | train | evaluate), ``dblocks.config_hash``, ``dblocks.git_commit``,
 ``dblocks.eval_hash`` (evaluate runs), optional ``dblocks.device``; ``mlflow.parentRunId`` on children.
-Metrics: train runs ``train_loss`` (history), ``seconds_per_step``; evaluate runs ``accuracy`` (fraction),
+Metrics: train runs ``train_loss`` (history), ``seconds_per_step``, ``train_memory_mb``; evaluate runs ``accuracy`` (fraction),
 ``fid``, ``bpc``, ``mauve``, ``gen_ppl_llama2``, ``gen_ppl_gpt2xl``; artifact ``samples.png`` on generation
 evaluate runs."""
 
@@ -105,6 +106,23 @@ COST_NOTE = ("Inference cost beside each FID of ours: transformer layer evaluati
              "Euler step runs only the block owning its sigma; x2 with guidance) and sampling wall time per "
              "sample in milliseconds, on the evaluation's device.")
 
+#: the training cost of a method's jobs, shown beside our accuracy in the tables that compare training methods
+#: (Table 1: Forward-Forward; Table 6: NoProp), read from the training runs: MLflow metric -> (multiplier,
+#: header, decimals, how a method's several jobs (its blocks) make one number: their mean or their largest)
+TRAIN_COST_TABLES = ("1", "6")
+TRAIN_COST_METRICS: dict[str, tuple[float, str, int, str]] = {
+    "seconds_per_step": (1000.0, "ms / training step", 1, "mean"),
+    "train_memory_mb": (1.0, "training memory (MB)", 1, "max"),
+}
+TRAIN_COST_NOTE = ("Training cost beside our accuracy, per training job as each job measured it (dblocks.train): "
+                   "milliseconds per optimizer step (a method of several jobs: the mean over its blocks, "
+                   "DiffusionBlocks' B and NoProp-DT's T; NoProp-DT's head job, a linear layer, left out) and the "
+                   "memory the training steps took beyond what the job held when its loop started (gradients, "
+                   "optimizer state, activations; on a GPU torch's peak allocation, on a CPU the rise of the "
+                   "process's peak resident memory; a method of several jobs: its largest job). The end-to-end row "
+                   "is one job training the whole network; a block-local method's number is one of its jobs, which "
+                   "run independently.")
+
 #: remarks on how our numbers differ in kind from the paper's, printed under the table
 OURS_NOTES = {"2": ["Ours: FID against the training set and against the test set (cached reference statistics), "
                     "each the best of the evaluation's independent sample sets (the paper: best of three)."]}
@@ -115,7 +133,11 @@ RATIO_DECIMALS = 3
 
 #: rows for methods this project runs beyond the paper's (label, paper row whose numbers it sits beside)
 EXTRA_METHODS = {"paper": ("DiffusionBlocks (paper mode: shared stem, one process)", "blockwise")}
-METHOD_LABELS = {"blockwise": "DiffusionBlocks", "e2e": "End-to-end backprop", "paper": "DiffusionBlocks (paper mode)"}
+METHOD_LABELS = {"blockwise": "DiffusionBlocks", "e2e": "End-to-end backprop", "paper": "DiffusionBlocks (paper mode)",
+                 "noprop-dt": "NoProp-DT", "noprop-ct": "NoProp-CT", "noprop-fm": "NoProp-FM",
+                 "forward-forward": "Forward-Forward"}
+#: methods trained as one job per block (DiffusionBlocks' B, NoProp-DT's T = ``blocks``) beside other jobs
+BLOCK_JOB_METHODS = ("blockwise", "noprop-dt")
 
 
 # ------------------------------------------------------------------------------------------ params file
@@ -430,6 +452,29 @@ def _seed_cell(index: RunIndex, experiment: str, method: str, metric: str, multi
     return Cell(text=fmt(run.metrics[metric] * multiplier, decimals), value=run.metrics[metric] * multiplier, run=run)
 
 
+def train_cost_cell(index: RunIndex, experiment: str, method: str, blocks: int, metric: str,
+                    multiplier: float = 1.0, decimals: int = 2, reduce: str = "mean", expected: bool = True) -> Cell:
+    """A training-cost metric of ``experiment``'s ``method`` from its latest current train runs: one job's, or
+    for a method of one job per block (:data:`BLOCK_JOB_METHODS`) the mean (``reduce="mean"``) or the largest
+    (``"max"``) over blocks 1..``blocks`` (a block without it makes the cell n/a, named in the note); over
+    seeds, :func:`over_seeds` of each seed's."""
+    seeds = index.seeds.get(experiment, [experiment])
+    parts = [str(b) for b in range(1, blocks + 1)] if method in BLOCK_JOB_METHODS else [None]
+    cells = []
+    for name in seeds:
+        per_job = [_seed_cell(index, name, method, metric, multiplier, decimals, "train", part, expected)
+                   for part in parts]
+        lacking = next((c for c in per_job if c.value is None), None)
+        if lacking is not None or len(per_job) == 1:
+            cells.append(lacking or per_job[0])
+            continue
+        values = [c.value for c in per_job]
+        value = statistics.fmean(values) if reduce == "mean" else max(values)
+        cells.append(Cell(text=fmt(value, decimals), value=value, run=per_job[0].run,
+                          runs=[r for c in per_job for r in c.sources]))
+    return over_seeds(cells, decimals)
+
+
 def _asked_for(run: RunInfo, metric: str) -> bool:
     """Whether the run's logged evaluation settings asked for an optional metric (runs that logged none: yes)."""
     if metric not in OPTIONAL_METRICS:
@@ -706,8 +751,14 @@ def build_methods_table(ctx: Context, table_id: str, paper: dict, exps: list[Exp
     cost = _is_fid_table(paper)
     if cost:
         columns += _cost_columns("cost:", "ours", ctx.params.scale)
+    train_cost = table_id in TRAIN_COST_TABLES
+    if train_cost:
+        columns += [Column(f"train:{m}", f"ours {h} ({ctx.params.scale})",
+                           re.sub(r"[^a-z0-9]+", "_", f"ours {h}".lower()).strip("_"), "cost")
+                    for m, (_, h, _, _) in TRAIN_COST_METRICS.items()]
     table = Table(table_id, paper["title"], ctx.caption(table_id, paper, exps), columns,
-                  notes=list(paper.get("notes", [])) + OURS_NOTES.get(table_id, []) + ([COST_NOTE] if cost else []),
+                  notes=list(paper.get("notes", [])) + OURS_NOTES.get(table_id, []) + ([COST_NOTE] if cost else [])
+                  + ([TRAIN_COST_NOTE] if train_cost else []),
                   feeders=[e.name for e in exps])
 
     by_setting: dict[str | None, list[ExperimentSpec]] = {}
@@ -733,6 +784,11 @@ def build_methods_table(ctx: Context, table_id: str, paper: dict, exps: list[Exp
                                               expected=expected))
         if cost:
             row.update(_cost_cells(ctx, "cost:", exp, method, expected))
+        if train_cost:
+            for m, (mult, _, dec, reduce) in TRAIN_COST_METRICS.items():
+                row[f"train:{m}"] = (Cell(DASH) if exp is None or method is None else
+                                     train_cost_cell(ctx.index, exp.name, method, int(exp.config.get("blocks") or 1),
+                                                     m, mult, dec, reduce, expected=expected))
         table.rows.append(row)
 
     setting_keys = list(settings) if settings else [None]
@@ -744,8 +800,14 @@ def build_methods_table(ctx: Context, table_id: str, paper: dict, exps: list[Exp
             if method is None or not feeding:
                 add_row(prow["label"], setting, prow["values"], None, None, False)
                 continue
-            for exp in feeding:
-                label = prow["label"] + (f" [{exp.name}]" if len(feeding) > 1 else "")
+            # the experiments that train this row's method (a block-local baseline is an experiment of its own);
+            # none: one row that reads "not run here"
+            runners = [e for e in feeding if method in _run_methods(ctx, _baseline_source(ctx, e, method))]
+            if not runners:
+                add_row(prow["label"], setting, prow["values"], None, None, False)
+                continue
+            for exp in runners:
+                label = prow["label"] + (f" [{exp.name}]" if len(runners) > 1 else "")
                 source = _baseline_source(ctx, exp, method)
                 add_row(label, setting, prow["values"], source, method, method in _run_methods(ctx, source))
                 if source is not exp:

@@ -169,7 +169,13 @@ def training_job(exp, method: str, block: int | None = None) -> tuple[nn.Module,
         full = exp.full_range
         return model, denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g), max_w), \
             cfg["steps"]
-    raise ValueError(f"unknown method {method!r}; allowed: blockwise, e2e, paper")
+    from dblocks.config import LOCAL_METHODS
+
+    if method in LOCAL_METHODS:  # the paper's block-local baselines: NoProp-DT's block or head, CT, FM, FF
+        from dblocks.baselines.jobs import training_job as local_job
+
+        return local_job(exp, method, block)
+    raise ValueError(f"unknown method {method!r}; allowed: blockwise, e2e, paper, {', '.join(LOCAL_METHODS)}")
 
 
 def sample_batch(data: ImageDataset | TextDataset, batch_size: int, gen: torch.Generator, device: torch.device,
@@ -276,6 +282,58 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since last log)
     resumed_from: int = 0
     averaged: nn.Module | None = None  # a copy of the module holding the EMA weights (train.ema_decay > 0)
+    #: the memory of the training steps (:class:`PeakMemory`), MB; None where the platform cannot say
+    peak_memory_mb: float | None = None
+    train_memory_mb: float | None = None
+
+
+def _status_mb(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in MB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class PeakMemory:
+    """What a job's training steps take, measured around the loop, on the device that runs them.
+
+    ``peak_memory_mb``: on CUDA the most memory torch's tensors held at once (``max_memory_allocated``: weights,
+    gradients, optimizer state, activations); on a CPU the process's peak resident memory while training (the
+    Python and torch runtime included, some 300 MB). ``train_memory_mb``: what the steps added to what the
+    process held when the loop started (the weights and the runtime excluded: gradients, optimizer state and the
+    largest step's activations), on both devices, so that a block job and an end-to-end job compare. On a CPU it
+    needs Linux's resettable peak (``/proc/self/clear_refs``); elsewhere it is None."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.start = device, None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.start = torch.cuda.memory_allocated(device) / 2**20
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # the peak resident size restarts from now
+            self.start = _status_mb("VmRSS")
+        except OSError:
+            self.start = None
+
+    def read(self) -> tuple[float | None, float | None]:
+        """(peak_memory_mb, train_memory_mb) since construction."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            peak = _status_mb("VmHWM")
+            if peak is None:
+                import resource
+
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+        grown = None if self.start is None or peak is None else max(0.0, peak - self.start)
+        return (None if peak is None else round(peak, 2)), (None if grown is None else round(grown, 2))
 
 
 def train(module: nn.Module, objective: Objective, data: ImageDataset | TextDataset, cfg: dict, *, seed: int,
@@ -308,6 +366,7 @@ def train(module: nn.Module, objective: Objective, data: ImageDataset | TextData
     if state_path is not None and Path(state_path).exists():
         start = load_training_state(state_path, module, optimizer, scheduler, {"data": gen}, average)["step"]
     result = TrainResult(steps=total, seconds=0.0, resumed_from=start)
+    memory = PeakMemory(device)
     running, count, t0 = 0.0, 0, time.perf_counter()
     runner: nn.Module = _Loss(module, objective.loss)
     if world.size > 1:
@@ -342,6 +401,7 @@ def train(module: nn.Module, objective: Objective, data: ImageDataset | TextData
         if state_path is not None and done % cfg["checkpoint_every"] == 0 and done < total and world.main:
             save_training_state(state_path, module, optimizer, scheduler, done, {"data": gen}, average=average)
     bar.close()
+    result.peak_memory_mb, result.train_memory_mb = memory.read()  # the steps' memory, not the average's copy
     result.averaged = ema.averaged(module) if ema is not None else None
     for weights in filter(None, (module, result.averaged)):
         bad = next((name for name, p in weights.named_parameters() if not torch.isfinite(p).all()), None)

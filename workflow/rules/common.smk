@@ -8,7 +8,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from dblocks.checkpoint import sidecar_path
-from dblocks.config import AUTOENCODER_FILE, SHARD_DIR, SHARDED_DATASETS, ConfigError
+from dblocks.config import AUTOENCODER_FILE, LOCAL_METHODS, SHARD_DIR, SHARDED_DATASETS, SPLIT_METHODS, ConfigError
 from dblocks.pipeline import Pipeline
 
 # One params file is the single source of truth (DVC reads it too); choose it with
@@ -36,6 +36,8 @@ DATA = PIPE.data_dir  # the folder of its prepared datasets and FID reference st
 RES = PIPE.resources
 EXPERIMENTS = list(PIPE.experiments)
 AUTOENCODED = PIPE.autoencoded_datasets  # their prepare step also writes the autoencoder that encodes them
+# the block-local baselines (local.smk): NoProp-DT's T block jobs and head job, the others one job each
+WHOLE_METHODS = [m for m in LOCAL_METHODS if m not in SPLIT_METHODS]
 
 
 # Jobs call `dblocks`. Make the one installed beside this Snakemake visible to them (a user need not
@@ -64,6 +66,7 @@ wildcard_constraints:
     block=r"[1-9][0-9]*",
     method="blockwise|e2e|paper",
     assembled="blockwise|paper",
+    local="|".join(LOCAL_METHODS),
     dataset=r"[a-z0-9][a-z0-9-]*",
 
 
@@ -218,6 +221,16 @@ def of_tasks(*tasks):
 def with_record(path):
     """A safetensors artefact and the JSON record that holds its sha256."""
     return [path, str(sidecar_path(path))] if path else []
+
+
+def with_records(paths):
+    """Safetensors artefacts, each followed by its JSON record."""
+    return [f for path in paths for f in with_record(path)]
+
+
+def of_methods(*methods):
+    """A wildcard pattern matching exactly the experiments that train one of these methods (never empty-matching)."""
+    return "|".join(e for e in EXPERIMENTS if set(PIPE.methods(e)) & set(methods)) or "^$"
 
 
 def fid_features_files(wildcards=None):
