@@ -202,9 +202,15 @@ def test_cli_trains_assembles_and_evaluates_mauve_and_gen_ppl(tmp_path):
               "--new-tokens", "6", "--max-windows", "8", "--mauve-features", "reference-lm"]
     for name in ("model", "e2e"):
         assert main(["evaluate", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / f"{name}.json"),
-                     *common]) == 0
+                     "--samples-md", str(tmp_path / f"{name}-samples.md"), *common]) == 0
     record = json.loads((tmp_path / "model.json").read_text())
     assert record["block_calls"] == [6, 6, 6, 6] and record["layer_evals_per_token"] == 4
+    # samples beside the numbers: the first prompts, each with its first continuation and the real one
+    shown = (tmp_path / "model-samples.md").read_text()
+    assert len(record["samples"]) == 5 and shown.startswith("# Samples: ar-micro, blockwise")
+    for k, sample in enumerate(record["samples"], 1):
+        assert len(sample["reference"]) > 0 and f"{k}. prompt `" in shown
+    assert shown.count("   - generated: `") == shown.count("   - real: `") == 5
     assert 0 <= record["mauve_reference"] <= 1 and record["gen_ppl_reference"] > 1
     assert "own end-to-end reference LM" in record["mauve_reference_label"]
     e2e = json.loads((tmp_path / "e2e.json").read_text())

@@ -110,7 +110,7 @@ def test_cli_trains_blocks_assembles_and_reports_bpc(tmp_path):
     assert 3.5 < record["bpc"] < 6 and record["block_calls"] == [2, 2, 2]
     assert 3.8 < record["unigram_bits"] < 4.3  # the floor the bound is read against (the scored windows' letters)
     assert record["layer_evals_per_sample"] == 6  # one layer per block, one block per step
-    assert len(record["sample_text"]) == 4 and set(record["sample_text"][0]) <= set("abcdefghijklmnopqrstuvwxyz ")
+    assert len(record["sample_text"]) == 5 and set(record["sample_text"][0]) <= set("abcdefghijklmnopqrstuvwxyz ")
     e2e = json.loads((tmp_path / "e2e.json").read_text())
     assert e2e["block_calls"] == [6] and e2e["layer_evals_per_sample"] == 18
     assert main(["evaluate", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "x.json"),

@@ -126,12 +126,16 @@ def _staging_file(final: Path) -> Iterator[Path]:
 
 
 def write_json_atomic(path: str | os.PathLike, record: Mapping[str, Any], keep_unchanged: bool = False) -> None:
-    """``record`` as indented, key-sorted JSON, staged next to ``path`` and renamed onto it, so readers
-    (Snakemake, DVC, a concurrent tracking sync) never see half a file. ``keep_unchanged`` leaves a file
-    that already holds exactly this text alone, mtime included: Snakemake compares mtimes, and a rewrite
-    of identical content would make every job downstream of it look outdated."""
+    """``record`` as indented, key-sorted JSON, written by :func:`write_text_atomic`."""
+    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n", keep_unchanged)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, keep_unchanged: bool = False) -> None:
+    """``text`` staged next to ``path`` and renamed onto it, so readers (Snakemake, DVC, a concurrent tracking
+    sync) never see half a file. ``keep_unchanged`` leaves a file that already holds exactly this text alone,
+    mtime included: Snakemake compares mtimes, and a rewrite of identical content would make every job
+    downstream of it look outdated."""
     path = Path(path)
-    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
     if keep_unchanged:
         try:
             if path.read_text(encoding="utf-8") == text:

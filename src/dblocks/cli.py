@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from dblocks.checkpoint import write_json_atomic
+from dblocks.checkpoint import write_json_atomic, write_text_atomic
 from dblocks.config import UNKNOWN_SCALE, WEIGHTS, chosen_weights, parse_override, resolve
 
 EXIT_USAGE = 2
@@ -740,6 +740,10 @@ def cmd_evaluate(args) -> None:
     generation = exp.config["task"] == "generation"
     text = exp.tokenizer is not None
     _existing_dir(args.data, "--data")
+    if args.samples_md is not None:
+        if not text:
+            raise UsageError("--samples-md: text models only (image samples: --grid)")
+        _output(args.samples_md, ".md", "--samples-md")
     stats = {}
     if not text and args.split == "validation":
         raise UsageError("--split validation: image datasets have only train, test")
@@ -870,6 +874,12 @@ def cmd_evaluate(args) -> None:
                   "config_hash": config_hash(exp.config), "git_commit": git_commit(), "eval_hash": eval_hash,
                   "evaluation": settings, **result}
         write_json_atomic(out, record)
+        text_samples = None
+        if args.samples_md and "samples" in result:
+            from dblocks.evaluate import samples_markdown
+
+            text_samples = Path(args.samples_md)
+            write_text_atomic(text_samples, samples_markdown(exp.name, meta.get("method"), result))
         if run is not None:
             run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
             run.log_parent_metrics(headline_metrics(meta.get("method"), result))
@@ -879,6 +889,8 @@ def cmd_evaluate(args) -> None:
             run.log_artifact(out, "evaluation")
             if generation and args.grid:
                 run.log_artifact(Path(args.grid), name="samples.png")  # the tables look grids up by name
+            if text_samples is not None:
+                run.log_artifact(text_samples, name="samples.md")  # likewise the text samples
     print(f"{exp.name} ({meta.get('method')}): {summary}")
 
 
@@ -1179,6 +1191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="generation: number of samples (default: sample.num_images)")
     p.add_argument("--sample-steps", type=int, help="generation: Euler steps (default: sample.steps)")
     p.add_argument("--grid", help="generation: write a PNG grid of samples here")
+    p.add_argument("--samples-md", help="text: write the evaluation's text samples (prompt / continuation pairs, or "
+                                        "unconditional samples) here as Markdown")
     p.add_argument("--bound-samples", type=int,
                    help="masked text: masking times per window and block for the BPC bound")
     p.add_argument("--max-windows", type=int,

@@ -19,6 +19,9 @@ from dblocks.experiment import Experiment, derive_seed
 from dblocks.metrics.class_agreement import class_agreement
 from dblocks.sample import classify, classify_direct, generate, save_grid
 
+#: prompt / continuation pairs an AR text evaluation keeps for readers (the paper's tables come with none)
+SHOWN_SAMPLES = 5
+
 
 def as_assembled(model: AssembledModel | BlockDenoiser, exp: Experiment) -> AssembledModel:
     """An end-to-end denoiser is one block that owns the whole sigma range."""
@@ -140,7 +143,7 @@ def evaluate_generator(model, exp: Experiment, reference: ImageDataset | None, *
 
 
 def evaluate_masked_lm(model, exp: Experiment, data, *, seed: int = 0, samples_per_block: int = 1,
-                       max_windows: int | None = None, sample_num: int = 4, sample_steps: int | None = None) -> dict:
+                       max_windows: int | None = None, sample_num: int = 5, sample_steps: int | None = None) -> dict:
     """Bits per character (the negative ELBO, dblocks.masked_diffusion.bits_per_token) on ``data`` and a few
     unconditional samples (decoded text) with the cost of drawing them."""
     from dblocks.masked_diffusion import bits_per_token, sample_text
@@ -160,7 +163,24 @@ def evaluate_masked_lm(model, exp: Experiment, data, *, seed: int = 0, samples_p
             "samples_per_block": samples_per_block, "sample_steps": steps, "block_calls": list(model.calls),
             # each unmasking step runs only the layers of the block that owns its t
             "layer_evals_per_sample": sum(depth[model.block_for((steps - i) / steps) - 1] for i in range(steps)),
-            "sample_text": [data.decode(s) for s in samples]}
+            "sample_text": [data.decode(s) for s in samples],
+            "samples": [{"continuation": data.decode(s)} for s in samples]}  # unconditional: no prompt
+
+
+def samples_markdown(experiment: str, method: str, record: dict) -> str:
+    """The text samples of an evaluation record as Markdown: prompt / continuation (/ the real continuation)
+    pairs, or unconditional samples (masked LM), each in a code span so that whitespace shows."""
+    def shown(text: str) -> str:
+        return "`" + text.replace("`", "'").replace("\n", "⏎") + "`"
+
+    lines = [f"# Samples: {experiment}, {method}", ""]
+    for k, sample in enumerate(record.get("samples", []), 1):
+        if "prompt" in sample:
+            lines += [f"{k}. prompt {shown(sample['prompt'])}", f"   - generated: {shown(sample['continuation'])}",
+                      f"   - real: {shown(sample['reference'])}"]
+        else:
+            lines.append(f"{k}. {shown(sample['continuation'])}")
+    return "\n".join(lines) + "\n"
 
 
 def in_chunks(fn, rows: torch.Tensor, size: int, seed: int, purpose: str, device) -> torch.Tensor | None:
@@ -254,6 +274,11 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
     p_text = [data.decode(torch.cat([a, b])) for a, b in zip(prompt, generated)]
     q_text = [data.decode(w[:context]) for w in windows]
     record["sample_text"] = p_text[:: continuations][:8]
+    # what a reader sees beside the numbers: the first continuation of the first prompts, and the text that
+    # really followed each prompt
+    record["samples"] = [{"prompt": data.decode(w[:prompt_len]), "continuation": data.decode(g),
+                          "reference": data.decode(w[prompt_len:context])}
+                         for w, g in zip(windows[:SHOWN_SAMPLES], generated[::continuations])]
     for name in hf_judges:  # the paper's judges (online): Llama-2, GPT2-XL
         from dblocks.metrics.gen_ppl import HF_JUDGES, hf_generative_perplexity
 

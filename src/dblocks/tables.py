@@ -63,22 +63,29 @@ OURS_METRICS: dict[str, dict[str, tuple[str, float, str]]] = {
     "1": {"accuracy": ("accuracy", 100.0, "accuracy (%)")},
     "2": {"fid_train": ("fid_train", 1.0, "FID (train)"), "fid_test": ("fid_test", 1.0, "FID (test)"),
           "class_agreement": ("class_agreement", 1.0, "class agreement")},
-    "3": {"bpc": ("bpc", 1.0, "BPC")},
+    # beside each bits figure: the unigram entropy of the scored tokens, the floor a model that learned nothing
+    # beyond letter frequencies reaches
+    "3": {"bpc": ("bpc", 1.0, "BPC"), "unigram_bits": ("unigram_bits", 1.0, "unigram floor (bits/char)")},
     # what evaluate_text logs: MAUVE per featurizer and generative perplexity under this project's own
     # end-to-end AR reference LM (offline) and under Llama-2 / GPT2-XL (online, evaluation.text.hf_judges)
     "4": {"mauve_gpt2_large": ("mauve_gpt2_large", 1.0, "MAUVE (GPT-2 large)"),
           "mauve_reference": ("mauve_reference", 1.0, "MAUVE (own reference-LM features)"),
           "mauve_minilm": ("mauve_minilm", 1.0, "MAUVE (MiniLM features)"),
+          "mauve_ngram": ("mauve_ngram", 1.0, "MAUVE (n-gram profiles)"),
+          "train_word_rate": ("train_word_rate", 1.0, "known-word rate"),
           "gen_ppl_llama2": ("gen_ppl_llama2", 1.0, "gen. PPL (Llama-2)"),
           "gen_ppl_gpt2xl": ("gen_ppl_gpt2xl", 1.0, "gen. PPL (GPT2-XL)"),
           "gen_ppl_reference": ("gen_ppl_reference", 1.0, "gen. PPL (own reference LM)"),
-          "next_token_bits": ("next_token_bits", 1.0, "next-token bits/byte")},
+          "next_token_bits": ("next_token_bits", 1.0, "next-token bits/byte"),
+          "unigram_bits": ("unigram_bits", 1.0, "unigram floor (bits/byte)")},
     "6": {"accuracy": ("accuracy", 100.0, "accuracy (%)")},
     "7": {"fid": ("fid", 1.0, "FID")},
     "8": {"fid": ("fid", 1.0, "FID")},
     "10": {"fid": ("fid", 1.0, "FID")},
     "11": {"mauve_gpt2_large": ("mauve_gpt2_large", 1.0, "MAUVE (GPT-2 large)"),
-           "mauve_reference": ("mauve_reference", 1.0, "MAUVE (own reference-LM features)")},
+           "mauve_reference": ("mauve_reference", 1.0, "MAUVE (own reference-LM features)"),
+           "mauve_ngram": ("mauve_ngram", 1.0, "MAUVE (n-gram profiles)"),
+           "next_token_bits": ("next_token_bits", 1.0, "next-token bits/byte")},
     "gamma": {"fid": ("fid", 1.0, "FID")},
 }
 OURS_METRICS["5"] = OURS_METRICS["4"]
@@ -93,7 +100,8 @@ DATASET_METRICS: dict[str, tuple[str, ...]] = {"class_agreement": JUDGED_DATASET
 #: (e.g. a smoke run's mauve_features: [reference-lm] has no MiniLM MAUVE)
 OPTIONAL_METRICS: dict[str, tuple[str, str]] = {
     "mauve_gpt2_large": ("mauve_features", "gpt2-large"), "mauve_minilm": ("mauve_features", "minilm"),
-    "mauve_reference": ("mauve_features", "reference-lm"), "gen_ppl_llama2": ("hf_judges", "llama2"),
+    "mauve_reference": ("mauve_features", "reference-lm"), "mauve_ngram": ("mauve_features", "ngram"),
+    "train_word_rate": ("mauve_features", "ngram"), "gen_ppl_llama2": ("hf_judges", "llama2"),
     "gen_ppl_gpt2xl": ("hf_judges", "gpt2-xl")}
 
 #: inference cost that every generator evaluation logs, shown beside each FID of ours:
@@ -1155,7 +1163,8 @@ def figure_curves(ctx: Context, client, exp: ExperimentSpec, path: Path) -> tupl
                 continue
             history = sorted(client.get_metric_history(run.run_id, "train_loss"), key=lambda m: (m.step, m.timestamp))
             if history:
-                label = f"block {block}" if block else {"e2e": "end-to-end"}.get(method, METHOD_LABELS.get(method, method))
+                label = (f"block {block}" if block.isdigit() else block if block else  # NoProp-DT's "head"
+                         {"e2e": "end-to-end"}.get(method, METHOD_LABELS.get(method, method)))
                 series.append((label, [m.step for m in history], [m.value for m in history]))
     if not series:
         return None, "no finished train run of this configuration with a train_loss history"
@@ -1246,17 +1255,23 @@ def find_artifact(client, run_id: str, name: str, max_depth: int = 3) -> str | N
     return None
 
 
+#: the samples artifact an evaluate run logs, by task: a PNG grid of images, or Markdown text samples
+SAMPLES_ARTIFACT = {"generation": "samples.png", "masked_text": "samples.md", "ar_text": "samples.md",
+                    "recurrent_text": "samples.md"}
+
+
 def fetch_samples(ctx: Context, client, exp: ExperimentSpec, method: str, path: Path) -> tuple[Path | None, str]:
-    """Copy a generation evaluate run's ``samples.png`` artifact to ``path``."""
+    """Copy an evaluate run's samples artifact (:data:`SAMPLES_ARTIFACT`) to ``path``."""
+    name = SAMPLES_ARTIFACT[exp.task]
     run, why = ctx.index.latest(exp.name, "evaluate", method)
     if run is None:
         return None, why
     try:
-        artifact = find_artifact(client, run.run_id, "samples.png")
+        artifact = find_artifact(client, run.run_id, name)
     except Exception as exc:  # noqa: BLE001 - an unreachable artifact store: not available
         return None, f"run {run.short}: artifacts not readable ({exc.__class__.__name__}: {_one_line(exc)})"
     if artifact is None:
-        return None, f"run {run.short} has no samples.png artifact"
+        return None, f"run {run.short} has no {name} artifact"
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(client.download_artifacts(run.run_id, artifact, tmp))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1292,15 +1307,6 @@ def generate(params_path: str | Path, out_dir: str | Path, tracking_uri: str | N
     stale = index.stale()
     experiment = client.get_experiment_by_name(params.mlflow_experiment)
 
-    tables: list[Table] = []
-    for table_id in params.table_ids():
-        table = build_table(ctx, table_id)
-        tables.append(table)
-        stem = tables_dir / f"table{_safe(table_id)}"
-        written += [_atomic_text(stem.with_suffix(".md"), render_md(table)),
-                    _atomic_text(stem.with_suffix(".csv"), render_csv(table)),
-                    _atomic_text(stem.with_suffix(".tex"), render_tex(table))]
-
     figures: list[tuple[Path, str]] = []
     skipped: list[tuple[str, str]] = []
 
@@ -1311,6 +1317,33 @@ def generate(params_path: str | Path, out_dir: str | Path, tracking_uri: str | N
         else:
             written.append(path)
             figures.append((path, what))
+
+    # samples beside every number: image grids, and for text the prompt / continuation pairs that each text
+    # table links to, so that a reader sees what a BPC or a MAUVE means
+    text_samples: dict[str, list[tuple[str, Path]]] = {}
+    for exp in params.experiments.values():
+        if exp.task not in SAMPLES_ARTIFACT:
+            continue
+        for method in _run_methods(ctx, exp):
+            name = f"samples-{_safe(exp.name)}-{_safe(method)}{Path(SAMPLES_ARTIFACT[exp.task]).suffix}"
+            result = fetch_samples(ctx, client, exp, method, figures_dir / name)
+            record(name, result, f"samples, {exp.name}, {method}")
+            if result[0] is not None and exp.task != "generation":
+                text_samples.setdefault(exp.name, []).append((method, result[0]))
+
+    tables: list[Table] = []
+    for table_id in params.table_ids():
+        table = build_table(ctx, table_id)
+        links = [f"[{exp} {method}]({os.path.relpath(path, tables_dir)})"
+                 for exp in table.feeders for method, path in text_samples.get(exp, [])]
+        if links:
+            table.notes.append("Samples behind these numbers (prompt, generated and real continuation): "
+                               + ", ".join(links))
+        tables.append(table)
+        stem = tables_dir / f"table{_safe(table_id)}"
+        written += [_atomic_text(stem.with_suffix(".md"), render_md(table)),
+                    _atomic_text(stem.with_suffix(".csv"), render_csv(table)),
+                    _atomic_text(stem.with_suffix(".tex"), render_tex(table))]
 
     for exp in params.experiments.values():
         name = f"curves-{_safe(exp.name)}.png"
@@ -1328,13 +1361,6 @@ def generate(params_path: str | Path, out_dir: str | Path, tracking_uri: str | N
             name = f"table{_safe(table.id)}-partition.png"
             record(name, figure_grid(ctx, table, paper, figures_dir / name),
                    f"Table {table.id}: partition x layer split")
-    for exp in params.experiments.values():
-        if exp.task != "generation":
-            continue
-        for method in _run_methods(ctx, exp):
-            name = f"samples-{_safe(exp.name)}-{_safe(method)}.png"
-            record(name, fetch_samples(ctx, client, exp, method, figures_dir / name),
-                   f"samples, {exp.name}, {method}")
 
     written.append(_atomic_text(tables_dir / "index.md", render_index(
         params, tables, figures, skipped, warnings, out_dir, stale, experiment.experiment_id if experiment else None)))

@@ -164,6 +164,7 @@ rule evaluate_text:
         judge=judge_checkpoint,
     output:
         metrics=f"metrics/{OUT}/{{exp}}/{{method}}.json",
+        samples=f"metrics/{OUT}/{{exp}}/{{method}}-samples.md",
     wildcard_constraints:
         exp=of_tasks("masked_text", "ar_text", "recurrent_text"),
     params:
@@ -183,4 +184,4 @@ rule evaluate_text:
         ENV
     shell:
         "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --params {params.file} --data {params.data} "
-        "--track {input.run} {params.judge} --out {output.metrics} > {log} 2>&1"
+        "--track {input.run} {params.judge} --out {output.metrics} --samples-md {output.samples} > {log} 2>&1"
