@@ -60,8 +60,9 @@ EVALUATION_KEYS["recurrent_text"] = EVALUATION_KEYS["ar_text"]
 #: a task's evaluation protocol, where it changed what a number means with the same settings (part of the
 #: evaluation hash, so runs of the former protocol read "other evaluation settings" in the tables instead of
 #: filling a cell): 2 = block-wise next-token bits from the model's next-token distribution (the highest-noise
-#: block at sigma_max), no longer the chain's last logits (docs/ar-text.md)
-PROTOCOLS: dict[str, int] = {"ar_text": 2, "recurrent_text": 2}
+#: block at sigma_max), no longer the chain's last logits (docs/ar-text.md); 3 = prompts spread evenly over the
+#: split instead of its first windows (one passage)
+PROTOCOLS: dict[str, int] = {"ar_text": 3, "recurrent_text": 3}
 
 
 def evaluation_settings(task: str, values: dict) -> dict:
