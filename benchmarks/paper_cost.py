@@ -3,7 +3,8 @@
 Nothing here runs on a GPU; the GPU-hours are arithmetic on counted FLOPs and an assumed utilisation:
 
 1. Jobs: exactly the pipeline's list (``dblocks.pipeline.Pipeline.training_jobs``): B jobs per block-wise
-   experiment, one end-to-end baseline, one job for the paper's shared-stem mode.
+   experiment, one end-to-end baseline, one job for the paper's shared-stem mode, and the block-local baselines'
+   jobs (NoProp-DT's T blocks and its head, NoProp-CT, NoProp-FM, Forward-Forward).
 2. FLOPs per optimizer step: ``torch.utils.flop_counter.FlopCounterMode`` around the forward and backward
    pass of the job's own objective (``dblocks.train.training_job``) at the experiment's real
    ``train.batch_size``. Module and batch live on PyTorch's ``meta`` device (shapes only, no memory, no
@@ -63,7 +64,7 @@ import dblocks.models.huginn as huginn  # noqa: E402
 from dblocks.data.text import VOCAB_SIZE, TextDataset  # noqa: E402
 from dblocks.experiment import Experiment  # noqa: E402
 from dblocks.paper import PAPER_TABLES  # noqa: E402
-from dblocks.pipeline import BLOCKWISE, E2E, PAPER, Pipeline  # noqa: E402
+from dblocks.pipeline import BLOCKWISE, E2E, LOCAL_METHODS, PAPER, Pipeline  # noqa: E402
 from dblocks.train import sample_batch, training_job  # noqa: E402
 
 META = torch.device("meta")
@@ -93,7 +94,7 @@ def paper_seconds_per_step(exp: Experiment, method: str) -> float | None:
     12-layer end-to-end model, or a 4-layer block, which is also what each shared-stem step trains), else
     None. The paper timed the authors' shared-stem code; an independent block has the same FLOPs per step."""
     cfg = exp.config
-    if cfg["arch"] != "ViT-paper" or cfg["train"]["batch_size"] != 128:
+    if cfg["arch"] != "ViT-paper" or cfg["train"]["batch_size"] != 128 or method in LOCAL_METHODS:
         return None
     seconds = {row["key"]["row"]: row["values"]["seconds"] for row in PAPER_TABLES["12"]["rows"]}
     if method == E2E:
@@ -144,6 +145,9 @@ def trained_block(model) -> int:
 def build_job(exp: Experiment, method: str, block: int | None, recurrence: int | None = None):
     """(module, objective, steps) of one job exactly as training builds it, but on the meta device (and
     Huginn's baseline at a fixed recurrence, None: its mean), in training mode."""
+    if method in LOCAL_METHODS:  # small networks whose objectives read numbers off their schedules: built on
+        module, objective, steps = training_job(exp, method, block)  # the CPU, then moved to the meta device
+        return module.to(META).train(), objective, steps
     with torch.device(META), fixed_recurrence(recurrence):
         module, objective, steps = training_job(exp, method, block)
     return module.train(), objective, steps
@@ -184,8 +188,17 @@ def gpu_hours(flops: float, mode: str, mfu: float) -> dict[str, float]:
     return {gpu: flops / (spec[mode] * mfu) / 3600 for gpu, spec in GPUS.items()}
 
 
-def job_label(method: str, block: int | None) -> str:
+def job_label(method: str, block: int | str | None) -> str:
+    if method in LOCAL_METHODS:
+        return method if block is None else f"{method} {block}" if block == "head" else f"{method} block {block}"
     return f"block {block}" if method == BLOCKWISE else {E2E: "e2e", PAPER: "paper (shared stem)"}[method]
+
+
+def job_layers(exp: Experiment, method: str, block: int | str | None) -> int | None:
+    """The transformer layers a job trains (None: NoProp's convolutional networks)."""
+    if method == BLOCKWISE:
+        return exp.split[block - 1]
+    return None if exp.config["arch"].startswith("NoProp") else exp.arch.spec.depth
 
 
 def progress(line: str) -> None:
@@ -205,7 +218,7 @@ def estimate(params_path: str | Path, mfu: float = DEFAULT_MFU, log=progress) ->
         total = cost["steps"] * cost["flops_per_step"]
         row = {"experiment": name, "method": method, "block": block, "job": job_label(method, block),
                "arch": exp.config["arch"], "dataset": exp.config["dataset"], "math_mode": mode,
-               "layers": (exp.split[block - 1] if method == BLOCKWISE else exp.arch.spec.depth),
+               "layers": job_layers(exp, method, block),
                **cost, "total_flops": total, "gpu_hours": gpu_hours(total, mode, mfu)}
         seconds = paper_seconds_per_step(exp, method)
         if seconds is not None:

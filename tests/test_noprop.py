@@ -275,3 +275,41 @@ def test_noprop_continuous_variants_learn_digits(digits, variant, floor):
     state = train_noprop_continuous(variant, SPEC, train, steps=450, batch_size=64)
     model = noprop_continuous(variant, SPEC, train.shape, 10, state)
     assert evaluate_accuracy(model, test) > floor
+
+
+# ------------------------------------------------------------------------------------ as pipeline jobs
+
+
+def test_the_params_vocabulary_names_the_registry():
+    """Validating params never imports torch: config keeps NoProp's architecture names, equal to the registry."""
+    from dblocks.config import NOPROP_ARCHS
+
+    assert tuple(npm.NOPROP_ARCHITECTURES) == NOPROP_ARCHS
+
+
+def test_pipeline_jobs_build_one_part_each_from_the_seed_and_part_alone():
+    """dblocks.baselines.jobs: NoProp-DT's block t job builds block t (T = the experiment's blocks) with its term of
+    the ELBO, the head job the head with T x the steps; a part's initial weights depend on the experiment's seed
+    and the part only; parts outside 1..T are refused with the allowed ones."""
+    from dblocks.baselines import jobs
+    from dblocks.config import ConfigError, resolve
+    from dblocks.experiment import Experiment
+
+    exp = Experiment(resolve({"arch": SPEC, "blocks": 4, "train": {"steps": 7}}))
+    block, objective, steps = jobs.training_job(exp, "noprop-dt", 2)
+    assert isinstance(block, NoPropNet) and steps == 7
+    again, _, _ = jobs.training_job(exp, "noprop-dt", 2)
+    other, _, _ = jobs.training_job(exp, "noprop-dt", 3)
+    first = next(iter(block.state_dict()))
+    assert torch.equal(block.state_dict()[first], again.state_dict()[first])
+    assert not torch.equal(block.state_dict()[first], other.state_dict()[first])
+    head, _, head_steps = jobs.training_job(exp, "noprop-dt", "head")
+    assert isinstance(head, torch.nn.Linear) and head_steps == 4 * 7
+    batch = objective.draw({"image": torch.zeros(3, 1, 8, 8), "label": torch.tensor([0, 1, 2])},
+                           torch.Generator().manual_seed(0))
+    assert objective.loss(batch).ndim == 0
+    assert jobs.parts("noprop-dt", 4) == [1, 2, 3, 4, "head"] and jobs.parts("noprop-fm", 4) == [None]
+    with pytest.raises(ConfigError, match="allowed: --block 1..4 or --head"):
+        jobs.training_job(exp, "noprop-dt", 5)
+    with pytest.raises(ConfigError, match="allowed: neither --block nor --head"):
+        jobs.training_job(exp, "noprop-ct", 1)

@@ -80,3 +80,30 @@ def test_sigkill_at_random_steps_then_rerun_is_bit_identical(tmp_path):
         assert torch.equal(resumed[name], expected[name]), f"seed {seed}: {name} differs after resuming"
     assert not out.with_suffix(".state.safetensors").exists()  # the resume state goes once the block is done
     assert sorted(p.name for p in out.parent.iterdir()) == ["block-2.json", "block-2.safetensors"]
+
+
+LOCAL_JOB = ["train-local", "--method", "noprop-dt", "--arch", "NoProp-tiny", "--blocks", "10", "--block", "4",
+             "--steps", "60", "--batch-size", "16", "--device", "cpu", "--no-progress", "--set", "train.warmup=0",
+             "--set", "train.grad_clip=null", "--set", "train.log_every=5", "--set", "train.checkpoint_every=3"]
+
+
+def test_a_killed_noprop_block_job_resumes_bit_identically(tmp_path, monkeypatch):
+    """The block-local baselines train through the same loop: a NoProp-DT block job (batch norm statistics
+    included) killed mid-run resumes from its state and ends with the uninterrupted run's weights."""
+    monkeypatch.setattr(sys.modules[__name__], "JOB", LOCAL_JOB)
+    rng = random.Random(random.randrange(10**6))
+    reference = tmp_path / "reference" / "block-4.safetensors"
+    reference.parent.mkdir()
+    ref = _job(reference)
+    out = tmp_path / "killed" / "block-4.safetensors"
+    out.parent.mkdir()
+    killed_at = _kill_after(out, rng.randrange(6, 40), rng)
+    final = _job(out)
+    assert final.communicate(timeout=300) and final.returncode == 0
+    assert ref.communicate(timeout=300) and ref.returncode == 0
+    resumed, meta = load_checkpoint(out)
+    expected, _ = load_checkpoint(reference)
+    assert meta["resumed_from"] >= killed_at and meta["part"] == "block-4" and meta["kind"] == "local"
+    assert resumed.keys() == expected.keys() and any("running_mean" in k for k in expected)
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["block-4.json", "block-4.safetensors"]
