@@ -505,7 +505,7 @@ def test_runs_view_names_each_tasks_headline_metrics():
 
 JOURNAL_PARAMS = PARAMS.replace("  experiment: dblocks-test\n", "  experiment: dblocks-test\n  mode: journal\n")
 #: what differs between a run logged live and the same run logged later from its journal, besides ids
-_TIMING_METRICS = ("train_seconds", "seconds_per_step", "eval_seconds")
+_TIMING_METRICS = ("train_seconds", "seconds_per_step", "eval_seconds", "peak_memory_mb", "train_memory_mb")  # measured
 _PER_RUN_TAGS = ("mlflow.parentRunId", "dblocks.run_key", "dblocks.logged_later")
 #: file hashes: a checkpoint's JSON header holds its training time
 _TIMED_FILE_TAGS = ("checkpoint_sha256", "model_sha256")

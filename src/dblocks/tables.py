@@ -532,7 +532,12 @@ class Table:
                     for run in cell.sources:
                         seen.setdefault(run.run_id, run)
         out = []
-        for run in sorted(seen.values(), key=lambda r: (r.tag("experiment"), r.tag("method"), r.tag("block"))):
+        def order(r: RunInfo) -> tuple:  # blocks in number order (NoProp-DT's 1..10), then named parts ("head")
+            block = r.tag("block")
+            rank = (0, -1, "") if not block else (0, int(block), "") if block.isdigit() else (1, 0, block)
+            return r.tag("experiment"), r.tag("method"), rank
+
+        for run in sorted(seen.values(), key=order):
             block = f", block {run.tag('block')}" if run.tag("block") else ""
             commit = f", git {run.tag('git_commit')[:10]}" if run.tag("git_commit") else ""
             hashes = f", config {run.tag('config_hash')}" if run.tag("config_hash") else ""

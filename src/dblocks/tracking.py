@@ -527,8 +527,9 @@ class JobRun:
     def _run_name(self, experiment: str) -> str:
         if self.job == "evaluate":
             return f"{experiment} evaluate {self.method}".rstrip()
-        if self.block is not None:
-            return f"{experiment} block {self.block}"
+        if self.block is not None:  # a block job; a named part (NoProp-DT's head) with its method
+            return f"{experiment} block {self.block}" if str(self.block).isdigit() else \
+                f"{experiment} {self.method} {self.block}"
         return f"{experiment} {self.method or self.job}"
 
     def _open_journal(self) -> None:
