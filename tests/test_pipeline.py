@@ -189,7 +189,8 @@ def test_dry_run_has_exactly_b_block_jobs_per_experiment(params):
                 (evaluation,) = [j for j in mine if j.rule == "evaluate_local"]
                 if method == "noprop-dt":
                     assert blocks == list(range(1, pipe.blocks(exp) + 1)) and len(heads) == 1 and not whole, exp
-                    assert all(f"--block {j.wildcards['block']} " in j.command for j in mine if j.rule.endswith("block"))
+                    assert all(f"--block {j.wildcards['block']} " in j.command
+                               for j in mine if j.rule.endswith("block"))
                     assert "--head " in heads[0].command
                 else:
                     assert not blocks and not heads and len(whole) == 1, exp
@@ -541,15 +542,17 @@ def local_run(tmp_path_factory) -> Path:
 
 
 def test_the_dag_has_t_noprop_block_jobs_and_one_head_job(tmp_path):
-    (tmp_path / "micro.yaml").write_text(LOCAL.replace("blocks: 3,\n                   train", "blocks: 5,\n                   train"))
+    five = LOCAL.replace("arch: NoProp-tiny, blocks: 3,", "arch: NoProp-tiny, blocks: 5,")
+    assert five != LOCAL
+    (tmp_path / "micro.yaml").write_text(five)
     plan = planned(tmp_path, tmp_path / "micro.yaml")
     dt = [j for j in plan if dict(j[1]).get("exp") == "noprop-dt-cifar100"]
     assert sorted(dict(j[1])["block"] for j in dt if j[0] == "train_local_block") == ["1", "2", "3", "4", "5"]
     assert [j[0] for j in dt].count("train_local_head") == 1 and [j[0] for j in dt].count("evaluate_local") == 1
     assert job("train_local", exp="noprop-ct-cifar100", local="noprop-ct") in plan
     assert job("train_local", exp="ff-cifar100-seed1", local="forward-forward") in plan
-    assert not [j for j in plan if j[0] in ("train_block", "assemble") and dict(j[1])["exp"].startswith(("ff", "noprop-"))
-                and dict(j[1])["exp"] != "noprop-cifar100"]
+    baselines = ("ff-cifar100", "noprop-dt-cifar100", "noprop-ct-cifar100", "noprop-fm-cifar100")
+    assert not [j for j in plan if j[0] in ("train_block", "assemble") and dict(j[1])["exp"].startswith(baselines)]
 
 
 def test_baselines_fill_tables_1_and_6_from_real_runs(local_run):
@@ -569,7 +572,8 @@ def test_baselines_fill_tables_1_and_6_from_real_runs(local_run):
                                                   "head.safetensors"]
     for b in (1, 2, 3):
         record = load_metadata(local_run / f"checkpoints/tiny/noprop-dt-cifar100/noprop-dt/block-{b}.safetensors")
-        assert (record["kind"], record["method"], record["part"], record["block"]) == ("local", "noprop-dt", f"block-{b}", b)
+        assert (record["kind"], record["method"], record["part"], record["block"]) == \
+            ("local", "noprop-dt", f"block-{b}", b)
         assert record["steps_run"] == 4 and record["train_memory_mb"] is not None
     assert load_metadata(local_run / "checkpoints/tiny/noprop-dt-cifar100/noprop-dt/head.safetensors")["step"] == 3 * 4
 

@@ -164,7 +164,8 @@ def generated(tmp_path_factory):
 
     # Tables 1 and 6: the block-local baselines. Forward-Forward with two seeds (one job each); NoProp-DT's three
     # block jobs and its head job (the head's cost is not a block's); NoProp-CT trained, not evaluated yet
-    for name, accuracy, seconds, memory in (("ff-cifar100", 0.70, 0.020, 30.0), ("ff-cifar100-seed1", 0.74, 0.022, 32.0)):
+    for name, accuracy, seconds, memory in (("ff-cifar100", 0.70, 0.020, 30.0),
+                                            ("ff-cifar100-seed1", 0.74, 0.022, 32.0)):
         parent = _log(client, eid, name, "parent")
         _log(client, eid, name, "train", "forward-forward", parent=parent, device="cpu",
              metrics={"seconds_per_step": seconds, "train_memory_mb": memory}, history=[1.4, 1.0])

@@ -270,8 +270,9 @@ class Params:
         key = f"{self.path}: experiments.{name}"
         local = [m for m in methods if m in LOCAL_METHODS]
         if local and len(local) != len(methods):
+            others = ", ".join(m for m in methods if m not in local)
             raise ConfigError(f"{key}.pipeline.methods={methods}: {', '.join(local)} train their own network with "
-                              f"their own train recipe, not the one of {', '.join(m for m in methods if m not in local)}; "
+                              f"their own train recipe, not the one of {others}; "
                               f"allowed: {', '.join(DIFFUSION_METHODS)} in one experiment, the block-local methods "
                               f"({', '.join(LOCAL_METHODS)}) in experiments of their own")
         if local and self.judge(name):

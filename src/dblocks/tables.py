@@ -29,7 +29,8 @@ The run contract (tags on every run): ``dblocks.experiment``, ``dblocks.scale``,
 parents), ``dblocks.block`` ("1".."B" for block training, NoProp-DT's "1".."T" and "head", else ""),
 ``dblocks.job`` (parent | train | evaluate), ``dblocks.config_hash``, ``dblocks.git_commit``,
 ``dblocks.eval_hash`` (evaluate runs), optional ``dblocks.device``; ``mlflow.parentRunId`` on children.
-Metrics: train runs ``train_loss`` (history), ``seconds_per_step``, ``train_memory_mb``; evaluate runs ``accuracy`` (fraction),
+Metrics: train runs ``train_loss`` (history), ``seconds_per_step``, ``train_memory_mb``; evaluate runs
+``accuracy`` (fraction),
 ``fid``, ``bpc``, ``mauve``, ``gen_ppl_llama2``, ``gen_ppl_gpt2xl``; artifact ``samples.png`` on generation
 evaluate runs."""
 

@@ -70,7 +70,8 @@ def check_part(config: dict, method: str, part: int | str | None) -> None:
     check_method(config, method)
     allowed = parts(method, config["blocks"])
     if part not in allowed:
-        names = (f"--block 1..{config['blocks']} or --head" if method in SPLIT_METHODS else "neither --block nor --head")
+        names = (f"--block 1..{config['blocks']} or --head" if method in SPLIT_METHODS
+                 else "neither --block nor --head")
         given = "--head" if part == HEAD else f"--block {part}" if part is not None else "no part"
         raise ConfigError(f"{given}: {method} trains {len(allowed)} job{'s' * (len(allowed) > 1)} "
                           f"(blocks={config['blocks']}); allowed: {names}")
