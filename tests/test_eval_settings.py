@@ -30,7 +30,7 @@ FID_KEYS = ("fid_features", "fid_reference", "reference_samples")
 def _evaluate_argv(command: str) -> list[str]:
     """The arguments after ``dblocks`` in a rule's shell command, without the log redirection."""
     words = shlex.split(command)
-    start = words.index("evaluate")
+    start = next(i for i, w in enumerate(words) if w in ("evaluate", "evaluate-local"))
     end = next((i for i, w in enumerate(words) if w.startswith(">")), len(words))
     return words[start:end]
 
@@ -48,6 +48,10 @@ def test_the_rules_give_evaluate_the_settings_the_params_model_hashes(params_fil
         tasks.add(config["task"])
         args = parser.parse_args(_evaluate_argv(job.command))
         assert args.params == params_file  # the protocol comes from the file, not from the command line
+        if job.rule == "evaluate_local":  # a block-local baseline: test accuracy, settings split and seed only
+            got = command_settings({"split": args.split, "seed": args.seed}, config)
+            assert evaluation_hash(got) == pipe.eval_hash(exp), job.command
+            continue
         model_config = copy.deepcopy(config)
         model_config["sample"] = {**model_config["sample"], "guidance": 99.0}  # stale settings in the model
         evaluation_options(args, Experiment(model_config))  # what the command does with --params
