@@ -21,6 +21,16 @@ else:
 from dblocks.config import resolve  # noqa: E402
 from dblocks.experiment import Experiment  # noqa: E402
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: small models gain nothing from a second, and torch's threads spin-wait
+    on a loaded machine (measured: NoProp-DT's learning test took 241 s on 2 threads under load, 14 s on one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 MICRO_TRAIN = {"steps": 8, "batch_size": 16, "warmup": 2, "log_every": 4, "checkpoint_every": 4}
 
 

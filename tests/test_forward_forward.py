@@ -20,13 +20,7 @@ from dblocks.baselines.forward_forward import (
 from dblocks.data import load_image_dataset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small models gain nothing from a second thread, and torch's threads spin-wait on a loaded machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small models, one thread
 
 
 def _batch(n: int = 4) -> dict:

@@ -33,14 +33,7 @@ from dblocks.data import load_image_dataset
 SPEC = "NoProp-tiny"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small models gain nothing from a second thread, and torch's threads spin-wait on a loaded machine
-    # (measured: the DT learning test took 241 s on 2 threads under load, 14 s on one)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small models, one thread
 
 
 @pytest.fixture(scope="module")
