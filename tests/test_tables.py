@@ -177,11 +177,14 @@ def generated(tmp_path_factory):
     _log(client, eid, "noprop-ct-cifar100", "train", "noprop-ct", device="cpu",
          metrics={"seconds_per_step": 0.015, "train_memory_mb": 25.0})
 
-    # Table 11: offline runs log MAUVE in the reference LM's feature space only
+    # Table 11: offline runs log MAUVE in the reference LM's feature space only; ar-lm1b's evaluation also logs
+    # its text samples
+    shown = root / "samples.md"
+    shown.write_text("# Samples: ar-lm1b, blockwise\n\n1. prompt `To be`\n   - generated: `, or not`\n")
     for name, blocks, mauve in (("ar-lm1b", 4, 0.91), ("ar-t11-b2", 2, 0.97)):
         parent = _experiment_runs(client, eid, name, blocks, seconds=(0.01,) * blocks)
         _log(client, eid, name, "evaluate", "blockwise", parent=parent,
-             metrics={"mauve_reference": mauve, "mauve_minilm": 0.1})
+             metrics={"mauve_reference": mauve, "mauve_minilm": 0.1}, artifact=shown if name == "ar-lm1b" else None)
 
     params_path = root / "params.yaml"
     params_path.write_text(yaml.safe_dump(PARAMS, sort_keys=False))
@@ -304,6 +307,16 @@ def test_table11_shows_one_feature_space_the_first_any_run_logged(generated, tmp
     assert "ours MAUVE (GPT-2 large)" in text
     assert _md_row(text, "2")[1:] == ["0.61", "0.64", "ar-t11-b2"]
     assert _md_row(text, "4")[1:] == ["0.67", "—", "ar-lm1b"]
+
+
+def test_text_tables_link_the_samples_behind_their_numbers(generated):
+    """A text evaluation's samples.md artifact is fetched beside the figures, and the table links it."""
+    fetched = generated["out"] / "figures" / "samples-ar-lm1b-blockwise.md"
+    assert fetched.read_text().startswith("# Samples: ar-lm1b, blockwise")
+    text = (generated["out"] / "tables" / "table11.md").read_text()
+    assert "Samples behind these numbers" in text and "(../figures/samples-ar-lm1b-blockwise.md)" in text
+    index = (generated["out"] / "tables" / "index.md").read_text()
+    assert "samples-ar-t11-b2-blockwise.md" in index  # its run logged none: listed as not drawn, with why
 
 
 def test_table12_timings(generated):
