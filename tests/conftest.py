@@ -31,6 +31,22 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def optimizer_params(monkeypatch) -> list:
+    """The parameters every optimizer the training loop builds during the test holds, one list per optimizer."""
+    import dblocks.train
+
+    seen, real = [], dblocks.train.adamw
+
+    def spy(params, *args, **kwargs):
+        params = list(params)
+        seen.append(params)
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(dblocks.train, "adamw", spy)
+    return seen
+
+
 MICRO_TRAIN = {"steps": 8, "batch_size": 16, "warmup": 2, "log_every": 4, "checkpoint_every": 4}
 
 

@@ -179,21 +179,7 @@ def test_paper_sizes_run_on_cifar100_shapes():
 # ----------------------------------------------------------------------------------- independence
 
 
-def _record_optimizer_params(monkeypatch) -> list:
-    import dblocks.train
-
-    seen, real = [], dblocks.train.adamw
-
-    def spy(params, *args, **kwargs):
-        params = list(params)
-        seen.append(params)
-        return real(params, *args, **kwargs)
-
-    monkeypatch.setattr(dblocks.train, "adamw", spy)
-    return seen
-
-
-def test_dt_block_job_builds_only_its_own_block(digits, monkeypatch):
+def test_dt_block_job_builds_only_its_own_block(digits, monkeypatch, optimizer_params):
     train, _ = digits
     built = []
     real_init = NoPropNet.__init__
@@ -203,20 +189,20 @@ def test_dt_block_job_builds_only_its_own_block(digits, monkeypatch):
         real_init(self, *args, **kwargs)
 
     monkeypatch.setattr(NoPropNet, "__init__", counting_init)
-    seen = _record_optimizer_params(monkeypatch)
+    seen = optimizer_params
     state = train_noprop_block(SPEC, train, 3, steps=2, batch_size=8)
     assert len(built) == 1  # one network: block 3's
     assert len(seen) == 1 and {id(p) for p in seen[0]} == {id(p) for p in built[0].parameters()}
     assert set(state) == set(built[0].state_dict())
 
 
-def test_training_dt_block_t_leaves_every_other_part_untouched(digits, monkeypatch):
+def test_training_dt_block_t_leaves_every_other_part_untouched(digits, optimizer_params):
     train, _ = digits
     torch.manual_seed(0)
     blocks = [dt_block(SPEC, train.shape, 10) for _ in range(10)]
     head = dt_head(10)
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in [*blocks, head]]
-    seen = _record_optimizer_params(monkeypatch)
+    seen = optimizer_params
 
     train_noprop_block(SPEC, train, 4, module=blocks[3], steps=3, batch_size=16)
 

@@ -18,28 +18,12 @@ def _state(module):
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
-def _record_optimizer_params(monkeypatch) -> list:
-    """Capture the parameters every optimizer the training loop builds during the test holds."""
-    import dblocks.train
-
-    seen = []
-    real = dblocks.train.adamw
-
-    def spy(params, *args, **kwargs):
-        params = list(params)
-        seen.append(params)
-        return real(params, *args, **kwargs)
-
-    monkeypatch.setattr(dblocks.train, "adamw", spy)
-    return seen
-
-
 @pytest.mark.parametrize("task", ["classification", "generation"])
-def test_training_block_b_touches_nothing_else(task, monkeypatch):
+def test_training_block_b_touches_nothing_else(task, optimizer_params):
     exp = Experiment(micro_config(task=task))
     blocks = [exp.block(b) for b in (1, 2, 3)]
     before = [_state(m) for m in blocks]
-    seen = _record_optimizer_params(monkeypatch)
+    seen = optimizer_params
     data = exp.load_data("train")
 
     train(blocks[1], block_objective(blocks[1], exp.partition, 2), data, exp.config["train"], seed=1,
@@ -133,11 +117,11 @@ def test_nan_loss_stops_training(vit_exp):
               vit_exp.config["train"], seed=0, device=CPU, progress=False)
 
 
-def test_paper_mode_shares_stem_and_head_and_samples_blocks(vit_exp, monkeypatch):
+def test_paper_mode_shares_stem_and_head_and_samples_blocks(vit_exp, optimizer_params):
     model = vit_exp.shared_blocks()
     assert model.blocks[0].stem is model.blocks[2].stem and model.blocks[0].head is model.blocks[1].head
     before = _state(model)
-    seen = _record_optimizer_params(monkeypatch)
+    seen = optimizer_params
     cfg = vit_exp.config["train"]
     picked = []
     objective = paper_mode_objective(model)
