@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -84,6 +85,13 @@ def write_json(name: str, record: dict, path: Path | None = None) -> Path:
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def start_record(name: str, device: torch.device, argv: Sequence[str] | None) -> dict:
+    """The head of every benchmark's record: its name, the machine, and the command that reproduces it."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    return {"benchmark": name, "device": device_description(device),
+            "command": " ".join([".venv/bin/python", f"benchmarks/{name}.py", *args])}
 
 
 def finish(name: str, record: dict, started: float, print_tables: Callable[[dict], None],

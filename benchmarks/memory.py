@@ -405,9 +405,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = C.pick_device(args.device)
     common = {"threads": args.threads, "device": str(device)}
-    record = {"benchmark": "memory", "device": C.device_description(device), "threads": args.threads,
-              "command": " ".join([".venv/bin/python", "benchmarks/memory.py",
-                                   *(argv if argv is not None else sys.argv[1:])]),
+    record = {**C.start_record("memory", device, argv), "threads": args.threads,
               "allocators": args.allocators, "depth_allocators": args.depth_allocators,
               "notes": "ratios are end-to-end / largest block job; states = params + grads + AdamW state; "
                        "activations = bytes saved for backward in one training forward (parameters excluded); "

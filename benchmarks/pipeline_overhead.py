@@ -301,9 +301,7 @@ def main(argv=None) -> int:
     p.add_argument("--job-experiment", default="dit-t7-equiprob-444", help="its experiment (block 1 is trained)")
     p.add_argument("--data", default="data/prepared/digits", help="the prepared data the job reads")
     args = p.parse_args(argv)
-    record = {"benchmark": "pipeline_overhead", "device": C.device_description(torch.device("cpu")),
-              "command": " ".join([".venv/bin/python", "benchmarks/pipeline_overhead.py",
-                                   *(argv if argv is not None else sys.argv[1:])])}
+    record = C.start_record("pipeline_overhead", torch.device("cpu"), argv)
     t0 = time.perf_counter()
     print("snakemake dry run", flush=True)
     record["dag"] = snakemake_dag(args.params, args.dag_reps)

@@ -178,9 +178,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = C.pick_device(args.device)
-    record = {"benchmark": "speed", "device": C.device_description(device),
-              "command": " ".join([".venv/bin/python", "benchmarks/speed.py",
-                                   *(argv if argv is not None else sys.argv[1:])])}
+    record = C.start_record("speed", device, argv)
     t0 = time.perf_counter()
     print(f"ViT-paper training iterations, B={args.blocks}, batch {args.batch}, {args.reps} reps", flush=True)
     record["training"] = training_iterations(args.blocks, args.batch, args.reps, args.warmup, device)

@@ -127,9 +127,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = C.pick_device(args.device)
-    record = {"benchmark": "text_generation", "device": C.device_description(device),
-              "command": " ".join([".venv/bin/python", "benchmarks/text_generation.py",
-                                   *(argv if argv is not None else sys.argv[1:])])}
+    record = C.start_record("text_generation", device, argv)
     t0 = time.perf_counter()
     print(f"text generation, batch {args.batch}, {args.new_tokens} new tokens, {args.reps} reps", flush=True)
     record["rows"] = measure(args.batch, args.prompt, args.new_tokens, args.blocks, args.reps, args.warmup, device)
