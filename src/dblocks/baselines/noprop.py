@@ -16,8 +16,8 @@ sequence and classifies z_T with a linear-softmax head p_hat(y | z_T). The ELBO 
         + (T / 2) eta E_{t ~ U{1..T}}[(SNR(t) - SNR(t-1)) ||u_hat_t(z_{t-1}, x) - u_y||^2]
 
 with SNR(t) = abar_t / (1 - abar_t); the factor 1/2 is the Gaussian KL's (a_t^2 / c_t = SNR(t) - SNR(t-1)),
-and eta = 1 is the exact bound (the paper uses eta = 0.1). Each network's term involves z_{t-1} drawn from
-q alone, never another network's output: that is what makes the T networks trainable independently.
+and eta = 1 is the exact bound (the paper: eta = 0.1 for DT, 1 for CT). Each network's term involves z_{t-1}
+drawn from q alone, never another network's output: that is what makes the T networks trainable independently.
 
 * **NoProp-DT** (discrete time): T independent networks, one per step. Block t's job trains u_hat_t on its own
   term of the sum, ``(T eta / 2)(SNR(t) - SNR(t-1)) ||u_hat_t - u_y||^2`` (as the paper's Algorithm 1 writes
@@ -39,10 +39,10 @@ involves the head only (z_T ~ q(z_T | y) needs no block), and the prior KL none 
 DT is T + 1 independent jobs: one per block and one for the head (:func:`train_noprop_head`). CT and FM
 keep the same fixed embedding; CT's head is trained with its network (one job anyway).
 
-Architecture (the paper's Figure 6 and its appendix, as we read them): the image through a convolutional
-embedding (3x3 conv, batch norm, ReLU, 2x2 max-pool, dropout, per stage; then a dense layer), the noisy
-embedding through a dense layer with a residual dense layer (its skip connection), continuous time (CT, FM)
-through a sinusoidal embedding and an MLP; the concatenation through dense layers to logits. DT and CT
+Architecture (the paper's Figure 6, see :class:`NoPropNet` and docs/noprop.md): the image through conv 3x3
+stages 32 (max-pool) / 64 / 128 (max-pool) with ReLU and dropout 0.2, then FC 256; the noisy embedding through
+FC 256 with a residual branch (DT); CT and FM add a 64-dimensional positional time embedding and, as Figure 6's
+caption says, no batch norm; the concatenation through FC 256, FC 128 and a last FC to logits. DT and CT
 predict u_hat = softmax(logits) @ W_Embed, the posterior mean of a discrete label; FM's last layer returns
 the velocity itself (a velocity u_y - z_0 is no mixture of embeddings). Sizes: :data:`NOPROP_ARCHITECTURES`.
 
@@ -64,7 +64,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dblocks.baselines import seeded, state_of, train_config
-from dblocks.layers import NoiseEmbedding
 from dblocks.train import Objective, train
 
 Batch = dict[str, torch.Tensor]
@@ -72,32 +71,39 @@ Batch = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class NoPropSpec:
-    """Sizes of a NoProp network. ``channels``: the image embedding's conv stages (each halves the image);
-    ``width``: the image, label and time features; ``fuse``: the dense layers after concatenation;
-    ``steps``: T, the DT blocks and the CT / FM inference steps (the paper: T = 10)."""
+    """Sizes of a NoProp network (the paper's Figure 6). ``channels``: the image embedding's 3x3 conv stages;
+    ``pool``: which of them end in a 2x2 max-pool (Figure 6: the first and the last); ``width``: the image
+    and label features (FC 256 in the paper); ``fuse``: the dense layers after concatenation (256, 128);
+    ``time_dim``: CT's / FM's sinusoidal time embedding (Figure 6: pos emb 64); ``steps``: T, the DT blocks and
+    the CT / FM inference steps (the paper: T = 10 for DT)."""
 
     channels: tuple[int, ...]
     width: int
     fuse: tuple[int, ...]
     dropout: float
+    pool: tuple[bool, ...] = (True, False, True)
+    time_dim: int = 64
     steps: int = 10
 
 
 NOPROP_ARCHITECTURES: dict[str, NoPropSpec] = {
-    # CIFAR (3x32x32): three conv stages 32 / 64 / 128 down to 4x4, 256-wide features (the paper's appendix)
+    # CIFAR (3x32x32), Figure 6: conv 32 (pool) / 64 / 128 (pool) down to 8x8, dropout 0.2, FC 256 features,
+    # dense 256 and 128 after concatenation, a 64-dimensional time embedding (CT, FM)
     "NoProp-paper": NoPropSpec(channels=(32, 64, 128), width=256, fuse=(256, 128), dropout=0.2),
-    # the 8x8 digits: the same three stages (8x8 down to 1x1) and T, a quarter of the widths, no dropout (a few
+    # the 8x8 digits: the same stages (8x8 down to 2x2) and T, a quarter of the widths, no dropout (a few
     # hundred steps per block do not overfit 1437 digits)
-    "NoProp-tiny": NoPropSpec(channels=(8, 16, 32), width=64, fuse=(64, 32), dropout=0.0),
+    "NoProp-tiny": NoPropSpec(channels=(8, 16, 32), width=64, fuse=(64, 32), dropout=0.0, time_dim=16),
 }
 
-#: the paper's optimizer (AdamW, lr 1e-3, weight decay 1e-3, batch 128, no schedule named); no gradient
-#: clipping, which the paper does not use
+#: the paper's optimizer for NoProp-DT (AdamW, lr 1e-3, weight decay 1e-3, batch 128, no schedule named); no
+#: gradient clipping, which the paper does not use. (CT and FM: the paper's Adam with the same lr and decay;
+#: the project's one training loop has AdamW only, see docs/noprop.md.)
 NOPROP_TRAIN = {"lr": 1e-3, "weight_decay": 1e-3, "batch_size": 128, "warmup": 0, "schedule": "constant",
                 "grad_clip": None}
 
-#: the paper's loss weight eta on the denoising terms
+#: the paper's loss weight eta on the denoising terms: 0.1 for NoProp-DT, 1 for NoProp-CT (FM has none)
 ETA = 0.1
+ETA_CT = 1.0
 
 
 def get_noprop(spec: str | NoPropSpec) -> NoPropSpec:
@@ -227,44 +233,78 @@ class LearnedSNR(nn.Module):
 # --------------------------------------------------------------------------------------------- network
 
 
-def _dense(inputs: int, outputs: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inputs, outputs), nn.BatchNorm1d(outputs), nn.ReLU())
+def _dense(inputs: int, outputs: int, batchnorm: bool = True, relu: bool = True) -> nn.Sequential:
+    """FC, then batch norm (DT's network only: Figure 6 leaves it out of the continuous-time one), then ReLU."""
+    layers: list[nn.Module] = [nn.Linear(inputs, outputs)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(outputs))
+    if relu:
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def time_features(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """CT's / FM's positional embedding of t in [0, 1] (Figure 6: pos emb): sin and cos of 1000 t at dim / 2
+    geometric frequencies from 1 to 1 / 10000 (the transformer's; t scaled as a step index of 1000)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
 class NoPropNet(nn.Module):
-    """One NoProp network (Figure 6): image embedding, label embedding with a skip connection, and with
-    ``timed`` a time embedding, concatenated and mapped by dense layers to ``out_dim`` outputs (logits, or
-    FM's velocity)."""
+    """One NoProp network (Figure 6), mapped by dense layers to ``out_dim`` outputs (logits, or FM's velocity):
+
+    * image: per stage conv 3x3, ReLU, (max-pool 2x2), dropout; flatten, FC ``width``, then batch norm (DT) or
+      ReLU (CT, FM);
+    * noisy label, DT: FC + BN + ReLU, then a residual branch (FC + BN + ReLU, FC + BN) added to it (the skip
+      connection); CT, FM: FC + ReLU;
+    * time (``timed``: CT, FM): positional embedding (``time_dim``), FC + ReLU;
+    * the concatenation: ``fuse`` dense layers (FC + BN + ReLU; no BN in CT / FM), then FC to ``out_dim``.
+
+    ``timed`` also drops every batch norm: "batch normalization is not included in the continuous-time model"
+    (Figure 6's caption)."""
 
     def __init__(self, spec: NoPropSpec, image_shape: Sequence[int], label_dim: int, out_dim: int,
                  timed: bool = False) -> None:
         super().__init__()
-        self.label_dim = label_dim
+        self.label_dim, self.time_dim = label_dim, spec.time_dim
+        norm = not timed
         channels, height, width = image_shape
+        if len(spec.pool) != len(spec.channels):
+            raise ValueError(f"pool {spec.pool} needs one entry per conv stage {spec.channels}")
         stages: list[nn.Module] = []
-        for size in spec.channels:
-            stages += [nn.Conv2d(channels, size, 3, padding=1), nn.BatchNorm2d(size), nn.ReLU(), nn.MaxPool2d(2),
-                       nn.Dropout(spec.dropout)]
-            channels, height, width = size, height // 2, width // 2
+        for size, pool in zip(spec.channels, spec.pool):
+            stages += [nn.Conv2d(channels, size, 3, padding=1), nn.ReLU()]
+            if pool:
+                stages.append(nn.MaxPool2d(2))
+                height, width = height // 2, width // 2
+            stages.append(nn.Dropout(spec.dropout))
+            channels = size
         if height < 1 or width < 1:
-            raise ValueError(f"image {tuple(image_shape)} is too small for {len(spec.channels)} pooling stages")
-        self.image = nn.Sequential(*stages, nn.Flatten(), _dense(channels * height * width, spec.width))
-        self.label = _dense(label_dim, spec.width)
-        self.label_skip = _dense(spec.width, spec.width)
-        # the project's time features (sinusoid of 1000 t, then an MLP), t in [0, 1] as DDPM's step index
-        self.time = NoiseEmbedding(spec.width) if timed else None
+            raise ValueError(f"image {tuple(image_shape)} is too small for {sum(spec.pool)} pooling stages")
+        features = nn.BatchNorm1d(spec.width) if norm else nn.ReLU()
+        self.image = nn.Sequential(*stages, nn.Flatten(), nn.Linear(channels * height * width, spec.width),
+                                   features)
+        self.label = _dense(label_dim, spec.width, batchnorm=norm)
+        # DT's skip connection: label features plus a two-layer residual branch of them
+        self.label_skip = (nn.Sequential(_dense(spec.width, spec.width), _dense(spec.width, spec.width, relu=False))
+                           if norm else None)
+        self.time = _dense(spec.time_dim, spec.width, batchnorm=False) if timed else None
         fused = spec.width * (3 if timed else 2)
         layers: list[nn.Module] = []
         for size in spec.fuse:
-            layers.append(_dense(fused, size))
+            layers.append(_dense(fused, size, batchnorm=norm))
             fused = size
         self.fuse = nn.Sequential(*layers, nn.Linear(fused, out_dim))
 
     def forward(self, image: torch.Tensor, z: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         label = self.label(z)
-        features = [self.image(image), label + self.label_skip(label)]
+        if self.label_skip is not None:
+            label = label + self.label_skip(label)
+        features = [self.image(image), label]
         if self.time is not None:
-            features.append(self.time(t))
+            features.append(self.time(time_features(t, self.time_dim)))
         return self.fuse(torch.cat(features, dim=-1))
 
 
@@ -375,7 +415,7 @@ class NoPropCT(nn.Module):
     on ``CE(p_hat(y | z_1)) + KL(q(z_0 | y) || N(0, I)) + (eta / 2) SNR'(t) ||u_hat(z_t, x, t) - u_y||^2``,
     t ~ U[0, 1]. Inference: DT's posterior step on a grid of ``steps`` equal intervals of [0, 1]."""
 
-    def __init__(self, spec: str | NoPropSpec, image_shape: Sequence[int], num_classes: int, eta: float = ETA):
+    def __init__(self, spec: str | NoPropSpec, image_shape: Sequence[int], num_classes: int, eta: float = ETA_CT):
         super().__init__()
         self.spec, self.eta = get_noprop(spec), eta
         self.net = NoPropNet(self.spec, image_shape, num_classes, num_classes, timed=True)
