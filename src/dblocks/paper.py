@@ -104,7 +104,7 @@ PAPER_TABLES: dict[str, dict[str, Any]] = {
     },
     "6": {
         "title": "Comparison with NoProp: CIFAR-100, test accuracy (%)",
-        "setting": "NoProp's setup on CIFAR-100 (DiffusionBlocks with overlap 0.1)",
+        "setting": "NoProp's setup on CIFAR-100; DiffusionBlocks and backprop on the ViT, B=3, overlap 0.1 (docs/noprop.md)",
         "metric": "accuracy (%)", "better": "higher", "kind": "methods",
         "columns": {"accuracy": "accuracy (%)"},
         "rows": [
