@@ -65,3 +65,13 @@ def vit_exp() -> Experiment:
 @pytest.fixture
 def dit_exp() -> Experiment:
     return Experiment(micro_config(task="generation"))
+
+
+def run_record(runs_dir, params, exp):
+    """Where ``dblocks track-init --out-dir runs_dir`` writes ``exp``'s run record: the file name of
+    Pipeline.run_json (the experiment's name and config hash)."""
+    from pathlib import Path
+
+    from dblocks.pipeline import Pipeline
+
+    return Path(runs_dir) / Path(Pipeline.load(params).run_json(exp)).name

@@ -17,6 +17,7 @@ import pytest
 
 from dblocks.cli import main
 from dblocks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, RUNS_VIEW_KEY, runs_view_url
+from tests.conftest import run_record
 from tests.ui_server import ui_server, wait_healthy
 
 EXPERIMENT = "dblocks-ui-test"
@@ -61,11 +62,11 @@ def test_runs_as_the_mlflow_server_shows_them(tmp_path, monkeypatch):
         url, proc = server.url, server.proc
         assert main(["prepare", "--dataset", "digits", "--out", "data/prepared/digits"]) == 0
         common = ["--config", "params.yaml", "--experiment", "micro", "--data", "data/prepared/digits",
-                  "--track", "runs/micro.json", "--no-progress"]
+                  "--track", str(run_record("runs", "params.yaml", "micro")), "--no-progress"]
         assert main(["train-block", *common, "--block", "1", "--out", "ckpt/block-1.safetensors"]) == 0
         assert main(["train-baseline", *common, "--out", "ckpt/e2e.safetensors"]) == 0
         assert main(["evaluate", "ckpt/e2e.safetensors", "--data", "data/prepared/digits", "--track",
-                     "runs/micro.json", "--out", "metrics/e2e.json"]) == 0
+                     str(run_record("runs", "params.yaml", "micro")), "--out", "metrics/e2e.json"]) == 0
         record = json.loads((tmp_path / "metrics/e2e.json").read_text())
         prepared = {s: json.loads((tmp_path / f"data/prepared/digits/{s}.json").read_text()) for s in ("train", "test")}
         wait_healthy(server)

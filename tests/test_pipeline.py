@@ -419,8 +419,30 @@ def test_snakemake_reruns_exactly_the_jobs_that_read_a_changed_setting(micro_run
         assert planned(micro_run, params) == sorted(evaluations + [job("tables")])
         params.write_text(original.replace("experiment: micro}", "experiment: micro-renamed}"))
         assert planned(micro_run, params) == sorted(evaluations + [
-            job("tracking_store"), job("tracking_parent", exp="vit-cifar100"),
-            job("tracking_parent", exp="dit-t10-b2"), job("tables")])
+            job("tracking_store"), *[job("tracking_parent", exp=e, chash=Pipeline.load(params).hash(e))
+                                     for e in ("vit-cifar100", "dit-t10-b2")], job("tables")])
+    finally:
+        params.write_text(original)
+    assert planned(micro_run, params) == []
+
+
+def test_a_changed_experiment_is_retrained_in_the_first_call(micro_run):
+    """A changed training setting reruns the experiment's blocks, baseline and what reads them, in ONE call:
+    its run record is named by its config hash, so the record's tracking job does not hide the trainings
+    below it (Snakemake skips a job below a rerun job when its input from it is `ancient` and present)."""
+    params = micro_run / "micro.yaml"
+    original = params.read_text()
+    assert planned(micro_run, params) == []
+    raw = yaml.safe_load(original)
+    raw["experiments"]["vit-cifar100"]["train"]["steps"] = 3
+    try:
+        params.write_text(yaml.safe_dump(raw))
+        assert planned(micro_run, params) == sorted([
+            job("tracking_parent", exp="vit-cifar100", chash=Pipeline.load(params).hash("vit-cifar100")),
+            job("train_block", exp="vit-cifar100", block="1"), job("train_block", exp="vit-cifar100", block="2"),
+            job("train_baseline", exp="vit-cifar100"), job("assemble", exp="vit-cifar100", assembled="blockwise"),
+            job("evaluate_classifier", exp="vit-cifar100", method="blockwise"),
+            job("evaluate_classifier", exp="vit-cifar100", method="e2e"), job("tables")])
     finally:
         params.write_text(original)
     assert planned(micro_run, params) == []

@@ -21,6 +21,7 @@ from dblocks.checkpoint import load_metadata
 from dblocks.cli import main
 from dblocks.config import config_hash
 from dblocks.params import Params
+from tests.conftest import run_record
 from tests.ui_server import ui_server, wait_healthy
 from dblocks.tracking import (DEFAULT_URI, EXPERIMENT_KIND_TAG, JobRun, _retry, flatten, headline_metrics, init_runs,
                               resolve_uri, sync_journals)
@@ -70,7 +71,7 @@ def store(tmp_path_factory):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # the environment would win over `uri`
         paths = init_runs(params, root / "runs", uri)
     return SimpleNamespace(root=root, params=params, uri=uri, paths=paths, client=mlflow.MlflowClient(uri),
-                           record={p.stem: json.loads(p.read_text()) for p in paths})
+                           record={p.name.split(".")[0]: json.loads(p.read_text()) for p in paths})
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,8 @@ def test_retry_backs_off_only_on_locked_database():
 
 def test_init_runs_creates_parent_runs_once(store, server, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert sorted(p.name for p in store.paths) == ["micro-a.json", "micro-b.json"]
+    assert sorted(store.paths) == [run_record(store.root / "runs", store.params, e) for e in ("micro-a", "micro-b")]
+    assert store.paths[0].name == f"micro-a.{config_hash(Params.load(store.params).experiments['micro-a'])}.json"
     exp = store.client.get_experiment_by_name("dblocks-test")
     assert exp.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"  # the UI opens on the runs table
     for name, tables, methods in (("micro-a", "1,12", "blockwise,e2e"), ("micro-b", "6", "blockwise")):
@@ -162,7 +164,7 @@ def test_init_runs_creates_parent_runs_once(store, server, monkeypatch):
 
 def test_init_runs_replaces_a_deleted_parent(store, tmp_path):
     out = tmp_path / "runs"
-    (path,) = [p for p in init_runs(store.params, out, store.uri) if p.stem == "micro-b"]
+    (path,) = [p for p in init_runs(store.params, out, store.uri) if p.name.startswith("micro-b.")]
     first = json.loads(path.read_text())["parent_run_id"]
     assert init_runs(store.params, out, store.uri) and json.loads(path.read_text())["parent_run_id"] == first
     store.client.delete_run(first)
@@ -197,7 +199,7 @@ def test_track_options_validate_first(store, tmp_path, capsys):
 
 def test_tracked_cli_jobs_are_child_runs(store, tmp_path, capsys):
     rec = store.record["micro-a"]
-    track = store.root / "runs" / "micro-a.json"
+    track = run_record(store.root / "runs", store.params, "micro-a")
     exp_args = ["--config", store.params, "--experiment", "micro-a", *MICRO]
     blocks = [tmp_path / f"block-{b}.safetensors" for b in (1, 2, 3)]
     for b, path in enumerate(blocks, 1):
@@ -259,7 +261,7 @@ def test_tracked_cli_jobs_are_child_runs(store, tmp_path, capsys):
 
 def test_tracked_baseline_and_paper_mode(store, tmp_path):
     parent = store.record["micro-b"]["parent_run_id"]
-    track = store.root / "runs" / "micro-b.json"
+    track = run_record(store.root / "runs", store.params, "micro-b")
     exp_args = ["--config", store.params, "--experiment", "micro-b", *MICRO]
     assert run_cli("train-baseline", *exp_args, "--out", tmp_path / "e2e.safetensors", "--track", track) == 0
     assert run_cli("train-shared", *exp_args, "--out-dir", tmp_path / "paper", "--track", track) == 0
@@ -279,7 +281,7 @@ def test_tracked_baseline_and_paper_mode(store, tmp_path):
 def test_job_failure_marks_run_failed_and_propagates(store):
     config = Params.load(store.params).experiments["micro-b"]
     with pytest.raises(ZeroDivisionError):
-        with JobRun(store.root / "runs" / "micro-b.json", "train", "blockwise", 2, config) as run:
+        with JobRun(run_record(store.root / "runs", store.params, "micro-b"), "train", "blockwise", 2, config) as run:
             run.log_step(2, 1.5, 1e-3)
             1 / 0
     failed = store.client.get_run(run.run_id)
@@ -344,7 +346,7 @@ def _listening(port: int) -> list[str]:
 def test_server_returns_parent_and_child_runs(store, server, monkeypatch):
     rec = store.record["micro-b"]
     config = Params.load(store.params).experiments["micro-b"]
-    with JobRun(store.root / "runs" / "micro-b.json", "train", "blockwise", 3, config) as direct:
+    with JobRun(run_record(store.root / "runs", store.params, "micro-b"), "train", "blockwise", 3, config) as direct:
         direct.log_step(2, 0.5, 1e-3)
     wait_healthy(server)
     assert _listening(server.port) == ["127.0.0.1"]  # loopback only, unless the user passes --host
@@ -395,7 +397,7 @@ PARALLEL_JOB = textwrap.dedent("""
 
 
 def test_four_parallel_processes_share_one_sqlite_store(store, tmp_path):
-    track = store.root / "runs" / "micro-a.json"
+    track = run_record(store.root / "runs", store.params, "micro-a")
     config = json.dumps(Params.load(store.params).experiments["micro-a"])
     go = tmp_path / "go"
     # run where the record's relative data path names nothing (a checkout that ran the pipeline has a prepared
@@ -435,7 +437,7 @@ def test_parent_run_job_does_not_import_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
                          cwd=tmp_path).stdout
     assert out.strip().splitlines()[-1] == "0 False"
-    assert json.loads((tmp_path / "runs" / "vit-cifar100.json").read_text())["parent_run_id"]
+    assert json.loads(run_record(tmp_path / "runs", params, "vit-cifar100").read_text())["parent_run_id"]
 
 
 # -------------------------------------------------------------------------- logged later, in full
@@ -552,7 +554,7 @@ def test_journal_mode_then_track_sync_leaves_what_live_mode_logs(tmp_path, monke
         assert run_cli("track-init", "--params", root / "params.yaml", "--out-dir", runs, "--tracking-uri", uri,
                        "--store-only") == 0
         assert run_cli("track-init", "--params", root / "params.yaml", "--out-dir", runs, "--tracking-uri", uri) == 0
-        track = runs / "micro-a.json"
+        track = run_record(runs, root / "params.yaml", "micro-a")
         assert run_cli("train-baseline", "--config", root / "params.yaml", "--experiment", "micro-a", "--no-progress",
                        "--out", model, "--track", track, "--force") == 0
         assert run_cli("evaluate", model, "--out", result, "--track", track) == 0
@@ -590,7 +592,7 @@ def test_a_journal_mode_job_never_imports_mlflow(tmp_path):
     init = ["track-init", "--params", str(params), "--out-dir", str(runs), "--tracking-uri",
             f"sqlite:///{tmp_path}/mlflow.db"]
     train = ["train-block", "--config", str(params), "--experiment", "micro-b", "--block", "1", "--no-progress",
-             "--out", str(out), "--track", str(runs / "micro-b.json")]
+             "--out", str(out), "--track", str(run_record(runs, params, "micro-b"))]
     code = (f"import sys; from dblocks.cli import main; rcs = [main({init + ['--store-only']!r}), main({init!r}), "
             f"main({train!r})]; print(*rcs, 'mlflow' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}

@@ -15,6 +15,7 @@ from mlflow.entities import ViewType
 
 from dblocks.checkpoint import load_metadata, sha256_file
 from dblocks.tracking import JOURNAL_DIR, RUN_KEY_TAG, init_runs, read_journals
+from tests.conftest import run_record
 from tests.test_tracking import PARAMS, run_cli
 
 
@@ -47,14 +48,14 @@ def _sync(store, capsys, *extra) -> str:
 def _train(store, block: int, capsys) -> tuple[int, str]:
     out = store.root / f"block-{block}.safetensors"
     rc = run_cli("train-block", "--config", store.params, "--experiment", "micro-b", "--no-progress", "--block", block,
-                 "--out", out, "--track", store.runs / "micro-b.json")
+                 "--out", out, "--track", run_record(store.runs, store.params, "micro-b"))
     err = capsys.readouterr().err
     return rc, err
 
 
 def test_locked_store_costs_the_job_nothing_and_sync_logs_it_once(store, capsys):
     init_runs(store.params, store.runs, store.uri)
-    parent = json.loads((store.runs / "micro-b.json").read_text())["parent_run_id"]
+    parent = json.loads((run_record(store.runs, store.params, "micro-b")).read_text())["parent_run_id"]
     db = store.root / "mlflow.db"
     lock = sqlite3.connect(db, timeout=0.1)
     lock.execute("BEGIN EXCLUSIVE")  # another process holds the database: every write waits, then fails
@@ -118,7 +119,7 @@ def test_unreachable_store_at_setup_then_sync_creates_experiment_and_parent(stor
                    "--allow-offline") == 0
     err = capsys.readouterr().err
     assert "going on without tracking" in err and "track-sync" in err
-    record = json.loads((store.runs / "micro-b.json").read_text())
+    record = json.loads((run_record(store.runs, store.params, "micro-b")).read_text())
     assert record["parent_run_id"] is None and record["offline"]
     for block in (1, 2):
         rc, err = _train(store, block, capsys)

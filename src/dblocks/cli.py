@@ -1122,7 +1122,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "before the jobs fan out (tracking.mode: journal: only write the jobs' run records, without "
                 "touching the store; 'dblocks track-sync' creates both later)")
     p.add_argument("--params", required=True, help="params file (scale, tracking: {uri, experiment}, experiments)")
-    p.add_argument("--out-dir", required=True, help="directory for <experiment>.json (the jobs' --track files)")
+    p.add_argument("--out-dir", required=True, help="directory for <experiment>.<config hash>.json (the jobs' --track files)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.uri of the params file; "
                                           "MLFLOW_TRACKING_URI overrides both)")
     p.add_argument("--experiment", action="append", help="only this experiment's parent run (repeatable)")

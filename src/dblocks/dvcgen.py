@@ -42,8 +42,9 @@ class Job:
     @property
     def name(self) -> str:
         """``train_block.vit-cifar100.2``: rule and wildcard values (which never contain dots). DVC keeps
-        '@' for its own foreach stages, whose lists cannot vary in length per item as jobs' inputs do."""
-        return ".".join([self.rule, *self.wildcards.values()])
+        '@' for its own foreach stages, whose lists cannot vary in length per item as jobs' inputs do. A run
+        record's config hash is left out: the stage of an experiment keeps its name when its config changes."""
+        return ".".join([self.rule, *(v for k, v in self.wildcards.items() if k != "chash")])
 
 
 def _split(value: str) -> list[str]:

@@ -150,7 +150,10 @@ class Pipeline(Params):
         return sorted(set(TRAINED_AUTOENCODER_DATASETS) | {d for d in self.datasets if self.autoencoder(d)})
 
     def run_json(self, exp: str) -> str:
-        return f"results/{self.out}/runs/{exp}.json"
+        """The MLflow run record of ``exp``'s current config (its parent run; ``dblocks track-init`` writes it):
+        keyed by the config hash, so a changed experiment needs a new record, and Snakemake, which skips the
+        jobs below a rerun job when their input from it is `ancient` and present, still retrains its blocks."""
+        return f"results/{self.out}/runs/{exp}.{self.hash(exp)}.json"
 
     def paper_dir(self, exp: str) -> str:
         """Where the paper's shared-stem mode writes its B blocks (one job, one directory)."""

@@ -377,7 +377,8 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
               names: list[str] | None = None, store_only: bool = False,
               allow_offline: bool = False) -> list[Path]:
     """Create (or reuse) the MLflow experiment and one parent run per experiment of ``params_path``
-    (or only those in ``names``); write ``out_dir/<name>.json`` for each and return those paths.
+    (or only those in ``names``); write ``out_dir/<name>.<config hash>.json`` for each (the file name of
+    :meth:`~dblocks.pipeline.Pipeline.run_json`) and return those paths.
 
     With ``store_only`` it only creates the store and the MLflow experiment and writes
     ``out_dir/store.json``: the pipeline does that once before anything runs in parallel.
@@ -403,6 +404,7 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
     selected = [] if store_only else (names or list(params.experiments))
     configs = {name: params.experiments[name] for name in selected}
     out_dir = Path(out_dir)
+    record_of = {name: out_dir / Path(params.run_json(name)).name for name in selected}
     base = {"tracking_uri": uri, "mlflow_experiment": mlflow_experiment, "scale": scale}
     records: dict[Path, dict] = {}
     if params.tracking_mode == JOURNAL_MODE:  # the jobs only journal; track-sync logs everything
@@ -410,7 +412,7 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
         if store_only:
             records[out_dir / STORE_RECORD] = journal
         for name, config in configs.items():
-            records[out_dir / f"{name}.json"] = dict(journal, parent_run_id=None, experiment=name,
+            records[record_of[name]] = dict(journal, parent_run_id=None, experiment=name,
                                                      data=params.prepared(config["dataset"]), config=config)
         for path, record in records.items():
             write_json_atomic(path, record, keep_unchanged=True)
@@ -426,7 +428,7 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
             if store_only:
                 records[out_dir / STORE_RECORD] = dict(base, experiment_id=experiment_id)
             for name, config in configs.items():
-                path = out_dir / f"{name}.json"
+                path = record_of[name]
                 run_id = _reusable_parent(client, path, uri, experiment_id, config_hash(config))
                 if run_id is None:
                     run_id = _create_parent(client, experiment_id, name, scale, config)
@@ -441,7 +443,7 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
               f"'dblocks track-sync --runs-dir {out_dir}')", file=sys.stderr, flush=True)
         offline = dict(base, experiment_id=None, offline=str(exc), runs_view=runs_view(params))
         records = {out_dir / STORE_RECORD: offline} if store_only else {}
-        records.update({out_dir / f"{name}.json": dict(offline, parent_run_id=None, experiment=name,
+        records.update({record_of[name]: dict(offline, parent_run_id=None, experiment=name,
                                                        data=params.prepared(config["dataset"]))
                         for name, config in configs.items()})
     for path, record in records.items():
@@ -811,16 +813,17 @@ def _find_parent(client, experiment_id: str, journal: dict) -> str:
 
 
 def _journal_mode_records(runs_dir: str | Path) -> list[dict]:
-    """The journal-mode records of ``track-init`` in ``runs_dir`` (store.json and one per experiment)."""
-    out = []
-    for path in sorted(Path(runs_dir).glob("*.json")):
+    """The journal-mode records of ``track-init`` in ``runs_dir``: store.json and, per experiment, the newest
+    record (the older ones are of configs the experiment had before: no parent run is wanted for those)."""
+    newest: dict[str, dict] = {}
+    for path in sorted(Path(runs_dir).glob("*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name)):
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
         if isinstance(record, dict) and record.get("mode") == JOURNAL_MODE:
-            out.append(record)
-    return out
+            newest[record.get("experiment") or path.name] = record
+    return list(newest.values())
 
 
 def _log_journal(client, experiment_id: str, journal: dict, report: SyncReport) -> str:

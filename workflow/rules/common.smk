@@ -68,6 +68,7 @@ wildcard_constraints:
     assembled="blockwise|paper",
     local="|".join(LOCAL_METHODS),
     dataset=r"[a-z0-9][a-z0-9-]*",
+    chash=r"[0-9a-f]{16}",
 
 
 # --- datasets -------------------------------------------------------------------------------------------
@@ -186,9 +187,18 @@ def settings_of(rule):
 
 
 def run_record(wildcards):
-    """The experiment's MLflow run record, as an input whose age does not count (`ancient`): it says where a
-    job logs, not what it computes, so a rewritten record (a changed `tracking:` section) reruns no training."""
-    return ancient(f"results/{OUT}/runs/{wildcards.exp}.json")
+    """The experiment's MLflow run record (Pipeline.run_json: keyed by its config hash), for the jobs that log
+    into its parent run."""
+    return PIPE.run_json(wildcards.exp)
+
+
+def training_run_record(wildcards):
+    """The run record as a training input whose age does not count (`ancient`): it says where a job logs,
+    not what it computes, so a record rewritten for a changed `tracking:` section retrains no block. A changed
+    experiment is retrained all the same, in the same call: its record has a new name (its config hash), which
+    is missing until tracking_parent writes it, and Snakemake skips a job below a rerun job only when all
+    its inputs from that job are ancient AND present."""
+    return ancient(run_record(wildcards))
 
 
 def config_hash(wildcards):

@@ -43,7 +43,7 @@ rule evaluate_classifier:
     """Accuracy on the held-out split: one Euler step per block from pure noise (each block runs once)."""
     input:
         model=lambda w: PIPE.model(w.exp, w.method),
-        run=f"results/{OUT}/runs/{{exp}}.json",
+        run=run_record,
         data=prepared_split("test"),
     output:
         metrics=f"metrics/{OUT}/{{exp}}/{{method}}.json",
@@ -121,7 +121,7 @@ rule evaluate_generator:
     rank 0 scores (dblocks.evaluate.evaluate_generator; the numbers are those of one process)."""
     input:
         model=lambda w: PIPE.model(w.exp, w.method),
-        run=f"results/{OUT}/runs/{{exp}}.json",
+        run=run_record,
         features=fid_features_files,
         train_stats=reference_stats_files("train"),
         test_stats=reference_stats_files("test"),
@@ -159,7 +159,7 @@ rule evaluate_text:
     from the test split, continuations, MAUVE, generative perplexity under the judge, next-token quality."""
     input:
         model=lambda w: PIPE.model(w.exp, w.method),
-        run=f"results/{OUT}/runs/{{exp}}.json",
+        run=run_record,
         data=prepared_split("test"),
         judge=judge_checkpoint,
     output:

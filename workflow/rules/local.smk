@@ -10,7 +10,7 @@ rule train_local_block:
     loads and updates no other block."""
     input:
         data=prepared_split("train"),
-        run=run_record,
+        run=training_run_record,
     output:
         checkpoint=weights(f"checkpoints/{OUT}/{{exp}}/{{local}}/block-{{block}}.safetensors"),
         metadata=f"checkpoints/{OUT}/{{exp}}/{{local}}/block-{{block}}.json",
@@ -41,7 +41,7 @@ rule train_local_head:
     """NoProp-DT's head: the linear classifier of z_T ~ q(z_T | y), which needs no block."""
     input:
         data=prepared_split("train"),
-        run=run_record,
+        run=training_run_record,
     output:
         checkpoint=weights(f"checkpoints/{OUT}/{{exp}}/{{local}}/head.safetensors"),
         metadata=f"checkpoints/{OUT}/{{exp}}/{{local}}/head.json",
@@ -72,7 +72,7 @@ rule train_local:
     or Forward-Forward (every unit on its own goodness, each unit's input detached)."""
     input:
         data=prepared_split("train"),
-        run=run_record,
+        run=training_run_record,
     output:
         checkpoint=weights(f"checkpoints/{OUT}/{{exp}}/{{local}}/model.safetensors"),
         metadata=f"checkpoints/{OUT}/{{exp}}/{{local}}/model.json",
@@ -103,7 +103,7 @@ rule evaluate_local:
     pure noise, then the head), with the time and memory per training step its jobs recorded."""
     input:
         checkpoints=lambda w: with_records(PIPE.local_checkpoints(w.exp, w.local)),
-        run=f"results/{OUT}/runs/{{exp}}.json",
+        run=run_record,
         data=prepared_split("test"),
     output:
         metrics=f"metrics/{OUT}/{{exp}}/{{local}}.json",

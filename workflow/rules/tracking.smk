@@ -23,14 +23,13 @@ rule tracking_parent:
     input:
         f"results/{OUT}/runs/store.json",
     output:
-        record=f"results/{OUT}/runs/{{exp}}.json",
+        record=f"results/{OUT}/runs/{{exp}}.{{chash}}.json",  # Pipeline.run_json: a changed experiment, a new record
     params:
         file=PARAMS,
         runs=lambda w, output: os.path.dirname(output.record),
-        config_hash=config_hash,  # a changed experiment gets a new parent run
         settings=settings_of("tracking_parent"),
     log:
-        f"logs/{OUT}/{{exp}}/tracking-parent.log",
+        f"logs/{OUT}/{{exp}}/tracking-parent.{{chash}}.log",
     conda:
         ENV
     shell:

@@ -8,7 +8,7 @@
 rule train_block:
     input:
         data=prepared_split("train"),
-        run=run_record,
+        run=training_run_record,
     output:
         checkpoint=weights(f"checkpoints/{OUT}/{{exp}}/block-{{block}}.safetensors"),
         metadata=f"checkpoints/{OUT}/{{exp}}/block-{{block}}.json",
@@ -35,7 +35,7 @@ rule train_block:
 rule train_baseline:
     input:
         data=prepared_split("train"),
-        run=run_record,
+        run=training_run_record,
     output:
         checkpoint=weights(f"checkpoints/{OUT}/{{exp}}/e2e.safetensors"),
         metadata=f"checkpoints/{OUT}/{{exp}}/e2e.json",
@@ -63,7 +63,7 @@ rule train_shared:
     block checkpoints at once, so its output is their directory."""
     input:
         data=prepared_split("train"),
-        run=run_record,
+        run=training_run_record,
     output:
         blocks=weights(directory(f"checkpoints/{OUT}/{{exp}}/paper")),
     params:
