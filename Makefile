@@ -21,7 +21,7 @@ UVENV  := UV_PROJECT_ENVIRONMENT=$(VENV)
 # machines) every job would then compile torch and MLflow again: +2.5 s per import, minutes per pipeline run.
 $(STAMP): pyproject.toml uv.lock
 	$(ENVLOCK) bootstrap-uv $(VENV)
-	$(UVENV) $(UV) sync --locked --extra test --compile-bytecode
+	$(UVENV) $(UV) sync --locked --extra all --extra test --compile-bytecode
 	touch $(STAMP)
 
 setup: $(STAMP)

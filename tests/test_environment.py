@@ -42,6 +42,39 @@ def only_version(name: str) -> str:
 # ------------------------------------------------------------------------------------------- the lock
 
 
+# The library is what `pip install diffusion-blocks` gives: these modules, on the base dependencies alone.
+LIBRARY = ("dblocks.noise", "dblocks.edm", "dblocks.layers", "dblocks.blocks", "dblocks.models", "dblocks.ema",
+           "dblocks.optim", "dblocks.train", "dblocks.sample", "dblocks.checkpoint", "dblocks.assemble",
+           "dblocks.masked_diffusion", "dblocks.text_generation")
+
+
+def test_the_library_needs_only_the_base_dependencies():
+    """pyproject.toml's base dependencies are the library's (torch, safetensors, numpy and small parsers), the
+    pipeline, FID and text evaluation are extras, and importing the library's modules imports no distribution
+    that only an extra installs."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    base = {envlock.normalize(re.split(r"[<>=!~\[;]", d)[0]) for d in project["dependencies"]}
+    assert {"torch", "safetensors", "numpy"} <= base
+    extras = project["optional-dependencies"]
+    only_extra = {envlock.normalize(re.split(r"[<>=!~\[;]", d)[0]) for name in ("pipeline", "fid", "text")
+                  for d in extras[name]} - base
+    assert {"snakemake", "dvc", "mlflow", "torch-fidelity", "mauve-text"} <= only_extra
+    assert extras["all"] == ["diffusion-blocks[pipeline,fid,text]"]
+    # the top-level modules each extra-only distribution provides
+    provided = {module for module, dists in metadata.packages_distributions().items()
+                if any(envlock.normalize(d) in only_extra for d in dists)}
+    assert {"snakemake", "mlflow", "torch_fidelity", "mauve"} <= provided
+    code = (f"import importlib, sys; [importlib.import_module(m) for m in {LIBRARY!r}]; "
+            "print('\\n'.join(sorted({n.split('.')[0] for n in sys.modules})))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                cwd=REPO).stdout.split())
+    assert not loaded & provided, f"the library imports modules of extras: {sorted(loaded & provided)}"
+
+
+
+
 def test_lock_agrees_with_pyproject():
     proc = uv("lock", "--check", "--offline", "--python", sys.executable)
     assert proc.returncode == 0, f"uv.lock is out of date with pyproject.toml (run `make lock`):\n{proc.stderr}"

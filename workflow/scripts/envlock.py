@@ -121,9 +121,10 @@ HEADER = """\
 
 
 def export_pins(uv: str) -> list[str]:
-    """`uv export` of the lock: the runtime packages (no test extra, no dev group), pinned, with markers."""
+    """`uv export` of the lock: the pipeline's runtime packages (the library and its `all` extra; no test extra, no
+    dev group), pinned, with markers."""
     out = subprocess.run([uv, "export", "--frozen", "--offline", "--format", "requirements-txt", "--no-hashes",
-                          "--no-dev", "--no-emit-project", "--no-header", "--no-annotate"],
+                          "--no-dev", "--extra", "all", "--no-emit-project", "--no-header", "--no-annotate"],
                          cwd=REPO, check=True, capture_output=True, text=True).stdout
     return [line.strip() for line in out.splitlines() if line.strip() and not line.startswith("#")]
 
