@@ -1,4 +1,4 @@
-"""Training memory of one block job vs the end-to-end job, as ratios (SPEC sections 1 and 7).
+"""Training memory of one block job vs the end-to-end job, as ratios (docs/method.md §1 and §7).
 
 For each setting (ViT-paper on CIFAR-100 shapes, batch 128; DiT-S/2 on CIFAR-10 shapes, batch 16 by
 default on CPU) and B in {2, 3, 4, 6}, one job = the end-to-end baseline or the LARGEST block of B
@@ -25,7 +25,7 @@ while that layer is recomputed in backward), and memory vs depth L (ViT width 12
 24}, end-to-end vs the largest block of B=3; ``ViT-paper-L<n>`` is registered in memory for this). For
 DiT, the total ratio is also estimated at batch 64 and 512 (the paper's) by scaling the measured
 activations linearly in the batch (checked: batch 8 saves exactly half of batch 16). The analytic
-expectation (SPEC section 7) is a ratio of B when layers dominate; the own stem and head of every
+expectation (docs/method.md §7) is a ratio of B when layers dominate; the own stem and head of every
 block job (the project's independent mode) keep it below B, and the script reports their share.
 
 Every job runs in its own subprocess, one at a time (``--worker`` is that subprocess's entry point),
@@ -227,7 +227,7 @@ def compare(e2e: dict[str, dict], block: dict[str, dict], blocks: int, extrapola
     ``extrapolate``: batch sizes at which to estimate the total ratio (with the recomputed layer, if
     any), with activations scaled linearly in the batch (they are: every saved tensor is per-example).
     ``recompute``: for checkpointed jobs, the bytes of one layer's activations, held again during its
-    recomputation in backward, added to both sides (the analytic 4PL + A of SPEC section 7)."""
+    recomputation in backward, added to both sides (the analytic 4PL + A of docs/method.md §7)."""
     e, k = next(iter(e2e.values())), next(iter(block.values()))
     row = {"B": blocks, "block_layers": k["layers_in_job"], "e2e_layers": e["layers_in_job"],
            "ratio_states": e["states_bytes"] / k["states_bytes"],

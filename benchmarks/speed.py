@@ -1,4 +1,4 @@
-"""Wall time of block-wise vs end-to-end training and inference, as ratios (SPEC section 7, Table 12).
+"""Wall time of block-wise vs end-to-end training and inference, as ratios (docs/method.md §7, Table 12).
 
 1. Training iteration, ViT-paper (12 layers, width 128) on CIFAR-100 shapes, B=3, batch 128 (the paper's
    Table 12 setting): one optimizer step (batch draw, forward, loss, backward, gradient clipping, AdamW;

@@ -49,7 +49,7 @@ def test_clean_noisy_mask_structure():
 
 
 def test_ar_models_are_llama_style_rotary_rmsnorm_swiglu():
-    """SPEC section 5's Llama-style transformer under adaLN-Zero: RMSNorm, SwiGLU, no biases, rotary
+    """docs/method.md §5's Llama-style transformer under adaLN-Zero: RMSNorm, SwiGLU, no biases, rotary
     positions in every layer (period = context, so noisy i sits at clean i's position), none added by the stem."""
     from torch import nn
 

@@ -1,4 +1,4 @@
-"""EDM pieces (SPEC section 2): preconditioning, loss weight, losses, noise and the Euler step."""
+"""EDM pieces (docs/method.md §2): preconditioning, loss weight, losses, noise and the Euler step."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Noise-conditioned layers, the stack-to-blocks converter, experiment-built blocks, routing of an
-assembled model and the samplers' per-block call counts (SPEC sections 3-5)."""
+assembled model and the samplers' per-block call counts (docs/method.md §3-§5)."""
 
 from __future__ import annotations
 

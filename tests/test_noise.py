@@ -1,5 +1,5 @@
 """Noise distribution, partition of the noise range into blocks, overlap, sigma sampling, routing and
-layer splits (SPEC sections 2 and 3)."""
+layer splits (docs/method.md §2 and §3)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _sig4(values) -> list[str]:
     return [f"{x:.4g}" for x in values]
 
 
-# ----------------------------------------------------------------------------- boundaries (SPEC values)
+# ----------------------------------------------------------------------------- boundaries (docs/method.md §3 values)
 
 
 @pytest.mark.parametrize(

@@ -71,5 +71,5 @@ def euler_step(z: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next
     """One probability-flow ODE step from sigma to sigma_next (< sigma).
 
     dz/dsigma = (z - D) / sigma, so z <- z + (sigma_next - sigma) * (z - D) / sigma, which moves z toward D
-    (SPEC section 2; the paper's printed equations have this sign flipped)."""
+    (docs/method.md §2; the paper's printed equations have this sign flipped)."""
     return z + (sigma_next - sigma) * (z - denoised) / sigma

@@ -1,4 +1,4 @@
-"""Noise-conditioned transformer layers (SPEC section 4).
+"""Noise-conditioned transformer layers (docs/method.md §4).
 
 Every residual layer in this project has the signature ``layer(h, c) -> h`` where ``h`` is the token
 sequence (N, T, d) and ``c`` the conditioning vector (N, d_c). The block converter accepts any module
@@ -241,7 +241,7 @@ class FinalLayer(nn.Module):
 
 def clean_noisy_mask(length: int) -> torch.Tensor:
     """Boolean (2T, 2T) attention mask (True = may attend) for the sequence [clean x_0..x_{T-1}; noisy z_0..z_{T-1}]
-    where noisy z_i carries token x_i (SPEC section 5): clean tokens attend causally to clean tokens; noisy i
+    where noisy z_i carries token x_i (docs/method.md §5): clean tokens attend causally to clean tokens; noisy i
     attends to clean j < i and to itself only, so it never sees its own or any later clean token. Its top-left
     T x T corner is the ordinary causal mask, which is what a clean-only sequence of length <= T gets."""
     causal = torch.ones(length, length, dtype=torch.bool).tril()

@@ -5,7 +5,7 @@ alpha(t) = 1 - t: the forward process, its partition into blocks, the bound (BPC
 * Training loss (the continuous-time negative ELBO): ``E_t [ w(t) * sum_{masked i} -log p(x_i | z_t) ]`` with
   ``w(t) = -alpha'(t) / (1 - alpha(t)) = 1/t`` and t ~ U[0, 1]; divided by the sequence length it is in
   nats per token, so for t drawn over the whole range it IS the bound, and BPC = bound / ln 2.
-* Partition (SPEC section 3): each block gets an equal decrement of alpha, alpha_b = 1 - b/B, i.e. block b
+* Partition (docs/method.md §3): each block gets an equal decrement of alpha, alpha_b = 1 - b/B, i.e. block b
   owns t in ((B-b)/B, (B-b+1)/B] (block 1 = the most-masked, highest-noise interval, as for sigma). In
   training the interval widens by gamma x its width on each side (clipped to [0, 1]); a ratio widening as
   for sigma is undefined at t = 0.

@@ -1,7 +1,7 @@
 """Noise levels: the truncated log-normal training distribution, its partition into B blocks,
 overlap widening, per-block sigma sampling and routing of a sigma to the block that owns it.
 
-Conventions (SPEC section 3):
+Conventions (docs/method.md §3):
 * boundaries are kept in ascending order, ``boundaries[0] = sigma_min``, ``boundaries[B] = sigma_max``;
 * blocks are numbered 1..B from the highest noise down: block 1 owns the top interval and holds the
   first layers of the stack, block B owns the interval that ends at sigma_min;

@@ -32,7 +32,7 @@ class ArchSpec:
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    # paper sizes (SPEC section 5)
+    # paper sizes (docs/method.md §5)
     "ViT-paper": ArchSpec("vit", depth=12, width=128, heads=4, patch=4, dropout=0.1),  # the authors' ViT code
     "DiT-S/2": ArchSpec("dit", depth=12, width=384, heads=6, patch=2),
     "DiT-B/2": ArchSpec("dit", depth=12, width=768, heads=12, patch=2),
@@ -45,17 +45,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # DiT-tiny on the 4x4x4 digits-latent latents (DiT-L/2's tiny twin): patch 1 makes the same 16 tokens
     # that patch 2 makes of 8x8 pixels
     "DiT-tiny/1": ArchSpec("dit", depth=12, width=32, heads=2, patch=1),
-    # masked diffusion LM (SPEC section 5: 12 layers, d=768, 12 heads, sequence 256 on text8). Llama layers with
+    # masked diffusion LM (docs/method.md §5: 12 layers, d=768, 12 heads, sequence 256 on text8). Llama layers with
     # rotary positions (MDLM's backbone has rotary positions too): with learned absolute positions MDM-tiny stayed
     # at the letter-unigram entropy (BPC 4.09) after its budget, with rotary ones it learns from the first steps
     "MDM-paper": ArchSpec("mdm", depth=12, width=768, heads=12, patch=1, context=256, layer_style="llama"),
     "MDM-tiny": ArchSpec("mdm", depth=6, width=128, heads=4, patch=1, context=64, layer_style="llama"),
-    # autoregressive transformer (SPEC section 5: 12 layers, d=768; B=4 -> 3 layers per block). Byte-level
+    # autoregressive transformer (docs/method.md §5: 12 layers, d=768; B=4 -> 3 layers per block). Byte-level
     # tokens here, so the context is counted in bytes. AR-tiny keeps the paper's 12 layers (narrow instead
     # of shallow) so that Table 11's B in {2, 3, 4, 6} splits it into equal blocks as at paper scale
     "AR-paper": ArchSpec("ar", depth=12, width=768, heads=12, patch=1, context=512, layer_style="llama"),
     "AR-tiny": ArchSpec("ar", depth=12, width=64, heads=4, patch=1, context=64, layer_style="llama"),
-    # Huginn recurrent depth (SPEC section 5: d=512, 8 heads; 2 prelude + 4-layer recurrent block + 2 coda
+    # Huginn recurrent depth (docs/method.md §5: d=512, 8 heads; 2 prelude + 4-layer recurrent block + 2 coda
     # layers; depth counts the recurrent block only). Baseline: mean 32 iterations, backprop through 8.
     # Llama layers with rotary positions, as Huginn's own model (with learned absolute positions Huginn-tiny
     # did not get past the byte unigram entropy in its budget)

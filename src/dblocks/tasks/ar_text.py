@@ -1,4 +1,4 @@
-"""Autoregressive text as denoising of next-token embeddings (SPEC section 5, AR row).
+"""Autoregressive text as denoising of next-token embeddings (docs/method.md §5, AR row).
 
 Every position i carries the fixed, seed-derived, L2-normalised embedding E[x_i] of its token as the target;
 one sigma per sequence noises all of them. The network reads the clean tokens (causally) and the noisy

@@ -1,4 +1,4 @@
-"""Classification as denoising of a label embedding (SPEC section 5, ViT row).
+"""Classification as denoising of a label embedding (docs/method.md §5, ViT row).
 
 The target is the class's L2-normalised embedding E[y]: fixed and seed-derived for independent blocks, learned
 in the paper's shared-stem mode (:class:`LabelTable`). The network reads the image and the noisy
