@@ -16,7 +16,6 @@ from torch import nn
 from dblocks import checkpoint as ckpt
 from dblocks.checkpoint import (
     FORMAT_VERSION,
-    CheckpointError,
     load_checkpoint,
     load_metadata,
     load_training_state,
@@ -25,6 +24,7 @@ from dblocks.checkpoint import (
     save_training_state,
     sha256_file,
 )
+from dblocks.errors import CheckpointError
 
 # --------------------------------------------------------------------------------------- helpers
 

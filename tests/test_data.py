@@ -9,7 +9,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from dblocks.data import IMAGE_DATASETS, DataError, load_image_dataset, write_cifar_parquet
+from dblocks.data import IMAGE_DATASETS, load_image_dataset, write_cifar_parquet
+from dblocks.errors import DataError
 
 # Directory of the parquet files inside each Hugging Face repo.
 HF_SUBDIR = {"cifar10": "plain_text", "cifar100": "cifar100"}

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from dblocks.checkpoint import save_checkpoint
-from dblocks.cli import build_parser, evaluation_options
+from dblocks.cli import build_parser
+from dblocks.cli.evaluation import evaluation_options
 from dblocks.config import resolve
 from dblocks.experiment import Experiment
 from dblocks.dvcgen import snakemake_jobs

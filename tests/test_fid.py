@@ -7,7 +7,8 @@ import torch
 import torch_fidelity
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from dblocks.checkpoint import CheckpointError, save_checkpoint
+from dblocks.checkpoint import save_checkpoint
+from dblocks.errors import CheckpointError
 from dblocks.data import load_image_dataset
 from dblocks.metrics import fid as fid_module
 from dblocks.metrics.fid import (

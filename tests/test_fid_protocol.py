@@ -65,7 +65,8 @@ def test_inception_weights_load_without_pickle_and_are_checked(inception_weights
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     from torch_fidelity.utils import create_feature_extractor
 
-    from dblocks.checkpoint import CheckpointError, load_metadata
+    from dblocks.checkpoint import load_metadata
+    from dblocks.errors import CheckpointError
 
     record = load_metadata(inception_weights)
     assert record["kind"] == inception.KIND and record["source_sha256"] == inception.SOURCE_SHA256

@@ -16,10 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dblocks.checkpoint import CheckpointError, load_metadata
+from dblocks.checkpoint import load_metadata
+from dblocks.errors import CheckpointError
 from dblocks.cli import main
 from dblocks.config import AUTOENCODER_FILE
-from dblocks.data import DataError, load_image_dataset, load_prepared, save_prepared
+from dblocks.data import load_image_dataset, load_prepared, save_prepared
+from dblocks.errors import DataError
 from dblocks.data.autoencoder import ConvAutoencoder, Geometry, load_autoencoder, reconstruction_mse
 from dblocks.data.latents import (LATENT_SCALE, LatentCodec, center_crop_arr, decoder_for, encode_folder,
                                   geometry_of, load_imagenet_latents)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dblocks.cli import main
-from dblocks.config import ConfigError, resolve
+from dblocks.config import resolve
+from dblocks.errors import ConfigError
 from dblocks.evaluate import as_assembled
 from dblocks.experiment import Experiment
 from dblocks.masked_diffusion import MaskingPartition, bits_per_token, mask_tokens, sample_text

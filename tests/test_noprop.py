@@ -313,7 +313,8 @@ def test_pipeline_jobs_build_one_part_each_from_the_seed_and_part_alone():
     the ELBO, the head job the head with T x the steps; a part's initial weights depend on the experiment's seed
     and the part only; parts outside 1..T are refused with the allowed ones."""
     from dblocks.baselines import jobs
-    from dblocks.config import ConfigError, resolve
+    from dblocks.config import resolve
+    from dblocks.errors import ConfigError
     from dblocks.experiment import Experiment
 
     exp = Experiment(resolve({"arch": SPEC, "blocks": 4, "train": {"steps": 7}}))

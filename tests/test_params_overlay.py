@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dblocks.config import ConfigError
+from dblocks.errors import ConfigError
 from dblocks.params import Params, experiment_config
 from dblocks.pipeline import Pipeline
 

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from dblocks.checkpoint import load_metadata
-from dblocks.config import LOCAL_METHODS, SHARDED_DATASETS, ConfigError
+from dblocks.config import LOCAL_METHODS, SHARDED_DATASETS
+from dblocks.errors import ConfigError
 from dblocks.dvcgen import generate, parse_dry_run, snakemake_jobs
 from dblocks.pipeline import Pipeline
 

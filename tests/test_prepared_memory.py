@@ -19,7 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dblocks.checkpoint import CheckpointError, sidecar_path
+from dblocks.checkpoint import sidecar_path
+from dblocks.errors import CheckpointError
 from dblocks.data import ImageDataset, load_prepared, load_prepared_text, save_prepared
 from dblocks.data.autoencoder import ConvAutoencoder
 from dblocks.data.latents import (LatentCodec, encode_folder, prepare_imagenet_latents,

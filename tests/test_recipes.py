@@ -15,12 +15,14 @@ from dblocks.assemble import assemble, load_model, save_block, save_e2e
 from dblocks.augment import augment, random_crop
 from dblocks.checkpoint import load_checkpoint, load_metadata
 from dblocks.cli import main
-from dblocks.config import ConfigError, resolve
+from dblocks.config import resolve
+from dblocks.errors import ConfigError
 from dblocks.ema import EMA, beta, half_life
 from dblocks.experiment import Experiment
 from dblocks.params import Params
-from dblocks.train import (Objective, TrainingError, block_objective, cross_entropy_objective, lr_lambda,
+from dblocks.train import (Objective, block_objective, cross_entropy_objective, lr_lambda,
                            paper_mode_objective, train)
+from dblocks.errors import TrainingError
 from tests.conftest import micro_config
 
 CPU = torch.device("cpu")

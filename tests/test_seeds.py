@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dblocks.cli import main
-from dblocks.config import ConfigError
+from dblocks.errors import ConfigError
 from dblocks.params import Params, experiment_config
 from dblocks.pipeline import Pipeline
 

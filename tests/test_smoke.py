@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dblocks.checkpoint import CheckpointError, load_checkpoint, load_metadata
+from dblocks.checkpoint import load_checkpoint, load_metadata
+from dblocks.errors import CheckpointError
 from dblocks.cli import main
 from dblocks.config import AUTOENCODER_FILE
 from dblocks.data import load_image_dataset, load_prepared

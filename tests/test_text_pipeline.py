@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dblocks.config import ConfigError
+from dblocks.errors import ConfigError
 from dblocks.dvcgen import snakemake_jobs
 from dblocks.pipeline import Pipeline
 

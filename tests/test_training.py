@@ -8,7 +8,8 @@ import torch
 from dblocks.blocks import AssembledModel
 from dblocks.experiment import Experiment
 from dblocks.sample import classify
-from dblocks.train import Objective, TrainingError, block_objective, paper_mode_objective, train
+from dblocks.train import Objective, block_objective, paper_mode_objective, train
+from dblocks.errors import TrainingError
 from tests.conftest import micro_config
 
 CPU = torch.device("cpu")

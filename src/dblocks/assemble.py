@@ -15,7 +15,8 @@ from torch import nn
 
 import dblocks
 from dblocks.blocks import AssembledModel, BlockDenoiser
-from dblocks.checkpoint import AVERAGE_PREFIX, CheckpointError, load_checkpoint, load_metadata, save_checkpoint
+from dblocks.checkpoint import AVERAGE_PREFIX, load_checkpoint, load_metadata, save_checkpoint
+from dblocks.errors import CheckpointError
 from dblocks.config import UNKNOWN_SCALE, WEIGHTS, chosen_weights, config_hash
 from dblocks.experiment import Experiment
 from dblocks.tracking import git_commit

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from safetensors import SafetensorError
 
+from dblocks.errors import CheckpointError
+
 if TYPE_CHECKING:
     import torch
 
@@ -47,17 +49,6 @@ HEADER_KEY = "dblocks"
 TRAINING_STATE_KIND = "training_state"
 
 _HASH_CHUNK_BYTES = 1 << 20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be written or loaded. The message always names the file and, where
-    one is at fault, the field (``path`` and ``field`` are also kept as attributes)."""
-
-    def __init__(self, path: str | os.PathLike, problem: str, field: str | None = None):
-        self.path = Path(path)
-        self.field = field
-        where = f" (field {field!r})" if field is not None else ""
-        super().__init__(f"{self.path}{where}: {problem}")
 
 
 # --------------------------------------------------------------------------------------- paths, files

@@ -18,6 +18,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from dblocks.errors import ConfigError
 from dblocks.models import ARCHITECTURES, get_arch
 from dblocks.noise import layer_split
 
@@ -97,10 +98,6 @@ SPLIT_METHODS = ("noprop-dt",)
 NOPROP_ARCHS = ("NoProp-paper", "NoProp-tiny")
 #: the pixel datasets a NoProp network reads (its convolutional stages halve 8x8 or 32x32 images three times)
 NOPROP_DATASETS = ("digits", "cifar10", "cifar100")
-
-
-class ConfigError(ValueError):
-    """An invalid parameter: the message names the key and what is allowed."""
 
 
 def _schema() -> dict:

@@ -13,7 +13,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from dblocks.checkpoint import CheckpointError, load_metadata, sha256_file, sidecar_path
+from dblocks.checkpoint import load_metadata, sha256_file, sidecar_path
+from dblocks.errors import CheckpointError
 
 OK, MISSING, CORRUPT = "ok", "missing", "corrupt"
 

@@ -31,9 +31,10 @@ from pathlib import Path
 
 import jsonschema
 
-from dblocks.config import (DEFAULTS, DIFFUSION_METHODS, LOCAL_METHODS, TEXT_TASKS, ConfigError, check_finite,
+from dblocks.config import (DEFAULTS, DIFFUSION_METHODS, LOCAL_METHODS, TEXT_TASKS, check_finite,
                             check_method, chosen_weights, config_hash, deep_merge, describe_error, pick_experiment,
                             read_yaml_mapping, resolve)
+from dblocks.errors import ConfigError
 
 SCHEMA_FILE = "schema/params.schema.json"
 BLOCKWISE, E2E, PAPER = "blockwise", "e2e", "paper"  # DiffusionBlocks' methods; the others: config.LOCAL_METHODS

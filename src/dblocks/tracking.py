@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterable
 
 import dblocks
 from dblocks.checkpoint import sidecar_path, write_json_atomic
+from dblocks.errors import ConfigError, TrackingError
 
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -81,10 +82,6 @@ _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAM_VALUE = 6000
 _LOCKED = ("database is locked", "database table is locked", "sqlite_busy")
-
-
-class TrackingError(RuntimeError):
-    """The tracking setup (``track-init``) cannot reach or use its tracking store."""
 
 
 def resolve_uri(configured: str | None = None) -> str:
@@ -392,7 +389,7 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
     In journal mode (``tracking.mode: journal``) it neither imports MLflow nor touches the store: the records
     say ``"mode": "journal"`` and name no run, and each experiment's record holds the experiment's config, from
     which :func:`sync_journals` creates the parent run that track-init would have created."""
-    from dblocks.config import ConfigError, config_hash
+    from dblocks.config import config_hash
     from dblocks.pipeline import Pipeline
 
     params = Pipeline.load(params_path)

@@ -24,6 +24,7 @@ from dblocks.checkpoint import load_training_state, save_training_state
 from dblocks.data import ImageDataset
 from dblocks.data.text import TextDataset
 from dblocks.ema import EMA
+from dblocks.errors import TrainingError
 from dblocks.noise import Partition
 from dblocks.optim import adamw
 
@@ -51,10 +52,6 @@ class Objective:
 def rows_of(batch: Batch, rows: slice) -> Batch:
     """The same rows of every tensor of a batch (all are per example)."""
     return {k: v[rows] for k, v in batch.items()}
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (e.g. the loss became NaN); nothing poisoned is written."""
 
 
 _STOPPED = ("stopped without writing a checkpoint (the last resume state, if any, predates the failure); "

@@ -32,8 +32,9 @@ from torch import nn
 from dblocks.baselines import evaluate_accuracy, load_state, save_state, seeded, state_of
 from dblocks.baselines import forward_forward as ff
 from dblocks.baselines import noprop
-from dblocks.checkpoint import CheckpointError, load_metadata
-from dblocks.config import LOCAL_METHODS, NOPROP_METHODS, SPLIT_METHODS, ConfigError, check_method, config_hash
+from dblocks.checkpoint import load_metadata
+from dblocks.config import LOCAL_METHODS, NOPROP_METHODS, SPLIT_METHODS, check_method, config_hash
+from dblocks.errors import CheckpointError, ConfigError
 from dblocks.experiment import DATASET_SHAPES, Experiment, derive_seed
 from dblocks.models import get_arch
 from dblocks.pipeline import HEAD

@@ -2,7 +2,6 @@
 
 from dblocks.data.images import (
     IMAGE_DATASETS,
-    DataError,
     ImageDataset,
     load_image_dataset,
     write_cifar_parquet,
@@ -10,5 +9,5 @@ from dblocks.data.images import (
 from dblocks.data.prepared import (StoredRows, load_prepared, load_prepared_text, prepared_path, save_prepared,
                                    save_prepared_text)
 
-__all__ = ["IMAGE_DATASETS", "DataError", "ImageDataset", "StoredRows", "load_image_dataset", "write_cifar_parquet",
+__all__ = ["IMAGE_DATASETS", "ImageDataset", "StoredRows", "load_image_dataset", "write_cifar_parquet",
            "load_prepared", "load_prepared_text", "save_prepared_text", "prepared_path", "save_prepared"]

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from dblocks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dblocks.checkpoint import load_checkpoint, save_checkpoint
+from dblocks.errors import CheckpointError
 
 KIND = "autoencoder"
 

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from dblocks.errors import DataError
+
 if TYPE_CHECKING:
     from dblocks.data.prepared import StoredRows
 
@@ -34,11 +36,6 @@ _CIFAR = {
     "cifar100": ("uoft-cs/cifar100", "fine_label", 100),
 }
 _CIFAR100_COARSE_CLASSES = 20
-
-
-class DataError(ValueError):
-    """A data set that cannot be used as given (unreachable, missing files, wrong columns or shapes); the
-    message names what was asked for and what is expected. The CLI reports it as one line, exit 2."""
 
 
 @dataclass

@@ -248,10 +248,10 @@ def decoder_for(dataset: str, data_dir: str | os.PathLike | None = None):
     decoder of the autoencoder that encoded them. Where the prepared split in ``data_dir`` records an
     autoencoder file (digits-latent's trained one, imagenet256's untrained stand-in) that file, read from
     ``data_dir`` and checked to be the one that encoded the split; otherwise (imagenet256) sd-vae-ft-ema."""
-    from dblocks.checkpoint import CheckpointError, load_metadata
+    from dblocks.checkpoint import load_metadata
     from dblocks.config import AUTOENCODER_FILE, LATENT_DATASETS, TRAINED_AUTOENCODER_DATASETS
     from dblocks.data.autoencoder import load_autoencoder
-    from dblocks.data.images import DataError
+    from dblocks.errors import CheckpointError, DataError
     from dblocks.data.prepared import prepared_path
 
     if dataset not in LATENT_DATASETS:

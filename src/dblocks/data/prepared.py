@@ -38,7 +38,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from dblocks.checkpoint import CheckpointError, load_checkpoint, remove_checkpoint, save_checkpoint
+from dblocks.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
+from dblocks.errors import CheckpointError
 # LATENT_DATASETS: autoencoder latents, stored as float32 with their scale
 from dblocks.config import LATENT_DATASETS, SHARD_DIR
 from dblocks.data.images import ImageDataset

@@ -4,8 +4,5 @@ statistics in :mod:`dblocks.metrics.reference`, MAUVE in :mod:`dblocks.metrics.m
 :mod:`dblocks.metrics.gen_ppl`. Label domain-FID values with ``fid.FID_LABEL``, never as Inception FID.
 
 The package imports none of them: torch-fidelity pulls in torchvision and torch._dynamo (about two seconds),
-which every pipeline job would otherwise pay at start-up just to name the error below."""
-
-
-class InceptionWeightsError(RuntimeError):
-    """The offline Inception weights are missing, unverified or do not fit."""
+which every pipeline job would otherwise pay at start-up (their error, InceptionWeightsError, is in
+:mod:`dblocks.errors`)."""

@@ -38,7 +38,8 @@ from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from dblocks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dblocks.checkpoint import load_checkpoint, save_checkpoint
+from dblocks.errors import CheckpointError
 
 FEATURE_EXTRACTOR_NAME = "dblocks-digits"
 FEATURE_LAYER = "digits64"

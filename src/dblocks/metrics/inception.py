@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
 
-from dblocks.checkpoint import CheckpointError, load_checkpoint, load_metadata, save_checkpoint, sha256_file
-from dblocks.metrics import InceptionWeightsError  # re-exported: defined where importing it costs nothing
+from dblocks.checkpoint import load_checkpoint, load_metadata, save_checkpoint, sha256_file
+from dblocks.errors import CheckpointError, InceptionWeightsError
 
 #: the torch-fidelity network whose weights are rebuilt, the name this project registers it under (same
 #: network, weights from safetensors) and the FID feature layer

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dblocks.checkpoint import CheckpointError, load_checkpoint, load_metadata, save_checkpoint, sha256_file
+from dblocks.checkpoint import load_checkpoint, load_metadata, save_checkpoint, sha256_file
+from dblocks.errors import CheckpointError
 
 KIND = "fid_reference_statistics"
 INCEPTION_LABEL = "FID (Inception-v3, torch-fidelity)"

@@ -1,0 +1,175 @@
+"""What the command modules share: the experiment and tracking options, checks of paths and devices
+(each a one-line UsageError), and the --track child run."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+from pathlib import Path
+from typing import Callable
+
+from dblocks.config import UNKNOWN_SCALE, WEIGHTS, parse_override, resolve
+from dblocks.errors import CheckpointError, UsageError
+
+#: how a command module adds a subcommand: command(name, function, help) -> its parser
+Command = Callable[[str, Callable, str], argparse.ArgumentParser]
+
+# The experiment, the tracker and the models need torch or MLflow: they are imported inside the functions
+# below, so that building the parser (every command, --help) imports neither.
+
+
+def experiment_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("experiment (a params file, then these options, then --set, win in that order)")
+    g.add_argument("--config", help="YAML params file (one experiment, or 'experiments:' with --experiment)")
+    g.add_argument("--experiment", help="which experiment of the params file")
+    g.add_argument("--task", help="classification | generation")
+    g.add_argument("--arch", help="architecture name (see 'dblocks models')")
+    g.add_argument("--dataset", help="digits (embedded, offline) | digits-latent (prepared only: --data) | cifar10 | "
+                                     "cifar100 | imagenet256 | shakespeare | text8 | lm1b | openwebtext")
+    g.add_argument("--data-root", help="local copy of the dataset (Hugging Face parquet layout)")
+    g.add_argument("--data", help="prepared dataset directory written by 'dblocks prepare' (else: load the source)")
+    g.add_argument("--blocks", type=int, help="number of blocks B")
+    g.add_argument("--partition", help="equiprobable | uniform")
+    g.add_argument("--overlap", type=finite_float, help="training overlap gamma in [0, 0.5)")
+    g.add_argument("--layer-split", help="layers per block, block 1 first, e.g. 3,6,3")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--steps", type=int, help="optimizer steps per block (= the baseline's total)")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=finite_float)
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, dotted, e.g. --set train.warmup=100 (repeatable)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def track_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--track", metavar="RUN_JSON",
+                   help="log this job as a child MLflow run of the parent run named in RUN_JSON "
+                        "(written by 'dblocks track-init'); tracking failures only warn")
+
+
+def weights_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", choices=WEIGHTS,
+                   help="the trained weights or their average (default: the experiment's sample.weights; auto = "
+                        "the average where training kept one)")
+
+
+def finite_float(text: str) -> float:
+    """A float option that is a real number: NaN and infinity are refused with the one-line error (argparse's
+    float() accepts 'nan' and 'inf', and a NaN learning rate would fail deep inside the optimizer)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number; allowed: a finite number")
+    return value
+
+
+def _layer_split(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UsageError(f"--layer-split {text!r}: expected comma-separated layer counts, e.g. 3,6,3") from None
+
+
+def experiment_from_args(args: argparse.Namespace):
+    from dblocks.experiment import Experiment
+
+    direct = {
+        "task": args.task, "arch": args.arch, "dataset": args.dataset, "data_root": args.data_root,
+        "blocks": args.blocks, "partition": args.partition, "overlap": args.overlap, "seed": args.seed,
+        "device": args.device,
+        "layer_split": _layer_split(args.layer_split) if args.layer_split else None,
+    }
+    overrides = [{k: v for k, v in direct.items() if v is not None}]
+    train = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+    overrides.append({"train": {k: v for k, v in train.items() if v is not None}})
+    overrides += [parse_override(s) for s in args.set]
+    # the scale label: the pipeline params file's, else the --track record's, else unknown
+    from dblocks.tracking import record_value
+
+    scale = record_value(getattr(args, "track", None), "scale") or UNKNOWN_SCALE
+    if args.config:  # the params model: a pipeline file is validated whole, as the workflow saw it
+        from dblocks.params import experiment_config, scale_of
+
+        exp = Experiment(experiment_config(args.config, args.experiment, overrides),
+                         scale_of(args.config) or scale)
+    else:
+        exp = Experiment(resolve({}, overrides), scale)
+    existing_dir(args.data, "--data")
+    existing_dir(args.data_root, "--data-root")
+    if args.data is not None:
+        for split in ("train", "test"):
+            from dblocks.data import prepared_path
+            if not prepared_path(args.data, split).is_file():
+                raise UsageError(f"--data {args.data}: no {split}.safetensors; write it with 'dblocks prepare'")
+    return exp
+
+
+def device_for(exp):
+    import torch
+
+    name = exp.config["device"]
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; allowed: auto, cpu")
+    return torch.device(name)
+
+
+def output_path(path: str, suffix: str, option: str = "--out") -> Path:
+    p = Path(path)
+    if p.suffix != suffix:
+        raise UsageError(f"{option} {path}: must end in {suffix}")
+    return p
+
+
+def existing_files(paths: list[str], option: str) -> list[Path]:
+    for p in paths:
+        if not Path(p).is_file():
+            raise UsageError(f"{option} {p}: file not found")
+    return [Path(p) for p in paths]
+
+
+def existing_dir(path: str | None, option: str) -> None:
+    if path is not None and not Path(path).is_dir():
+        raise UsageError(f"{option} {path}: directory not found")
+
+
+def track_path(args) -> Path | None:
+    """The --track run JSON (written by 'dblocks track-init'), checked before any work starts."""
+    track = getattr(args, "track", None)
+    if track is None:
+        return None
+    (path,) = existing_files([track], "--track")
+    return path
+
+
+def tracker(track: Path | None, job: str, method: str | None, block: int | None, config: dict):
+    """A JobRun child run when --track was given, else a context that yields None."""
+    if track is None:
+        return contextlib.nullcontext(None)
+    from dblocks.tracking import JobRun
+
+    return JobRun(track, job, method, block, config)
+
+
+def load_model_arg(model: str, option: str, weights: str | None = None):
+    from dblocks.assemble import load_model
+
+    (path,) = existing_files([model], option)
+    try:
+        return load_model(path, weights=weights)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def recorded(model: str, option: str) -> tuple[dict, str]:
+    """A model's config and scale label from its JSON record alone (no tensor is read)."""
+    from dblocks.checkpoint import load_metadata
+
+    (path,) = existing_files([model], option)
+    try:
+        meta = load_metadata(path)
+        return meta["config"], meta.get("scale", UNKNOWN_SCALE)
+    except (CheckpointError, KeyError) as exc:
+        raise UsageError(f"{option} {model}: {exc}") from None
