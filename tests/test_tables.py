@@ -381,10 +381,12 @@ def test_main_and_tracking_uri_precedence(generated, tmp_path, monkeypatch, caps
     assert tables.tracking_uri_for(params, "sqlite:///arg.db") == "sqlite:///arg.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", generated["uri"])
     assert tables.tracking_uri_for(params, "sqlite:///arg.db") == generated["uri"]
-    # the environment wins over a bogus argument: same numbers as before
-    assert tables.main(["--params", str(generated["params"]), "--out", str(tmp_path),
-                        "--tracking-uri", "sqlite:///bogus.db"]) == 0
-    assert str(tmp_path / "tables" / "index.md") in capsys.readouterr().out
+    # the environment wins over a bogus argument: same numbers as before (through `dblocks tables`)
+    from dblocks.cli import main
+
+    assert main(["tables", "--params", str(generated["params"]), "--out", str(tmp_path),
+                 "--tracking-uri", "sqlite:///bogus.db"]) == 0
+    assert f"files under {tmp_path}" in capsys.readouterr().out and (tmp_path / "tables" / "index.md").is_file()
     assert (tmp_path / "tables" / "table1.csv").read_text() == \
         (generated["out"] / "tables" / "table1.csv").read_text()
 
