@@ -16,10 +16,10 @@ import torch
 
 from dblocks.checkpoint import save_checkpoint
 from dblocks.cli import build_parser
-from dblocks.cli.evaluation import evaluation_options
 from dblocks.config import resolve
 from dblocks.experiment import Experiment
 from dblocks.dvcgen import snakemake_jobs
+from dblocks.evaluate_model import evaluation_options
 from dblocks.evaluate import fid_references
 from dblocks.params import EVALUATE_DEFAULTS, command_settings, evaluation_hash, evaluation_settings
 from dblocks.pipeline import Pipeline

@@ -479,6 +479,14 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def job_run(track: Path | None, job: str, method: str | None, block: int | None, config: dict):
+    """A :class:`JobRun` child run when ``track`` (a run JSON of track-init) is given, else a context that
+    yields None."""
+    if track is None:
+        return contextlib.nullcontext(None)
+    return JobRun(track, job, method, block, config)
+
+
 class JobRun:
     """A child run of an experiment's parent run, for one job process (a context manager).
 

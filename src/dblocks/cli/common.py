@@ -1,22 +1,22 @@
-"""What the command modules share: the experiment and tracking options, checks of paths and devices
-(each a one-line UsageError), and the --track child run."""
+"""What the command modules share: the experiment, tracking and weights options, and the experiment they
+describe (the checks of paths, devices and model files are :mod:`dblocks.inputs`, shared with the library)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 from pathlib import Path
 from typing import Callable
 
 from dblocks.config import UNKNOWN_SCALE, WEIGHTS, parse_override, resolve
-from dblocks.errors import CheckpointError, UsageError
+from dblocks.errors import UsageError
+from dblocks.inputs import existing_dir, existing_files
 
 #: how a command module adds a subcommand: command(name, function, help) -> its parser
 Command = Callable[[str, Callable, str], argparse.ArgumentParser]
 
-# The experiment, the tracker and the models need torch or MLflow: they are imported inside the functions
-# below, so that building the parser (every command, --help) imports neither.
+# The experiment needs torch: it is imported inside the functions below, so that building the parser (every
+# command, --help) does not import it.
 
 
 def experiment_options(p: argparse.ArgumentParser) -> None:
@@ -105,36 +105,6 @@ def experiment_from_args(args: argparse.Namespace):
     return exp
 
 
-def device_for(exp):
-    import torch
-
-    name = exp.config["device"]
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here; allowed: auto, cpu")
-    return torch.device(name)
-
-
-def output_path(path: str, suffix: str, option: str = "--out") -> Path:
-    p = Path(path)
-    if p.suffix != suffix:
-        raise UsageError(f"{option} {path}: must end in {suffix}")
-    return p
-
-
-def existing_files(paths: list[str], option: str) -> list[Path]:
-    for p in paths:
-        if not Path(p).is_file():
-            raise UsageError(f"{option} {p}: file not found")
-    return [Path(p) for p in paths]
-
-
-def existing_dir(path: str | None, option: str) -> None:
-    if path is not None and not Path(path).is_dir():
-        raise UsageError(f"{option} {path}: directory not found")
-
-
 def track_path(args) -> Path | None:
     """The --track run JSON (written by 'dblocks track-init'), checked before any work starts."""
     track = getattr(args, "track", None)
@@ -142,34 +112,3 @@ def track_path(args) -> Path | None:
         return None
     (path,) = existing_files([track], "--track")
     return path
-
-
-def tracker(track: Path | None, job: str, method: str | None, block: int | None, config: dict):
-    """A JobRun child run when --track was given, else a context that yields None."""
-    if track is None:
-        return contextlib.nullcontext(None)
-    from dblocks.tracking import JobRun
-
-    return JobRun(track, job, method, block, config)
-
-
-def load_model_arg(model: str, option: str, weights: str | None = None):
-    from dblocks.assemble import load_model
-
-    (path,) = existing_files([model], option)
-    try:
-        return load_model(path, weights=weights)
-    except CheckpointError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def recorded(model: str, option: str) -> tuple[dict, str]:
-    """A model's config and scale label from its JSON record alone (no tensor is read)."""
-    from dblocks.checkpoint import load_metadata
-
-    (path,) = existing_files([model], option)
-    try:
-        meta = load_metadata(path)
-        return meta["config"], meta.get("scale", UNKNOWN_SCALE)
-    except (CheckpointError, KeyError) as exc:
-        raise UsageError(f"{option} {model}: {exc}") from None

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
-from dblocks.cli.common import Command, existing_dir, finite_float
+from dblocks.cli.common import Command, finite_float
 from dblocks.errors import UsageError
+from dblocks.inputs import existing_dir
 
 # Every command module is imported to build the parser, so each imports the modules its commands use
 # inside the command functions: the data loaders and models import torch, which 'partition --help' or a tracking job

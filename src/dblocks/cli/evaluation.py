@@ -1,223 +1,22 @@
-"""``dblocks evaluate`` and what FID needs beside it: ``train-feature-net``, ``inception-weights`` and
-``reference-stats``."""
+"""``dblocks evaluate`` (:mod:`dblocks.evaluate_model` does the work) and what FID needs beside it:
+``train-feature-net``, ``inception-weights`` and ``reference-stats``."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from dblocks.checkpoint import write_json_atomic, write_text_atomic
-from dblocks.cli.common import (Command, device_for, existing_dir, existing_files, load_model_arg,
-                               output_path, recorded, track_option, track_path, tracker, weights_option)
-from dblocks.config import chosen_weights
-from dblocks.errors import CheckpointError, InceptionWeightsError, UsageError
+from dblocks.cli.common import Command, track_option, weights_option
+from dblocks.errors import InceptionWeightsError, UsageError
+from dblocks.inputs import existing_dir, feature_space, output_path
 
 # Every command module is imported to build the parser, so each imports the modules its commands use
 # inside the command functions: torch, torch-fidelity and MLflow load only in the command that runs.
 
-#: evaluate's options that are evaluation settings or labels: given on the command line, else from --params,
-#: else these defaults (dblocks.params.EVALUATE_DEFAULTS, shared with the tables' evaluation hash)
-EVALUATE_OPTIONS = ("scale", "samples", "sample_steps", "evaluations", "fid_batch_size", "bound_samples",
-                    "max_windows", "prompts", "continuations", "new_tokens", "mauve_features", "hf_judges")
-
-
-def evaluation_options(args, exp) -> None:
-    """Fill evaluate's options that were not given from ``--params`` (the file the workflow runs: its scale,
-    evaluation protocol and the experiment's sample settings, so a changed setting takes effect without a new
-    command line), else the command's defaults. The scale label is never guessed: without --scale or
-    --params it is the --track record's (its params file's), else the model's record's (the params file it
-    was trained from), else "unknown"."""
-    from dblocks.params import EVALUATE_DEFAULTS, Params
-    from dblocks.tracking import record_value
-
-    from_file: dict = {}
-    if args.params is not None:
-        params = Params.load(args.params)
-        if exp.name not in params.experiments:
-            raise UsageError(f"--params {args.params}: has no experiment {exp.name!r} (the model's); allowed: "
-                             f"{', '.join(params.experiments)}")
-        from_file = params.evaluate_options(exp.name)
-        exp.config["sample"] = from_file.pop("sample")
-    scale = record_value(getattr(args, "track", None), "scale") or exp.scale  # the model's own record's
-    defaults = {**EVALUATE_DEFAULTS, "scale": scale, "fid_batch_size": 256}
-    for key in EVALUATE_OPTIONS:
-        if getattr(args, key) is None:
-            value = from_file.get(key, defaults.get(key))
-            setattr(args, key, list(value) if isinstance(value, (list, tuple)) else value)
-
 
 def cmd_evaluate(args) -> None:
-    from dblocks.config import config_hash
-    from dblocks.evaluate import evaluate_classifier, evaluate_generator, fid_references
-    from dblocks.params import command_settings, evaluation_hash
-    from dblocks.tracking import (EVAL_HASH_TAG, dataset_input, git_commit, headline_metrics, prepared_input,
-                                  record_data)
+    from dblocks.evaluate_model import EvaluationRequest, evaluate_model
 
-    from dblocks.experiment import Experiment
-
-    out = output_path(args.out, ".json")
-    track = track_path(args)
-    # The record first (JSON only, no tensor): --params may replace the sample settings, and sample.weights
-    # among them decides which tensors load_model reads.
-    wanted = Experiment(*recorded(args.model, "MODEL"))
-    evaluation_options(args, wanted)
-    args.weights = chosen_weights(args.weights, wanted.config["sample"])
-    model, exp, meta = load_model_arg(args.model, "MODEL", args.weights)
-    exp.config["sample"] = wanted.config["sample"]
-    generation = exp.config["task"] == "generation"
-    text = exp.tokenizer is not None
-    existing_dir(args.data, "--data")
-    if args.samples_md is not None:
-        if not text:
-            raise UsageError("--samples-md: text models only (image samples: --grid)")
-        output_path(args.samples_md, ".md", "--samples-md")
-    stats = {}
-    if not text and args.split == "validation":
-        raise UsageError("--split validation: image datasets have only train, test")
-    for option, value in (("--bound-samples", args.bound_samples), ("--max-windows", args.max_windows),
-                          ("--prompts", args.prompts), ("--continuations", args.continuations),
-                          ("--new-tokens", args.new_tokens)):
-        if value is not None and value < 1:
-            raise UsageError(f"{option} {value}: allowed: an integer >= 1")
-    bad = sorted(set(args.mauve_features) - {"reference-lm", "minilm", "ngram", "gpt2-large"})
-    if bad:
-        raise UsageError(f"--mauve-features {bad[0]!r}: allowed: reference-lm, minilm, ngram, gpt2-large")
-    from dblocks.metrics.gen_ppl import HF_JUDGES
-
-    bad = sorted(set(args.hf_judges) - set(HF_JUDGES))
-    if bad:
-        raise UsageError(f"--hf-judges {bad[0]!r}: allowed: {', '.join(HF_JUDGES)}")
-    judge = judge_hash = None
-    if args.judge is not None:
-        if exp.config["task"] not in ("ar_text", "recurrent_text"):
-            raise UsageError("--judge applies to autoregressive and recurrent-depth text models only")
-        judge, judge_exp, judge_meta = load_model_arg(args.judge, "--judge")
-        judge_hash = config_hash(judge_exp.config)
-        if judge_meta.get("kind") != "e2e" or judge_exp.config["task"] != "ar_text":
-            raise UsageError(f"--judge {args.judge}: must be an end-to-end autoregressive text model (train-baseline)")
-        if judge_exp.tokenizer != exp.tokenizer or judge_exp.config["dataset"] != exp.config["dataset"]:
-            raise UsageError(f"--judge {args.judge}: trained on {judge_exp.config['dataset']} "
-                             f"({judge_exp.tokenizer}); the model reads {exp.config['dataset']} ({exp.tokenizer})")
-    if generation:
-        if args.features is None:
-            raise UsageError("--features is required for a generation model: a digits feature net (from "
-                             "'dblocks train-feature-net') or Inception weights (from 'dblocks inception-weights')")
-        space = _feature_space(args.features)
-        stats = {split: path for split, path in (("train", args.train_stats), ("test", args.test_stats)) if path}
-        for split, path in stats.items():
-            existing_files([path], f"--{split}-stats")
-        # what the statistics summarize: the prepared splits, found under --data or the pipeline's data
-        # directory named by the --track record (read from JSON records only)
-        reference_samples, references = fid_references({k: Path(v) for k, v in stats.items()},
-                                                       [args.data, record_data(track)])
-        if args.grid is not None:
-            output_path(args.grid, ".png", "--grid")
-        from dblocks.data.latents import decoder_for
-
-        decode = decoder_for(exp.config["dataset"], args.data)  # a missing or foreign autoencoder stops us here
-    for option in ("evaluations", "fid_batch_size"):
-        if getattr(args, option) < 1:
-            raise UsageError(f"--{option.replace('_', '-')} {getattr(args, option)}: allowed: an integer >= 1")
-    from dblocks import distributed
-
-    world, device = distributed.setup(device_for(exp))
-    if world.size > 1 and not (generation or exp.config["task"] in ("ar_text", "recurrent_text")):
-        raise UsageError(f"{world.size} processes (torchrun): a data-parallel evaluation shares sampling (images for "
-                         f"FID, text continuations for MAUVE); a {exp.config['task']} model is evaluated by one "
-                         f"process; allowed: 1 process")
-    track = track if world.main else None  # only rank 0 tracks and writes
-    model.to(device)
-    if judge is not None:
-        judge.to(device)
-    block = meta.get("block") if meta.get("kind") == "block" else None
-    # the settings this evaluation's numbers depend on, from the options it received (the tables keep only
-    # runs whose evaluation hash equals the one dblocks.params computes from the params file)
-    settings = command_settings(vars(args), exp.config, judge_hash, {
-        "fid_features": space.kind, "fid_reference": sorted(stats), "reference_samples": reference_samples}
-        if generation else None)
-    eval_hash = evaluation_hash(settings)
-    with tracker(track, "evaluate", meta.get("method"), block, exp.config) as run:
-        if run is not None:
-            run.set_tags({EVAL_HASH_TAG: eval_hash})
-            run.log_params({f"evaluation.{k}": v for k, v in settings.items()})
-            if stats:  # the prepared splits behind the FID reference statistics (else the statistics files)
-                run.log_inputs([prepared_input(r["prepared"], r["split"], "fid-reference") if r["prepared"] else
-                                dataset_input(r["dataset"], r["split"], r["sha256"], r["stats"], "fid-reference",
-                                              reference_samples=r["samples"]) if r["sha256"] else None
-                                for r in references])
-            elif args.data is not None:
-                run.log_dataset(args.data, args.split, "evaluation")
-        data = None if stats else exp.load_data(args.split, args.data)
-        if exp.config["task"] in ("ar_text", "recurrent_text"):
-            from dblocks.evaluate import evaluate_ar_lm
-
-            try:
-                result = evaluate_ar_lm(model, exp, data, judge=judge, seed=args.seed, prompts=args.prompts,
-                                        continuations=args.continuations, new_tokens=args.new_tokens,
-                                        max_windows=args.max_windows, featurizers=tuple(args.mauve_features),
-                                        hf_judges=tuple(args.hf_judges),
-                                        train_data=exp.load_data("train", args.data)
-                                        if "ngram" in args.mauve_features else None)
-            except ValueError as exc:
-                raise UsageError(str(exc)) from None
-            except OSError as exc:  # a hub model that cannot be downloaded (offline) or found
-                raise UsageError(f"--hf-judges / --mauve-features gpt2-large: could not load a Hugging Face "
-                                 f"model ({exc.__class__.__name__}); these need the network") from None
-            distributed.teardown()
-            if result is None:  # another rank of a data-parallel evaluation: rank 0 scored its continuations
-                return
-            summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("mauve_reference", "mauve_minilm", "mauve_ngram",
-                                                                  "gen_ppl_reference", "next_token_bits")
-                                if k in result)
-        elif text:
-            from dblocks.evaluate import evaluate_masked_lm
-
-            result = evaluate_masked_lm(model, exp, data, seed=args.seed, samples_per_block=args.bound_samples,
-                                        max_windows=args.max_windows, sample_steps=args.sample_steps)
-            summary = f"BPC {result['bpc']:.4f} on {result['tokens']} {args.split} characters of {data.name}"
-        elif generation:
-            samples = args.samples or exp.config["sample"]["num_images"]
-            steps = args.sample_steps or exp.config["sample"]["steps"]
-            result = evaluate_generator(model, exp, data, features=args.features, samples=samples, steps=steps,
-                                        grid_path=Path(args.grid) if args.grid else None, seed=args.seed,
-                                        progress=not args.no_progress,
-                                        reference_stats={k: Path(v) for k, v in stats.items()},
-                                        evaluations=args.evaluations, batch_size=args.fid_batch_size,
-                                        decode=decode)
-            distributed.teardown()
-            if result is None:  # another rank of a data-parallel evaluation: rank 0 scored its samples
-                return
-            scores = ", ".join(f"{k} {result[k]:.3f}" for k in ("fid_train", "fid_test") if k in result) \
-                or f"{result['fid']:.3f}"
-            summary = (f"{result['fid_label']} {scores} vs {result['fid_reference']}, {samples} samples, "
-                       f"best of {args.evaluations}"
-                       + (f"; class agreement {result['class_agreement']:.3f}" if "class_agreement" in result else ""))
-        else:
-            result = evaluate_classifier(model, exp, data, seed=args.seed)
-            summary = f"accuracy {100 * result['accuracy']:.2f}% on {len(data)} {args.split} examples"
-        record = {"experiment": exp.name, "method": meta.get("method"), "split": args.split, "scale": args.scale,
-                  "device": str(device), "model": str(args.model), "model_sha256": meta["sha256"],
-                  "weights": meta["weights"],
-                  "config_hash": config_hash(exp.config), "git_commit": git_commit(), "eval_hash": eval_hash,
-                  "evaluation": settings, **result}
-        write_json_atomic(out, record)
-        text_samples = None
-        if args.samples_md and "samples" in result:
-            from dblocks.evaluate import samples_markdown
-
-            text_samples = Path(args.samples_md)
-            write_text_atomic(text_samples, samples_markdown(exp.name, meta.get("method"), result))
-        if run is not None:
-            run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            run.log_parent_metrics(headline_metrics(meta.get("method"), result))
-            run.set_tags({"model_sha256": record["model_sha256"], "split": args.split, "model_path": str(args.model),
-                          "dblocks.weights": meta["weights"],
-                          "dblocks.device": str(device), **({"fid_label": result["fid_label"]} if generation else {})})
-            run.log_artifact(out, "evaluation")
-            if generation and args.grid:
-                run.log_artifact(Path(args.grid), name="samples.png")  # the tables look grids up by name
-            if text_samples is not None:
-                run.log_artifact(text_samples, name="samples.md")  # likewise the text samples
-    print(f"{exp.name} ({meta.get('method')}): {summary}")
+    done = evaluate_model(EvaluationRequest.from_options(args))
+    if done is not None:  # None: another rank of a data-parallel evaluation
+        print(f"{done.record['experiment']} ({done.record['method']}): {done.summary}")
 
 
 def cmd_train_feature_net(args) -> None:
@@ -236,18 +35,6 @@ def cmd_train_feature_net(args) -> None:
     print(f"wrote {out}: digits feature net, test accuracy {100 * meta['test_accuracy']:.2f}%")
 
 
-def _feature_space(path: str):
-    """--features: a digits feature net or converted Inception weights, told apart by their record."""
-    from dblocks.metrics.reference import FeatureSpace
-
-    existing_files([path], "--features")
-    try:
-        return FeatureSpace.from_weights(path)
-    except CheckpointError:
-        raise
-    except ValueError as exc:
-        raise UsageError(f"--features {exc}") from None
-
 
 def cmd_inception_weights(args) -> None:
     from dblocks.metrics.inception import write_weights
@@ -265,7 +52,7 @@ def cmd_reference_stats(args) -> None:
     from dblocks.metrics.reference import reference_statistics
 
     existing_dir(args.data, "--data")
-    space = _feature_space(args.features)
+    space = feature_space(args.features)
     if args.samples is not None and args.samples < 2:
         raise UsageError(f"--samples {args.samples}: allowed: an integer >= 2 (default: the whole split)")
     outs = [output_path(o, ".safetensors") for o in args.out]

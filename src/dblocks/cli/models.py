@@ -3,9 +3,9 @@ samples."""
 
 from __future__ import annotations
 
-from dblocks.cli.common import (Command, device_for, existing_dir, existing_files, finite_float, load_model_arg,
-                               output_path, weights_option)
+from dblocks.cli.common import Command, finite_float, weights_option
 from dblocks.errors import UsageError
+from dblocks.inputs import device_for, existing_dir, existing_files, load_model_arg, output_path
 
 # Every command module is imported to build the parser, so each imports the modules its commands use
 # inside the command functions: the models import torch, which no other command's start-up should pay for.

@@ -9,8 +9,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from dblocks.cli.common import Command, existing_dir
+from dblocks.cli.common import Command
 from dblocks.errors import UsageError
+from dblocks.inputs import existing_dir
 
 # Every command module is imported to build the parser, so each imports the modules its commands use
 # inside the command functions: a tracking job needs no torch, and a journal-mode one no MLflow (seconds of start-up

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 from dblocks.checkpoint import write_json_atomic
-from dblocks.cli.common import (Command, device_for, existing_dir, existing_files, experiment_from_args,
-                               experiment_options, output_path, track_option, track_path, tracker)
+from dblocks.cli.common import Command, experiment_from_args, experiment_options, track_option, track_path
 from dblocks.config import UNKNOWN_SCALE
 from dblocks.errors import CheckpointError, UsageError
+from dblocks.inputs import device_for, existing_dir, existing_files, output_path
+from dblocks.tracking import job_run
 
 # Every command module is imported to build the parser, so each imports the modules its commands use
 # inside the command functions: torch and MLflow load only in the command that runs, never for another command
@@ -89,7 +90,7 @@ def _run_training(args, exp, method: str, block: int | None, seed: int, state_pa
               flush=True)
     track = track_path(args) if world.main else None
     try:
-        with tracker(track, "train", method, block, exp.config) as run:
+        with job_run(track, "train", method, block, exp.config) as run:
             data = exp.load_data("train", args.data)
             module, objective, steps = training_job(exp, method, block)
             result = train(module, objective, data, exp.config["train"], seed=seed, device=device, steps=steps,
@@ -243,7 +244,7 @@ def cmd_evaluate_local(args) -> None:
     settings = command_settings({"split": args.split, "seed": args.seed}, config)
     eval_hash = evaluation_hash(settings)
     model = load_model(config, records)
-    with tracker(track, "evaluate", method, None, config) as run:
+    with job_run(track, "evaluate", method, None, config) as run:
         if run is not None:
             run.set_tags({EVAL_HASH_TAG: eval_hash})
             run.log_params({f"evaluation.{k}": v for k, v in settings.items()})
