@@ -95,7 +95,8 @@ def figure_sweep(ctx: Context, table: Table, paper: dict, path: Path) -> tuple[P
 
 def figure_grid(ctx: Context, table: Table, paper: dict, path: Path) -> tuple[Path | None, str]:
     """Grouped bars: partition per layer split, the paper's panel beside ours."""
-    partitions = [c.key.split(":", 1)[1] for c in table.columns if c.role == "ours"]
+    # the metric's own columns: the class-agreement columns beside them share the "ours" role, not the key
+    partitions = [c.key.split(":", 1)[1] for c in table.columns if c.key.startswith("ours:")]
     labels_of = dict(paper["columns"])
     if not any(row[f"ours:{p}"].value is not None for row in table.rows for p in partitions):
         return None, f"no metric logged yet for any experiment feeding table {table.id}"
