@@ -8,7 +8,6 @@ Models are always the project's real ones, built through ``dblocks.experiment.Ex
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -22,6 +21,7 @@ import torch
 from dblocks.config import resolve
 from dblocks.data.images import ImageDataset
 from dblocks.experiment import DATASET_SHAPES, Experiment
+from dblocks.io import write_json_atomic
 from dblocks.models import ARCHITECTURES, get_arch
 from dblocks.optim import adamw
 from dblocks.train import clip_and_step, sample_batch, training_job
@@ -80,10 +80,7 @@ def synchronize(device: torch.device) -> None:
 def write_json(name: str, record: dict, path: Path | None = None) -> Path:
     """results/bench/<name>.json (or ``path``), written atomically."""
     path = Path(path) if path is not None else RESULTS / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, record, sort_keys=False)  # in the order the benchmark filled it
     return path
 
 

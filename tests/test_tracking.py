@@ -20,10 +20,11 @@ import pytest
 from dblocks.checkpoint import load_metadata
 from dblocks.cli import main
 from dblocks.config import config_hash
+from dblocks.io import flatten
 from dblocks.params import Params
 from tests.conftest import run_record
 from tests.ui_server import ui_server, wait_healthy
-from dblocks.tracking import (DEFAULT_URI, EXPERIMENT_KIND_TAG, JobRun, _retry, flatten, headline_metrics, init_runs,
+from dblocks.tracking import (DEFAULT_URI, EXPERIMENT_KIND_TAG, JobRun, _retry, headline_metrics, init_runs,
                               resolve_uri, sync_journals)
 
 VENV_BIN = Path(sys.executable).parent
@@ -99,7 +100,8 @@ def test_resolve_uri_and_flatten(monkeypatch):
     assert resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///other.db")
     assert resolve_uri("http://127.0.0.1:5000") == "sqlite:///other.db"
-    flat = flatten({"train": {"lr": 0.001, "steps": 4}, "layer_split": [3, 6, 3], "name": "x", "seed": None})
+    flat = flatten({"train": {"lr": 0.001, "steps": 4}, "layer_split": [3, 6, 3], "name": "x", "seed": None},
+                   as_strings=True)
     assert flat == {"train.lr": "0.001", "train.steps": "4", "layer_split": "[3, 6, 3]", "name": "x", "seed": "null"}
 
 
@@ -148,7 +150,7 @@ def test_init_runs_creates_parent_runs_once(store, server, monkeypatch):
         assert "mlflow.parentRunId" not in tags
         assert run.data.params["arch"] == "ViT-micro" and run.data.params["train.steps"] == "4"
         assert run.data.params["pipeline.tables"] == json.dumps(config["pipeline"]["tables"])
-        assert run.data.params == flatten(config)
+        assert run.data.params == flatten(config, as_strings=True)
 
     # again, through the CLI: same parents, no duplicates, files untouched
     before = {p.name: p.read_text() for p in store.paths}
@@ -579,7 +581,8 @@ def test_journal_mode_then_track_sync_leaves_what_live_mode_logs(tmp_path, monke
         assert later == run, key
     parent = live["runs"][("parent", "micro-a", "blockwise,e2e", "")]
     assert parent["metrics"] == {"e2e.accuracy": json.loads(result.read_text())["accuracy"]}
-    assert parent["params"] == flatten(Params.load(tmp_path / "live" / "params.yaml").experiments["micro-a"])
+    assert parent["params"] == flatten(Params.load(tmp_path / "live" / "params.yaml").experiments["micro-a"],
+                                       as_strings=True)
     assert live["runs"][("train", "micro-a", "e2e", "")]["parent"] == "micro-a"
 
 

@@ -18,19 +18,17 @@ state until the next one is committed, so a kill at any instant leaves one state
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from safetensors import SafetensorError
 
 from dblocks.errors import CheckpointError
+from dblocks.io import fsync_dir, fsync_file, leftover_staging_files, staging_file
 
 if TYPE_CHECKING:
     import torch
@@ -75,78 +73,12 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    # Opened for writing because some platforms refuse fsync on a read-only descriptor.
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the renames themselves durable. Best effort: not every platform can open a directory."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _leftover_staging_files(final: Path) -> list[Path]:
-    """Staging files of ``final`` that a killed writer (SIGKILL, power loss) could not remove."""
-    return list(final.parent.glob(f".{glob.escape(final.name)}.*.tmp"))
-
-
-@contextlib.contextmanager
-def _staging_file(final: Path) -> Iterator[Path]:
-    """A temporary file next to ``final`` (same directory, hence same filesystem, so ``os.replace``
-    is atomic). It is removed on exit unless it was already moved onto its final name; those of an
-    earlier, killed writer of the same file are swept first (one job writes one file at a time)."""
-    for stale in _leftover_staging_files(final):
-        stale.unlink(missing_ok=True)
-    fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: str | os.PathLike, record: Mapping[str, Any], keep_unchanged: bool = False) -> None:
-    """``record`` as indented, key-sorted JSON, written by :func:`write_text_atomic`."""
-    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n", keep_unchanged)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str, keep_unchanged: bool = False) -> None:
-    """``text`` staged next to ``path`` and renamed onto it, so readers (Snakemake, DVC, a concurrent tracking
-    sync) never see half a file. ``keep_unchanged`` leaves a file that already holds exactly this text alone,
-    mtime included: Snakemake compares mtimes, and a rewrite of identical content would make every job
-    downstream of it look outdated."""
-    path = Path(path)
-    if keep_unchanged:
-        try:
-            if path.read_text(encoding="utf-8") == text:
-                return
-        except (OSError, UnicodeDecodeError):
-            pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _staging_file(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def remove_checkpoint(path: str | os.PathLike) -> None:
     """Delete a checkpoint: its tensor file, its JSON sidecar, any staging file a killed writer left and,
     for a training state, its previous generation."""
     path = Path(path)
     for base in (path, previous_generation(path)):
-        for p in (base, sidecar_path(base), *_leftover_staging_files(base), *_leftover_staging_files(sidecar_path(base))):
+        for p in (base, sidecar_path(base), *leftover_staging_files(base), *leftover_staging_files(sidecar_path(base))):
             p.unlink(missing_ok=True)
 
 
@@ -160,7 +92,7 @@ def previous_generation(path: str | os.PathLike) -> Path:
 def _link_or_copy(src: Path, dst: Path) -> None:
     """``dst`` becomes ``src``'s content atomically: a hard link (free) staged and renamed, or a copy where
     the filesystem has no hard links."""
-    with _staging_file(dst) as tmp:
+    with staging_file(dst) as tmp:
         tmp.unlink()
         try:
             os.link(src, tmp)
@@ -268,17 +200,17 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
     json_path = sidecar_path(path)
     # Both files are fully written and fsynced before either rename, so the only window in which the
     # pair is inconsistent is between the two renames, which the checksum on load detects.
-    with _staging_file(path) as tensor_tmp, _staging_file(json_path) as json_tmp:
+    with staging_file(path) as tensor_tmp, staging_file(json_path) as json_tmp:
         from safetensors.torch import save_file
 
         save_file(prepared, tensor_tmp, metadata=header)
-        _fsync_file(tensor_tmp)
+        fsync_file(tensor_tmp)
         record = {**core, "sha256": sha256_file(tensor_tmp), "tensors": _describe_tensors(prepared)}
         json_tmp.write_text(_to_json(json_path, record, indent=2) + "\n", encoding="utf-8")
-        _fsync_file(json_tmp)
+        fsync_file(json_tmp)
         os.replace(tensor_tmp, path)
         os.replace(json_tmp, json_path)  # the commit point
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return record
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from dblocks import distributed
-from dblocks.checkpoint import write_json_atomic, write_text_atomic
 from dblocks.config import chosen_weights, config_hash
 from dblocks.data.latents import decoder_for
 from dblocks.errors import UsageError
@@ -21,6 +20,7 @@ from dblocks.evaluate import (evaluate_ar_lm, evaluate_classifier, evaluate_gene
 from dblocks.experiment import Experiment
 from dblocks.inputs import (device_for, existing_dir, existing_files, feature_space, load_model_arg, output_path,
                             recorded)
+from dblocks.io import write_json_atomic, write_text_atomic
 from dblocks.metrics.gen_ppl import HF_JUDGES
 from dblocks.params import EVALUATE_DEFAULTS, Params, command_settings, evaluation_hash
 from dblocks.tracking import (EVAL_HASH_TAG, dataset_input, git_commit, headline_metrics, job_run, prepared_input,

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from dblocks import distributed, edm
 from dblocks.blocks import AssembledModel, BlockDenoiser, DenoiserOutput
+from dblocks.io import write_atomic
 
 
 @torch.no_grad()
@@ -97,13 +98,8 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
     """Write images in [-1, 1] as one PNG grid (upscaled with nearest neighbours so 8x8 digits are visible)."""
     from torchvision.utils import save_image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     x = (images.float() + 1) / 2
     if scale > 1:
         x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
     nrow = nrow or max(1, int(len(x) ** 0.5))
-    tmp = path.with_name(path.name + ".tmp.png")
-    save_image(x, tmp, nrow=nrow, padding=2, pad_value=1.0)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, lambda tmp: save_image(x, tmp, nrow=nrow, padding=2, pad_value=1.0, format="png"))

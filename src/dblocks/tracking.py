@@ -54,8 +54,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import dblocks
-from dblocks.checkpoint import sidecar_path, write_json_atomic
+from dblocks.checkpoint import sidecar_path
 from dblocks.errors import ConfigError, TrackingError
+from dblocks.io import flatten, one_line, write_json_atomic
 
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -88,17 +89,6 @@ def resolve_uri(configured: str | None = None) -> str:
     """MLFLOW_TRACKING_URI wins, then the configured URI, then :data:`DEFAULT_URI`."""
     return os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_URI
 
-
-def flatten(config: dict, prefix: str = "") -> dict[str, str]:
-    """Nested config -> {"train.lr": "0.001", "layer_split": "[3, 6, 3]", ...} (values as strings)."""
-    out: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value if isinstance(value, str) else json.dumps(value)
-    return out
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -360,7 +350,7 @@ def _create_parent(client, experiment_id: str, name: str, scale: str, config: di
     tags = run_tags(experiment=name, scale=scale, method=",".join(methods), block=None, job=PARENT_JOB,
                     config=config)
     run = _retry(client.create_run, experiment_id, tags=tags, run_name=name)
-    _log_params(client, run.info.run_id, flatten(config))
+    _log_params(client, run.info.run_id, flatten(config, as_strings=True))
     _retry(client.set_terminated, run.info.run_id, "FINISHED")
     return run.info.run_id
 
@@ -456,17 +446,12 @@ def _store_errors(uri: str):
     try:
         yield
     except (MlflowException, OSError) as exc:
-        raise TrackingError(f"tracking store {uri}: {_one_line(exc)}") from None
+        raise TrackingError(f"tracking store {uri}: {one_line(exc)}") from None
     except Exception as exc:  # sqlalchemy and friends, without importing them here
         if type(exc).__module__.split(".")[0] in ("sqlalchemy", "requests", "urllib3", "alembic"):
-            raise TrackingError(f"tracking store {uri}: {_one_line(exc)}") from None
+            raise TrackingError(f"tracking store {uri}: {one_line(exc)}") from None
         raise
 
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # -------------------------------------------------------------------------------------- job runs
@@ -517,7 +502,7 @@ class JobRun:
     def _disable(self, what: str, exc: BaseException) -> None:
         self.enabled = False
         self._buffer.clear()
-        self.warning = (f"dblocks: warning: MLflow tracking off for this job ({what} failed: {_one_line(exc)}); "
+        self.warning = (f"dblocks: warning: MLflow tracking off for this job ({what} failed: {one_line(exc)}); "
                         f"the job goes on, writes its results and keeps its log in {self.journal_path} for "
                         f"'dblocks track-sync'")
         print(self.warning, file=sys.stderr, flush=True)
@@ -554,8 +539,8 @@ class JobRun:
                      "mlflow.source.name": f"dblocks {self.job}", "mlflow.source.type": "LOCAL",
                      "mlflow.user": _user()})
         self.journal = {"format": 1, "run_key": key, "record": record, "run_name": self._run_name(experiment),
-                        "tags": tags, "params": flatten(self.config), "config": self.config, "metrics": [],
-                        "artifacts": [], "inputs": [], "parent_metrics": [], "start_time": _now_ms(),
+                        "tags": tags, "params": flatten(self.config, as_strings=True), "config": self.config,
+                        "metrics": [], "artifacts": [], "inputs": [], "parent_metrics": [], "start_time": _now_ms(),
                         "end_time": None, "status": "RUNNING", "run_id": None, "synced": False,
                         "parent_synced": False}
         job = ".".join(str(x) for x in (experiment, self.job, self.method or "-", self.block or "-"))
@@ -585,7 +570,7 @@ class JobRun:
         try:
             write_json_atomic(self.journal_path, self.journal, keep_unchanged=True)
         except OSError as exc:  # the job's own outputs matter more than its log
-            print(f"dblocks: warning: could not write the tracking journal {self.journal_path}: {_one_line(exc)}",
+            print(f"dblocks: warning: could not write the tracking journal {self.journal_path}: {one_line(exc)}",
                   file=sys.stderr, flush=True)
 
     # -- context manager
@@ -758,7 +743,7 @@ def read_journals(runs_dir: str | Path) -> list[tuple[Path, dict]]:
         try:
             journal = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            raise TrackingError(f"{path}: unreadable tracking journal ({_one_line(exc)})") from None
+            raise TrackingError(f"{path}: unreadable tracking journal ({one_line(exc)})") from None
         if not isinstance(journal, dict) or journal.get("format") != 1 or not journal.get("run_key"):
             raise TrackingError(f"{path}: not a dblocks tracking journal (format 1 with a run_key)")
         out.append((path, journal))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dblocks.cli.common import Command
 from dblocks.errors import IntegrityFailure, UsageError
+from dblocks.io import write_text_atomic
 
 # Every command module is imported to build the parser, so each imports the modules its commands use
 # inside the command functions: the tables import MLflow and pandas, the pipeline Snakemake.
@@ -70,9 +71,7 @@ def cmd_dvc_yaml(args) -> None:
                              f"{args.params} --out {out}")
         print(f"{out} is up to date")
         return
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    write_text_atomic(out, text)
     print(f"wrote {out}")
 
 

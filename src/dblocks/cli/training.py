@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dblocks.checkpoint import write_json_atomic
 from dblocks.cli.common import Command, experiment_from_args, experiment_options, track_option, track_path
 from dblocks.config import UNKNOWN_SCALE
 from dblocks.errors import CheckpointError, UsageError
+from dblocks.io import write_json_atomic
 from dblocks.inputs import device_for, existing_dir, existing_files, output_path
 from dblocks.tracking import job_run
 

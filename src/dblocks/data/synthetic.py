@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dblocks.io import write_bytes_atomic
+
 #: what is written per dataset (the folder names a smoke params file's data_roots point at)
 DATASETS = ("cifar10", "cifar100", "imagenet", "text8", "lm1b", "openwebtext")
 #: images per split; CIFAR-100 keeps two training images per class
@@ -64,20 +66,9 @@ def write_smoke_data(out: str | os.PathLike, datasets=DATASETS, seed: int = 0) -
     for offset, name in enumerate(DATASETS):  # each dataset's own seed, whichever subset is asked for
         if name in datasets:
             for path, data in writers[name](name, seed + 1000 * offset):
-                if _write_if_changed(Path(out) / name / path, data):
+                if write_bytes_atomic(Path(out) / name / path, data, keep_unchanged=True):
                     written.append(Path(out) / name / path)
     return written
-
-
-def _write_if_changed(path: Path, data: bytes) -> bool:
-    """Write atomically unless the file already holds exactly ``data``."""
-    if path.is_file() and path.read_bytes() == data:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        tmp.write(data)
-    os.replace(tmp.name, path)
-    return True
 
 
 # ------------------------------------------------------------------------------------------- images
