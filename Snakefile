@@ -5,8 +5,10 @@ end-to-end one; the block-local NoProp and Forward-Forward ones of local.smk) ->
     snakemake --profile profiles/default                          # tiny scale (params/tiny.yaml), offline
     snakemake --profile slurm --config params=params/paper.yaml   # paper scale on a SLURM cluster
 
+    snakemake --report results/tiny/report.html                   # after a run: tables, figures, samples
+
 Experiments live in the params file alone (DVC reads the same file); rules are thin shells over the
-`dblocks` command and hold no method logic.
+`dblocks` command and hold no method logic, and the params model (dblocks.pipeline.Pipeline) names every file.
 """
 
 from snakemake.utils import min_version
@@ -25,7 +27,23 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tables.smk"
 
 
+# The landing page of `snakemake --report`; the results in it (tables, figures, sample grids, provenance)
+# are the outputs marked `report(...)` in the rules files, with captions from workflow/report/.
+report: "workflow/report/workflow.rst"
+
+
+# Jobs of seconds and little memory (writing a run record, composing block files, reading MLflow into tables,
+# writing the provenance) run in the Snakemake process itself: on SLURM, queueing each as a cluster job
+# would cost more than running it.
+localrules:
+    tracking_store,
+    tracking_parent,
+    assemble,
+    tables,
+    provenance,
+
+
 rule all:
+    default_target: True
     input:
         PIPE.targets(),
-    default_target: True

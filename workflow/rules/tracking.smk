@@ -6,32 +6,33 @@
 
 rule tracking_store:
     output:
-        record=f"results/{OUT}/runs/store.json",
+        record=PIPE.store_record(),
+    log:
+        PIPE.log("tracking-store"),
+    conda:
+        ENV
     params:
         file=PARAMS,
         runs=lambda w, output: os.path.dirname(output.record),
         settings=settings_of("tracking_store"),
-    log:
-        f"logs/{OUT}/tracking-store.log",
-    conda:
-        ENV
     shell:
         "dblocks track-init --params {params.file} --out-dir {params.runs} --store-only --allow-offline > {log} 2>&1"
 
 
 rule tracking_parent:
     input:
-        f"results/{OUT}/runs/store.json",
+        PIPE.store_record(),
     output:
-        record=f"results/{OUT}/runs/{{exp}}.{{chash}}.json",  # Pipeline.run_json: a changed experiment, a new record
+        # named by the experiment's config hash (Pipeline.run_json): a changed experiment, a new record
+        record=PIPE.run_json("{exp}", "{chash}"),
+    log:
+        PIPE.log("{exp}", "tracking-parent.{chash}"),
+    conda:
+        ENV
     params:
         file=PARAMS,
         runs=lambda w, output: os.path.dirname(output.record),
         settings=settings_of("tracking_parent"),
-    log:
-        f"logs/{OUT}/{{exp}}/tracking-parent.{{chash}}.log",
-    conda:
-        ENV
     shell:
         "dblocks track-init --params {params.file} --out-dir {params.runs} --experiment {wildcards.exp} "
         "--allow-offline > {log} 2>&1"

@@ -3,6 +3,10 @@
 # only says where to log, so rewriting it (a changed `tracking:` section) never retrains a block.
 # A job's threads and resources are its experiment's (common.smk: train_resources); `params.launch` starts the
 # command in one process, or under torchrun with one data-parallel rank per GPU when the job has N > 1.
+#
+# Every training job is this one rule: the end-to-end baseline, the paper's shared-stem mode (below) and the
+# block-local baselines (local.smk) are `use rule train_block` with their own outputs, command and options,
+# so they read the same inputs, log and resume the same way, and their commands differ only where the jobs do.
 
 
 rule train_block:
@@ -10,76 +14,60 @@ rule train_block:
         data=prepared_split("train"),
         run=training_run_record,
     output:
-        checkpoint=weights(f"checkpoints/{OUT}/{{exp}}/block-{{block}}.safetensors"),
-        metadata=f"checkpoints/{OUT}/{{exp}}/block-{{block}}.json",
-    params:
-        file=PARAMS,
-        config_hash=config_hash,
-        data=prepared_dir,
-        launch=launcher,
+        checkpoint=weights(PIPE.block_checkpoint("{exp}", "{block}")),
+        metadata=PIPE.record(PIPE.block_checkpoint("{exp}", "{block}")),
     log:
-        f"logs/{OUT}/{{exp}}/train-block-{{block}}.log",
+        PIPE.log("{exp}", "train-block-{block}"),
     benchmark:
-        f"results/{OUT}/benchmarks/{{exp}}/train-block-{{block}}.tsv"
+        PIPE.benchmark("{exp}", "train-block-{block}")
+    conda:
+        ENV
     threads: training_threads
     resources:
         **train_resources("blockwise"),
-    conda:
-        ENV
-    shell:
-        "{params.launch} train-block --config {params.file} --experiment {wildcards.exp} "
-        "--block {wildcards.block} --data {params.data} --track {input.run} --out {output.checkpoint} "
-        "--no-progress > {log} 2>&1"
-
-
-rule train_baseline:
-    input:
-        data=prepared_split("train"),
-        run=training_run_record,
-    output:
-        checkpoint=weights(f"checkpoints/{OUT}/{{exp}}/e2e.safetensors"),
-        metadata=f"checkpoints/{OUT}/{{exp}}/e2e.json",
     params:
         file=PARAMS,
         config_hash=config_hash,
         data=prepared_dir,
         launch=launcher,
+        command="train-block",
+        # the job's part of the network (the options between --experiment and --data)
+        part=" --block {block}",
+        # taking the output makes it a derived param: the file itself is what Snakemake tracks
+        out=lambda w, output: f"--out {output.checkpoint}",
+    shell:
+        "{params.launch} {params.command} --config {params.file} --experiment {wildcards.exp}{params.part} "
+        "--data {params.data} --track {input.run} {params.out} --no-progress > {log} 2>&1"
+
+
+# The end-to-end baseline: the whole network, by backpropagation, on the same data and budget.
+use rule train_block as train_baseline with:
+    output:
+        checkpoint=weights(PIPE.e2e_checkpoint("{exp}")),
+        metadata=PIPE.record(PIPE.e2e_checkpoint("{exp}")),
     log:
-        f"logs/{OUT}/{{exp}}/train-e2e.log",
+        PIPE.log("{exp}", "train-e2e"),
     benchmark:
-        f"results/{OUT}/benchmarks/{{exp}}/train-e2e.tsv"
-    threads: training_threads
+        PIPE.benchmark("{exp}", "train-e2e")
     resources:
         **train_resources("e2e"),
-    conda:
-        ENV
-    shell:
-        "{params.launch} train-baseline --config {params.file} --experiment {wildcards.exp} "
-        "--data {params.data} --track {input.run} --out {output.checkpoint} --no-progress > {log} 2>&1"
-
-
-rule train_shared:
-    """The paper's single-process mode (shared stem and head, one block sampled per step); it writes all B
-    block checkpoints at once, so its output is their directory."""
-    input:
-        data=prepared_split("train"),
-        run=training_run_record,
-    output:
-        blocks=weights(directory(f"checkpoints/{OUT}/{{exp}}/paper")),
     params:
-        file=PARAMS,
-        config_hash=config_hash,
-        data=prepared_dir,
-        launch=launcher,
+        command="train-baseline",
+        part="",
+
+
+# The paper's single-process mode (shared stem and head, one block sampled per step); it writes all B block
+# checkpoints at once, so its output is their directory.
+use rule train_block as train_shared with:
+    output:
+        blocks=weights(directory(PIPE.paper_dir("{exp}"))),
     log:
-        f"logs/{OUT}/{{exp}}/train-paper.log",
+        PIPE.log("{exp}", "train-paper"),
     benchmark:
-        f"results/{OUT}/benchmarks/{{exp}}/train-paper.tsv"
-    threads: training_threads
+        PIPE.benchmark("{exp}", "train-paper")
     resources:
         **train_resources("paper"),
-    conda:
-        ENV
-    shell:
-        "{params.launch} train-shared --config {params.file} --experiment {wildcards.exp} "
-        "--data {params.data} --track {input.run} --out-dir {output.blocks} --no-progress > {log} 2>&1"
+    params:
+        command="train-shared",
+        part="",
+        out=lambda w, output: f"--out-dir {output.blocks}",
