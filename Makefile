@@ -14,7 +14,7 @@ ENVLOCK := $(PYTHON) workflow/scripts/envlock.py
 # uv installs into ./.venv whatever the caller's environment says
 UVENV  := UV_PROJECT_ENVIRONMENT=$(VENV)
 
-.PHONY: setup lock conda-env run run-all smoke test clean-venv
+.PHONY: setup lock conda-env run run-all report smoke test clean-venv
 
 # Redone only when pyproject.toml or uv.lock changed since the last install. --compile-bytecode: uv does not
 # write .pyc files by default (pip does), and where PYTHONDONTWRITEBYTECODE is set (as on this project's
@@ -41,6 +41,15 @@ conda-env:
 # The main job: the tiny-scale pipeline on the embedded, offline data.
 run: $(STAMP)
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(BIN)/snakemake
+
+# The Snakemake report of the main job, after `make run`: one self-contained HTML file with every table, figure
+# and sample grid, grouped by paper table, Snakemake's run statistics, and on its landing page the code version
+# that the run's provenance job wrote after the tables. Another params file's, e.g. params/tiny-text.yaml's:
+#   snakemake --config params=params/tiny-text.yaml --report results/tiny-text/report.html \
+#       --report-metadata results/tiny-text/provenance.yaml
+REPORT_DIR := results/tiny
+report: $(STAMP)
+	$(BIN)/snakemake --report $(REPORT_DIR)/report.html --report-metadata $(REPORT_DIR)/provenance.yaml
 
 # Every table at tiny scale: the main job, then the DiT design ablations (Tables 7, 10, overlap gamma), latent
 # diffusion (Tables 2's ImageNet rows, 8) and the language models (Tables 3, 4, 5, 11), each params file in its
