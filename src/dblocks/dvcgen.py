@@ -6,6 +6,9 @@ with the same command, the same inputs as deps and the same outputs as outs (a d
 sharded dataset's ``shards/`` folder, is one out that DVC versions as a folder). Evaluation JSON files become
 DVC metrics, the figures directory DVC plots, and every stage depends on exactly the params keys its
 command reads (``Pipeline.reads``), so DVC, like Snakemake, reruns only what a changed setting touches.
+A job without a shell command has no stage: ``all`` (a list of targets) and ``provenance``, the script that
+records the code version for Snakemake's report (``snakemake --report``, which DVC has no counterpart of).
+Local rules (the Snakefile's ``localrules``, printed ``localrule <name>:``) are stages like any other.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def parse_dry_run(text: str) -> list[Job]:
                 setattr(job, {"input": "inputs", "output": "outputs", "log": "log"}[key], _split(value))
         elif line.startswith("Shell command: "):
             job.command = line[len("Shell command: "):]
-    return [j for j in jobs if j.command not in ("", "None")]  # 'all' is a target list, not a job
+    return [j for j in jobs if j.command not in ("", "None")]  # 'all' and script jobs (provenance): no command
 
 
 def snakemake_jobs(params: str, cwd: str | Path = ".") -> list[Job]:
