@@ -19,12 +19,13 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from dblocks.config import resolve
-from dblocks.data.images import ImageDataset
+from dblocks.data.dataset import ImageDataset
 from dblocks.experiment import DATASET_SHAPES, Experiment
 from dblocks.io import write_json_atomic
 from dblocks.models import ARCHITECTURES, get_arch
 from dblocks.optim import adamw
-from dblocks.train import clip_and_step, sample_batch, training_job
+from dblocks.train import clip_and_step, sample_batch
+from dblocks.jobs import training_job
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "bench"

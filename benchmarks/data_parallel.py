@@ -42,7 +42,8 @@ import torch  # noqa: E402
 import _common as C  # noqa: E402
 from dblocks import distributed  # noqa: E402
 from dblocks.data import load_prepared, save_prepared  # noqa: E402
-from dblocks.train import sample_batch, train, training_job  # noqa: E402
+from dblocks.train import sample_batch, train  # noqa: E402
+from dblocks.jobs import training_job  # noqa: E402
 
 
 def worker(args) -> None:

@@ -65,7 +65,8 @@ from dblocks.data.text import VOCAB_SIZE, TextDataset  # noqa: E402
 from dblocks.experiment import Experiment  # noqa: E402
 from dblocks.paper import PAPER_TABLES  # noqa: E402
 from dblocks.pipeline import BLOCKWISE, E2E, LOCAL_METHODS, PAPER, Pipeline  # noqa: E402
-from dblocks.train import sample_batch, training_job  # noqa: E402
+from dblocks.train import sample_batch  # noqa: E402
+from dblocks.jobs import training_job  # noqa: E402
 
 META = torch.device("meta")
 

@@ -41,7 +41,8 @@ def one_run(params: str, experiment: str, method: str, steps: int, seed: int, da
     from dblocks.evaluate import evaluate_classifier
     from dblocks.experiment import Experiment, derive_seed
     from dblocks.params import Params
-    from dblocks.train import train, training_job
+    from dblocks.train import train
+    from dblocks.jobs import training_job
 
     torch.set_num_threads(1)
     config = copy.deepcopy(Params.load(params).experiments[experiment])

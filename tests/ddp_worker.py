@@ -21,7 +21,8 @@ from dblocks.config import resolve
 from dblocks.evaluate import evaluate_generator, in_chunks
 from dblocks.sample import generate
 from dblocks.text_generation import generate_baseline, generate_blockwise
-from dblocks.train import train, training_job
+from dblocks.train import train
+from dblocks.jobs import training_job
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.conftest import micro_config  # noqa: E402

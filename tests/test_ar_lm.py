@@ -17,7 +17,8 @@ from dblocks.layers import clean_noisy_mask
 from dblocks.metrics.mauve import mauve_from_features, minilm_features, reference_lm_features
 from dblocks.text_generation import (continuation_nll, generate_baseline, generate_blockwise, next_token_quality,
                                      top_p_filter)
-from dblocks.train import train, training_job
+from dblocks.train import train
+from dblocks.jobs import training_job
 
 MICRO = {"task": "ar_text", "arch": "AR-micro", "dataset": "shakespeare", "blocks": 4, "overlap": 0.1,
          "device": "cpu", "train": {"steps": 6, "batch_size": 8, "warmup": 2, "log_every": 3, "checkpoint_every": 3}}

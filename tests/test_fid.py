@@ -16,13 +16,13 @@ from dblocks.metrics.fid import (
     FEATURE_LAYER,
     DigitsFeatureExtractor,
     ImageTensorDataset,
-    domain_fid,
     feature_net_accuracy,
     load_feature_net,
     register_digits_feature_extractor,
     save_feature_net,
     train_feature_net,
 )
+from dblocks.metrics.reference import domain_fid
 
 TEST_STEPS = 150  # ~97% test accuracy in 1-2 s on an idle CPU; the default is 600
 

@@ -17,9 +17,9 @@ from dblocks.data import load_image_dataset, save_prepared
 from dblocks.evaluate import evaluate_generator
 from dblocks.experiment import Experiment
 from dblocks.metrics import inception
-from dblocks.metrics.fid import FID_LABEL, domain_fid, save_feature_net, train_feature_net
-from dblocks.metrics.reference import (FeatureSpace, extract_features, fid_from_statistics, image_statistics,
-                                       load_reference_statistics, reference_statistics, statistics)
+from dblocks.metrics.fid import FID_LABEL, save_feature_net, train_feature_net
+from dblocks.metrics.reference import (FeatureSpace, domain_fid, extract_features, fid_from_statistics,
+                                       image_statistics, load_reference_statistics, reference_statistics, statistics)
 from tests.conftest import micro_config
 
 

@@ -15,7 +15,8 @@ from dblocks.experiment import Experiment
 from dblocks.layers import counting_layer_calls
 from dblocks.models.huginn import sample_recurrence
 from dblocks.text_generation import recurrent_depth_logits, recurrent_next_token_quality
-from dblocks.train import sample_batch, train, training_job
+from dblocks.train import sample_batch, train
+from dblocks.jobs import training_job
 
 MICRO = {"task": "recurrent_text", "arch": "Huginn-micro", "dataset": "shakespeare", "blocks": 1, "device": "cpu",
          "train": {"steps": 6, "batch_size": 8, "warmup": 2, "log_every": 3, "checkpoint_every": 3}}

@@ -22,8 +22,9 @@ from dblocks.cli import main
 from dblocks.config import AUTOENCODER_FILE
 from dblocks.data import load_image_dataset, load_prepared, save_prepared
 from dblocks.errors import DataError
-from dblocks.data.autoencoder import ConvAutoencoder, Geometry, load_autoencoder, reconstruction_mse
+from dblocks.data.autoencoder import ConvAutoencoder, Geometry, reconstruction_mse
 from dblocks.data.latents import (LATENT_SCALE, LatentCodec, center_crop_arr, decoder_for, encode_folder,
+                                  load_autoencoder,
                                   geometry_of, load_imagenet_latents)
 from dblocks.evaluate import evaluate_generator
 from dblocks.experiment import Experiment

@@ -15,7 +15,8 @@ from dblocks.errors import ConfigError
 from dblocks.evaluate import as_assembled
 from dblocks.experiment import Experiment
 from dblocks.masked_diffusion import MaskingPartition, bits_per_token, mask_tokens, sample_text
-from dblocks.train import train, training_job
+from dblocks.train import train
+from dblocks.jobs import training_job
 
 MICRO = {"task": "masked_text", "arch": "MDM-micro", "dataset": "shakespeare", "blocks": 3, "overlap": 0.1,
          "device": "cpu", "train": {"steps": 8, "batch_size": 16, "warmup": 2, "log_every": 4, "checkpoint_every": 4}}

@@ -63,7 +63,8 @@ SCRIPT = textwrap.dedent("""
     # the training loop itself, with a resume state saved at step 2 and resumed from
     from dblocks.config import resolve
     from dblocks.experiment import Experiment
-    from dblocks.train import train, training_job
+    from dblocks.train import train
+    from dblocks.jobs import training_job
     exp = Experiment(resolve({"task": "generation", "arch": "DiT-micro", "blocks": 3, "device": "cpu",
                               "train": {"steps": 4, "batch_size": 8, "warmup": 1, "log_every": 2,
                                         "checkpoint_every": 2}}))

@@ -12,7 +12,8 @@ from dblocks.blocks import AssembledModel
 from dblocks.config import resolve
 from dblocks.experiment import Experiment
 from dblocks.text_generation import recurrent_next_token_quality
-from dblocks.train import train, training_job
+from dblocks.train import train
+from dblocks.jobs import training_job
 
 MICRO = {"task": "recurrent_text", "arch": "Huginn-micro", "dataset": "shakespeare", "blocks": 1, "device": "cpu",
          "train": {"steps": 30, "batch_size": 8, "lr": 5e-3, "warmup": 3, "log_every": 10, "checkpoint_every": 30}}

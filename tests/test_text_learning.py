@@ -58,7 +58,8 @@ def test_a_short_training_run_gets_below_the_splits_unigram_entropy(task):
     character; next-token bits per byte) are clearly below what the best context-free model reaches."""
     from dblocks.evaluate import as_assembled
     from dblocks.text_generation import next_token_quality, recurrent_next_token_quality
-    from dblocks.train import train, training_job
+    from dblocks.train import train
+    from dblocks.jobs import training_job
 
     torch.manual_seed(0)
     arch, steps, lr = SHORT_RUNS[task]

@@ -80,7 +80,8 @@ def _run_training(args, exp, method: str, block: int | None, seed: int, state_pa
     only rank 0 tracks, writes and prints; the others never write a file."""
     from dblocks import distributed
     from dblocks.checkpoint import remove_checkpoint
-    from dblocks.train import train, training_job
+    from dblocks.jobs import training_job
+    from dblocks.train import train
 
     world, device = distributed.setup(device_for(exp))
     if world.size > 1 and world.main:
@@ -273,7 +274,8 @@ def cmd_training_compute(args) -> None:
     import torch
 
     from dblocks.layers import counting_layer_calls
-    from dblocks.train import sample_batch, training_job
+    from dblocks.jobs import training_job
+    from dblocks.train import sample_batch
 
     exp = experiment_from_args(args)
     if args.repeats < 1:

@@ -1,8 +1,8 @@
 """Datasets for the DiffusionBlocks pipeline."""
 
+from dblocks.data.dataset import ImageDataset
 from dblocks.data.images import (
     IMAGE_DATASETS,
-    ImageDataset,
     load_image_dataset,
     write_cifar_parquet,
 )

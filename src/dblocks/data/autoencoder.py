@@ -22,8 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from dblocks.checkpoint import load_checkpoint, save_checkpoint
-from dblocks.errors import CheckpointError
+from dblocks.checkpoint import save_checkpoint
 
 KIND = "autoencoder"
 
@@ -163,20 +162,3 @@ def save_autoencoder(path: str | os.PathLike, model: ConvAutoencoder, scale: flo
     safetensors checkpoint; returns the metadata as written (with its sha256)."""
     meta = {**record, "kind": KIND, "geometry": asdict(model.geometry), "width": model.width, "latent_scale": scale}
     return save_checkpoint(path, {k: v.contiguous() for k, v in model.state_dict().items()}, meta)
-
-
-def load_autoencoder(path: str | os.PathLike):
-    """(:class:`dblocks.data.latents.LatentCodec`, metadata) of an autoencoder checkpoint: the hash is
-    verified, the weights must fit the recorded geometry exactly, and nothing is unpickled."""
-    from dblocks.data.latents import LatentCodec
-
-    tensors, meta = load_checkpoint(path)
-    if meta.get("kind") != KIND:
-        raise CheckpointError(path, f"is a {meta.get('kind')!r} file, not an autoencoder", field="kind")
-    geometry = Geometry(**meta["geometry"])
-    model = ConvAutoencoder(geometry.image_channels, geometry.latent_channels, geometry.downsample, meta["width"])
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as exc:
-        raise CheckpointError(path, f"weights do not fit the recorded geometry: {exc}", field="tensors") from None
-    return LatentCodec(model.eval(), scale=float(meta["latent_scale"])), meta

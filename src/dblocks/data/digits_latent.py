@@ -35,7 +35,8 @@ from pathlib import Path
 from dblocks.config import AUTOENCODER_FILE
 from dblocks.data.autoencoder import (Geometry, latent_scale, one_thread, reconstruction_mse, save_autoencoder,
                                       train_autoencoder)
-from dblocks.data.images import ImageDataset, load_image_dataset
+from dblocks.data.dataset import ImageDataset
+from dblocks.data.images import load_image_dataset
 from dblocks.data.latents import LatentCodec
 from dblocks.data.prepared import save_prepared
 

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from dblocks.data.dataset import ImageDataset
+from dblocks.data.latents import load_imagenet_latents
 from dblocks.errors import DataError
-
-if TYPE_CHECKING:
-    from dblocks.data.prepared import StoredRows
 
 IMAGE_DATASETS = ("digits", "digits-latent", "cifar10", "cifar100", "imagenet256")
 SPLITS = ("train", "test")
@@ -36,42 +34,6 @@ _CIFAR = {
     "cifar100": ("uoft-cs/cifar100", "fine_label", 100),
 }
 _CIFAR100_COARSE_CLASSES = 20
-
-
-@dataclass
-class ImageDataset:
-    """One split; ``images`` are in [-1, 1], ``labels`` in [0, num_classes). For a latent dataset ``images`` are
-    autoencoder latents multiplied by ``latent_scale`` (None for pixels).
-
-    A split loaded from its source holds ``images`` (and ``flipped``) as tensors; a prepared split
-    (:func:`dblocks.data.prepared.load_prepared`) as :class:`dblocks.data.prepared.StoredRows`, read from its
-    files when indexed. Both give float32 rows for ``images[index]`` and batches for ``images.split(n)``, so
-    code that works a batch at a time takes either; ``images[:]`` is the whole split in memory (small data)."""
-
-    name: str
-    split: str
-    images: torch.Tensor | StoredRows
-    labels: torch.Tensor
-    num_classes: int
-    latent_scale: float | None = None
-    #: a latent dataset's encodings of the mirrored images (train.augment=flip picks them), else None
-    flipped: torch.Tensor | StoredRows | None = None
-
-    def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.labels.shape != (self.images.shape[0],):
-            raise ValueError(
-                f"expected images (N, C, H, W) and labels (N,), got {tuple(self.images.shape)} "
-                f"and {tuple(self.labels.shape)}"
-            )
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """Shape of one image, (C, H, W)."""
-        c, h, w = self.images.shape[1:]
-        return c, h, w
 
 
 def load_image_dataset(name: str, split: str, root: str | os.PathLike | None = None) -> ImageDataset:
@@ -87,8 +49,6 @@ def load_image_dataset(name: str, split: str, root: str | os.PathLike | None = N
     if name == "digits":
         return _load_digits(split)
     if name == "imagenet256":
-        from dblocks.data.latents import load_imagenet_latents
-
         return load_imagenet_latents(split, root)
     if name == "digits-latent":  # its autoencoder is trained once, by prepare; never silently again here
         raise DataError("digits-latent exists only as prepared data: 'dblocks prepare --dataset digits-latent "

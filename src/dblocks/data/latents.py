@@ -32,7 +32,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dblocks.data.autoencoder import Geometry
+from dblocks.checkpoint import load_checkpoint, load_metadata
+from dblocks.config import AUTOENCODER_FILE, LATENT_DATASETS, TRAINED_AUTOENCODER_DATASETS
+from dblocks.data.autoencoder import KIND, ConvAutoencoder, Geometry, save_autoencoder
+from dblocks.data.dataset import ImageDataset
+from dblocks.data.prepared import ShardWriter, dataset_record, prepared_path
+from dblocks.errors import CheckpointError, DataError
 
 LATENT_SCALE = 0.18215
 SD_VAE = "stabilityai/sd-vae-ft-ema"
@@ -185,8 +190,6 @@ def load_imagenet_latents(split: str, root: str | os.PathLike | None, codec: Lat
     """ImageNet 256 as VAE latents, in memory: ``root/train`` and ``root/val`` in ImageFolder layout, encoded by
     ``codec`` (default: sd-vae-ft-ema through diffusers). Returns an ImageDataset of (4, 32, 32) latents; the
     train split also carries the latents of the mirrored images (``flipped``, for ``train.augment: flip``)."""
-    from dblocks.data.images import ImageDataset
-
     root = _imagenet_root(root)
     codec = codec or load_sd_vae()
     latents, labels, classes, flipped = encode_folder(codec, root / IMAGENET_FOLDERS[split],
@@ -204,8 +207,6 @@ def write_imagenet_split(codec: LatentCodec, root: str | os.PathLike | None, spl
     latents is in memory, whatever the split's size. The latents' scale is the codec's own (sd-vae-ft-ema's
     0.18215, which its untrained stand-in shares), so nothing is computed over the whole split first. Returns
     the split file; the train split carries the mirrored images' latents (``flipped``)."""
-    from dblocks.data.prepared import ShardWriter, dataset_record
-
     folder = image_folder(_imagenet_root(root) / IMAGENET_FOLDERS[split])
     meta = dataset_record("imagenet256", split, max(len(folder.classes), 1000), len(folder), codec.scale, provenance)
     writer = ShardWriter(out, meta, shard_size)
@@ -222,9 +223,6 @@ def prepare_imagenet_latents(root: str | os.PathLike | None, out: str | os.PathL
     ``autoencoder`` and write both splits to ``out`` as shards (:func:`write_imagenet_split`; with
     ``untrained-conv``, the autoencoder first, beside them); every split records the autoencoder that encoded
     it. Returns the written autoencoder and split files (the shards are listed in the splits' records)."""
-    from dblocks.config import AUTOENCODER_FILE
-    from dblocks.data.autoencoder import ConvAutoencoder, save_autoencoder
-
     if autoencoder not in IMAGENET_AUTOENCODERS:
         raise ValueError(f"autoencoder {autoencoder!r}: allowed: {', '.join(IMAGENET_AUTOENCODERS)}")
     _imagenet_root(root)  # before an autoencoder is built or downloaded
@@ -243,16 +241,26 @@ def prepare_imagenet_latents(root: str | os.PathLike | None, out: str | os.PathL
     return written
 
 
+def load_autoencoder(path: str | os.PathLike):
+    """(:class:`LatentCodec`, metadata) of an autoencoder checkpoint: the hash is
+    verified, the weights must fit the recorded geometry exactly, and nothing is unpickled."""
+    tensors, meta = load_checkpoint(path)
+    if meta.get("kind") != KIND:
+        raise CheckpointError(path, f"is a {meta.get('kind')!r} file, not an autoencoder", field="kind")
+    geometry = Geometry(**meta["geometry"])
+    model = ConvAutoencoder(geometry.image_channels, geometry.latent_channels, geometry.downsample, meta["width"])
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise CheckpointError(path, f"weights do not fit the recorded geometry: {exc}", field="tensors") from None
+    return LatentCodec(model.eval(), scale=float(meta["latent_scale"])), meta
+
+
 def decoder_for(dataset: str, data_dir: str | os.PathLike | None = None):
     """How to turn a dataset's samples into images for FID: None for pixel datasets; for latent ones the
     decoder of the autoencoder that encoded them. Where the prepared split in ``data_dir`` records an
     autoencoder file (digits-latent's trained one, imagenet256's untrained stand-in) that file, read from
     ``data_dir`` and checked to be the one that encoded the split; otherwise (imagenet256) sd-vae-ft-ema."""
-    from dblocks.checkpoint import load_metadata
-    from dblocks.config import AUTOENCODER_FILE, LATENT_DATASETS, TRAINED_AUTOENCODER_DATASETS
-    from dblocks.data.autoencoder import load_autoencoder
-    from dblocks.errors import CheckpointError, DataError
-    from dblocks.data.prepared import prepared_path
 
     if dataset not in LATENT_DATASETS:
         return None

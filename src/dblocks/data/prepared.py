@@ -42,7 +42,7 @@ from dblocks.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoi
 from dblocks.errors import CheckpointError
 # LATENT_DATASETS: autoencoder latents, stored as float32 with their scale
 from dblocks.config import LATENT_DATASETS, SHARD_DIR
-from dblocks.data.images import ImageDataset
+from dblocks.data.dataset import ImageDataset
 from dblocks.data.text import TextDataset, token_streams
 
 #: largest raw pixel value per dataset: digits count ink in 0..16, CIFAR is 8-bit

@@ -19,8 +19,8 @@ Pieces:
   ("digits64"); torch-fidelity hands it ``feature_extractor_weights_path``, the feature-net checkpoint.
 - :class:`ImageTensorDataset`, float images in [-1, 1] -> the uint8 CHW tensors torch-fidelity reads;
   :class:`RowImageDataset` the same a batch at a time, for splits that are not held in memory.
-- :func:`domain_fid`, FID between two image sets in these features. Cached reference statistics
-  (train and test, reused across evaluations) live in :mod:`dblocks.metrics.reference`, in safetensors:
+- FID between two image sets in these features (:func:`dblocks.metrics.reference.domain_fid`) and cached
+  reference statistics (train and test, reused across evaluations) live in :mod:`dblocks.metrics.reference`, in safetensors:
   torch-fidelity's own statistics cache is not used, because it reads its files back with
   ``torch.load(weights_only=False)``, i.e. pickle.
 """
@@ -28,7 +28,6 @@ Pieces:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -238,21 +237,6 @@ def build_digits_feature_net(
 # ------------------------------------------------------------------------------ torch-fidelity side
 
 
-def inception_fid(generated: torch.Tensor, reference: torch.Tensor, weights_path: str | os.PathLike,
-                  batch_size: int = 64, progress: bool = False) -> float:
-    """The standard FID (paper scale): torch-fidelity's ``inception-v3-compat`` features with the offline
-    weights written by ``dblocks inception-weights`` (``weights_path``, safetensors, checksum verified). For the
-    full protocol (cached reference statistics, train and test FID, best of k) see
-    :mod:`dblocks.metrics.reference` and :func:`dblocks.evaluate.evaluate_generator`."""
-    from dblocks.metrics.reference import FeatureSpace, fid_from_statistics, image_statistics
-
-    space = FeatureSpace.from_weights(weights_path)
-    if space.kind != "inception":
-        raise ValueError(f"{weights_path}: not Inception weights (from 'dblocks inception-weights')")
-    return fid_from_statistics(image_statistics(generated, space, batch_size, progress),
-                               image_statistics(reference, space, batch_size, progress))
-
-
 class DigitsFeatureExtractor(FeatureExtractorBase):
     """torch-fidelity feature extractor wrapping a saved :class:`DigitsFeatureNet`.
 
@@ -378,28 +362,3 @@ class RowImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.__getitems__([index])[0]
-
-
-def domain_fid(
-    generated: torch.Tensor,
-    reference: torch.Tensor,
-    feature_net_path: str | os.PathLike,
-    batch_size: int = 256,
-) -> float:
-    """Domain FID (:data:`FID_LABEL`) between ``generated`` and ``reference`` (float images
-    (N, C, H, W) in [-1, 1], N >= 2 each): torch-fidelity's features, statistics and distance in the
-    features of the digits net saved at ``feature_net_path``."""
-    from dblocks.metrics.reference import FeatureSpace, fid_from_statistics, image_statistics
-
-    feature_net_path = Path(feature_net_path)
-    if not feature_net_path.is_file():
-        raise FileNotFoundError(f"no digits feature net at {feature_net_path}")
-    space = FeatureSpace.from_weights(feature_net_path)
-    if space.kind != "digits":
-        raise ValueError(f"{feature_net_path}: not a digits feature net (.safetensors)")
-    for name, images in (("generated", generated), ("reference", reference)):
-        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 2:
-            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-            raise ValueError(f"{name} must be images (N, C, H, W) with N >= 2, got {shape}")
-    return fid_from_statistics(image_statistics(generated, space, batch_size),
-                               image_statistics(reference, space, batch_size))

@@ -34,6 +34,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExt
 
 from dblocks.checkpoint import load_checkpoint, load_metadata, save_checkpoint, sha256_file
 from dblocks.errors import CheckpointError, InceptionWeightsError
+from dblocks.metrics.fid import register_feature_extractor
 
 #: the torch-fidelity network whose weights are rebuilt, the name this project registers it under (same
 #: network, weights from safetensors) and the FID feature layer
@@ -152,8 +153,6 @@ class SafetensorsInceptionV3(FeatureExtractorInceptionV3):
 
 
 def register_inception_feature_extractor() -> None:
-    from dblocks.metrics.fid import register_feature_extractor
-
     register_feature_extractor(EXTRACTOR, SafetensorsInceptionV3)
 
 

@@ -27,6 +27,7 @@ import torch
 
 from dblocks.checkpoint import load_checkpoint, load_metadata, save_checkpoint, sha256_file
 from dblocks.errors import CheckpointError
+from dblocks.metrics import fid, inception
 
 KIND = "fid_reference_statistics"
 INCEPTION_LABEL = "FID (Inception-v3, torch-fidelity)"
@@ -45,9 +46,6 @@ class FeatureSpace:
     def from_weights(cls, path: str | os.PathLike) -> "FeatureSpace":
         """A digits feature net (domain FID) or converted Inception weights (``dblocks inception-weights``),
         told apart by the checkpoint's record; both are safetensors, loaded without pickle."""
-        from dblocks.checkpoint import load_metadata
-        from dblocks.metrics import fid, inception
-
         path = Path(path)
         kind = load_metadata(path).get("kind")
         if kind == inception.KIND:
@@ -59,9 +57,7 @@ class FeatureSpace:
 
     @property
     def kind(self) -> str:
-        from dblocks.metrics.fid import FEATURE_EXTRACTOR_NAME
-
-        return "digits" if self.extractor == FEATURE_EXTRACTOR_NAME else "inception"
+        return "digits" if self.extractor == fid.FEATURE_EXTRACTOR_NAME else "inception"
 
     @cached_property
     def weights_sha256(self) -> str:
@@ -80,19 +76,16 @@ def extract_features(images, space: FeatureSpace, batch_size: int = 256, progres
     time; ``rows`` picks which of them (default all). Gray images are repeated to RGB for Inception."""
     from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-    from dblocks.metrics.fid import RowImageDataset, register_digits_feature_extractor
-    from dblocks.metrics.inception import register_inception_feature_extractor
-
     if not hasattr(images, "ndim") or images.ndim != 4 or images.shape[0] < 2:
         shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
         raise ValueError(f"expected images (N, C, H, W) with N >= 2, got {shape}")
     if rows is not None and len(rows) < 2:
         raise ValueError(f"expected at least 2 images, got rows {rows.tolist()}")
-    register_digits_feature_extractor()
-    register_inception_feature_extractor()
+    fid.register_digits_feature_extractor()
+    inception.register_inception_feature_extractor()
     extractor = create_feature_extractor(space.extractor, [space.layer], cuda=_cuda(),
                                          feature_extractor_weights_path=str(space.weights), verbose=progress)
-    dataset = RowImageDataset(images, rows, decode, channels=3 if space.kind == "inception" else None)
+    dataset = fid.RowImageDataset(images, rows, decode, channels=3 if space.kind == "inception" else None)
     features = get_featuresdict_from_dataset(dataset, extractor, int(batch_size), _cuda(), save_cpu_ram=True,
                                              verbose=progress)
     return features[space.layer]
@@ -181,3 +174,39 @@ def reference_statistics(data_dir: str | os.PathLike, split: str, space: Feature
                                  "sigma": torch.from_numpy(np.ascontiguousarray(stats["sigma"]))},
                            {"kind": KIND, "key": key, "key_sha256": digest, "fid_label": space.label})
     return stats, meta, False
+
+
+def inception_fid(generated: torch.Tensor, reference: torch.Tensor, weights_path: str | os.PathLike,
+                  batch_size: int = 64, progress: bool = False) -> float:
+    """The standard FID (paper scale): torch-fidelity's ``inception-v3-compat`` features with the offline
+    weights written by ``dblocks inception-weights`` (``weights_path``, safetensors, checksum verified). For the
+    full protocol (cached reference statistics, train and test FID, best of k) see
+    :mod:`dblocks.metrics.reference` and :func:`dblocks.evaluate.evaluate_generator`."""
+    space = FeatureSpace.from_weights(weights_path)
+    if space.kind != "inception":
+        raise ValueError(f"{weights_path}: not Inception weights (from 'dblocks inception-weights')")
+    return fid_from_statistics(image_statistics(generated, space, batch_size, progress),
+                               image_statistics(reference, space, batch_size, progress))
+
+
+def domain_fid(
+    generated: torch.Tensor,
+    reference: torch.Tensor,
+    feature_net_path: str | os.PathLike,
+    batch_size: int = 256,
+) -> float:
+    """Domain FID (:data:`FID_LABEL`) between ``generated`` and ``reference`` (float images
+    (N, C, H, W) in [-1, 1], N >= 2 each): torch-fidelity's features, statistics and distance in the
+    features of the digits net saved at ``feature_net_path``."""
+    feature_net_path = Path(feature_net_path)
+    if not feature_net_path.is_file():
+        raise FileNotFoundError(f"no digits feature net at {feature_net_path}")
+    space = FeatureSpace.from_weights(feature_net_path)
+    if space.kind != "digits":
+        raise ValueError(f"{feature_net_path}: not a digits feature net (.safetensors)")
+    for name, images in (("generated", generated), ("reference", reference)):
+        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 2:
+            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"{name} must be images (N, C, H, W) with N >= 2, got {shape}")
+    return fid_from_statistics(image_statistics(generated, space, batch_size),
+                               image_statistics(reference, space, batch_size))
