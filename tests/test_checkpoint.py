@@ -18,13 +18,12 @@ from dblocks.checkpoint import (
     FORMAT_VERSION,
     load_checkpoint,
     load_metadata,
-    load_training_state,
     remove_checkpoint,
     save_checkpoint,
-    save_training_state,
     sha256_file,
 )
 from dblocks.errors import CheckpointError
+from dblocks.training_state import load_training_state, save_training_state
 
 # --------------------------------------------------------------------------------------- helpers
 
@@ -397,7 +396,7 @@ def test_a_state_save_cut_between_its_renames_resumes_from_the_previous_state(tm
     """A kill after the new tensor file is renamed into place but before its JSON is (a torn pair that fails
     its checksum) must not cost the job its resume state: the previous state is kept until the new one is
     committed, and resuming falls back to it; once resumed, the torn files are gone."""
-    from dblocks import checkpoint
+    from dblocks import checkpoint, training_state
 
     path = tmp_path / "state.safetensors"
     model, optimizer, scheduler = _build(seed=0)
@@ -405,7 +404,7 @@ def test_a_state_save_cut_between_its_renames_resumes_from_the_previous_state(tm
     _train(model, optimizer, scheduler, data_gen, 5)
     save_training_state(path, model, optimizer, scheduler, 5, {"data": data_gen})
     expected = _weights(model)
-    assert not checkpoint.previous_generation(path).exists()  # dropped once a save is committed
+    assert not training_state.previous_generation(path).exists()  # dropped once a save is committed
     _train(model, optimizer, scheduler, data_gen, 3)
 
     real_replace = os.replace
@@ -426,12 +425,12 @@ def test_a_state_save_cut_between_its_renames_resumes_from_the_previous_state(tm
     assert info == {"step": 5}
     _assert_bit_identical(_weights(model), expected)
     assert "resuming from the previous one, step 5" in capsys.readouterr().err
-    assert not path.exists() and checkpoint.previous_generation(path).exists()
+    assert not path.exists() and training_state.previous_generation(path).exists()
     # the next save commits a new state and drops the previous generation; a removal takes both
     save_training_state(path, model, optimizer, scheduler, 6, {"data": data_gen})
-    assert load_checkpoint(path)[1]["step"] == 6 and not checkpoint.previous_generation(path).exists()
+    assert load_checkpoint(path)[1]["step"] == 6 and not training_state.previous_generation(path).exists()
     _train(model, optimizer, scheduler, data_gen, 1)
-    checkpoint.remove_checkpoint(path)
+    training_state.remove_training_state(path)
     assert not list(tmp_path.iterdir())
 
 

@@ -15,11 +15,12 @@ from torch import nn
 
 import dblocks
 from dblocks.blocks import AssembledModel, BlockDenoiser
-from dblocks.checkpoint import AVERAGE_PREFIX, load_checkpoint, load_metadata, save_checkpoint
-from dblocks.errors import CheckpointError
+from dblocks.checkpoint import load_checkpoint, load_metadata, save_checkpoint
 from dblocks.config import UNKNOWN_SCALE, WEIGHTS, chosen_weights, config_hash
+from dblocks.errors import CheckpointError
 from dblocks.experiment import Experiment
 from dblocks.tracking import git_commit
+from dblocks.training_state import AVERAGE_PREFIX
 
 TASK_PREFIX = "task/"
 #: ``sample.weights``: which weights a trained model is used with

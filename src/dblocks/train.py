@@ -20,13 +20,13 @@ from tqdm.auto import tqdm
 from dblocks import distributed
 from dblocks.augment import augment
 from dblocks.blocks import AssembledModel, BlockDenoiser
-from dblocks.checkpoint import load_training_state, save_training_state
 from dblocks.data import ImageDataset
 from dblocks.data.text import TextDataset
 from dblocks.ema import EMA
 from dblocks.errors import TrainingError
 from dblocks.noise import Partition
 from dblocks.optim import adamw
+from dblocks.training_state import load_training_state, save_training_state
 
 Batch = dict[str, torch.Tensor]
 

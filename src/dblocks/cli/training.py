@@ -79,9 +79,9 @@ def _run_training(args, exp, method: str, block: int | None, seed: int, state_pa
     Started by torchrun with N processes, it trains data-parallel (dblocks.distributed): every rank trains,
     only rank 0 tracks, writes and prints; the others never write a file."""
     from dblocks import distributed
-    from dblocks.checkpoint import remove_checkpoint
     from dblocks.jobs import training_job
     from dblocks.train import train
+    from dblocks.training_state import remove_training_state
 
     world, device = distributed.setup(device_for(exp))
     if world.size > 1 and world.main:
@@ -99,7 +99,7 @@ def _run_training(args, exp, method: str, block: int | None, seed: int, state_pa
                            on_log=run.log_step if run is not None else None, progress=not args.no_progress)
             if world.main:
                 written = save(module, result)
-                remove_checkpoint(state_path)  # the resume state, and whatever a killed save of it left
+                remove_training_state(state_path)  # the resume state, and whatever a killed save of it left
                 _log_training(run, result, written, device, world.size)
     finally:
         distributed.teardown()
