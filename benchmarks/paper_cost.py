@@ -6,7 +6,7 @@ Nothing here runs on a GPU; the GPU-hours are arithmetic on counted FLOPs and an
    experiment, one end-to-end baseline, one job for the paper's shared-stem mode, and the block-local baselines'
    jobs (NoProp-DT's T blocks and its head, NoProp-CT, NoProp-FM, Forward-Forward).
 2. FLOPs per optimizer step: ``torch.utils.flop_counter.FlopCounterMode`` around the forward and backward
-   pass of the job's own objective (``dblocks.train.training_job``) at the experiment's real
+   pass of the job's own objective (``dblocks.jobs.training_job``) at the experiment's real
    ``train.batch_size``. Module and batch live on PyTorch's ``meta`` device (shapes only, no memory, no
    arithmetic), so DiT-L/2 or the 12 x 768 text models at batch 512 cost seconds and no batch-size
    extrapolation is needed. Data are random tensors of the dataset's shapes (only shapes matter).

@@ -110,7 +110,7 @@ class Pipeline(Params):
         """MB a training job asks for. ``mem_mb`` (the experiment's training resources,
         :meth:`~dblocks.params.Params.training_resources`) is what one process training the whole network
         needs; a block job holds only its block's share of the layers (states and activations alike: the
-        method's memory saving, SPEC section 7) and asks for that share, never less than :attr:`RUNTIME_MB`.
+        method's memory saving, docs/method.md §7) and asks for that share, never less than :attr:`RUNTIME_MB`.
         So a scheduler with a memory budget (Snakemake's --resources mem_mb, SLURM) runs small blocks beside a
         large job instead of two whole networks at once. A data-parallel job runs one process per GPU, each
         a whole replica of its block, and asks for that many times the share."""

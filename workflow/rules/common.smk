@@ -8,7 +8,8 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from dblocks.config import LOCAL_METHODS, SHARDED_DATASETS, SPLIT_METHODS, ConfigError
+from dblocks.config import LOCAL_METHODS, SHARDED_DATASETS, SPLIT_METHODS
+from dblocks.errors import ConfigError
 from dblocks.pipeline import HEAD, Pipeline
 
 # One params file is the single source of truth (DVC reads it too); choose it with

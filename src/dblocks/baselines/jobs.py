@@ -94,7 +94,7 @@ def _build(config: dict, method: str, part: int | str | None) -> nn.Module:
 
 
 def training_job(exp: Experiment, method: str, part: int | str | None) -> tuple[nn.Module, Objective, int]:
-    """(module, objective, optimizer steps) of one baseline job, as :func:`dblocks.train.training_job` gives
+    """(module, objective, optimizer steps) of one baseline job, as :func:`dblocks.jobs.training_job` gives
     them for DiffusionBlocks' jobs: NoProp-DT's block ``part`` alone (its term of the ELBO) or its head
     (cross-entropy on z_T, T x ``train.steps``), NoProp-CT / FM's whole objective, Forward-Forward's units."""
     config = exp.config
