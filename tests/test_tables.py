@@ -70,7 +70,7 @@ def _flat_params(name: str) -> dict[str, str]:
 
     config = deep_merge(deep_merge(DEFAULTS, PARAMS["defaults"]), PARAMS["experiments"][name])
     config["name"] = name
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in tables.flatten(config).items()}
+    return tables.flatten(config, as_strings=True)
 
 
 @functools.cache

@@ -48,7 +48,8 @@ from dblocks.tables.driver import generate
 from dblocks.tables.experiments import ExperimentSpec, ParamsInfo, read_params
 from dblocks.tables.ours import ONLINE_METRICS, metric_cell, train_cost_cell
 from dblocks.tables.render import render_csv, render_index, render_md, render_tex
-from dblocks.tables.runs import RunIndex, RunInfo, flatten, parse_param, tracking_uri_for
+from dblocks.io import flatten
+from dblocks.tables.runs import RunIndex, RunInfo, parse_param, tracking_uri_for
 from dblocks.tables.table import Column, Table
 
 __all__ = ["BUILDERS", "DASH", "NA", "ONLINE_METRICS", "Cell", "Column", "Context", "ExperimentSpec", "ParamsInfo",

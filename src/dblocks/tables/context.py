@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dblocks.tables.experiments import ExperimentSpec, ParamsInfo
-from dblocks.tables.runs import RunIndex, RunInfo, flatten, parse_param
+from dblocks.io import flatten
+from dblocks.tables.runs import RunIndex, RunInfo, parse_param
 
 
 @dataclass

@@ -11,7 +11,8 @@ from dblocks.tables.builders import build_table
 from dblocks.tables.context import Context
 from dblocks.tables.experiments import read_params
 from dblocks.tables.figures import figure_curves, figure_grid, figure_sweep
-from dblocks.tables.files import safe_name, write_text
+from dblocks.io import write_text_atomic
+from dblocks.tables.files import safe_name
 from dblocks.tables.render import render_csv, render_index, render_md, render_tex
 from dblocks.tables.runs import RunIndex, tracking_uri_for
 from dblocks.tables.samples import SAMPLES_ARTIFACT, fetch_samples, links_note, samples_file_name
@@ -66,10 +67,10 @@ def generate(params_path: str | Path, out_dir: str | Path, tracking_uri: str | N
             table.notes.append(note)
         tables.append(table)
         stem = tables_dir / f"table{safe_name(table_id)}"
-        out.written += [write_text(stem.with_suffix(suffix), render(table)) for suffix, render in RENDERERS.items()]
+        out.written += [_written(stem.with_suffix(suffix), render(table)) for suffix, render in RENDERERS.items()]
     _draw_figures(ctx, client, tables, figures_dir, out)
 
-    out.written.append(write_text(tables_dir / "index.md", render_index(
+    out.written.append(_written(tables_dir / "index.md", render_index(
         params, tables, out.figures, out.skipped, warnings, out_dir, stale,
         experiment.experiment_id if experiment else None)))
     return out.written
@@ -109,3 +110,9 @@ def _draw_figures(ctx: Context, client, tables: list[Table], figures_dir: Path, 
             name = f"table{safe_name(table.id)}-partition.png"
             out.figure(name, figure_grid(ctx, table, paper, figures_dir / name),
                        f"Table {table.id}: partition x layer split")
+
+
+def _written(path: Path, text: str) -> Path:
+    """``text`` written whole to ``path``, which is returned (the list of files a run of the tables wrote)."""
+    write_text_atomic(path, text)
+    return path

@@ -10,7 +10,7 @@ from dblocks.tables.cells import NA
 from dblocks.tables.columns import method_label
 from dblocks.tables.context import Context, unique
 from dblocks.tables.experiments import ExperimentSpec
-from dblocks.tables.files import write_atomically
+from dblocks.io import write_atomic
 from dblocks.tables.table import Table
 
 
@@ -29,7 +29,7 @@ def _save(fig, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    return write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def _save_table_figure(fig, table: Table, paper: dict, path: Path) -> Path:

@@ -25,17 +25,6 @@ def tracking_uri_for(params: ParamsInfo, tracking_uri: str | None = None) -> str
     return os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or params.tracking_uri
 
 
-def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"steps": 5}}`` -> ``{"train.steps": 5}`` (the keys the runs log their params under)."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def parse_param(text: Any) -> Any:
     """An MLflow param string back to a value: "[4, 4, 4]" -> [4, 4, 4], "None" -> None, "0.0" -> 0.0."""
     if not isinstance(text, str):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from dblocks.tables.context import Context
 from dblocks.tables.experiments import ExperimentSpec
-from dblocks.tables.files import safe_name, write_atomically
+from dblocks.io import one_line, write_atomic
+from dblocks.tables.files import safe_name
 
 #: the samples artifact an evaluate run logs, by task: a PNG grid of images, or Markdown text samples
 SAMPLES_ARTIFACT = {"generation": "samples.png", "masked_text": "samples.md", "ar_text": "samples.md",
@@ -31,12 +32,12 @@ def fetch_samples(ctx: Context, client, exp: ExperimentSpec, method: str, path: 
     try:
         artifact = find_artifact(client, run.run_id, name)
     except Exception as exc:  # noqa: BLE001 - an unreachable artifact store: not available
-        return None, f"run {run.short}: artifacts not readable ({exc.__class__.__name__}: {_one_line(exc)})"
+        return None, f"run {run.short}: artifacts not readable ({one_line(exc, 200)})"
     if artifact is None:
         return None, f"run {run.short} has no {name} artifact"
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(client.download_artifacts(run.run_id, artifact, tmp))
-        write_atomically(path, lambda target: shutil.copyfile(local, target))
+        write_atomic(path, lambda target: shutil.copyfile(local, target))
     return path, ""
 
 
@@ -64,9 +65,3 @@ def links_note(feeders: list[str], text_samples: dict[str, list[tuple[str, Path]
     if not links:
         return None
     return "Samples behind these numbers (prompt, generated and real continuation): " + ", ".join(links)
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    """An exception's message on one line, cut to ``limit`` characters (it goes into a list item)."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
