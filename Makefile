@@ -14,7 +14,7 @@ ENVLOCK := $(PYTHON) workflow/scripts/envlock.py
 # uv installs into ./.venv whatever the caller's environment says
 UVENV  := UV_PROJECT_ENVIRONMENT=$(VENV)
 
-.PHONY: setup lock conda-env run run-all report smoke test clean-venv
+.PHONY: setup lock conda-env run run-all report smoke test lint format clean-venv
 
 # Redone only when pyproject.toml or uv.lock changed since the last install. --compile-bytecode: uv does not
 # write .pyc files by default (pip does), and where PYTHONDONTWRITEBYTECODE is set (as on this project's
@@ -72,6 +72,19 @@ smoke: $(STAMP)
 
 # The SLURM tests need SLURM's Debian packages: installed here when this is root with apt-get (a no-op when
 # they are there). Elsewhere they are skipped with the reason, except under CI=true, where that fails.
+# The checks tests/test_lint.py runs in the suite (ruff: pyproject.toml's [tool.ruff]; snakefmt: [tool.snakefmt]),
+# and the formatters that make them pass
+PYCODE := src tests benchmarks workflow/scripts
+lint: $(STAMP)
+	$(BIN)/ruff check $(PYCODE)
+	$(BIN)/ruff format --check $(PYCODE)
+	$(BIN)/snakefmt --check Snakefile workflow
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix $(PYCODE)
+	$(BIN)/ruff format $(PYCODE)
+	$(BIN)/snakefmt Snakefile workflow
+
 test: $(STAMP)
 	tests/slurm/install.sh --if-possible
 	$(BIN)/python -m pytest -n auto --dist loadfile

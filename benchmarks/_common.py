@@ -13,8 +13,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -22,10 +22,10 @@ from dblocks.config import resolve
 from dblocks.data.dataset import ImageDataset
 from dblocks.experiment import DATASET_SHAPES, Experiment
 from dblocks.io import write_json_atomic
+from dblocks.jobs import training_job
 from dblocks.models import ARCHITECTURES, get_arch
 from dblocks.optim import adamw
 from dblocks.train import clip_and_step, sample_batch
-from dblocks.jobs import training_job
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "bench"
@@ -36,6 +36,7 @@ DIT = ("generation", "DiT-S/2", "cifar10")
 
 
 # ------------------------------------------------------------------------------------------ device
+
 
 def cpu_model() -> str:
     try:
@@ -78,6 +79,7 @@ def synchronize(device: torch.device) -> None:
 
 # ------------------------------------------------------------------------------------------ output
 
+
 def write_json(name: str, record: dict, path: Path | None = None) -> Path:
     """results/bench/<name>.json (or ``path``), written atomically."""
     path = Path(path) if path is not None else RESULTS / f"{name}.json"
@@ -88,12 +90,16 @@ def write_json(name: str, record: dict, path: Path | None = None) -> Path:
 def start_record(name: str, device: torch.device, argv: Sequence[str] | None) -> dict:
     """The head of every benchmark's record: its name, the machine, and the command that reproduces it."""
     args = list(argv) if argv is not None else sys.argv[1:]
-    return {"benchmark": name, "device": device_description(device),
-            "command": " ".join([".venv/bin/python", f"benchmarks/{name}.py", *args])}
+    return {
+        "benchmark": name,
+        "device": device_description(device),
+        "command": " ".join([".venv/bin/python", f"benchmarks/{name}.py", *args]),
+    }
 
 
-def finish(name: str, record: dict, started: float, print_tables: Callable[[dict], None],
-           plot: Callable[[dict], Path]) -> int:
+def finish(
+    name: str, record: dict, started: float, print_tables: Callable[[dict], None], plot: Callable[[dict], Path]
+) -> int:
     """The end of every benchmark: its total time, its tables on stdout, results/bench/<name>.json and
     its figure."""
     record["seconds"] = time.perf_counter() - started
@@ -113,6 +119,7 @@ def save_figure(fig, name: str) -> Path:
 
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     """A plain fixed-width table of the given columns (floats to 4 significant digits)."""
+
     def cell(v) -> str:
         if isinstance(v, float):
             return f"{v:.4g}"
@@ -130,6 +137,7 @@ def mib(n: float) -> float:
 
 
 # -------------------------------------------------------------------------------------- statistics
+
 
 def summarize(samples: Iterable[float]) -> dict:
     """Median and inter-quartile range of repeated timings (seconds)."""
@@ -149,8 +157,9 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(jobs: dict[str, Callable[[], object]], reps: int, warmup: int,
-                device: torch.device) -> dict[str, list[float]]:
+def interleaved(
+    jobs: dict[str, Callable[[], object]], reps: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
     """Time every job ``reps`` times, round-robin (job A, B, C, A, B, C, ...), after ``warmup`` untimed
     rounds, so slow drifts of the machine (other processes, frequency) hit all jobs alike."""
     for _ in range(warmup):
@@ -164,6 +173,7 @@ def interleaved(jobs: dict[str, Callable[[], object]], reps: int, warmup: int,
 
 
 # -------------------------------------------------------------------------------------- experiments
+
 
 def register_depth(arch: str, depth: int) -> str:
     """Name of ``arch`` with ``depth`` layers, added to the registry for this process if needed.
@@ -182,8 +192,7 @@ def experiment(setting: tuple[str, str, str], blocks: int, depth: int | None = N
     task, arch, dataset = setting
     if depth is not None:
         arch = register_depth(arch, depth)
-    return Experiment(resolve({"task": task, "arch": arch, "dataset": dataset, "blocks": blocks,
-                               "device": "cpu"}))
+    return Experiment(resolve({"task": task, "arch": arch, "dataset": dataset, "blocks": blocks, "device": "cpu"}))
 
 
 def random_data(exp: Experiment, n: int, seed: int = 0) -> ImageDataset:
@@ -214,8 +223,15 @@ class Trainer:
     ``clip_and_step`` at the default train.grad_clip, AdamW) but without its LR schedule, logging and
     checkpointing. ``step()`` runs one step and returns the loss."""
 
-    def __init__(self, module: torch.nn.Module, objective, data: ImageDataset, batch_size: int,
-                 device: torch.device, seed: int = 0) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        objective,
+        data: ImageDataset,
+        batch_size: int,
+        device: torch.device,
+        seed: int = 0,
+    ) -> None:
         cfg = resolve()["train"]
         self.module = module.to(device).train()
         self.objective, self.data, self.batch_size, self.device = objective, data, batch_size, device

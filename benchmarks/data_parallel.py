@@ -37,13 +37,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common as C  # noqa: E402
 import torch  # noqa: E402
 
-import _common as C  # noqa: E402
 from dblocks import distributed  # noqa: E402
 from dblocks.data import load_prepared, save_prepared  # noqa: E402
-from dblocks.train import sample_batch, train  # noqa: E402
 from dblocks.jobs import training_job  # noqa: E402
+from dblocks.train import sample_batch, train  # noqa: E402
 
 
 def worker(args) -> None:
@@ -53,8 +53,14 @@ def worker(args) -> None:
     try:
         exp = C.experiment(C.DIT, 3)
         # train's on_log marks the end of warm-up and every warm-up-length stretch after it, the last at the end
-        cfg = {**exp.config["train"], "batch_size": args.global_batch, "steps": args.warmup + args.steps,
-               "log_every": args.warmup, "checkpoint_every": 10**9, "augment": "flip"}
+        cfg = {
+            **exp.config["train"],
+            "batch_size": args.global_batch,
+            "steps": args.warmup + args.steps,
+            "log_every": args.warmup,
+            "checkpoint_every": 10**9,
+            "augment": "flip",
+        }
         data = load_prepared(args.data, "train")
         module, objective, _ = training_job(exp, "blockwise", 2)
         marks: list[float] = []
@@ -74,13 +80,25 @@ def worker(args) -> None:
             sample_batch(data, args.global_batch, gen, device, "flip")
             C.synchronize(device)
             draws.append(time.perf_counter() - t0)
-        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        peak = (
+            torch.cuda.max_memory_allocated(device)
+            if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
         if world.main:
-            Path(args.worker).write_text(json.dumps({
-                "ranks": world.size, "threads_per_rank": args.threads, "seconds_per_step": seconds,
-                "steps_per_second": 1 / seconds, "draw_seconds": C.summarize(draws)["median"],
-                "peak_bytes_rank0": peak, "peak_kind": "cuda allocated" if device.type == "cuda" else "max RSS"}))
+            Path(args.worker).write_text(
+                json.dumps(
+                    {
+                        "ranks": world.size,
+                        "threads_per_rank": args.threads,
+                        "seconds_per_step": seconds,
+                        "steps_per_second": 1 / seconds,
+                        "draw_seconds": C.summarize(draws)["median"],
+                        "peak_bytes_rank0": peak,
+                        "peak_kind": "cuda allocated" if device.type == "cuda" else "max RSS",
+                    }
+                )
+            )
     finally:
         distributed.teardown()
 
@@ -88,19 +106,40 @@ def worker(args) -> None:
 def measure(args, ranks: int, threads: int, data: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rank0.json"
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={ranks}",
-               __file__, "--worker", str(out), "--data", str(data), "--device", args.device,
-               "--threads", str(threads), "--global-batch", str(args.global_batch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
+        cmd = [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--standalone",
+            f"--nproc_per_node={ranks}",
+            __file__,
+            "--worker",
+            str(out),
+            "--data",
+            str(data),
+            "--device",
+            args.device,
+            "--threads",
+            str(threads),
+            "--global-batch",
+            str(args.global_batch),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ]
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         return json.loads(out.read_text())
 
 
 def print_table(record: dict) -> None:
-    print(f"DiT-S/2 block 2 of 3, global batch {record['global_batch']}, {record['device']['device']} "
-          f"({record['device'].get('cuda_device') or record['device']['cpu_model']})")
-    print(C.format_table(record["rows"], ["setting", "steps_per_second", "speedup", "efficiency",
-                                          "peak_mib_rank0", "data_share"]))
+    print(
+        f"DiT-S/2 block 2 of 3, global batch {record['global_batch']}, {record['device']['device']} "
+        f"({record['device'].get('cuda_device') or record['device']['cpu_model']})"
+    )
+    print(
+        C.format_table(
+            record["rows"], ["setting", "steps_per_second", "speedup", "efficiency", "peak_mib_rank0", "data_share"]
+        )
+    )
 
 
 def plot(record: dict) -> Path:
@@ -139,8 +178,13 @@ def main() -> None:
         exp = C.experiment(C.DIT, 3)
         ds = C.random_data(exp, args.examples)
         save_prepared(type(ds)("cifar10", "train", ds.images, ds.labels, ds.num_classes), tmp)
-        runs = [(f"{n} rank{'s' if n > 1 else ''} x {args.threads} thread{'s' if args.threads > 1 else ''}",
-                 measure(args, n, args.threads, Path(tmp))) for n in args.ranks]
+        runs = [
+            (
+                f"{n} rank{'s' if n > 1 else ''} x {args.threads} thread{'s' if args.threads > 1 else ''}",
+                measure(args, n, args.threads, Path(tmp)),
+            )
+            for n in args.ranks
+        ]
         if args.device == "cpu" and max(args.ranks) > 1:
             n = max(args.ranks)
             runs.append((f"1 rank x {n * args.threads} threads", measure(args, 1, n * args.threads, Path(tmp))))
@@ -148,12 +192,25 @@ def main() -> None:
     rows = []
     for label, r in runs:
         speedup = r["steps_per_second"] / base
-        rows.append({"setting": label, "steps_per_second": round(r["steps_per_second"], 3),
-                     "speedup": round(speedup, 2), "efficiency": round(speedup / r["ranks"], 2),
-                     "peak_mib_rank0": round(C.mib(r["peak_bytes_rank0"]), 1),
-                     "data_share": round(r["draw_seconds"] / r["seconds_per_step"], 4), **r})
-    record = {"global_batch": args.global_batch, "steps": args.steps, "warmup": args.warmup,
-              "examples": args.examples, "device": C.device_description(C.pick_device(args.device)), "rows": rows}
+        rows.append(
+            {
+                "setting": label,
+                "steps_per_second": round(r["steps_per_second"], 3),
+                "speedup": round(speedup, 2),
+                "efficiency": round(speedup / r["ranks"], 2),
+                "peak_mib_rank0": round(C.mib(r["peak_bytes_rank0"]), 1),
+                "data_share": round(r["draw_seconds"] / r["seconds_per_step"], 4),
+                **r,
+            }
+        )
+    record = {
+        "global_batch": args.global_batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "examples": args.examples,
+        "device": C.device_description(C.pick_device(args.device)),
+        "rows": rows,
+    }
     C.finish("data_parallel", record, started, print_table, plot)
 
 

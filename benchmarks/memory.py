@@ -54,12 +54,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common as C  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
-
-import _common as C  # noqa: E402
 
 SETTINGS = {"vit": C.VIT, "dit": C.DIT}
 BLOCKS = (2, 3, 4, 6)
@@ -67,6 +66,7 @@ DEPTHS = (3, 6, 12, 24)
 
 
 # ------------------------------------------------------------------------------ in the worker process
+
 
 class CheckpointedLayer(nn.Module):
     """``layer(h, c)`` recomputed in backward instead of keeping its activations (non-reentrant)."""
@@ -113,12 +113,18 @@ class SavedTensorMeter:
         def measured(batch, gen):
             with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
                 return objective(batch, gen)
+
         return measured
 
     def summary(self) -> dict:
         layers = [v for k, v in sorted(self.bytes.items()) if k.startswith("layer")]
-        return {"stem": self.bytes["stem"], "layers": sum(layers), "head": self.bytes["head"],
-                "other": self.bytes["other"], "total": sum(self.bytes.values())}
+        return {
+            "stem": self.bytes["stem"],
+            "layers": sum(layers),
+            "head": self.bytes["head"],
+            "other": self.bytes["other"],
+            "total": sum(self.bytes.values()),
+        }
 
 
 def tensor_bytes(tensors) -> int:
@@ -157,8 +163,7 @@ def worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     trainer.step()  # step 1: activations measured, optimizer state allocated
     grads = tensor_bytes(p.grad for p in model.parameters())
-    optim = tensor_bytes(t for state in trainer.optimizer.state.values() for t in state.values()
-                         if torch.is_tensor(t))
+    optim = tensor_bytes(t for state in trainer.optimizer.state.values() for t in state.values() if torch.is_tensor(t))
     trainer.objective = objective
     trainer.step()  # step 2: the steady state (optimizer state already held)
     C.synchronize(device)
@@ -168,11 +173,14 @@ def worker(spec: dict) -> dict:
         **spec,
         "layers_in_job": len(model.layers),
         "param_count": sum(p.numel() for p in model.parameters()),
-        "params_bytes": sum(params.values()), "params_by_part": params,
+        "params_bytes": sum(params.values()),
+        "params_by_part": params,
         "buffers_bytes": tensor_bytes(model.buffers()),
-        "grads_bytes": grads, "optimizer_bytes": optim,
+        "grads_bytes": grads,
+        "optimizer_bytes": optim,
         "activations": meter.summary(),
-        "rss_baseline": baseline_rss, "rss_built": built_rss,
+        "rss_baseline": baseline_rss,
+        "rss_built": built_rss,
         "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # kB on Linux
         "two_steps_seconds": seconds,
     }
@@ -194,15 +202,19 @@ ALLOCATORS = {"glibc": {}, "mmap": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 
 def run_job(spec: dict, allocator: str) -> dict:
     env = {**os.environ, **ALLOCATORS[allocator]}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                          text=True, check=False, env=env)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False, env=env
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-3000:]}")
     result = {**json.loads(proc.stdout.strip().splitlines()[-1]), "allocator": allocator}
-    print(f"  {spec['setting']} L={result['layers_in_job']:>2} job={spec['job']!s:>3} B={spec['blocks']} "
-          f"ckpt={int(spec['checkpoint'])} {allocator:>5}: states {C.mib(result['states_bytes']):7.1f} MiB, "
-          f"activations {C.mib(result['activations']['total']):7.1f} MiB, peak-baseline "
-          f"{C.mib(result['rss_peak_delta']):7.1f} MiB ({result['two_steps_seconds']:.1f} s)", flush=True)
+    print(
+        f"  {spec['setting']} L={result['layers_in_job']:>2} job={spec['job']!s:>3} B={spec['blocks']} "
+        f"ckpt={int(spec['checkpoint'])} {allocator:>5}: states {C.mib(result['states_bytes']):7.1f} MiB, "
+        f"activations {C.mib(result['activations']['total']):7.1f} MiB, peak-baseline "
+        f"{C.mib(result['rss_peak_delta']):7.1f} MiB ({result['two_steps_seconds']:.1f} s)",
+        flush=True,
+    )
     return result
 
 
@@ -219,8 +231,9 @@ def per_layer_activations(result: dict) -> float:
     return result["activations"]["layers"] / result["layers_in_job"]
 
 
-def compare(e2e: dict[str, dict], block: dict[str, dict], blocks: int, extrapolate=(),
-            recompute: float | None = None) -> dict:
+def compare(
+    e2e: dict[str, dict], block: dict[str, dict], blocks: int, extrapolate=(), recompute: float | None = None
+) -> dict:
     """End-to-end / block ratios and the stem+head overhead of the block job. The byte counts do not
     depend on the allocator; the measured peaks get one ratio per allocator.
 
@@ -229,15 +242,20 @@ def compare(e2e: dict[str, dict], block: dict[str, dict], blocks: int, extrapola
     ``recompute``: for checkpointed jobs, the bytes of one layer's activations, held again during its
     recomputation in backward, added to both sides (the analytic 4PL + A of docs/method.md §7)."""
     e, k = next(iter(e2e.values())), next(iter(block.values()))
-    row = {"B": blocks, "block_layers": k["layers_in_job"], "e2e_layers": e["layers_in_job"],
-           "ratio_states": e["states_bytes"] / k["states_bytes"],
-           "ratio_activations": e["activations"]["total"] / k["activations"]["total"],
-           "ratio_total": e["total_bytes"] / k["total_bytes"]}
+    row = {
+        "B": blocks,
+        "block_layers": k["layers_in_job"],
+        "e2e_layers": e["layers_in_job"],
+        "ratio_states": e["states_bytes"] / k["states_bytes"],
+        "ratio_activations": e["activations"]["total"] / k["activations"]["total"],
+        "ratio_total": e["total_bytes"] / k["total_bytes"],
+    }
     held = recompute or 0.0
     for n in extrapolate:
         scale = n / e["batch"]
-        row[f"ratio_total_at_batch_{n}"] = ((e["states_bytes"] + scale * (e["activations"]["total"] + held))
-                                            / (k["states_bytes"] + scale * (k["activations"]["total"] + held)))
+        row[f"ratio_total_at_batch_{n}"] = (e["states_bytes"] + scale * (e["activations"]["total"] + held)) / (
+            k["states_bytes"] + scale * (k["activations"]["total"] + held)
+        )
     if recompute is not None:
         row["recompute_mib"] = C.mib(recompute)
         row["ratio_total_with_recompute"] = (e["total_bytes"] + recompute) / (k["total_bytes"] + recompute)
@@ -264,23 +282,37 @@ def compare(e2e: dict[str, dict], block: dict[str, dict], blocks: int, extrapola
     return row
 
 
-def sweep_blocks(setting: str, batch: int, blocks, ckpt: bool, allocators, common: dict, raw: list,
-                 extrapolate=(), recompute: float | None = None) -> list[dict]:
+def sweep_blocks(
+    setting: str,
+    batch: int,
+    blocks,
+    ckpt: bool,
+    allocators,
+    common: dict,
+    raw: list,
+    extrapolate=(),
+    recompute: float | None = None,
+) -> list[dict]:
     base = {"setting": setting, "batch": batch, "checkpoint": ckpt, **common}
     e2e = run_jobs({**base, "blocks": blocks[0], "job": "e2e"}, allocators, raw)  # the same for every B
     rows = []
     for b in blocks:
-        block = run_jobs({**base, "blocks": b, "job": C.largest_block(C.experiment(SETTINGS[setting], b))},
-                         allocators, raw)
-        rows.append({"setting": setting, "batch": batch, "checkpoint": ckpt,
-                     **compare(e2e, block, b, extrapolate, recompute)})
+        block = run_jobs(
+            {**base, "blocks": b, "job": C.largest_block(C.experiment(SETTINGS[setting], b))}, allocators, raw
+        )
+        rows.append(
+            {"setting": setting, "batch": batch, "checkpoint": ckpt, **compare(e2e, block, b, extrapolate, recompute)}
+        )
     return rows
 
 
 def plain_e2e(raw: list, setting: str) -> dict:
     """The end-to-end job of ``setting`` measured without checkpointing (at the registry depth)."""
-    return next(r for r in raw if r["setting"] == setting and r["job"] == "e2e" and not r["checkpoint"]
-                and r.get("depth") is None)
+    return next(
+        r
+        for r in raw
+        if r["setting"] == setting and r["job"] == "e2e" and not r["checkpoint"] and r.get("depth") is None
+    )
 
 
 def sweep_depth(batch: int, depths, blocks: int, allocators, common: dict, raw: list) -> list[dict]:
@@ -288,8 +320,10 @@ def sweep_depth(batch: int, depths, blocks: int, allocators, common: dict, raw: 
     for depth in depths:
         base = {"setting": "vit", "batch": batch, "checkpoint": False, "blocks": blocks, "depth": depth, **common}
         largest = C.largest_block(C.experiment(SETTINGS["vit"], blocks, depth))
-        e2e, block = run_jobs({**base, "job": "e2e"}, allocators, raw), run_jobs({**base, "job": largest},
-                                                                                  allocators, raw)
+        e2e, block = (
+            run_jobs({**base, "job": "e2e"}, allocators, raw),
+            run_jobs({**base, "job": largest}, allocators, raw),
+        )
         rows.append({"setting": "vit", "batch": batch, "depth": depth, **compare(e2e, block, blocks)})
     return rows
 
@@ -309,14 +343,19 @@ def plot(record: dict) -> Path:
         bs = [r["B"] for r in rows]
         width = 0.8 / len(keys)
         for i, key in enumerate(keys):
-            ax.bar([j + (i - len(keys) / 2 + 0.5) * width for j in range(len(bs))],
-                   [r.get(f"ratio_{key}", 0) for r in rows], width, label=key)
+            ax.bar(
+                [j + (i - len(keys) / 2 + 0.5) * width for j in range(len(bs))],
+                [r.get(f"ratio_{key}", 0) for r in rows],
+                width,
+                label=key,
+            )
         for j, b in enumerate(bs):
             ax.hlines([b, 0.95 * b], j - 0.45, j + 0.45, colors="k", linestyles=["-", ":"])
         ax.set_xticks(range(len(bs)), [f"B={b}" for b in bs])
         ax.set_ylabel("end-to-end / largest block")
-        ax.set_title(f"{C.setting_label(SETTINGS[setting])}, batch {rows[0]['batch']} (line: B, dotted: 0.95 B)",
-                     fontsize=10)
+        ax.set_title(
+            f"{C.setting_label(SETTINGS[setting])}, batch {rows[0]['batch']} (line: B, dotted: 0.95 B)", fontsize=10
+        )
         ax.legend(fontsize=7)
     ax = axes[1][0]
     alloc = record["allocators"][-1]
@@ -326,10 +365,23 @@ def plot(record: dict) -> Path:
             if rows:
                 tag = " + checkpointing" if ckpt else ""
                 key = "ratio_total_with_recompute" if ckpt else "ratio_total"
-                ax.plot([r["B"] for r in rows], [r[key] for r in rows], style, marker=marker, color=color,
-                        label=f"{setting} total{tag} (+ one layer recomputed)" if ckpt else f"{setting} total")
-                ax.plot([r["B"] for r in rows], [r[f"ratio_peak_delta_{alloc}"] for r in rows], style,
-                        marker=marker, color=color, alpha=0.35, label=f"{setting} peak delta ({alloc}){tag}")
+                ax.plot(
+                    [r["B"] for r in rows],
+                    [r[key] for r in rows],
+                    style,
+                    marker=marker,
+                    color=color,
+                    label=f"{setting} total{tag} (+ one layer recomputed)" if ckpt else f"{setting} total",
+                )
+                ax.plot(
+                    [r["B"] for r in rows],
+                    [r[f"ratio_peak_delta_{alloc}"] for r in rows],
+                    style,
+                    marker=marker,
+                    color=color,
+                    alpha=0.35,
+                    label=f"{setting} peak delta ({alloc}){tag}",
+                )
     ax.plot(BLOCKS, BLOCKS, "k-", lw=0.8, label="B")
     ax.plot(BLOCKS, [0.95 * b for b in BLOCKS], "k:", lw=0.8, label="0.95 B")
     ax.set_xlabel("B")
@@ -350,29 +402,74 @@ def plot(record: dict) -> Path:
         ax.set_title("memory ratio vs depth", fontsize=10)
         ax.legend(fontsize=7)
     dev = record["device"]
-    fig.suptitle(f"Training memory, end-to-end / block job: {dev['device']} ({dev['cpu_model']}, "
-                 f"{dev['logical_cpus']} cores, {record['threads']} torch thread(s))", fontsize=10)
+    fig.suptitle(
+        f"Training memory, end-to-end / block job: {dev['device']} ({dev['cpu_model']}, "
+        f"{dev['logical_cpus']} cores, {record['threads']} torch thread(s))",
+        fontsize=10,
+    )
     return C.save_figure(fig, "memory")
 
 
 def print_tables(record: dict) -> None:
     peaks = [f"ratio_peak_delta_{a}" for a in record["allocators"]]
-    cols = ["setting", "batch", "checkpoint", "B", "block_layers", "ratio_states", "ratio_activations",
-            "ratio_total", *peaks, "target", "block_stem_head_param_share", "block_stem_head_other_act_share"]
+    cols = [
+        "setting",
+        "batch",
+        "checkpoint",
+        "B",
+        "block_layers",
+        "ratio_states",
+        "ratio_activations",
+        "ratio_total",
+        *peaks,
+        "target",
+        "block_stem_head_param_share",
+        "block_stem_head_other_act_share",
+    ]
     if any("ratio_cuda_max_allocated" in r for r in record["blocks"]):
         cols.insert(-3, "ratio_cuda_max_allocated")
     print(C.format_table(record["blocks"], cols))
     print()
-    extra = sorted({k for r in record["blocks"] for k in r if k.startswith("ratio_total_at_batch_")},
-                   key=lambda k: int(k.rsplit("_", 1)[1]))
+    extra = sorted(
+        {k for r in record["blocks"] for k in r if k.startswith("ratio_total_at_batch_")},
+        key=lambda k: int(k.rsplit("_", 1)[1]),
+    )
     rows = [r for r in record["blocks"] if r["checkpoint"] or any(k in r for k in extra)]
-    print(C.format_table(rows, ["setting", "batch", "checkpoint", "B", "ratio_total", *extra,
-                                "recompute_mib", "ratio_total_with_recompute", *peaks]))
+    print(
+        C.format_table(
+            rows,
+            [
+                "setting",
+                "batch",
+                "checkpoint",
+                "B",
+                "ratio_total",
+                *extra,
+                "recompute_mib",
+                "ratio_total_with_recompute",
+                *peaks,
+            ],
+        )
+    )
     print()
     depth_peaks = [f"ratio_peak_delta_{a}" for a in record["depth_allocators"]]
-    print(C.format_table(record["depth"], ["depth", "B", "block_layers", "ratio_states", "ratio_activations",
-                                           "ratio_total", *depth_peaks, "e2e_total_mib", "block_total_mib",
-                                           "block_stem_head_param_share"]))
+    print(
+        C.format_table(
+            record["depth"],
+            [
+                "depth",
+                "B",
+                "block_layers",
+                "ratio_states",
+                "ratio_activations",
+                "ratio_total",
+                *depth_peaks,
+                "e2e_total_mib",
+                "block_total_mib",
+                "block_stem_head_param_share",
+            ],
+        )
+    )
 
 
 def main(argv=None) -> int:
@@ -381,10 +478,20 @@ def main(argv=None) -> int:
     p.add_argument("--vit-batch", type=int, default=128)
     p.add_argument("--dit-batch", type=int, default=16, help="DiT-S/2 batch (paper: 512; 16 keeps CPU time short)")
     p.add_argument("--blocks", type=int, nargs="+", default=list(BLOCKS))
-    p.add_argument("--dit-checkpoint-blocks", type=int, nargs="*", default=[3],
-                   help="B values for the DiT run with activation checkpointing (each costs a DiT job)")
-    p.add_argument("--dit-extrapolate", type=int, nargs="*", default=[64, 512],
-                   help="DiT batch sizes at which to estimate the total ratio (activations scale linearly)")
+    p.add_argument(
+        "--dit-checkpoint-blocks",
+        type=int,
+        nargs="*",
+        default=[3],
+        help="B values for the DiT run with activation checkpointing (each costs a DiT job)",
+    )
+    p.add_argument(
+        "--dit-extrapolate",
+        type=int,
+        nargs="*",
+        default=[64, 512],
+        help="DiT batch sizes at which to estimate the total ratio (activations scale linearly)",
+    )
     p.add_argument("--depths", type=int, nargs="*", default=list(DEPTHS))
     p.add_argument("--depth-blocks", type=int, default=3)
     p.add_argument("--allocators", nargs="+", choices=list(ALLOCATORS), default=list(ALLOCATORS))
@@ -405,14 +512,20 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = C.pick_device(args.device)
     common = {"threads": args.threads, "device": str(device)}
-    record = {**C.start_record("memory", device, argv), "threads": args.threads,
-              "allocators": args.allocators, "depth_allocators": args.depth_allocators,
-              "notes": "ratios are end-to-end / largest block job; states = params + grads + AdamW state; "
-                       "activations = bytes saved for backward in one training forward (parameters excluded); "
-                       "peak_delta = ru_maxrss - RSS before the build (after imports and a micro-model warm-up "
-                       "step) of a fresh process that ran 2 training steps; glibc = default allocator, "
-                       "mmap = MALLOC_MMAP_THRESHOLD_=65536",
-              "blocks": [], "depth": [], "raw": []}
+    record = {
+        **C.start_record("memory", device, argv),
+        "threads": args.threads,
+        "allocators": args.allocators,
+        "depth_allocators": args.depth_allocators,
+        "notes": "ratios are end-to-end / largest block job; states = params + grads + AdamW state; "
+        "activations = bytes saved for backward in one training forward (parameters excluded); "
+        "peak_delta = ru_maxrss - RSS before the build (after imports and a micro-model warm-up "
+        "step) of a fresh process that ran 2 training steps; glibc = default allocator, "
+        "mmap = MALLOC_MMAP_THRESHOLD_=65536",
+        "blocks": [],
+        "depth": [],
+        "raw": [],
+    }
     t0 = time.perf_counter()
     raw = record["raw"]
     runs = [("vit", args.vit_batch, args.blocks, args.blocks, ())]
@@ -424,12 +537,14 @@ def main(argv=None) -> int:
         if ckpt_blocks:
             print(f"{SETTINGS[setting][1]}, batch {batch}, activation checkpointing", flush=True)
             recompute = per_layer_activations(plain_e2e(raw, setting))
-            record["blocks"] += sweep_blocks(setting, batch, ckpt_blocks, True, args.allocators, common, raw,
-                                             extrapolate, recompute)
+            record["blocks"] += sweep_blocks(
+                setting, batch, ckpt_blocks, True, args.allocators, common, raw, extrapolate, recompute
+            )
     if args.depths:
         print(f"ViT width 128, depth sweep, B={args.depth_blocks}", flush=True)
-        record["depth"] = sweep_depth(args.vit_batch, args.depths, args.depth_blocks, args.depth_allocators,
-                                      common, raw)
+        record["depth"] = sweep_depth(
+            args.vit_batch, args.depths, args.depth_blocks, args.depth_allocators, common, raw
+        )
     return C.finish("memory", record, t0, print_tables, plot)
 
 

@@ -56,28 +56,38 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common as C  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-import _common as C  # noqa: E402
 import dblocks.models.huginn as huginn  # noqa: E402
 from dblocks.data.text import VOCAB_SIZE, TextDataset  # noqa: E402
 from dblocks.experiment import Experiment  # noqa: E402
+from dblocks.jobs import training_job  # noqa: E402
 from dblocks.paper import PAPER_TABLES  # noqa: E402
 from dblocks.pipeline import BLOCKWISE, E2E, LOCAL_METHODS, PAPER, Pipeline  # noqa: E402
 from dblocks.train import sample_batch  # noqa: E402
-from dblocks.jobs import training_job  # noqa: E402
 
 META = torch.device("meta")
 
 #: dense peak throughput (FLOP/s) per math mode. NVIDIA's datasheets print tensor-core figures "with
 #: sparsity" (2:4 structured) as the headline; the dense figures are half of those.
 GPUS = {
-    "A100": {"name": "A100 SXM", "bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12,
-             "source": "NVIDIA A100 Tensor Core GPU datasheet, SXM: BF16 312, TF32 156 (dense), FP32 19.5 TFLOPS"},
-    "H100": {"name": "H100 SXM", "bf16": 989e12, "tf32": 494e12, "fp32": 67e12,
-             "source": "NVIDIA H100 Tensor Core GPU datasheet, SXM: BF16 989, TF32 494 (dense = half the "
-                       "with-sparsity figures), FP32 67 TFLOPS"},
+    "A100": {
+        "name": "A100 SXM",
+        "bf16": 312e12,
+        "tf32": 156e12,
+        "fp32": 19.5e12,
+        "source": "NVIDIA A100 Tensor Core GPU datasheet, SXM: BF16 312, TF32 156 (dense), FP32 19.5 TFLOPS",
+    },
+    "H100": {
+        "name": "H100 SXM",
+        "bf16": 989e12,
+        "tf32": 494e12,
+        "fp32": 67e12,
+        "source": "NVIDIA H100 Tensor Core GPU datasheet, SXM: BF16 989, TF32 494 (dense = half the "
+        "with-sparsity figures), FP32 67 TFLOPS",
+    },
 }
 DEFAULT_MFU = 0.35
 
@@ -105,6 +115,7 @@ def paper_seconds_per_step(exp: Experiment, method: str) -> float | None:
 
 # ------------------------------------------------------------------------------------------ counting
 
+
 def fake_data(exp: Experiment, n: int = 4):
     """n random examples of the experiment's dataset shapes; sample_batch draws the real batch size
     from them with replacement, so n only needs to be >= 1."""
@@ -119,6 +130,7 @@ def fake_data(exp: Experiment, n: int = 4):
 def fixed_recurrence(r: int | None = None):
     """Huginn's baseline at recurrence ``r`` on every step, None: its mean (see the module docstring). The
     objective imports ``sample_recurrence`` when ``training_job`` builds it, so patching the module covers it."""
+
     def draw(mean, generator, sigma=0.5):
         return max(1, mean) if r is None else r
 
@@ -154,8 +166,14 @@ def build_job(exp: Experiment, method: str, block: int | None, recurrence: int |
     return module.train(), objective, steps
 
 
-def job_cost(exp: Experiment, method: str, block: int | None, batch_size: int | None = None,
-             recurrence: int | None = None, max_draws: int = 200) -> dict:
+def job_cost(
+    exp: Experiment,
+    method: str,
+    block: int | None,
+    batch_size: int | None = None,
+    recurrence: int | None = None,
+    max_draws: int = 200,
+) -> dict:
     """Steps, parameters and FLOPs per optimizer step of one training job, counted on the meta device, at
     ``batch_size`` (None: ``train.batch_size``) and, for Huginn's baseline, ``recurrence`` (None: the mean)."""
     batch_size = batch_size or exp.config["train"]["batch_size"]
@@ -185,6 +203,7 @@ def job_cost(exp: Experiment, method: str, block: int | None, batch_size: int | 
 
 # ------------------------------------------------------------------------------------------ estimate
 
+
 def gpu_hours(flops: float, mode: str, mfu: float) -> dict[str, float]:
     return {gpu: flops / (spec[mode] * mfu) / 3600 for gpu, spec in GPUS.items()}
 
@@ -208,8 +227,9 @@ def progress(line: str) -> None:
 
 def estimate(params_path: str | Path, mfu: float = DEFAULT_MFU, log=progress) -> dict:
     pipeline = Pipeline.load(params_path)
-    experiments = {name: Experiment(cfg, scale=pipeline.raw.get("scale", "unknown"))
-                   for name, cfg in pipeline.experiments.items()}
+    experiments = {
+        name: Experiment(cfg, scale=pipeline.raw.get("scale", "unknown")) for name, cfg in pipeline.experiments.items()
+    }
     rows = []
     for name, method, block in pipeline.training_jobs():
         exp = experiments[name]
@@ -217,23 +237,42 @@ def estimate(params_path: str | Path, mfu: float = DEFAULT_MFU, log=progress) ->
         cost = job_cost(exp, method, block)
         mode = math_mode(exp.config["train"])
         total = cost["steps"] * cost["flops_per_step"]
-        row = {"experiment": name, "method": method, "block": block, "job": job_label(method, block),
-               "arch": exp.config["arch"], "dataset": exp.config["dataset"], "math_mode": mode,
-               "layers": job_layers(exp, method, block),
-               **cost, "total_flops": total, "gpu_hours": gpu_hours(total, mode, mfu)}
+        row = {
+            "experiment": name,
+            "method": method,
+            "block": block,
+            "job": job_label(method, block),
+            "arch": exp.config["arch"],
+            "dataset": exp.config["dataset"],
+            "math_mode": mode,
+            "layers": job_layers(exp, method, block),
+            **cost,
+            "total_flops": total,
+            "gpu_hours": gpu_hours(total, mode, mfu),
+        }
         seconds = paper_seconds_per_step(exp, method)
         if seconds is not None:
             row["paper_seconds_per_step"] = seconds
             row["paper_gpu_hours"] = cost["steps"] * seconds / 3600
             row["paper_implied_tflops"] = cost["flops_per_step"] / seconds / 1e12
         rows.append(row)
-        log(f"{name:22s} {row['job']:20s} {row['flops_per_step'] / 1e9:12.1f} GFLOPs/step "
-            f"({time.perf_counter() - t0:.1f} s)")
-    return {"benchmark": "paper_cost", "estimate": True, "params": str(params_path),
-            "scale": pipeline.raw.get("scale"), "mfu_assumed": mfu,
-            "gpus": GPUS, "counted_on": "torch meta device (FLOPs from shapes; nothing timed)",
-            "host": C.device_description(META), "jobs": rows,
-            "experiments": totals(rows), "total_gpu_hours": sum_hours(rows)}
+        log(
+            f"{name:22s} {row['job']:20s} {row['flops_per_step'] / 1e9:12.1f} GFLOPs/step "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
+    return {
+        "benchmark": "paper_cost",
+        "estimate": True,
+        "params": str(params_path),
+        "scale": pipeline.raw.get("scale"),
+        "mfu_assumed": mfu,
+        "gpus": GPUS,
+        "counted_on": "torch meta device (FLOPs from shapes; nothing timed)",
+        "host": C.device_description(META),
+        "jobs": rows,
+        "experiments": totals(rows),
+        "total_gpu_hours": sum_hours(rows),
+    }
 
 
 def sum_hours(rows: list[dict]) -> dict[str, float]:
@@ -245,33 +284,55 @@ def totals(rows: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for name in dict.fromkeys(r["experiment"] for r in rows):
         mine = [r for r in rows if r["experiment"] == name]
-        out[name] = {"jobs": len(mine), "gpu_hours": sum_hours(mine),
-                     "paper_gpu_hours": (sum(r["paper_gpu_hours"] for r in mine)
-                                         if all("paper_gpu_hours" in r for r in mine) else None)}
+        out[name] = {
+            "jobs": len(mine),
+            "gpu_hours": sum_hours(mine),
+            "paper_gpu_hours": (
+                sum(r["paper_gpu_hours"] for r in mine) if all("paper_gpu_hours" in r for r in mine) else None
+            ),
+        }
     return out
 
 
 # ------------------------------------------------------------------------------------------ output
 
+
 def _num(x: float | None, digits: int = 3) -> str:
     if x is None:
         return ""
-    return f"{x:,.0f}" if abs(x) >= 10 ** digits else f"{x:.{digits}g}"
+    return f"{x:,.0f}" if abs(x) >= 10**digits else f"{x:.{digits}g}"
 
 
 def markdown(record: dict) -> str:
     gpus = list(record["gpus"])
     mfu = record["mfu_assumed"]
-    head = (["experiment", "job", "steps", "params (M)", "GFLOPs/step", "math"]
-            + [f"est. GPU-h {g}" for g in gpus] + ["paper-time GPU-h"])
-    lines = [f"ESTIMATE, not a measurement: FLOPs counted per optimizer step (forward + backward, real batch "
-             f"size, meta device), GPU-hours = steps x FLOPs / (dense peak x MFU {mfu:g} assumed). "
-             f"Peaks: " + "; ".join(f"{s['name']} " + ", ".join(f"{m} {s[m] / 1e12:g}" for m in ('bf16', 'tf32'))
-                                   + " TFLOPS" for s in record["gpus"].values()) + ".",
-             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = (
+        ["experiment", "job", "steps", "params (M)", "GFLOPs/step", "math"]
+        + [f"est. GPU-h {g}" for g in gpus]
+        + ["paper-time GPU-h"]
+    )
+    lines = [
+        f"ESTIMATE, not a measurement: FLOPs counted per optimizer step (forward + backward, real batch "
+        f"size, meta device), GPU-hours = steps x FLOPs / (dense peak x MFU {mfu:g} assumed). "
+        f"Peaks: "
+        + "; ".join(
+            f"{s['name']} " + ", ".join(f"{m} {s[m] / 1e12:g}" for m in ("bf16", "tf32")) + " TFLOPS"
+            for s in record["gpus"].values()
+        )
+        + ".",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in record["jobs"]:
-        cells = [r["experiment"], r["job"], f"{r['steps']:,}", f"{r['params'] / 1e6:.2f}",
-                 _num(r["flops_per_step"] / 1e9), r["math_mode"]]
+        cells = [
+            r["experiment"],
+            r["job"],
+            f"{r['steps']:,}",
+            f"{r['params'] / 1e6:.2f}",
+            _num(r["flops_per_step"] / 1e9),
+            r["math_mode"],
+        ]
         cells += [_num(r["gpu_hours"][g]) for g in gpus] + [_num(r.get("paper_gpu_hours"))]
         lines.append("| " + " | ".join(cells) + " |")
     head = ["experiment", "jobs"] + [f"est. GPU-h {g}" for g in gpus] + ["paper-time GPU-h"]
@@ -284,20 +345,30 @@ def markdown(record: dict) -> str:
     vit = [r for r in record["jobs"] if "paper_implied_tflops" in r]
     if vit:
         implied = sorted({round(r["paper_implied_tflops"], 1) for r in vit})
-        lines += ["", f"paper-time GPU-h: steps x the paper's Table 12 seconds per step (their GPU, ViT batch "
-                      f"128), which implies only {' / '.join(map(str, implied))} TFLOPS achieved: the width-128 "
-                      f"ViT runs far below peak, so for the ViT jobs trust that column, not the FLOP estimate."]
-    lines += ["", "Not included: evaluation jobs (50k-sample FID, MAUVE generation), element-wise ops, norms, the "
-                  "optimizer and EMA updates, data loading, retries. Data-parallel jobs on N GPUs take about "
-                  "GPU-h / N of wall time."]
+        lines += [
+            "",
+            f"paper-time GPU-h: steps x the paper's Table 12 seconds per step (their GPU, ViT batch "
+            f"128), which implies only {' / '.join(map(str, implied))} TFLOPS achieved: the width-128 "
+            f"ViT runs far below peak, so for the ViT jobs trust that column, not the FLOP estimate.",
+        ]
+    lines += [
+        "",
+        "Not included: evaluation jobs (50k-sample FID, MAUVE generation), element-wise ops, norms, the "
+        "optimizer and EMA updates, data loading, retries. Data-parallel jobs on N GPUs take about "
+        "GPU-h / N of wall time.",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params/paper.yaml", help="params file whose jobs to cost")
-    ap.add_argument("--mfu", type=float, default=DEFAULT_MFU,
-                    help="assumed model-FLOPs utilisation, fraction of the dense peak (default %(default)s)")
+    ap.add_argument(
+        "--mfu",
+        type=float,
+        default=DEFAULT_MFU,
+        help="assumed model-FLOPs utilisation, fraction of the dense peak (default %(default)s)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="JSON output (default results/bench/paper_cost.json)")
     args = ap.parse_args(argv)
     if not 0 < args.mfu <= 1:

@@ -53,9 +53,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common as C  # noqa: E402
 import torch  # noqa: E402
 
-import _common as C  # noqa: E402
 from dblocks.params import Params  # noqa: E402
 from dblocks.tracking import JobRun, init_runs  # noqa: E402
 
@@ -86,20 +86,31 @@ def snakemake_dag(params: str, reps: int) -> dict:
 
 def cli_startup(reps: int) -> dict:
     py = str(VENV_BIN / "python")
-    commands = {"python -c pass": [py, "-c", "pass"],
-                "import torch": [py, "-c", "import torch"],
-                "import dblocks.cli": [py, "-c", "import dblocks.cli"],
-                "dblocks models": [str(VENV_BIN / "dblocks"), "models"],
-                # what else a pipeline job pays before its first step, each in a fresh interpreter:
-                # a tracked job opens MLflow's SQLite store, a training job builds an optimizer (torch
-                # imports torch._dynamo on the first one), an image-generation evaluation imports torch-fidelity
-                "import torch + mlflow + its SQLite store": [
-                    py, "-c", "import torch, mlflow; import mlflow.store.tracking.sqlalchemy_store"],
-                "import torch + first optimizer": [
-                    py, "-c", "import torch; torch.optim.AdamW([torch.zeros(1, requires_grad=True)])"],
-                "import torch + first dblocks.optim.adamw": [
-                    py, "-c", "import torch, dblocks.optim as o; o.adamw([torch.zeros(1, requires_grad=True)])"],
-                "import torch + torch_fidelity": [py, "-c", "import torch, torch_fidelity"]}
+    commands = {
+        "python -c pass": [py, "-c", "pass"],
+        "import torch": [py, "-c", "import torch"],
+        "import dblocks.cli": [py, "-c", "import dblocks.cli"],
+        "dblocks models": [str(VENV_BIN / "dblocks"), "models"],
+        # what else a pipeline job pays before its first step, each in a fresh interpreter:
+        # a tracked job opens MLflow's SQLite store, a training job builds an optimizer (torch
+        # imports torch._dynamo on the first one), an image-generation evaluation imports torch-fidelity
+        "import torch + mlflow + its SQLite store": [
+            py,
+            "-c",
+            "import torch, mlflow; import mlflow.store.tracking.sqlalchemy_store",
+        ],
+        "import torch + first optimizer": [
+            py,
+            "-c",
+            "import torch; torch.optim.AdamW([torch.zeros(1, requires_grad=True)])",
+        ],
+        "import torch + first dblocks.optim.adamw": [
+            py,
+            "-c",
+            "import torch, dblocks.optim as o; o.adamw([torch.zeros(1, requires_grad=True)])",
+        ],
+        "import torch + torch_fidelity": [py, "-c", "import torch, torch_fidelity"],
+    }
     out = {}
     for name, argv in commands.items():
         r = time_command(argv, reps)
@@ -140,11 +151,20 @@ def mlflow_logging(params: str, steps: int, flush_every: int) -> dict:
         import mlflow
 
         logged = len(mlflow.MlflowClient(tracking_uri=uri).get_metric_history(run.run_id, "train_loss"))
-    return {"params": params, "experiment": name, "steps": steps, "flush_every": flush_every,
-            "store_seconds": t_store, "parent_seconds": t_parent, "open_run_seconds": t_open,
-            "close_run_seconds": t_close, "seconds_per_log_step_mean": total / steps,
-            "log_step_call": C.summarize(per_call), "log_step_call_max": max(per_call),
-            "metrics_logged": logged}
+    return {
+        "params": params,
+        "experiment": name,
+        "steps": steps,
+        "flush_every": flush_every,
+        "store_seconds": t_store,
+        "parent_seconds": t_parent,
+        "open_run_seconds": t_open,
+        "close_run_seconds": t_close,
+        "seconds_per_log_step_mean": total / steps,
+        "log_step_call": C.summarize(per_call),
+        "log_step_call_max": max(per_call),
+        "metrics_logged": logged,
+    }
 
 
 def _job_env(threads: int) -> dict:
@@ -169,16 +189,30 @@ def job_overhead(params: str, experiment: str, data: str, reps: int) -> dict:
         raise SystemExit(f"--data {data}: no prepared train split; write it with 'dblocks prepare' (or snakemake)")
     threads = Params.load(params_path).training_resources(experiment)["threads"]
     env, dblocks = _job_env(threads), str(VENV_BIN / "dblocks")
-    out: dict = {"params": params, "experiment": experiment, "data": data, "block": 1, "steps": 1,
-                 "omp_num_threads": threads, "target_seconds": JOB_TARGET_S,
-                 "bytecode_cache": not os.environ.get("PYTHONDONTWRITEBYTECODE"), "kinds": {}}
+    out: dict = {
+        "params": params,
+        "experiment": experiment,
+        "data": data,
+        "block": 1,
+        "steps": 1,
+        "omp_num_threads": threads,
+        "target_seconds": JOB_TARGET_S,
+        "bytecode_cache": not os.environ.get("PYTHONDONTWRITEBYTECODE"),
+        "kinds": {},
+    }
     with tempfile.TemporaryDirectory(prefix="dblocks-bench-") as tmp:
         tmp = Path(tmp)
         track = {}
         for mode in ("journal", "live"):  # the pipeline's tracking_store and tracking_parent jobs, once
             overlay = tmp / f"{mode}.yaml"
-            overlay.write_text(json.dumps({"base": str(params_path), "tracking": {
-                "uri": f"sqlite:///{tmp}/{mode}.db", "experiment": f"bench-{mode}", "mode": mode}}))
+            overlay.write_text(
+                json.dumps(
+                    {
+                        "base": str(params_path),
+                        "tracking": {"uri": f"sqlite:///{tmp}/{mode}.db", "experiment": f"bench-{mode}", "mode": mode},
+                    }
+                )
+            )
             for extra in (["--store-only"], ["--experiment", experiment]):
                 _run_job([dblocks, "track-init", "--params", str(overlay), "--out-dir", str(tmp / mode), *extra], env)
             track[mode] = ["--track", str(tmp / mode / f"{experiment}.json")]
@@ -187,9 +221,27 @@ def job_overhead(params: str, experiment: str, data: str, reps: int) -> dict:
         for rep in range(reps + 1):  # round 0 is not timed: it warms the page cache
             for kind in JOB_KINDS:
                 ckpt = tmp / f"{kind}-{rep}.safetensors"
-                wall, text = _run_job([dblocks, "train-block", "--config", str(params_path), "--experiment", experiment,
-                                       "--block", "1", "--steps", "1", "--data", str(data_path), "--out", str(ckpt),
-                                       "--no-progress", *track[kind]], env)
+                wall, text = _run_job(
+                    [
+                        dblocks,
+                        "train-block",
+                        "--config",
+                        str(params_path),
+                        "--experiment",
+                        experiment,
+                        "--block",
+                        "1",
+                        "--steps",
+                        "1",
+                        "--data",
+                        str(data_path),
+                        "--out",
+                        str(ckpt),
+                        "--no-progress",
+                        *track[kind],
+                    ],
+                    env,
+                )
                 printed = re.search(r"^wrote .*\(block \d+/\d+, ([0-9.]+) s\)\s*$", text, re.M)
                 if printed is None:
                     raise RuntimeError(f"train-block printed no 'wrote ...' line:\n{text[-2000:]}")
@@ -201,9 +253,13 @@ def job_overhead(params: str, experiment: str, data: str, reps: int) -> dict:
                     for key, value in (("wall", wall), ("train", train), ("fixed", wall - train)):
                         samples[kind][key].append(value)
     for kind, s in samples.items():
-        out["kinds"][kind] = {"wall": C.summarize(s["wall"]), "train_seconds": C.summarize(s["train"]),
-                              "fixed": C.summarize(s["fixed"]), "fixed_times": s["fixed"],
-                              "meets_target": C.summarize(s["fixed"])["median"] <= JOB_TARGET_S}
+        out["kinds"][kind] = {
+            "wall": C.summarize(s["wall"]),
+            "train_seconds": C.summarize(s["train"]),
+            "fixed": C.summarize(s["fixed"]),
+            "fixed_times": s["fixed"],
+            "meets_target": C.summarize(s["fixed"])["median"] <= JOB_TARGET_S,
+        }
     return out
 
 
@@ -230,23 +286,39 @@ def plot(record: dict) -> Path:
     items += [(name, r) for name, r in record["cli"].items()]
     log = record["mlflow"]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(19, 4))
-    ax1.barh([n for n, _ in items], [r["median"] for _, r in items],
-             xerr=[[r["median"] - r["q1"] for _, r in items], [r["q3"] - r["median"] for _, r in items]], capsize=3)
+    ax1.barh(
+        [n for n, _ in items],
+        [r["median"] for _, r in items],
+        xerr=[[r["median"] - r["q1"] for _, r in items], [r["q3"] - r["median"] for _, r in items]],
+        capsize=3,
+    )
     ax1.set_xlabel("wall seconds (median, IQR)")
     ax1.set_title("DAG build and CLI start-up", fontsize=10)
     names = ["create store", "parent run", "open child run", f"log_step (mean of {log['steps']})", "close run"]
-    vals = [log["store_seconds"], log["parent_seconds"], log["open_run_seconds"], log["seconds_per_log_step_mean"],
-            log["close_run_seconds"]]
+    vals = [
+        log["store_seconds"],
+        log["parent_seconds"],
+        log["open_run_seconds"],
+        log["seconds_per_log_step_mean"],
+        log["close_run_seconds"],
+    ]
     ax2.barh(names, vals)
     ax2.set_xscale("log")
     ax2.set_xlabel("seconds")
-    ax2.set_title(f"MLflow (SQLite) tracking: {log['seconds_per_log_step_mean'] * 1e3:.2f} ms per log_step",
-                  fontsize=10)
+    ax2.set_title(
+        f"MLflow (SQLite) tracking: {log['seconds_per_log_step_mean'] * 1e3:.2f} ms per log_step", fontsize=10
+    )
     job = record["job"]
     kinds = list(job["kinds"].values())
-    ax3.barh(list(job["kinds"]), [k["fixed"]["median"] for k in kinds],
-             xerr=[[k["fixed"]["median"] - k["fixed"]["q1"] for k in kinds],
-                   [k["fixed"]["q3"] - k["fixed"]["median"] for k in kinds]], capsize=3)
+    ax3.barh(
+        list(job["kinds"]),
+        [k["fixed"]["median"] for k in kinds],
+        xerr=[
+            [k["fixed"]["median"] - k["fixed"]["q1"] for k in kinds],
+            [k["fixed"]["q3"] - k["fixed"]["median"] for k in kinds],
+        ],
+        capsize=3,
+    )
     ax3.axvline(job["target_seconds"], color="k", linestyle="--", label=f"target {job['target_seconds']} s")
     ax3.legend(loc="lower right", fontsize=8)
     ax3.set_xlabel("wall s minus the job's training time (median, IQR)")
@@ -257,36 +329,78 @@ def plot(record: dict) -> Path:
 
 
 def print_tables(record: dict) -> None:
-    rows = [{"what": f"snakemake -n --config params={record['dag']['params']} ({record['dag']['jobs']} jobs)",
-             "median_s": record["dag"]["median"], "iqr_s": record["dag"]["iqr"], "n": record["dag"]["n"]}]
-    rows += [{"what": name, "median_s": r["median"], "iqr_s": r["iqr"], "n": r["n"]}
-             for name, r in record["cli"].items()]
+    rows = [
+        {
+            "what": f"snakemake -n --config params={record['dag']['params']} ({record['dag']['jobs']} jobs)",
+            "median_s": record["dag"]["median"],
+            "iqr_s": record["dag"]["iqr"],
+            "n": record["dag"]["n"],
+        }
+    ]
+    rows += [
+        {"what": name, "median_s": r["median"], "iqr_s": r["iqr"], "n": r["n"]} for name, r in record["cli"].items()
+    ]
     log = record["mlflow"]
-    rows += [{"what": "MLflow: create SQLite store + experiment", "median_s": log["store_seconds"], "n": 1},
-             {"what": "MLflow: parent run", "median_s": log["parent_seconds"], "n": 1},
-             {"what": "MLflow: open child run (JobRun enter)", "median_s": log["open_run_seconds"], "n": 1},
-             {"what": "MLflow: log_step, mean incl. flushes", "median_s": log["seconds_per_log_step_mean"],
-              "n": log["steps"]},
-             {"what": "MLflow: log_step, median call (buffered)", "median_s": log["log_step_call"]["median"],
-              "n": log["steps"]},
-             {"what": f"MLflow: log_step, slowest call (a flush of {2 * log['flush_every']} metrics)",
-              "median_s": log["log_step_call_max"], "n": 1},
-             {"what": "MLflow: close run (final flush)", "median_s": log["close_run_seconds"], "n": 1}]
+    rows += [
+        {"what": "MLflow: create SQLite store + experiment", "median_s": log["store_seconds"], "n": 1},
+        {"what": "MLflow: parent run", "median_s": log["parent_seconds"], "n": 1},
+        {"what": "MLflow: open child run (JobRun enter)", "median_s": log["open_run_seconds"], "n": 1},
+        {
+            "what": "MLflow: log_step, mean incl. flushes",
+            "median_s": log["seconds_per_log_step_mean"],
+            "n": log["steps"],
+        },
+        {
+            "what": "MLflow: log_step, median call (buffered)",
+            "median_s": log["log_step_call"]["median"],
+            "n": log["steps"],
+        },
+        {
+            "what": f"MLflow: log_step, slowest call (a flush of {2 * log['flush_every']} metrics)",
+            "median_s": log["log_step_call_max"],
+            "n": 1,
+        },
+        {"what": "MLflow: close run (final flush)", "median_s": log["close_run_seconds"], "n": 1},
+    ]
     job = record["job"]
-    rows += [{"what": f"training job, {kind}: wall (1 step)", "median_s": k["wall"]["median"],
-              "iqr_s": k["wall"]["iqr"], "n": k["wall"]["n"]} for kind, k in job["kinds"].items()]
-    rows += [{"what": f"training job, {kind}: its training time (train_seconds)",
-              "median_s": k["train_seconds"]["median"], "iqr_s": k["train_seconds"]["iqr"], "n": k["train_seconds"]["n"]}
-             for kind, k in job["kinds"].items()]
-    rows += [{"what": f"training job, {kind}: FIXED COST (wall - training)", "median_s": k["fixed"]["median"],
-              "iqr_s": k["fixed"]["iqr"], "n": k["fixed"]["n"]} for kind, k in job["kinds"].items()]
+    rows += [
+        {
+            "what": f"training job, {kind}: wall (1 step)",
+            "median_s": k["wall"]["median"],
+            "iqr_s": k["wall"]["iqr"],
+            "n": k["wall"]["n"],
+        }
+        for kind, k in job["kinds"].items()
+    ]
+    rows += [
+        {
+            "what": f"training job, {kind}: its training time (train_seconds)",
+            "median_s": k["train_seconds"]["median"],
+            "iqr_s": k["train_seconds"]["iqr"],
+            "n": k["train_seconds"]["n"],
+        }
+        for kind, k in job["kinds"].items()
+    ]
+    rows += [
+        {
+            "what": f"training job, {kind}: FIXED COST (wall - training)",
+            "median_s": k["fixed"]["median"],
+            "iqr_s": k["fixed"]["iqr"],
+            "n": k["fixed"]["n"],
+        }
+        for kind, k in job["kinds"].items()
+    ]
     print(C.format_table(rows, ["what", "median_s", "iqr_s", "n"]))
     print("per training step: " + ", ".join(f"{k} {v:.3g}" for k, v in log["per_training_step"].items()))
-    print(f"fixed cost of a training job ({job['experiment']}, block 1, 1 step, OMP_NUM_THREADS="
-          f"{job['omp_num_threads']}, bytecode cache {'on' if job['bytecode_cache'] else 'off'}), median of "
-          f"{next(iter(job['kinds'].values()))['fixed']['n']}, against the target of <= {job['target_seconds']} s: "
-          + "; ".join(f"{kind} {k['fixed']['median']:.2f} s ({'met' if k['meets_target'] else 'MISSED'})"
-                      for kind, k in job["kinds"].items()))
+    print(
+        f"fixed cost of a training job ({job['experiment']}, block 1, 1 step, OMP_NUM_THREADS="
+        f"{job['omp_num_threads']}, bytecode cache {'on' if job['bytecode_cache'] else 'off'}), median of "
+        f"{next(iter(job['kinds'].values()))['fixed']['n']}, against the target of <= {job['target_seconds']} s: "
+        + "; ".join(
+            f"{kind} {k['fixed']['median']:.2f} s ({'met' if k['meets_target'] else 'MISSED'})"
+            for kind, k in job["kinds"].items()
+        )
+    )
 
 
 def main(argv=None) -> int:

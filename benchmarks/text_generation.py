@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common as C  # noqa: E402
 import torch  # noqa: E402
 
-import _common as C  # noqa: E402
 from dblocks.blocks import AssembledModel  # noqa: E402
 from dblocks.text_generation import generate_baseline, generate_blockwise, generate_recurrent  # noqa: E402
 
@@ -52,15 +52,18 @@ def generators(device: torch.device, blocks: int):
     def blockwise(m, p, n, g, cache):
         return generate_blockwise(m, p, n, g, cache=cache)
 
-    models = {"AR-tiny e2e": (ar.e2e(), baseline),
-              f"AR-tiny block-wise B={blocks}": (AssembledModel(ar.empty_blocks(), ar.partition), blockwise),
-              f"Huginn-tiny e2e K={k}": (huginn.e2e(), recurrent),
-              f"Huginn-tiny block-wise K={k}": (AssembledModel(huginn.empty_blocks(), huginn.partition), recurrent)}
+    models = {
+        "AR-tiny e2e": (ar.e2e(), baseline),
+        f"AR-tiny block-wise B={blocks}": (AssembledModel(ar.empty_blocks(), ar.partition), blockwise),
+        f"Huginn-tiny e2e K={k}": (huginn.e2e(), recurrent),
+        f"Huginn-tiny block-wise K={k}": (AssembledModel(huginn.empty_blocks(), huginn.partition), recurrent),
+    }
     return {name: (model.to(device).eval(), call) for name, (model, call) in models.items()}
 
 
-def measure(batch: int, prompt: int, new_tokens: int, blocks: int, reps: int, warmup: int,
-            device: torch.device) -> list[dict]:
+def measure(
+    batch: int, prompt: int, new_tokens: int, blocks: int, reps: int, warmup: int, device: torch.device
+) -> list[dict]:
     prompts = torch.randint(0, 257, (batch, prompt), generator=torch.Generator().manual_seed(0))
     rows = []
     for name, (model, call) in generators(device, blocks).items():
@@ -68,17 +71,28 @@ def measure(batch: int, prompt: int, new_tokens: int, blocks: int, reps: int, wa
 
         def job(cache):
             def run():
-                outputs[cache] = call(model, prompts, new_tokens, torch.Generator().manual_seed(1), cache)
+                # called within this iteration (by the timing loop below): the loop's values are the ones meant
+                outputs[cache] = call(model, prompts, new_tokens, torch.Generator().manual_seed(1), cache)  # noqa: B023
+
             return run
 
         print(f"  {name}", flush=True)
         times = C.interleaved({"cached": job(True), "full": job(False)}, reps, warmup, device)
         stats = {mode: C.summarize(ts) for mode, ts in times.items()}
-        rows.append({"generator": name, "batch": batch, "prompt": prompt, "new_tokens": new_tokens, "reps": reps,
-                     "seconds": stats, "times": times,
-                     "tokens_per_second": {m: batch * new_tokens / s["median"] for m, s in stats.items()},
-                     "speedup": stats["full"]["median"] / stats["cached"]["median"],
-                     "same_tokens": bool(torch.equal(outputs[True], outputs[False]))})
+        rows.append(
+            {
+                "generator": name,
+                "batch": batch,
+                "prompt": prompt,
+                "new_tokens": new_tokens,
+                "reps": reps,
+                "seconds": stats,
+                "times": times,
+                "tokens_per_second": {m: batch * new_tokens / s["median"] for m, s in stats.items()},
+                "speedup": stats["full"]["median"] / stats["cached"]["median"],
+                "same_tokens": bool(torch.equal(outputs[True], outputs[False])),
+            }
+        )
     return rows
 
 
@@ -92,26 +106,44 @@ def plot(record: dict) -> Path:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     x = range(len(rows))
     for i, mode in enumerate(("full", "cached")):
-        ax.bar([j + (i - 0.5) * 0.4 for j in x], [r["tokens_per_second"][mode] for r in rows], 0.4,
-               label="full recompute" if mode == "full" else "KV cache")
+        ax.bar(
+            [j + (i - 0.5) * 0.4 for j in x],
+            [r["tokens_per_second"][mode] for r in rows],
+            0.4,
+            label="full recompute" if mode == "full" else "KV cache",
+        )
     ax.set_xticks(list(x), [f"{r['generator']}\nx{r['speedup']:.1f}" for r in rows], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("generated tokens / s (median)")
     ax.legend(fontsize=8)
     dev = record["device"]
     r0 = rows[0]
-    ax.set_title(f"Text generation, batch {r0['batch']}, prompt {r0['prompt']}, {r0['new_tokens']} new tokens: "
-                 f"{dev['device']} ({dev['torch_threads']} thread(s))", fontsize=9)
+    ax.set_title(
+        f"Text generation, batch {r0['batch']}, prompt {r0['prompt']}, {r0['new_tokens']} new tokens: "
+        f"{dev['device']} ({dev['torch_threads']} thread(s))",
+        fontsize=9,
+    )
     return C.save_figure(fig, "text_generation")
 
 
 def print_tables(record: dict) -> None:
-    rows = [{"generator": r["generator"], "full_tok_s": r["tokens_per_second"]["full"],
-             "cached_tok_s": r["tokens_per_second"]["cached"], "speedup": r["speedup"],
-             "full_iqr_s": r["seconds"]["full"]["iqr"], "cached_iqr_s": r["seconds"]["cached"]["iqr"],
-             "same_tokens": r["same_tokens"]} for r in record["rows"]]
-    print(C.format_table(rows, ["generator", "full_tok_s", "cached_tok_s", "speedup", "full_iqr_s", "cached_iqr_s",
-                                "same_tokens"]))
+    rows = [
+        {
+            "generator": r["generator"],
+            "full_tok_s": r["tokens_per_second"]["full"],
+            "cached_tok_s": r["tokens_per_second"]["cached"],
+            "speedup": r["speedup"],
+            "full_iqr_s": r["seconds"]["full"]["iqr"],
+            "cached_iqr_s": r["seconds"]["cached"]["iqr"],
+            "same_tokens": r["same_tokens"],
+        }
+        for r in record["rows"]
+    ]
+    print(
+        C.format_table(
+            rows, ["generator", "full_tok_s", "cached_tok_s", "speedup", "full_iqr_s", "cached_iqr_s", "same_tokens"]
+        )
+    )
 
 
 def main(argv=None) -> int:

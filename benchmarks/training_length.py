@@ -40,9 +40,9 @@ def one_run(params: str, experiment: str, method: str, steps: int, seed: int, da
     from dblocks.blocks import AssembledModel
     from dblocks.evaluate import evaluate_classifier
     from dblocks.experiment import Experiment, derive_seed
+    from dblocks.jobs import training_job
     from dblocks.params import Params
     from dblocks.train import train
-    from dblocks.jobs import training_job
 
     torch.set_num_threads(1)
     config = copy.deepcopy(Params.load(params).experiments[experiment])
@@ -56,14 +56,30 @@ def one_run(params: str, experiment: str, method: str, steps: int, seed: int, da
         blocks = []
         for b in range(1, config["blocks"] + 1):
             module, objective, total = training_job(exp, method, b)
-            train(module, objective, train_split, config["train"], seed=derive_seed(config["seed"], "train-block", b),
-                  device=torch.device("cpu"), steps=total, progress=False)
+            train(
+                module,
+                objective,
+                train_split,
+                config["train"],
+                seed=derive_seed(config["seed"], "train-block", b),
+                device=torch.device("cpu"),
+                steps=total,
+                progress=False,
+            )
             blocks.append(module.eval())
         model = AssembledModel(blocks, exp.partition)
     else:
         module, objective, total = training_job(exp, method)
-        train(module, objective, train_split, config["train"], seed=derive_seed(config["seed"], "train-e2e"),
-              device=torch.device("cpu"), steps=total, progress=False)
+        train(
+            module,
+            objective,
+            train_split,
+            config["train"],
+            seed=derive_seed(config["seed"], "train-e2e"),
+            device=torch.device("cpu"),
+            steps=total,
+            progress=False,
+        )
         model = module.eval()
     seconds = time.perf_counter() - t0
     with torch.no_grad():
@@ -77,14 +93,23 @@ def aggregate(runs: list[dict]) -> list[dict]:
         for steps in sorted({r["steps"] for r in runs}):
             acc = [r["accuracy"] for r in runs if r["method"] == method and r["steps"] == steps]
             if acc:
-                rows.append({"method": method, "steps": steps, "mean": statistics.mean(acc),
-                             "std": statistics.stdev(acc) if len(acc) > 1 else None, "n": len(acc)})
+                rows.append(
+                    {
+                        "method": method,
+                        "steps": steps,
+                        "mean": statistics.mean(acc),
+                        "std": statistics.stdev(acc) if len(acc) > 1 else None,
+                        "n": len(acc),
+                    }
+                )
     return rows
 
 
 def print_tables(record: dict) -> None:
-    print(f"{record['experiment']} of {record['params']}: test accuracy (%) vs optimizer steps, "
-          f"mean and sample std over {record['seeds']} seeds")
+    print(
+        f"{record['experiment']} of {record['params']}: test accuracy (%) vs optimizer steps, "
+        f"mean and sample std over {record['seeds']} seeds"
+    )
     print(C.format_table(record["rows"], ["method", "steps", "mean", "std", "n"]))
 
 
@@ -98,8 +123,14 @@ def plot(record: dict) -> Path:
     labels = {"e2e": "end-to-end backprop", "blockwise": "DiffusionBlocks (independent blocks)"}
     for method, label in labels.items():
         rows = [r for r in record["rows"] if r["method"] == method]
-        ax.errorbar([r["steps"] for r in rows], [r["mean"] for r in rows], yerr=[r["std"] or 0 for r in rows],
-                    marker="o", capsize=3, label=label)
+        ax.errorbar(
+            [r["steps"] for r in rows],
+            [r["mean"] for r in rows],
+            yerr=[r["std"] or 0 for r in rows],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("optimizer steps (each block / the baseline)")
     ax.set_ylabel("test accuracy (%)")
@@ -115,21 +146,34 @@ def main() -> int:
     parser.add_argument("--experiment", default="vit-cifar100")
     parser.add_argument("--steps", type=int, nargs="+", default=[250, 500, 1000, 2000])
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--data", default="data/prepared/digits",
-                        help="prepared dataset directory (what `make run` prepares); empty: load the source")
+    parser.add_argument(
+        "--data",
+        default="data/prepared/digits",
+        help="prepared dataset directory (what `make run` prepares); empty: load the source",
+    )
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     started = time.perf_counter()
     data = args.data if args.data and Path(args.data).is_dir() else None
-    jobs = [(args.params, args.experiment, method, steps, seed, data)
-            for steps in sorted(args.steps, reverse=True) for seed in range(args.seeds)
-            for method in ("blockwise", "e2e")]
+    jobs = [
+        (args.params, args.experiment, method, steps, seed, data)
+        for steps in sorted(args.steps, reverse=True)
+        for seed in range(args.seeds)
+        for method in ("blockwise", "e2e")
+    ]
     with ProcessPoolExecutor(args.workers) as pool:
         runs = list(pool.map(one_run, *zip(*jobs)))
     import torch
 
-    record = {"params": args.params, "experiment": args.experiment, "seeds": args.seeds, "data": data,
-              "runs": runs, "rows": aggregate(runs), "machine": C.device_description(torch.device("cpu"))}
+    record = {
+        "params": args.params,
+        "experiment": args.experiment,
+        "seeds": args.seeds,
+        "data": data,
+        "runs": runs,
+        "rows": aggregate(runs),
+        "machine": C.device_description(torch.device("cpu")),
+    }
     return C.finish("training_length", record, started, print_tables, plot)
 
 

@@ -21,6 +21,7 @@ else:
 from dblocks.config import resolve  # noqa: E402
 from dblocks.experiment import Experiment  # noqa: E402
 
+
 @pytest.fixture
 def one_thread():
     """Torch on one thread for the test: small models gain nothing from a second, and torch's threads spin-wait

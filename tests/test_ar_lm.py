@@ -13,15 +13,27 @@ from dblocks.blocks import AssembledModel
 from dblocks.cli import main
 from dblocks.config import resolve
 from dblocks.experiment import Experiment
+from dblocks.jobs import training_job
 from dblocks.layers import clean_noisy_mask
 from dblocks.metrics.mauve import mauve_from_features, minilm_features, reference_lm_features
-from dblocks.text_generation import (continuation_nll, generate_baseline, generate_blockwise, next_token_quality,
-                                     top_p_filter)
+from dblocks.text_generation import (
+    continuation_nll,
+    generate_baseline,
+    generate_blockwise,
+    next_token_quality,
+    top_p_filter,
+)
 from dblocks.train import train
-from dblocks.jobs import training_job
 
-MICRO = {"task": "ar_text", "arch": "AR-micro", "dataset": "shakespeare", "blocks": 4, "overlap": 0.1,
-         "device": "cpu", "train": {"steps": 6, "batch_size": 8, "warmup": 2, "log_every": 3, "checkpoint_every": 3}}
+MICRO = {
+    "task": "ar_text",
+    "arch": "AR-micro",
+    "dataset": "shakespeare",
+    "blocks": 4,
+    "overlap": 0.1,
+    "device": "cpu",
+    "train": {"steps": 6, "batch_size": 8, "warmup": 2, "log_every": 3, "checkpoint_every": 3},
+}
 
 
 def micro_ar_exp(**overrides) -> Experiment:
@@ -33,8 +45,16 @@ def trained_baseline():
     """The end-to-end next-token model, trained briefly once for the tests of this module."""
     exp = micro_ar_exp(train={"steps": 100, "batch_size": 16, "lr": 5e-3, "warmup": 10, "log_every": 25})
     model, objective, steps = training_job(exp, "e2e")
-    result = train(model, objective, exp.load_data("train"), exp.config["train"], seed=0,
-                   device=torch.device("cpu"), steps=steps, progress=False)
+    result = train(
+        model,
+        objective,
+        exp.load_data("train"),
+        exp.config["train"],
+        seed=0,
+        device=torch.device("cpu"),
+        steps=steps,
+        progress=False,
+    )
     return exp, model.eval(), result
 
 
@@ -59,8 +79,13 @@ def test_ar_models_are_llama_style_rotary_rmsnorm_swiglu():
     for method in ("blockwise", "e2e"):
         model = micro_ar_exp().block(1) if method == "blockwise" else micro_ar_exp().e2e()
         layers = [m for m in model.modules() if isinstance(m, AdaLNZeroLayer)]
-        assert layers and all(isinstance(m.norm1, nn.RMSNorm) and isinstance(m.mlp, SwiGLU)
-                              and m.attn.rope_period == 24 and m.attn.qkv.bias is None for m in layers)
+        assert layers and all(
+            isinstance(m.norm1, nn.RMSNorm)
+            and isinstance(m.mlp, SwiGLU)
+            and m.attn.rope_period == 24
+            and m.attn.qkv.bias is None
+            for m in layers
+        )
         assert not any(name.endswith("pos_embed") for name, _ in model.named_parameters())
 
 
@@ -80,7 +105,7 @@ def test_a_noisy_position_never_sees_its_own_or_a_future_clean_token():
     changed[0, k] = (changed[0, k] + 1) % 257
     moved = (block(z, sigma, changed).raw - base).abs().amax(-1)[0]
     assert moved[: k + 1].max() == 0  # noisy 0..k see clean < k+1 at most... never clean k itself
-    assert moved[k + 1:].min() > 0  # later positions do see it
+    assert moved[k + 1 :].min() > 0  # later positions do see it
     z2 = z.clone()
     z2[0, 3] += 1.0
     moved = (block(z2, sigma, tokens).raw - base).abs().amax(-1)[0]
@@ -100,8 +125,9 @@ def test_blockwise_blocks_learn_and_generation_runs_one_block_per_step():
     blocks = []
     for b in (1, 4):  # the highest- and the lowest-noise block
         model, objective, steps = training_job(exp, "blockwise", b)
-        result = train(model, objective, data, exp.config["train"], seed=b, device=torch.device("cpu"),
-                       steps=steps, progress=False)
+        result = train(
+            model, objective, data, exp.config["train"], seed=b, device=torch.device("cpu"), steps=steps, progress=False
+        )
         assert result.losses[-1][1] < 0.7 * result.losses[0][1], result.losses
         blocks.append(model)
     model = AssembledModel([blocks[0], exp.block(2), exp.block(3), blocks[1]], exp.partition).eval()
@@ -120,8 +146,9 @@ def trained_blocks():
     blocks = []
     for b in range(1, 5):
         model, objective, steps = training_job(exp, "blockwise", b)
-        train(model, objective, data, exp.config["train"], seed=b, device=torch.device("cpu"), steps=steps,
-              progress=False)
+        train(
+            model, objective, data, exp.config["train"], seed=b, device=torch.device("cpu"), steps=steps, progress=False
+        )
         blocks.append(model)
     return exp, AssembledModel(blocks, exp.partition).eval()
 
@@ -193,17 +220,64 @@ def test_cli_trains_assembles_and_evaluates_mauve_and_gen_ppl(tmp_path):
     cfg = tmp_path / "ar.yaml"
     cfg.write_text(json.dumps({**MICRO, "name": "ar-micro"}))
     for b in (1, 2, 3, 4):
-        assert main(["train-block", "--config", str(cfg), "--block", str(b), "--no-progress",
-                     "--out", str(tmp_path / f"block-{b}.safetensors")]) == 0
-    assert main(["train-baseline", "--config", str(cfg), "--no-progress",
-                 "--out", str(tmp_path / "e2e.safetensors")]) == 0
-    assert main(["assemble", *(str(tmp_path / f"block-{b}.safetensors") for b in (1, 2, 3, 4)),
-                 "--out", str(tmp_path / "model.safetensors")]) == 0
-    common = ["--judge", str(tmp_path / "e2e.safetensors"), "--prompts", "6", "--continuations", "2",
-              "--new-tokens", "6", "--max-windows", "8", "--mauve-features", "reference-lm"]
+        assert (
+            main(
+                [
+                    "train-block",
+                    "--config",
+                    str(cfg),
+                    "--block",
+                    str(b),
+                    "--no-progress",
+                    "--out",
+                    str(tmp_path / f"block-{b}.safetensors"),
+                ]
+            )
+            == 0
+        )
+    assert (
+        main(["train-baseline", "--config", str(cfg), "--no-progress", "--out", str(tmp_path / "e2e.safetensors")]) == 0
+    )
+    assert (
+        main(
+            [
+                "assemble",
+                *(str(tmp_path / f"block-{b}.safetensors") for b in (1, 2, 3, 4)),
+                "--out",
+                str(tmp_path / "model.safetensors"),
+            ]
+        )
+        == 0
+    )
+    common = [
+        "--judge",
+        str(tmp_path / "e2e.safetensors"),
+        "--prompts",
+        "6",
+        "--continuations",
+        "2",
+        "--new-tokens",
+        "6",
+        "--max-windows",
+        "8",
+        "--mauve-features",
+        "reference-lm",
+    ]
     for name in ("model", "e2e"):
-        assert main(["evaluate", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / f"{name}.json"),
-                     "--samples-md", str(tmp_path / f"{name}-samples.md"), *common]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    str(tmp_path / f"{name}.safetensors"),
+                    "--out",
+                    str(tmp_path / f"{name}.json"),
+                    "--samples-md",
+                    str(tmp_path / f"{name}-samples.md"),
+                    *common,
+                ]
+            )
+            == 0
+        )
     record = json.loads((tmp_path / "model.json").read_text())
     assert record["block_calls"] == [6, 6, 6, 6] and record["layer_evals_per_token"] == 4
     # samples beside the numbers: the first prompts, each with its first continuation and the real one
@@ -216,17 +290,43 @@ def test_cli_trains_assembles_and_evaluates_mauve_and_gen_ppl(tmp_path):
     assert "own end-to-end reference LM" in record["mauve_reference_label"]
     e2e = json.loads((tmp_path / "e2e.json").read_text())
     assert e2e["sampler"] == "top-p 0.95" and "next_token_bits" in e2e
-    assert main(["evaluate", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "x.json"),
-                 "--judge", str(tmp_path / "model.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "model.safetensors"),
+                "--out",
+                str(tmp_path / "x.json"),
+                "--judge",
+                str(tmp_path / "model.safetensors"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_online_judges_fail_cleanly_offline(tmp_path):
     """Llama-2 / GPT2-XL need the hub: offline the evaluation stops with one line and exit code 2."""
     cfg = tmp_path / "ar.yaml"
     cfg.write_text(json.dumps({**MICRO, "name": "ar-micro", "train": {**MICRO["train"], "steps": 2}}))
-    assert main(["train-baseline", "--config", str(cfg), "--no-progress", "--out", str(tmp_path / "e.safetensors")]) == 0
-    args = ["evaluate", str(tmp_path / "e.safetensors"), "--out", str(tmp_path / "m.json"), "--prompts", "2",
-            "--continuations", "1", "--new-tokens", "2", "--max-windows", "2", "--mauve-features"]
+    assert (
+        main(["train-baseline", "--config", str(cfg), "--no-progress", "--out", str(tmp_path / "e.safetensors")]) == 0
+    )
+    args = [
+        "evaluate",
+        str(tmp_path / "e.safetensors"),
+        "--out",
+        str(tmp_path / "m.json"),
+        "--prompts",
+        "2",
+        "--continuations",
+        "1",
+        "--new-tokens",
+        "2",
+        "--max-windows",
+        "2",
+        "--mauve-features",
+    ]
     assert main([*args, "--hf-judges", "gpt3"]) == 2
     assert main([*args, "--hf-judges", "gpt2-xl"]) == 2
     assert not (tmp_path / "m.json").exists()

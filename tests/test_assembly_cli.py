@@ -16,8 +16,23 @@ from dblocks.blocks import AssembledModel
 from dblocks.checkpoint import load_metadata, save_checkpoint
 from dblocks.cli import main
 
-MICRO = ["--arch", "ViT-micro", "--blocks", "3", "--steps", "6", "--batch-size", "16", "--no-progress",
-         "--device", "cpu", "--set", "train.log_every=3", "--set", "train.warmup=1"]
+MICRO = [
+    "--arch",
+    "ViT-micro",
+    "--blocks",
+    "3",
+    "--steps",
+    "6",
+    "--batch-size",
+    "16",
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--set",
+    "train.log_every=3",
+    "--set",
+    "train.warmup=1",
+]
 DIT_MICRO = ["--task", "generation", "--arch", "DiT-micro", *MICRO[2:]]
 
 
@@ -99,17 +114,30 @@ def test_jobs_that_need_no_fid_do_not_import_it(vit_blocks, tmp_path):
     import sys
 
     model_path = tmp_path / "model.safetensors"
-    code = ("import sys; from dblocks.cli import main; "
-            f"rc = main(['assemble', *{[str(p) for p in sorted(vit_blocks.glob('block-*.safetensors'))]!r}, "
-            f"'--out', {str(model_path)!r}]) or main(['evaluate', {str(model_path)!r}, "
-            f"'--out', {str(tmp_path / 'metrics.json')!r}]); "
-            "print(rc, sorted(m for m in ('torch_fidelity', 'torchvision') if m in sys.modules))")
+    code = (
+        "import sys; from dblocks.cli import main; "
+        f"rc = main(['assemble', *{[str(p) for p in sorted(vit_blocks.glob('block-*.safetensors'))]!r}, "
+        f"'--out', {str(model_path)!r}]) or main(['evaluate', {str(model_path)!r}, "
+        f"'--out', {str(tmp_path / 'metrics.json')!r}]); "
+        "print(rc, sorted(m for m in ('torch_fidelity', 'torchvision') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "0 []"
 
 
-@pytest.mark.parametrize("case", ["missing", "duplicate", "wrong_b", "other_config", "other_partition",
-                                  "other_experiment", "not_a_block", "other_target_space"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "duplicate",
+        "wrong_b",
+        "other_config",
+        "other_partition",
+        "other_experiment",
+        "not_a_block",
+        "other_target_space",
+    ],
+)
 def test_assembly_refuses_mismatches(case, vit_blocks, tmp_path):
     paths = _copy(vit_blocks, tmp_path, ["block-1", "block-2", "block-3"])
     expected = None
@@ -117,6 +145,7 @@ def test_assembly_refuses_mismatches(case, vit_blocks, tmp_path):
     def edit(path, **changes):
         meta = load_metadata(path)
         from dblocks.checkpoint import load_checkpoint
+
         tensors, _ = load_checkpoint(path)
         for key in ("format_version", "sha256", "tensors"):
             meta.pop(key)
@@ -143,10 +172,12 @@ def test_assembly_refuses_mismatches(case, vit_blocks, tmp_path):
         culprit, field = paths[0], "kind"
     else:  # same metadata, different target space tensors
         from dblocks.checkpoint import load_checkpoint
+
         tensors, meta = load_checkpoint(paths[2])
         tensors["task/label_embedding"] = -tensors["task/label_embedding"]
-        save_checkpoint(paths[2], tensors, {k: v for k, v in meta.items() if k not in ("format_version", "sha256",
-                                                                                      "tensors")})
+        save_checkpoint(
+            paths[2], tensors, {k: v for k, v in meta.items() if k not in ("format_version", "sha256", "tensors")}
+        )
         culprit, field = paths[2], "task/label_embedding"
     with pytest.raises(AssemblyError) as err:
         assemble(paths, tmp_path / "out.safetensors", expected)
@@ -183,8 +214,9 @@ def test_paper_mode_writes_assemblable_blocks(tmp_path):
     assert run("train-shared", *MICRO, "--out-dir", out) == 0
     metas = [load_metadata(out / f"block-{b}.safetensors") for b in (1, 2, 3)]
     assert {m["method"] for m in metas} == {"paper"} and metas[0]["step"] == 18  # B x steps
-    assert run("assemble", *[out / f"block-{b}.safetensors" for b in (1, 2, 3)], "--out",
-               tmp_path / "m.safetensors") == 0
+    assert (
+        run("assemble", *[out / f"block-{b}.safetensors" for b in (1, 2, 3)], "--out", tmp_path / "m.safetensors") == 0
+    )
     model, _, _ = load_model(tmp_path / "m.safetensors")
     # the stem was shared in training, so every block carries the same stem weights
     assert torch.equal(model.blocks[0].stem.patch_embed.weight, model.blocks[2].stem.patch_embed.weight)
@@ -212,7 +244,10 @@ BAD_INPUTS = [
     (["train-block", "--block", 1, "--overlap", 0.5], "overlap=0.5 is out of range; allowed: < 0.5"),
     (["train-block", "--block", 1, "--overlap", -0.1], "overlap=-0.1 is out of range; allowed: >= 0"),
     (["train-block", "--block", 4], "--block 4: allowed: 1..3"),
-    (["train-block", "--block", 1, "--partition", "linear"], "partition='linear' is not allowed; allowed: equiprobable, uniform"),
+    (
+        ["train-block", "--block", 1, "--partition", "linear"],
+        "partition='linear' is not allowed; allowed: equiprobable, uniform",
+    ),
     (["train-block", "--block", 1, "--dataset", "mnist"], "dataset='mnist' is not allowed"),
     (["train-block", "--block", 1, "--task", "generation"], "is a vit model but task='generation'"),
     (["train-block", "--block", 1, "--config", "missing.yaml"], "--config missing.yaml: file not found"),
@@ -228,7 +263,10 @@ BAD_INPUTS = [
     (["evaluate", "nothing.safetensors"], "MODEL nothing.safetensors: file not found"),
     (["prepare", "--dataset", "imagenet"], "--dataset 'imagenet': allowed: digits, digits-latent, cifar10, cifar100"),
     (["prepare", "--dataset", "digits", "--autoencoder-steps", 5], "--autoencoder-steps: digits has no autoencoder"),
-    (["prepare", "--dataset", "digits-latent", "--autoencoder-steps", 0], "--autoencoder-steps 0: allowed: an integer >= 1"),
+    (
+        ["prepare", "--dataset", "digits-latent", "--autoencoder-steps", 0],
+        "--autoencoder-steps 0: allowed: an integer >= 1",
+    ),
     (["train-block", "--block", 1, "--data", "no-such-dir"], "--data no-such-dir: directory not found"),
 ]
 
@@ -237,8 +275,13 @@ BAD_INPUTS = [
 def test_bad_input_fails_fast_with_one_line(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     command = argv[0]
-    out_arg = {"partition": [], "prepare": ["--out", "prepared"], "assemble": ["--out", "o.safetensors"], "sample": ["--out", "o.png"],
-               "evaluate": ["--out", "o.json"]}.get(command, ["--out", "o.safetensors"])
+    out_arg = {
+        "partition": [],
+        "prepare": ["--out", "prepared"],
+        "assemble": ["--out", "o.safetensors"],
+        "sample": ["--out", "o.png"],
+        "evaluate": ["--out", "o.json"],
+    }.get(command, ["--out", "o.safetensors"])
     assert run(*argv, *out_arg) == 2
     err = capsys.readouterr().err
     assert (message or "error: ") in err and err.count("\n") == 1, err  # argparse's errors are one line too
@@ -246,8 +289,17 @@ def test_bad_input_fails_fast_with_one_line(argv, message, tmp_path, capsys, mon
 
 
 def test_help_for_every_command(capsys):
-    for command in ("partition", "models", "prepare", "train-block", "train-baseline", "train-shared", "assemble", "sample",
-                    "evaluate"):
+    for command in (
+        "partition",
+        "models",
+        "prepare",
+        "train-block",
+        "train-baseline",
+        "train-shared",
+        "assemble",
+        "sample",
+        "evaluate",
+    ):
         assert main([command, "--help"]) == 0
         assert "usage: dblocks " + command in capsys.readouterr().out
 
@@ -261,6 +313,21 @@ def test_prepare_then_train_from_prepared_data(tmp_path):
         original, stored = load_image_dataset("digits", split), load_prepared(prepared, split)
         assert torch.equal(original.images, stored.images[:]) and torch.equal(original.labels, stored.labels)
     assert run("train-block", *MICRO, "--data", prepared, "--block", 3, "--out", tmp_path / "b.safetensors") == 0
-    assert run("train-block", *MICRO, "--dataset", "cifar10", "--arch", "ViT-micro", "--data", prepared, "--block", 3,
-               "--out", tmp_path / "c.safetensors") == 2
+    assert (
+        run(
+            "train-block",
+            *MICRO,
+            "--dataset",
+            "cifar10",
+            "--arch",
+            "ViT-micro",
+            "--data",
+            prepared,
+            "--block",
+            3,
+            "--out",
+            tmp_path / "c.safetensors",
+        )
+        == 2
+    )
     assert not (tmp_path / "c.safetensors").exists()

@@ -496,8 +496,11 @@ def test_staging_files_of_a_killed_writer_are_swept(tmp_path):
     for name in (".state.safetensors.abc.tmp", ".state.json.def.tmp", ".other.safetensors.ghi.tmp"):
         (tmp_path / name).write_bytes(b"half a write")
     save_checkpoint(path, {"w": torch.ones(2)}, {"kind": "test"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.safetensors.ghi.tmp", "state.json",
-                                                          "state.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".other.safetensors.ghi.tmp",
+        "state.json",
+        "state.safetensors",
+    ]
     (tmp_path / ".state.safetensors.xyz.tmp").write_bytes(b"another half")
     remove_checkpoint(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.safetensors.ghi.tmp"]

@@ -108,7 +108,7 @@ def test_cifar_parquet_round_trip(name, tmp_path, hf_offline):
         "train": _write_split(root, name, "train", n=20, seed=0),
         "test": _write_split(root, name, "test", n=7, seed=1),
     }
-    for split, (path, images, labels, _) in written.items():
+    for split, (_path, images, labels, _) in written.items():
         ds = load_image_dataset(name, split, root=root)
         assert (ds.name, ds.split, ds.num_classes) == (name, split, NUM_CLASSES[name])
         assert ds.shape == (3, 32, 32) and len(ds) == len(images)

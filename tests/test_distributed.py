@@ -56,8 +56,14 @@ def fid_inputs(root: Path) -> None:
 def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
     fid_inputs(out)
-    proc = subprocess.run(torchrun(2, str(REPO / "tests/ddp_worker.py"), str(out)), cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        torchrun(2, str(REPO / "tests/ddp_worker.py"), str(out)),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
@@ -67,8 +73,11 @@ def test_two_ranks_with_half_the_batch_each_learn_what_one_process_learns(two_ra
     exp, method, block = ddp_worker.jobs()[name]
     one = ddp_worker.run(name, exp, method, block, torch.device("cpu"))
     two = load_file(str(two_ranks / f"{name}.safetensors"))
-    assert_close({k: v for k, v in two.items() if k != "losses"}, {k: v for k, v in one.items() if k != "losses"},
-                 f"{name}: weights and weight average, 2 ranks vs 1")
+    assert_close(
+        {k: v for k, v in two.items() if k != "losses"},
+        {k: v for k, v in one.items() if k != "losses"},
+        f"{name}: weights and weight average, 2 ranks vs 1",
+    )
     # the logged loss is the whole global batch's, not rank 0's half
     assert torch.allclose(two["losses"], one["losses"], atol=1e-5), (two["losses"], one["losses"])
 
@@ -97,9 +106,32 @@ def test_text_continuations_dealt_over_two_ranks_are_one_process_continuations(t
 
 # --------------------------------------------------------------------------- killed with 2 ranks, resumed with 1
 
-JOB = ["train-block", "--arch", "ViT-micro", "--blocks", "3", "--block", "2", "--steps", "60", "--batch-size", "16",
-       "--device", "cpu", "--no-progress", "--set", "train.warmup=5", "--set", "train.log_every=5",
-       "--set", "train.checkpoint_every=3", "--set", "train.ema_decay=0.9", "--set", "train.augment=crop_flip"]
+JOB = [
+    "train-block",
+    "--arch",
+    "ViT-micro",
+    "--blocks",
+    "3",
+    "--block",
+    "2",
+    "--steps",
+    "60",
+    "--batch-size",
+    "16",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--set",
+    "train.warmup=5",
+    "--set",
+    "train.log_every=5",
+    "--set",
+    "train.checkpoint_every=3",
+    "--set",
+    "train.ema_decay=0.9",
+    "--set",
+    "train.augment=crop_flip",
+]
 
 # Every file under the test's directory that a rank other than 0 opens for writing, recorded from inside it
 # (Python's audit hook on open; libraries probing /dev/null or the temp dir at import are not the job's files)
@@ -152,19 +184,30 @@ def test_two_rank_job_killed_then_resumed_with_one_rank_matches_one_uninterrupte
     (spy / "sitecustomize.py").write_text(WRITES_SPY)
     env = {**ENV, "PYTHONPATH": f"{spy}{os.pathsep}{ENV.get('PYTHONPATH', '')}", "WRITES_LOG": str(tmp_path / "writes")}
     # the spy sees a write by a rank other than 0 (then its record is removed)
-    subprocess.run([sys.executable, "-c", f"open({str(tmp_path / 'probe')!r}, 'w')"], env={**env, "RANK": "1"},
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-c", f"open({str(tmp_path / 'probe')!r}, 'w')"], env={**env, "RANK": "1"}, check=True
+    )
     assert (tmp_path / "writes.1").read_text().split() == [str(tmp_path / "probe")]
     (tmp_path / "writes.1").unlink()
     reference = tmp_path / "reference" / "block-2.safetensors"
-    ref = subprocess.Popen([str(BIN / "dblocks"), *JOB, "--out", str(reference)], env=ENV,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ref = subprocess.Popen(
+        [str(BIN / "dblocks"), *JOB, "--out", str(reference)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     work = tmp_path / "work"
     work.mkdir()
     out = work / "block-2.safetensors"
     # the whole job (torchrun and both ranks) dies at once, as when a node fails or SLURM kills the job
-    job = subprocess.Popen(torchrun(2, "-m", "dblocks", *JOB, "--out", str(out)), cwd=work, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    job = subprocess.Popen(
+        torchrun(2, "-m", "dblocks", *JOB, "--out", str(out)),
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 180
     while _state_step(out) < 9:
         assert job.poll() is None, f"the job ended before step 9: {job.communicate()[0][-3000:]}"
@@ -176,8 +219,9 @@ def test_two_rank_job_killed_then_resumed_with_one_rank_matches_one_uninterrupte
     killed_at = _state_step(out)
     assert not out.exists() and killed_at < 60
 
-    resumed = subprocess.run([str(BIN / "dblocks"), *JOB, "--out", str(out)], cwd=work, env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [str(BIN / "dblocks"), *JOB, "--out", str(out)], cwd=work, env=env, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     stdout, stderr = ref.communicate(timeout=300)
     assert ref.returncode == 0, stderr[-3000:]
@@ -193,9 +237,15 @@ def test_two_rank_job_killed_then_resumed_with_one_rank_matches_one_uninterrupte
 
 
 def test_a_global_batch_smaller_than_the_ranks_is_refused_before_training(tmp_path):
-    job = JOB[: JOB.index("--batch-size") + 1] + ["1"] + JOB[JOB.index("--batch-size") + 2:]
-    proc = subprocess.run(torchrun(2, "-m", "dblocks", *job, "--out", str(tmp_path / "block-2.safetensors")),
-                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    job = JOB[: JOB.index("--batch-size") + 1] + ["1"] + JOB[JOB.index("--batch-size") + 2 :]
+    proc = subprocess.run(
+        torchrun(2, "-m", "dblocks", *job, "--out", str(tmp_path / "block-2.safetensors")),
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "train.batch_size=1 is the global batch, shared by 2 ranks; allowed: at least 2" in proc.stdout + proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []

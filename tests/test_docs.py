@@ -14,8 +14,23 @@ CODE_BLOCK = re.compile(r"^```.*?^```", re.S | re.M)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
 # "SPEC section 5", "SPEC sections 1 and 7", "SPEC §3", "SPEC's", "SPEC.md", "the SPEC", "as SPEC describes"
 FORMER_SPEC = re.compile(r"SPEC(?:\.md| sections?\b| §|'s| of this project)|\b(?:the|as) SPEC\b")
-SKIP_DIRS = {".venv", ".git", ".snakemake", "results", "data", "checkpoints", "logs", "models", "mlruns",
-             "mlartifacts", "node_modules", "__pycache__", ".dvc", ".pytest_cache", ".ruff_cache"}
+SKIP_DIRS = {
+    ".venv",
+    ".git",
+    ".snakemake",
+    "results",
+    "data",
+    "checkpoints",
+    "logs",
+    "models",
+    "mlruns",
+    "mlartifacts",
+    "node_modules",
+    "__pycache__",
+    ".dvc",
+    ".pytest_cache",
+    ".ruff_cache",
+}
 SOURCE_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".smk", ".toml", ".cfg", ".txt", ".json"}
 SOURCE_NAMES = {"Snakefile", "Makefile"}
 
@@ -69,8 +84,10 @@ def test_relative_links_resolve():
 def test_link_checker_catches_a_broken_link(tmp_path):
     doc = tmp_path / "a.md"
     (tmp_path / "b.md").write_text("# A heading\n")
-    doc.write_text("[ok](b.md) [ok](b.md#a-heading) [web](https://example.org) `[code](nope.md)`\n"
-                   "[missing](nope.md) [bad anchor](b.md#other)\n")
+    doc.write_text(
+        "[ok](b.md) [ok](b.md#a-heading) [web](https://example.org) `[code](nope.md)`\n"
+        "[missing](nope.md) [bad anchor](b.md#other)\n"
+    )
     global ROOT
     saved, ROOT = ROOT, tmp_path
     try:
@@ -87,8 +104,9 @@ def test_method_sections_are_numbered_like_their_citations():
     assert sections == {"1", "2", "3", "4", "5", "5b", "6", "7", "8"}
     cited = set()
     for path in source_files():
-        for first, second in re.findall(r"method\.md §(\d+b?)(?:\s*(?:and|-)\s*§(\d+b?))?",
-                                        path.read_text(encoding="utf-8", errors="replace")):
+        for first, second in re.findall(
+            r"method\.md §(\d+b?)(?:\s*(?:and|-)\s*§(\d+b?))?", path.read_text(encoding="utf-8", errors="replace")
+        ):
             cited |= {first, second} - {""}
     assert cited and cited <= sections, sorted(cited - sections)
 
@@ -98,8 +116,7 @@ def source_files() -> list[Path]:
     out = []
     for folder, dirs, files in os.walk(ROOT):
         dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info")]
-        out += [Path(folder) / name for name in files
-                if Path(name).suffix in SOURCE_SUFFIXES or name in SOURCE_NAMES]
+        out += [Path(folder) / name for name in files if Path(name).suffix in SOURCE_SUFFIXES or name in SOURCE_NAMES]
     return out
 
 

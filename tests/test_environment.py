@@ -43,9 +43,21 @@ def only_version(name: str) -> str:
 
 
 # The library is what `pip install diffusion-blocks` gives: these modules, on the base dependencies alone.
-LIBRARY = ("dblocks.noise", "dblocks.edm", "dblocks.layers", "dblocks.blocks", "dblocks.models", "dblocks.ema",
-           "dblocks.optim", "dblocks.train", "dblocks.sample", "dblocks.checkpoint", "dblocks.assemble",
-           "dblocks.masked_diffusion", "dblocks.text_generation")
+LIBRARY = (
+    "dblocks.noise",
+    "dblocks.edm",
+    "dblocks.layers",
+    "dblocks.blocks",
+    "dblocks.models",
+    "dblocks.ema",
+    "dblocks.optim",
+    "dblocks.train",
+    "dblocks.sample",
+    "dblocks.checkpoint",
+    "dblocks.assemble",
+    "dblocks.masked_diffusion",
+    "dblocks.text_generation",
+)
 
 
 def test_the_library_needs_only_the_base_dependencies():
@@ -58,21 +70,28 @@ def test_the_library_needs_only_the_base_dependencies():
     base = {envlock.normalize(re.split(r"[<>=!~\[;]", d)[0]) for d in project["dependencies"]}
     assert {"torch", "safetensors", "numpy"} <= base
     extras = project["optional-dependencies"]
-    only_extra = {envlock.normalize(re.split(r"[<>=!~\[;]", d)[0]) for name in ("pipeline", "fid", "text")
-                  for d in extras[name]} - base
+    only_extra = {
+        envlock.normalize(re.split(r"[<>=!~\[;]", d)[0]) for name in ("pipeline", "fid", "text") for d in extras[name]
+    } - base
     assert {"snakemake", "dvc", "mlflow", "torch-fidelity", "mauve-text"} <= only_extra
     assert extras["all"] == ["diffusion-blocks[pipeline,fid,text]"]
     # the top-level modules each extra-only distribution provides
-    provided = {module for module, dists in metadata.packages_distributions().items()
-                if any(envlock.normalize(d) in only_extra for d in dists)}
+    provided = {
+        module
+        for module, dists in metadata.packages_distributions().items()
+        if any(envlock.normalize(d) in only_extra for d in dists)
+    }
     assert {"snakemake", "mlflow", "torch_fidelity", "mauve"} <= provided
-    code = (f"import importlib, sys; [importlib.import_module(m) for m in {LIBRARY!r}]; "
-            "print('\\n'.join(sorted({n.split('.')[0] for n in sys.modules})))")
-    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                cwd=REPO).stdout.split())
+    code = (
+        f"import importlib, sys; [importlib.import_module(m) for m in {LIBRARY!r}]; "
+        "print('\\n'.join(sorted({n.split('.')[0] for n in sys.modules})))"
+    )
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+        ).stdout.split()
+    )
     assert not loaded & provided, f"the library imports modules of extras: {sorted(loaded & provided)}"
-
-
 
 
 def test_lock_agrees_with_pyproject():
@@ -89,9 +108,11 @@ def test_uv_is_pinned_once_and_the_lock_and_venv_agree():
 
 
 def test_torch_pair_is_locked_as_pyproject_pins_it():
-    pins = dict(re.match(r"([\w.-]+)==(\S+)$", d).groups()
-                for d in envlock.tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-                if re.match(r"torch(vision)?==", d))
+    pins = dict(
+        re.match(r"([\w.-]+)==(\S+)$", d).groups()
+        for d in envlock.tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+        if re.match(r"torch(vision)?==", d)
+    )
     assert set(pins) == {"torch", "torchvision"}
     for name, version in pins.items():
         assert only_version(name) == version
@@ -185,14 +206,18 @@ def test_conda_env_pins_equal_the_lock():
 def test_conda_env_is_regenerated_from_the_current_lock():
     if not UV.exists():
         pytest.fail(f"{UV} is missing: run `make setup`")
-    proc = subprocess.run([sys.executable, str(REPO / "workflow/scripts/envlock.py"), "conda-env", "--check",
-                           "--uv", str(UV)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "workflow/scripts/envlock.py"), "conda-env", "--check", "--uv", str(UV)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 # ------------------------------------------------------------- SLURM tests: skip, or fail under CI
 
-PROBE = '''
+PROBE = """
 import tests.slurm.cluster as cluster
 
 cluster.SBIN = ()  # only PATH counts in this probe
@@ -200,7 +225,7 @@ cluster.SBIN = ()  # only PATH counts in this probe
 
 def test_needs_the_slurm_cluster():
     cluster.require_cluster()
-'''
+"""
 
 
 def fake_programs(folder: Path, names, body: str = "exit 0") -> None:
@@ -219,8 +244,14 @@ def run_probe(tmp_path: Path, path: Path, ci: str | None) -> subprocess.Complete
     env.update(PATH=str(path), PYTHONPATH=str(REPO))
     if ci is not None:
         env["CI"] = ci
-    return subprocess.run([sys.executable, "-m", "pytest", "-ra", "-p", "no:cacheprovider", "test_probe.py"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-ra", "-p", "no:cacheprovider", "test_probe.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_slurm_tests_skip_with_the_reason_where_slurm_is_missing(tmp_path):
@@ -228,8 +259,9 @@ def test_slurm_tests_skip_with_the_reason_where_slurm_is_missing(tmp_path):
     empty.mkdir()
     proc = run_probe(tmp_path, empty, ci=None)
     assert proc.returncode == 0, proc.stdout
-    assert re.search(r"SKIPPED \[1\] .*SLURM tests cannot run here: .*munged.*: not installed", proc.stdout), \
+    assert re.search(r"SKIPPED \[1\] .*SLURM tests cannot run here: .*munged.*: not installed", proc.stdout), (
         proc.stdout
+    )
     assert "1 skipped" in proc.stdout
 
 
@@ -259,9 +291,13 @@ def test_install_script_does_nothing_when_slurm_is_installed(tmp_path):
     fake_programs(bin_, ("slurmctld", "slurmd", "sbatch", "munged"))
     fake_programs(bin_, ("apt-get",), body=f"touch {tmp_path}/apt-called; exit 1")
     start = time.monotonic()
-    proc = subprocess.run(["bash", str(REPO / "tests/slurm/install.sh"), "--if-possible"], capture_output=True,
-                          text=True, env=dict(os.environ, PATH=f"{bin_}{os.pathsep}/usr/bin{os.pathsep}/bin"),
-                          timeout=60)
+    proc = subprocess.run(
+        ["bash", str(REPO / "tests/slurm/install.sh"), "--if-possible"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PATH=f"{bin_}{os.pathsep}/usr/bin{os.pathsep}/bin"),
+        timeout=60,
+    )
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert not (tmp_path / "apt-called").exists()
     assert time.monotonic() - start < 5
@@ -271,6 +307,9 @@ def test_make_test_installs_slurm_and_ci_only_calls_make_test():
     makefile = (REPO / "Makefile").read_text()
     recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
     assert "tests/slurm/install.sh --if-possible" in recipe and "pytest" in recipe
-    ci = [line for line in (REPO / ".ci/run").read_text().splitlines()
-          if line.strip() and not line.lstrip().startswith("#")]
+    ci = [
+        line
+        for line in (REPO / ".ci/run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     assert ci[-1] == "make test" and not any("install" in line for line in ci)

@@ -17,10 +17,10 @@ import torch
 from dblocks.checkpoint import save_checkpoint
 from dblocks.cli import build_parser
 from dblocks.config import resolve
-from dblocks.experiment import Experiment
 from dblocks.dvcgen import snakemake_jobs
-from dblocks.evaluate_model import evaluation_options
 from dblocks.evaluate import fid_references
+from dblocks.evaluate_model import evaluation_options
+from dblocks.experiment import Experiment
 from dblocks.params import EVALUATE_DEFAULTS, command_settings, evaluation_hash, evaluation_settings
 from dblocks.pipeline import Pipeline
 
@@ -61,14 +61,19 @@ def test_the_rules_give_evaluate_the_settings_the_params_model_hashes(params_fil
         assert (judge is not None) == (pipe.judge(exp) is not None), job.command
         fid = None
         if config["task"] == "generation":  # the FID reference itself comes from the statistics' records
-            fid = {"fid_features": pipe.evaluation["fid_features"],
-                   "fid_reference": sorted(s for s in ("train", "test") if getattr(args, f"{s}_stats")),
-                   "reference_samples": pipe.evaluation.get("reference_samples")}
+            fid = {
+                "fid_features": pipe.evaluation["fid_features"],
+                "fid_reference": sorted(s for s in ("train", "test") if getattr(args, f"{s}_stats")),
+                "reference_samples": pipe.evaluation.get("reference_samples"),
+            }
         got = command_settings(vars(args), config, pipe.hash(judge) if judge else None, fid)
         assert got == pipe.evaluation_settings(exp), job.command
         assert evaluation_hash(got) == pipe.eval_hash(exp)
-    expected = {"classification", "generation"} if params_file.endswith("tiny.yaml") else \
-        {"masked_text", "ar_text", "recurrent_text"}
+    expected = (
+        {"classification", "generation"}
+        if params_file.endswith("tiny.yaml")
+        else {"masked_text", "ar_text", "recurrent_text"}
+    )
     assert tasks == expected
 
 
@@ -85,13 +90,24 @@ def test_settings_are_normalised_and_only_the_tasks_own():
     g = evaluation_settings("generation", {"guidance": 1, "samples": 8})
     assert g["guidance"] == 1.0 and isinstance(g["guidance"], float)
     assert evaluation_hash(g) == evaluation_hash(evaluation_settings("generation", {"guidance": 1.0, "samples": 8}))
-    assert evaluation_settings("classification", {"seed": 3, "samples": 9}) == {"task": "classification",
-                                                                                 "split": "test", "seed": 3, "weights": None}
+    assert evaluation_settings("classification", {"seed": 3, "samples": 9}) == {
+        "task": "classification",
+        "split": "test",
+        "seed": 3,
+        "weights": None,
+    }
 
 
 def _stats(path: Path, split: str, sha: str, samples: int) -> Path:
-    key = {"dataset": "digits", "split": split, "data_sha256": sha, "extractor": "x", "layer": "y",
-           "weights_sha256": "0" * 64, "samples": samples}
+    key = {
+        "dataset": "digits",
+        "split": split,
+        "data_sha256": sha,
+        "extractor": "x",
+        "layer": "y",
+        "weights_sha256": "0" * 64,
+        "samples": samples,
+    }
     save_checkpoint(path, {"mu": torch.zeros(2), "sigma": torch.eye(2)}, {"kind": "fid-reference", "key": key})
     return path
 
@@ -100,8 +116,9 @@ def test_fid_references_read_records_only(tmp_path):
     data = tmp_path / "prepared"
     data.mkdir()
     for split, n in (("train", 20), ("test", 10)):  # JSON records only: there are no tensor files
-        (data / f"{split}.json").write_text(json.dumps({"kind": "dataset", "name": "digits", "split": split,
-                                                        "examples": n, "sha256": f"{split:0<64}"}))
+        (data / f"{split}.json").write_text(
+            json.dumps({"kind": "dataset", "name": "digits", "split": split, "examples": n, "sha256": f"{split:0<64}"})
+        )
     whole = {s: _stats(tmp_path / f"all-{s}.safetensors", s, f"{s:0<64}", n) for s, n in (("train", 20), ("test", 10))}
     samples, found = fid_references(whole, [None, data])
     assert samples is None

@@ -8,8 +8,8 @@ import torch_fidelity
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from dblocks.checkpoint import save_checkpoint
-from dblocks.errors import CheckpointError
 from dblocks.data import load_image_dataset
+from dblocks.errors import CheckpointError
 from dblocks.metrics import fid as fid_module
 from dblocks.metrics.fid import (
     FEATURE_EXTRACTOR_NAME,

@@ -18,10 +18,17 @@ from dblocks.evaluate import evaluate_generator
 from dblocks.experiment import Experiment
 from dblocks.metrics import inception
 from dblocks.metrics.fid import FID_LABEL, save_feature_net, train_feature_net
-from dblocks.metrics.reference import (FeatureSpace, domain_fid, extract_features, fid_from_statistics,
-                                       image_statistics, load_reference_statistics, reference_statistics, statistics)
+from dblocks.metrics.reference import (
+    FeatureSpace,
+    domain_fid,
+    extract_features,
+    fid_from_statistics,
+    image_statistics,
+    load_reference_statistics,
+    reference_statistics,
+    statistics,
+)
 from tests.conftest import micro_config
-
 
 # ------------------------------------------------------------------------------------ offline Inception
 
@@ -76,8 +83,9 @@ def test_inception_weights_load_without_pickle_and_are_checked(inception_weights
         raise AssertionError("torch.load called")
 
     monkeypatch.setattr(torch, "load", no_pickle)
-    extractor = create_feature_extractor(inception.EXTRACTOR, ["2048"], cuda=False,
-                                         feature_extractor_weights_path=str(inception_weights))
+    extractor = create_feature_extractor(
+        inception.EXTRACTOR, ["2048"], cuda=False, feature_extractor_weights_path=str(inception_weights)
+    )
     assert isinstance(extractor, FeatureExtractorInceptionV3) and not extractor.training
 
     tampered = tmp_path / "tampered.safetensors"
@@ -86,7 +94,9 @@ def test_inception_weights_load_without_pickle_and_are_checked(inception_weights
     tampered.write_bytes(bytes(data))
     (tmp_path / "tampered.json").write_text(inception_weights.with_suffix(".json").read_text())
     with pytest.raises(CheckpointError, match="tampered.safetensors.*checksum"):
-        create_feature_extractor(inception.EXTRACTOR, ["2048"], cuda=False, feature_extractor_weights_path=str(tampered))
+        create_feature_extractor(
+            inception.EXTRACTOR, ["2048"], cuda=False, feature_extractor_weights_path=str(tampered)
+        )
     foreign = tmp_path / "foreign.safetensors"
     foreign.write_bytes(b"not ours")
     with pytest.raises(CheckpointError, match="foreign"):
@@ -132,8 +142,9 @@ def test_reference_statistics_are_computed_once_then_reused(digits_setup, monkey
     np.testing.assert_array_equal(again["sigma"], stats["sigma"])
 
     # FID from the cached statistics is torch-fidelity's FID of the images
-    assert fid_from_statistics(image_statistics(train.images, space), again) == \
-        pytest.approx(domain_fid(train.images, test.images, space.weights), rel=1e-6)
+    assert fid_from_statistics(image_statistics(train.images, space), again) == pytest.approx(
+        domain_fid(train.images, test.images, space.weights), rel=1e-6
+    )
 
     # another sample count or another feature net is another key: recomputed, never the stale file
     _, meta, reused = reference_statistics(root / "digits", "test", space, out, samples=100)
@@ -153,8 +164,17 @@ def test_protocol_train_and_test_fid_best_of_k_and_grid(digits_setup, tmp_path):
         reference_statistics(root / "digits", split, space, stats[split])
     exp = Experiment(micro_config(task="generation"))
     grid = tmp_path / "grid.png"
-    result = evaluate_generator(exp.e2e(), exp, None, features=space.weights, samples=40, steps=4,
-                                grid_path=grid, reference_stats=stats, evaluations=2)
+    result = evaluate_generator(
+        exp.e2e(),
+        exp,
+        None,
+        features=space.weights,
+        samples=40,
+        steps=4,
+        grid_path=grid,
+        reference_stats=stats,
+        evaluations=2,
+    )
     assert result["fid_label"] == FID_LABEL and result["evaluations"] == 2
     for split in ("train", "test"):
         values = result[f"fid_{split}_all"]
@@ -173,8 +193,24 @@ def test_protocol_train_and_test_fid_best_of_k_and_grid(digits_setup, tmp_path):
 def test_cli_reference_stats_and_evaluate(digits_setup, tmp_path, capsys):
     root, space, _, _ = digits_setup
     outs = [tmp_path / "train.safetensors", tmp_path / "test.safetensors"]
-    args = ["reference-stats", "--data", str(root / "digits"), "--features", str(space.weights), "--split", "train",
-            "--out", str(outs[0]), "--split", "test", "--out", str(outs[1]), "--samples", "200", "--no-progress"]
+    args = [
+        "reference-stats",
+        "--data",
+        str(root / "digits"),
+        "--features",
+        str(space.weights),
+        "--split",
+        "train",
+        "--out",
+        str(outs[0]),
+        "--split",
+        "test",
+        "--out",
+        str(outs[1]),
+        "--samples",
+        "200",
+        "--no-progress",
+    ]
     assert main(args) == 0 and "wrote" in capsys.readouterr().out
     assert main(args) == 0 and capsys.readouterr().out.count("reused") == 2
 
@@ -184,14 +220,34 @@ def test_cli_reference_stats_and_evaluate(digits_setup, tmp_path, capsys):
     model = tmp_path / "e2e.safetensors"
     save_e2e(model, exp.e2e(), exp, 0, {})
     metrics = tmp_path / "m.json"
-    assert main(["evaluate", str(model), "--features", str(space.weights), "--train-stats", str(outs[0]),
-                 "--test-stats", str(outs[1]), "--samples", "20", "--sample-steps", "3", "--out", str(metrics),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(model),
+                "--features",
+                str(space.weights),
+                "--train-stats",
+                str(outs[0]),
+                "--test-stats",
+                str(outs[1]),
+                "--samples",
+                "20",
+                "--sample-steps",
+                "3",
+                "--out",
+                str(metrics),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     record = json.loads(metrics.read_text())
     assert record["fid_train"] > 0 and record["fid_test"] > 0 and record["evaluations"] == 1
     # bad input: one line, exit 2
-    assert main(["evaluate", str(model), "--features", str(outs[0].with_suffix(".json")), "--out",
-                 str(metrics)]) == 2
-    assert main(["evaluate", str(model), "--features", str(space.weights), "--evaluations", "0",
-                 "--out", str(metrics)]) == 2
+    assert main(["evaluate", str(model), "--features", str(outs[0].with_suffix(".json")), "--out", str(metrics)]) == 2
+    assert (
+        main(["evaluate", str(model), "--features", str(space.weights), "--evaluations", "0", "--out", str(metrics)])
+        == 2
+    )
     assert "--evaluations 0: allowed: an integer >= 1" in capsys.readouterr().err

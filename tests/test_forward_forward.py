@@ -19,7 +19,6 @@ from dblocks.baselines.forward_forward import (
 )
 from dblocks.data import load_image_dataset
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small models, one thread
 
 
@@ -68,8 +67,9 @@ def test_no_gradient_crosses_a_unit_boundary(layers_per_unit):
     batch = model.draw(_batch(), torch.Generator().manual_seed(0))
     # every unit after the first receives a tensor outside autograd's graph
     received = []
-    hooks = [unit.register_forward_pre_hook(lambda m, args: received.append(args[0].requires_grad))
-             for unit in model.units]
+    hooks = [
+        unit.register_forward_pre_hook(lambda m, args: received.append(args[0].requires_grad)) for unit in model.units
+    ]
     losses = model.unit_losses(batch["image"], batch["label"], batch["negative"])
     for hook in hooks:
         hook.remove()

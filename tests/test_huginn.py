@@ -12,14 +12,20 @@ from dblocks.blocks import AssembledModel
 from dblocks.cli import main
 from dblocks.config import resolve
 from dblocks.experiment import Experiment
+from dblocks.jobs import training_job
 from dblocks.layers import counting_layer_calls
 from dblocks.models.huginn import sample_recurrence
 from dblocks.text_generation import recurrent_depth_logits, recurrent_next_token_quality
 from dblocks.train import sample_batch, train
-from dblocks.jobs import training_job
 
-MICRO = {"task": "recurrent_text", "arch": "Huginn-micro", "dataset": "shakespeare", "blocks": 1, "device": "cpu",
-         "train": {"steps": 6, "batch_size": 8, "warmup": 2, "log_every": 3, "checkpoint_every": 3}}
+MICRO = {
+    "task": "recurrent_text",
+    "arch": "Huginn-micro",
+    "dataset": "shakespeare",
+    "blocks": 1,
+    "device": "cpu",
+    "train": {"steps": 6, "batch_size": 8, "warmup": 2, "log_every": 3, "checkpoint_every": 3},
+}
 
 
 def micro_huginn(**overrides) -> Experiment:
@@ -74,13 +80,15 @@ def test_both_tiny_recurrent_models_learn():
     data, val = exp.load_data("train"), exp.load_data("validation").tokens[:24]
     denoiser, objective, steps = training_job(exp, "blockwise", 1)
     before = _denoising_ce(denoiser.eval(), exp, val)
-    train(denoiser, objective, data, exp.config["train"], seed=0, device=torch.device("cpu"), steps=steps,
-          progress=False)
+    train(
+        denoiser, objective, data, exp.config["train"], seed=0, device=torch.device("cpu"), steps=steps, progress=False
+    )
     assert _denoising_ce(denoiser.eval(), exp, val) < before - 1.0
     baseline, objective, steps = training_job(exp, "e2e")
     before = recurrent_next_token_quality(baseline.eval(), val, 4, torch.Generator().manual_seed(0))
-    train(baseline, objective, data, exp.config["train"], seed=0, device=torch.device("cpu"), steps=steps,
-          progress=False)
+    train(
+        baseline, objective, data, exp.config["train"], seed=0, device=torch.device("cpu"), steps=steps, progress=False
+    )
     after = recurrent_next_token_quality(baseline.eval(), val, 4, torch.Generator().manual_seed(0))
     assert before["next_token_bits"] == pytest_approx_log2_257() and after["next_token_bits"] < math.log2(257) - 2.5
 
@@ -94,15 +102,46 @@ def pytest_approx_log2_257():
 def test_cli_round_trip_and_training_compute(tmp_path, capsys):
     cfg = tmp_path / "huginn.yaml"
     cfg.write_text(json.dumps({**MICRO, "name": "huginn-micro"}))
-    assert main(["train-block", "--config", str(cfg), "--block", "1", "--no-progress",
-                 "--out", str(tmp_path / "block-1.safetensors")]) == 0
-    assert main(["train-baseline", "--config", str(cfg), "--no-progress",
-                 "--out", str(tmp_path / "e2e.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "train-block",
+                "--config",
+                str(cfg),
+                "--block",
+                "1",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "block-1.safetensors"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["train-baseline", "--config", str(cfg), "--no-progress", "--out", str(tmp_path / "e2e.safetensors")]) == 0
+    )
     assert main(["assemble", str(tmp_path / "block-1.safetensors"), "--out", str(tmp_path / "model.safetensors")]) == 0
     for name in ("model", "e2e"):
-        assert main(["evaluate", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / f"{name}.json"),
-                     "--prompts", "2", "--continuations", "1", "--new-tokens", "3", "--max-windows", "4",
-                     "--mauve-features"]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    str(tmp_path / f"{name}.safetensors"),
+                    "--out",
+                    str(tmp_path / f"{name}.json"),
+                    "--prompts",
+                    "2",
+                    "--continuations",
+                    "1",
+                    "--new-tokens",
+                    "3",
+                    "--max-windows",
+                    "4",
+                    "--mauve-features",
+                ]
+            )
+            == 0
+        )
     record = json.loads((tmp_path / "model.json").read_text())
     assert record["layer_evals_per_token"] == 3 * 8 and record["block_calls"] == [3 * 3]
     assert json.loads((tmp_path / "e2e.json").read_text())["layer_evals_per_token"] == 4 + 4 * 3

@@ -16,8 +16,15 @@ from dblocks.config import resolve
 from dblocks.experiment import Experiment
 from dblocks.layers import AdaLNZeroLayer, KVCache
 from dblocks.models import ARCHITECTURES
-from dblocks.text_generation import (_recurrent_logits, _recurrent_start, denoised_logits, generate_baseline,
-                                     generate_blockwise, generate_recurrent, recurrent_depth_logits)
+from dblocks.text_generation import (
+    _recurrent_logits,
+    _recurrent_start,
+    denoised_logits,
+    generate_baseline,
+    generate_blockwise,
+    generate_recurrent,
+    recurrent_depth_logits,
+)
 
 # B = 2: two layers per block, so a wrong clean key in the first layer reaches the noisy slot through the second
 AR = {"task": "ar_text", "arch": "AR-micro", "dataset": "shakespeare", "blocks": 2, "overlap": 0.1, "device": "cpu"}
@@ -42,8 +49,9 @@ def prompts(n: int = 3) -> torch.Tensor:
 def ar_exp(request, monkeypatch):
     """AR-micro, and its DiT-style twin (learned positions added by the stem instead of rotary ones)."""
     if request.param == "dit":
-        monkeypatch.setitem(ARCHITECTURES, "AR-micro-dit", dataclasses.replace(ARCHITECTURES["AR-micro"],
-                                                                               layer_style="dit"))
+        monkeypatch.setitem(
+            ARCHITECTURES, "AR-micro-dit", dataclasses.replace(ARCHITECTURES["AR-micro"], layer_style="dit")
+        )
         return Experiment(resolve({**AR, "arch": "AR-micro-dit"}))
     return Experiment(resolve(AR))
 
@@ -53,8 +61,11 @@ class RowCount:
 
     def __init__(self, module) -> None:
         self.rows: list[int] = []
-        self.handles = [m.register_forward_pre_hook(lambda _, args: self.rows.append(args[0].shape[1]))
-                        for m in module.modules() if isinstance(m, AdaLNZeroLayer)]
+        self.handles = [
+            m.register_forward_pre_hook(lambda _, args: self.rows.append(args[0].shape[1]))
+            for m in module.modules()
+            if isinstance(m, AdaLNZeroLayer)
+        ]
 
     def __enter__(self):
         return self
@@ -67,7 +78,7 @@ class RowCount:
 def per_token(rows: list[int], tokens: int) -> list[list[int]]:
     calls = len(rows) // tokens
     assert calls * tokens == len(rows)
-    return [rows[i * calls:(i + 1) * calls] for i in range(tokens)]
+    return [rows[i * calls : (i + 1) * calls] for i in range(tokens)]
 
 
 def test_baseline_cache_matches_full_recompute(ar_exp):
@@ -86,7 +97,7 @@ def test_baseline_cache_matches_full_recompute(ar_exp):
         pieces = [model.network(None, tokens[:, :PROMPT], None, kv)]
         for i in range(PROMPT, tokens.shape[1]):
             kv.advance(torch.tensor([i]))
-            pieces.append(model.network(None, tokens[:, i:i + 1], None, kv))
+            pieces.append(model.network(None, tokens[:, i : i + 1], None, kv))
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-5, atol=1e-5)
 
 
@@ -148,7 +159,7 @@ def test_huginn_cache_matches_full_recompute(method):
         pieces = [_recurrent_logits(model, tokens[:, :PROMPT], starts[:, :PROMPT], k, kv)]
         for i in range(PROMPT, tokens.shape[1]):
             kv.advance(torch.tensor([i]))
-            pieces.append(_recurrent_logits(model, tokens[:, i:i + 1], starts[:, i:i + 1], k, kv))
+            pieces.append(_recurrent_logits(model, tokens[:, i : i + 1], starts[:, i : i + 1], k, kv))
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-4, atol=1e-4)
 
 

@@ -17,15 +17,21 @@ import torch
 from PIL import Image
 
 from dblocks.checkpoint import load_metadata
-from dblocks.errors import CheckpointError
 from dblocks.cli import main
 from dblocks.config import AUTOENCODER_FILE
 from dblocks.data import load_image_dataset, load_prepared, save_prepared
-from dblocks.errors import DataError
 from dblocks.data.autoencoder import ConvAutoencoder, Geometry, reconstruction_mse
-from dblocks.data.latents import (LATENT_SCALE, LatentCodec, center_crop_arr, decoder_for, encode_folder,
-                                  load_autoencoder,
-                                  geometry_of, load_imagenet_latents)
+from dblocks.data.latents import (
+    LATENT_SCALE,
+    LatentCodec,
+    center_crop_arr,
+    decoder_for,
+    encode_folder,
+    geometry_of,
+    load_autoencoder,
+    load_imagenet_latents,
+)
+from dblocks.errors import CheckpointError, DataError
 from dblocks.evaluate import evaluate_generator
 from dblocks.experiment import Experiment
 from dblocks.metrics.fid import save_feature_net, train_feature_net
@@ -70,8 +76,9 @@ def test_codec_scales_latents_and_has_the_vae_shapes(codec):
     with pytest.raises(ValueError, match="latents"):
         codec.decode(torch.zeros(1, 3, 8, 8))
     # diffusers' AutoencoderKL states its geometry in its config (sd-vae-ft-ema's: four blocks, 8x)
-    sd_vae = SimpleNamespace(config=SimpleNamespace(in_channels=3, latent_channels=4,
-                                                    block_out_channels=[128, 256, 512, 512]))
+    sd_vae = SimpleNamespace(
+        config=SimpleNamespace(in_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512])
+    )
     assert geometry_of(sd_vae) == codec.geometry == Geometry(3, 4, 8)
 
 
@@ -112,8 +119,17 @@ def test_latent_dataset_prepares_trains_samples_and_scores(codec, imagenet_root,
     exp = Experiment(micro_config(task="generation", dataset="imagenet256"))
     assert exp.arch.image_shape == (4, 32, 32) and exp.arch.num_classes == 1000
     grid = tmp_path / "grid.png"
-    result = evaluate_generator(exp.e2e(), exp, None, features=net, samples=12, steps=2, grid_path=grid,
-                                reference_stats=stats, decode=codec.decode)
+    result = evaluate_generator(
+        exp.e2e(),
+        exp,
+        None,
+        features=net,
+        samples=12,
+        steps=2,
+        grid_path=grid,
+        reference_stats=stats,
+        decode=codec.decode,
+    )
     assert result["fid_train"] > 0 and result["fid_test"] > 0
     with Image.open(grid) as img:  # one row of the first 10 classes, decoded to 256x256 RGB
         assert img.size == (10 * (256 + 2) + 2, 256 + 4) and img.mode == "RGB"
@@ -194,19 +210,69 @@ def test_autoencoder_loads_without_pickle_and_refuses_tampering(digits_latent, t
 
 def test_digits_latent_through_the_cli_scores_decoded_samples(digits_latent, feature_net, tmp_path, capsys):
     ck = tmp_path / "ck"
-    common = ["--task", "generation", "--arch", "DiT-tiny/1", "--dataset", "digits-latent", "--blocks", 2,
-              "--data", digits_latent, "--steps", 3, "--batch-size", 16, "--device", "cpu", "--no-progress",
-              "--set", "train.warmup=1", "--set", "sample.guidance=2.0"]
+    common = [
+        "--task",
+        "generation",
+        "--arch",
+        "DiT-tiny/1",
+        "--dataset",
+        "digits-latent",
+        "--blocks",
+        2,
+        "--data",
+        digits_latent,
+        "--steps",
+        3,
+        "--batch-size",
+        16,
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--set",
+        "train.warmup=1",
+        "--set",
+        "sample.guidance=2.0",
+    ]
     for b in (1, 2):
         assert run("train-block", *common, "--block", b, "--out", ck / f"block-{b}.safetensors") == 0
     model = tmp_path / "model.safetensors"
     assert run("assemble", ck / "block-1.safetensors", ck / "block-2.safetensors", "--out", model) == 0
     stats = {split: tmp_path / f"{split}-stats.safetensors" for split in ("train", "test")}
-    assert run("reference-stats", "--data", digits_latent, "--features", feature_net, "--split", "train",
-               "--out", stats["train"], "--split", "test", "--out", stats["test"], "--no-progress") == 0
+    assert (
+        run(
+            "reference-stats",
+            "--data",
+            digits_latent,
+            "--features",
+            feature_net,
+            "--split",
+            "train",
+            "--out",
+            stats["train"],
+            "--split",
+            "test",
+            "--out",
+            stats["test"],
+            "--no-progress",
+        )
+        == 0
+    )
     capsys.readouterr()
-    evaluate = ["evaluate", model, "--features", feature_net, "--train-stats", stats["train"], "--test-stats",
-                stats["test"], "--samples", 20, "--sample-steps", 4, "--no-progress"]
+    evaluate = [
+        "evaluate",
+        model,
+        "--features",
+        feature_net,
+        "--train-stats",
+        stats["train"],
+        "--test-stats",
+        stats["test"],
+        "--samples",
+        20,
+        "--sample-steps",
+        4,
+        "--no-progress",
+    ]
     assert run(*evaluate, "--out", tmp_path / "no-decoder.json") == 2  # without the autoencoder: refused
     assert "pass the prepared directory (--data)" in capsys.readouterr().err
     assert not (tmp_path / "no-decoder.json").exists()
@@ -222,7 +288,8 @@ def test_digits_latent_through_the_cli_scores_decoded_samples(digits_latent, fea
     # the reference statistics are the trained decoder's reconstructions: the split decoded by it
     codec, _ = load_autoencoder(digits_latent / AUTOENCODER_FILE)
     space = FeatureSpace.from_weights(feature_net)
-    recomputed, _, reused = reference_statistics(digits_latent, "test", space, tmp_path / "again.safetensors",
-                                                 decode=codec.decode)
+    recomputed, _, reused = reference_statistics(
+        digits_latent, "test", space, tmp_path / "again.safetensors", decode=codec.decode
+    )
     cached, _, _ = reference_statistics(digits_latent, "test", space, stats["test"])
     assert not reused and np.allclose(recomputed["mu"], cached["mu"], atol=1e-5)

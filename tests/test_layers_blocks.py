@@ -16,15 +16,27 @@ from dblocks.noise import Partition
 from dblocks.tasks import ImageGenerationTask
 
 
-
 def _vit_experiment(**extra) -> Experiment:
-    return Experiment(cfg.resolve({"name": "vit-micro", "task": "classification", "arch": "ViT-micro",
-                                   "dataset": "digits", "blocks": 3, **extra}))
+    return Experiment(
+        cfg.resolve(
+            {
+                "name": "vit-micro",
+                "task": "classification",
+                "arch": "ViT-micro",
+                "dataset": "digits",
+                "blocks": 3,
+                **extra,
+            }
+        )
+    )
 
 
 def _dit_experiment(**extra) -> Experiment:
-    return Experiment(cfg.resolve({"name": "dit-micro", "task": "generation", "arch": "DiT-micro",
-                                   "dataset": "digits", "blocks": 3, **extra}))
+    return Experiment(
+        cfg.resolve(
+            {"name": "dit-micro", "task": "generation", "arch": "DiT-micro", "dataset": "digits", "blocks": 3, **extra}
+        )
+    )
 
 
 def _perturb(module: nn.Module, seed: int = 0) -> None:
@@ -179,8 +191,7 @@ def _user_stack(width: int = 8, depth: int = 6):
 
 def test_convert_stack_user_layers_independent():
     layers, stem, head = _user_stack()
-    blocks = convert_stack(layers, Partition.make(3), stem, head, VectorTask(), split=[1, 3, 2],
-                           share_stem_head=False)
+    blocks = convert_stack(layers, Partition.make(3), stem, head, VectorTask(), split=[1, 3, 2], share_stem_head=False)
     assert isinstance(blocks, AssembledModel) and len(blocks) == 3 and blocks.partition.blocks == 3
     assert all(isinstance(b, BlockDenoiser) for b in blocks)
     assert [len(b.layers) for b in blocks] == [1, 3, 2]
@@ -423,8 +434,9 @@ def test_generate_with_guidance_one_batched_call_per_step():
     labels = torch.tensor([0, 5, 9])
     null = model.blocks[0].stem.null_label
     assert null == 10
-    guided = sample.generate(model, labels, grid, torch.Generator().manual_seed(0), guidance=2.0,
-                             null_label=null, batch_size=8)
+    guided = sample.generate(
+        model, labels, grid, torch.Generator().manual_seed(0), guidance=2.0, null_label=null, batch_size=8
+    )
     assert guided.shape == (3, 1, 8, 8)
     assert sum(model.calls) == 12
     owners = [exp.partition.route(s) for s in grid[:-1]]

@@ -14,12 +14,19 @@ from dblocks.config import resolve
 from dblocks.errors import ConfigError
 from dblocks.evaluate import as_assembled
 from dblocks.experiment import Experiment
+from dblocks.jobs import training_job
 from dblocks.masked_diffusion import MaskingPartition, bits_per_token, mask_tokens, sample_text
 from dblocks.train import train
-from dblocks.jobs import training_job
 
-MICRO = {"task": "masked_text", "arch": "MDM-micro", "dataset": "shakespeare", "blocks": 3, "overlap": 0.1,
-         "device": "cpu", "train": {"steps": 8, "batch_size": 16, "warmup": 2, "log_every": 4, "checkpoint_every": 4}}
+MICRO = {
+    "task": "masked_text",
+    "arch": "MDM-micro",
+    "dataset": "shakespeare",
+    "blocks": 3,
+    "overlap": 0.1,
+    "device": "cpu",
+    "train": {"steps": 8, "batch_size": 16, "warmup": 2, "log_every": 4, "checkpoint_every": 4},
+}
 
 
 def micro_text_exp(**overrides) -> Experiment:
@@ -88,8 +95,7 @@ def test_tiny_masked_lm_learns_real_text():
     model, objective, steps = training_job(exp, "e2e")
     data, val = exp.load_data("train"), exp.load_data("validation")
     before = bits_per_token(as_assembled(model, exp), val.tokens[:400], torch.Generator().manual_seed(1))
-    train(model, objective, data, exp.config["train"], seed=0, device=torch.device("cpu"), steps=steps,
-          progress=False)
+    train(model, objective, data, exp.config["train"], seed=0, device=torch.device("cpu"), steps=steps, progress=False)
     after = bits_per_token(as_assembled(model.eval(), exp), val.tokens[:400], torch.Generator().manual_seed(1))
     assert before == pytest.approx(math.log2(27), rel=0.05)  # untrained: uniform
     assert after < math.log2(27) - 0.5 and after < before - 0.4, (before, after)
@@ -99,15 +105,52 @@ def test_cli_trains_blocks_assembles_and_reports_bpc(tmp_path):
     cfg = tmp_path / "mdm.yaml"
     cfg.write_text(json.dumps({**MICRO, "name": "mdm-micro"}))
     for b in (1, 2, 3):
-        assert main(["train-block", "--config", str(cfg), "--block", str(b), "--no-progress",
-                     "--out", str(tmp_path / f"block-{b}.safetensors")]) == 0
-    assert main(["train-baseline", "--config", str(cfg), "--no-progress",
-                 "--out", str(tmp_path / "e2e.safetensors")]) == 0
-    assert main(["assemble", *(str(tmp_path / f"block-{b}.safetensors") for b in (1, 2, 3)),
-                 "--out", str(tmp_path / "model.safetensors")]) == 0
+        assert (
+            main(
+                [
+                    "train-block",
+                    "--config",
+                    str(cfg),
+                    "--block",
+                    str(b),
+                    "--no-progress",
+                    "--out",
+                    str(tmp_path / f"block-{b}.safetensors"),
+                ]
+            )
+            == 0
+        )
+    assert (
+        main(["train-baseline", "--config", str(cfg), "--no-progress", "--out", str(tmp_path / "e2e.safetensors")]) == 0
+    )
+    assert (
+        main(
+            [
+                "assemble",
+                *(str(tmp_path / f"block-{b}.safetensors") for b in (1, 2, 3)),
+                "--out",
+                str(tmp_path / "model.safetensors"),
+            ]
+        )
+        == 0
+    )
     for name in ("model", "e2e"):
-        assert main(["evaluate", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / f"{name}.json"),
-                     "--max-windows", "64", "--sample-steps", "6", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    str(tmp_path / f"{name}.safetensors"),
+                    "--out",
+                    str(tmp_path / f"{name}.json"),
+                    "--max-windows",
+                    "64",
+                    "--sample-steps",
+                    "6",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     record = json.loads((tmp_path / "model.json").read_text())
     assert 3.5 < record["bpc"] < 6 and record["block_calls"] == [2, 2, 2]
     assert 3.8 < record["unigram_bits"] < 4.3  # the floor the bound is read against (the scored windows' letters)
@@ -115,5 +158,9 @@ def test_cli_trains_blocks_assembles_and_reports_bpc(tmp_path):
     assert len(record["sample_text"]) == 5 and set(record["sample_text"][0]) <= set("abcdefghijklmnopqrstuvwxyz ")
     e2e = json.loads((tmp_path / "e2e.json").read_text())
     assert e2e["block_calls"] == [6] and e2e["layer_evals_per_sample"] == 18
-    assert main(["evaluate", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "x.json"),
-                 "--bound-samples", "0"]) == 2
+    assert (
+        main(
+            ["evaluate", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "x.json"), "--bound-samples", "0"]
+        )
+        == 2
+    )

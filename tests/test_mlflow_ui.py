@@ -43,8 +43,9 @@ def _get(url: str, timeout: float = 30) -> dict:
 
 
 def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
 
@@ -61,34 +62,63 @@ def test_runs_as_the_mlflow_server_shows_them(tmp_path, monkeypatch):
     with ui_server(uri, tmp_path / "server.log") as server:  # the server boots while the jobs run
         url, proc = server.url, server.proc
         assert main(["prepare", "--dataset", "digits", "--out", "data/prepared/digits"]) == 0
-        common = ["--config", "params.yaml", "--experiment", "micro", "--data", "data/prepared/digits",
-                  "--track", str(run_record("runs", "params.yaml", "micro")), "--no-progress"]
+        common = [
+            "--config",
+            "params.yaml",
+            "--experiment",
+            "micro",
+            "--data",
+            "data/prepared/digits",
+            "--track",
+            str(run_record("runs", "params.yaml", "micro")),
+            "--no-progress",
+        ]
         assert main(["train-block", *common, "--block", "1", "--out", "ckpt/block-1.safetensors"]) == 0
         assert main(["train-baseline", *common, "--out", "ckpt/e2e.safetensors"]) == 0
-        assert main(["evaluate", "ckpt/e2e.safetensors", "--data", "data/prepared/digits", "--track",
-                     str(run_record("runs", "params.yaml", "micro")), "--out", "metrics/e2e.json"]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "ckpt/e2e.safetensors",
+                    "--data",
+                    "data/prepared/digits",
+                    "--track",
+                    str(run_record("runs", "params.yaml", "micro")),
+                    "--out",
+                    "metrics/e2e.json",
+                ]
+            )
+            == 0
+        )
         record = json.loads((tmp_path / "metrics/e2e.json").read_text())
         prepared = {s: json.loads((tmp_path / f"data/prepared/digits/{s}.json").read_text()) for s in ("train", "test")}
         wait_healthy(server)
 
-        experiment = _get(f"{url}/api/2.0/mlflow/experiments/get-by-name?"
-                          + urllib.parse.urlencode({"experiment_name": EXPERIMENT}))["experiment"]
+        experiment = _get(
+            f"{url}/api/2.0/mlflow/experiments/get-by-name?" + urllib.parse.urlencode({"experiment_name": EXPERIMENT})
+        )["experiment"]
         tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
         assert tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
         # the saved runs view that runs_view_url opens: the Dataset column and the parents' results
         view = json.loads(tags[f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"])
-        assert view == {"selectedColumns": ["attributes.`Dataset`", "metrics.`blockwise.accuracy`",
-                                            "metrics.`e2e.accuracy`"]}
+        assert view == {
+            "selectedColumns": ["attributes.`Dataset`", "metrics.`blockwise.accuracy`", "metrics.`e2e.accuracy`"]
+        }
         assert runs_view_url(experiment["experiment_id"], url).startswith(f"{url}/#/experiments/")
 
-        runs = _post(f"{url}/api/2.0/mlflow/runs/search",
-                     {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
+        runs = _post(
+            f"{url}/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100}
+        )["runs"]
         by_job = {}
         for run in runs:
             run_tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
             by_job[(run_tags["dblocks.job"], run_tags["dblocks.method"])] = (run, run_tags)
-        assert set(by_job) == {("parent", "blockwise,e2e"), ("train", "blockwise"), ("train", "e2e"),
-                               ("evaluate", "e2e")}
+        assert set(by_job) == {
+            ("parent", "blockwise,e2e"),
+            ("train", "blockwise"),
+            ("train", "e2e"),
+            ("evaluate", "e2e"),
+        }
 
         # the parent run shows the result at a glance, under the child's metric name
         parent, _ = by_job[("parent", "blockwise,e2e")]
@@ -97,22 +127,29 @@ def test_runs_as_the_mlflow_server_shows_them(tmp_path, monkeypatch):
 
         # the Dataset column: the prepared split each run read, digest = its sha256 (as far as MLflow allows)
         def inputs(run):
-            return [(i["dataset"], {t["key"]: t["value"] for t in i.get("tags", [])})
-                    for i in run.get("inputs", {}).get("dataset_inputs", [])]
+            return [
+                (i["dataset"], {t["key"]: t["value"] for t in i.get("tags", [])})
+                for i in run.get("inputs", {}).get("dataset_inputs", [])
+            ]
 
         for job, split, context in (("train", "train", "training"), ("evaluate", "test", "evaluation")):
             for method in ("blockwise", "e2e") if job == "train" else ("e2e",):
                 ((dataset, input_tags),) = inputs(by_job[(job, method)][0])
                 sha = prepared[split]["sha256"]
                 assert dataset["name"] == f"digits-{split}" and dataset["digest"] == sha[:36]
-                assert json.loads(dataset["profile"]) == {"sha256": sha, "split": split,
-                                                          "num_examples": prepared[split]["examples"]}
+                assert json.loads(dataset["profile"]) == {
+                    "sha256": sha,
+                    "split": split,
+                    "num_examples": prepared[split]["examples"],
+                }
                 source = tmp_path / f"data/prepared/digits/{split}.safetensors"
                 assert json.loads(dataset["source"])["uri"] == str(source)
                 assert input_tags == {"mlflow.data.context": context, "dblocks.split": split}
         # the parent run lists what its jobs read, each dataset once, so its row of the runs table names it
         assert sorted((d["name"], d["digest"]) for d, _ in inputs(parent)) == [
-            ("digits-test", prepared["test"]["sha256"][:36]), ("digits-train", prepared["train"]["sha256"][:36])]
+            ("digits-test", prepared["test"]["sha256"][:36]),
+            ("digits-train", prepared["train"]["sha256"][:36]),
+        ]
 
         evaluate, evaluate_tags = by_job[("evaluate", "e2e")]
         assert evaluate_tags["dblocks.eval_hash"] == record["eval_hash"]

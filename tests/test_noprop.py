@@ -77,9 +77,9 @@ def test_posterior_is_consistent_with_the_marginals_and_its_kl_weight_is_the_snr
     a, b, c = posterior_coefficients(abar[:-1], abar[1:])
     # z_{t-1} ~ q(z_{t-1}|y) pushed through the posterior gives q(z_t|y): mean and variance
     assert torch.allclose(a + b * abar[:-1].sqrt(), abar[1:].sqrt())
-    assert torch.allclose(b ** 2 * (1 - abar[:-1]) + c, 1 - abar[1:])
+    assert torch.allclose(b**2 * (1 - abar[:-1]) + c, 1 - abar[1:])
     # KL(q(z_t|z_{t-1},y) || p(z_t|z_{t-1},x)) = a_t^2 ||u_hat - u||^2 / (2 c_t): a_t^2 / c_t = SNR(t) - SNR(t-1)
-    assert torch.allclose(a ** 2 / c, snr(abar[1:]) - snr(abar[:-1]))
+    assert torch.allclose(a**2 / c, snr(abar[1:]) - snr(abar[:-1]))
 
 
 def test_dt_block_loss_by_hand():
@@ -107,8 +107,9 @@ def test_dt_block_objective_is_the_formula():
 
     net.forward = fixed_logits
     objective = dt_block_objective(net, block=2, steps=2, eta=0.1)
-    batch = objective.draw({"image": torch.zeros(2, 1, 8, 8), "label": torch.tensor([0, 2])},
-                           torch.Generator().manual_seed(0))
+    batch = objective.draw(
+        {"image": torch.zeros(2, 1, 8, 8), "label": torch.tensor([0, 2])}, torch.Generator().manual_seed(0)
+    )
     loss = objective.loss(batch)
     u = torch.eye(3)[[0, 2]]
     assert torch.allclose(seen["z"], math.sqrt(0.24644817) * u + math.sqrt(0.75355183) * batch["noise"], atol=1e-6)
@@ -148,8 +149,13 @@ def test_learned_snr_schedule():
 
 def test_fm_loss_and_ct_loss_are_the_formulas():
     torch.manual_seed(0)
-    batch = {"image": torch.zeros(2, 1, 8, 8), "label": torch.tensor([1, 0]), "time": torch.tensor([0.25, 0.5]),
-             "noise": torch.tensor([[1.0, 2.0], [0.0, -1.0]]), "noise_end": torch.zeros(2, 2)}
+    batch = {
+        "image": torch.zeros(2, 1, 8, 8),
+        "label": torch.tensor([1, 0]),
+        "time": torch.tensor([0.25, 0.5]),
+        "noise": torch.tensor([[1.0, 2.0], [0.0, -1.0]]),
+        "noise_end": torch.zeros(2, 2),
+    }
     fm = npm.NoPropFM(SPEC, (1, 8, 8), 2).eval()
     fm.net.forward = lambda image, z, t: torch.zeros_like(z)  # v_hat = 0: the loss is E ||u_y - z_0||^2
     # ||(0, 1) - (1, 2)||^2 = 2, ||(1, 0) - (0, -1)||^2 = 2
@@ -181,8 +187,11 @@ def test_network_is_figure_6():
     branch (DT), dense 256 / 128 after concatenation; no batch norm in the continuous-time network."""
     block = dt_block("NoProp-paper", (3, 32, 32), 100)
     convs = [m for m in block.image if isinstance(m, torch.nn.Conv2d)]
-    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(3, 32, (3, 3)), (32, 64, (3, 3)),
-                                                                               (64, 128, (3, 3))]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (3, 32, (3, 3)),
+        (32, 64, (3, 3)),
+        (64, 128, (3, 3)),
+    ]
     assert sum(isinstance(m, torch.nn.MaxPool2d) for m in block.image) == 2
     assert [m.p for m in block.image if isinstance(m, torch.nn.Dropout)] == [0.2] * 3
     image_fc = [m for m in block.image if isinstance(m, torch.nn.Linear)]
@@ -270,8 +279,10 @@ def test_parts_save_and_load_as_checkpoints(digits, tmp_path):
     model = noprop_dt(SPEC, train.shape, 10, [s for s, _ in loaded], load_state(tmp_path / "head.safetensors")[0])
     reference = noprop_dt(SPEC, train.shape, 10, blocks, head)
     few = test.images[:16]
-    assert torch.equal(model.eval().classify(few, torch.Generator().manual_seed(0)),
-                       reference.eval().classify(few, torch.Generator().manual_seed(0)))
+    assert torch.equal(
+        model.eval().classify(few, torch.Generator().manual_seed(0)),
+        reference.eval().classify(few, torch.Generator().manual_seed(0)),
+    )
 
 
 # -------------------------------------------------------------------------------------- learning
@@ -327,8 +338,9 @@ def test_pipeline_jobs_build_one_part_each_from_the_seed_and_part_alone():
     assert not torch.equal(block.state_dict()[first], other.state_dict()[first])
     head, _, head_steps = jobs.training_job(exp, "noprop-dt", "head")
     assert isinstance(head, torch.nn.Linear) and head_steps == 4 * 7
-    batch = objective.draw({"image": torch.zeros(3, 1, 8, 8), "label": torch.tensor([0, 1, 2])},
-                           torch.Generator().manual_seed(0))
+    batch = objective.draw(
+        {"image": torch.zeros(3, 1, 8, 8), "label": torch.tensor([0, 1, 2])}, torch.Generator().manual_seed(0)
+    )
     assert objective.loss(batch).ndim == 0
     assert jobs.parts("noprop-dt", 4) == [1, 2, 3, 4, "head"] and jobs.parts("noprop-fm", 4) == [None]
     with pytest.raises(ConfigError, match="allowed: --block 1..4 or --head"):

@@ -91,8 +91,12 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_adamw_is_torchs_bit_for_bit_without_importing_dynamo(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "state.safetensors")], capture_output=True,
-                          text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "state.safetensors")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["ours_is_adamw"] and out["stock_type"] == "AdamW"

@@ -52,8 +52,9 @@ def analytic_flops(module: nn.Module, run) -> tuple[int, int]:
         if id(mod) not in inside:
             counts["outside"] += total
 
-    handles = [m.register_forward_hook(hook) for m in module.modules()
-               if isinstance(m, (nn.Linear, nn.Conv2d, Attention))]
+    handles = [
+        m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d, Attention))
+    ]
     try:
         run()
     finally:
@@ -82,13 +83,14 @@ def test_flops_of_a_paper_dit_block_match_the_analytic_count():
     assert counted == pytest.approx(analytic, rel=0.01)
     # and the rule of thumb: 6 x (per-token matmul parameters: 12 d^2 per layer) x tokens, plus attention
     d, tokens, batch, layers = 384, 256, 512, 4
-    thumb = 6 * 12 * d * d * tokens * batch * layers + 12 * batch * tokens ** 2 * d * layers
+    thumb = 6 * 12 * d * d * tokens * batch * layers + 12 * batch * tokens**2 * d * layers
     assert counted == pytest.approx(thumb, rel=0.05)
 
 
 def test_blocks_of_an_equal_split_cost_a_third_of_the_end_to_end_layers():
-    exp = Experiment(resolve({"task": "generation", "arch": "DiT-S/2", "dataset": "cifar10", "blocks": 3,
-                              "device": "cpu"}))
+    exp = Experiment(
+        resolve({"task": "generation", "arch": "DiT-S/2", "dataset": "cifar10", "blocks": 3, "device": "cpu"})
+    )
     e2e, e2e_all, e2e_stem_head = counted_and_analytic(exp, "e2e", None, 2)
     assert e2e == pytest.approx(e2e_all, rel=0.01)
     for b in (1, 2, 3):
@@ -99,8 +101,18 @@ def test_blocks_of_an_equal_split_cost_a_third_of_the_end_to_end_layers():
 
 def test_shared_stem_mode_costs_the_mean_of_its_blocks():
     # an uneven split, so the blocks differ: each shared-stem step costs what that block's own job costs
-    exp = Experiment(resolve({"task": "generation", "arch": "DiT-micro", "dataset": "digits", "blocks": 2,
-                              "layer_split": [1, 2], "device": "cpu"}))
+    exp = Experiment(
+        resolve(
+            {
+                "task": "generation",
+                "arch": "DiT-micro",
+                "dataset": "digits",
+                "blocks": 2,
+                "layer_split": [1, 2],
+                "device": "cpu",
+            }
+        )
+    )
     paper = paper_cost.job_cost(exp, "paper", None, batch_size=4)
     own = [paper_cost.job_cost(exp, "blockwise", b, batch_size=4)["flops_per_step"] for b in (1, 2)]
     assert paper["flops_per_block_step"] == own
@@ -110,14 +122,19 @@ def test_shared_stem_mode_costs_the_mean_of_its_blocks():
 
 
 def test_huginn_baseline_is_counted_at_its_mean_recurrence():
-    exp = Experiment(resolve({"task": "recurrent_text", "arch": "Huginn-micro", "dataset": "shakespeare",
-                              "blocks": 1, "device": "cpu"}))
+    exp = Experiment(
+        resolve(
+            {"task": "recurrent_text", "arch": "Huginn-micro", "dataset": "shakespeare", "blocks": 1, "device": "cpu"}
+        )
+    )
     spec = exp.arch.spec
     assert spec.recurrence - 1 >= spec.backprop_depth  # the cost is affine in r from the backprop depth on
     at_mean = paper_cost.job_cost(exp, "e2e", None, batch_size=2)
     assert at_mean["recurrence"] == spec.recurrence
-    below, above = (paper_cost.job_cost(exp, "e2e", None, batch_size=2, recurrence=r)["flops_per_step"]
-                    for r in (spec.recurrence - 1, spec.recurrence + 1))
+    below, above = (
+        paper_cost.job_cost(exp, "e2e", None, batch_size=2, recurrence=r)["flops_per_step"]
+        for r in (spec.recurrence - 1, spec.recurrence + 1)
+    )
     assert below < at_mean["flops_per_step"] < above
     assert at_mean["flops_per_step"] == pytest.approx((below + above) / 2)
     # every step at the mean: the count does not depend on the generator's draws
@@ -129,8 +146,16 @@ def test_huginn_baseline_is_counted_at_its_mean_recurrence():
 def test_every_job_of_the_paper_file_gets_a_row_and_the_right_peak(monkeypatch, tmp_path, capsys):
     # the FLOP counting is tested above; here a fixed cost per step checks the job list and the arithmetic
     steps, flops = 1000, 1e15
-    monkeypatch.setattr(paper_cost, "job_cost", lambda exp, method, block: {
-        "steps": steps, "params": 1, "batch_size": exp.config["train"]["batch_size"], "flops_per_step": flops})
+    monkeypatch.setattr(
+        paper_cost,
+        "job_cost",
+        lambda exp, method, block: {
+            "steps": steps,
+            "params": 1,
+            "batch_size": exp.config["train"]["batch_size"],
+            "flops_per_step": flops,
+        },
+    )
     out = tmp_path / "cost.json"
     assert paper_cost.main(["--params", str(PAPER), "--mfu", "0.5", "--out", str(out)]) == 0
     record = json.loads(out.read_text())

@@ -50,14 +50,18 @@ def base(tmp_path) -> Path:
 
 
 def test_overlay_merges_sections_over_its_base(base):
-    overlay = write(base.parent, "over.yaml", """
+    overlay = write(
+        base.parent,
+        "over.yaml",
+        """
 base: base.yaml
 scale: smoke
 tracking: {experiment: over}
 evaluation: {samples: 4, text: {prompts: 2}}
 experiments:
   dit: {blocks: 2, layer_split: [2, 1]}   # lists replace
-""")
+""",
+    )
     params = Params.load(overlay)
     assert params.files == [base, overlay]
     assert params.scale == "smoke" and params.mlflow_experiment == "over"
@@ -69,14 +73,18 @@ experiments:
 
 
 def test_override_data_roots_and_only_reshape_the_experiments(base):
-    overlay = write(base.parent, "over.yaml", """
+    overlay = write(
+        base.parent,
+        "over.yaml",
+        """
 base: base.yaml
 only: [dit]
 override: {train: {steps: 2, batch_size: 2}, sample: {num_images: 8}}
 data_roots: {cifar10: generated/cifar10}
 experiments:
   dit: {train: {lr: 0.5}}
-""")
+""",
+    )
     params = Params.load(overlay)
     assert list(params.experiments) == ["dit"]
     train = params.experiments["dit"]["train"]
@@ -98,18 +106,34 @@ def test_an_overlay_can_build_on_an_overlay(base, tmp_path):
     assert list(params.experiments) == ["vit"] and params.experiments["vit"]["train"]["steps"] == 3
 
 
-@pytest.mark.parametrize("text, message", [
-    ("base: missing.yaml\n", "over.yaml: base=", ),
-    ("base: over.yaml\n", "base='over.yaml' leads back to"),
-    ("base: 3\n", "base=3 has the wrong type"),
-    ("base: base.yaml\nscale: huge\n", "over.yaml: scale='huge' is not allowed; allowed: tiny, paper, smoke"),
-    ("base: base.yaml\nonly: [vit, nope]\n", "over.yaml: only: 'nope' is not an experiment here; allowed: vit, dit"),
-    ("base: base.yaml\ndata_roots: {imagenet256: x}\n",
-     "over.yaml: data_roots.imagenet256: no experiment reads this dataset; allowed: cifar10, cifar100"),
-    ("base: base.yaml\noverride: {train: {steps: 0}}\n", "experiments.vit.train.steps=0 is out of range; allowed: >= 1"),
-    ("base: base.yaml\nautoencoders: {imagenet256: vqgan}\n",
-     "autoencoders.imagenet256='vqgan' is not allowed; allowed: sd-vae-ft-ema, untrained-conv"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "base: missing.yaml\n",
+            "over.yaml: base=",
+        ),
+        ("base: over.yaml\n", "base='over.yaml' leads back to"),
+        ("base: 3\n", "base=3 has the wrong type"),
+        ("base: base.yaml\nscale: huge\n", "over.yaml: scale='huge' is not allowed; allowed: tiny, paper, smoke"),
+        (
+            "base: base.yaml\nonly: [vit, nope]\n",
+            "over.yaml: only: 'nope' is not an experiment here; allowed: vit, dit",
+        ),
+        (
+            "base: base.yaml\ndata_roots: {imagenet256: x}\n",
+            "over.yaml: data_roots.imagenet256: no experiment reads this dataset; allowed: cifar10, cifar100",
+        ),
+        (
+            "base: base.yaml\noverride: {train: {steps: 0}}\n",
+            "experiments.vit.train.steps=0 is out of range; allowed: >= 1",
+        ),
+        (
+            "base: base.yaml\nautoencoders: {imagenet256: vqgan}\n",
+            "autoencoders.imagenet256='vqgan' is not allowed; allowed: sd-vae-ft-ema, untrained-conv",
+        ),
+    ],
+)
 def test_overlay_errors_name_the_file_key_and_allowed_values(base, text, message):
     with pytest.raises(ConfigError) as err:
         Params.load(write(base.parent, "over.yaml", text))
@@ -142,20 +166,32 @@ def test_a_change_in_the_base_changes_what_the_jobs_that_read_it_see(base):
 def test_dvc_params_name_keys_that_exist_in_the_file_they_name(base):
     """DVC reads params from files, not merged settings: each key is declared in the file that writes it,
     an override under override.<key>, a data root under data_roots.<dataset>."""
-    overlay = write(base.parent, "over.yaml", """
+    overlay = write(
+        base.parent,
+        "over.yaml",
+        """
 base: base.yaml
 evaluation: {samples: 4}
 override: {train: {steps: 2}}
 data_roots: {cifar10: generated/cifar10}
-""")
+""",
+    )
     pipe = Pipeline.load(overlay)
     assert pipe.param_sources(pipe.reads("train_block", "dit")) == {
-        base: ["defaults.seed", "experiments.dit.task", "experiments.dit.arch", "experiments.dit.dataset",
-               "experiments.dit.layer_split", "experiments.dit.train"],
-        overlay: ["override.train"]}
+        base: [
+            "defaults.seed",
+            "experiments.dit.task",
+            "experiments.dit.arch",
+            "experiments.dit.dataset",
+            "experiments.dit.layer_split",
+            "experiments.dit.train",
+        ],
+        overlay: ["override.train"],
+    }
     assert pipe.param_sources(pipe.reads("evaluate_generator", "dit")) == {
         base: ["scale", "evaluation", "defaults", "experiments.dit"],
-        overlay: ["evaluation", "override", "data_roots.cifar10"]}
+        overlay: ["evaluation", "override", "data_roots.cifar10"],
+    }
     assert pipe.param_sources(pipe.reads("tracking_store")) == {base: ["scale", "tracking"]}
     assert pipe.param_sources(None) == {base: None, overlay: None}
     # a file that builds on nothing is declared as before: its own keys, itself only
@@ -205,8 +241,13 @@ def test_an_experiment_s_training_resources_are_merged_over_the_file_s_and_never
     raw["resources"]["experiments"] = {"dit": {"gpu": 4, "gpu_model": "h100", "runtime": 30}}
     base.write_text(yaml.safe_dump(raw))
     pipe = Pipeline.load(base)
-    assert pipe.training_resources("dit") == {"gpu": 4, "gpu_model": "h100", "mem_mb": 1000, "runtime": 30,
-                                              "threads": 1}
+    assert pipe.training_resources("dit") == {
+        "gpu": 4,
+        "gpu_model": "h100",
+        "mem_mb": 1000,
+        "runtime": 30,
+        "threads": 1,
+    }
     assert pipe.training_resources("vit") == {"gpu": 1, "mem_mb": 1000, "runtime": 10, "threads": 1}
     assert (pipe.ranks("dit"), pipe.ranks("vit")) == (4, 1)
     for exp in ("vit", "dit"):
@@ -245,20 +286,32 @@ def test_paper_dit_l_trains_on_eight_gpus_and_the_smoke_run_on_the_cpu():
     assert {paper.experiments[e]["train"]["batch_size"] for e in dit_l} == {512}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("resources: {experiments: {nope: {gpu: 2}}}\n",
-     "over.yaml: resources.experiments.nope: not an experiment here; allowed: vit, dit"),
-    ("resources: {experiments: {vit: {gpu: 2, cpus: 4}}}\n",
-     "resources.experiments.vit: unknown key ('cpus' was unexpected); allowed keys: gpu, gpu_model, mem_mb, "
-     "runtime, threads"),
-    ("resources: {experiments: {vit: {eval_mem_mb: 4}}}\n", "resources.experiments.vit: unknown key"),
-    ("resources: {experiments: {vit: {gpu: -1}}}\n", "resources.experiments.vit.gpu=-1 is out of range; allowed: >= 0"),
-    ("resources: {experiments: {vit: {}}}\n", "resources.experiments.vit: {} should be non-empty"),
-    ("resources: {experiments: {dit: {gpu: 64}}}\n",
-     "over.yaml: resources.experiments.dit.gpu=64: a training job of dit runs 64 ranks, each computing a share of "
-     "train.batch_size=32 (the global batch); allowed: at most 32 GPUs, or a larger batch"),
-    ("resources: {gpu: 33}\n", "over.yaml: resources.gpu=33: a training job of dit runs 33 ranks"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "resources: {experiments: {nope: {gpu: 2}}}\n",
+            "over.yaml: resources.experiments.nope: not an experiment here; allowed: vit, dit",
+        ),
+        (
+            "resources: {experiments: {vit: {gpu: 2, cpus: 4}}}\n",
+            "resources.experiments.vit: unknown key ('cpus' was unexpected); allowed keys: gpu, gpu_model, mem_mb, "
+            "runtime, threads",
+        ),
+        ("resources: {experiments: {vit: {eval_mem_mb: 4}}}\n", "resources.experiments.vit: unknown key"),
+        (
+            "resources: {experiments: {vit: {gpu: -1}}}\n",
+            "resources.experiments.vit.gpu=-1 is out of range; allowed: >= 0",
+        ),
+        ("resources: {experiments: {vit: {}}}\n", "resources.experiments.vit: {} should be non-empty"),
+        (
+            "resources: {experiments: {dit: {gpu: 64}}}\n",
+            "over.yaml: resources.experiments.dit.gpu=64: a training job of dit runs 64 ranks, each computing a share of "
+            "train.batch_size=32 (the global batch); allowed: at most 32 GPUs, or a larger batch",
+        ),
+        ("resources: {gpu: 33}\n", "over.yaml: resources.gpu=33: a training job of dit runs 33 ranks"),
+    ],
+)
 def test_per_experiment_resources_errors_name_the_key_and_allowed_values(base, text, message):
     with pytest.raises(ConfigError) as err:
         Params.load(write(base.parent, "over.yaml", "base: base.yaml\n" + text))

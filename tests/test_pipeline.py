@@ -21,16 +21,29 @@ from dblocks.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ENV = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", HF_DATASETS_OFFLINE="1",
-           HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI="")
+ENV = dict(
+    os.environ,
+    PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    HF_DATASETS_OFFLINE="1",
+    HF_HUB_OFFLINE="1",
+    MLFLOW_TRACKING_URI="",
+)
 ENV.pop("MLFLOW_TRACKING_URI")
 
 
 def snakemake(*args, cwd=REPO, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    proc = subprocess.run(
+        [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"snakemake {' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -57,43 +70,72 @@ def _params(file: str = "params/tiny.yaml", **edits) -> dict:
     return raw
 
 
-@pytest.mark.parametrize("edits, message", [
-    ({"scale": "huge"}, "scale='huge' is not allowed; allowed: tiny, paper, smoke"),
-    ({"evaluation/fid_features": "clip"}, "evaluation.fid_features='clip' is not allowed; allowed: digits, inception"),
-    ({"resources/gpu": -1}, "resources.gpu=-1 is out of range; allowed: >= 0"),
-    ({"experiments/vit-cifar100/pipeline/methods": ["adjoint"]},
-     "experiments.vit-cifar100.pipeline.methods.0='adjoint' is not allowed; allowed: blockwise, e2e, paper, "
-     "noprop-dt, noprop-ct, noprop-fm, forward-forward"),
-    ({"experiments/noprop-dt-cifar100/pipeline/methods": ["noprop"]},
-     "experiments.noprop-dt-cifar100.pipeline.methods.0='noprop' is not allowed; allowed: blockwise, e2e, paper, "
-     "noprop-dt, noprop-ct, noprop-fm, forward-forward"),
-    # a block-local baseline trains its own network with its own recipe: an experiment of its own
-    ({"experiments/ff-cifar100/pipeline/methods": ["forward-forward", "blockwise"]},
-     "experiments.ff-cifar100.pipeline.methods=['forward-forward', 'blockwise']: forward-forward train their own "
-     "network with their own train recipe, not the one of blockwise; allowed: blockwise, e2e, paper in one "
-     "experiment, the block-local methods (noprop-dt, noprop-ct, noprop-fm, forward-forward) in experiments of "
-     "their own"),
-    ({"experiments/ff-cifar100/pipeline/methods": ["noprop-dt"]},
-     "experiments.ff-cifar100.arch='ViT-tiny': method noprop-dt trains NoProp's own network; allowed: NoProp-paper, "
-     "NoProp-tiny"),
-    ({"experiments/noprop-ct-cifar100/pipeline/methods": ["blockwise"]},
-     "experiments.noprop-ct-cifar100.pipeline.methods.0='blockwise' cannot train arch='NoProp-tiny' (NoProp's "
-     "network); allowed: noprop-dt, noprop-ct, noprop-fm"),
-    ({"experiments/ff-cifar100/blocks": 5},
-     "experiments.ff-cifar100.blocks=5, layer_split=None: Forward-Forward trains blocks units of equally many of the "
-     "12 layers of ViT-tiny, each on its own goodness; allowed: blocks in 1, 2, 3, 4, 6, 12 and no layer_split"),
-    ({"experiments/noprop-fm-cifar100/arch": "NoProp-huge"},
-     "experiments.noprop-fm-cifar100.arch='NoProp-huge' is not a registered architecture; allowed: "),
-    ({"experiments/noprop-fm-cifar100/dataset": "digits-latent"},
-     "experiments.noprop-fm-cifar100.dataset='digits-latent' does not fit arch='NoProp-tiny' (NoProp's convolutional "
-     "network of pixel images); allowed: digits, cifar10, cifar100"),
-    ({"experiments/vit-cifar100/overlap": 0.7}, "experiments.vit-cifar100.overlap=0.7 is out of range; allowed: < 0.5"),
-    ({"experiments/dit-cifar10/arch": "DiT-XXL/2"}, "experiments.dit-cifar10.arch='DiT-XXL/2' is not a registered"),
-    ({"file": "params/tiny-ablations.yaml", "experiments/dit-t7-uniform-363/layer_split": [3, 6, 4]},
-     "must sum to the depth L=12"),
-    ({"file": "params/tiny-ablations.yaml", "experiments/dit-t10-b2/blocks": 0},
-     "experiments.dit-t10-b2.blocks=0 is out of range; allowed: >= 1"),
-])
+@pytest.mark.parametrize(
+    "edits, message",
+    [
+        ({"scale": "huge"}, "scale='huge' is not allowed; allowed: tiny, paper, smoke"),
+        (
+            {"evaluation/fid_features": "clip"},
+            "evaluation.fid_features='clip' is not allowed; allowed: digits, inception",
+        ),
+        ({"resources/gpu": -1}, "resources.gpu=-1 is out of range; allowed: >= 0"),
+        (
+            {"experiments/vit-cifar100/pipeline/methods": ["adjoint"]},
+            "experiments.vit-cifar100.pipeline.methods.0='adjoint' is not allowed; allowed: blockwise, e2e, paper, "
+            "noprop-dt, noprop-ct, noprop-fm, forward-forward",
+        ),
+        (
+            {"experiments/noprop-dt-cifar100/pipeline/methods": ["noprop"]},
+            "experiments.noprop-dt-cifar100.pipeline.methods.0='noprop' is not allowed; allowed: blockwise, e2e, paper, "
+            "noprop-dt, noprop-ct, noprop-fm, forward-forward",
+        ),
+        # a block-local baseline trains its own network with its own recipe: an experiment of its own
+        (
+            {"experiments/ff-cifar100/pipeline/methods": ["forward-forward", "blockwise"]},
+            "experiments.ff-cifar100.pipeline.methods=['forward-forward', 'blockwise']: forward-forward train their own "
+            "network with their own train recipe, not the one of blockwise; allowed: blockwise, e2e, paper in one "
+            "experiment, the block-local methods (noprop-dt, noprop-ct, noprop-fm, forward-forward) in experiments of "
+            "their own",
+        ),
+        (
+            {"experiments/ff-cifar100/pipeline/methods": ["noprop-dt"]},
+            "experiments.ff-cifar100.arch='ViT-tiny': method noprop-dt trains NoProp's own network; allowed: NoProp-paper, "
+            "NoProp-tiny",
+        ),
+        (
+            {"experiments/noprop-ct-cifar100/pipeline/methods": ["blockwise"]},
+            "experiments.noprop-ct-cifar100.pipeline.methods.0='blockwise' cannot train arch='NoProp-tiny' (NoProp's "
+            "network); allowed: noprop-dt, noprop-ct, noprop-fm",
+        ),
+        (
+            {"experiments/ff-cifar100/blocks": 5},
+            "experiments.ff-cifar100.blocks=5, layer_split=None: Forward-Forward trains blocks units of equally many of the "
+            "12 layers of ViT-tiny, each on its own goodness; allowed: blocks in 1, 2, 3, 4, 6, 12 and no layer_split",
+        ),
+        (
+            {"experiments/noprop-fm-cifar100/arch": "NoProp-huge"},
+            "experiments.noprop-fm-cifar100.arch='NoProp-huge' is not a registered architecture; allowed: ",
+        ),
+        (
+            {"experiments/noprop-fm-cifar100/dataset": "digits-latent"},
+            "experiments.noprop-fm-cifar100.dataset='digits-latent' does not fit arch='NoProp-tiny' (NoProp's convolutional "
+            "network of pixel images); allowed: digits, cifar10, cifar100",
+        ),
+        (
+            {"experiments/vit-cifar100/overlap": 0.7},
+            "experiments.vit-cifar100.overlap=0.7 is out of range; allowed: < 0.5",
+        ),
+        ({"experiments/dit-cifar10/arch": "DiT-XXL/2"}, "experiments.dit-cifar10.arch='DiT-XXL/2' is not a registered"),
+        (
+            {"file": "params/tiny-ablations.yaml", "experiments/dit-t7-uniform-363/layer_split": [3, 6, 4]},
+            "must sum to the depth L=12",
+        ),
+        (
+            {"file": "params/tiny-ablations.yaml", "experiments/dit-t10-b2/blocks": 0},
+            "experiments.dit-t10-b2.blocks=0 is out of range; allowed: >= 1",
+        ),
+    ],
+)
 def test_params_rejections_name_key_and_allowed_values(edits, message, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(_params(**edits)))
@@ -102,16 +144,31 @@ def test_params_rejections_name_key_and_allowed_values(edits, message, tmp_path)
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("baseline, methods, message", [
-    ("dit-cifar10", ["blockwise"], "experiments.noprop-cifar100.pipeline.baseline='dit-cifar10' is not an experiment "
-                                   "with an e2e baseline whose settings equal this one's outside blocks, layer_split, "
-                                   "overlap, partition; allowed: vit-cifar100"),
-    ("vit-cifar100", ["blockwise", "e2e"], "trains its own e2e baseline; allowed: drop 'e2e'"),
-])
+@pytest.mark.parametrize(
+    "baseline, methods, message",
+    [
+        (
+            "dit-cifar10",
+            ["blockwise"],
+            "experiments.noprop-cifar100.pipeline.baseline='dit-cifar10' is not an experiment "
+            "with an e2e baseline whose settings equal this one's outside blocks, layer_split, "
+            "overlap, partition; allowed: vit-cifar100",
+        ),
+        ("vit-cifar100", ["blockwise", "e2e"], "trains its own e2e baseline; allowed: drop 'e2e'"),
+    ],
+)
 def test_a_shared_baseline_must_train_the_same_network(baseline, methods, message, tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(_params(**{"experiments/noprop-cifar100/pipeline/baseline": baseline,
-                                              "experiments/noprop-cifar100/pipeline/methods": methods})))
+    path.write_text(
+        yaml.safe_dump(
+            _params(
+                **{
+                    "experiments/noprop-cifar100/pipeline/baseline": baseline,
+                    "experiments/noprop-cifar100/pipeline/methods": methods,
+                }
+            )
+        )
+    )
     with pytest.raises(ConfigError) as err:
         Pipeline.load(path)
     assert message in str(err.value)
@@ -129,8 +186,10 @@ def test_snakemake_refuses_bad_params_before_any_job(tmp_path):
     path.write_text(yaml.safe_dump(_params(**{"experiments/vit-cifar100/blocks": 13})))
     proc = snakemake("-n", "--config", f"params={path}", cwd=tmp_path, check=False)
     assert proc.returncode != 0
-    assert "experiments.vit-cifar100.blocks=13 exceeds the depth of ViT-tiny (12 layers); allowed: 1..12" in \
-        proc.stdout + proc.stderr
+    assert (
+        "experiments.vit-cifar100.blocks=13 exceeds the depth of ViT-tiny (12 layers); allowed: 1..12"
+        in proc.stdout + proc.stderr
+    )
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -142,14 +201,16 @@ def test_snakemake_refuses_config_overrides_that_would_not_reach_jobs(tmp_path):
 # ------------------------------------------------------------------------------------------ the DAG
 
 
-@pytest.mark.parametrize("params", ["params/tiny.yaml", "params/paper.yaml", "params/tiny-latent.yaml",
-                                    "params/smoke.yaml"])
+@pytest.mark.parametrize(
+    "params", ["params/tiny.yaml", "params/paper.yaml", "params/tiny-latent.yaml", "params/smoke.yaml"]
+)
 def test_dry_run_has_exactly_b_block_jobs_per_experiment(params):
     pipe = Pipeline.load(REPO / params)
     jobs = snakemake_jobs(params, REPO)
     for exp in pipe.experiments:
-        blocks = sorted(int(j.wildcards["block"]) for j in jobs
-                        if j.rule == "train_block" and j.wildcards["exp"] == exp)
+        blocks = sorted(
+            int(j.wildcards["block"]) for j in jobs if j.rule == "train_block" and j.wildcards["exp"] == exp
+        )
         expected = list(range(1, pipe.blocks(exp) + 1)) if "blockwise" in pipe.methods(exp) else []
         assert blocks == expected, exp
         baselines = [j for j in jobs if j.rule == "train_baseline" and j.wildcards["exp"] == exp]
@@ -190,14 +251,16 @@ def test_dry_run_has_exactly_b_block_jobs_per_experiment(params):
                 (evaluation,) = [j for j in mine if j.rule == "evaluate_local"]
                 if method == "noprop-dt":
                     assert blocks == list(range(1, pipe.blocks(exp) + 1)) and len(heads) == 1 and not whole, exp
-                    assert all(f"--block {j.wildcards['block']} " in j.command
-                               for j in mine if j.rule.endswith("block"))
+                    assert all(
+                        f"--block {j.wildcards['block']} " in j.command for j in mine if j.rule.endswith("block")
+                    )
                     assert "--head " in heads[0].command
                 else:
                     assert not blocks and not heads and len(whole) == 1, exp
                 parts = pipe.local_checkpoints(exp, method)
-                assert [i for i in evaluation.inputs if i.endswith(".safetensors") and i.startswith("checkpoints/")] \
-                    == parts
+                assert [
+                    i for i in evaluation.inputs if i.endswith(".safetensors") and i.startswith("checkpoints/")
+                ] == parts
                 assert evaluation.outputs == [pipe.metrics(exp, method)] and " ".join(parts) in evaluation.command
     if params == "params/tiny.yaml":  # Tables 6 and 1 run the baselines at tiny scale too
         assert {m for e in pipe.experiments for m in pipe.methods(e)} >= set(LOCAL_METHODS)
@@ -211,8 +274,11 @@ def test_dry_run_has_exactly_b_block_jobs_per_experiment(params):
         command = "train-local" if j.rule.startswith("train_local") else j.rule.replace("_", "-")
         assert j.command.startswith(f"OMP_NUM_THREADS=1 {launch} {command} "), j.command
     parallel = {j.wildcards["exp"] for j in train_jobs if "torchrun" in j.command}
-    assert parallel == ({"dit-imagenet256", "dit-t8-b1", "dit-t8-b2", "dit-t8-b4", "dit-t8-b6"}
-                        if params.endswith("paper.yaml") else set())
+    assert parallel == (
+        {"dit-imagenet256", "dit-t8-b1", "dit-t8-b2", "dit-t8-b4", "dit-t8-b6"}
+        if params.endswith("paper.yaml")
+        else set()
+    )
     if params.endswith("paper.yaml"):  # paper scale asks SLURM for a GPU per training job
         assert "gpu=1" in snakemake("-n", "--config", f"params={params}", "--rerun-triggers", "mtime").stdout
 
@@ -222,9 +288,14 @@ def _outputs(params: str) -> frozenset[str]:
     return frozenset(o for j in snakemake_jobs(params, REPO) for o in j.outputs)
 
 
-@pytest.mark.parametrize("params, out", [("params/tiny-text.yaml", "tiny-text"),
-                                         ("params/tiny-latent.yaml", "tiny-latent"),
-                                         ("params/tiny-ablations.yaml", "tiny-ablations")])
+@pytest.mark.parametrize(
+    "params, out",
+    [
+        ("params/tiny-text.yaml", "tiny-text"),
+        ("params/tiny-latent.yaml", "tiny-latent"),
+        ("params/tiny-ablations.yaml", "tiny-ablations"),
+    ],
+)
 def test_tiny_params_files_never_write_the_same_file(params, out):
     """The text, latent and ablation files are scale 'tiny' like params/tiny.yaml; ``outputs:`` keeps their products
     (tables, tracking records, checkpoints, logs) apart, so running one never invalidates another. Only a
@@ -235,8 +306,10 @@ def test_tiny_params_files_never_write_the_same_file(params, out):
     assert all(o.startswith(("data/prepared/", "data/reference/")) for o in image & other), sorted(image & other)
 
 
-@pytest.mark.parametrize("params", ["params/tiny.yaml", "params/paper.yaml", "params/tiny-text.yaml",
-                                    "params/tiny-latent.yaml", "params/smoke.yaml"])
+@pytest.mark.parametrize(
+    "params",
+    ["params/tiny.yaml", "params/paper.yaml", "params/tiny-text.yaml", "params/tiny-latent.yaml", "params/smoke.yaml"],
+)
 def test_snakemake_lint_is_clean(params):
     """Snakemake's own linter: a software environment per rule, non-file values through params:, named
     inputs and outputs in commands, helper functions in common.smk, envvars for what jobs need."""
@@ -245,8 +318,9 @@ def test_snakemake_lint_is_clean(params):
 
 
 def test_dvc_yaml_is_generated_from_the_current_dag():
-    assert (REPO / "dvc.yaml").read_text() == generate("params/tiny.yaml", REPO), \
+    assert (REPO / "dvc.yaml").read_text() == generate("params/tiny.yaml", REPO), (
         "dvc.yaml is stale: run `dblocks dvc-yaml`"
+    )
 
 
 def test_dvc_and_snakemake_describe_the_same_jobs():
@@ -323,7 +397,9 @@ def test_real_run_writes_tables_from_mlflow(micro_run):
     blockwise = json.loads((micro_run / "metrics/tiny/vit-cifar100/blockwise.json").read_text())
     assert f"{100 * blockwise['accuracy']:.2f}" in table and "60.25" in table and "tiny" in table
     assert (micro_run / "results/tiny/tables/table10.csv").is_file()
-    assert "Our FID: domain FID (digits-classifier features)" in (micro_run / "results/tiny/tables/table10.md").read_text()
+    assert (
+        "Our FID: domain FID (digits-classifier features)" in (micro_run / "results/tiny/tables/table10.md").read_text()
+    )
     generation = json.loads((micro_run / "metrics/tiny/dit-t10-b2/blockwise.json").read_text())
     assert generation["fid"] > 0 and generation["block_calls"] == [3, 3]
     assert (micro_run / "metrics/tiny/dit-t10-b2/blockwise-samples.png").is_file()
@@ -369,12 +445,14 @@ def test_deleting_or_corrupting_one_block_reruns_only_that_block(micro_run):
     before = tree_state(micro_run)
     plan = planned(micro_run, params)
     assert tree_state(micro_run) == before  # a dry run renames, deletes and writes nothing
-    assert plan == sorted([
-        job("train_block", exp="dit-t10-b2", block="2"),
-        job("assemble", exp="dit-t10-b2", assembled="blockwise"),
-        job("evaluate_generator", exp="dit-t10-b2", method="blockwise"),
-        job("tables"),
-    ])
+    assert plan == sorted(
+        [
+            job("train_block", exp="dit-t10-b2", block="2"),
+            job("assemble", exp="dit-t10-b2", assembled="blockwise"),
+            job("evaluate_generator", exp="dit-t10-b2", method="blockwise"),
+            job("tables"),
+        ]
+    )
 
     block = micro_run / "checkpoints/tiny/vit-cifar100/block-1.safetensors"
     data, stat = bytearray(block.read_bytes()), block.stat()
@@ -382,19 +460,32 @@ def test_deleting_or_corrupting_one_block_reruns_only_that_block(micro_run):
     block.write_bytes(bytes(data))
     os.utime(block, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert planned(micro_run, params) == plan  # parsing does not hash: corruption is found where it is read ...
-    verify = subprocess.run([str(BIN / "dblocks"), "verify", "--params", str(params)], cwd=micro_run,
-                            capture_output=True, text=True, env=ENV)
+    verify = subprocess.run(
+        [str(BIN / "dblocks"), "verify", "--params", str(params)],
+        cwd=micro_run,
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert verify.returncode == 1 and "CORRUPT  checkpoints/tiny/vit-cifar100/block-1.safetensors" in verify.stdout
     assert block.is_file()  # ... and by `dblocks verify`, which moves nothing unless asked
-    verify = subprocess.run([str(BIN / "dblocks"), "verify", "--params", str(params), "--quarantine"],
-                            cwd=micro_run, capture_output=True, text=True, env=ENV)
+    verify = subprocess.run(
+        [str(BIN / "dblocks"), "verify", "--params", str(params), "--quarantine"],
+        cwd=micro_run,
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert (micro_run / "checkpoints/tiny/vit-cifar100/block-1.safetensors.corrupt").is_file()
-    assert planned(micro_run, params) == sorted(plan + [
-        job("train_block", exp="vit-cifar100", block="1"),
-        job("assemble", exp="vit-cifar100", assembled="blockwise"),
-        job("evaluate_classifier", exp="vit-cifar100", method="blockwise"),
-    ])
+    assert planned(micro_run, params) == sorted(
+        plan
+        + [
+            job("train_block", exp="vit-cifar100", block="1"),
+            job("assemble", exp="vit-cifar100", assembled="blockwise"),
+            job("evaluate_classifier", exp="vit-cifar100", method="blockwise"),
+        ]
+    )
 
     # and the rerun really rebuilds just those, leaving the other blocks' files untouched
     untouched = micro_run / "checkpoints/tiny/vit-cifar100/block-2.safetensors"
@@ -412,16 +503,26 @@ def test_snakemake_reruns_exactly_the_jobs_that_read_a_changed_setting(micro_run
     params = micro_run / "micro.yaml"
     original = params.read_text()
     assert planned(micro_run, params) == []
-    evaluations = [job("evaluate_classifier", exp="vit-cifar100", method="blockwise"),
-                   job("evaluate_classifier", exp="vit-cifar100", method="e2e"),
-                   job("evaluate_generator", exp="dit-t10-b2", method="blockwise")]
+    evaluations = [
+        job("evaluate_classifier", exp="vit-cifar100", method="blockwise"),
+        job("evaluate_classifier", exp="vit-cifar100", method="e2e"),
+        job("evaluate_generator", exp="dit-t10-b2", method="blockwise"),
+    ]
     try:
         params.write_text(original.replace("samples: 40", "samples: 24"))
         assert planned(micro_run, params) == sorted(evaluations + [job("tables")])
         params.write_text(original.replace("experiment: micro}", "experiment: micro-renamed}"))
-        assert planned(micro_run, params) == sorted(evaluations + [
-            job("tracking_store"), *[job("tracking_parent", exp=e, chash=Pipeline.load(params).hash(e))
-                                     for e in ("vit-cifar100", "dit-t10-b2")], job("tables")])
+        assert planned(micro_run, params) == sorted(
+            evaluations
+            + [
+                job("tracking_store"),
+                *[
+                    job("tracking_parent", exp=e, chash=Pipeline.load(params).hash(e))
+                    for e in ("vit-cifar100", "dit-t10-b2")
+                ],
+                job("tables"),
+            ]
+        )
     finally:
         params.write_text(original)
     assert planned(micro_run, params) == []
@@ -438,12 +539,18 @@ def test_a_changed_experiment_is_retrained_in_the_first_call(micro_run):
     raw["experiments"]["vit-cifar100"]["train"]["steps"] = 3
     try:
         params.write_text(yaml.safe_dump(raw))
-        assert planned(micro_run, params) == sorted([
-            job("tracking_parent", exp="vit-cifar100", chash=Pipeline.load(params).hash("vit-cifar100")),
-            job("train_block", exp="vit-cifar100", block="1"), job("train_block", exp="vit-cifar100", block="2"),
-            job("train_baseline", exp="vit-cifar100"), job("assemble", exp="vit-cifar100", assembled="blockwise"),
-            job("evaluate_classifier", exp="vit-cifar100", method="blockwise"),
-            job("evaluate_classifier", exp="vit-cifar100", method="e2e"), job("tables")])
+        assert planned(micro_run, params) == sorted(
+            [
+                job("tracking_parent", exp="vit-cifar100", chash=Pipeline.load(params).hash("vit-cifar100")),
+                job("train_block", exp="vit-cifar100", block="1"),
+                job("train_block", exp="vit-cifar100", block="2"),
+                job("train_baseline", exp="vit-cifar100"),
+                job("assemble", exp="vit-cifar100", assembled="blockwise"),
+                job("evaluate_classifier", exp="vit-cifar100", method="blockwise"),
+                job("evaluate_classifier", exp="vit-cifar100", method="e2e"),
+                job("tables"),
+            ]
+        )
     finally:
         params.write_text(original)
     assert planned(micro_run, params) == []
@@ -457,10 +564,23 @@ def test_training_on_another_number_of_gpus_reruns_no_job(micro_run):
     original = params.read_text()
     assert planned(micro_run, params) == []
     try:
-        params.write_text(original.replace("resources: {gpu: 0,", "resources: {experiments: {vit-cifar100: {gpu: 2}}, gpu: 1,"))
+        params.write_text(
+            original.replace("resources: {gpu: 0,", "resources: {experiments: {vit-cifar100: {gpu: 2}}, gpu: 1,")
+        )
         assert Pipeline.load(params).ranks("vit-cifar100") == 2
-        out = snakemake("-n", "-p", "--cores", 2, "--config", f"params={params}", "--forcerun", "train_block",
-                        "--until", "train_block", cwd=micro_run).stdout
+        out = snakemake(
+            "-n",
+            "-p",
+            "--cores",
+            2,
+            "--config",
+            f"params={params}",
+            "--forcerun",
+            "train_block",
+            "--until",
+            "train_block",
+            cwd=micro_run,
+        ).stdout
         assert "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 -m dblocks train-block" in out
         assert planned(micro_run, params) == [job("tables")]
     finally:
@@ -524,7 +644,8 @@ def test_dvc_reruns_exactly_the_stages_that_read_a_changed_setting(micro_run, tm
     run(str(BIN / "dvc"), "exp", "run", "-S", f"{params}:evaluation.samples=24")
     record = json.loads((work / "metrics/tiny/dit-t10-b2/blockwise.json").read_text())
     assert record["evaluation"]["samples"] == 24 and record["eval_hash"] == Pipeline.load(work / params).eval_hash(
-        "dit-t10-b2")
+        "dit-t10-b2"
+    )
     assert f"| {record['fid_test']:.2f} |" in (work / "results/tiny/tables/table10.md").read_text()  # and the table
     assert json.loads(run(str(BIN / "dvc"), "status", "--json")) == {}
 
@@ -591,19 +712,29 @@ def test_baselines_fill_tables_1_and_6_from_real_runs(local_run):
     dt = metrics("noprop-dt-cifar100", "noprop-dt")
     assert dt["train_jobs"] == 4 and len(dt["train_ms_per_step_per_block"]) == 3 and dt["head_ms_per_step"] > 0
     assert 0 <= dt["accuracy"] <= 1 and dt["train_ms_per_step"] > 0 and dt["train_memory_mb"] >= 0
-    assert [Path(m).name for m in dt["models"]] == ["block-1.safetensors", "block-2.safetensors", "block-3.safetensors",
-                                                  "head.safetensors"]
+    assert [Path(m).name for m in dt["models"]] == [
+        "block-1.safetensors",
+        "block-2.safetensors",
+        "block-3.safetensors",
+        "head.safetensors",
+    ]
     for b in (1, 2, 3):
         record = load_metadata(local_run / f"checkpoints/tiny/noprop-dt-cifar100/noprop-dt/block-{b}.safetensors")
-        assert (record["kind"], record["method"], record["part"], record["block"]) == \
-            ("local", "noprop-dt", f"block-{b}", b)
+        assert (record["kind"], record["method"], record["part"], record["block"]) == (
+            "local",
+            "noprop-dt",
+            f"block-{b}",
+            b,
+        )
         assert record["steps_run"] == 4 and record["train_memory_mb"] is not None
     assert load_metadata(local_run / "checkpoints/tiny/noprop-dt-cifar100/noprop-dt/head.safetensors")["step"] == 3 * 4
 
     # every row of both tables is ours, measured, with its training cost beside it
-    for label, exp, method in (("NoProp-DT", "noprop-dt-cifar100", "noprop-dt"),
-                               ("NoProp-CT", "noprop-ct-cifar100", "noprop-ct"),
-                               ("NoProp-FM", "noprop-fm-cifar100", "noprop-fm")):
+    for label, exp, method in (
+        ("NoProp-DT", "noprop-dt-cifar100", "noprop-dt"),
+        ("NoProp-CT", "noprop-ct-cifar100", "noprop-ct"),
+        ("NoProp-FM", "noprop-fm-cifar100", "noprop-fm"),
+    ):
         cells = row(6, label)
         record = metrics(exp, method)
         assert cells[1] == f"{100 * record['accuracy']:.2f}", label
@@ -623,17 +754,40 @@ def test_baselines_fill_tables_1_and_6_from_real_runs(local_run):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{local_run / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("micro-local").experiment_id], max_results=1000)
     dt_runs = [r for r in runs if r.data.tags["dblocks.experiment"] == "noprop-dt-cifar100"]
-    assert sorted(r.data.tags["dblocks.block"] for r in dt_runs if r.data.tags["dblocks.job"] == "train") == \
-        ["1", "2", "3", "head"]
-    assert all("train_memory_mb" in r.data.metrics and "seconds_per_step" in r.data.metrics
-               for r in dt_runs if r.data.tags["dblocks.job"] == "train")
+    assert sorted(r.data.tags["dblocks.block"] for r in dt_runs if r.data.tags["dblocks.job"] == "train") == [
+        "1",
+        "2",
+        "3",
+        "head",
+    ]
+    assert all(
+        "train_memory_mb" in r.data.metrics and "seconds_per_step" in r.data.metrics
+        for r in dt_runs
+        if r.data.tags["dblocks.job"] == "train"
+    )
     parents = [r for r in dt_runs if r.data.tags["dblocks.job"] == "parent"]
     assert parents[0].data.metrics["noprop-dt.accuracy"] == pytest.approx(dt["accuracy"])
 
     # a finished part is never retrained; the pipeline is up to date
-    again = subprocess.run([str(BIN / "dblocks"), "train-local", "--config", "micro.yaml", "--experiment",
-                            "noprop-dt-cifar100", "--method", "noprop-dt", "--block", "2", "--out",
-                            "checkpoints/tiny/noprop-dt-cifar100/noprop-dt/block-2.safetensors"],
-                           cwd=local_run, capture_output=True, text=True, env=ENV)
+    again = subprocess.run(
+        [
+            str(BIN / "dblocks"),
+            "train-local",
+            "--config",
+            "micro.yaml",
+            "--experiment",
+            "noprop-dt-cifar100",
+            "--method",
+            "noprop-dt",
+            "--block",
+            "2",
+            "--out",
+            "checkpoints/tiny/noprop-dt-cifar100/noprop-dt/block-2.safetensors",
+        ],
+        cwd=local_run,
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert again.returncode == 0 and "already trained with this config" in again.stdout
     assert planned(local_run, local_run / "micro.yaml") == []

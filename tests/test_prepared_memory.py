@@ -20,14 +20,19 @@ import torch
 from PIL import Image
 
 from dblocks.checkpoint import sidecar_path
-from dblocks.errors import CheckpointError
 from dblocks.data import ImageDataset, load_prepared, load_prepared_text, save_prepared
 from dblocks.data.autoencoder import ConvAutoencoder
-from dblocks.data.latents import (LatentCodec, encode_folder, prepare_imagenet_latents,
-                                  write_imagenet_split)
-from dblocks.data.prepared import (DEFAULT_SHARD_EXAMPLES, SHARD_EXAMPLES_ENV, StoredRows, pixels_to_unit,
-                                   save_prepared_text, shard_examples)
+from dblocks.data.latents import LatentCodec, encode_folder, prepare_imagenet_latents, write_imagenet_split
+from dblocks.data.prepared import (
+    DEFAULT_SHARD_EXAMPLES,
+    SHARD_EXAMPLES_ENV,
+    StoredRows,
+    pixels_to_unit,
+    save_prepared_text,
+    shard_examples,
+)
 from dblocks.data.text import load_text_dataset
+from dblocks.errors import CheckpointError
 from dblocks.pipeline import Pipeline
 from dblocks.train import sample_batch
 
@@ -42,10 +47,13 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason=
 
 def peak_rss_of(script: str, *args) -> int:
     """The peak resident set (VmHWM, bytes) of a fresh Python process that runs ``script`` with ``args``."""
-    probe = script + "\nimport re\nprint(re.search(r'VmHWM:\\s*(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
+    probe = (
+        script + "\nimport re\nprint(re.search(r'VmHWM:\\s*(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    proc = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return int(proc.stdout.split()[-1]) * 1024
 
@@ -61,9 +69,15 @@ def pixel_split(rows: int, seed: int = 0, split: str = "train") -> ImageDataset:
 
 def latent_split(rows: int, seed: int = 0) -> ImageDataset:
     g = torch.Generator().manual_seed(seed)
-    return ImageDataset("imagenet256", "train", torch.randn(rows, *LATENT, generator=g),
-                        torch.randint(0, 1000, (rows,), generator=g), 1000, latent_scale=0.18215,
-                        flipped=torch.randn(rows, *LATENT, generator=g))
+    return ImageDataset(
+        "imagenet256",
+        "train",
+        torch.randn(rows, *LATENT, generator=g),
+        torch.randint(0, 1000, (rows,), generator=g),
+        1000,
+        latent_scale=0.18215,
+        flipped=torch.randn(rows, *LATENT, generator=g),
+    )
 
 
 TRAIN_20_BATCHES = """
@@ -93,7 +107,8 @@ def test_a_jobs_peak_memory_does_not_grow_with_the_prepared_dataset(tmp_path):
     assert abs(peak_large - peak_small) < margin, (
         f"peak RSS {peak_small / MIB:.1f} MiB with {n} examples ({small.stat().st_size / MIB:.1f} MiB stored), "
         f"{peak_large / MIB:.1f} MiB with {10 * n} ({large.stat().st_size / MIB:.1f} MiB stored): they differ by "
-        f"{(peak_large - peak_small) / MIB:.1f} MiB, allowed < {margin / MIB:.1f} MiB")
+        f"{(peak_large - peak_small) / MIB:.1f} MiB, allowed < {margin / MIB:.1f} MiB"
+    )
 
 
 WRITE_SHARDS = """
@@ -121,7 +136,8 @@ def test_prepare_writes_shards_without_holding_the_split(tmp_path):
     assert len(list((tmp_path / "large/shards").glob("*.safetensors"))) == 40
     assert abs(peak_large - peak_small) < 0.10 * stored, (
         f"peak RSS {peak_small / MIB:.1f} MiB writing 800 rows, {peak_large / MIB:.1f} MiB writing 8000 "
-        f"({stored / MIB:.1f} MiB stored); allowed difference < {0.10 * stored / MIB:.1f} MiB")
+        f"({stored / MIB:.1f} MiB stored); allowed difference < {0.10 * stored / MIB:.1f} MiB"
+    )
     assert len(load_prepared(tmp_path / "large", "train")) == 8000
 
 
@@ -131,7 +147,8 @@ def test_shards_give_the_rows_of_one_file_and_each_is_verified(tmp_path):
     save_prepared(ds, one)
     save_prepared(ds, sharded, shard_size=3)
     assert sorted(p.name for p in (sharded / "shards").iterdir()) == [
-        f"train-0000{i}.{ext}" for i in range(4) for ext in ("json", "safetensors")]
+        f"train-0000{i}.{ext}" for i in range(4) for ext in ("json", "safetensors")
+    ]
     record = json.loads((sharded / "train.json").read_text())
     assert [s["examples"] for s in record["shards"]] == [3, 3, 3, 1] and record["examples"] == 10
     a, b = load_prepared(one, "train"), load_prepared(sharded, "train")
@@ -161,8 +178,10 @@ def test_shards_give_the_rows_of_one_file_and_each_is_verified(tmp_path):
         load_prepared(sharded, "train")
     # written again in fewer shards: the earlier ones beyond them are removed (DVC would version them)
     save_prepared(ds, sharded, shard_size=6)
-    assert sorted(p.name for p in (sharded / "shards").glob("*.safetensors")) == ["train-00000.safetensors",
-                                                                                   "train-00001.safetensors"]
+    assert sorted(p.name for p in (sharded / "shards").glob("*.safetensors")) == [
+        "train-00000.safetensors",
+        "train-00001.safetensors",
+    ]
     assert torch.equal(load_prepared(sharded, "train").images[:], ds.images)
 
 
@@ -170,13 +189,25 @@ def test_a_batch_is_the_same_from_a_sharded_and_an_unsharded_copy(tmp_path):
     for name, ds, augment in (("pixels", pixel_split(300), "crop_flip"), ("latents", latent_split(40), "flip")):
         save_prepared(ds, tmp_path / name / "one")
         save_prepared(ds, tmp_path / name / "sharded", shard_size=7)
-        one, sharded = load_prepared(tmp_path / name / "one", "train"), load_prepared(tmp_path / name / "sharded", "train")
-        in_memory = ImageDataset(ds.name, ds.split, ds.images[:], ds.labels, ds.num_classes, ds.latent_scale,
-                                 None if ds.flipped is None else ds.flipped[:])
+        one, sharded = (
+            load_prepared(tmp_path / name / "one", "train"),
+            load_prepared(tmp_path / name / "sharded", "train"),
+        )
+        in_memory = ImageDataset(
+            ds.name,
+            ds.split,
+            ds.images[:],
+            ds.labels,
+            ds.num_classes,
+            ds.latent_scale,
+            None if ds.flipped is None else ds.flipped[:],
+        )
         batches = {}
         for seed in (0, 1):
-            a, b, c = (sample_batch(data, 32, torch.Generator().manual_seed(seed), CPU, augment)
-                       for data in (one, sharded, in_memory))
+            a, b, c = (
+                sample_batch(data, 32, torch.Generator().manual_seed(seed), CPU, augment)
+                for data in (one, sharded, in_memory)
+            )
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["image"], c["image"]), (name, seed)
             assert torch.equal(a["label"], b["label"]) and torch.equal(a["label"], c["label"]), (name, seed)
             batches[seed] = a["image"]
@@ -204,8 +235,12 @@ def test_imagenet_prepare_streams_into_shards_that_read_as_the_encoded_folder(im
     written = prepare_imagenet_latents(imagenet_root, tmp_path, "untrained-conv", batch_size=2)
     assert [p.name for p in written] == ["autoencoder.safetensors", "train.safetensors", "test.safetensors"]
     assert sorted(p.name for p in (tmp_path / "shards").glob("*.safetensors")) == [
-        "test-00000.safetensors", "test-00001.safetensors",
-        "train-00000.safetensors", "train-00001.safetensors", "train-00002.safetensors"]
+        "test-00000.safetensors",
+        "test-00001.safetensors",
+        "train-00000.safetensors",
+        "train-00001.safetensors",
+        "train-00002.safetensors",
+    ]
     codec = LatentCodec(ConvAutoencoder(seed=0))
     train = load_prepared(tmp_path, "train", "imagenet256")
     latents, labels, _, flipped = encode_folder(codec, imagenet_root / "train", batch_size=2, mirrored=True)
@@ -253,8 +288,11 @@ def test_verify_checks_every_listed_shard_and_sets_a_corrupt_ones_folder_aside(i
     prepare_imagenet_latents(imagenet_root, prepared, "untrained-conv", batch_size=2)
     params = tmp_path / "part.yaml"
     params.write_text(f"base: {REPO / 'params/smoke.yaml'}\nonly: [dit-imagenet256]\ndata_dir: data\n")
-    shards = sorted(f"data/prepared/imagenet256/shards/{p.name}" for p in (prepared / "shards").iterdir()
-                    if p.suffix == ".safetensors")
+    shards = sorted(
+        f"data/prepared/imagenet256/shards/{p.name}"
+        for p in (prepared / "shards").iterdir()
+        if p.suffix == ".safetensors"
+    )
     assert len(shards) == 5 and set(shards) <= set(Pipeline.load(params).artefacts())
 
     dblocks = str(Path(sys.executable).parent / "dblocks")

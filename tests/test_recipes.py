@@ -16,13 +16,11 @@ from dblocks.augment import augment, random_crop
 from dblocks.checkpoint import load_checkpoint, load_metadata
 from dblocks.cli import main
 from dblocks.config import resolve
-from dblocks.errors import ConfigError
 from dblocks.ema import EMA, beta, half_life
+from dblocks.errors import ConfigError, TrainingError
 from dblocks.experiment import Experiment
 from dblocks.params import Params
-from dblocks.train import (Objective, block_objective, cross_entropy_objective, lr_lambda,
-                           paper_mode_objective, train)
-from dblocks.errors import TrainingError
+from dblocks.train import Objective, block_objective, cross_entropy_objective, lr_lambda, paper_mode_objective, train
 from tests.conftest import micro_config
 
 CPU = torch.device("cpu")
@@ -33,6 +31,7 @@ def _images(n=6, c=3, size=8) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- augmentation
+
 
 @pytest.mark.parametrize("kind", ["flip", "crop_flip", "randaugment"])
 def test_augmentation_is_fixed_by_the_generator_and_keeps_shape_and_range(kind):
@@ -64,7 +63,7 @@ def test_crop_is_a_window_of_the_black_padded_image():
     out = random_crop(x, torch.Generator().manual_seed(0), padding=4)
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4), value=-1.0)
     for o, p in zip(out, padded):
-        windows = [(t, l) for t in range(9) for l in range(9) if torch.equal(p[:, t:t + 8, l:l + 8], o)]
+        windows = [(t, left) for t in range(9) for left in range(9) if torch.equal(p[:, t : t + 8, left : left + 8], o)]
         assert windows, "a crop that is no window of the padded image"
     assert (out == -1).any()  # some crops reach into the padding
 
@@ -80,22 +79,29 @@ def test_randaugment_ops_on_a_group_equal_the_ops_image_by_image():
         magnitudes = magnitudes_of(transform.num_magnitude_bins, 16, 16)
         magnitude = float(magnitudes[transform.magnitude]) if magnitudes is not None else 0.0
 
-        def apply(x):
-            return transform._apply_image_or_video_transform(x, name, magnitude, interpolation=transform.interpolation,
-                                                             fill=transform._fill)
+        def apply(x, name=name, magnitude=magnitude):
+            return transform._apply_image_or_video_transform(
+                x,
+                name,
+                magnitude,
+                interpolation=transform.interpolation,
+                fill=transform._fill,
+            )
 
         assert torch.equal(apply(pixels), torch.stack([apply(p[None])[0] for p in pixels])), name
 
 
 def test_augmentation_is_refused_where_it_has_no_meaning():
     with pytest.raises(ConfigError, match="train.augment='crop_flip' does not apply to dataset='digits-latent'"):
-        resolve({"task": "generation", "arch": "DiT-tiny/1", "dataset": "digits-latent",
-                 "train": {"augment": "crop_flip"}})
+        resolve(
+            {"task": "generation", "arch": "DiT-tiny/1", "dataset": "digits-latent", "train": {"augment": "crop_flip"}}
+        )
     with pytest.raises(ConfigError, match="allowed: none, flip, crop_flip, randaugment"):
         resolve({"train": {"augment": "mixup"}})
 
 
 # -------------------------------------------------------------------------------------------- the average
+
 
 def test_ema_equals_the_closed_form_on_a_toy_parameter():
     p = nn.Linear(1, 1, bias=False)
@@ -108,28 +114,30 @@ def test_ema_equals_the_closed_form_on_a_toy_parameter():
             p.weight.fill_(v)
         ema.update(p, k)
     n = len(values)
-    closed = d ** n * 2.0 + (1 - d) * sum(d ** (n - i) * v for i, v in enumerate(values, 1))
+    closed = d**n * 2.0 + (1 - d) * sum(d ** (n - i) * v for i, v in enumerate(values, 1))
     assert ema.tensors["weight"].item() == pytest.approx(closed, rel=1e-6)
 
 
 def test_ema_ramp_up_follows_edm():
     assert beta(0.9999, 0.05, 0) == 0.0  # the first update copies the weights
     assert beta(0.9999, 0.05, 1000) == pytest.approx(0.5 ** (1 / 50))  # half-life 5 % of 1000 steps
-    assert beta(0.9999, 0.05, 10 ** 6) == pytest.approx(0.9999)  # long runs: the configured decay
+    assert beta(0.9999, 0.05, 10**6) == pytest.approx(0.9999)  # long runs: the configured decay
     assert half_life(0.9999) == pytest.approx(6931.1, abs=0.1)
 
 
 def _ema_exp(**train) -> Experiment:
-    return Experiment(micro_config(train={**micro_config()["train"], "ema_decay": 0.9, "augment": "randaugment",
-                                          **train}))
+    return Experiment(
+        micro_config(train={**micro_config()["train"], "ema_decay": 0.9, "augment": "randaugment", **train})
+    )
 
 
 def test_resume_with_augmentation_and_ema_is_bit_identical(tmp_path):
     exp = _ema_exp()
     data, cfg = exp.load_data("train"), exp.config["train"]
     ref_model = exp.block(1)
-    reference = train(ref_model, block_objective(ref_model, exp.partition, 1), data, cfg, seed=5, device=CPU,
-                      progress=False)
+    reference = train(
+        ref_model, block_objective(ref_model, exp.partition, 1), data, cfg, seed=5, device=CPU, progress=False
+    )
     state, m, calls = tmp_path / "block-1.state.safetensors", exp.block(1), {"n": 0}
     objective = block_objective(m, exp.partition, 1)
 
@@ -140,15 +148,33 @@ def test_resume_with_augmentation_and_ema_is_bit_identical(tmp_path):
         return objective.loss(batch)
 
     with pytest.raises(KeyboardInterrupt):
-        train(m, Objective(dies_at_step_6, objective.draw), data, cfg, seed=5, device=CPU, state_path=state, progress=False)
+        train(
+            m,
+            Objective(dies_at_step_6, objective.draw),
+            data,
+            cfg,
+            seed=5,
+            device=CPU,
+            state_path=state,
+            progress=False,
+        )
     resumed = exp.block(1)
-    result = train(resumed, block_objective(resumed, exp.partition, 1), data, cfg, seed=5, device=CPU,
-                   state_path=state, progress=False)
+    result = train(
+        resumed,
+        block_objective(resumed, exp.partition, 1),
+        data,
+        cfg,
+        seed=5,
+        device=CPU,
+        state_path=state,
+        progress=False,
+    )
     assert result.resumed_from == 4
     for got, want in ((resumed, ref_model), (result.averaged, reference.averaged)):
         assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
-    assert any(not torch.equal(a, b) for a, b in zip(result.averaged.state_dict().values(),
-                                                     resumed.state_dict().values()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(result.averaged.state_dict().values(), resumed.state_dict().values())
+    )
 
 
 def test_a_training_state_and_its_config_must_agree_on_the_average(tmp_path):
@@ -164,10 +190,27 @@ def test_a_training_state_and_its_config_must_agree_on_the_average(tmp_path):
                 raise KeyboardInterrupt
             return objective.loss(batch)
 
-        train(m, Objective(dies, objective.draw), exp.load_data("train"), cfg, seed=0, device=CPU, state_path=state, progress=False)
+        train(
+            m,
+            Objective(dies, objective.draw),
+            exp.load_data("train"),
+            cfg,
+            seed=0,
+            device=CPU,
+            state_path=state,
+            progress=False,
+        )
     with pytest.raises(Exception, match="a weight average was saved but training keeps none"):
-        train(exp.block(1), objective, exp.load_data("train"), {**cfg, "ema_decay": 0.0}, seed=0, device=CPU,
-              state_path=state, progress=False)
+        train(
+            exp.block(1),
+            objective,
+            exp.load_data("train"),
+            {**cfg, "ema_decay": 0.0},
+            seed=0,
+            device=CPU,
+            state_path=state,
+            progress=False,
+        )
 
 
 def _run(*argv) -> int:
@@ -175,8 +218,23 @@ def _run(*argv) -> int:
 
 
 def test_checkpoints_carry_both_weights_and_evaluation_names_the_ones_it_read(tmp_path, capsys):
-    common = ["--arch", "ViT-micro", "--blocks", "2", "--steps", "4", "--batch-size", "8", "--no-progress",
-              "--device", "cpu", "--set", "train.warmup=1", "--set", "train.ema_decay=0.5"]
+    common = [
+        "--arch",
+        "ViT-micro",
+        "--blocks",
+        "2",
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--set",
+        "train.warmup=1",
+        "--set",
+        "train.ema_decay=0.5",
+    ]
     blocks = [tmp_path / f"block-{b}.safetensors" for b in (1, 2)]
     for b, out in enumerate(blocks, 1):
         assert _run("train-block", *common, "--block", b, "--out", out) == 0
@@ -188,8 +246,7 @@ def test_checkpoints_carry_both_weights_and_evaluation_names_the_ones_it_read(tm
     ema_model, _, meta = load_model(model_path)  # auto: the average where there is one
     raw_model, _, raw_meta = load_model(model_path, weights="raw")
     assert (meta["weights"], raw_meta["weights"]) == ("ema", "raw")
-    assert any(not torch.equal(a, b) for a, b in zip(ema_model.state_dict().values(),
-                                                     raw_model.state_dict().values()))
+    assert any(not torch.equal(a, b) for a, b in zip(ema_model.state_dict().values(), raw_model.state_dict().values()))
     for weights in ("raw", "ema"):
         out = tmp_path / f"{weights}.json"
         assert _run("evaluate", model_path, "--out", out, "--weights", weights, "--no-progress") == 0
@@ -199,8 +256,19 @@ def test_checkpoints_carry_both_weights_and_evaluation_names_the_ones_it_read(tm
     raw_cfg = tmp_path / "raw"
     raw_cfg.mkdir()
     for b in (1, 2):
-        assert _run("train-block", *common, "--set", "sample.weights=raw", "--block", b,
-                    "--out", raw_cfg / f"block-{b}.safetensors") == 0
+        assert (
+            _run(
+                "train-block",
+                *common,
+                "--set",
+                "sample.weights=raw",
+                "--block",
+                b,
+                "--out",
+                raw_cfg / f"block-{b}.safetensors",
+            )
+            == 0
+        )
     assemble([raw_cfg / f"block-{b}.safetensors" for b in (1, 2)], raw_cfg / "model.safetensors")
     assert _run("evaluate", raw_cfg / "model.safetensors", "--out", raw_cfg / "m.json", "--no-progress") == 0
     assert json.loads((raw_cfg / "m.json").read_text())["weights"] == "raw"
@@ -213,9 +281,13 @@ def test_checkpoints_carry_both_weights_and_evaluation_names_the_ones_it_read(tm
 
 # ------------------------------------------------------------------------------------- precision, schedule
 
+
 def test_bf16_autocast_learns_digits_and_keeps_float32_weights(tmp_path):
-    exp = Experiment(micro_config(train={"steps": 150, "batch_size": 32, "lr": 3e-3, "warmup": 10, "log_every": 50,
-                                         "precision": "bf16"}))
+    exp = Experiment(
+        micro_config(
+            train={"steps": 150, "batch_size": 32, "lr": 3e-3, "warmup": 10, "log_every": 50, "precision": "bf16"}
+        )
+    )
     model = exp.e2e()
     seen = []
     objective = cross_entropy_objective(model)
@@ -225,7 +297,15 @@ def test_bf16_autocast_learns_digits_and_keeps_float32_weights(tmp_path):
         seen.append(torch.is_autocast_enabled("cpu"))
         return loss
 
-    train(model, Objective(spy, objective.draw), exp.load_data("train"), exp.config["train"], seed=0, device=CPU, progress=False)
+    train(
+        model,
+        Objective(spy, objective.draw),
+        exp.load_data("train"),
+        exp.config["train"],
+        seed=0,
+        device=CPU,
+        progress=False,
+    )
     assert all(seen)
     test = exp.load_data("test")
     with torch.no_grad():
@@ -243,8 +323,15 @@ def test_bf16_still_stops_a_diverging_job():
     with torch.no_grad():
         next(m.parameters()).fill_(float("inf"))
     with pytest.raises(TrainingError, match="not finite|is nan|is inf"):
-        train(m, block_objective(m, exp.partition, 1), exp.load_data("train"), exp.config["train"], seed=0,
-              device=CPU, progress=False)
+        train(
+            m,
+            block_objective(m, exp.partition, 1),
+            exp.load_data("train"),
+            exp.config["train"],
+            seed=0,
+            device=CPU,
+            progress=False,
+        )
 
 
 def test_cosine_ends_at_the_floor_and_warms_up_linearly():
@@ -260,8 +347,15 @@ def test_shared_stem_mode_learns_its_label_table_and_the_blocks_keep_it(vit_exp,
     """The authors' single process learns an L2-normalised label table; independent blocks keep the fixed one."""
     model = vit_exp.shared_blocks()
     table = model.label_table.weight.detach().clone()
-    train(model, paper_mode_objective(model), vit_exp.load_data("train"), vit_exp.config["train"], seed=0,
-          device=CPU, progress=False)
+    train(
+        model,
+        paper_mode_objective(model),
+        vit_exp.load_data("train"),
+        vit_exp.config["train"],
+        seed=0,
+        device=CPU,
+        progress=False,
+    )
     assert not torch.equal(model.label_table.weight, table)  # trained through the noisy input
     learned = vit_exp.task.embedding.detach()
     assert torch.allclose(learned.norm(dim=1), torch.ones(len(learned)))
@@ -279,19 +373,47 @@ def test_a_job_of_k_times_the_steps_stretches_the_warm_up_too(vit_exp):
     """The shared-stem mode runs B x train.steps; its warm-up is B x train.warmup, as in the authors' code."""
     cfg = {**vit_exp.config["train"], "steps": 4, "warmup": 2, "log_every": 1, "schedule": "constant"}
     model, lrs = vit_exp.shared_blocks(), []
-    train(model, paper_mode_objective(model), vit_exp.load_data("train"), cfg, seed=0, device=CPU, steps=12,
-          on_log=lambda step, loss, lr: lrs.append(lr), progress=False)
+    train(
+        model,
+        paper_mode_objective(model),
+        vit_exp.load_data("train"),
+        cfg,
+        seed=0,
+        device=CPU,
+        steps=12,
+        on_log=lambda step, loss, lr: lrs.append(lr),
+        progress=False,
+    )
     assert lrs[:7] == pytest.approx([cfg["lr"] * min(1.0, (k + 2) / 6) for k in range(7)])
 
 
 def test_checkpoints_carry_the_scale_of_the_params_file_they_were_trained_from(tmp_path):
     out = tmp_path / "block-1.safetensors"
-    assert _run("train-block", "--config", "params/tiny.yaml", "--experiment", "vit-cifar100", "--block", 1,
-                "--steps", 1, "--batch-size", 4, "--no-progress", "--out", out) == 0
+    assert (
+        _run(
+            "train-block",
+            "--config",
+            "params/tiny.yaml",
+            "--experiment",
+            "vit-cifar100",
+            "--block",
+            1,
+            "--steps",
+            1,
+            "--batch-size",
+            4,
+            "--no-progress",
+            "--out",
+            out,
+        )
+        == 0
+    )
     assert load_metadata(out)["scale"] == "tiny"
     model = tmp_path / "model.safetensors"
-    assert _run("train-baseline", "--arch", "ViT-micro", "--steps", 1, "--batch-size", 4, "--no-progress",
-                "--out", model) == 0
+    assert (
+        _run("train-baseline", "--arch", "ViT-micro", "--steps", 1, "--batch-size", 4, "--no-progress", "--out", model)
+        == 0
+    )
     assert load_metadata(model)["scale"] == "unknown"  # no params file, no --track record: never guessed
 
 
@@ -299,8 +421,9 @@ def test_latents_without_their_mirrored_encodings_are_not_flipped():
     from dblocks.data import ImageDataset
     from dblocks.train import sample_batch
 
-    latents = ImageDataset("imagenet256", "train", torch.randn(4, 4, 2, 2), torch.zeros(4, dtype=torch.long), 1000,
-                           latent_scale=0.18215)
+    latents = ImageDataset(
+        "imagenet256", "train", torch.randn(4, 4, 2, 2), torch.zeros(4, dtype=torch.long), 1000, latent_scale=0.18215
+    )
     with pytest.raises(TrainingError, match="without the latents of mirrored images"):
         sample_batch(latents, 2, torch.Generator().manual_seed(0), CPU, "flip")
     latents.flipped = -latents.images

@@ -11,19 +11,33 @@ import torch
 from dblocks.blocks import AssembledModel
 from dblocks.config import resolve
 from dblocks.experiment import Experiment
+from dblocks.jobs import training_job
 from dblocks.text_generation import recurrent_next_token_quality
 from dblocks.train import train
-from dblocks.jobs import training_job
 
-MICRO = {"task": "recurrent_text", "arch": "Huginn-micro", "dataset": "shakespeare", "blocks": 1, "device": "cpu",
-         "train": {"steps": 30, "batch_size": 8, "lr": 5e-3, "warmup": 3, "log_every": 10, "checkpoint_every": 30}}
+MICRO = {
+    "task": "recurrent_text",
+    "arch": "Huginn-micro",
+    "dataset": "shakespeare",
+    "blocks": 1,
+    "device": "cpu",
+    "train": {"steps": 30, "batch_size": 8, "lr": 5e-3, "warmup": 3, "log_every": 10, "checkpoint_every": 30},
+}
 
 
 def test_blockwise_recurrent_next_token_bits_are_the_sigma_max_prediction():
     exp = Experiment(resolve(MICRO, []))
     denoiser, objective, steps = training_job(exp, "blockwise", 1)
-    train(denoiser, objective, exp.load_data("train"), exp.config["train"], seed=0, device=torch.device("cpu"),
-          steps=steps, progress=False)
+    train(
+        denoiser,
+        objective,
+        exp.load_data("train"),
+        exp.config["train"],
+        seed=0,
+        device=torch.device("cpu"),
+        steps=steps,
+        progress=False,
+    )
     model = AssembledModel([denoiser], exp.partition).eval()
     val = exp.load_data("validation").tokens[:24]
     quality = recurrent_next_token_quality(model, val, 3, torch.Generator().manual_seed(0))

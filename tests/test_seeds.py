@@ -23,12 +23,21 @@ PARAMS = {
     "evaluation": {"samples": 8, "sample_steps": 2, "fid_features": "digits"},
     "defaults": {"dataset": "digits", "seed": 0},
     "experiments": {
-        "vit": {"task": "classification", "arch": "ViT-micro", "blocks": 3,
-                "train": {"steps": 1, "batch_size": 8},
-                "pipeline": {"tables": ["1"], "methods": ["blockwise", "e2e"], "seeds": 3}},
-        "noprop": {"task": "classification", "arch": "ViT-micro", "blocks": 3, "overlap": 0.1,
-                   "train": {"steps": 1, "batch_size": 8},
-                   "pipeline": {"tables": ["6"], "methods": ["blockwise"], "baseline": "vit", "seeds": 3}},
+        "vit": {
+            "task": "classification",
+            "arch": "ViT-micro",
+            "blocks": 3,
+            "train": {"steps": 1, "batch_size": 8},
+            "pipeline": {"tables": ["1"], "methods": ["blockwise", "e2e"], "seeds": 3},
+        },
+        "noprop": {
+            "task": "classification",
+            "arch": "ViT-micro",
+            "blocks": 3,
+            "overlap": 0.1,
+            "train": {"steps": 1, "batch_size": 8},
+            "pipeline": {"tables": ["6"], "methods": ["blockwise"], "baseline": "vit", "seeds": 3},
+        },
     },
 }
 
@@ -71,8 +80,23 @@ def test_two_seeds_train_different_checkpoints(tmp_path):
     weights = []
     for name in ("vit", "vit-seed1"):
         out = tmp_path / name / "block-2.safetensors"
-        assert main(["train-block", "--config", str(path), "--experiment", name, "--block", "2", "--no-progress",
-                     "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "train-block",
+                    "--config",
+                    str(path),
+                    "--experiment",
+                    name,
+                    "--block",
+                    "2",
+                    "--no-progress",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         weights.append(load_file(out))
     assert weights[0].keys() == weights[1].keys()
     assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

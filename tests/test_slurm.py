@@ -55,10 +55,21 @@ experiments:
     pipeline: {{tables: ["1"], methods: [blockwise]}}
 """
 # What a site sets for this one-node cluster; everything else comes from profiles/slurm.
-SITE = ["--default-resources", f"slurm_partition={PARTITION}", "mem_mb=500", "runtime=10",
-        "--slurm-no-account", "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "8",
-        "--latency-wait", "5",
-        "--retries", "1"]  # the profile's 2 work the same way; one retry keeps the suite short
+SITE = [
+    "--default-resources",
+    f"slurm_partition={PARTITION}",
+    "mem_mb=500",
+    "runtime=10",
+    "--slurm-no-account",
+    "--slurm-status-command",
+    "squeue",
+    "--slurm-init-seconds-before-status-checks",
+    "8",
+    "--latency-wait",
+    "5",
+    "--retries",
+    "1",
+]  # the profile's 2 work the same way; one retry keeps the suite short
 RUN_TIMEOUT = 300
 
 
@@ -85,14 +96,29 @@ def cluster(tmp_path_factory):
 
 
 def start_snakemake(cluster: LocalCluster, work: Path, name: str) -> tuple[subprocess.Popen, Path]:
-    env = dict(cluster.env, PATH=f"{BIN}{os.pathsep}{cluster.env.get('PATH', '')}", HF_DATASETS_OFFLINE="1",
-               HF_HUB_OFFLINE="1")
+    env = dict(
+        cluster.env, PATH=f"{BIN}{os.pathsep}{cluster.env.get('PATH', '')}", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"
+    )
     env.pop("MLFLOW_TRACKING_URI", None)
     log = work / f"snakemake-{name}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--profile", str(PROFILE),
-                                 "--config", "params=micro.yaml", *SITE],
-                                cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        proc = subprocess.Popen(
+            [
+                str(BIN / "snakemake"),
+                "-s",
+                str(REPO / "Snakefile"),
+                "--profile",
+                str(PROFILE),
+                "--config",
+                "params=micro.yaml",
+                *SITE,
+            ],
+            cwd=work,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
     return proc, log
 
 
@@ -111,11 +137,16 @@ def training_processes(cluster: LocalCluster, b: int) -> list[dict[str, str]]:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            environ = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
+            environ = dict(
+                v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v
+            )
         except OSError:
             continue
-        if b"train-block" in cmd and [b"--block", str(b).encode()] in [cmd[i:i + 2] for i in range(len(cmd))] \
-                and environ.get(b"SLURM_CONF", b"").decode() == cluster.env["SLURM_CONF"]:
+        if (
+            b"train-block" in cmd
+            and [b"--block", str(b).encode()] in [cmd[i : i + 2] for i in range(len(cmd))]
+            and environ.get(b"SLURM_CONF", b"").decode() == cluster.env["SLURM_CONF"]
+        ):
             found.append({k.decode(): v.decode() for k, v in environ.items()})
     return found
 
@@ -192,10 +223,21 @@ def runs(cluster, tmp_path_factory):
     rc2 = finish(proc, log2)
     seen = {j["JobId"] for j in jobs1}
     jobs2 = [j for j in cluster.jobs() if j["JobId"] not in seen]
-    return dict(work=work, killed=killed, ranks=ranks, rc1=rc1, rc2=rc2, log1=log1, log2=log2, before_rerun=before_rerun,
-                run1=[(describe(j, work), j) for j in jobs1], run2=[(describe(j, work), j) for j in jobs2],
-                local1=local_jobs(log1), local2=local_jobs(log2),
-                chash=Pipeline.load(work / "micro.yaml").hash(EXP))
+    return dict(
+        work=work,
+        killed=killed,
+        ranks=ranks,
+        rc1=rc1,
+        rc2=rc2,
+        log1=log1,
+        log2=log2,
+        before_rerun=before_rerun,
+        run1=[(describe(j, work), j) for j in jobs1],
+        run2=[(describe(j, work), j) for j in jobs2],
+        local1=local_jobs(log1),
+        local2=local_jobs(log2),
+        chash=Pipeline.load(work / "micro.yaml").hash(EXP),
+    )
 
 
 LOCAL_JOB = re.compile(r"^localrule (\w+):\n((?:    .*\n)*)", re.M)
@@ -231,8 +273,15 @@ def test_every_job_went_through_sbatch_and_slurm_ran_it_but_the_light_ones(runs)
     assert {rule for (rule, _), _ in ran} == {"prepare_data", "train_block", "evaluate_classifier"}
     # the jobs of seconds ran in the Snakemake process itself, never queued: each of them, once
     here = [job for job in runs["local1"] + runs["local2"] if job[0] != "all"]
-    assert sorted(here) == sorted([("tracking_store", ""), ("tracking_parent", f"exp={EXP}, chash={runs['chash']}"),
-                                   ("assemble", f"exp={EXP}, assembled=blockwise"), ("tables", ""), ("provenance", "")])
+    assert sorted(here) == sorted(
+        [
+            ("tracking_store", ""),
+            ("tracking_parent", f"exp={EXP}, chash={runs['chash']}"),
+            ("assemble", f"exp={EXP}, assembled=blockwise"),
+            ("tables", ""),
+            ("provenance", ""),
+        ]
+    )
     assert {rule for rule, _ in here} == LOCAL
     for (rule, wildcards), job in ran:
         assert job["Partition"] == PARTITION and job["NodeList"] == "localhost", job
@@ -269,10 +318,12 @@ def test_a_failing_block_fails_alone_after_its_retries(runs):
 
 
 def test_rerun_runs_only_the_failed_block_and_what_depends_on_it(runs):
-    assert sorted((rule, w) for (rule, w), _ in runs["run2"]) == sorted([
-        ("train_block", f"exp={EXP}, block=3"), ("evaluate_classifier", f"exp={EXP}, method=blockwise")])
-    assert sorted(job for job in runs["local2"] if job[0] != "all") == sorted([
-        ("assemble", f"exp={EXP}, assembled=blockwise"), ("tables", ""), ("provenance", "")])
+    assert sorted((rule, w) for (rule, w), _ in runs["run2"]) == sorted(
+        [("train_block", f"exp={EXP}, block=3"), ("evaluate_classifier", f"exp={EXP}, method=blockwise")]
+    )
+    assert sorted(job for job in runs["local2"] if job[0] != "all") == sorted(
+        [("assemble", f"exp={EXP}, assembled=blockwise"), ("tables", ""), ("provenance", "")]
+    )
     for b, mtime in runs["before_rerun"].items():
         assert (runs["work"] / block(b)).stat().st_mtime_ns == mtime  # blocks 1 and 2 were not retrained
     assert load_metadata(runs["work"] / block(3))["resumed_from"] == 0
@@ -302,8 +353,11 @@ def test_a_two_gpu_training_job_is_one_task_whose_torchrun_starts_two_ranks(runs
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{runs['work'] / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("micro-slurm")
-    trained = [r for r in client.search_runs([experiment.experiment_id], max_results=1000)
-               if r.data.tags.get("dblocks.job") == "train" and r.info.status == "FINISHED"]
+    trained = [
+        r
+        for r in client.search_runs([experiment.experiment_id], max_results=1000)
+        if r.data.tags.get("dblocks.job") == "train" and r.info.status == "FINISHED"
+    ]
     assert {r.data.tags["dblocks.block"] for r in trained} == {"1", "2", "3"}
     assert {r.data.tags["dblocks.ranks"] for r in trained} == {str(RANKS)}
     # and the job's own log says so (rank 0 prints it; the other rank prints nothing)

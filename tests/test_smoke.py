@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from dblocks.checkpoint import load_checkpoint, load_metadata
-from dblocks.errors import CheckpointError
 from dblocks.cli import main
 from dblocks.config import AUTOENCODER_FILE
 from dblocks.data import load_image_dataset, load_prepared
@@ -23,6 +22,7 @@ from dblocks.data.autoencoder import ConvAutoencoder, save_autoencoder
 from dblocks.data.latents import IMAGE_SIZE, LATENT_SCALE, decoder_for
 from dblocks.data.synthetic import CIFAR_SIZES, IMAGENET_CLASSES, IMAGENET_PER_CLASS, write_smoke_data
 from dblocks.data.text import load_text_dataset
+from dblocks.errors import CheckpointError
 from dblocks.params import Params
 from dblocks.pipeline import Pipeline
 
@@ -91,8 +91,22 @@ def test_imagenet_folders_encode_through_the_latent_path_with_the_test_autoencod
 
     write_smoke_data(tmp_path / "raw", ["imagenet"])
     out = tmp_path / "prepared"
-    assert main(["prepare", "--dataset", "imagenet256", "--data-root", str(tmp_path / "raw/imagenet"),
-                 "--autoencoder", "untrained-conv", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--dataset",
+                "imagenet256",
+                "--data-root",
+                str(tmp_path / "raw/imagenet"),
+                "--autoencoder",
+                "untrained-conv",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     train, test = load_prepared(out, "train", "imagenet256"), load_prepared(out, "test", "imagenet256")
     per = IMAGENET_PER_CLASS
     assert train.images.shape == (per["train"] * len(IMAGENET_CLASSES), 4, IMAGE_SIZE // 8, IMAGE_SIZE // 8)
@@ -117,7 +131,7 @@ def test_imagenet_folders_encode_through_the_latent_path_with_the_test_autoencod
 # ------------------------------------------------------------------------- the ViT and DiT-S/2 part
 
 PART = f"""
-base: {REPO / 'params/smoke.yaml'}
+base: {REPO / "params/smoke.yaml"}
 only: [vit-cifar100, dit-cifar10]
 evaluation: {{samples: 2, sample_steps: 2, reference_samples: 2, fid_batch_size: 2}}
 override: {{sample: {{num_images: 2, batch_size: 2}}}}
@@ -130,13 +144,23 @@ def smoke_part(tmp_path_factory) -> Path:
     run by Snakemake in a fresh folder on data that `dblocks smoke-data` writes there."""
     work = tmp_path_factory.mktemp("smoke")
     (work / "part.yaml").write_text(PART)
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", HF_DATASETS_OFFLINE="1",
-               HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"
+    )
     env.pop("MLFLOW_TRACKING_URI", None)
-    for argv in ([str(BIN / "dblocks"), "smoke-data", "--out", "data/smoke/raw", "--dataset", "cifar10",
-                  "--dataset", "cifar100"],
-                 [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--cores", "2", "--config",
-                  "params=part.yaml"]):
+    for argv in (
+        [
+            str(BIN / "dblocks"),
+            "smoke-data",
+            "--out",
+            "data/smoke/raw",
+            "--dataset",
+            "cifar10",
+            "--dataset",
+            "cifar100",
+        ],
+        [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--cores", "2", "--config", "params=part.yaml"],
+    ):
         proc = subprocess.run(argv, cwd=work, capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return work
@@ -159,9 +183,16 @@ def test_smoke_part_evaluates_with_inception_fid_and_labels_every_number_smoke(s
     from dblocks.metrics.inception import EXTRACTOR
     from dblocks.metrics.reference import INCEPTION_LABEL
 
-    records = {(e, m): json.loads((smoke_part / f"metrics/smoke/{e}/{m}.json").read_text())
-               for e, m in (("vit-cifar100", "blockwise"), ("vit-cifar100", "e2e"), ("vit-cifar100", "paper"),
-                            ("dit-cifar10", "blockwise"), ("dit-cifar10", "e2e"))}
+    records = {
+        (e, m): json.loads((smoke_part / f"metrics/smoke/{e}/{m}.json").read_text())
+        for e, m in (
+            ("vit-cifar100", "blockwise"),
+            ("vit-cifar100", "e2e"),
+            ("vit-cifar100", "paper"),
+            ("dit-cifar10", "blockwise"),
+            ("dit-cifar10", "e2e"),
+        )
+    }
     assert all(r["scale"] == "smoke" for r in records.values())
     for method in ("blockwise", "e2e"):
         fid = records[("dit-cifar10", method)]

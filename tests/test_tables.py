@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import re
 import tempfile
 from pathlib import Path
@@ -30,33 +29,85 @@ PARAMS = {
     "evaluation": {"samples": 8, "sample_steps": 2, "fid_features": "digits"},
     "defaults": {"dataset": "digits", "seed": 0, "device": "auto"},
     "experiments": {
-        "vit-cifar100": {"task": "classification", "arch": "ViT-micro", "blocks": 3, "overlap": 0.05,
-                         "pipeline": {"tables": ["1", "12"], "methods": ["blockwise", "e2e"]}},
+        "vit-cifar100": {
+            "task": "classification",
+            "arch": "ViT-micro",
+            "blocks": 3,
+            "overlap": 0.05,
+            "pipeline": {"tables": ["1", "12"], "methods": ["blockwise", "e2e"]},
+        },
         # Table 6: block-wise runs of its own, the backprop row from vit-cifar100's end-to-end run
-        "noprop-cifar100": {"task": "classification", "arch": "ViT-micro", "blocks": 3, "overlap": 0.1,
-                            "pipeline": {"tables": ["6"], "methods": ["blockwise"], "baseline": "vit-cifar100"}},
+        "noprop-cifar100": {
+            "task": "classification",
+            "arch": "ViT-micro",
+            "blocks": 3,
+            "overlap": 0.1,
+            "pipeline": {"tables": ["6"], "methods": ["blockwise"], "baseline": "vit-cifar100"},
+        },
         # DiT-tiny: 12 layers, so that the paper's [3, 6, 3] split is a valid one
-        "dit-t7-uniform-363": {"task": "generation", "arch": "DiT-tiny", "blocks": 3, "partition": "uniform",
-                               "overlap": 0.0, "layer_split": [3, 6, 3],
-                               "pipeline": {"tables": ["7"], "methods": ["blockwise"]}},
+        "dit-t7-uniform-363": {
+            "task": "generation",
+            "arch": "DiT-tiny",
+            "blocks": 3,
+            "partition": "uniform",
+            "overlap": 0.0,
+            "layer_split": [3, 6, 3],
+            "pipeline": {"tables": ["7"], "methods": ["blockwise"]},
+        },
         # no layer_split: DiT-micro's 3 layers split evenly, [1, 1, 1], which is the paper's [4, 4, 4] row
-        "dit-t7-equiprob-444": {"task": "generation", "arch": "DiT-micro", "blocks": 3, "partition": "equiprobable",
-                                "overlap": 0.0, "pipeline": {"tables": ["7", "10"], "methods": ["blockwise"]}},
-        "dit-t10-b2": {"task": "generation", "arch": "DiT-micro", "blocks": 2, "partition": "equiprobable",
-                       "overlap": 0.0, "pipeline": {"tables": ["10"], "methods": ["blockwise"]}},
+        "dit-t7-equiprob-444": {
+            "task": "generation",
+            "arch": "DiT-micro",
+            "blocks": 3,
+            "partition": "equiprobable",
+            "overlap": 0.0,
+            "pipeline": {"tables": ["7", "10"], "methods": ["blockwise"]},
+        },
+        "dit-t10-b2": {
+            "task": "generation",
+            "arch": "DiT-micro",
+            "blocks": 2,
+            "partition": "equiprobable",
+            "overlap": 0.0,
+            "pipeline": {"tables": ["10"], "methods": ["blockwise"]},
+        },
         # Table 11: MAUVE vs B for the AR transformer
-        "ar-lm1b": {"task": "ar_text", "arch": "AR-micro", "dataset": "shakespeare", "blocks": 4, "overlap": 0.1,
-                    "pipeline": {"tables": ["11"], "methods": ["blockwise"]}},
-        "ar-t11-b2": {"task": "ar_text", "arch": "AR-micro", "dataset": "shakespeare", "blocks": 2, "overlap": 0.1,
-                      "pipeline": {"tables": ["11"], "methods": ["blockwise"]}},
+        "ar-lm1b": {
+            "task": "ar_text",
+            "arch": "AR-micro",
+            "dataset": "shakespeare",
+            "blocks": 4,
+            "overlap": 0.1,
+            "pipeline": {"tables": ["11"], "methods": ["blockwise"]},
+        },
+        "ar-t11-b2": {
+            "task": "ar_text",
+            "arch": "AR-micro",
+            "dataset": "shakespeare",
+            "blocks": 2,
+            "overlap": 0.1,
+            "pipeline": {"tables": ["11"], "methods": ["blockwise"]},
+        },
         # the block-local baselines: Forward-Forward for Table 1 (two seeds), NoProp-DT (T = 3 block jobs and a
         # head job) and NoProp-CT for Table 6; no experiment runs NoProp-FM
-        "ff-cifar100": {"task": "classification", "arch": "ViT-micro", "blocks": 3,
-                        "pipeline": {"tables": ["1"], "methods": ["forward-forward"], "seeds": 2}},
-        "noprop-dt-cifar100": {"task": "classification", "arch": "NoProp-tiny", "blocks": 3,
-                               "pipeline": {"tables": ["6"], "methods": ["noprop-dt"]}},
-        "noprop-ct-cifar100": {"task": "classification", "arch": "NoProp-tiny", "blocks": 10,
-                               "pipeline": {"tables": ["6"], "methods": ["noprop-ct"]}},
+        "ff-cifar100": {
+            "task": "classification",
+            "arch": "ViT-micro",
+            "blocks": 3,
+            "pipeline": {"tables": ["1"], "methods": ["forward-forward"], "seeds": 2},
+        },
+        "noprop-dt-cifar100": {
+            "task": "classification",
+            "arch": "NoProp-tiny",
+            "blocks": 3,
+            "pipeline": {"tables": ["6"], "methods": ["noprop-dt"]},
+        },
+        "noprop-ct-cifar100": {
+            "task": "classification",
+            "arch": "NoProp-tiny",
+            "blocks": 10,
+            "pipeline": {"tables": ["6"], "methods": ["noprop-ct"]},
+        },
     },
 }
 
@@ -82,19 +133,38 @@ def _hashes(params_yaml: str | None = None) -> dict[str, tuple[str, str]]:
         return tables.read_params(path).hashes()
 
 
-def _log(client: MlflowClient, eid: str, experiment: str, job: str, method: str = "", block: str = "",
-         metrics: dict | None = None, history: list[float] | None = None, status: str = "FINISHED",
-         parent: str | None = None, device: str | None = None, artifact: Path | None = None,
-         with_params: bool = False, config_hash: str | None = None, eval_hash: str | None = None) -> str:
+def _log(
+    client: MlflowClient,
+    eid: str,
+    experiment: str,
+    job: str,
+    method: str = "",
+    block: str = "",
+    metrics: dict | None = None,
+    history: list[float] | None = None,
+    status: str = "FINISHED",
+    parent: str | None = None,
+    device: str | None = None,
+    artifact: Path | None = None,
+    with_params: bool = False,
+    config_hash: str | None = None,
+    eval_hash: str | None = None,
+) -> str:
     """A run as the pipeline logs it: tagged with its experiment's current config hash (and evaluation hash,
     for an evaluate run) unless ``config_hash`` / ``eval_hash`` say otherwise."""
     start = BASE_MS + 1000 * next(_clock)
     current_config, current_eval = _hashes()[experiment]
     own = PARAMS["experiments"].get(experiment) or PARAMS["experiments"][experiment.rsplit("-seed", 1)[0]]
-    tags = {"dblocks.experiment": experiment, "dblocks.scale": "tiny", "dblocks.method": method,
-            "dblocks.block": block, "dblocks.job": job,
-            "dblocks.tables": ",".join(own["pipeline"]["tables"]),
-            "dblocks.config_hash": config_hash or current_config, "dblocks.git_commit": "deadbeefcafe"}
+    tags = {
+        "dblocks.experiment": experiment,
+        "dblocks.scale": "tiny",
+        "dblocks.method": method,
+        "dblocks.block": block,
+        "dblocks.job": job,
+        "dblocks.tables": ",".join(own["pipeline"]["tables"]),
+        "dblocks.config_hash": config_hash or current_config,
+        "dblocks.git_commit": "deadbeefcafe",
+    }
     if job == "evaluate":
         tags["dblocks.eval_hash"] = eval_hash or current_eval
     if parent:
@@ -112,14 +182,29 @@ def _log(client: MlflowClient, eid: str, experiment: str, job: str, method: str 
     return run_id
 
 
-def _experiment_runs(client, eid, name, blocks: int, seconds=(0.01, 0.011, 0.012), device="cpu",
-                     method="blockwise") -> str:
+def _experiment_runs(
+    client, eid, name, blocks: int, seconds=(0.01, 0.011, 0.012), device="cpu", method="blockwise"
+) -> str:
     parent = _log(client, eid, name, "parent", with_params=True)
     for b in range(1, blocks + 1):
-        _log(client, eid, name, "train", method, str(b), parent=parent, device=device, with_params=True,
-             metrics={"seconds_per_step": seconds[b - 1], "train_seconds": 10 * seconds[b - 1], "final_loss": 0.5,
-                      "train_memory_mb": 20.0 + b},
-             history=[2.0 / (b + i) for i in range(6)])
+        _log(
+            client,
+            eid,
+            name,
+            "train",
+            method,
+            str(b),
+            parent=parent,
+            device=device,
+            with_params=True,
+            metrics={
+                "seconds_per_step": seconds[b - 1],
+                "train_seconds": 10 * seconds[b - 1],
+                "final_loss": 0.5,
+                "train_memory_mb": 20.0 + b,
+            },
+            history=[2.0 / (b + i) for i in range(6)],
+        )
     return parent
 
 
@@ -135,47 +220,118 @@ def generated(tmp_path_factory):
     # Table 1 and 12: the ViT; an older evaluate run, the rerun of the same configuration, then a FAILED
     # rerun, and newer runs of another configuration and of other evaluation settings: none of these win
     parent = _experiment_runs(client, eid, "vit-cifar100", 3)
-    _log(client, eid, "vit-cifar100", "train", "e2e", parent=parent, device="cpu", with_params=True,
-         metrics={"seconds_per_step": 0.03, "train_memory_mb": 40.0}, history=[2.5, 1.5, 1.0, 0.8])
+    _log(
+        client,
+        eid,
+        "vit-cifar100",
+        "train",
+        "e2e",
+        parent=parent,
+        device="cpu",
+        with_params=True,
+        metrics={"seconds_per_step": 0.03, "train_memory_mb": 40.0},
+        history=[2.5, 1.5, 1.0, 0.8],
+    )
     _log(client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.50})
     _log(client, eid, "vit-cifar100", "evaluate", "e2e", parent=parent, metrics={"accuracy": 0.9012})
     _log(client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.8731})
-    _log(client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.10},
-         status="FAILED")
-    _log(client, eid, "vit-cifar100", "evaluate", "blockwise", metrics={"accuracy": 0.99},
-         config_hash="00000000000000aa")
-    _log(client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.98},
-         eval_hash="00000000000000bb")
-    _log(client, eid, "vit-cifar100", "train", "blockwise", "1", config_hash="00000000000000aa",
-         metrics={"seconds_per_step": 9.0}, history=[9.0, 9.0])
+    _log(
+        client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.10}, status="FAILED"
+    )
+    _log(
+        client, eid, "vit-cifar100", "evaluate", "blockwise", metrics={"accuracy": 0.99}, config_hash="00000000000000aa"
+    )
+    _log(
+        client,
+        eid,
+        "vit-cifar100",
+        "evaluate",
+        "blockwise",
+        parent=parent,
+        metrics={"accuracy": 0.98},
+        eval_hash="00000000000000bb",
+    )
+    _log(
+        client,
+        eid,
+        "vit-cifar100",
+        "train",
+        "blockwise",
+        "1",
+        config_hash="00000000000000aa",
+        metrics={"seconds_per_step": 9.0},
+        history=[9.0, 9.0],
+    )
 
     parent = _experiment_runs(client, eid, "noprop-cifar100", 3)
     _log(client, eid, "noprop-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.8555})
 
     # Table 7 / 10: one FID logged with samples; one evaluate run whose FID is not logged (yet)
     parent = _experiment_runs(client, eid, "dit-t7-uniform-363", 3)
-    _log(client, eid, "dit-t7-uniform-363", "evaluate", "blockwise", parent=parent, artifact=grid,
-         metrics={"fid": 41.5, "sample_seconds": 3.0, "layer_evals_per_sample": 150, "class_agreement": 0.8125})
+    _log(
+        client,
+        eid,
+        "dit-t7-uniform-363",
+        "evaluate",
+        "blockwise",
+        parent=parent,
+        artifact=grid,
+        metrics={"fid": 41.5, "sample_seconds": 3.0, "layer_evals_per_sample": 150, "class_agreement": 0.8125},
+    )
     parent = _experiment_runs(client, eid, "dit-t7-equiprob-444", 3)
-    _log(client, eid, "dit-t7-equiprob-444", "evaluate", "blockwise", parent=parent,
-         metrics={"sample_seconds": 3.0, "layer_evals_per_sample": 150})
+    _log(
+        client,
+        eid,
+        "dit-t7-equiprob-444",
+        "evaluate",
+        "blockwise",
+        parent=parent,
+        metrics={"sample_seconds": 3.0, "layer_evals_per_sample": 150},
+    )
     parent = _experiment_runs(client, eid, "dit-t10-b2", 2)
     _log(client, eid, "dit-t10-b2", "evaluate", "blockwise", parent=parent, metrics={"fid": 35.0})
 
     # Tables 1 and 6: the block-local baselines. Forward-Forward with two seeds (one job each); NoProp-DT's three
     # block jobs and its head job (the head's cost is not a block's); NoProp-CT trained, not evaluated yet
-    for name, accuracy, seconds, memory in (("ff-cifar100", 0.70, 0.020, 30.0),
-                                            ("ff-cifar100-seed1", 0.74, 0.022, 32.0)):
+    for name, accuracy, seconds, memory in (
+        ("ff-cifar100", 0.70, 0.020, 30.0),
+        ("ff-cifar100-seed1", 0.74, 0.022, 32.0),
+    ):
         parent = _log(client, eid, name, "parent")
-        _log(client, eid, name, "train", "forward-forward", parent=parent, device="cpu",
-             metrics={"seconds_per_step": seconds, "train_memory_mb": memory}, history=[1.4, 1.0])
+        _log(
+            client,
+            eid,
+            name,
+            "train",
+            "forward-forward",
+            parent=parent,
+            device="cpu",
+            metrics={"seconds_per_step": seconds, "train_memory_mb": memory},
+            history=[1.4, 1.0],
+        )
         _log(client, eid, name, "evaluate", "forward-forward", parent=parent, metrics={"accuracy": accuracy})
     parent = _experiment_runs(client, eid, "noprop-dt-cifar100", 3, seconds=(0.004, 0.005, 0.006), method="noprop-dt")
-    _log(client, eid, "noprop-dt-cifar100", "train", "noprop-dt", "head", parent=parent, device="cpu",
-         metrics={"seconds_per_step": 0.001, "train_memory_mb": 99.0})
+    _log(
+        client,
+        eid,
+        "noprop-dt-cifar100",
+        "train",
+        "noprop-dt",
+        "head",
+        parent=parent,
+        device="cpu",
+        metrics={"seconds_per_step": 0.001, "train_memory_mb": 99.0},
+    )
     _log(client, eid, "noprop-dt-cifar100", "evaluate", "noprop-dt", parent=parent, metrics={"accuracy": 0.9611})
-    _log(client, eid, "noprop-ct-cifar100", "train", "noprop-ct", device="cpu",
-         metrics={"seconds_per_step": 0.015, "train_memory_mb": 25.0})
+    _log(
+        client,
+        eid,
+        "noprop-ct-cifar100",
+        "train",
+        "noprop-ct",
+        device="cpu",
+        metrics={"seconds_per_step": 0.015, "train_memory_mb": 25.0},
+    )
 
     # Table 11: offline runs log MAUVE in the reference LM's feature space only; ar-lm1b's evaluation also logs
     # its text samples
@@ -183,8 +339,16 @@ def generated(tmp_path_factory):
     shown.write_text("# Samples: ar-lm1b, blockwise\n\n1. prompt `To be`\n   - generated: `, or not`\n")
     for name, blocks, mauve in (("ar-lm1b", 4, 0.91), ("ar-t11-b2", 2, 0.97)):
         parent = _experiment_runs(client, eid, name, blocks, seconds=(0.01,) * blocks)
-        _log(client, eid, name, "evaluate", "blockwise", parent=parent,
-             metrics={"mauve_reference": mauve, "mauve_minilm": 0.1}, artifact=shown if name == "ar-lm1b" else None)
+        _log(
+            client,
+            eid,
+            name,
+            "evaluate",
+            "blockwise",
+            parent=parent,
+            metrics={"mauve_reference": mauve, "mauve_minilm": 0.1},
+            artifact=shown if name == "ar-lm1b" else None,
+        )
 
     params_path = root / "params.yaml"
     params_path.write_text(yaml.safe_dump(PARAMS, sort_keys=False))
@@ -339,7 +503,7 @@ def test_tex_is_a_tabular(generated):
     tex = (generated["out"] / "tables" / "table7.tex").read_text()
     # layer split, paper x2, ours x2, our class agreement x2 (digits), then the inference cost (layer evals,
     # ms per sample) per partition
-    body = tex[tex.index(r"\begin{tabular}{lrrrrrrrrrr}"):tex.index(r"\end{tabular}")]
+    body = tex[tex.index(r"\begin{tabular}{lrrrrrrrrrr}") : tex.index(r"\end{tabular}")]
     rows = [line for line in body.splitlines() if line.endswith(r"\\")]
     assert len(rows) == 5  # header + 4 splits
     assert all(line.count("&") == 10 for line in rows)
@@ -353,8 +517,13 @@ def test_tex_is_a_tabular(generated):
 
 def test_figures_are_pngs(generated):
     figures = generated["out"] / "figures"
-    expected = ["curves-vit-cifar100.png", "curves-dit-t10-b2.png", "table10-fid-vs-blocks.png",
-                "table7-partition.png", "samples-dit-t7-uniform-363-blockwise.png"]
+    expected = [
+        "curves-vit-cifar100.png",
+        "curves-dit-t10-b2.png",
+        "table10-fid-vs-blocks.png",
+        "table7-partition.png",
+        "samples-dit-t7-uniform-363-blockwise.png",
+    ]
     for name in expected:
         assert figures / name in generated["written"]
         with Image.open(figures / name) as image:
@@ -371,7 +540,7 @@ def test_index_lists_tables_and_undrawn_figures(generated):
         assert f"[md](table{table_id}.md)" in text
     assert "not comparable" in text
     assert "(../figures/table7-partition.png)" in text
-    undrawn = text[text.index("## Figures not drawn"):]
+    undrawn = text[text.index("## Figures not drawn") :]
     assert "samples-dit-t7-equiprob-444-blockwise.png" in undrawn and "no samples.png" in undrawn
 
 
@@ -384,11 +553,22 @@ def test_main_and_tracking_uri_precedence(generated, tmp_path, monkeypatch, caps
     # the environment wins over a bogus argument: same numbers as before (through `dblocks tables`)
     from dblocks.cli import main
 
-    assert main(["tables", "--params", str(generated["params"]), "--out", str(tmp_path),
-                 "--tracking-uri", "sqlite:///bogus.db"]) == 0
+    assert (
+        main(
+            [
+                "tables",
+                "--params",
+                str(generated["params"]),
+                "--out",
+                str(tmp_path),
+                "--tracking-uri",
+                "sqlite:///bogus.db",
+            ]
+        )
+        == 0
+    )
     assert f"files under {tmp_path}" in capsys.readouterr().out and (tmp_path / "tables" / "index.md").is_file()
-    assert (tmp_path / "tables" / "table1.csv").read_text() == \
-        (generated["out"] / "tables" / "table1.csv").read_text()
+    assert (tmp_path / "tables" / "table1.csv").read_text() == (generated["out"] / "tables" / "table1.csv").read_text()
 
 
 def test_no_runs_gives_na_tables(generated, tmp_path):
@@ -461,24 +641,40 @@ def test_runs_of_other_configurations_read_na_with_the_reason_never_an_older_num
     # other evaluation settings, a training run of another configuration, and for the shared baseline an
     # end-to-end evaluation tagged with noprop-cifar100's hash instead of vit-cifar100's
     for accuracy in (0.91, 0.92):
-        _log(client, eid, "vit-cifar100", "evaluate", "blockwise", metrics={"accuracy": accuracy},
-             config_hash=OTHER_CONFIG)
+        _log(
+            client,
+            eid,
+            "vit-cifar100",
+            "evaluate",
+            "blockwise",
+            metrics={"accuracy": accuracy},
+            config_hash=OTHER_CONFIG,
+        )
     _log(client, eid, "vit-cifar100", "evaluate", "e2e", metrics={"accuracy": 0.93}, eval_hash=OTHER_EVAL)
-    _log(client, eid, "vit-cifar100", "evaluate", "e2e", metrics={"accuracy": 0.94},
-         config_hash=_hashes()["noprop-cifar100"][0])
+    _log(
+        client,
+        eid,
+        "vit-cifar100",
+        "evaluate",
+        "e2e",
+        metrics={"accuracy": 0.94},
+        config_hash=_hashes()["noprop-cifar100"][0],
+    )
     _log(client, eid, "vit-cifar100", "train", "blockwise", "1", config_hash=OTHER_CONFIG, history=[1.0, 0.5])
-    _log(client, eid, "dit-t10-b2", "evaluate", "blockwise", metrics={"fid": 12.0}, artifact=grid,
-         eval_hash=OTHER_EVAL)
+    _log(client, eid, "dit-t10-b2", "evaluate", "blockwise", metrics={"fid": 12.0}, artifact=grid, eval_hash=OTHER_EVAL)
 
     out = tmp_path / "stale"
     tables.generate(params_path, out, tracking_uri=uri)
     text = (out / "tables" / "table1.md").read_text()
     assert _md_row(text, "DiffusionBlocks")[1:3] == ["59.30", "n/a"]
     assert _md_row(text, "End-to-end backprop")[1:3] == ["60.25", "n/a"]
-    assert (f"no evaluate run of this configuration (config_hash {config_hash}); 2 runs of other "
-            f"configurations exist") in text
-    assert (f"no evaluate run with this file's evaluation settings (eval_hash {eval_hash}); 1 run of this "
-            f"configuration with other evaluation settings exists") in text
+    assert (
+        f"no evaluate run of this configuration (config_hash {config_hash}); 2 runs of other configurations exist"
+    ) in text
+    assert (
+        f"no evaluate run with this file's evaluation settings (eval_hash {eval_hash}); 1 run of this "
+        f"configuration with other evaluation settings exists"
+    ) in text
     for value in ("91.00", "92.00", "93.00", "94.00"):
         assert value not in text
     table6 = (out / "tables" / "table6.md").read_text()
@@ -504,8 +700,11 @@ def test_runs_of_other_configurations_read_na_with_the_reason_never_an_older_num
     text = (out / "tables" / "table1.md").read_text()
     assert _md_row(text, "DiffusionBlocks")[1:3] == ["59.30", "85.00"]
     assert _md_row(text, "End-to-end backprop")[1:3] == ["60.25", "90.00"]
-    assert not [line for line in text.splitlines()  # their accuracies are there (no e2e train run logs a cost here)
-                if line.startswith(("- n/a in row 'DiffusionBlocks'", "- n/a in row 'End-to-end")) and "'ours (tiny" in line]
+    assert not [
+        line
+        for line in text.splitlines()  # their accuracies are there (no e2e train run logs a cost here)
+        if line.startswith(("- n/a in row 'DiffusionBlocks'", "- n/a in row 'End-to-end")) and "'ours (tiny" in line
+    ]
     assert f"config {config_hash}, evaluation {eval_hash}" in text  # the sources name the hashes
     assert _md_row((out / "tables" / "table6.md").read_text(), "Backprop")[1:3] == ["47.80", "90.00"]
     assert _md_row((out / "tables" / "table10.md").read_text(), "2")[1:4] == ["35.47", "30.00", "dit-t10-b2"]
@@ -534,8 +733,13 @@ def test_a_changed_evaluation_section_leaves_old_evaluations_out(tmp_path):
 
 
 def test_an_evaluation_logged_before_eval_hashes_says_to_rerun_it():
-    tags = {"dblocks.experiment": "x", "dblocks.job": "evaluate", "dblocks.method": "blockwise",
-            "dblocks.config_hash": "c" * 16, "dblocks.scale": "tiny"}
+    tags = {
+        "dblocks.experiment": "x",
+        "dblocks.job": "evaluate",
+        "dblocks.method": "blockwise",
+        "dblocks.config_hash": "c" * 16,
+        "dblocks.scale": "tiny",
+    }
     old = tables.RunInfo("a" * 32, "FINISHED", 1, 2, tags, {}, {"accuracy": 0.5})
     index = tables.RunIndex([old], "tiny", {"x": ("c" * 16, "e" * 16)})
     run, why = index.latest("x", "evaluate", "blockwise")
@@ -545,16 +749,25 @@ def test_an_evaluation_logged_before_eval_hashes_says_to_rerun_it():
 
 def test_a_run_of_another_or_no_scale_never_fills_a_cell():
     tags = {"dblocks.experiment": "x", "dblocks.job": "evaluate", "dblocks.method": "blockwise"}
-    runs = [tables.RunInfo(str(i) * 32, "FINISHED", 1, 2, {**tags, **extra}, {}, {"accuracy": 0.5})
-            for i, extra in enumerate([{}, {"dblocks.scale": "smoke"}, {"dblocks.scale": "tiny"}])]
+    runs = [
+        tables.RunInfo(str(i) * 32, "FINISHED", 1, 2, {**tags, **extra}, {}, {"accuracy": 0.5})
+        for i, extra in enumerate([{}, {"dblocks.scale": "smoke"}, {"dblocks.scale": "tiny"}])
+    ]
     assert [r.run_id for r in tables.RunIndex(runs, "tiny").runs] == ["2" * 32]
 
 
 def test_a_metric_the_evaluation_was_not_asked_for_reads_not_run_here():
     """mauve_features / hf_judges choose what an evaluation computes (a smoke run: reference-lm only): a
     metric the run's logged settings did not ask for reads "—" (not run here), one they asked for reads n/a."""
-    run = tables.RunInfo("r" * 32, "FINISHED", 1, 2, {}, {"evaluation.mauve_features": '["reference-lm"]',
-                                                         "evaluation.hf_judges": "[]"}, {"mauve_reference": 0.5})
+    run = tables.RunInfo(
+        "r" * 32,
+        "FINISHED",
+        1,
+        2,
+        {},
+        {"evaluation.mauve_features": '["reference-lm"]', "evaluation.hf_judges": "[]"},
+        {"mauve_reference": 0.5},
+    )
     index = SimpleNamespace(latest=lambda *args: (run, ""), seeds={})
     cell = functools.partial(tables.metric_cell, index, "ar-lm1b", "blockwise")
     assert cell("mauve_reference").text == "0.50"
@@ -568,8 +781,17 @@ def test_an_experiment_run_with_several_seeds_reads_as_mean_std_and_n(tmp_path):
     """pipeline.seeds: 3 -> the experiment and two repeats with seeds 1 and 2 (own hashes, own runs); a cell of
     the experiment aggregates the seeds' values (mean, sample std, n), names the seeds it lacks, lists every run
     among its sources, and the CSV carries std and n beside the mean."""
-    params = {**PARAMS, "experiments": {"vit": {"task": "classification", "arch": "ViT-micro", "blocks": 3,
-                                                "pipeline": {"tables": ["1"], "methods": ["blockwise"], "seeds": 3}}}}
+    params = {
+        **PARAMS,
+        "experiments": {
+            "vit": {
+                "task": "classification",
+                "arch": "ViT-micro",
+                "blocks": 3,
+                "pipeline": {"tables": ["1"], "methods": ["blockwise"], "seeds": 3},
+            }
+        },
+    }
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     info = tables.read_params(path)
@@ -579,25 +801,37 @@ def test_an_experiment_run_with_several_seeds_reads_as_mean_std_and_n(tmp_path):
     assert info.seeds() == {"vit": ["vit", "vit-seed1", "vit-seed2"]}
 
     def run(name: str, accuracy: float, k: int) -> tables.RunInfo:
-        tags = {"dblocks.experiment": name, "dblocks.scale": "tiny", "dblocks.job": "evaluate",
-                "dblocks.method": "blockwise", "dblocks.config_hash": hashes[name][0],
-                "dblocks.eval_hash": hashes[name][1]}
+        tags = {
+            "dblocks.experiment": name,
+            "dblocks.scale": "tiny",
+            "dblocks.job": "evaluate",
+            "dblocks.method": "blockwise",
+            "dblocks.config_hash": hashes[name][0],
+            "dblocks.eval_hash": hashes[name][1],
+        }
         return tables.RunInfo(f"{k:032d}", "FINISHED", k, k + 1, tags, {}, {"accuracy": accuracy})
 
     two = tables.RunIndex([run("vit", 0.90, 1), run("vit-seed1", 0.94, 2)], "tiny", hashes, info.seeds())
     cell = tables.metric_cell(two, "vit", "blockwise", "accuracy", 100.0)
     assert (cell.value, cell.n, cell.text) == (pytest.approx(92.0), 2, "92.00 ± 2.83")
-    assert cell.std == pytest.approx(2 ** 1.5) and "2 of 3 seeds" in cell.note and "vit-seed2" in cell.note
-    three = tables.RunIndex([run("vit", 0.90, 1), run("vit-seed1", 0.94, 2), run("vit-seed2", 0.92, 3)], "tiny",
-                            hashes, info.seeds())
+    assert cell.std == pytest.approx(2**1.5) and "2 of 3 seeds" in cell.note and "vit-seed2" in cell.note
+    three = tables.RunIndex(
+        [run("vit", 0.90, 1), run("vit-seed1", 0.94, 2), run("vit-seed2", 0.92, 3)], "tiny", hashes, info.seeds()
+    )
     cell = tables.metric_cell(three, "vit", "blockwise", "accuracy", 100.0)
     assert (cell.value, cell.std, cell.n, cell.note) == (pytest.approx(92.0), pytest.approx(2.0), 3, "")
     assert sorted(r.tag("experiment") for r in cell.sources) == ["vit", "vit-seed1", "vit-seed2"]
-    table = tables.Table("1", "t", [], [tables.Column("label", "Method", "method", "label"),
-                                         tables.Column("ours", "Ours", "ours_accuracy", "ours")],
-                         rows=[{"label": tables.Cell("DiffusionBlocks"), "ours": cell}])
-    assert tables.render_csv(table).splitlines() == ["method,ours_accuracy,ours_accuracy_std,ours_accuracy_n,notes",
-                                                     "DiffusionBlocks,92,2,3,"]
+    table = tables.Table(
+        "1",
+        "t",
+        [],
+        [tables.Column("label", "Method", "method", "label"), tables.Column("ours", "Ours", "ours_accuracy", "ours")],
+        rows=[{"label": tables.Cell("DiffusionBlocks"), "ours": cell}],
+    )
+    assert tables.render_csv(table).splitlines() == [
+        "method,ours_accuracy,ours_accuracy_std,ours_accuracy_n,notes",
+        "DiffusionBlocks,92,2,3,",
+    ]
     assert "92.00 ± 2.00" in tables.render_md(table) and len(table.sources()) == 3
     index_md = tables.render_index(info, [table], [], [], [], tmp_path)
     assert all(f"| {name} | `{config}` | `{evaluation}` |" in index_md for name, (config, evaluation) in hashes.items())

@@ -9,7 +9,7 @@ import zipfile
 import pytest
 import torch
 
-from dblocks.data.text import (EOS_BYTE_ID, TEXT_SPLITS, decode, encode, load_text_dataset, normalise_text8)
+from dblocks.data.text import EOS_BYTE_ID, TEXT_SPLITS, decode, encode, load_text_dataset, normalise_text8
 
 
 def test_text8_normalisation_and_char27_round_trip():

@@ -36,7 +36,7 @@ def held_out():
     test = load_text_dataset("shakespeare", "test", CONTEXT, "bytes")
     windows = [bytes(w.tolist()) for w in test.tokens[:500]]
     order = np.random.default_rng(1000).permutation(len(windows))
-    return [windows[i] for i in order[:REFERENCES]], [windows[i] for i in order[REFERENCES:REFERENCES + GENERATED]]
+    return [windows[i] for i in order[:REFERENCES]], [windows[i] for i in order[REFERENCES : REFERENCES + GENERATED]]
 
 
 def _text(chunks: list[bytes]) -> list[str]:
@@ -122,11 +122,37 @@ def test_cli_evaluates_ngram_mauve_offline(tmp_path, capsys):
     from dblocks.cli import main
 
     cfg = tmp_path / "ar.yaml"
-    cfg.write_text(json.dumps({"name": "ar-micro", "task": "ar_text", "arch": "AR-micro", "dataset": "shakespeare",
-                               "blocks": 2, "device": "cpu", "train": {"steps": 2, "batch_size": 4, "warmup": 1}}))
-    assert main(["train-baseline", "--config", str(cfg), "--no-progress", "--out", str(tmp_path / "e.safetensors")]) == 0
-    args = ["evaluate", str(tmp_path / "e.safetensors"), "--out", str(tmp_path / "m.json"), "--prompts", "6",
-            "--continuations", "2", "--new-tokens", "6", "--max-windows", "4", "--mauve-features"]
+    cfg.write_text(
+        json.dumps(
+            {
+                "name": "ar-micro",
+                "task": "ar_text",
+                "arch": "AR-micro",
+                "dataset": "shakespeare",
+                "blocks": 2,
+                "device": "cpu",
+                "train": {"steps": 2, "batch_size": 4, "warmup": 1},
+            }
+        )
+    )
+    assert (
+        main(["train-baseline", "--config", str(cfg), "--no-progress", "--out", str(tmp_path / "e.safetensors")]) == 0
+    )
+    args = [
+        "evaluate",
+        str(tmp_path / "e.safetensors"),
+        "--out",
+        str(tmp_path / "m.json"),
+        "--prompts",
+        "6",
+        "--continuations",
+        "2",
+        "--new-tokens",
+        "6",
+        "--max-windows",
+        "4",
+        "--mauve-features",
+    ]
     assert main([*args, "ngram"]) == 0
     record = json.loads((tmp_path / "m.json").read_text())
     assert 0 <= record["mauve_ngram"] <= 1 and "n-gram models" in record["mauve_ngram_label"]

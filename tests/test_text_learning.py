@@ -48,8 +48,11 @@ def test_bpc_of_a_unigram_model_is_the_letter_entropy_of_the_split():
 
 
 #: a short end-to-end run of each text model of the pipeline (micro sizes): steps, learning rate
-SHORT_RUNS = {"masked_text": ("MDM-micro", 300, 3e-3), "ar_text": ("AR-micro", 150, 3e-3),
-              "recurrent_text": ("Huginn-micro", 250, 5e-3)}
+SHORT_RUNS = {
+    "masked_text": ("MDM-micro", 300, 3e-3),
+    "ar_text": ("AR-micro", 150, 3e-3),
+    "recurrent_text": ("Huginn-micro", 250, 5e-3),
+}
 
 
 @pytest.mark.parametrize("task", list(SHORT_RUNS))
@@ -57,25 +60,54 @@ def test_a_short_training_run_gets_below_the_splits_unigram_entropy(task):
     """Learning beyond letter statistics: after a short run each model's held-out bits (the masked LM's bound per
     character; next-token bits per byte) are clearly below what the best context-free model reaches."""
     from dblocks.evaluate import as_assembled
+    from dblocks.jobs import training_job
     from dblocks.text_generation import next_token_quality, recurrent_next_token_quality
     from dblocks.train import train
-    from dblocks.jobs import training_job
 
     torch.manual_seed(0)
     arch, steps, lr = SHORT_RUNS[task]
-    exp = Experiment(resolve({"task": task, "arch": arch, "dataset": "shakespeare", "blocks": 1, "device": "cpu",
-                              "train": {"steps": steps, "batch_size": 32, "lr": lr, "warmup": 10, "log_every": 50,
-                                        "schedule": "constant", "grad_clip": None, "weight_decay": 0.0}}))
+    exp = Experiment(
+        resolve(
+            {
+                "task": task,
+                "arch": arch,
+                "dataset": "shakespeare",
+                "blocks": 1,
+                "device": "cpu",
+                "train": {
+                    "steps": steps,
+                    "batch_size": 32,
+                    "lr": lr,
+                    "warmup": 10,
+                    "log_every": 50,
+                    "schedule": "constant",
+                    "grad_clip": None,
+                    "weight_decay": 0.0,
+                },
+            }
+        )
+    )
     model, objective, steps = training_job(exp, "e2e")
-    train(model, objective, exp.load_data("train"), exp.config["train"], seed=0, device=torch.device("cpu"),
-          steps=steps, progress=False)
+    train(
+        model,
+        objective,
+        exp.load_data("train"),
+        exp.config["train"],
+        seed=0,
+        device=torch.device("cpu"),
+        steps=steps,
+        progress=False,
+    )
     held_out, gen = exp.load_data("validation").tokens[:200], torch.Generator().manual_seed(1)
     model.eval()
     if task == "masked_text":
         bits = bits_per_token(as_assembled(model, exp), held_out, gen, samples_per_block=2)
         floor = unigram_bits(held_out, 27)
     else:
-        quality = (recurrent_next_token_quality(model, held_out, exp.arch.spec.recurrence, gen)
-                   if task == "recurrent_text" else next_token_quality(model, held_out, gen))
+        quality = (
+            recurrent_next_token_quality(model, held_out, exp.arch.spec.recurrence, gen)
+            if task == "recurrent_text"
+            else next_token_quality(model, held_out, gen)
+        )
         bits, floor = quality["next_token_bits"], unigram_bits(held_out[:, 1:], 257)
     assert bits < floor - 0.15, (bits, floor)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dblocks.errors import ConfigError
 from dblocks.dvcgen import snakemake_jobs
+from dblocks.errors import ConfigError
 from dblocks.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,22 +18,31 @@ REPO = Path(__file__).resolve().parents[1]
 def test_text_params_fan_out_per_block_and_evaluate_with_the_judge():
     pipe = Pipeline.load(REPO / "params/tiny-text.yaml")
     # Tables 3, 4 and 5 run 3 seeds (pipeline.seeds): each is an experiment of its own, <name>-seed<k>
-    seeded = {"mdm-text8": ("masked_text", [1, 2, 3]), "ar-lm1b": ("ar_text", [1, 2, 3, 4]),
-              "huginn-lm1b": ("recurrent_text", [1])}
+    seeded = {
+        "mdm-text8": ("masked_text", [1, 2, 3]),
+        "ar-lm1b": ("ar_text", [1, 2, 3, 4]),
+        "huginn-lm1b": ("recurrent_text", [1]),
+    }
     expected = {f"{e}{suffix}": spec for e, spec in seeded.items() for suffix in ("", "-seed1", "-seed2")}
-    expected.update({"ar-t11-b2": ("ar_text", [1, 2]), "ar-t11-b3": ("ar_text", [1, 2, 3]),
-                     "ar-t11-b6": ("ar_text", [1, 2, 3, 4, 5, 6])})
+    expected.update(
+        {
+            "ar-t11-b2": ("ar_text", [1, 2]),
+            "ar-t11-b3": ("ar_text", [1, 2, 3]),
+            "ar-t11-b6": ("ar_text", [1, 2, 3, 4, 5, 6]),
+        }
+    )
     assert {e: c["task"] for e, c in pipe.experiments.items()} == {e: task for e, (task, _) in expected.items()}
     jobs = snakemake_jobs("params/tiny-text.yaml", REPO)
-    blocks = {e: sorted(int(j.wildcards["block"]) for j in jobs if j.rule == "train_block" and j.wildcards["exp"] == e)
-              for e in pipe.experiments}
+    blocks = {
+        e: sorted(int(j.wildcards["block"]) for j in jobs if j.rule == "train_block" and j.wildcards["exp"] == e)
+        for e in pipe.experiments
+    }
     assert blocks == {e: b for e, (_, b) in expected.items()}
     evaluations = {(j.wildcards["exp"], j.wildcards["method"]): j for j in jobs if j.rule == "evaluate_text"}
     assert len(evaluations) == 9 * 2 + 3  # Table 11's B sweep is block-wise only
     assert "--judge checkpoints/tiny-text/ar-lm1b/e2e.safetensors" in evaluations[("ar-t11-b6", "blockwise")].command
     # every seed is judged by the same model, the seed-0 baseline
-    assert "--judge checkpoints/tiny-text/ar-lm1b/e2e.safetensors" in \
-        evaluations[("huginn-lm1b-seed2", "e2e")].command
+    assert "--judge checkpoints/tiny-text/ar-lm1b/e2e.safetensors" in evaluations[("huginn-lm1b-seed2", "e2e")].command
     huginn = evaluations[("huginn-lm1b", "blockwise")]
     assert "--judge checkpoints/tiny-text/ar-lm1b/e2e.safetensors" in huginn.command
     assert "checkpoints/tiny-text/ar-lm1b/e2e.safetensors" in huginn.inputs

@@ -22,10 +22,18 @@ from dblocks.cli import main
 from dblocks.config import config_hash
 from dblocks.io import flatten
 from dblocks.params import Params
+from dblocks.tracking import (
+    DEFAULT_URI,
+    EXPERIMENT_KIND_TAG,
+    JobRun,
+    _retry,
+    headline_metrics,
+    init_runs,
+    resolve_uri,
+    sync_journals,
+)
 from tests.conftest import run_record
 from tests.ui_server import ui_server, wait_healthy
-from dblocks.tracking import (DEFAULT_URI, EXPERIMENT_KIND_TAG, JobRun, _retry, headline_metrics, init_runs,
-                              resolve_uri, sync_journals)
 
 VENV_BIN = Path(sys.executable).parent
 PARAMS = """\
@@ -54,8 +62,21 @@ experiments:
     overlap: 0.1
     pipeline: {tables: ["6"], methods: [blockwise]}
 """
-MICRO = ["--arch", "ViT-micro", "--blocks", "3", "--steps", "4", "--batch-size", "8", "--device", "cpu",
-         "--no-progress", "--set", "train.log_every=2"]
+MICRO = [
+    "--arch",
+    "ViT-micro",
+    "--blocks",
+    "3",
+    "--steps",
+    "4",
+    "--batch-size",
+    "8",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--set",
+    "train.log_every=2",
+]
 
 
 def run_cli(*argv) -> int:
@@ -71,8 +92,14 @@ def store(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # the environment would win over `uri`
         paths = init_runs(params, root / "runs", uri)
-    return SimpleNamespace(root=root, params=params, uri=uri, paths=paths, client=mlflow.MlflowClient(uri),
-                           record={p.name.split(".")[0]: json.loads(p.read_text()) for p in paths})
+    return SimpleNamespace(
+        root=root,
+        params=params,
+        uri=uri,
+        paths=paths,
+        client=mlflow.MlflowClient(uri),
+        record={p.name.split(".")[0]: json.loads(p.read_text()) for p in paths},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +111,9 @@ def server(store):
 
 
 def _children(store, parent_id: str) -> list:
-    return store.client.search_runs([store.record["micro-a"]["experiment_id"]],
-                                    filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return store.client.search_runs(
+        [store.record["micro-a"]["experiment_id"]], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    )
 
 
 def _steps(client, run_id: str, key: str) -> list[int]:
@@ -94,14 +122,16 @@ def _steps(client, run_id: str, key: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------------ unit
 
+
 def test_resolve_uri_and_flatten(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_uri(None) == DEFAULT_URI == "sqlite:///mlflow.db"
     assert resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///other.db")
     assert resolve_uri("http://127.0.0.1:5000") == "sqlite:///other.db"
-    flat = flatten({"train": {"lr": 0.001, "steps": 4}, "layer_split": [3, 6, 3], "name": "x", "seed": None},
-                   as_strings=True)
+    flat = flatten(
+        {"train": {"lr": 0.001, "steps": 4}, "layer_split": [3, 6, 3], "name": "x", "seed": None}, as_strings=True
+    )
     assert flat == {"train.lr": "0.001", "train.steps": "4", "layer_split": "[3, 6, 3]", "name": "x", "seed": "null"}
 
 
@@ -128,6 +158,7 @@ def test_retry_backs_off_only_on_locked_database():
 
 # ----------------------------------------------------------------------------------- parent runs
 
+
 def test_init_runs_creates_parent_runs_once(store, server, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert sorted(store.paths) == [run_record(store.root / "runs", store.params, e) for e in ("micro-a", "micro-b")]
@@ -136,9 +167,15 @@ def test_init_runs_creates_parent_runs_once(store, server, monkeypatch):
     assert exp.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"  # the UI opens on the runs table
     for name, tables, methods in (("micro-a", "1,12", "blockwise,e2e"), ("micro-b", "6", "blockwise")):
         rec = store.record[name]
-        assert rec == {"tracking_uri": store.uri, "mlflow_experiment": "dblocks-test",
-                       "experiment_id": exp.experiment_id, "parent_run_id": rec["parent_run_id"],
-                       "experiment": name, "scale": "tiny", "data": "data/prepared/digits"}
+        assert rec == {
+            "tracking_uri": store.uri,
+            "mlflow_experiment": "dblocks-test",
+            "experiment_id": exp.experiment_id,
+            "parent_run_id": rec["parent_run_id"],
+            "experiment": name,
+            "scale": "tiny",
+            "data": "data/prepared/digits",
+        }
         run = store.client.get_run(rec["parent_run_id"])
         config = Params.load(store.params).experiments[name]
         assert run.info.status == "FINISHED" and run.info.run_name == name
@@ -155,8 +192,10 @@ def test_init_runs_creates_parent_runs_once(store, server, monkeypatch):
     # again, through the CLI: same parents, no duplicates, files untouched
     before = {p.name: p.read_text() for p in store.paths}
     mtimes = {p.name: p.stat().st_mtime_ns for p in store.paths}
-    assert run_cli("track-init", "--params", store.params, "--out-dir", store.root / "runs",
-                   "--tracking-uri", store.uri) == 0
+    assert (
+        run_cli("track-init", "--params", store.params, "--out-dir", store.root / "runs", "--tracking-uri", store.uri)
+        == 0
+    )
     assert {p.name: p.read_text() for p in store.paths} == before
     assert {p.name: p.stat().st_mtime_ns for p in store.paths} == mtimes
     parents = store.client.search_runs([exp.experiment_id], filter_string="tags.`dblocks.job` = 'parent'")
@@ -179,8 +218,18 @@ def test_track_init_fails_loudly_without_a_store(store, tmp_path, capsys, monkey
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert run_cli("track-init", "--params", store.params, "--out-dir", tmp_path / "runs",
-                   "--tracking-uri", "http://127.0.0.1:9") == 1
+    assert (
+        run_cli(
+            "track-init",
+            "--params",
+            store.params,
+            "--out-dir",
+            tmp_path / "runs",
+            "--tracking-uri",
+            "http://127.0.0.1:9",
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("dblocks track-init: error: tracking store http://127.0.0.1:9") and "\n" not in err
     assert not list(tmp_path.glob("runs/*.json"))
@@ -199,6 +248,7 @@ def test_track_options_validate_first(store, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------ child runs
 
+
 def test_tracked_cli_jobs_are_child_runs(store, tmp_path, capsys):
     rec = store.record["micro-a"]
     track = run_record(store.root / "runs", store.params, "micro-a")
@@ -207,8 +257,7 @@ def test_tracked_cli_jobs_are_child_runs(store, tmp_path, capsys):
     for b, path in enumerate(blocks, 1):
         assert run_cli("train-block", *exp_args, "--block", b, "--out", path, "--track", track) == 0
     assert run_cli("assemble", *blocks, "--out", tmp_path / "model.safetensors") == 0
-    assert run_cli("evaluate", tmp_path / "model.safetensors", "--out", tmp_path / "eval.json",
-                   "--track", track) == 0
+    assert run_cli("evaluate", tmp_path / "model.safetensors", "--out", tmp_path / "eval.json", "--track", track) == 0
     assert "warning" not in capsys.readouterr().err
 
     runs = {r.info.run_name: r for r in _children(store, rec["parent_run_id"])}
@@ -229,10 +278,12 @@ def test_tracked_cli_jobs_are_child_runs(store, tmp_path, capsys):
         assert history == pytest.approx(dict(meta["losses"]), rel=1e-4)
         assert metrics["final_loss"] == pytest.approx(meta["final_loss"])
         assert metrics["train_seconds"] > 0 and metrics["seconds_per_step"] == pytest.approx(
-            metrics["train_seconds"] / 4)
+            metrics["train_seconds"] / 4
+        )
         assert run.data.params["train.steps"] == "4" and run.data.params["train.log_every"] == "2"
-        assert [f.path for f in store.client.list_artifacts(run.info.run_id, "checkpoints")] == \
-            [f"checkpoints/{path.stem}.json"]
+        assert [f.path for f in store.client.list_artifacts(run.info.run_id, "checkpoints")] == [
+            f"checkpoints/{path.stem}.json"
+        ]
 
     ev = runs["micro-a evaluate blockwise"]
     record = json.loads((tmp_path / "eval.json").read_text())
@@ -246,9 +297,11 @@ def test_tracked_cli_jobs_are_child_runs(store, tmp_path, capsys):
     assert record["config_hash"] == params.hash("micro-a") == ev.data.tags["dblocks.config_hash"]
     assert record["git_commit"] == (ev.data.tags["dblocks.git_commit"] or None)
     assert record["eval_hash"] == params.eval_hash("micro-a") == ev.data.tags["dblocks.eval_hash"]
-    assert record["evaluation"] == params.evaluation_settings("micro-a") == {"task": "classification",
-                                                                             "split": "test", "seed": 0,
-                                                                             "weights": "auto"}
+    assert (
+        record["evaluation"]
+        == params.evaluation_settings("micro-a")
+        == {"task": "classification", "split": "test", "seed": 0, "weights": "auto"}
+    )
     assert ev.data.params["evaluation.split"] == "test" and ev.data.params["evaluation.seed"] == "0"
     assert record["weights"] == ev.data.tags["dblocks.weights"] == "raw"  # auto, and no average was kept
     # ... and the parent run shows the result at a glance
@@ -267,8 +320,12 @@ def test_tracked_baseline_and_paper_mode(store, tmp_path):
     exp_args = ["--config", store.params, "--experiment", "micro-b", *MICRO]
     assert run_cli("train-baseline", *exp_args, "--out", tmp_path / "e2e.safetensors", "--track", track) == 0
     assert run_cli("train-shared", *exp_args, "--out-dir", tmp_path / "paper", "--track", track) == 0
-    runs = {r.info.run_name: r for r in store.client.search_runs(
-        [store.record["micro-b"]["experiment_id"]], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
+    runs = {
+        r.info.run_name: r
+        for r in store.client.search_runs(
+            [store.record["micro-b"]["experiment_id"]], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"
+        )
+    }
     e2e, paper = runs["micro-b e2e"], runs["micro-b paper"]
     assert e2e.data.tags["dblocks.method"] == "e2e" and e2e.data.tags["dblocks.block"] == ""
     assert e2e.data.tags["checkpoint_sha256"] == load_metadata(tmp_path / "e2e.safetensors")["sha256"]
@@ -285,20 +342,30 @@ def test_job_failure_marks_run_failed_and_propagates(store):
     with pytest.raises(ZeroDivisionError):
         with JobRun(run_record(store.root / "runs", store.params, "micro-b"), "train", "blockwise", 2, config) as run:
             run.log_step(2, 1.5, 1e-3)
-            1 / 0
+            raise ZeroDivisionError("the job fails")
     failed = store.client.get_run(run.run_id)
     assert failed.info.status == "FAILED" and _steps(store.client, run.run_id, "train_loss") == [2]
 
 
 # --------------------------------------------------------------------------------------- outages
 
+
 def test_unreachable_server_costs_the_job_nothing(tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     track = tmp_path / "run.json"  # port 9 (discard): nothing listens on loopback
-    track.write_text(json.dumps({"tracking_uri": "http://127.0.0.1:9", "mlflow_experiment": "x",
-                                 "experiment_id": "1", "parent_run_id": "0" * 32, "experiment": "x",
-                                 "scale": "micro"}))
+    track.write_text(
+        json.dumps(
+            {
+                "tracking_uri": "http://127.0.0.1:9",
+                "mlflow_experiment": "x",
+                "experiment_id": "1",
+                "parent_run_id": "0" * 32,
+                "experiment": "x",
+                "scale": "micro",
+            }
+        )
+    )
     out = tmp_path / "block-1.safetensors"
     t0 = time.time()
     assert run_cli("train-block", *MICRO, "--block", 1, "--out", out, "--track", track) == 0
@@ -313,9 +380,18 @@ def test_unreachable_server_costs_the_job_nothing(tmp_path, capfd, monkeypatch):
 def test_missing_sqlite_store_costs_the_job_nothing(tmp_path, capsys):
     (tmp_path / "not-a-dir").write_text("")
     track = tmp_path / "run.json"
-    track.write_text(json.dumps({"tracking_uri": f"sqlite:///{tmp_path}/not-a-dir/mlflow.db",
-                                 "mlflow_experiment": "x", "experiment_id": "1", "parent_run_id": "0" * 32,
-                                 "experiment": "x", "scale": "micro"}))
+    track.write_text(
+        json.dumps(
+            {
+                "tracking_uri": f"sqlite:///{tmp_path}/not-a-dir/mlflow.db",
+                "mlflow_experiment": "x",
+                "experiment_id": "1",
+                "parent_run_id": "0" * 32,
+                "experiment": "x",
+                "scale": "micro",
+            }
+        )
+    )
     out = tmp_path / "block-2.safetensors"
     assert run_cli("train-block", *MICRO, "--block", 2, "--out", out, "--track", track) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()]
@@ -325,12 +401,13 @@ def test_missing_sqlite_store_costs_the_job_nothing(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------- server
 
+
 def _listening(port: int) -> list[str]:
     """The addresses with a socket listening on ``port`` (IPv4 and IPv6), from the kernel's tables."""
     import ipaddress
 
     found = []
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+    for table, _width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
         try:
             lines = Path(table).read_text().splitlines()[1:]
         except OSError:
@@ -340,7 +417,7 @@ def _listening(port: int) -> list[str]:
             address, hex_port = local.split(":")
             if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
                 raw = bytes.fromhex(address)
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # little-endian words
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # little-endian words
                 found.append(str(ipaddress.ip_address(raw)))
     return sorted(set(found))
 
@@ -360,8 +437,12 @@ def test_server_returns_parent_and_child_runs(store, server, monkeypatch):
     assert http_run.enabled and http_run.run_id
 
     body = json.dumps({"experiment_ids": [rec["experiment_id"]], "max_results": 1000}).encode()
-    req = urllib.request.Request(f"{server.url}/api/2.0/mlflow/runs/search", data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{server.url}/api/2.0/mlflow/runs/search",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         found = {r["info"]["run_id"]: r for r in json.loads(resp.read())["runs"]}
     assert rec["parent_run_id"] in found and store.record["micro-a"]["parent_run_id"] in found
@@ -404,18 +485,26 @@ def test_four_parallel_processes_share_one_sqlite_store(store, tmp_path):
     go = tmp_path / "go"
     # run where the record's relative data path names nothing (a checkout that ran the pipeline has a prepared
     # digits split there, which a training job would log as its input beside the one logged here)
-    procs = [subprocess.Popen([sys.executable, "-c", PARALLEL_JOB, str(track), str(b), str(go), config],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-             for b in (1, 2, 3, 4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PARALLEL_JOB, str(track), str(b), str(go), config],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+        for b in (1, 2, 3, 4)
+    ]
     time.sleep(0.5)
     go.touch()
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err
         assert "warning" not in err, err
     run_ids = {out.strip() for out, _ in outs}
-    runs = store.client.search_runs([store.record["micro-a"]["experiment_id"]],
-                                    filter_string="tags.`dblocks.method` = 'parallel'")
+    runs = store.client.search_runs(
+        [store.record["micro-a"]["experiment_id"]], filter_string="tags.`dblocks.method` = 'parallel'"
+    )
     assert {r.info.run_id for r in runs} == run_ids and len(run_ids) == 4
     assert sorted(r.data.tags["dblocks.block"] for r in runs) == ["1", "2", "3", "4"]
     for r in runs:
@@ -431,18 +520,22 @@ def test_parent_run_job_does_not_import_torch(tmp_path):
     start-up to each of them (the CLI names its errors without importing their torch-heavy modules). The paper
     file tracks live: its track-init makes the parent run (a journal-mode one imports no MLflow either)."""
     params = Path(__file__).resolve().parents[1] / "params" / "paper.yaml"
-    code = ("import sys; from dblocks.cli import main; "
-            f"rc = main(['track-init', '--params', {str(params)!r}, '--out-dir', {str(tmp_path / 'runs')!r}, "
-            f"'--tracking-uri', {'sqlite:///' + str(tmp_path / 'mlflow.db')!r}, '--experiment', 'vit-cifar100']); "
-            "print(rc, 'torch' in sys.modules)")
+    code = (
+        "import sys; from dblocks.cli import main; "
+        f"rc = main(['track-init', '--params', {str(params)!r}, '--out-dir', {str(tmp_path / 'runs')!r}, "
+        f"'--tracking-uri', {'sqlite:///' + str(tmp_path / 'mlflow.db')!r}, '--experiment', 'vit-cifar100']); "
+        "print(rc, 'torch' in sys.modules)"
+    )
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
-                         cwd=tmp_path).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=tmp_path
+    ).stdout
     assert out.strip().splitlines()[-1] == "0 False"
     assert json.loads(run_record(tmp_path / "runs", params, "vit-cifar100").read_text())["parent_run_id"]
 
 
 # -------------------------------------------------------------------------- logged later, in full
+
 
 def test_a_journaled_evaluation_updates_the_parent_when_synced(store, tmp_path):
     """An evaluate job that ran while the store was down: track-sync logs its run with its dataset input,
@@ -452,12 +545,14 @@ def test_a_journaled_evaluation_updates_the_parent_when_synced(store, tmp_path):
     runs_dir.mkdir()
     offline = runs_dir / "micro-b.json"  # what track-init --allow-offline writes: no experiment, no parent
     view = {"selectedColumns": ["attributes.`Dataset`", "metrics.`e2e.accuracy`"]}
-    offline.write_text(json.dumps({**rec, "experiment_id": None, "parent_run_id": None, "offline": "down",
-                                   "runs_view": view}))
+    offline.write_text(
+        json.dumps({**rec, "experiment_id": None, "parent_run_id": None, "offline": "down", "runs_view": view})
+    )
     data = tmp_path / "prepared"
     data.mkdir()
-    (data / "test.json").write_text(json.dumps({"kind": "dataset", "name": "digits", "split": "test",
-                                                "examples": 7, "sha256": "ab" * 32}))
+    (data / "test.json").write_text(
+        json.dumps({"kind": "dataset", "name": "digits", "split": "test", "examples": 7, "sha256": "ab" * 32})
+    )
     config = Params.load(store.params).experiments["micro-b"]
     with JobRun(offline, "evaluate", "e2e", None, config) as run:
         run.log_dataset(data, "test", "evaluation")
@@ -496,11 +591,19 @@ def test_runs_view_names_each_tasks_headline_metrics():
     repo = Path(__file__).resolve().parents[1]
     tiny = runs_view(Pipeline.load(repo / "params/tiny.yaml"))["selectedColumns"]
     assert tiny[0] == "attributes.`Dataset`"
-    assert {"metrics.`blockwise.accuracy`", "metrics.`e2e.accuracy`", "metrics.`blockwise.fid_test`",
-            "metrics.`e2e.fid_train`"} <= set(tiny)
+    assert {
+        "metrics.`blockwise.accuracy`",
+        "metrics.`e2e.accuracy`",
+        "metrics.`blockwise.fid_test`",
+        "metrics.`e2e.fid_train`",
+    } <= set(tiny)
     text = set(runs_view(Pipeline.load(repo / "params/tiny-text.yaml"))["selectedColumns"])
-    assert {"metrics.`blockwise.bpc`", "metrics.`blockwise.mauve_ngram`", "metrics.`e2e.gen_ppl_reference`",
-            "metrics.`blockwise.next_token_bits`"} <= text
+    assert {
+        "metrics.`blockwise.bpc`",
+        "metrics.`blockwise.mauve_ngram`",
+        "metrics.`e2e.gen_ppl_reference`",
+        "metrics.`blockwise.next_token_bits`",
+    } <= text
     assert "metrics.`blockwise.mauve_reference`" not in text  # only where the params ask for reference-LM features
     assert not any("gpt2_large" in c or "llama2" in c for c in text)  # online metrics only when configured
 
@@ -528,7 +631,8 @@ def _store_contents(client) -> dict:
         key = tuple(tags.get(f"dblocks.{k}") for k in ("job", "experiment", "method", "block"))
         assert key not in out["runs"], key
         out["runs"][key] = {
-            "name": run.info.run_name, "status": run.info.status,
+            "name": run.info.run_name,
+            "status": run.info.status,
             "parent": names.get(tags.get("mlflow.parentRunId")),
             "logged_later": tags.get("dblocks.logged_later"),
             "tags": {k: None if k in _TIMED_FILE_TAGS else v for k, v in tags.items() if k not in _PER_RUN_TAGS},
@@ -553,12 +657,30 @@ def test_journal_mode_then_track_sync_leaves_what_live_mode_logs(tmp_path, monke
         root.mkdir()
         (root / "params.yaml").write_text(text)
         uri, runs = f"sqlite:///{root}/mlflow.db", root / "runs"
-        assert run_cli("track-init", "--params", root / "params.yaml", "--out-dir", runs, "--tracking-uri", uri,
-                       "--store-only") == 0
+        assert (
+            run_cli(
+                "track-init", "--params", root / "params.yaml", "--out-dir", runs, "--tracking-uri", uri, "--store-only"
+            )
+            == 0
+        )
         assert run_cli("track-init", "--params", root / "params.yaml", "--out-dir", runs, "--tracking-uri", uri) == 0
         track = run_record(runs, root / "params.yaml", "micro-a")
-        assert run_cli("train-baseline", "--config", root / "params.yaml", "--experiment", "micro-a", "--no-progress",
-                       "--out", model, "--track", track, "--force") == 0
+        assert (
+            run_cli(
+                "train-baseline",
+                "--config",
+                root / "params.yaml",
+                "--experiment",
+                "micro-a",
+                "--no-progress",
+                "--out",
+                model,
+                "--track",
+                track,
+                "--force",
+            )
+            == 0
+        )
         assert run_cli("evaluate", model, "--out", result, "--track", track) == 0
         assert "warning" not in capsys.readouterr().err.lower()
         if mode == "journal":
@@ -571,9 +693,18 @@ def test_journal_mode_then_track_sync_leaves_what_live_mode_logs(tmp_path, monke
         stores[mode] = _store_contents(mlflow.MlflowClient(uri))
     live, journal = stores["live"], stores["journal"]
     assert journal["experiment_tags"] == live["experiment_tags"]  # the kind and the runs view
-    assert sorted(journal["runs"]) == sorted(live["runs"]) == sorted([
-        ("parent", "micro-a", "blockwise,e2e", ""), ("parent", "micro-b", "blockwise", ""),
-        ("train", "micro-a", "e2e", ""), ("evaluate", "micro-a", "e2e", "")])
+    assert (
+        sorted(journal["runs"])
+        == sorted(live["runs"])
+        == sorted(
+            [
+                ("parent", "micro-a", "blockwise,e2e", ""),
+                ("parent", "micro-b", "blockwise", ""),
+                ("train", "micro-a", "e2e", ""),
+                ("evaluate", "micro-a", "e2e", ""),
+            ]
+        )
+    )
     for key, run in live["runs"].items():
         later = journal["runs"][key]
         assert run.pop("logged_later") is None
@@ -581,8 +712,9 @@ def test_journal_mode_then_track_sync_leaves_what_live_mode_logs(tmp_path, monke
         assert later == run, key
     parent = live["runs"][("parent", "micro-a", "blockwise,e2e", "")]
     assert parent["metrics"] == {"e2e.accuracy": json.loads(result.read_text())["accuracy"]}
-    assert parent["params"] == flatten(Params.load(tmp_path / "live" / "params.yaml").experiments["micro-a"],
-                                       as_strings=True)
+    assert parent["params"] == flatten(
+        Params.load(tmp_path / "live" / "params.yaml").experiments["micro-a"], as_strings=True
+    )
     assert live["runs"][("train", "micro-a", "e2e", "")]["parent"] == "micro-a"
 
 
@@ -592,12 +724,33 @@ def test_a_journal_mode_job_never_imports_mlflow(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(JOURNAL_PARAMS)
     runs, out = tmp_path / "runs", tmp_path / "block-1.safetensors"
-    init = ["track-init", "--params", str(params), "--out-dir", str(runs), "--tracking-uri",
-            f"sqlite:///{tmp_path}/mlflow.db"]
-    train = ["train-block", "--config", str(params), "--experiment", "micro-b", "--block", "1", "--no-progress",
-             "--out", str(out), "--track", str(run_record(runs, params, "micro-b"))]
-    code = (f"import sys; from dblocks.cli import main; rcs = [main({init + ['--store-only']!r}), main({init!r}), "
-            f"main({train!r})]; print(*rcs, 'mlflow' in sys.modules)")
+    init = [
+        "track-init",
+        "--params",
+        str(params),
+        "--out-dir",
+        str(runs),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+    ]
+    train = [
+        "train-block",
+        "--config",
+        str(params),
+        "--experiment",
+        "micro-b",
+        "--block",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+        "--track",
+        str(run_record(runs, params, "micro-b")),
+    ]
+    code = (
+        f"import sys; from dblocks.cli import main; rcs = [main({init + ['--store-only']!r}), main({init!r}), "
+        f"main({train!r})]; print(*rcs, 'mlflow' in sys.modules)"
+    )
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -29,8 +29,9 @@ def store(tmp_path, monkeypatch):
     params = tmp_path / "params.yaml"
     params.write_text(PARAMS)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    return SimpleNamespace(root=tmp_path, params=params, uri=uri, runs=tmp_path / "runs",
-                           client=mlflow.MlflowClient(uri))
+    return SimpleNamespace(
+        root=tmp_path, params=params, uri=uri, runs=tmp_path / "runs", client=mlflow.MlflowClient(uri)
+    )
 
 
 def _runs(store, **tags) -> list:
@@ -47,8 +48,20 @@ def _sync(store, capsys, *extra) -> str:
 
 def _train(store, block: int, capsys) -> tuple[int, str]:
     out = store.root / f"block-{block}.safetensors"
-    rc = run_cli("train-block", "--config", store.params, "--experiment", "micro-b", "--no-progress", "--block", block,
-                 "--out", out, "--track", run_record(store.runs, store.params, "micro-b"))
+    rc = run_cli(
+        "train-block",
+        "--config",
+        store.params,
+        "--experiment",
+        "micro-b",
+        "--no-progress",
+        "--block",
+        block,
+        "--out",
+        out,
+        "--track",
+        run_record(store.runs, store.params, "micro-b"),
+    )
     err = capsys.readouterr().err
     return rc, err
 
@@ -115,8 +128,12 @@ def test_unreachable_store_at_setup_then_sync_creates_experiment_and_parent(stor
     no run; jobs run untracked; a later sync (here into the SQLite store that is now reachable) creates
     the experiment and one parent run, and hangs every job under it."""
     down = "http://127.0.0.1:9"  # nothing listens on the discard port
-    assert run_cli("track-init", "--params", store.params, "--out-dir", store.runs, "--tracking-uri", down,
-                   "--allow-offline") == 0
+    assert (
+        run_cli(
+            "track-init", "--params", store.params, "--out-dir", store.runs, "--tracking-uri", down, "--allow-offline"
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "going on without tracking" in err and "track-sync" in err
     record = json.loads((run_record(store.runs, store.params, "micro-b")).read_text())
@@ -133,8 +150,10 @@ def test_unreachable_store_at_setup_then_sync_creates_experiment_and_parent(stor
 
 
 def test_track_init_without_allow_offline_still_fails_loudly(store, capsys):
-    assert run_cli("track-init", "--params", store.params, "--out-dir", store.runs,
-                   "--tracking-uri", "http://127.0.0.1:9") == 1
+    assert (
+        run_cli("track-init", "--params", store.params, "--out-dir", store.runs, "--tracking-uri", "http://127.0.0.1:9")
+        == 1
+    )
     assert not store.runs.exists()
 
 

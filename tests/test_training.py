@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from dblocks.blocks import AssembledModel
+from dblocks.errors import TrainingError
 from dblocks.experiment import Experiment
 from dblocks.sample import classify
 from dblocks.train import Objective, block_objective, paper_mode_objective, train
-from dblocks.errors import TrainingError
 from tests.conftest import micro_config
 
 CPU = torch.device("cpu")
@@ -27,8 +27,15 @@ def test_training_block_b_touches_nothing_else(task, optimizer_params):
     seen = optimizer_params
     data = exp.load_data("train")
 
-    train(blocks[1], block_objective(blocks[1], exp.partition, 2), data, exp.config["train"], seed=1,
-          device=CPU, progress=False)
+    train(
+        blocks[1],
+        block_objective(blocks[1], exp.partition, 2),
+        data,
+        exp.config["train"],
+        seed=1,
+        device=CPU,
+        progress=False,
+    )
 
     # the optimizer holds exactly block 2's parameters
     assert len(seen) == 1
@@ -52,8 +59,15 @@ def test_block_sigmas_stay_in_the_block_interval(vit_exp, monkeypatch):
         return real_forward(self, z, sigma, cond)
 
     monkeypatch.setattr(type(blk), "forward", spy)
-    train(blk, block_objective(blk, vit_exp.partition, 2), vit_exp.load_data("train"), vit_exp.config["train"],
-          seed=0, device=CPU, progress=False)
+    train(
+        blk,
+        block_objective(blk, vit_exp.partition, 2),
+        vit_exp.load_data("train"),
+        vit_exp.config["train"],
+        seed=0,
+        device=CPU,
+        progress=False,
+    )
     lo, hi = vit_exp.partition.train_interval(2)
     sigmas = torch.cat(seen)
     assert len(sigmas) == 8 * 16
@@ -70,8 +84,15 @@ def test_building_a_block_builds_only_that_block(vit_exp):
 
 def _train_block(exp, b, seed=5):
     m = exp.block(b)
-    train(m, block_objective(m, exp.partition, b), exp.load_data("train"), exp.config["train"], seed=seed,
-          device=CPU, progress=False)
+    train(
+        m,
+        block_objective(m, exp.partition, b),
+        exp.load_data("train"),
+        exp.config["train"],
+        seed=seed,
+        device=CPU,
+        progress=False,
+    )
     return m.state_dict()
 
 
@@ -100,12 +121,29 @@ def test_resume_after_interruption_is_bit_identical(vit_exp, tmp_path):
         return objective.loss(batch)
 
     with pytest.raises(KeyboardInterrupt):
-        train(m, Objective(dies_at_step_6, objective.draw), data, cfg, seed=5, device=CPU, state_path=state, progress=False)
+        train(
+            m,
+            Objective(dies_at_step_6, objective.draw),
+            data,
+            cfg,
+            seed=5,
+            device=CPU,
+            state_path=state,
+            progress=False,
+        )
     assert state.exists()
 
     resumed = vit_exp.block(1)
-    result = train(resumed, block_objective(resumed, vit_exp.partition, 1), data, cfg, seed=5, device=CPU,
-                   state_path=state, progress=False)
+    result = train(
+        resumed,
+        block_objective(resumed, vit_exp.partition, 1),
+        data,
+        cfg,
+        seed=5,
+        device=CPU,
+        state_path=state,
+        progress=False,
+    )
     assert result.resumed_from == 4
     after = resumed.state_dict()
     assert all(torch.equal(reference[k], after[k]) for k in after)
@@ -114,8 +152,15 @@ def test_resume_after_interruption_is_bit_identical(vit_exp, tmp_path):
 def test_nan_loss_stops_training(vit_exp):
     m = vit_exp.block(1)
     with pytest.raises(TrainingError, match="loss is nan"):
-        train(m, Objective(lambda batch: torch.tensor(float("nan"), requires_grad=True)), vit_exp.load_data("train"),
-              vit_exp.config["train"], seed=0, device=CPU, progress=False)
+        train(
+            m,
+            Objective(lambda batch: torch.tensor(float("nan"), requires_grad=True)),
+            vit_exp.load_data("train"),
+            vit_exp.config["train"],
+            seed=0,
+            device=CPU,
+            progress=False,
+        )
 
 
 def test_paper_mode_shares_stem_and_head_and_samples_blocks(vit_exp, optimizer_params):
@@ -154,8 +199,11 @@ def test_end_to_end_classifier_is_a_plain_vit(vit_exp):
 
 def test_blockwise_vit_learns_digits():
     """A tiny ViT trained block-wise on digits beats chance (10%) by a wide margin on held-out data."""
-    exp = Experiment(micro_config(arch="ViT-tiny", blocks=3, train={"steps": 400, "batch_size": 64, "lr": 2e-3,
-                                                                     "warmup": 20, "log_every": 50}))
+    exp = Experiment(
+        micro_config(
+            arch="ViT-tiny", blocks=3, train={"steps": 400, "batch_size": 64, "lr": 2e-3, "warmup": 20, "log_every": 50}
+        )
+    )
     data, test = exp.load_data("train"), exp.load_data("test")
     blocks = []
     for b in (1, 2, 3):

@@ -49,11 +49,18 @@ def ui_server(uri: str, log: Path, cwd: Path | None = None):
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner process
     env.pop("MLFLOW_TRACKING_URI", None)  # the environment would win over the URI given
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(VENV_BIN / "dblocks"), "ui", "--tracking-uri", uri, "--port", str(port)],
-                                cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "dblocks"), "ui", "--tracking-uri", uri, "--port", str(port)],
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         try:
-            yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, proc=proc, log=log,
-                                  stop=lambda: stop(proc))
+            yield SimpleNamespace(
+                url=f"http://127.0.0.1:{port}", port=port, proc=proc, log=log, stop=lambda: stop(proc)
+            )
         finally:
             stop(proc)
 

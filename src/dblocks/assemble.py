@@ -7,8 +7,8 @@ single tensor."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -52,24 +52,49 @@ def _tensors(model: nn.Module, exp: Experiment, averaged: nn.Module | None = Non
     return out
 
 
-def save_block(path: Path, model: BlockDenoiser, exp: Experiment, block: int, method: str, step: int,
-               extra: dict | None = None, averaged: BlockDenoiser | None = None) -> dict:
-    meta = {**provenance(exp), "kind": "block", "method": method, "block": block,
-            "blocks": exp.partition.blocks, "partition": exp.partition.to_dict(), "layer_split": exp.split,
-            "layers": exp.layer_indices(block), "step": step, **(extra or {})}
+def save_block(
+    path: Path,
+    model: BlockDenoiser,
+    exp: Experiment,
+    block: int,
+    method: str,
+    step: int,
+    extra: dict | None = None,
+    averaged: BlockDenoiser | None = None,
+) -> dict:
+    meta = {
+        **provenance(exp),
+        "kind": "block",
+        "method": method,
+        "block": block,
+        "blocks": exp.partition.blocks,
+        "partition": exp.partition.to_dict(),
+        "layer_split": exp.split,
+        "layers": exp.layer_indices(block),
+        "step": step,
+        **(extra or {}),
+    }
     return save_checkpoint(path, _tensors(model, exp, averaged), meta)
 
 
-def save_e2e(path: Path, model: BlockDenoiser, exp: Experiment, step: int, extra: dict | None = None,
-             averaged: BlockDenoiser | None = None) -> dict:
+def save_e2e(
+    path: Path,
+    model: BlockDenoiser,
+    exp: Experiment,
+    step: int,
+    extra: dict | None = None,
+    averaged: BlockDenoiser | None = None,
+) -> dict:
     meta = {**provenance(exp), "kind": "e2e", "method": "e2e", "step": step, **(extra or {})}
     return save_checkpoint(path, _tensors(model, exp, averaged), meta)
 
 
 def _require_same(field: str, meta: dict, ref: dict, path: Path, ref_path: Path) -> None:
     if meta.get(field) != ref.get(field):
-        raise AssemblyError(f"{path}: field '{field}' is {meta.get(field)!r} but {ref_path} has "
-                            f"{ref.get(field)!r}; blocks must come from one experiment and config")
+        raise AssemblyError(
+            f"{path}: field '{field}' is {meta.get(field)!r} but {ref_path} has "
+            f"{ref.get(field)!r}; blocks must come from one experiment and config"
+        )
 
 
 def check_blocks(paths: Sequence[str | Path], expected_blocks: int | None = None) -> list[tuple[Path, dict]]:
@@ -102,8 +127,9 @@ def check_blocks(paths: Sequence[str | Path], expected_blocks: int | None = None
         seen[b] = p
     missing = sorted(set(range(1, blocks + 1)) - set(seen))
     if missing:
-        raise AssemblyError(f"missing block(s) {missing} of B={blocks}: field 'block' of the given files covers "
-                            f"only {sorted(seen)}")
+        raise AssemblyError(
+            f"missing block(s) {missing} of B={blocks}: field 'block' of the given files covers only {sorted(seen)}"
+        )
     return sorted(records, key=lambda r: r[1]["block"])
 
 
@@ -122,18 +148,23 @@ def assemble(paths: Sequence[str | Path], out: str | Path, expected_blocks: int 
         if ref_task is None:
             ref_task = task
         elif task.keys() != ref_task.keys() or not all(torch.equal(task[k], ref_task[k]) for k in task):
-            raise AssemblyError(f"{p}: field '{next(iter(task), 'task')}' (the shared target space) differs "
-                                f"from {records[0][0]}")
-        tensors.update({f"block{meta['block']}/{k}": v for k, v in block_tensors.items()
-                        if not k.startswith(TASK_PREFIX)})
+            raise AssemblyError(
+                f"{p}: field '{next(iter(task), 'task')}' (the shared target space) differs from {records[0][0]}"
+            )
+        tensors.update(
+            {f"block{meta['block']}/{k}": v for k, v in block_tensors.items() if not k.startswith(TASK_PREFIX)}
+        )
         sources.append({"block": meta["block"], "path": str(p), "sha256": meta["sha256"], "step": meta["step"]})
     tensors.update(ref_task or {})
     first = records[0][1]
-    meta = {k: first[k] for k in ("experiment", "config", "config_hash", "seed", "method", "blocks",
-                                  "partition", "layer_split")}
+    meta = {
+        k: first[k]
+        for k in ("experiment", "config", "config_hash", "seed", "method", "blocks", "partition", "layer_split")
+    }
     meta["scale"] = first.get("scale", UNKNOWN_SCALE)
-    meta.update({"kind": "assembled", "sources": sources, "package_version": dblocks.__version__,
-                 "git_commit": git_commit()})
+    meta.update(
+        {"kind": "assembled", "sources": sources, "package_version": dblocks.__version__, "git_commit": git_commit()}
+    )
     return save_checkpoint(out, tensors, meta)
 
 
@@ -148,17 +179,21 @@ def choose_weights(tensors: dict[str, torch.Tensor], weights: str, path: Path) -
     """One trained module's raw weights or their average (``sample.weights``), and which of the two it is."""
     if weights not in WEIGHTS:
         raise CheckpointError(path, f"weights {weights!r} asked for; allowed: {', '.join(WEIGHTS)}")
-    average = {k[len(AVERAGE_PREFIX):]: v for k, v in tensors.items() if k.startswith(AVERAGE_PREFIX)}
+    average = {k[len(AVERAGE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(AVERAGE_PREFIX)}
     if weights == "ema" and not average:
-        raise CheckpointError(path, "sample.weights=ema but training kept no weight average "
-                                    "(train.ema_decay is 0); allowed: raw, auto", field="tensors")
+        raise CheckpointError(
+            path,
+            "sample.weights=ema but training kept no weight average (train.ema_decay is 0); allowed: raw, auto",
+            field="tensors",
+        )
     if average and weights != "raw":
         return average, "ema"
     return {k: v for k, v in tensors.items() if not k.startswith(AVERAGE_PREFIX)}, "raw"
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu",
-               weights: str | None = None) -> tuple[nn.Module, Experiment, dict]:
+def load_model(
+    path: str | Path, device: torch.device | str = "cpu", weights: str | None = None
+) -> tuple[nn.Module, Experiment, dict]:
     """Rebuild a model from an assembled, block or end-to-end checkpoint (safetensors + JSON, no pickle),
     with its raw weights or their average (``weights``, one of :data:`WEIGHTS`; None: the model's own
     sample.weights, auto for records older than it); the returned metadata's ``weights`` field says which
@@ -181,8 +216,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
         blocks = exp.empty_blocks()
         for b, blk in enumerate(blocks, 1):
             prefix = f"block{b}/"
-            state, used = choose_weights({k[len(prefix):]: v for k, v in trained.items() if k.startswith(prefix)},
-                                         weights, path)
+            state, used = choose_weights(
+                {k[len(prefix) :]: v for k, v in trained.items() if k.startswith(prefix)}, weights, path
+            )
             _load_into(blk, state, path)
         model = AssembledModel(blocks, exp.partition)
     else:

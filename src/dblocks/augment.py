@@ -82,22 +82,26 @@ def rand_augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
                 index = chosen.nonzero().squeeze(1).to(pixels.device)
                 if len(index):
                     out[index] = transform._apply_image_or_video_transform(
-                        pixels[index], name, sign * magnitude, interpolation=transform.interpolation,
-                        fill=transform._fill)
+                        pixels[index],
+                        name,
+                        sign * magnitude,
+                        interpolation=transform.interpolation,
+                        fill=transform._fill,
+                    )
         pixels = out
     return pixels.to(images.dtype) / 127.5 - 1
 
 
-def augment(images: torch.Tensor, kind: str, gen: torch.Generator,
-            flipped: torch.Tensor | None = None) -> torch.Tensor:
+def augment(images: torch.Tensor, kind: str, gen: torch.Generator, flipped: torch.Tensor | None = None) -> torch.Tensor:
     """A training batch augmented by ``kind`` (one of :data:`AUGMENTATIONS`) with draws from ``gen``."""
     if kind == "none":
         return images
     if kind == "flip":
         return random_flip(images, gen, flipped)
     if flipped is not None:
-        raise ValueError(f"train.augment={kind!r} cannot be applied to latents; allowed: "
-                         f"{', '.join(LATENT_AUGMENTATIONS)}")
+        raise ValueError(
+            f"train.augment={kind!r} cannot be applied to latents; allowed: {', '.join(LATENT_AUGMENTATIONS)}"
+        )
     if kind not in AUGMENTATIONS:
         raise ValueError(f"train.augment={kind!r}; allowed: {', '.join(AUGMENTATIONS)}")
     images = random_flip(random_crop(images, gen), gen)

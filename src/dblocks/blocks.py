@@ -9,8 +9,8 @@ The same converter builds both, so they differ only in whether the stem/head obj
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -21,8 +21,8 @@ from dblocks.tasks import Task
 
 @dataclass
 class DenoiserOutput:
-    raw: torch.Tensor        # what the head returned: logits (classification) or F (images)
-    denoised: torch.Tensor   # D, in target space
+    raw: torch.Tensor  # what the head returned: logits (classification) or F (images)
+    denoised: torch.Tensor  # D, in target space
 
 
 class BlockDenoiser(nn.Module):
@@ -33,8 +33,9 @@ class BlockDenoiser(nn.Module):
         self.head = head
         self.task = task  # not a module: the target space is fixed, never trained
 
-    def network(self, z_in: torch.Tensor | None, cond: torch.Tensor | None,
-                c_noise: torch.Tensor | None, cache=None) -> torch.Tensor:
+    def network(
+        self, z_in: torch.Tensor | None, cond: torch.Tensor | None, c_noise: torch.Tensor | None, cache=None
+    ) -> torch.Tensor:
         """F: the raw network, with its inputs already preconditioned. A KV cache (dblocks.layers.KVCache; text
         generation) reaches the stem, every layer and the head; none is passed without one, so parts without
         the argument (other families, user layers) keep their signatures."""
@@ -51,9 +52,15 @@ class BlockDenoiser(nn.Module):
         return DenoiserOutput(raw=raw, denoised=self.task.denoise(raw, z, sigma))
 
 
-def convert_stack(layers: Sequence[nn.Module], partition: Partition, stem: nn.Module, head: nn.Module,
-                  task: Task, split: Sequence[int] | None = None,
-                  share_stem_head: bool = False) -> "AssembledModel":
+def convert_stack(
+    layers: Sequence[nn.Module],
+    partition: Partition,
+    stem: nn.Module,
+    head: nn.Module,
+    task: Task,
+    split: Sequence[int] | None = None,
+    share_stem_head: bool = False,
+) -> AssembledModel:
     """Turn a stack of L residual layers ``layer(h, c) -> h`` into B block denoisers for ``partition``.
 
     ``split`` gives the layers per block, block 1 (highest noise) first, and must sum to L (default: an

@@ -35,10 +35,25 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",
     "noise": {"p_mean": -1.2, "p_std": 1.2, "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5},
-    "train": {"steps": 1500, "batch_size": 128, "batch_per_device": None, "lr": 5e-4, "weight_decay": 0.0, "warmup": 50,
-              "schedule": "cosine", "min_lr": None, "augment": "none", "ema_decay": 0.0, "ema_rampup": 0.05,
-              "precision": "fp32", "tf32": True, "grad_clip": 1.0, "max_loss_weight": None,
-              "checkpoint_every": 250, "log_every": 25},
+    "train": {
+        "steps": 1500,
+        "batch_size": 128,
+        "batch_per_device": None,
+        "lr": 5e-4,
+        "weight_decay": 0.0,
+        "warmup": 50,
+        "schedule": "cosine",
+        "min_lr": None,
+        "augment": "none",
+        "ema_decay": 0.0,
+        "ema_rampup": 0.05,
+        "precision": "fp32",
+        "tf32": True,
+        "grad_clip": 1.0,
+        "max_loss_weight": None,
+        "checkpoint_every": 250,
+        "log_every": 25,
+    },
     "sample": {"steps": 50, "guidance": 2.0, "num_images": 64, "batch_size": 256, "seed": 0, "weights": "auto"},
 }
 
@@ -59,8 +74,13 @@ UNKNOWN_SCALE = "unknown"
 #: keys that do not change what a block learns; left out of the config hash
 UNHASHED_KEYS = ("device", "data_root", "sample", "pipeline")
 
-TASK_FAMILY = {"classification": "vit", "generation": "dit", "masked_text": "mdm", "ar_text": "ar",
-               "recurrent_text": "huginn"}
+TASK_FAMILY = {
+    "classification": "vit",
+    "generation": "dit",
+    "masked_text": "mdm",
+    "ar_text": "ar",
+    "recurrent_text": "huginn",
+}
 #: tasks whose data is text (the others read images)
 TEXT_TASKS = ("masked_text", "ar_text", "recurrent_text")
 #: the text data sets a params file may name (loaded by dblocks.data.text); every other dataset is images.
@@ -210,46 +230,59 @@ def check_finite(data: Any, where: str = "") -> None:
 def validate(config: dict) -> dict:
     """Raise ConfigError (first problem, one line) or return the config unchanged."""
     check_finite(config)
-    errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(config),
-                    key=lambda e: (len(e.absolute_path), _key_path(e)))
+    errors = sorted(
+        jsonschema.Draft202012Validator(_schema()).iter_errors(config),
+        key=lambda e: (len(e.absolute_path), _key_path(e)),
+    )
     if errors:
         raise ConfigError(describe_error(errors[0]))
     if config["arch"] in NOPROP_ARCHS:  # NoProp's own network: not a transformer of the registry
         return _validate_noprop(config)
     if config["arch"] not in ARCHITECTURES:
-        raise ConfigError(f"arch={config['arch']!r} is not a registered architecture; "
-                          f"allowed: {', '.join([*ARCHITECTURES, *NOPROP_ARCHS])}")
+        raise ConfigError(
+            f"arch={config['arch']!r} is not a registered architecture; "
+            f"allowed: {', '.join([*ARCHITECTURES, *NOPROP_ARCHS])}"
+        )
     spec = get_arch(config["arch"])
     family = TASK_FAMILY[config["task"]]
     if spec.family != family:
         allowed = [n for n, s in ARCHITECTURES.items() if s.family == family]
-        raise ConfigError(f"arch={config['arch']!r} is a {spec.family} model but task={config['task']!r} "
-                          f"needs one of: {', '.join(allowed)}")
+        raise ConfigError(
+            f"arch={config['arch']!r} is a {spec.family} model but task={config['task']!r} "
+            f"needs one of: {', '.join(allowed)}"
+        )
     text_task, text_data = config["task"] in TEXT_TASKS, config["dataset"] in TEXT_DATASETS
     if text_task != text_data:
         datasets = _schema()["properties"]["dataset"]["enum"]
         allowed = TEXT_DATASETS if text_task else [d for d in datasets if d not in TEXT_DATASETS]
-        raise ConfigError(f"dataset={config['dataset']!r} does not fit task={config['task']!r}; "
-                          f"allowed: {', '.join(allowed)}")
+        raise ConfigError(
+            f"dataset={config['dataset']!r} does not fit task={config['task']!r}; allowed: {', '.join(allowed)}"
+        )
     augment = config["train"]["augment"]
-    allowed_augment = (("none",) if text_task else ("none", "flip") if config["dataset"] in LATENT_DATASETS
-                       else None)
+    allowed_augment = ("none",) if text_task else ("none", "flip") if config["dataset"] in LATENT_DATASETS else None
     if allowed_augment and augment not in allowed_augment:
-        raise ConfigError(f"train.augment={augment!r} does not apply to dataset={config['dataset']!r}; "
-                          f"allowed: {', '.join(allowed_augment)}")
+        raise ConfigError(
+            f"train.augment={augment!r} does not apply to dataset={config['dataset']!r}; "
+            f"allowed: {', '.join(allowed_augment)}"
+        )
     min_lr = config["train"]["min_lr"]
     if min_lr is not None and min_lr > config["train"]["lr"]:
-        raise ConfigError(f"train.min_lr={min_lr} is above train.lr={config['train']['lr']}; "
-                          f"allowed: 0 <= min_lr <= lr")
+        raise ConfigError(
+            f"train.min_lr={min_lr} is above train.lr={config['train']['lr']}; allowed: 0 <= min_lr <= lr"
+        )
     if config["task"] == "recurrent_text" and config["blocks"] != 1:
-        raise ConfigError(f"blocks={config['blocks']}: a recurrent-depth model is one denoiser (its K iterations "
-                          f"are K Euler steps of the same block); allowed: 1")
+        raise ConfigError(
+            f"blocks={config['blocks']}: a recurrent-depth model is one denoiser (its K iterations "
+            f"are K Euler steps of the same block); allowed: 1"
+        )
     noise = config["noise"]
     if noise["sigma_min"] >= noise["sigma_max"]:
         raise ConfigError(f"noise.sigma_min={noise['sigma_min']} must be below noise.sigma_max={noise['sigma_max']}")
     if config["blocks"] > spec.depth:
-        raise ConfigError(f"blocks={config['blocks']} exceeds the depth of {config['arch']} "
-                          f"({spec.depth} layers); allowed: 1..{spec.depth}")
+        raise ConfigError(
+            f"blocks={config['blocks']} exceeds the depth of {config['arch']} "
+            f"({spec.depth} layers); allowed: 1..{spec.depth}"
+        )
     try:
         layer_split(spec.depth, config["blocks"], config["layer_split"])
     except ValueError as exc:
@@ -262,16 +295,21 @@ def _validate_noprop(config: dict) -> dict:
     ``blocks`` is NoProp's T (DT's independent blocks, CT's and FM's inference steps), trained by NoProp methods
     only (see :func:`check_method`)."""
     if config["task"] != "classification":
-        raise ConfigError(f"arch={config['arch']!r} is NoProp's classifier but task={config['task']!r}; "
-                          f"allowed: classification")
+        raise ConfigError(
+            f"arch={config['arch']!r} is NoProp's classifier but task={config['task']!r}; allowed: classification"
+        )
     if config["dataset"] not in NOPROP_DATASETS:
-        raise ConfigError(f"dataset={config['dataset']!r} does not fit arch={config['arch']!r} (NoProp's "
-                          f"convolutional network of pixel images); allowed: {', '.join(NOPROP_DATASETS)}")
+        raise ConfigError(
+            f"dataset={config['dataset']!r} does not fit arch={config['arch']!r} (NoProp's "
+            f"convolutional network of pixel images); allowed: {', '.join(NOPROP_DATASETS)}"
+        )
     methods = (config.get("pipeline") or {}).get("methods") or []
     for i, method in enumerate(methods):
         if method not in NOPROP_METHODS:
-            raise ConfigError(f"pipeline.methods.{i}={method!r} cannot train arch={config['arch']!r} (NoProp's "
-                              f"network); allowed: {', '.join(NOPROP_METHODS)}")
+            raise ConfigError(
+                f"pipeline.methods.{i}={method!r} cannot train arch={config['arch']!r} (NoProp's "
+                f"network); allowed: {', '.join(NOPROP_METHODS)}"
+            )
     return config
 
 
@@ -283,23 +321,29 @@ def check_method(config: dict, method: str) -> None:
         raise ConfigError(f"method {method!r} is not allowed; allowed: {', '.join(METHODS)}")
     arch = config["arch"]
     if method in NOPROP_METHODS and arch not in NOPROP_ARCHS:
-        raise ConfigError(f"arch={arch!r}: method {method} trains NoProp's own network; allowed: "
-                          f"{', '.join(NOPROP_ARCHS)}")
+        raise ConfigError(
+            f"arch={arch!r}: method {method} trains NoProp's own network; allowed: {', '.join(NOPROP_ARCHS)}"
+        )
     if method not in NOPROP_METHODS and arch in NOPROP_ARCHS:
-        raise ConfigError(f"arch={arch!r} is NoProp's network; method {method} cannot train it; allowed: "
-                          f"{', '.join(NOPROP_METHODS)}")
+        raise ConfigError(
+            f"arch={arch!r} is NoProp's network; method {method} cannot train it; allowed: {', '.join(NOPROP_METHODS)}"
+        )
     if method == "forward-forward":
         spec = get_arch(arch)
         if config["task"] != "classification" or spec.family != "vit":
             vits = [n for n, s in ARCHITECTURES.items() if s.family == "vit"]
-            raise ConfigError(f"arch={arch!r}, task={config['task']!r}: Forward-Forward classifies with a ViT; "
-                              f"allowed: task classification with arch {', '.join(vits)}")
+            raise ConfigError(
+                f"arch={arch!r}, task={config['task']!r}: Forward-Forward classifies with a ViT; "
+                f"allowed: task classification with arch {', '.join(vits)}"
+            )
         if spec.depth % config["blocks"] or config["layer_split"] is not None:
             divisors = [d for d in range(1, spec.depth + 1) if spec.depth % d == 0]
-            raise ConfigError(f"blocks={config['blocks']}, layer_split={config['layer_split']}: Forward-Forward "
-                              f"trains blocks units of equally many of the {spec.depth} layers of {arch}, each on "
-                              f"its own goodness; allowed: blocks in {', '.join(map(str, divisors))} and no "
-                              f"layer_split")
+            raise ConfigError(
+                f"blocks={config['blocks']}, layer_split={config['layer_split']}: Forward-Forward "
+                f"trains blocks units of equally many of the {spec.depth} layers of {arch}, each on "
+                f"its own goodness; allowed: blocks in {', '.join(map(str, divisors))} and no "
+                f"layer_split"
+            )
 
 
 def resolve(params: dict | None = None, overrides: list[dict] | None = None) -> dict:

@@ -58,8 +58,11 @@ def setup(device: torch.device) -> tuple[World, torch.device]:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     # a generous timeout: rank 0 alone may spend minutes writing a checkpoint while the others wait
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),
-                            **({"device_id": device} if device.type == "cuda" else {}))
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        timeout=datetime.timedelta(minutes=30),
+        **({"device_id": device} if device.type == "cuda" else {}),
+    )
     _WORLD = world
     return world, device
 

@@ -73,15 +73,20 @@ def parse_dry_run(text: str) -> list[Job]:
             else:
                 setattr(job, {"input": "inputs", "output": "outputs", "log": "log"}[key], _split(value))
         elif line.startswith("Shell command: "):
-            job.command = line[len("Shell command: "):]
+            job.command = line[len("Shell command: ") :]
     return [j for j in jobs if j.command not in ("", "None")]  # 'all' and script jobs (provenance): no command
 
 
 def snakemake_jobs(params: str, cwd: str | Path = ".") -> list[Job]:
     snakemake = Path(sys.executable).with_name("snakemake")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    proc = subprocess.run([str(snakemake), "-n", "-p", "--forceall", "--cores", "1", "--config", f"params={params}"],
-                          cwd=cwd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [str(snakemake), "-n", "-p", "--forceall", "--cores", "1", "--config", f"params={params}"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"snakemake dry run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return parse_dry_run(proc.stdout)

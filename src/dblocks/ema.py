@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+
 def half_life(decay: float) -> float:
     """Steps after which a weight's influence on the average has halved, at decay ``decay``."""
     return math.log(0.5) / math.log(decay)
@@ -40,8 +41,10 @@ class EMA:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"train.ema_decay={decay}: allowed: 0 < decay < 1 (0 turns the average off)")
         self.decay, self.rampup = decay, rampup
-        self.tensors = {name: t.detach().to(torch.float32 if t.is_floating_point() else t.dtype, copy=True)
-                        for name, t in module.state_dict().items()}
+        self.tensors = {
+            name: t.detach().to(torch.float32 if t.is_floating_point() else t.dtype, copy=True)
+            for name, t in module.state_dict().items()
+        }
 
     @torch.no_grad()
     def update(self, module: nn.Module, done: int) -> None:

@@ -58,9 +58,14 @@ class TrackingError(RuntimeError):
 
 #: every error a command reports in one line, with its exit code (the first class that matches wins)
 EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
-    (UsageError, EXIT_USAGE), (IntegrityFailure, EXIT_FAILURE), (ConfigError, EXIT_USAGE),
-    (CheckpointError, EXIT_USAGE), (DataError, EXIT_USAGE), (InceptionWeightsError, EXIT_USAGE),
-    (TrainingError, EXIT_FAILURE), (TrackingError, EXIT_FAILURE),
+    (UsageError, EXIT_USAGE),
+    (IntegrityFailure, EXIT_FAILURE),
+    (ConfigError, EXIT_USAGE),
+    (CheckpointError, EXIT_USAGE),
+    (DataError, EXIT_USAGE),
+    (InceptionWeightsError, EXIT_USAGE),
+    (TrainingError, EXIT_FAILURE),
+    (TrackingError, EXIT_FAILURE),
 )
 
 

@@ -45,12 +45,23 @@ def evaluate_classifier(model, exp: Experiment, data: ImageDataset, seed: int = 
     else:  # the end-to-end baseline: a plain forward pass
         preds = classify_direct(model, data.images)
         evals = len(model.layers)
-    return {"accuracy": (preds == data.labels).float().mean().item(), "examples": len(data),
-            "eval_seconds": round(time.perf_counter() - t0, 3), "layer_evals_per_sample": evals}
+    return {
+        "accuracy": (preds == data.labels).float().mean().item(),
+        "examples": len(data),
+        "eval_seconds": round(time.perf_counter() - t0, 3),
+        "layer_evals_per_sample": evals,
+    }
 
 
-def class_balanced_samples(model, exp: Experiment, samples: int, steps: int, seed: int = 0,
-                           guidance: float | None = None, progress: bool = False):
+def class_balanced_samples(
+    model,
+    exp: Experiment,
+    samples: int,
+    steps: int,
+    seed: int = 0,
+    guidance: float | None = None,
+    progress: bool = False,
+):
     """``samples`` images whose labels cycle through the classes, from ``steps`` Euler steps on the
     equal-mass grid; returns (images, the routing model, the grid, seconds)."""
     model = as_assembled(model, exp)
@@ -59,9 +70,16 @@ def class_balanced_samples(model, exp: Experiment, samples: int, steps: int, see
     grid = exp.noise.quantile_grid(steps)
     labels = torch.arange(samples) % exp.arch.num_classes
     t0 = time.perf_counter()
-    images = generate(model.to(device), labels, grid, torch.Generator().manual_seed(seed), guidance=guidance,
-                      null_label=exp.arch.num_classes, batch_size=exp.config["sample"]["batch_size"],
-                      progress=progress)
+    images = generate(
+        model.to(device),
+        labels,
+        grid,
+        torch.Generator().manual_seed(seed),
+        guidance=guidance,
+        null_label=exp.arch.num_classes,
+        batch_size=exp.config["sample"]["batch_size"],
+        progress=progress,
+    )
     return images, model, grid, time.perf_counter() - t0
 
 
@@ -70,14 +88,26 @@ def save_class_grid(images: torch.Tensor, exp: Experiment, path: Path) -> None:
     columns: ImageNet's 1000 classes show their first 10). Small images are upscaled 4x."""
     per_row = min(exp.arch.num_classes, 10)
     rows = max(1, min(10, len(images) // exp.arch.num_classes))
-    picked = torch.cat([images[r * exp.arch.num_classes:][:per_row] for r in range(rows)])
+    picked = torch.cat([images[r * exp.arch.num_classes :][:per_row] for r in range(rows)])
     save_grid(picked, path, nrow=per_row, scale=4 if images.shape[-1] <= 32 else 1)
 
 
-def evaluate_generator(model, exp: Experiment, reference: ImageDataset | None, *, features: str | Path,
-                       samples: int, steps: int, grid_path: Path | None, seed: int = 0, progress: bool = False,
-                       reference_stats: dict[str, Path] | None = None, evaluations: int = 1,
-                       batch_size: int = 256, decode=None) -> dict | None:
+def evaluate_generator(
+    model,
+    exp: Experiment,
+    reference: ImageDataset | None,
+    *,
+    features: str | Path,
+    samples: int,
+    steps: int,
+    grid_path: Path | None,
+    seed: int = 0,
+    progress: bool = False,
+    reference_stats: dict[str, Path] | None = None,
+    evaluations: int = 1,
+    batch_size: int = 256,
+    decode=None,
+) -> dict | None:
     """Class-balanced samples from ``steps`` Euler steps, FID and the sampling cost.
 
     In a data-parallel job (dblocks.distributed) every rank samples its share of the chunks and rank 0 scores
@@ -93,8 +123,7 @@ def evaluate_generator(model, exp: Experiment, reference: ImageDataset | None, *
     of them; every evaluation's value is kept in ``fid_<split>_all``. Without it, the sample sets are
     scored against the images of ``reference`` (one split). ``fid`` is the test FID when there is one. ``decode`` turns
     samples into images first (a latent dataset's VAE decoder, :func:`dblocks.data.latents.decoder_for`)."""
-    from dblocks.metrics.reference import (FeatureSpace, fid_from_statistics, image_statistics,
-                                           load_reference_statistics)
+    from dblocks.metrics.reference import FeatureSpace, fid_from_statistics, image_statistics, load_reference_statistics
 
     if evaluations < 1:
         raise ValueError(f"evaluations must be >= 1, got {evaluations}")
@@ -109,8 +138,9 @@ def evaluate_generator(model, exp: Experiment, reference: ImageDataset | None, *
     seconds = []
     judged, agreement = exp.config["dataset"] in JUDGED_DATASETS, []  # digits: class agreement beside FID
     for i in range(evaluations):
-        images, routed, grid, sample_seconds = class_balanced_samples(model, exp, samples, steps, seed + i,
-                                                                      progress=progress)
+        images, routed, grid, sample_seconds = class_balanced_samples(
+            model, exp, samples, steps, seed + i, progress=progress
+        )
         seconds.append(sample_seconds)
         if i == 0:  # one evaluation's block calls (the counters keep running), over all ranks of the job
             calls = distributed.sum_over_ranks(routed.calls)
@@ -131,19 +161,35 @@ def evaluate_generator(model, exp: Experiment, reference: ImageDataset | None, *
     headline = best.get("fid_test", next(iter(best.values())))
     guidance = exp.config["sample"]["guidance"]
     reference_name = reference.name if reference is not None else exp.config["dataset"]
-    return {"fid": headline, **best, **{f"fid_{split}_all": v for split, v in scores.items()},
-            "fid_label": space.label, "fid_reference": f"{reference_name} {', '.join(refs)}",
-            "evaluations": evaluations, "samples": samples, "sample_steps": steps, "guidance": guidance,
-            "sample_seconds": round(sum(seconds) / len(seconds), 3),
-            "sample_seconds_per_sample": sum(seconds) / len(seconds) / samples,
-            "block_calls": calls,
-            **({"class_agreement": sum(agreement) / len(agreement), "class_agreement_all": agreement}
-               if judged else {}),
-            "layer_evals_per_sample": layer_evaluations(routed, grid, guided=guidance != 1.0)}
+    return {
+        "fid": headline,
+        **best,
+        **{f"fid_{split}_all": v for split, v in scores.items()},
+        "fid_label": space.label,
+        "fid_reference": f"{reference_name} {', '.join(refs)}",
+        "evaluations": evaluations,
+        "samples": samples,
+        "sample_steps": steps,
+        "guidance": guidance,
+        "sample_seconds": round(sum(seconds) / len(seconds), 3),
+        "sample_seconds_per_sample": sum(seconds) / len(seconds) / samples,
+        "block_calls": calls,
+        **({"class_agreement": sum(agreement) / len(agreement), "class_agreement_all": agreement} if judged else {}),
+        "layer_evals_per_sample": layer_evaluations(routed, grid, guided=guidance != 1.0),
+    }
 
 
-def evaluate_masked_lm(model, exp: Experiment, data, *, seed: int = 0, samples_per_block: int = 1,
-                       max_windows: int | None = None, sample_num: int = 5, sample_steps: int | None = None) -> dict:
+def evaluate_masked_lm(
+    model,
+    exp: Experiment,
+    data,
+    *,
+    seed: int = 0,
+    samples_per_block: int = 1,
+    max_windows: int | None = None,
+    sample_num: int = 5,
+    sample_steps: int | None = None,
+) -> dict:
     """Bits per character (the negative ELBO, dblocks.masked_diffusion.bits_per_token) on ``data`` and a few
     unconditional samples (decoded text) with the cost of drawing them."""
     from dblocks.masked_diffusion import bits_per_token, sample_text
@@ -158,26 +204,36 @@ def evaluate_masked_lm(model, exp: Experiment, data, *, seed: int = 0, samples_p
     model.calls = [0] * len(model.blocks)
     samples = sample_text(model, sample_num, steps, gen)
     depth = [len(b.layers) for b in model.blocks]
-    return {"bpc": bpc, "unigram_bits": unigram_bits(tokens, data.vocab_size),  # the context-free floor
-            "tokens": tokens.numel(), "eval_seconds": round(eval_seconds, 3),
-            "samples_per_block": samples_per_block, "sample_steps": steps, "block_calls": list(model.calls),
-            # each unmasking step runs only the layers of the block that owns its t
-            "layer_evals_per_sample": sum(depth[model.block_for((steps - i) / steps) - 1] for i in range(steps)),
-            "sample_text": [data.decode(s) for s in samples],
-            "samples": [{"continuation": data.decode(s)} for s in samples]}  # unconditional: no prompt
+    return {
+        "bpc": bpc,
+        "unigram_bits": unigram_bits(tokens, data.vocab_size),  # the context-free floor
+        "tokens": tokens.numel(),
+        "eval_seconds": round(eval_seconds, 3),
+        "samples_per_block": samples_per_block,
+        "sample_steps": steps,
+        "block_calls": list(model.calls),
+        # each unmasking step runs only the layers of the block that owns its t
+        "layer_evals_per_sample": sum(depth[model.block_for((steps - i) / steps) - 1] for i in range(steps)),
+        "sample_text": [data.decode(s) for s in samples],
+        "samples": [{"continuation": data.decode(s)} for s in samples],
+    }  # unconditional: no prompt
 
 
 def samples_markdown(experiment: str, method: str, record: dict) -> str:
     """The text samples of an evaluation record as Markdown: prompt / continuation (/ the real continuation)
     pairs, or unconditional samples (masked LM), each in a code span so that whitespace shows."""
+
     def shown(text: str) -> str:
         return "`" + text.replace("`", "'").replace("\n", "⏎") + "`"
 
     lines = [f"# Samples: {experiment}, {method}", ""]
     for k, sample in enumerate(record.get("samples", []), 1):
         if "prompt" in sample:
-            lines += [f"{k}. prompt {shown(sample['prompt'])}", f"   - generated: {shown(sample['continuation'])}",
-                      f"   - real: {shown(sample['reference'])}"]
+            lines += [
+                f"{k}. prompt {shown(sample['prompt'])}",
+                f"   - generated: {shown(sample['continuation'])}",
+                f"   - real: {shown(sample['reference'])}",
+            ]
         else:
             lines.append(f"{k}. {shown(sample['continuation'])}")
     return "\n".join(lines) + "\n"
@@ -190,16 +246,32 @@ def in_chunks(fn, rows: torch.Tensor, size: int, seed: int, purpose: str, device
     which the chunks are dealt over (round-robin; rank 0 gathers them and returns all, the others None)."""
     world = distributed.world()
     chunks = rows.split(size)
-    mine = {i: fn(chunk, torch.Generator().manual_seed(derive_seed(seed, purpose, i)))
-            for i, chunk in enumerate(chunks) if i % world.size == world.rank}
+    mine = {
+        i: fn(chunk, torch.Generator().manual_seed(derive_seed(seed, purpose, i)))
+        for i, chunk in enumerate(chunks)
+        if i % world.size == world.rank
+    }
     return distributed.collect_chunks(mine, [len(c) for c in chunks], device)
 
 
-def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, prompts: int = 100,
-                   continuations: int = 5, new_tokens: int = 50, max_windows: int | None = None,
-                   featurizers: tuple[str, ...] = ("reference-lm", "minilm"), hf_judges: tuple[str, ...] = (),
-                   steps_per_token: int | None = None, start_noise: float = 1.0, top_p: float = 0.95,
-                   train_data=None) -> dict | None:
+def evaluate_ar_lm(
+    model,
+    exp: Experiment,
+    data,
+    *,
+    judge=None,
+    seed: int = 0,
+    prompts: int = 100,
+    continuations: int = 5,
+    new_tokens: int = 50,
+    max_windows: int | None = None,
+    featurizers: tuple[str, ...] = ("reference-lm", "minilm"),
+    hf_judges: tuple[str, ...] = (),
+    steps_per_token: int | None = None,
+    start_noise: float = 1.0,
+    top_p: float = 0.95,
+    train_data=None,
+) -> dict | None:
     """The paper's protocol at any scale: prompts from held-out windows, ``continuations`` continuations of
     ``new_tokens`` tokens each (block-wise: B denoising steps per token, greedy; end-to-end: top-p 0.95),
     MAUVE against the windows' true continuations, generative perplexity under ``judge`` and plain
@@ -211,10 +283,22 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
 
     Continuations are generated ``sample.batch_size`` prompts at a time (:func:`in_chunks`); in a data-parallel
     job the ranks share the chunks and rank 0 scores (the others return None)."""
-    from dblocks.metrics.mauve import (MINILM_LABEL, REFERENCE_LM_LABEL, mauve_from_features, minilm_features,
-                                       reference_lm_features)
-    from dblocks.text_generation import (continuation_nll, generate_baseline, generate_blockwise, generate_recurrent,
-                                         next_token_quality, recurrent_next_token_quality, sigma_grid)
+    from dblocks.metrics.mauve import (
+        MINILM_LABEL,
+        REFERENCE_LM_LABEL,
+        mauve_from_features,
+        minilm_features,
+        reference_lm_features,
+    )
+    from dblocks.text_generation import (
+        continuation_nll,
+        generate_baseline,
+        generate_blockwise,
+        generate_recurrent,
+        next_token_quality,
+        recurrent_next_token_quality,
+        sigma_grid,
+    )
 
     recurrent = exp.config["task"] == "recurrent_text"
     iterations = exp.arch.spec.recurrence  # Huginn: K iterations (block-wise: K Euler steps) per token
@@ -233,52 +317,75 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
     if blockwise:
         model.calls = [0] * len(model.blocks)
     if recurrent:
+
         def continue_(chunk, gen):
             return generate_recurrent(model, chunk, new_tokens, iterations, gen)
     elif blockwise:
+
         def continue_(chunk, gen):
             return generate_blockwise(model, chunk, new_tokens, gen, steps_per_token, start_noise)
     else:
+
         def continue_(chunk, gen):
             return generate_baseline(model, chunk, new_tokens, gen, top_p=top_p)
-    generated = in_chunks(continue_, prompt, exp.config["sample"]["batch_size"], seed, "continuations",
-                          next(model.parameters()).device)
+
+    generated = in_chunks(
+        continue_, prompt, exp.config["sample"]["batch_size"], seed, "continuations", next(model.parameters()).device
+    )
     if blockwise:
         model.calls = distributed.sum_over_ranks(model.calls)
     if generated is None:  # a data-parallel job's other ranks: rank 0 scores the continuations
         return None
-    steps = f"{iterations} Euler steps" if recurrent else \
-        "B Euler steps" if steps_per_token is None else f"{steps_per_token} Euler steps"
+    steps = (
+        f"{iterations} Euler steps"
+        if recurrent
+        else "B Euler steps"
+        if steps_per_token is None
+        else f"{steps_per_token} Euler steps"
+    )
     start = "" if start_noise == 1.0 or recurrent else f", start noise x {start_noise:g}"
-    record = {"prompts": prompts, "continuations": continuations, "new_tokens": new_tokens,
-              "prompt_tokens": prompt_len,
-              "sampler": f"greedy, {steps} per token{start}" if blockwise else f"top-p {top_p:g}",
-              "generate_seconds": round(time.perf_counter() - t0, 3)}
+    record = {
+        "prompts": prompts,
+        "continuations": continuations,
+        "new_tokens": new_tokens,
+        "prompt_tokens": prompt_len,
+        "sampler": f"greedy, {steps} per token{start}" if blockwise else f"top-p {top_p:g}",
+        "generate_seconds": round(time.perf_counter() - t0, 3),
+    }
     if blockwise:
         record["block_calls"] = list(model.calls)
     if recurrent:  # block-wise: K whole-net passes; baseline: prelude and coda once, the block K times
         net = model.blocks[0] if blockwise else model
         outer = len(net.stem.prelude) + len(net.head.coda)
-        record["layer_evals_per_token"] = (iterations * (outer + len(net.layers)) if blockwise
-                                           else outer + iterations * len(net.layers))
+        record["layer_evals_per_token"] = (
+            iterations * (outer + len(net.layers)) if blockwise else outer + iterations * len(net.layers)
+        )
     elif blockwise:  # each block once per token (steps_per_token = k B: k times)
         record["layer_evals_per_token"] = layer_evaluations(model, sigma_grid(model, steps_per_token), guided=False)
     else:
         record["layer_evals_per_token"] = len(model.layers)
     scored = data.tokens[:max_windows]
     quality_gen = torch.Generator().manual_seed(seed)
-    record.update(recurrent_next_token_quality(model, scored, iterations, quality_gen) if recurrent
-                  else next_token_quality(model, scored, quality_gen))
+    record.update(
+        recurrent_next_token_quality(model, scored, iterations, quality_gen)
+        if recurrent
+        else next_token_quality(model, scored, quality_gen)
+    )
     # the context-free floor next-token bits are read against (the tokens the next-token quality scores)
     record["unigram_bits"] = unigram_bits(scored[:, 1:], data.vocab_size)
     p_text = [data.decode(torch.cat([a, b])) for a, b in zip(prompt, generated)]
     q_text = [data.decode(w[:context]) for w in windows]
-    record["sample_text"] = p_text[:: continuations][:8]
+    record["sample_text"] = p_text[::continuations][:8]
     # what a reader sees beside the numbers: the first continuation of the first prompts, and the text that
     # really followed each prompt
-    record["samples"] = [{"prompt": data.decode(w[:prompt_len]), "continuation": data.decode(g),
-                          "reference": data.decode(w[prompt_len:context])}
-                         for w, g in zip(windows[:SHOWN_SAMPLES], generated[::continuations])]
+    record["samples"] = [
+        {
+            "prompt": data.decode(w[:prompt_len]),
+            "continuation": data.decode(g),
+            "reference": data.decode(w[prompt_len:context]),
+        }
+        for w, g in zip(windows[:SHOWN_SAMPLES], generated[::continuations])
+    ]
     for name in hf_judges:  # the paper's judges (online): Llama-2, GPT2-XL
         from dblocks.metrics.gen_ppl import HF_JUDGES, hf_generative_perplexity
 
@@ -304,9 +411,14 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
         record["train_word_rate_reference"] = ngrams.word_rate([data.decode(w[prompt_len:context]) for w in windows])
     if judge is not None:
         nll = continuation_nll(judge, prompt, generated)
-        record.update({"gen_ppl_reference": math.exp(nll), "gen_nll_reference": nll,
-                       "gen_ppl_label": "generative perplexity per token under this experiment's own end-to-end "
-                                        "reference LM (not Llama-2 / GPT2-XL)"})
+        record.update(
+            {
+                "gen_ppl_reference": math.exp(nll),
+                "gen_nll_reference": nll,
+                "gen_ppl_label": "generative perplexity per token under this experiment's own end-to-end "
+                "reference LM (not Llama-2 / GPT2-XL)",
+            }
+        )
         if "reference-lm" in featurizers:
             p_feat = reference_lm_features(judge, torch.cat([prompt, generated], dim=1))
             q_feat = reference_lm_features(judge, windows[:, :context])
@@ -315,8 +427,9 @@ def evaluate_ar_lm(model, exp: Experiment, data, *, judge=None, seed: int = 0, p
     return record
 
 
-def fid_references(stats: dict[str, Path],
-                   data_dirs: list[str | Path | None]) -> tuple[int | list[int] | None, list[dict]]:
+def fid_references(
+    stats: dict[str, Path], data_dirs: list[str | Path | None]
+) -> tuple[int | list[int] | None, list[dict]]:
     """What cached FID reference statistics (``{split: file}``) summarize, read from their JSON records (and
     the prepared splits' records, looked up in ``data_dirs``): the ``reference_samples`` setting they were
     made with (None: each whole split, as a params file without ``evaluation.reference_samples`` makes
@@ -329,8 +442,15 @@ def fid_references(stats: dict[str, Path],
     found = []
     for split, path in sorted(stats.items()):
         key = load_metadata(path).get("key") or {}
-        info = {"dataset": key.get("dataset"), "split": key.get("split", split), "sha256": key.get("data_sha256"),
-                "samples": key.get("samples"), "examples": None, "prepared": None, "stats": Path(path)}
+        info = {
+            "dataset": key.get("dataset"),
+            "split": key.get("split", split),
+            "sha256": key.get("data_sha256"),
+            "samples": key.get("samples"),
+            "examples": None,
+            "prepared": None,
+            "stats": Path(path),
+        }
         for directory in data_dirs:
             if not directory:
                 continue
@@ -342,7 +462,9 @@ def fid_references(stats: dict[str, Path],
                 info.update(examples=record.get("examples"), prepared=Path(directory))
                 break
         found.append(info)
-    whole = all(isinstance(i["samples"], int) and isinstance(i["examples"], int) and i["samples"] >= i["examples"]
-                for i in found)
+    whole = all(
+        isinstance(i["samples"], int) and isinstance(i["examples"], int) and i["samples"] >= i["examples"]
+        for i in found
+    )
     counts = sorted({i["samples"] for i in found if isinstance(i["samples"], int)})
     return (None if whole or not counts else counts[0] if len(counts) == 1 else counts), found

@@ -15,21 +15,54 @@ from dblocks import distributed
 from dblocks.config import chosen_weights, config_hash
 from dblocks.data.latents import decoder_for
 from dblocks.errors import UsageError
-from dblocks.evaluate import (evaluate_ar_lm, evaluate_classifier, evaluate_generator, evaluate_masked_lm,
-                              fid_references, samples_markdown)
+from dblocks.evaluate import (
+    evaluate_ar_lm,
+    evaluate_classifier,
+    evaluate_generator,
+    evaluate_masked_lm,
+    fid_references,
+    samples_markdown,
+)
 from dblocks.experiment import Experiment
-from dblocks.inputs import (device_for, existing_dir, existing_files, feature_space, load_model_arg, output_path,
-                            recorded)
+from dblocks.inputs import (
+    device_for,
+    existing_dir,
+    existing_files,
+    feature_space,
+    load_model_arg,
+    output_path,
+    recorded,
+)
 from dblocks.io import write_json_atomic, write_text_atomic
 from dblocks.metrics.gen_ppl import HF_JUDGES
 from dblocks.params import EVALUATE_DEFAULTS, Params, command_settings, evaluation_hash
-from dblocks.tracking import (EVAL_HASH_TAG, dataset_input, git_commit, headline_metrics, job_run, prepared_input,
-                              record_data, record_value)
+from dblocks.tracking import (
+    EVAL_HASH_TAG,
+    dataset_input,
+    git_commit,
+    headline_metrics,
+    job_run,
+    prepared_input,
+    record_data,
+    record_value,
+)
 
 #: evaluate's options that are evaluation settings or labels: given on the command line, else from --params,
 #: else these defaults (dblocks.params.EVALUATE_DEFAULTS, shared with the tables' evaluation hash)
-EVALUATE_OPTIONS = ("scale", "samples", "sample_steps", "evaluations", "fid_batch_size", "bound_samples",
-                    "max_windows", "prompts", "continuations", "new_tokens", "mauve_features", "hf_judges")
+EVALUATE_OPTIONS = (
+    "scale",
+    "samples",
+    "sample_steps",
+    "evaluations",
+    "fid_batch_size",
+    "bound_samples",
+    "max_windows",
+    "prompts",
+    "continuations",
+    "new_tokens",
+    "mauve_features",
+    "hf_judges",
+)
 MAUVE_FEATURES = ("reference-lm", "minilm", "ngram", "gpt2-large")
 AR_TASKS = ("ar_text", "recurrent_text")
 
@@ -115,8 +148,10 @@ def evaluation_options(request, exp: Experiment) -> None:
     if request.params is not None:
         params = Params.load(request.params)
         if exp.name not in params.experiments:
-            raise UsageError(f"--params {request.params}: has no experiment {exp.name!r} (the model's); allowed: "
-                             f"{', '.join(params.experiments)}")
+            raise UsageError(
+                f"--params {request.params}: has no experiment {exp.name!r} (the model's); allowed: "
+                f"{', '.join(params.experiments)}"
+            )
         from_file = params.evaluate_options(exp.name)
         exp.config["sample"] = from_file.pop("sample")
     scale = record_value(getattr(request, "track", None), "scale") or exp.scale  # the model's own record's
@@ -133,9 +168,11 @@ def evaluate_model(request: EvaluationRequest) -> Evaluation | None:
     job = prepare(request)
     world, device = distributed.setup(device_for(job.exp))
     if world.size > 1 and not (job.generation or job.exp.config["task"] in AR_TASKS):
-        raise UsageError(f"{world.size} processes (torchrun): a data-parallel evaluation shares sampling (images for "
-                         f"FID, text continuations for MAUVE); a {job.exp.config['task']} model is evaluated by one "
-                         f"process; allowed: 1 process")
+        raise UsageError(
+            f"{world.size} processes (torchrun): a data-parallel evaluation shares sampling (images for "
+            f"FID, text continuations for MAUVE); a {job.exp.config['task']} model is evaluated by one "
+            f"process; allowed: 1 process"
+        )
     track = job.track if world.main else None  # only rank 0 tracks and writes
     job.model.to(device)
     if job.judge is not None:
@@ -152,11 +189,21 @@ def evaluate_model(request: EvaluationRequest) -> Evaluation | None:
         if done is None:  # another rank of a data-parallel evaluation: rank 0 scored its samples
             return None
         result, summary = done
-        record = {"experiment": job.exp.name, "method": job.meta.get("method"), "split": request.split,
-                  "scale": request.scale, "device": str(device), "model": str(request.model),
-                  "model_sha256": job.meta["sha256"], "weights": job.meta["weights"],
-                  "config_hash": config_hash(job.exp.config), "git_commit": git_commit(), "eval_hash": eval_hash,
-                  "evaluation": settings, **result}
+        record = {
+            "experiment": job.exp.name,
+            "method": job.meta.get("method"),
+            "split": request.split,
+            "scale": request.scale,
+            "device": str(device),
+            "model": str(request.model),
+            "model_sha256": job.meta["sha256"],
+            "weights": job.meta["weights"],
+            "config_hash": config_hash(job.exp.config),
+            "git_commit": git_commit(),
+            "eval_hash": eval_hash,
+            "evaluation": settings,
+            **result,
+        }
         write_json_atomic(job.out, record)
         text_samples = None
         if request.samples_md and "samples" in result:
@@ -187,9 +234,13 @@ def prepare(request: EvaluationRequest) -> _Job:
         output_path(request.samples_md, ".md", "--samples-md")
     if not job.text and request.split == "validation":
         raise UsageError("--split validation: image datasets have only train, test")
-    for option, value in (("--bound-samples", request.bound_samples), ("--max-windows", request.max_windows),
-                          ("--prompts", request.prompts), ("--continuations", request.continuations),
-                          ("--new-tokens", request.new_tokens)):
+    for option, value in (
+        ("--bound-samples", request.bound_samples),
+        ("--max-windows", request.max_windows),
+        ("--prompts", request.prompts),
+        ("--continuations", request.continuations),
+        ("--new-tokens", request.new_tokens),
+    ):
         if value is not None and value < 1:
             raise UsageError(f"{option} {value}: allowed: an integer >= 1")
     bad = sorted(set(request.mauve_features) - set(MAUVE_FEATURES))
@@ -217,8 +268,10 @@ def _load_judge(path: str, exp: Experiment):
     if judge_meta.get("kind") != "e2e" or judge_exp.config["task"] != "ar_text":
         raise UsageError(f"--judge {path}: must be an end-to-end autoregressive text model (train-baseline)")
     if judge_exp.tokenizer != exp.tokenizer or judge_exp.config["dataset"] != exp.config["dataset"]:
-        raise UsageError(f"--judge {path}: trained on {judge_exp.config['dataset']} "
-                         f"({judge_exp.tokenizer}); the model reads {exp.config['dataset']} ({exp.tokenizer})")
+        raise UsageError(
+            f"--judge {path}: trained on {judge_exp.config['dataset']} "
+            f"({judge_exp.tokenizer}); the model reads {exp.config['dataset']} ({exp.tokenizer})"
+        )
     return judge, judge_hash
 
 
@@ -226,17 +279,19 @@ def _prepare_fid(request: EvaluationRequest, job: _Job) -> None:
     """A generator's FID inputs: the feature space, the reference statistics and what they summarize, the
     grid's path and the decoder of latent samples."""
     if request.features is None:
-        raise UsageError("--features is required for a generation model: a digits feature net (from "
-                         "'dblocks train-feature-net') or Inception weights (from 'dblocks inception-weights')")
+        raise UsageError(
+            "--features is required for a generation model: a digits feature net (from "
+            "'dblocks train-feature-net') or Inception weights (from 'dblocks inception-weights')"
+        )
     space = feature_space(request.features)
-    job.stats = {split: path for split, path in (("train", request.train_stats), ("test", request.test_stats))
-                 if path}
+    job.stats = {split: path for split, path in (("train", request.train_stats), ("test", request.test_stats)) if path}
     for split, path in job.stats.items():
         existing_files([path], f"--{split}-stats")
     # what the statistics summarize: the prepared splits, found under --data or the pipeline's data
     # directory named by the --track record (read from JSON records only)
-    reference_samples, job.references = fid_references({k: Path(v) for k, v in job.stats.items()},
-                                                       [request.data, record_data(job.track)])
+    reference_samples, job.references = fid_references(
+        {k: Path(v) for k, v in job.stats.items()}, [request.data, record_data(job.track)]
+    )
     job.fid = {"fid_features": space.kind, "fid_reference": sorted(job.stats), "reference_samples": reference_samples}
     if request.grid is not None:
         output_path(request.grid, ".png", "--grid")
@@ -251,45 +306,76 @@ def _evaluate_task(request: EvaluationRequest, job: _Job) -> tuple[dict, str] | 
     data = None if job.stats else exp.load_data(request.split, request.data)
     if exp.config["task"] in AR_TASKS:
         try:
-            result = evaluate_ar_lm(model, exp, data, judge=job.judge, seed=request.seed, prompts=request.prompts,
-                                    continuations=request.continuations, new_tokens=request.new_tokens,
-                                    max_windows=request.max_windows, featurizers=tuple(request.mauve_features),
-                                    hf_judges=tuple(request.hf_judges),
-                                    train_data=exp.load_data("train", request.data)
-                                    if "ngram" in request.mauve_features else None)
+            result = evaluate_ar_lm(
+                model,
+                exp,
+                data,
+                judge=job.judge,
+                seed=request.seed,
+                prompts=request.prompts,
+                continuations=request.continuations,
+                new_tokens=request.new_tokens,
+                max_windows=request.max_windows,
+                featurizers=tuple(request.mauve_features),
+                hf_judges=tuple(request.hf_judges),
+                train_data=exp.load_data("train", request.data) if "ngram" in request.mauve_features else None,
+            )
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         except OSError as exc:  # a hub model that cannot be downloaded (offline) or found
-            raise UsageError(f"--hf-judges / --mauve-features gpt2-large: could not load a Hugging Face "
-                             f"model ({exc.__class__.__name__}); these need the network") from None
+            raise UsageError(
+                f"--hf-judges / --mauve-features gpt2-large: could not load a Hugging Face "
+                f"model ({exc.__class__.__name__}); these need the network"
+            ) from None
         distributed.teardown()
         if result is None:  # another rank: rank 0 scored its continuations
             return None
-        return result, ", ".join(f"{k} {result[k]:.4g}" for k in ("mauve_reference", "mauve_minilm", "mauve_ngram",
-                                                                  "gen_ppl_reference", "next_token_bits")
-                                 if k in result)
+        return result, ", ".join(
+            f"{k} {result[k]:.4g}"
+            for k in ("mauve_reference", "mauve_minilm", "mauve_ngram", "gen_ppl_reference", "next_token_bits")
+            if k in result
+        )
     if job.text:
-        result = evaluate_masked_lm(model, exp, data, seed=request.seed, samples_per_block=request.bound_samples,
-                                    max_windows=request.max_windows, sample_steps=request.sample_steps)
+        result = evaluate_masked_lm(
+            model,
+            exp,
+            data,
+            seed=request.seed,
+            samples_per_block=request.bound_samples,
+            max_windows=request.max_windows,
+            sample_steps=request.sample_steps,
+        )
         return result, f"BPC {result['bpc']:.4f} on {result['tokens']} {request.split} characters of {data.name}"
     if job.generation:
         samples = request.samples or exp.config["sample"]["num_images"]
         steps = request.sample_steps or exp.config["sample"]["steps"]
-        result = evaluate_generator(model, exp, data, features=request.features, samples=samples, steps=steps,
-                                    grid_path=Path(request.grid) if request.grid else None, seed=request.seed,
-                                    progress=not request.no_progress,
-                                    reference_stats={k: Path(v) for k, v in job.stats.items()},
-                                    evaluations=request.evaluations, batch_size=request.fid_batch_size,
-                                    decode=job.decode)
+        result = evaluate_generator(
+            model,
+            exp,
+            data,
+            features=request.features,
+            samples=samples,
+            steps=steps,
+            grid_path=Path(request.grid) if request.grid else None,
+            seed=request.seed,
+            progress=not request.no_progress,
+            reference_stats={k: Path(v) for k, v in job.stats.items()},
+            evaluations=request.evaluations,
+            batch_size=request.fid_batch_size,
+            decode=job.decode,
+        )
         distributed.teardown()
         if result is None:  # another rank: rank 0 scored its samples
             return None
-        scores = ", ".join(f"{k} {result[k]:.3f}" for k in ("fid_train", "fid_test") if k in result) \
+        scores = (
+            ", ".join(f"{k} {result[k]:.3f}" for k in ("fid_train", "fid_test") if k in result)
             or f"{result['fid']:.3f}"
-        return result, (f"{result['fid_label']} {scores} vs {result['fid_reference']}, {samples} samples, "
-                        f"best of {request.evaluations}"
-                        + (f"; class agreement {result['class_agreement']:.3f}" if "class_agreement" in result
-                           else ""))
+        )
+        return result, (
+            f"{result['fid_label']} {scores} vs {result['fid_reference']}, {samples} samples, "
+            f"best of {request.evaluations}"
+            + (f"; class agreement {result['class_agreement']:.3f}" if "class_agreement" in result else "")
+        )
     result = evaluate_classifier(model, exp, data, seed=request.seed)
     return result, f"accuracy {100 * result['accuracy']:.2f}% on {len(data)} {request.split} examples"
 
@@ -300,22 +386,38 @@ def _log_inputs(run, request: EvaluationRequest, job: _Job, settings: dict, eval
     run.set_tags({EVAL_HASH_TAG: eval_hash})
     run.log_params({f"evaluation.{k}": v for k, v in settings.items()})
     if job.stats:
-        run.log_inputs([prepared_input(r["prepared"], r["split"], "fid-reference") if r["prepared"] else
-                        dataset_input(r["dataset"], r["split"], r["sha256"], r["stats"], "fid-reference",
-                                      reference_samples=r["samples"]) if r["sha256"] else None
-                        for r in job.references])
+        run.log_inputs(
+            [
+                prepared_input(r["prepared"], r["split"], "fid-reference")
+                if r["prepared"]
+                else dataset_input(
+                    r["dataset"], r["split"], r["sha256"], r["stats"], "fid-reference", reference_samples=r["samples"]
+                )
+                if r["sha256"]
+                else None
+                for r in job.references
+            ]
+        )
     elif request.data is not None:
         run.log_dataset(request.data, request.split, "evaluation")
 
 
-def _log_run(run, request: EvaluationRequest, job: _Job, record: dict, result: dict, device,
-             text_samples: Path | None) -> None:
+def _log_run(
+    run, request: EvaluationRequest, job: _Job, record: dict, result: dict, device, text_samples: Path | None
+) -> None:
     """The numbers (and the parent run's headline metrics), the model's identity, the record and samples."""
     run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     run.log_parent_metrics(headline_metrics(job.meta.get("method"), result))
-    run.set_tags({"model_sha256": record["model_sha256"], "split": request.split, "model_path": str(request.model),
-                  "dblocks.weights": job.meta["weights"], "dblocks.device": str(device),
-                  **({"fid_label": result["fid_label"]} if job.generation else {})})
+    run.set_tags(
+        {
+            "model_sha256": record["model_sha256"],
+            "split": request.split,
+            "model_path": str(request.model),
+            "dblocks.weights": job.meta["weights"],
+            "dblocks.device": str(device),
+            **({"fid_label": result["fid_label"]} if job.generation else {}),
+        }
+    )
     run.log_artifact(job.out, "evaluation")
     if job.generation and request.grid:
         run.log_artifact(Path(request.grid), name="samples.png")  # the tables look grids up by name

@@ -20,14 +20,18 @@ from dblocks.masked_diffusion import MaskedTextTask, MaskingPartition
 from dblocks.models import get_arch
 from dblocks.models.parts import Architecture
 from dblocks.noise import NoiseDistribution, Partition, layer_ranges, layer_split
-from dblocks.tasks import ARTextTask, ClassificationTask, NextTokenEmbeddingTask, ImageGenerationTask, Task
+from dblocks.tasks import ARTextTask, ClassificationTask, ImageGenerationTask, NextTokenEmbeddingTask, Task
 
 METHODS = ("blockwise", "paper", "e2e")
 
 #: (channels, height, width) and class count of each dataset, known without loading it
-DATASET_SHAPES = {"digits": ((1, 8, 8), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100),
-                  "imagenet256": ((4, 32, 32), 1000),  # sd-vae-ft-ema latents of 256x256 images
-                  "digits-latent": (DIGITS_LATENT_SHAPE, 10)}  # its trained autoencoder's latents of the digits
+DATASET_SHAPES = {
+    "digits": ((1, 8, 8), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+    "imagenet256": ((4, 32, 32), 1000),  # sd-vae-ft-ema latents of 256x256 images
+    "digits-latent": (DIGITS_LATENT_SHAPE, 10),
+}  # its trained autoencoder's latents of the digits
 
 #: the tokenizer each text task reads its dataset with (dblocks.data.text)
 TASK_TOKENIZER = {"masked_text": "char27", "ar_text": "bytes", "recurrent_text": "bytes"}
@@ -89,22 +93,30 @@ class Experiment:
             return MaskedTextTask(self.arch.num_classes, self.arch.spec.context)
         if self.config["task"] in ("ar_text", "recurrent_text"):  # token embeddings: shared, as labels are
             cls = ARTextTask if self.config["task"] == "ar_text" else NextTokenEmbeddingTask
-            return cls(self.arch.num_classes, self.arch.spec.context, self.arch.target_dim,
-                              derive_seed(self.config["seed"], "token-embedding"), sd)
+            return cls(
+                self.arch.num_classes,
+                self.arch.spec.context,
+                self.arch.target_dim,
+                derive_seed(self.config["seed"], "token-embedding"),
+                sd,
+            )
         if self.config["task"] == "classification":
             # the shared target space: every job derives the same table from the experiment seed
-            return ClassificationTask(self.arch.num_classes, self.arch.target_dim,
-                                      derive_seed(self.config["seed"], "label-embedding"), sd)
+            return ClassificationTask(
+                self.arch.num_classes, self.arch.target_dim, derive_seed(self.config["seed"], "label-embedding"), sd
+            )
         return ImageGenerationTask(self.arch.image_shape, self.arch.num_classes, sd, self.arch.spec.class_dropout)
 
     def load_data(self, split: str, prepared: str | None = None) -> ImageDataset | TextDataset:
         """One split: from a prepared directory (what the pipeline's prepare step wrote) or the source."""
         if self.tokenizer is not None:
             if prepared is not None:
-                return load_prepared_text(prepared, split, self.arch.spec.context, self.tokenizer,
-                                          expected_name=self.config["dataset"])
-            return load_text_dataset(self.config["dataset"], split, self.arch.spec.context, self.tokenizer,
-                                     self.config["data_root"])
+                return load_prepared_text(
+                    prepared, split, self.arch.spec.context, self.tokenizer, expected_name=self.config["dataset"]
+                )
+            return load_text_dataset(
+                self.config["dataset"], split, self.arch.spec.context, self.tokenizer, self.config["data_root"]
+            )
         if prepared is not None:
             return load_prepared(prepared, split, expected_name=self.config["dataset"])
         return load_image_dataset(self.config["dataset"], split, self.config["data_root"])
@@ -121,8 +133,15 @@ class Experiment:
         a learned label table: the task's target space follows it)."""
         torch.manual_seed(derive_seed(self.config["seed"], "init-shared"))
         layers = self.arch.layers(self.arch.spec.depth)
-        model = convert_stack(layers, self.partition, self.arch.stem(), self.arch.head(), self.task,
-                              split=self.split, share_stem_head=True)
+        model = convert_stack(
+            layers,
+            self.partition,
+            self.arch.stem(),
+            self.arch.head(),
+            self.task,
+            split=self.split,
+            share_stem_head=True,
+        )
         if self.config["task"] == "classification":  # the authors' learned label table, trained with the rest
             model.label_table = self.task.learn_embedding()
         return model
@@ -135,8 +154,9 @@ class Experiment:
         Generation: one EDM denoiser over the whole sigma range."""
         torch.manual_seed(derive_seed(self.config["seed"], "init-e2e"))
         noisy = self.config["task"] not in ("classification", "ar_text", "recurrent_text")
-        return BlockDenoiser(self.arch.stem(noisy_target=noisy), self.arch.layers(self.arch.spec.depth),
-                             self.arch.head(), self.task)
+        return BlockDenoiser(
+            self.arch.stem(noisy_target=noisy), self.arch.layers(self.arch.spec.depth), self.arch.head(), self.task
+        )
 
     def empty_blocks(self) -> list[BlockDenoiser]:
         """All B blocks freshly built, to load assembled weights into (inference only)."""

@@ -9,8 +9,9 @@ import glob
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 # ------------------------------------------------------------------------------------------ atomic files
 
@@ -96,8 +97,9 @@ def write_text_atomic(path: str | os.PathLike, text: str, keep_unchanged: bool =
     return write_bytes_atomic(path, text.encode("utf-8"), keep_unchanged)
 
 
-def write_json_atomic(path: str | os.PathLike, record: Mapping[str, Any], keep_unchanged: bool = False,
-                      sort_keys: bool = True) -> bool:
+def write_json_atomic(
+    path: str | os.PathLike, record: Mapping[str, Any], keep_unchanged: bool = False, sort_keys: bool = True
+) -> bool:
     """``record`` as indented JSON (keys sorted unless ``sort_keys`` is False), by :func:`write_text_atomic`."""
     return write_text_atomic(path, json.dumps(record, indent=2, sort_keys=sort_keys) + "\n", keep_unchanged)
 
@@ -124,4 +126,4 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     for a warning or a note that must not spill a multi-line error (an SQL statement, a traceback) into a log."""
     text = " ".join(str(exc).split())
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."

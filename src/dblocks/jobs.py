@@ -9,7 +9,15 @@ from torch import nn
 
 from dblocks.baselines.jobs import training_job as local_job
 from dblocks.config import LOCAL_METHODS
-from dblocks.train import Objective, block_objective, cross_entropy_objective, denoising_objective, next_token_objective, paper_mode_objective, recurrent_objective
+from dblocks.train import (
+    Objective,
+    block_objective,
+    cross_entropy_objective,
+    denoising_objective,
+    next_token_objective,
+    paper_mode_objective,
+    recurrent_objective,
+)
 
 
 def training_job(exp, method: str, block: int | None = None) -> tuple[nn.Module, Objective, int]:
@@ -32,11 +40,9 @@ def training_job(exp, method: str, block: int | None = None) -> tuple[nn.Module,
             return model, next_token_objective(model), cfg["steps"]
         if exp.config["task"] == "recurrent_text":
             spec = exp.arch.spec
-            return model, recurrent_objective(model, spec.recurrence, spec.backprop_depth, spec.width), \
-                cfg["steps"]
+            return model, recurrent_objective(model, spec.recurrence, spec.backprop_depth, spec.width), cfg["steps"]
         full = exp.full_range
-        return model, denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g), max_w), \
-            cfg["steps"]
+        return model, denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g), max_w), cfg["steps"]
     if method in LOCAL_METHODS:  # the paper's block-local baselines: NoProp-DT's block or head, CT, FM, FF
         return local_job(exp, method, block)
     raise ValueError(f"unknown method {method!r}; allowed: blockwise, e2e, paper, {', '.join(LOCAL_METHODS)}")

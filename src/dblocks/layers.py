@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -98,8 +98,9 @@ class KVCache:
         self.keep = len(self.positions) if keep is None else keep
         self._calls, self._masks = {}, {}
 
-    def extend(self, attention: nn.Module, keys: torch.Tensor,
-               values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def extend(
+        self, attention: nn.Module, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values (N, heads, positions, D) a call of ``attention`` attends to: its run's kept ones
         followed by this call's (``keys``, ``values``: this token's rows), whose first ``keep`` it keeps."""
         run = self._calls.get(attention, 0)
@@ -108,8 +109,10 @@ class KVCache:
             kept_keys, kept_values = self._runs[attention, run]
             keys, values = torch.cat([kept_keys, keys], dim=2), torch.cat([kept_values, values], dim=2)
         if keys.shape[2] != len(self._kept) + len(self.positions):
-            raise RuntimeError(f"KV cache out of step: run {run} of a layer kept {keys.shape[2] - len(self.positions)} "
-                               f"positions, the others {len(self._kept)} (the tokens made different calls)")
+            raise RuntimeError(
+                f"KV cache out of step: run {run} of a layer kept {keys.shape[2] - len(self.positions)} "
+                f"positions, the others {len(self._kept)} (the tokens made different calls)"
+            )
         end = self.length
         self._runs[attention, run] = keys[:, :, :end], values[:, :, :end]
         return keys, values
@@ -188,22 +191,36 @@ class AdaLNZeroLayer(nn.Module):
     a freshly converted block is a no-op on h until it learns otherwise. ``style`` picks the layer body
     (:data:`LAYER_STYLES`); ``rope_period`` is the period of rotary positions (Llama style only)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, cond_dim: int | None = None,
-                 style: str = "dit", rope_period: int | None = None, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        cond_dim: int | None = None,
+        style: str = "dit",
+        rope_period: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if style not in LAYER_STYLES:
             raise ValueError(f"unknown layer style {style!r}; allowed: {', '.join(LAYER_STYLES)}")
         cond_dim = cond_dim or width
         llama = style == "llama"
         # no affine parameters in either norm: adaLN's shift and scale take their place
-        norm = (lambda: nn.RMSNorm(width, eps=1e-6, elementwise_affine=False)) if llama else \
-            (lambda: nn.LayerNorm(width, elementwise_affine=False, eps=1e-6))
+        norm = (
+            (lambda: nn.RMSNorm(width, eps=1e-6, elementwise_affine=False))
+            if llama
+            else (lambda: nn.LayerNorm(width, elementwise_affine=False, eps=1e-6))
+        )
         self.norm1 = norm()
         self.attn = Attention(width, heads, bias=not llama, rope_period=rope_period if llama else None)
         self.norm2 = norm()
         hidden = int(width * mlp_ratio)
-        self.mlp = SwiGLU(width, mlp_ratio) if llama else \
-            nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.mlp = (
+            SwiGLU(width, mlp_ratio)
+            if llama
+            else nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        )
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * width))
         nn.init.zeros_(self.modulation[1].weight)
         nn.init.zeros_(self.modulation[1].bias)
@@ -215,8 +232,9 @@ class AdaLNZeroLayer(nn.Module):
     def forward(self, h: torch.Tensor, c: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """``cache``: incremental decoding (:class:`KVCache`), ``h`` holding its current rows only."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c).chunk(6, dim=-1)
-        h = h + gate_a.unsqueeze(1) * self.drop(self.attn(modulate(self.norm1(h), shift_a, scale_a), self.attn_mask,
-                                                          cache))
+        h = h + gate_a.unsqueeze(1) * self.drop(
+            self.attn(modulate(self.norm1(h), shift_a, scale_a), self.attn_mask, cache)
+        )
         h = h + gate_m.unsqueeze(1) * self.drop(self.mlp(modulate(self.norm2(h), shift_m, scale_m)))
         return h
 

@@ -36,7 +36,7 @@ class MaskingPartition(Partition):
     kind: str = "masking"
 
     @classmethod
-    def make(cls, blocks: int, kind: str = "masking", overlap: float = 0.0, dist=None) -> "MaskingPartition":
+    def make(cls, blocks: int, kind: str = "masking", overlap: float = 0.0, dist=None) -> MaskingPartition:
         if blocks < 1:
             raise ValueError(f"blocks must be >= 1, got {blocks}")
         if not 0.0 <= overlap < 0.5:
@@ -52,21 +52,28 @@ class MaskingPartition(Partition):
         pad = self.overlap * (hi - lo)
         return max(lo - pad, 0.0), min(hi + pad, 1.0)
 
-    def sample_sigma(self, block: int, n: int, generator: torch.Generator | None = None,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+    def sample_sigma(
+        self, block: int, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """n masking times t ~ U(the block's widened interval); never exactly 0 (w(t) = 1/t)."""
         lo, hi = self.train_interval(block)
         u = 1.0 - torch.rand(n, generator=generator, dtype=torch.float64)  # in (0, 1]
         return (lo + u * (hi - lo)).clamp(min=1e-6).to(device=device, dtype=torch.float32)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "blocks": self.blocks, "overlap": self.overlap,
-                "boundaries": list(self.boundaries), "alpha": "1 - t",
-                "train_intervals": [list(self.train_interval(b)) for b in range(1, self.blocks + 1)]}
+        return {
+            "kind": self.kind,
+            "blocks": self.blocks,
+            "overlap": self.overlap,
+            "boundaries": list(self.boundaries),
+            "alpha": "1 - t",
+            "train_intervals": [list(self.train_interval(b)) for b in range(1, self.blocks + 1)],
+        }
 
 
-def mask_tokens(tokens: torch.Tensor, t: torch.Tensor, mask_id: int,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def mask_tokens(
+    tokens: torch.Tensor, t: torch.Tensor, mask_id: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """z_t: each token replaced by ``mask_id`` independently with probability t (per example)."""
     return masked_where(tokens, t, torch.rand(tokens.shape, generator=generator), mask_id)
 
@@ -124,8 +131,9 @@ class MaskedTextTask(Task):
 
 
 @torch.no_grad()
-def bits_per_token(model, tokens: torch.Tensor, generator: torch.Generator, samples_per_block: int = 1,
-                   batch_size: int = 256) -> float:
+def bits_per_token(
+    model, tokens: torch.Tensor, generator: torch.Generator, samples_per_block: int = 1, batch_size: int = 256
+) -> float:
     """The negative ELBO in bits per token on ``tokens`` (N, T), an AssembledModel over a MaskingPartition.
 
     For each window and each block, ``samples_per_block`` times t ~ U(the block's interval) (stratified over a

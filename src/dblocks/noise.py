@@ -12,9 +12,10 @@ Conventions (docs/method.md §3):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -46,8 +47,14 @@ class NoiseDistribution:
     def quantile(self, q: float) -> float:
         return math.exp(self.p_mean + self.p_std * _STD_NORMAL.inv_cdf(q))
 
-    def sample(self, n: int, low: float | None = None, high: float | None = None,
-               generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    def sample(
+        self,
+        n: int,
+        low: float | None = None,
+        high: float | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
         """Inverse-CDF sampling of n sigmas from the log-normal truncated to [low, high]."""
         import torch  # here, not at the top: params validation (config, the Snakefile) imports this module
 
@@ -99,8 +106,9 @@ class Partition:
     dist: NoiseDistribution = NoiseDistribution()
 
     @classmethod
-    def make(cls, blocks: int, kind: str = "equiprobable", overlap: float = 0.0,
-             dist: NoiseDistribution | None = None) -> "Partition":
+    def make(
+        cls, blocks: int, kind: str = "equiprobable", overlap: float = 0.0, dist: NoiseDistribution | None = None
+    ) -> Partition:
         dist = dist or NoiseDistribution()
         if not 0.0 <= overlap < 0.5:
             raise ValueError(f"overlap gamma must be in [0, 0.5); got {overlap}")
@@ -126,8 +134,9 @@ class Partition:
         a = (hi / lo) ** self.overlap
         return max(lo / a, self.dist.sigma_min), min(hi * a, self.dist.sigma_max)
 
-    def sample_sigma(self, block: int, n: int, generator: torch.Generator | None = None,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+    def sample_sigma(
+        self, block: int, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         lo, hi = self.train_interval(block)
         return self.dist.sample(n, lo, hi, generator=generator, device=device)
 
@@ -149,8 +158,12 @@ class Partition:
             "overlap": self.overlap,
             "boundaries": list(self.boundaries),
             "train_intervals": [list(self.train_interval(b)) for b in range(1, self.blocks + 1)],
-            "noise": {"p_mean": self.dist.p_mean, "p_std": self.dist.p_std,
-                      "sigma_min": self.dist.sigma_min, "sigma_max": self.dist.sigma_max},
+            "noise": {
+                "p_mean": self.dist.p_mean,
+                "p_std": self.dist.p_std,
+                "sigma_min": self.dist.sigma_min,
+                "sigma_max": self.dist.sigma_max,
+            },
         }
 
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -68,7 +69,7 @@ def _internals() -> tuple[Callable, Callable, Any] | None:
 _INTERNALS = _internals()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _disabled(fn: Callable, recursive: bool) -> Callable:
     """What ``_disable_dynamo`` would have cached: ``torch._dynamo.disable(fn)`` (imports torch._dynamo)."""
     import torch._dynamo

@@ -31,9 +31,21 @@ from pathlib import Path
 
 import jsonschema
 
-from dblocks.config import (DEFAULTS, DIFFUSION_METHODS, LOCAL_METHODS, TEXT_TASKS, check_finite,
-                            check_method, chosen_weights, config_hash, deep_merge, describe_error, pick_experiment,
-                            read_yaml_mapping, resolve)
+from dblocks.config import (
+    DEFAULTS,
+    DIFFUSION_METHODS,
+    LOCAL_METHODS,
+    TEXT_TASKS,
+    check_finite,
+    check_method,
+    chosen_weights,
+    config_hash,
+    deep_merge,
+    describe_error,
+    pick_experiment,
+    read_yaml_mapping,
+    resolve,
+)
 from dblocks.errors import ConfigError
 
 SCHEMA_FILE = "schema/params.schema.json"
@@ -45,15 +57,31 @@ OVERLAY_KEYS = ("base", "only", "override", "data_roots")
 
 
 #: ``dblocks evaluate``'s defaults for the evaluation settings it may be given (its option defaults are these)
-EVALUATE_DEFAULTS: dict = {"split": "test", "seed": 0, "evaluations": 1, "bound_samples": 1, "max_windows": None,
-                           "prompts": 100, "continuations": 5, "new_tokens": 50,
-                           "mauve_features": ["reference-lm", "minilm"], "hf_judges": []}
+EVALUATE_DEFAULTS: dict = {
+    "split": "test",
+    "seed": 0,
+    "evaluations": 1,
+    "bound_samples": 1,
+    "max_windows": None,
+    "prompts": 100,
+    "continuations": 5,
+    "new_tokens": 50,
+    "mauve_features": ["reference-lm", "minilm"],
+    "hf_judges": [],
+}
 #: the settings that shape each task's evaluation numbers (beyond split and seed); execution-only options
 #: (batch sizes, device, output paths, progress) are not settings
 EVALUATION_KEYS: dict[str, tuple[str, ...]] = {
     "classification": (),
-    "generation": ("samples", "sample_steps", "guidance", "evaluations", "fid_features", "fid_reference",
-                   "reference_samples"),
+    "generation": (
+        "samples",
+        "sample_steps",
+        "guidance",
+        "evaluations",
+        "fid_features",
+        "fid_reference",
+        "reference_samples",
+    ),
     "masked_text": ("bound_samples", "max_windows", "sample_steps"),
     "ar_text": ("max_windows", "prompts", "continuations", "new_tokens", "mauve_features", "hf_judges", "judge"),
 }
@@ -92,11 +120,18 @@ def command_settings(options: dict, config: dict, judge_hash: str | None = None,
     of its judge and, for a generator, ``fid`` = {fid_features, fid_reference, reference_samples} of its FID
     reference. The command and the tables both call this, so their hashes agree by construction."""
     sample = config["sample"]
-    return evaluation_settings(config["task"], {
-        **options, "judge": judge_hash, "weights": chosen_weights(options.get("weights"), sample),
-        "samples": options.get("samples") or sample["num_images"],
-        "sample_steps": options.get("sample_steps") or sample["steps"], "guidance": sample["guidance"],
-        **(fid or {})})
+    return evaluation_settings(
+        config["task"],
+        {
+            **options,
+            "judge": judge_hash,
+            "weights": chosen_weights(options.get("weights"), sample),
+            "samples": options.get("samples") or sample["num_images"],
+            "sample_steps": options.get("sample_steps") or sample["steps"],
+            "guidance": sample["guidance"],
+            **(fid or {}),
+        },
+    )
 
 
 def evaluation_hash(settings: dict) -> str:
@@ -120,12 +155,16 @@ def read_layers(path: str | Path, option: str = "--params") -> list[tuple[Path, 
             return chain[::-1]
         base = raw["base"]
         if not isinstance(base, str) or not base:
-            raise ConfigError(f"{path}: base={base!r} has the wrong type; allowed: the path of a params file, "
-                              f"relative to {path.parent}")
+            raise ConfigError(
+                f"{path}: base={base!r} has the wrong type; allowed: the path of a params file, "
+                f"relative to {path.parent}"
+            )
         following = Path(os.path.normpath(path.parent / base))
         if any(following.resolve() == p.resolve() for p, _ in chain):
-            raise ConfigError(f"{path}: base={base!r} leads back to {following}; allowed: a params file that does "
-                              f"not build on this one")
+            raise ConfigError(
+                f"{path}: base={base!r} leads back to {following}; allowed: a params file that does "
+                f"not build on this one"
+            )
         option, path = f"{path}: base=", following
 
 
@@ -149,23 +188,29 @@ def merge_layers(chain: list[tuple[Path, dict]]) -> dict:
         experiments = merged["experiments"]
         for name in raw.get("resources", {}).get("experiments", {}):
             if name not in experiments:
-                raise ConfigError(f"{path}: resources.experiments.{name}: not an experiment here; allowed: "
-                                  f"{', '.join(experiments)}")
+                raise ConfigError(
+                    f"{path}: resources.experiments.{name}: not an experiment here; allowed: {', '.join(experiments)}"
+                )
         if "only" in overlay:
             unknown = [name for name in overlay["only"] if name not in experiments]
             if unknown:
-                raise ConfigError(f"{path}: only: {unknown[0]!r} is not an experiment here; allowed: "
-                                  f"{', '.join(experiments)}")
+                raise ConfigError(
+                    f"{path}: only: {unknown[0]!r} is not an experiment here; allowed: {', '.join(experiments)}"
+                )
             experiments = {name: e for name, e in experiments.items() if name in overlay["only"]}
         if "override" in overlay:
             experiments = {name: deep_merge(e or {}, overlay["override"]) for name, e in experiments.items()}
         read = {name: dataset_of(e or {}, merged.get("defaults")) for name, e in experiments.items()}
         for dataset, root in overlay.get("data_roots", {}).items():
             if dataset not in read.values():
-                raise ConfigError(f"{path}: data_roots.{dataset}: no experiment reads this dataset; allowed: "
-                                  f"{', '.join(sorted(set(read.values())))}")
-            experiments = {name: {**(e or {}), "data_root": root} if read[name] == dataset else e
-                           for name, e in experiments.items()}
+                raise ConfigError(
+                    f"{path}: data_roots.{dataset}: no experiment reads this dataset; allowed: "
+                    f"{', '.join(sorted(set(read.values())))}"
+                )
+            experiments = {
+                name: {**(e or {}), "data_root": root} if read[name] == dataset else e
+                for name, e in experiments.items()
+            }
         merged["experiments"] = experiments
     return merged
 
@@ -187,8 +232,10 @@ def expand_seeds(experiments: dict[str, dict], path: Path) -> dict[str, dict]:
         for seed in range(own + 1, own + count):
             twin = seed_name(name, seed, own)
             if twin in experiments:
-                raise ConfigError(f"{path}: experiments.{twin}: the name of {name}'s run with seed {seed} "
-                                  f"(pipeline.seeds={count}); allowed: another name for it")
+                raise ConfigError(
+                    f"{path}: experiments.{twin}: the name of {name}'s run with seed {seed} "
+                    f"(pipeline.seeds={count}); allowed: another name for it"
+                )
             pipeline = {**config["pipeline"], "replicate_of": name}
             baseline = pipeline.get("baseline")
             if baseline in experiments:
@@ -272,10 +319,12 @@ class Params:
         local = [m for m in methods if m in LOCAL_METHODS]
         if local and len(local) != len(methods):
             others = ", ".join(m for m in methods if m not in local)
-            raise ConfigError(f"{key}.pipeline.methods={methods}: {', '.join(local)} train their own network with "
-                              f"their own train recipe, not the one of {others}; "
-                              f"allowed: {', '.join(DIFFUSION_METHODS)} in one experiment, the block-local methods "
-                              f"({', '.join(LOCAL_METHODS)}) in experiments of their own")
+            raise ConfigError(
+                f"{key}.pipeline.methods={methods}: {', '.join(local)} train their own network with "
+                f"their own train recipe, not the one of {others}; "
+                f"allowed: {', '.join(DIFFUSION_METHODS)} in one experiment, the block-local methods "
+                f"({', '.join(LOCAL_METHODS)}) in experiments of their own"
+            )
         if local and self.judge(name):
             raise ConfigError(f"{key}.pipeline.judge: block-local baselines classify images; allowed: no judge")
         for method in local:
@@ -290,8 +339,10 @@ class Params:
             return
         judges = [e for e, c in self.experiments.items() if c["task"] == "ar_text" and E2E in self.methods(e)]
         if judge not in judges:
-            raise ConfigError(f"{self.path}: experiments.{name}.pipeline.judge={judge!r} is not an "
-                              f"autoregressive experiment with an e2e baseline; allowed: {', '.join(judges)}")
+            raise ConfigError(
+                f"{self.path}: experiments.{name}.pipeline.judge={judge!r} is not an "
+                f"autoregressive experiment with an e2e baseline; allowed: {', '.join(judges)}"
+            )
 
     def _check_baseline(self, name: str) -> None:
         """A shared end-to-end baseline must train exactly the network this experiment's own would."""
@@ -300,23 +351,28 @@ class Params:
             return
         key = f"{self.path}: experiments.{name}.pipeline.baseline={source!r}"
         if E2E in self.methods(name):
-            raise ConfigError(f"{key}: the experiment trains its own e2e baseline; allowed: drop 'e2e' from its "
-                              f"methods, or drop the baseline key")
+            raise ConfigError(
+                f"{key}: the experiment trains its own e2e baseline; allowed: drop 'e2e' from its "
+                f"methods, or drop the baseline key"
+            )
         own = self.e2e_config(name)
-        candidates = [e for e in self.experiments
-                      if e != name and E2E in self.methods(e) and self.e2e_config(e) == own]
+        candidates = [e for e in self.experiments if e != name and E2E in self.methods(e) and self.e2e_config(e) == own]
         if source not in candidates:
-            raise ConfigError(f"{key} is not an experiment with an e2e baseline whose settings equal this one's "
-                              f"outside {', '.join(sorted(BLOCKWISE_ONLY))}; allowed: "
-                              f"{', '.join(candidates) or 'none in this file'}")
+            raise ConfigError(
+                f"{key} is not an experiment with an e2e baseline whose settings equal this one's "
+                f"outside {', '.join(sorted(BLOCKWISE_ONLY))}; allowed: "
+                f"{', '.join(candidates) or 'none in this file'}"
+            )
 
     def _check_shared_stem(self, name: str) -> None:
         config = self.experiments[name]
         if PAPER in self.methods(name) and config["task"] == "classification" and config["train"]["ema_decay"]:
-            raise ConfigError(f"{self.path}: experiments.{name}.train.ema_decay={config['train']['ema_decay']}: the "
-                              f"shared-stem mode ('paper' in pipeline.methods) learns the label table, which the "
-                              f"weight average does not cover; allowed: 0 (the authors' ViT keeps no average), or "
-                              f"drop 'paper' from the methods")
+            raise ConfigError(
+                f"{self.path}: experiments.{name}.train.ema_decay={config['train']['ema_decay']}: the "
+                f"shared-stem mode ('paper' in pipeline.methods) learns the label table, which the "
+                f"weight average does not cover; allowed: 0 (the authors' ViT keeps no average), or "
+                f"drop 'paper' from the methods"
+            )
 
     def _check_ranks(self, name: str) -> None:
         """Every rank of a data-parallel job computes at least one row of the global batch."""
@@ -324,9 +380,11 @@ class Params:
         if ranks > batch:
             own = "gpu" in self.resources.get("experiments", {}).get(name, {})
             key = f"resources.experiments.{name}.gpu" if own else "resources.gpu"
-            raise ConfigError(f"{self.path}: {key}={ranks}: a training job of {name} runs {ranks} ranks, each "
-                              f"computing a share of train.batch_size={batch} (the global batch); allowed: at most "
-                              f"{batch} GPUs, or a larger batch")
+            raise ConfigError(
+                f"{self.path}: {key}={ranks}: a training job of {name} runs {ranks} ranks, each "
+                f"computing a share of train.batch_size={batch} (the global batch); allowed: at most "
+                f"{batch} GPUs, or a larger batch"
+            )
 
     def e2e_config(self, exp: str) -> dict:
         """What end-to-end training of ``exp`` depends on: its config without the block-wise settings."""
@@ -435,8 +493,11 @@ class Params:
         judge = self.judge(exp)
         fid = None
         if config["task"] == "generation":
-            fid = {"fid_features": self.evaluation["fid_features"], "fid_reference": ["test", "train"],
-                   "reference_samples": self.evaluation.get("reference_samples")}
+            fid = {
+                "fid_features": self.evaluation["fid_features"],
+                "fid_reference": ["test", "train"],
+                "reference_samples": self.evaluation.get("reference_samples"),
+            }
         return command_settings(options, config, self.hash(judge) if judge else None, fid)
 
     def evaluate_options(self, exp: str) -> dict:
@@ -448,8 +509,13 @@ class Params:
         config, evaluation = self.experiments[exp], self.evaluation
         options: dict = {"scale": self.scale, "sample": dict(config["sample"])}
         if config["task"] == "generation":
-            options.update({k: evaluation[k] for k in ("samples", "sample_steps", "evaluations", "fid_batch_size")
-                            if k in evaluation})
+            options.update(
+                {
+                    k: evaluation[k]
+                    for k in ("samples", "sample_steps", "evaluations", "fid_batch_size")
+                    if k in evaluation
+                }
+            )
         elif config["task"] in TEXT_TASKS:
             options.update(self.text_evaluation)
             if config["task"] == "masked_text" and "sample_steps" in evaluation:  # its unmasking steps

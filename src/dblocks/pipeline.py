@@ -118,8 +118,11 @@ class Pipeline(Params):
         if method in LOCAL_METHODS:  # a baseline's job holds its whole network (a NoProp block is one)
             return self.ranks(exp) * self.training_resources(exp)["mem_mb"]
         depth = get_arch(config["arch"]).depth
-        layers = depth if method != BLOCKWISE else \
-            layer_split(depth, config["blocks"], config["layer_split"])[int(block) - 1]
+        layers = (
+            depth
+            if method != BLOCKWISE
+            else layer_split(depth, config["blocks"], config["layer_split"])[int(block) - 1]
+        )
         total = self.training_resources(exp)["mem_mb"]
         return self.ranks(exp) * max(min(total, self.RUNTIME_MB), math.ceil(total * layers / depth))
 
@@ -177,8 +180,9 @@ class Pipeline(Params):
         files = {s: self.split(dataset, s) for s in ("train", "test")}
         files.update({f"{s}_meta": self.record(self.split(dataset, s)) for s in ("train", "test")})
         if autoencoder:
-            files.update(autoencoder=self.autoencoder_file(dataset),
-                         autoencoder_meta=self.record(self.autoencoder_file(dataset)))
+            files.update(
+                autoencoder=self.autoencoder_file(dataset), autoencoder_meta=self.record(self.autoencoder_file(dataset))
+            )
         return files
 
     def shard_dir(self, dataset: str) -> str:
@@ -332,8 +336,11 @@ class Pipeline(Params):
         themselves is what makes a deleted block (or one that `dblocks verify` set aside) rebuild with
         Snakemake's own means: the missing target reruns, and its assembly, evaluation and the tables rerun
         after it because their input is rebuilt."""
-        return self.metrics_files() + [self.tables_dir(), self.provenance()] + \
-            (self.trained_files() if self.keep_weights else [])
+        return (
+            self.metrics_files()
+            + [self.tables_dir(), self.provenance()]
+            + (self.trained_files() if self.keep_weights else [])
+        )
 
     def trained_files(self) -> list[str]:
         """Block checkpoints, end-to-end baselines and assembled models, each with its JSON record; the
@@ -354,8 +361,13 @@ class Pipeline(Params):
         FID feature nets and reference statistics, blocks, baselines, models): what `dblocks verify` checks
         against the sha256 in each file's JSON record."""
         files = [self.split(d, split) for d in self.datasets for split in ("train", "test")]
-        files += [shard for d in self.datasets if d in SHARDED_DATASETS for split in ("train", "test")
-                  for shard in self.shards(d, split)]
+        files += [
+            shard
+            for d in self.datasets
+            if d in SHARDED_DATASETS
+            for split in ("train", "test")
+            for shard in self.shards(d, split)
+        ]
         files += [a for a in map(self.autoencoder, self.datasets) if a is not None]
         generated = sorted({c["dataset"] for c in self.experiments.values() if c["task"] == "generation"})
         if generated:

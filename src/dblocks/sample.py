@@ -15,9 +15,16 @@ from dblocks.io import write_atomic
 
 
 @torch.no_grad()
-def euler_sample(model: AssembledModel, z: torch.Tensor, grid: list[float], cond: torch.Tensor | None,
-                 guidance: float = 1.0, null_cond: torch.Tensor | None = None,
-                 progress: bool = False, cache=None) -> tuple[torch.Tensor, DenoiserOutput]:
+def euler_sample(
+    model: AssembledModel,
+    z: torch.Tensor,
+    grid: list[float],
+    cond: torch.Tensor | None,
+    guidance: float = 1.0,
+    null_cond: torch.Tensor | None = None,
+    progress: bool = False,
+    cache=None,
+) -> tuple[torch.Tensor, DenoiserOutput]:
     """Integrate the probability-flow ODE along ``grid`` (descending sigmas, len = steps + 1).
 
     With ``guidance != 1`` and a ``null_cond``, classifier-free guidance combines conditional and
@@ -26,8 +33,7 @@ def euler_sample(model: AssembledModel, z: torch.Tensor, grid: list[float], cond
     layers with keys of its own (they depend on sigma)."""
     guided = guidance != 1.0 and null_cond is not None
     out = None
-    for sigma, sigma_next in tqdm(list(zip(grid[:-1], grid[1:])), desc="sample", disable=not progress,
-                                  mininterval=1.0):
+    for sigma, sigma_next in tqdm(list(zip(grid[:-1], grid[1:])), desc="sample", disable=not progress, mininterval=1.0):
         if guided:
             both = model(torch.cat([z, z]), sigma, torch.cat([cond, null_cond]))
             d_cond, d_uncond = both.denoised.chunk(2)
@@ -38,14 +44,16 @@ def euler_sample(model: AssembledModel, z: torch.Tensor, grid: list[float], cond
     return z, out
 
 
-def initial_noise(shape: tuple[int, ...], sigma_max: float, generator: torch.Generator,
-                  device: torch.device) -> torch.Tensor:
+def initial_noise(
+    shape: tuple[int, ...], sigma_max: float, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
     return (sigma_max * torch.randn(shape, generator=generator)).to(device)
 
 
 @torch.no_grad()
-def classify(model: AssembledModel, images: torch.Tensor, generator: torch.Generator,
-             batch_size: int = 512) -> torch.Tensor:
+def classify(
+    model: AssembledModel, images: torch.Tensor, generator: torch.Generator, batch_size: int = 512
+) -> torch.Tensor:
     """Predicted labels: start from pure noise at sigma_max and take one Euler step per block over the
     partition's boundaries (the equi-quantile grid for an equi-probability partition), so each block runs
     exactly once; the prediction is the argmax of the last block's logits."""
@@ -69,9 +77,16 @@ def classify_direct(model: BlockDenoiser, images: torch.Tensor, batch_size: int 
 
 
 @torch.no_grad()
-def generate(model: AssembledModel, labels: torch.Tensor, grid: list[float], generator: torch.Generator,
-             guidance: float = 1.0, null_label: int | None = None, batch_size: int = 256,
-             progress: bool = False) -> torch.Tensor | None:
+def generate(
+    model: AssembledModel,
+    labels: torch.Tensor,
+    grid: list[float],
+    generator: torch.Generator,
+    guidance: float = 1.0,
+    null_label: int | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> torch.Tensor | None:
     """Class-conditional images in [-1, 1] from N Euler steps on ``grid``.
 
     In a data-parallel job (dblocks.distributed) the chunks of ``batch_size`` are dealt round-robin over the

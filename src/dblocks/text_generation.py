@@ -72,8 +72,14 @@ def predictive_logits(model: AssembledModel, tokens: torch.Tensor, generator: to
 
 
 @torch.no_grad()
-def denoised_logits(model: AssembledModel, tokens: torch.Tensor, generator: torch.Generator,
-                    steps: int | None = None, start_noise: float = 1.0, cache: KVCache | None = None) -> torch.Tensor:
+def denoised_logits(
+    model: AssembledModel,
+    tokens: torch.Tensor,
+    generator: torch.Generator,
+    steps: int | None = None,
+    start_noise: float = 1.0,
+    cache: KVCache | None = None,
+) -> torch.Tensor:
     """logits_i for token x_i at every position at once (teacher forcing: noisy slots are independent given
     the clean tokens), after the B-step chain (or ``steps`` steps, :func:`sigma_grid`) from sigma_max noise; the last
     step's block gives the logits. ``start_noise`` scales the starting noise (1: the sampler; below 1 it
@@ -83,14 +89,21 @@ def denoised_logits(model: AssembledModel, tokens: torch.Tensor, generator: torc
     grid = sigma_grid(model, steps)
     z = start_noise * initial_noise((tokens.shape[0], *model.task.target_shape), grid[0], generator, _device(model))
     if cache is not None:
-        z = z[:, cache.positions[cache.keep:] - model.task.seq_len]
+        z = z[:, cache.positions[cache.keep :] - model.task.seq_len]
     _, out = euler_sample(model, z, grid, tokens.to(_device(model)), cache=cache)
     return out.raw
 
 
 @torch.no_grad()
-def generate_blockwise(model: AssembledModel, prompts: torch.Tensor, new_tokens: int, generator: torch.Generator,
-                       steps: int | None = None, start_noise: float = 1.0, cache: bool = True) -> torch.Tensor:
+def generate_blockwise(
+    model: AssembledModel,
+    prompts: torch.Tensor,
+    new_tokens: int,
+    generator: torch.Generator,
+    steps: int | None = None,
+    start_noise: float = 1.0,
+    cache: bool = True,
+) -> torch.Tensor:
     """Continuations (N, new_tokens) of ``prompts`` (N, P): B denoising steps per token (or ``steps``), each
     token the argmax of the last block's logits. The chain from noise samples the token (the argmax reads off
     what it committed to); ``start_noise`` below 1 makes it greedier (:func:`denoised_logits`). ``cache``: a KV
@@ -110,7 +123,7 @@ def generate_blockwise(model: AssembledModel, prompts: torch.Tensor, new_tokens:
             kv.advance(torch.cat([torch.arange(start, k), torch.tensor([context + k])]), keep=k - start)
             rows, slot = tokens[:, start:k], -1
         tokens[:, k] = denoised_logits(model, rows, generator, steps, start_noise, kv)[:, slot].argmax(-1)
-    return tokens[:, p:p + new_tokens].cpu()
+    return tokens[:, p : p + new_tokens].cpu()
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -123,19 +136,25 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_baseline(model: BlockDenoiser, prompts: torch.Tensor, new_tokens: int, generator: torch.Generator,
-                      top_p: float = 0.95, cache: bool = True) -> torch.Tensor:
+def generate_baseline(
+    model: BlockDenoiser,
+    prompts: torch.Tensor,
+    new_tokens: int,
+    generator: torch.Generator,
+    top_p: float = 0.95,
+    cache: bool = True,
+) -> torch.Tensor:
     """Top-p samples (N, new_tokens) from the end-to-end next-token model (``cache``: a KV cache, one new
     position per token)."""
     model.eval()
     tokens = prompts.to(_device(model))
     kv = KVCache() if cache else None
     for _ in range(new_tokens):
-        logits = model.network(None, tokens[:, _new_rows(kv, tokens.shape[1]):], None, kv)[:, -1].float()
+        logits = model.network(None, tokens[:, _new_rows(kv, tokens.shape[1]) :], None, kv)[:, -1].float()
         probs = top_p_filter(logits, top_p).softmax(-1)
         nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(tokens.device)
         tokens = torch.cat([tokens, nxt], dim=1)
-    return tokens[:, prompts.shape[1]:].cpu()
+    return tokens[:, prompts.shape[1] :].cpu()
 
 
 def _next_token_record(tokens: torch.Tensor, batch_size: int, device: torch.device, scored) -> dict:
@@ -171,12 +190,17 @@ def next_token_quality(model, tokens: torch.Tensor, generator: torch.Generator, 
     cross-entropy of those last logits, which scores how confidently the chain reads off the token it has
     committed to, not a prediction (it exceeds log2 V once the chain commits to wrong tokens)."""
     if isinstance(model, AssembledModel):
+
         def scored(chunk):
-            return [("", predictive_logits(model, chunk, generator)[:, 1:]),
-                    ("chain_", denoised_logits(model, chunk, generator)[:, 1:])]
+            return [
+                ("", predictive_logits(model, chunk, generator)[:, 1:]),
+                ("chain_", denoised_logits(model, chunk, generator)[:, 1:]),
+            ]
     else:
+
         def scored(chunk):
             return [("", model.network(None, chunk, None)[:, :-1])]
+
     return _next_token_record(tokens, batch_size, _device(model), scored)
 
 
@@ -186,11 +210,12 @@ def continuation_nll(judge: BlockDenoiser, prompts: torch.Tensor, continuations:
     next-token judge; exp() of it is the generative perplexity."""
     judge.eval()
     seq = torch.cat([prompts, continuations], dim=1).to(_device(judge))
-    logits = judge.network(None, seq[:, :-1], None)[:, prompts.shape[1] - 1:]
-    return F.cross_entropy(logits.float().transpose(1, 2), seq[:, prompts.shape[1]:]).item()
+    logits = judge.network(None, seq[:, :-1], None)[:, prompts.shape[1] - 1 :]
+    return F.cross_entropy(logits.float().transpose(1, 2), seq[:, prompts.shape[1] :]).item()
 
 
 # --- recurrent depth (Huginn) --------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def recurrent_depth_logits(model, tokens: torch.Tensor, iterations: int, generator: torch.Generator) -> torch.Tensor:
@@ -210,8 +235,9 @@ def _recurrent_start(model, n: int, positions: int, iterations: int, generator: 
     return torch.randn(n, positions, model.stem.width, generator=generator)
 
 
-def _recurrent_logits(model, tokens: torch.Tensor, start: torch.Tensor, iterations: int,
-                      cache: KVCache | None = None) -> torch.Tensor:
+def _recurrent_logits(
+    model, tokens: torch.Tensor, start: torch.Tensor, iterations: int, cache: KVCache | None = None
+) -> torch.Tensor:
     """:func:`recurrent_depth_logits` from given starting states (with a KV cache: of its current rows)."""
     from dblocks.models.huginn import recurrent_logits
 
@@ -222,8 +248,15 @@ def _recurrent_logits(model, tokens: torch.Tensor, start: torch.Tensor, iteratio
 
 
 @torch.no_grad()
-def generate_recurrent(model, prompts: torch.Tensor, new_tokens: int, iterations: int, generator: torch.Generator,
-                       top_p: float = 0.95, cache: bool = True) -> torch.Tensor:
+def generate_recurrent(
+    model,
+    prompts: torch.Tensor,
+    new_tokens: int,
+    iterations: int,
+    generator: torch.Generator,
+    top_p: float = 0.95,
+    cache: bool = True,
+) -> torch.Tensor:
     """Continuations (N, new_tokens): the block-wise model decodes greedily, the baseline with top-p.
 
     Every position's starting state (:func:`_recurrent_start`) is drawn once, when the position first runs, and
@@ -246,12 +279,13 @@ def generate_recurrent(model, prompts: torch.Tensor, new_tokens: int, iterations
         else:
             nxt = torch.multinomial(top_p_filter(logits, top_p).softmax(-1).cpu(), 1, generator=generator)
         tokens = torch.cat([tokens, nxt.to(tokens.device)], dim=1)
-    return tokens[:, prompts.shape[1]:].cpu()
+    return tokens[:, prompts.shape[1] :].cpu()
 
 
 @torch.no_grad()
-def recurrent_next_token_quality(model, tokens: torch.Tensor, iterations: int, generator: torch.Generator,
-                                 batch_size: int = 64) -> dict:
+def recurrent_next_token_quality(
+    model, tokens: torch.Tensor, iterations: int, generator: torch.Generator, batch_size: int = 64
+) -> dict:
     """Bits per token and top-1 accuracy of the next-token prediction at every position: the baseline's after K
     iterations; block-wise, the model's next-token distribution (the denoiser at sigma_max,
     :func:`predictive_logits`), with ``chain_accuracy`` and ``chain_bits`` of the K-step chain's last logits
@@ -262,7 +296,9 @@ def recurrent_next_token_quality(model, tokens: torch.Tensor, iterations: int, g
         read = chunk[:, :-1]  # Huginn's single stream: the window less its last token
         if not blockwise:
             return [("", recurrent_depth_logits(model, read, iterations, generator))]
-        return [("", predictive_logits(model, read, generator)),  # in this order: both draw from ``generator``
-                ("chain_", recurrent_depth_logits(model, read, iterations, generator))]
+        return [
+            ("", predictive_logits(model, read, generator)),  # in this order: both draw from ``generator``
+            ("chain_", recurrent_depth_logits(model, read, iterations, generator)),
+        ]
 
     return _next_token_record(tokens, batch_size, _device(model), scored)

@@ -43,21 +43,21 @@ import functools
 import json
 import os
 import random
-import socket
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import dblocks
 from dblocks.checkpoint import sidecar_path
 from dblocks.errors import ConfigError, TrackingError
 from dblocks.io import flatten, one_line, write_json_atomic
-
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_JOB = "parent"
@@ -70,8 +70,21 @@ EVAL_HASH_TAG = "dblocks.eval_hash"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 #: the evaluation metrics a parent run carries per method, as ``<method>.<metric>`` (when the evaluation made them)
-HEADLINE_METRICS = ("accuracy", "fid", "fid_train", "fid_test", "bpc", "mauve_reference", "mauve_minilm",
-                    "mauve_ngram", "mauve_gpt2_large", "gen_ppl_reference", "gen_ppl_llama2", "gen_ppl_gpt2xl", "next_token_bits")
+HEADLINE_METRICS = (
+    "accuracy",
+    "fid",
+    "fid_train",
+    "fid_test",
+    "bpc",
+    "mauve_reference",
+    "mauve_minilm",
+    "mauve_ngram",
+    "mauve_gpt2_large",
+    "gen_ppl_reference",
+    "gen_ppl_llama2",
+    "gen_ppl_gpt2xl",
+    "next_token_bits",
+)
 #: MLflow's limit on a dataset digest
 _MAX_DIGEST = 36
 #: the saved runs-table view (an experiment tag the MLflow UI reads): the Dataset column and the parents'
@@ -90,12 +103,11 @@ def resolve_uri(configured: str | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_URI
 
 
-
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (relative or absolute), else None."""
     if not uri.startswith("sqlite:///"):
         return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
     return Path(path) if path and path != ":memory:" else None
 
 
@@ -130,7 +142,7 @@ def _retry(fn: Callable, *args, max_wait: float | None = None, **kwargs):
 
 def _chunks(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 @functools.lru_cache(maxsize=1)
@@ -138,15 +150,24 @@ def git_commit() -> str | None:
     """The commit of the checked-out code, or None outside a git checkout (recorded in every run's tags
     and every checkpoint's provenance)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(dblocks.__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(dblocks.__file__).parent, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def run_tags(*, experiment: str, scale: str, method: str, block: int | None, job: str, config: dict,
-             tables: list[str] | None = None) -> dict[str, str]:
+def run_tags(
+    *,
+    experiment: str,
+    scale: str,
+    method: str,
+    block: int | None,
+    job: str,
+    config: dict,
+    tables: list[str] | None = None,
+) -> dict[str, str]:
     """The ``dblocks.*`` tags every run carries (parent and children alike)."""
     from dblocks.config import config_hash
 
@@ -176,18 +197,25 @@ def _log_params(client, run_id: str, params: dict[str, str]) -> None:
 def headline_metrics(method: str | None, metrics: dict[str, Any]) -> dict[str, float]:
     """An evaluation's headline numbers as its parent run carries them: ``{"<method>.<metric>": value}`` for
     each of :data:`HEADLINE_METRICS` among ``metrics`` (child and parent share the metric names)."""
-    return {f"{method or 'model'}.{k}": float(metrics[k]) for k in HEADLINE_METRICS
-            if isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool)}
+    return {
+        f"{method or 'model'}.{k}": float(metrics[k])
+        for k in HEADLINE_METRICS
+        if isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool)
+    }
 
 
 def dataset_input(name: str, split: str, sha256: str, source: str | Path, context: str, **profile) -> dict:
     """One MLflow dataset input as journals keep it: name ``<name>-<split>``, digest = the first 36 hex digits
     of ``sha256`` (MLflow's limit), a profile with the whole sha256, the split and ``profile`` (its size), and
     the file as a local source."""
-    return {"name": f"{name}-{split}", "digest": sha256[:_MAX_DIGEST], "source_type": "local",
-            "source": json.dumps({"uri": str(Path(source).resolve())}),
-            "profile": json.dumps({"sha256": sha256, "split": split, **profile}, sort_keys=True),
-            "tags": {"mlflow.data.context": context, "dblocks.split": split}}
+    return {
+        "name": f"{name}-{split}",
+        "digest": sha256[:_MAX_DIGEST],
+        "source_type": "local",
+        "source": json.dumps({"uri": str(Path(source).resolve())}),
+        "profile": json.dumps({"sha256": sha256, "split": split, **profile}, sort_keys=True),
+        "tags": {"mlflow.data.context": context, "dblocks.split": split},
+    }
 
 
 def prepared_input(directory: str | Path, split: str, context: str) -> dict | None:
@@ -198,12 +226,16 @@ def prepared_input(directory: str | Path, split: str, context: str) -> dict | No
         meta = json.loads(sidecar_path(path).read_text())
     except (OSError, ValueError):
         return None
-    if (not isinstance(meta, dict) or meta.get("kind") not in ("dataset", "text-dataset")
-            or not isinstance(meta.get("sha256"), str)):
+    if (
+        not isinstance(meta, dict)
+        or meta.get("kind") not in ("dataset", "text-dataset")
+        or not isinstance(meta.get("sha256"), str)
+    ):
         return None
     size = {"num_examples": meta["examples"]} if "examples" in meta else {"tokens": meta.get("tokens")}
-    return dataset_input(str(meta.get("name", "data")), str(meta.get("split", split)), meta["sha256"], path,
-                         context, **size)
+    return dataset_input(
+        str(meta.get("name", "data")), str(meta.get("split", split)), meta["sha256"], path, context, **size
+    )
 
 
 def record_value(run_json_path: str | Path | None, key: str) -> str | None:
@@ -232,9 +264,13 @@ def _log_inputs(client, run_id: str, inputs: list[dict], attempts: int = 5) -> N
     their next attempt finds it (each attempt is one transaction, so nothing half-written remains)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    datasets = [DatasetInput(Dataset(i["name"], i["digest"], i["source_type"], i["source"], i.get("schema"),
-                                     i.get("profile")), [InputTag(k, v) for k, v in i["tags"].items()])
-                for i in inputs]
+    datasets = [
+        DatasetInput(
+            Dataset(i["name"], i["digest"], i["source_type"], i["source"], i.get("schema"), i.get("profile")),
+            [InputTag(k, v) for k, v in i["tags"].items()],
+        )
+        for i in inputs
+    ]
     for attempt in range(attempts):
         try:
             _retry(client.log_inputs, run_id, datasets=datasets)
@@ -247,6 +283,7 @@ def _log_inputs(client, run_id: str, inputs: list[dict], attempts: int = 5) -> N
 
 # ------------------------------------------------------------------------------------ parent runs
 
+
 def headline_metric_names(task: str, settings: dict) -> list[str]:
     """The :data:`HEADLINE_METRICS` that an evaluation of a ``task`` model with these evaluation settings
     (:func:`dblocks.params.evaluation_settings`) logs."""
@@ -257,10 +294,16 @@ def headline_metric_names(task: str, settings: dict) -> list[str]:
     if task == "masked_text":
         return ["bpc"]
     features, judged = set(settings.get("mauve_features") or []), settings.get("judge") is not None
-    names = [("mauve_reference", "reference-lm" in features and judged), ("mauve_minilm", "minilm" in features),
-             ("mauve_ngram", "ngram" in features), ("mauve_gpt2_large", "gpt2-large" in features), ("gen_ppl_reference", judged),
-             ("gen_ppl_llama2", "llama2" in (settings.get("hf_judges") or [])),
-             ("gen_ppl_gpt2xl", "gpt2-xl" in (settings.get("hf_judges") or [])), ("next_token_bits", True)]
+    names = [
+        ("mauve_reference", "reference-lm" in features and judged),
+        ("mauve_minilm", "minilm" in features),
+        ("mauve_ngram", "ngram" in features),
+        ("mauve_gpt2_large", "gpt2-large" in features),
+        ("gen_ppl_reference", judged),
+        ("gen_ppl_llama2", "llama2" in (settings.get("hf_judges") or [])),
+        ("gen_ppl_gpt2xl", "gpt2-xl" in (settings.get("hf_judges") or [])),
+        ("next_token_bits", True),
+    ]
     return [name for name, logged in names if logged]
 
 
@@ -272,8 +315,9 @@ def runs_view(params) -> dict:
         for metric in headline_metric_names(config["task"], params.evaluation_settings(exp)):
             columns += [f"{method}.{metric}" for method in params.methods(exp)]
     methods = ["blockwise", "paper", "e2e"]
-    ordered = sorted(dict.fromkeys(columns), key=lambda c: (methods.index(c.split(".")[0])
-                                                            if c.split(".")[0] in methods else 9, c))
+    ordered = sorted(
+        dict.fromkeys(columns), key=lambda c: (methods.index(c.split(".")[0]) if c.split(".")[0] in methods else 9, c)
+    )
     return {"selectedColumns": ["attributes.`Dataset`", *(f"metrics.`{c}`" for c in ordered)]}
 
 
@@ -308,8 +352,12 @@ def _get_or_create_experiment(client, name: str, uri: str) -> str:
     exp = _retry(client.get_experiment_by_name, name)
     if exp is None:
         try:
-            return _retry(client.create_experiment, name, artifact_location=_default_artifact_location(uri, name),
-                          tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            return _retry(
+                client.create_experiment,
+                name,
+                artifact_location=_default_artifact_location(uri, name),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
         except MlflowException:
             exp = _retry(client.get_experiment_by_name, name)  # created meanwhile by another process
             if exp is None:
@@ -339,16 +387,18 @@ def _reusable_parent(client, path: Path, uri: str, experiment_id: str, chash: st
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-    if (run.info.lifecycle_stage != "active" or run.info.experiment_id != experiment_id
-            or run.data.tags.get("dblocks.config_hash") != chash):
+    if (
+        run.info.lifecycle_stage != "active"
+        or run.info.experiment_id != experiment_id
+        or run.data.tags.get("dblocks.config_hash") != chash
+    ):
         return None
     return run_id
 
 
 def _create_parent(client, experiment_id: str, name: str, scale: str, config: dict) -> str:
     methods = (config.get("pipeline") or {}).get("methods") or []
-    tags = run_tags(experiment=name, scale=scale, method=",".join(methods), block=None, job=PARENT_JOB,
-                    config=config)
+    tags = run_tags(experiment=name, scale=scale, method=",".join(methods), block=None, job=PARENT_JOB, config=config)
     run = _retry(client.create_run, experiment_id, tags=tags, run_name=name)
     _log_params(client, run.info.run_id, flatten(config, as_strings=True))
     _retry(client.set_terminated, run.info.run_id, "FINISHED")
@@ -360,9 +410,14 @@ STORE_RECORD = "store.json"
 JOURNAL_MODE = "journal"
 
 
-def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = None,
-              names: list[str] | None = None, store_only: bool = False,
-              allow_offline: bool = False) -> list[Path]:
+def init_runs(
+    params_path: str | Path,
+    out_dir: str | Path,
+    uri: str | None = None,
+    names: list[str] | None = None,
+    store_only: bool = False,
+    allow_offline: bool = False,
+) -> list[Path]:
     """Create (or reuse) the MLflow experiment and one parent run per experiment of ``params_path``
     (or only those in ``names``); write ``out_dir/<name>.<config hash>.json`` for each (the file name of
     :meth:`~dblocks.pipeline.Pipeline.run_json`) and return those paths.
@@ -399,8 +454,9 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
         if store_only:
             records[out_dir / STORE_RECORD] = journal
         for name, config in configs.items():
-            records[record_of[name]] = dict(journal, parent_run_id=None, experiment=name,
-                                                     data=params.prepared(config["dataset"]), config=config)
+            records[record_of[name]] = dict(
+                journal, parent_run_id=None, experiment=name, data=params.prepared(config["dataset"]), config=config
+            )
         for path, record in records.items():
             write_json_atomic(path, record, keep_unchanged=True)
         return list(records)
@@ -419,20 +475,34 @@ def init_runs(params_path: str | Path, out_dir: str | Path, uri: str | None = No
                 run_id = _reusable_parent(client, path, uri, experiment_id, config_hash(config))
                 if run_id is None:
                     run_id = _create_parent(client, experiment_id, name, scale, config)
-                records[path] = dict(base, experiment_id=experiment_id, parent_run_id=run_id, experiment=name,
-                                     data=params.prepared(config["dataset"]))
+                records[path] = dict(
+                    base,
+                    experiment_id=experiment_id,
+                    parent_run_id=run_id,
+                    experiment=name,
+                    data=params.prepared(config["dataset"]),
+                )
     except TrackingError as exc:
         if not allow_offline:
             raise
         # The jobs run untracked and journal what they would have logged; 'dblocks track-sync' logs it
         # (creating the experiment and parent runs) once the store is back.
-        print(f"dblocks: warning: {exc}; going on without tracking (log the runs later with "
-              f"'dblocks track-sync --runs-dir {out_dir}')", file=sys.stderr, flush=True)
+        print(
+            f"dblocks: warning: {exc}; going on without tracking (log the runs later with "
+            f"'dblocks track-sync --runs-dir {out_dir}')",
+            file=sys.stderr,
+            flush=True,
+        )
         offline = dict(base, experiment_id=None, offline=str(exc), runs_view=runs_view(params))
         records = {out_dir / STORE_RECORD: offline} if store_only else {}
-        records.update({record_of[name]: dict(offline, parent_run_id=None, experiment=name,
-                                                       data=params.prepared(config["dataset"]))
-                        for name, config in configs.items()})
+        records.update(
+            {
+                record_of[name]: dict(
+                    offline, parent_run_id=None, experiment=name, data=params.prepared(config["dataset"])
+                )
+                for name, config in configs.items()
+            }
+        )
     for path, record in records.items():
         write_json_atomic(path, record, keep_unchanged=True)
     return list(records)
@@ -453,8 +523,8 @@ def _store_errors(uri: str):
         raise
 
 
-
 # -------------------------------------------------------------------------------------- job runs
+
 
 def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip(".") or "run"
@@ -483,8 +553,18 @@ class JobRun:
     (``track-init`` of a params file with ``tracking.mode: journal``) the journal is all it writes: it never
     imports MLflow and prints nothing (an outage it is not)."""
 
-    def __init__(self, run_json_path: str | Path, job: str, method: str | None, block: int | None, config: dict,
-                 tables: list[str] | None = None, *, flush_every: int = 50, flush_seconds: float = 15.0):
+    def __init__(
+        self,
+        run_json_path: str | Path,
+        job: str,
+        method: str | None,
+        block: int | None,
+        config: dict,
+        tables: list[str] | None = None,
+        *,
+        flush_every: int = 50,
+        flush_seconds: float = 15.0,
+    ):
         self.path = Path(run_json_path)
         self.job, self.method, self.block = job, method or "", block
         self.config, self.tables = config, tables
@@ -502,9 +582,11 @@ class JobRun:
     def _disable(self, what: str, exc: BaseException) -> None:
         self.enabled = False
         self._buffer.clear()
-        self.warning = (f"dblocks: warning: MLflow tracking off for this job ({what} failed: {one_line(exc)}); "
-                        f"the job goes on, writes its results and keeps its log in {self.journal_path} for "
-                        f"'dblocks track-sync'")
+        self.warning = (
+            f"dblocks: warning: MLflow tracking off for this job ({what} failed: {one_line(exc)}); "
+            f"the job goes on, writes its results and keeps its log in {self.journal_path} for "
+            f"'dblocks track-sync'"
+        )
         print(self.warning, file=sys.stderr, flush=True)
 
     def _call(self, what: str, fn: Callable, *args, **kwargs) -> Any:
@@ -520,8 +602,11 @@ class JobRun:
         if self.job == "evaluate":
             return f"{experiment} evaluate {self.method}".rstrip()
         if self.block is not None:  # a block job; a named part (NoProp-DT's head) with its method
-            return f"{experiment} block {self.block}" if str(self.block).isdigit() else \
-                f"{experiment} {self.method} {self.block}"
+            return (
+                f"{experiment} block {self.block}"
+                if str(self.block).isdigit()
+                else f"{experiment} {self.method} {self.block}"
+            )
         return f"{experiment} {self.method or self.job}"
 
     def _open_journal(self) -> None:
@@ -533,48 +618,89 @@ class JobRun:
             record = {}
         experiment = self.config.get("name") or record.get("experiment") or ""
         key = uuid.uuid4().hex
-        tags = run_tags(experiment=experiment, scale=record.get("scale", ""), method=self.method,
-                        block=self.block, job=self.job, config=self.config, tables=self.tables)
-        tags.update({"mlflow.parentRunId": record.get("parent_run_id") or "", RUN_KEY_TAG: key,
-                     "mlflow.source.name": f"dblocks {self.job}", "mlflow.source.type": "LOCAL",
-                     "mlflow.user": _user()})
-        self.journal = {"format": 1, "run_key": key, "record": record, "run_name": self._run_name(experiment),
-                        "tags": tags, "params": flatten(self.config, as_strings=True), "config": self.config,
-                        "metrics": [], "artifacts": [], "inputs": [], "parent_metrics": [], "start_time": _now_ms(),
-                        "end_time": None, "status": "RUNNING", "run_id": None, "synced": False,
-                        "parent_synced": False}
+        tags = run_tags(
+            experiment=experiment,
+            scale=record.get("scale", ""),
+            method=self.method,
+            block=self.block,
+            job=self.job,
+            config=self.config,
+            tables=self.tables,
+        )
+        tags.update(
+            {
+                "mlflow.parentRunId": record.get("parent_run_id") or "",
+                RUN_KEY_TAG: key,
+                "mlflow.source.name": f"dblocks {self.job}",
+                "mlflow.source.type": "LOCAL",
+                "mlflow.user": _user(),
+            }
+        )
+        self.journal = {
+            "format": 1,
+            "run_key": key,
+            "record": record,
+            "run_name": self._run_name(experiment),
+            "tags": tags,
+            "params": flatten(self.config, as_strings=True),
+            "config": self.config,
+            "metrics": [],
+            "artifacts": [],
+            "inputs": [],
+            "parent_metrics": [],
+            "start_time": _now_ms(),
+            "end_time": None,
+            "status": "RUNNING",
+            "run_id": None,
+            "synced": False,
+            "parent_synced": False,
+        }
         job = ".".join(str(x) for x in (experiment, self.job, self.method or "-", self.block or "-"))
         self.journal_path = self.path.parent / JOURNAL_DIR / f"{_safe_name(job)}.json"
 
     def _start(self) -> None:
         record = self.journal["record"]
-        uri, experiment_id, parent = (record.get("tracking_uri"), record.get("experiment_id"),
-                                      record.get("parent_run_id"))
+        uri, experiment_id, parent = (
+            record.get("tracking_uri"),
+            record.get("experiment_id"),
+            record.get("parent_run_id"),
+        )
         if not (uri and experiment_id and parent):
             raise ValueError(f"{self.path} names no parent run; run 'dblocks track-init' first")
         db = sqlite_path(uri)
         if db is not None and not db.is_file():  # MLflow would create an empty store here, far from the parent
-            raise FileNotFoundError(f"{db}: no such tracking database (from {self.path}); run "
-                                    f"'dblocks track-init' first, from the same directory")
+            raise FileNotFoundError(
+                f"{db}: no such tracking database (from {self.path}); run "
+                f"'dblocks track-init' first, from the same directory"
+            )
         import mlflow
 
         self.client = _retry(mlflow.MlflowClient, tracking_uri=uri)
-        run = _retry(self.client.create_run, experiment_id, start_time=self.journal["start_time"],
-                     tags=self.journal["tags"], run_name=self.journal["run_name"])
+        run = _retry(
+            self.client.create_run,
+            experiment_id,
+            start_time=self.journal["start_time"],
+            tags=self.journal["tags"],
+            run_name=self.journal["run_name"],
+        )
         self.run_id = run.info.run_id
         _log_params(self.client, self.run_id, self.journal["params"])
 
     def _close_journal(self, status: str) -> None:
-        self.journal.update(status=status, end_time=_now_ms(), run_id=self.run_id,
-                            synced=bool(self.enabled and self.run_id is not None))
+        self.journal.update(
+            status=status, end_time=_now_ms(), run_id=self.run_id, synced=bool(self.enabled and self.run_id is not None)
+        )
         try:
             write_json_atomic(self.journal_path, self.journal, keep_unchanged=True)
         except OSError as exc:  # the job's own outputs matter more than its log
-            print(f"dblocks: warning: could not write the tracking journal {self.journal_path}: {one_line(exc)}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"dblocks: warning: could not write the tracking journal {self.journal_path}: {one_line(exc)}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     # -- context manager
-    def __enter__(self) -> "JobRun":
+    def __enter__(self) -> JobRun:
         self._open_journal()
         if self.journal["record"].get("mode") == JOURNAL_MODE:
             self.enabled = False  # journal only, by choice: track-sync logs it
@@ -624,9 +750,14 @@ class JobRun:
         from mlflow.entities import Metric
 
         pending, self._buffer = [Metric(*m) for m in self._buffer], []
-        _log_metric_batches(self.client, self.run_id, pending,
-                            lambda chunk: self._call("logging metrics", self.client.log_batch, self.run_id,
-                                                     metrics=chunk, synchronous=True))
+        _log_metric_batches(
+            self.client,
+            self.run_id,
+            pending,
+            lambda chunk: self._call(
+                "logging metrics", self.client.log_batch, self.run_id, metrics=chunk, synchronous=True
+            ),
+        )
         self._last_flush = time.monotonic()
 
     def log_metrics(self, metrics: dict[str, float | None], step: int = 0) -> None:
@@ -682,15 +813,21 @@ class JobRun:
             return
         from mlflow.entities import Metric
 
-        self._call("logging metrics to the parent run", _log_metric_batches, self.client, parent,
-                   [Metric(*item) for item in items])
+        self._call(
+            "logging metrics to the parent run",
+            _log_metric_batches,
+            self.client,
+            parent,
+            [Metric(*item) for item in items],
+        )
         self.journal["parent_synced"] = self.enabled
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None, name: str | None = None) -> None:
         """Log the file ``path`` under ``artifact_path``, as ``name`` if given (the tables look sample grids
         up by name)."""
-        self.journal["artifacts"].append({"path": str(Path(path).resolve()), "artifact_path": artifact_path,
-                                          "name": name})
+        self.journal["artifacts"].append(
+            {"path": str(Path(path).resolve()), "artifact_path": artifact_path, "name": name}
+        )
         if self.enabled and self.run_id is not None:
             self._call("logging an artifact", _upload, self.client, self.run_id, Path(path), artifact_path, name)
 
@@ -728,11 +865,12 @@ def _user() -> str:
 
 # ------------------------------------------------------------------------------- logging later
 
+
 @dataclasses.dataclass
 class SyncReport:
-    logged: list[str] = dataclasses.field(default_factory=list)     # journals logged now
-    present: list[str] = dataclasses.field(default_factory=list)    # already in the store
-    replaced: list[str] = dataclasses.field(default_factory=list)   # incomplete copies deleted and relogged
+    logged: list[str] = dataclasses.field(default_factory=list)  # journals logged now
+    present: list[str] = dataclasses.field(default_factory=list)  # already in the store
+    replaced: list[str] = dataclasses.field(default_factory=list)  # incomplete copies deleted and relogged
     unfinished: list[str] = dataclasses.field(default_factory=list)  # jobs that failed: nothing to log
     missing_artifacts: list[str] = dataclasses.field(default_factory=list)
 
@@ -756,8 +894,9 @@ def _runs_by_key(client, experiment_id: str) -> dict[str, Any]:
 
     found, token = {}, None
     while True:
-        page = _retry(client.search_runs, [experiment_id], run_view_type=ViewType.ACTIVE_ONLY,
-                      max_results=1000, page_token=token)
+        page = _retry(
+            client.search_runs, [experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
+        )
         for run in page:
             key = run.data.tags.get(RUN_KEY_TAG)
             if key:
@@ -793,10 +932,18 @@ def _find_parent(client, experiment_id: str, journal: dict) -> str:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
     name = record.get("experiment") or tags["dblocks.experiment"]
-    query = (f"tags.`dblocks.experiment` = '{name}' and tags.`dblocks.job` = '{PARENT_JOB}' and "
-             f"tags.`dblocks.config_hash` = '{chash}'")
-    runs = _retry(client.search_runs, [experiment_id], query, run_view_type=ViewType.ACTIVE_ONLY,
-                  max_results=1, order_by=["attributes.start_time DESC"])
+    query = (
+        f"tags.`dblocks.experiment` = '{name}' and tags.`dblocks.job` = '{PARENT_JOB}' and "
+        f"tags.`dblocks.config_hash` = '{chash}'"
+    )
+    runs = _retry(
+        client.search_runs,
+        [experiment_id],
+        query,
+        run_view_type=ViewType.ACTIVE_ONLY,
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
     if runs:
         return runs[0].info.run_id
     return _create_parent(client, experiment_id, name, record.get("scale") or tags.get("dblocks.scale", ""), config)
@@ -819,10 +966,13 @@ def _journal_mode_records(runs_dir: str | Path) -> list[dict]:
 def _log_journal(client, experiment_id: str, journal: dict, report: SyncReport) -> str:
     from mlflow.entities import Metric
 
-    tags = dict(journal["tags"], **{"mlflow.parentRunId": _find_parent(client, experiment_id, journal),
-                                    "dblocks.logged_later": "true"})
-    run = _retry(client.create_run, experiment_id, start_time=journal["start_time"], tags=tags,
-                 run_name=journal["run_name"])
+    tags = dict(
+        journal["tags"],
+        **{"mlflow.parentRunId": _find_parent(client, experiment_id, journal), "dblocks.logged_later": "true"},
+    )
+    run = _retry(
+        client.create_run, experiment_id, start_time=journal["start_time"], tags=tags, run_name=journal["run_name"]
+    )
     run_id = run.info.run_id
     _log_params(client, run_id, journal["params"])
     _log_metric_batches(client, run_id, [Metric(k, v, t, s) for k, v, t, s in journal["metrics"]])
@@ -891,8 +1041,12 @@ def sync_journals(runs_dir: str | Path, uri: str | None = None) -> SyncReport:
         with _store_errors(target):
             client = _retry(mlflow.MlflowClient, tracking_uri=target)
             experiment_id = _get_or_create_experiment(client, experiment_name, target)
-            views = [v for v in [(j.get("record") or {}).get("runs_view") for _, j in items]
-                     + [r.get("runs_view") for r in records] if isinstance(v, dict)]  # the records' are the newest
+            views = [
+                v
+                for v in [(j.get("record") or {}).get("runs_view") for _, j in items]
+                + [r.get("runs_view") for r in records]
+                if isinstance(v, dict)
+            ]  # the records' are the newest
             if views:  # track-init did not save it: the store was down, or the pipeline runs in journal mode
                 _set_runs_view(client, experiment_id, views[-1])
             for record in records:  # the parent runs that track-init makes in live mode
@@ -914,8 +1068,14 @@ def sync_journals(runs_dir: str | Path, uri: str | None = None) -> SyncReport:
                 parent_synced = bool(journal.get("parent_synced"))
                 if (journal.get("parent_metrics") or journal.get("inputs")) and not parent_synced:
                     parent_synced = _sync_parent(client, run_id, journal)
-                if (not journal.get("synced") or journal.get("run_id") != run_id
-                        or parent_synced != bool(journal.get("parent_synced"))):
-                    write_json_atomic(path, dict(journal, synced=True, run_id=run_id, parent_synced=parent_synced),
-                                      keep_unchanged=True)
+                if (
+                    not journal.get("synced")
+                    or journal.get("run_id") != run_id
+                    or parent_synced != bool(journal.get("parent_synced"))
+                ):
+                    write_json_atomic(
+                        path,
+                        dict(journal, synced=True, run_id=run_id, parent_synced=parent_synced),
+                        keep_unchanged=True,
+                    )
     return report

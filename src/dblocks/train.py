@@ -7,9 +7,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,12 +54,17 @@ def rows_of(batch: Batch, rows: slice) -> Batch:
     return {k: v[rows] for k, v in batch.items()}
 
 
-_STOPPED = ("stopped without writing a checkpoint (the last resume state, if any, predates the failure); "
-            "allowed: a finite loss: lower train.lr, keep train.grad_clip or set train.max_loss_weight")
+_STOPPED = (
+    "stopped without writing a checkpoint (the last resume state, if any, predates the failure); "
+    "allowed: a finite loss: lower train.lr, keep train.grad_clip or set train.max_loss_weight"
+)
 
 
-def denoising_objective(model: BlockDenoiser, sample_sigma: Callable[[int, torch.Generator], torch.Tensor],
-                        max_loss_weight: float | None = None) -> Objective:
+def denoising_objective(
+    model: BlockDenoiser,
+    sample_sigma: Callable[[int, torch.Generator], torch.Tensor],
+    max_loss_weight: float | None = None,
+) -> Objective:
     """lambda(sigma)-weighted denoising loss of one denoiser with sigma from ``sample_sigma``."""
     task = model.task
 
@@ -80,8 +85,9 @@ def denoising_objective(model: BlockDenoiser, sample_sigma: Callable[[int, torch
     return Objective(loss, draw)
 
 
-def block_objective(model: BlockDenoiser, partition: Partition, block: int,
-                    max_loss_weight: float | None = None) -> Objective:
+def block_objective(
+    model: BlockDenoiser, partition: Partition, block: int, max_loss_weight: float | None = None
+) -> Objective:
     """Independent block training: sigma from block b's (widened) interval only."""
     return denoising_objective(model, lambda n, g: partition.sample_sigma(block, n, generator=g), max_loss_weight)
 
@@ -129,20 +135,29 @@ def recurrent_objective(model: BlockDenoiser, mean_recurrence: int, backprop_dep
         tokens = batch["tokens"]
         r = sample_recurrence(mean_recurrence, gen)
         state = torch.randn(tokens.shape[0], tokens.shape[1] - 1, width, generator=gen)
-        return {**batch, "recurrence": torch.full((tokens.shape[0],), r),  # on the CPU, as the paper mode's block
-                "state": state.to(tokens.device)}
+        return {
+            **batch,
+            "recurrence": torch.full((tokens.shape[0],), r),  # on the CPU, as the paper mode's block
+            "state": state.to(tokens.device),
+        }
 
     def loss(batch: Batch) -> torch.Tensor:
         tokens = batch["tokens"]
-        logits = recurrent_logits(model, tokens[:, :-1], int(batch["recurrence"][0]), backprop_depth,
-                                  state=batch["state"])
+        logits = recurrent_logits(
+            model, tokens[:, :-1], int(batch["recurrence"][0]), backprop_depth, state=batch["state"]
+        )
         return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:])
 
     return Objective(loss, draw)
 
 
-def sample_batch(data: ImageDataset | TextDataset, batch_size: int, gen: torch.Generator, device: torch.device,
-                 augmentation: str = "none") -> Batch:
+def sample_batch(
+    data: ImageDataset | TextDataset,
+    batch_size: int,
+    gen: torch.Generator,
+    device: torch.device,
+    augmentation: str = "none",
+) -> Batch:
     """A batch drawn with replacement by ``gen`` (whose state alone fixes the data position on resume), images
     augmented on ``device`` by ``augmentation`` (``train.augment``) with draws from the same generator."""
     idx = torch.randint(len(data), (batch_size,), generator=gen)
@@ -150,10 +165,14 @@ def sample_batch(data: ImageDataset | TextDataset, batch_size: int, gen: torch.G
         return data.batch(idx, device)
     flipped = data.flipped[idx].to(device) if augmentation == "flip" and data.flipped is not None else None
     if augmentation != "none" and data.latent_scale is not None and flipped is None:
-        raise TrainingError(f"train.augment={augmentation!r}: {data.name} holds autoencoder latents without "
-                            f"the latents of mirrored images; allowed: none, or prepare it again to get them")
-    return {"image": augment(data.images[idx].to(device), augmentation, gen, flipped),
-            "label": data.labels[idx].to(device)}
+        raise TrainingError(
+            f"train.augment={augmentation!r}: {data.name} holds autoencoder latents without "
+            f"the latents of mirrored images; allowed: none, or prepare it again to get them"
+        )
+    return {
+        "image": augment(data.images[idx].to(device), augmentation, gen, flipped),
+        "label": data.labels[idx].to(device),
+    }
 
 
 def clip_and_step(module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
@@ -185,8 +204,9 @@ def micro_batches(rows: slice, per_device: int | None) -> list[slice]:
     return [slice(a, min(a + size, rows.stop)) for a in range(rows.start, rows.stop, max(1, size))]
 
 
-def backward_step(runner: nn.Module, batch: Batch, device: torch.device, precision: str,
-                  per_device: int | None) -> torch.Tensor:
+def backward_step(
+    runner: nn.Module, batch: Batch, device: torch.device, precision: str, per_device: int | None
+) -> torch.Tensor:
     """Backward passes of this rank's share of one step's global batch (drawn already), in micro-batches:
     each piece's mean loss is weighted by its share of the global batch times the world size, so that
     DistributedDataParallel's mean over ranks of the accumulated gradients is the gradient of the global
@@ -197,8 +217,11 @@ def backward_step(runner: nn.Module, batch: Batch, device: torch.device, precisi
     accumulated = torch.zeros((), device=device)
     for i, rows in enumerate(pieces):
         # gradients are synchronised once per step, on the last piece's backward
-        sync = runner.no_sync() if isinstance(runner, DistributedDataParallel) and i < len(pieces) - 1 \
+        sync = (
+            runner.no_sync()
+            if isinstance(runner, DistributedDataParallel) and i < len(pieces) - 1
             else contextlib.nullcontext()
+        )
         with sync:
             with precision_context(device, precision):
                 loss = runner(rows_of(batch, rows))
@@ -211,6 +234,7 @@ def backward_step(runner: nn.Module, batch: Batch, device: torch.device, precisi
 def lr_lambda(warmup: int, total: int, schedule: str, floor: float = 0.0) -> Callable[[int], float]:
     """The learning rate as a fraction of ``train.lr`` at each step: linear warm-up over ``warmup`` steps,
     then constant, or a cosine from 1 down to ``floor`` (``train.min_lr / train.lr``) at the last step."""
+
     def factor(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
@@ -299,10 +323,20 @@ class PeakMemory:
         return (None if peak is None else round(peak, 2)), (None if grown is None else round(grown, 2))
 
 
-def train(module: nn.Module, objective: Objective, data: ImageDataset | TextDataset, cfg: dict, *, seed: int,
-          device: torch.device, state_path: Path | None = None, steps: int | None = None,
-          on_log: Callable[[int, float, float], None] | None = None, desc: str = "train",
-          progress: bool = True) -> TrainResult:
+def train(
+    module: nn.Module,
+    objective: Objective,
+    data: ImageDataset | TextDataset,
+    cfg: dict,
+    *,
+    seed: int,
+    device: torch.device,
+    state_path: Path | None = None,
+    steps: int | None = None,
+    on_log: Callable[[int, float, float], None] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainResult:
     """Run ``steps`` (default cfg['steps']) optimizer steps on the parameters of ``module``.
 
     If ``state_path`` holds a training state from an interrupted run it is resumed exactly (model,
@@ -310,8 +344,10 @@ def train(module: nn.Module, objective: Objective, data: ImageDataset | TextData
     cfg['checkpoint_every'] steps. With cfg['ema_decay'] > 0 the result carries the averaged weights."""
     world = distributed.world()
     if cfg["batch_size"] < world.size:  # before any work: every rank needs a row of the global batch
-        raise TrainingError(f"train.batch_size={cfg['batch_size']} is the global batch, shared by {world.size} "
-                            f"ranks; allowed: at least {world.size}")
+        raise TrainingError(
+            f"train.batch_size={cfg['batch_size']} is the global batch, shared by {world.size} "
+            f"ranks; allowed: at least {world.size}"
+        )
     total = steps or cfg["steps"]
     module.to(device).train()
     allow_tf32(device, cfg["tf32"])
@@ -333,10 +369,20 @@ def train(module: nn.Module, objective: Objective, data: ImageDataset | TextData
     running, count, t0 = 0.0, 0, time.perf_counter()
     runner: nn.Module = _Loss(module, objective.loss)
     if world.size > 1:
-        runner = DistributedDataParallel(runner, device_ids=[device] if device.type == "cuda" else None,
-                                         find_unused_parameters=not objective.every_parameter)
-    bar = tqdm(range(start, total), desc=desc, initial=start, total=total, disable=not progress or not world.main,
-               mininterval=1.0, dynamic_ncols=True)
+        runner = DistributedDataParallel(
+            runner,
+            device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=not objective.every_parameter,
+        )
+    bar = tqdm(
+        range(start, total),
+        desc=desc,
+        initial=start,
+        total=total,
+        disable=not progress or not world.main,
+        mininterval=1.0,
+        dynamic_ncols=True,
+    )
     for step in bar:
         # every rank draws the whole global batch and its random inputs from the same generator state, then
         # computes its rows: the run is the same whatever the number of ranks (up to reduction order)

@@ -9,11 +9,18 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
-from dblocks.checkpoint import (checkpoint_path, is_jsonable, load_checkpoint, remove_checkpoint, save_checkpoint,
-                                sidecar_path)
+from dblocks.checkpoint import (
+    checkpoint_path,
+    is_jsonable,
+    load_checkpoint,
+    remove_checkpoint,
+    save_checkpoint,
+    sidecar_path,
+)
 from dblocks.errors import CheckpointError
 from dblocks.io import staging_file
 
@@ -33,7 +40,6 @@ def previous_generation(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     """``dst`` becomes ``src``'s content atomically: a hard link (free) staged and renamed, or a copy where
     the filesystem has no hard links."""
@@ -44,8 +50,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         except OSError:
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
-
-
 
 
 _MODEL = "model/"
@@ -136,8 +140,12 @@ def save_training_state(
     if "step" in extra:
         raise CheckpointError(path, "'step' is passed separately, not in extra", field="extra.step")
     optim_tensors, optim_plain = _split_optimizer_state(optimizer.state_dict())
-    tensors = {**_with_prefix(_MODEL, model.state_dict()), **optim_tensors, **_rng_tensors(generators),
-               **_with_prefix(AVERAGE_PREFIX, average or {})}
+    tensors = {
+        **_with_prefix(_MODEL, model.state_dict()),
+        **optim_tensors,
+        **_rng_tensors(generators),
+        **_with_prefix(AVERAGE_PREFIX, average or {}),
+    }
     metadata = {
         "kind": TRAINING_STATE_KIND,
         "step": int(step),
@@ -195,14 +203,19 @@ def _check_generators_match(path: Path, generators: Mapping[str, torch.Generator
         )
 
 
-def _check_average_matches(path: Path, average: Mapping[str, torch.Tensor] | None,
-                           saved: Mapping[str, torch.Tensor]) -> None:
+def _check_average_matches(
+    path: Path, average: Mapping[str, torch.Tensor] | None, saved: Mapping[str, torch.Tensor]
+) -> None:
     live = {name: (list(t.shape), t.dtype) for name, t in (average or {}).items()}
     kept = {name: (list(t.shape), t.dtype) for name, t in saved.items()}
     if live != kept:
-        what = ("a weight average was saved but training keeps none" if average is None else
-                "training keeps a weight average but none was saved" if not saved else
-                "the saved weight average does not match the model's")
+        what = (
+            "a weight average was saved but training keeps none"
+            if average is None
+            else "training keeps a weight average but none was saved"
+            if not saved
+            else "the saved weight average does not match the model's"
+        )
         raise CheckpointError(path, f"{what} (train.ema_decay changed?)", field=AVERAGE_PREFIX.rstrip("/"))
 
 
@@ -242,8 +255,12 @@ def load_training_state(
         # the latest save was cut short (see save_training_state): resume from the one before it, and
         # drop the torn files so that the next save keeps this generation as its fallback
         tensors, record = load_checkpoint(prev)
-        print(f"dblocks: the latest training state {path} is unusable ({exc}); resuming from the previous "
-              f"one, step {record.get('step')}", file=sys.stderr, flush=True)
+        print(
+            f"dblocks: the latest training state {path} is unusable ({exc}); resuming from the previous "
+            f"one, step {record.get('step')}",
+            file=sys.stderr,
+            flush=True,
+        )
         for p in (sidecar_path(path), path):
             p.unlink(missing_ok=True)
         path = prev

@@ -67,8 +67,10 @@ def unavailable() -> str | None:
         reasons.append("the test cluster runs its daemons as root (SlurmUser=root): run the tests as root")
     missing = [name for name in (*DAEMONS, *CLIENTS, "unshare") if not _find(name)]
     if missing:
-        reasons.append(f"{', '.join(missing)}: not installed (tests/slurm/install.sh installs them; "
-                       "make test runs it where it can: as root with apt-get)")
+        reasons.append(
+            f"{', '.join(missing)}: not installed (tests/slurm/install.sh installs them; "
+            "make test runs it where it can: as root with apt-get)"
+        )
     return "; ".join(reasons) or None
 
 
@@ -126,42 +128,46 @@ class LocalCluster:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         self.munge_socket = r / "munge/munge.socket"
-        self.conf.write_text("\n".join([
-            "ClusterName=dblocks-test",
-            f"SlurmctldHost={NODE}(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
-            "SlurmUser=root",
-            "SlurmdUser=root",
-            "AuthType=auth/munge",
-            "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
-            f"StateSaveLocation={r}/state",
-            f"SlurmdSpoolDir={r}/spool",
-            f"SlurmctldPidFile={r}/run/slurmctld.pid",
-            f"SlurmdPidFile={r}/run/slurmd.pid",
-            f"SlurmctldLogFile={r}/log/slurmctld.log",
-            f"SlurmdLogFile={r}/log/slurmd.log",
-            "SlurmctldDebug=info",
-            "SlurmdDebug=info",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core_Memory",
-            "MpiDefault=none",
-            "ReturnToService=2",
-            "MinJobAge=3600",
-            "KillWait=5",  # scancel: SIGTERM, then SIGKILL after 5 s  # no accounting: finished jobs stay visible to squeue/scontrol this long
-            "SchedulerParameters=sched_interval=1",
-            "GresTypes=gpu",
-            # Count-only GPUs: SLURM schedules and records GPU requests; the jobs themselves run on the CPU.
-            f"NodeName={NODE} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory_mb} "
-            f"Gres=gpu:{self.gpus} State=UNKNOWN",
-            f"PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP",
-            "",
-        ]))
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=dblocks-test",
+                    f"SlurmctldHost={NODE}(127.0.0.1)",
+                    f"SlurmctldPort={_free_port()}",
+                    f"SlurmdPort={_free_port()}",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    f"AuthInfo=socket={self.munge_socket}",
+                    f"StateSaveLocation={r}/state",
+                    f"SlurmdSpoolDir={r}/spool",
+                    f"SlurmctldPidFile={r}/run/slurmctld.pid",
+                    f"SlurmdPidFile={r}/run/slurmd.pid",
+                    f"SlurmctldLogFile={r}/log/slurmctld.log",
+                    f"SlurmdLogFile={r}/log/slurmd.log",
+                    "SlurmctldDebug=info",
+                    "SlurmdDebug=info",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core_Memory",
+                    "MpiDefault=none",
+                    "ReturnToService=2",
+                    "MinJobAge=3600",
+                    "KillWait=5",  # scancel: SIGTERM, then SIGKILL after 5 s  # no accounting: finished jobs stay visible to squeue/scontrol this long
+                    "SchedulerParameters=sched_interval=1",
+                    "GresTypes=gpu",
+                    # Count-only GPUs: SLURM schedules and records GPU requests; the jobs themselves run on the CPU.
+                    f"NodeName={NODE} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory_mb} "
+                    f"Gres=gpu:{self.gpus} State=UNKNOWN",
+                    f"PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
         # SLURM drops GPUs without a device file; placeholder files give it GPUs to schedule (nothing opens them).
         for i in range(self.gpus):
             (r / f"dev/gpu{i}").touch()
@@ -171,31 +177,62 @@ class LocalCluster:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         out = open(self.root / f"log/{name}.out", "wb")
-        self.procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self.env, preexec_fn=die_with_parent, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            preexec_fn=die_with_parent,
+            start_new_session=True,
+        )
         out.close()
 
-    def start(self, timeout: float = 60) -> "LocalCluster":
+    def start(self, timeout: float = 60) -> LocalCluster:
         if os.geteuid() != 0:
             raise ClusterError("the test cluster runs its daemons as root (SlurmUser=root); run the tests as root")
         binaries = {name: _which(name) for name in DAEMONS + CLIENTS}
         self._write_config()
         r = self.root
-        self._spawn("munged", [binaries["munged"], "-F", "--force", f"--key-file={r}/munge/munge.key",
-                               f"--socket={self.munge_socket}", f"--pid-file={r}/run/munged.pid",
-                               f"--log-file={r}/log/munged.log", f"--seed-file={r}/munge/seed"])
+        self._spawn(
+            "munged",
+            [
+                binaries["munged"],
+                "-F",
+                "--force",
+                f"--key-file={r}/munge/munge.key",
+                f"--socket={self.munge_socket}",
+                f"--pid-file={r}/run/munged.pid",
+                f"--log-file={r}/log/munged.log",
+                f"--seed-file={r}/munge/seed",
+            ],
+        )
         self._wait(lambda: self.munge_socket.exists(), 10, "munged did not create its socket")
         self._spawn("slurmctld", [binaries["slurmctld"], "-D", "-i", "-f", str(self.conf)])
-        self._wait(lambda: self.client("scontrol", "ping", check=False).returncode == 0, timeout,
-                   "slurmctld does not answer 'scontrol ping'")
+        self._wait(
+            lambda: self.client("scontrol", "ping", check=False).returncode == 0,
+            timeout,
+            "slurmctld does not answer 'scontrol ping'",
+        )
         # Jobs run under slurmd and see its mount namespace. Snakemake's job step calls `srun` with every
         # SLURM_* variable (SLURM_CONF too) removed, so srun reads the default /etc/slurm/slurm.conf:
         # slurmd gets a private mount namespace in which /etc/slurm is this cluster's etc/ directory.
         # `unshare` and `sh` exec, so the Popen PID is slurmd's own.
         mount = f"mount --bind {shlex.quote(str(self.conf.parent))} /etc/slurm"
         slurmd = shlex.join([binaries["slurmd"], "-D", "-N", NODE, "-f", str(self.conf)])
-        self._spawn("slurmd", [_which("unshare"), "--mount", "--propagation", "private", "--",
-                               "/bin/sh", "-c", f"{mount} && exec {slurmd}"])
+        self._spawn(
+            "slurmd",
+            [
+                _which("unshare"),
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "/bin/sh",
+                "-c",
+                f"{mount} && exec {slurmd}",
+            ],
+        )
         self._wait(lambda: self.node_state() == "idle", timeout, f"node {NODE} did not become idle")
         return self
 
@@ -218,7 +255,9 @@ class LocalCluster:
                 self.client("scancel", *ids, check=False)
                 # slurmd must still run to end the jobs' processes (KillWait is short here)
                 deadline = time.monotonic() + 30
-                while time.monotonic() < deadline and self.client("squeue", "-h", "-o", "%i", check=False).stdout.strip():
+                while (
+                    time.monotonic() < deadline and self.client("squeue", "-h", "-o", "%i", check=False).stdout.strip()
+                ):
                     time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.pop(name, None)
@@ -231,7 +270,7 @@ class LocalCluster:
                 proc.kill()
                 proc.wait(timeout=15)
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         try:
             return self.start()
         except BaseException:

@@ -52,8 +52,7 @@ def lock_packages(lock: Path = LOCK) -> dict[str, list[dict]]:
 
 
 def lock_versions(lock: Path = LOCK) -> dict[str, set[str]]:
-    return {name: {p["version"] for p in entries if "version" in p}
-            for name, entries in lock_packages(lock).items()}
+    return {name: {p["version"] for p in entries if "version" in p} for name, entries in lock_packages(lock).items()}
 
 
 def uv_requirement(version: str, lock: Path = LOCK) -> str:
@@ -87,8 +86,20 @@ def bootstrap_uv(venv: Path) -> None:
         subprocess.run([str(python), "-m", "ensurepip", "--default-pip"], check=True, stdout=subprocess.DEVNULL)
     req_file = venv / "uv-requirement.txt"
     req_file.write_text(requirement + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps",
-                    *(["--require-hashes"] if "--hash=" in requirement else []), "-r", str(req_file)], check=True)
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            *(["--require-hashes"] if "--hash=" in requirement else []),
+            "-r",
+            str(req_file),
+        ],
+        check=True,
+    )
 
 
 def conda_python(pyproject: Path = PYPROJECT) -> str:
@@ -123,15 +134,43 @@ HEADER = """\
 def export_pins(uv: str) -> list[str]:
     """`uv export` of the lock: the pipeline's runtime packages (the library and its `all` extra; no test extra, no
     dev group), pinned, with markers."""
-    out = subprocess.run([uv, "export", "--frozen", "--offline", "--format", "requirements-txt", "--no-hashes",
-                          "--no-dev", "--extra", "all", "--no-emit-project", "--no-header", "--no-annotate"],
-                         cwd=REPO, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [
+            uv,
+            "export",
+            "--frozen",
+            "--offline",
+            "--format",
+            "requirements-txt",
+            "--no-hashes",
+            "--no-dev",
+            "--extra",
+            "all",
+            "--no-emit-project",
+            "--no-header",
+            "--no-annotate",
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return [line.strip() for line in out.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def conda_env_text(uv: str) -> str:
-    lines = [HEADER.rstrip("\n"), "name: dblocks", "channels:", "  - conda-forge", "  - nodefaults",
-             "dependencies:", f"  - python={conda_python()}", "  - pip", "  - pip:", "      - -e ../.."]
+    lines = [
+        HEADER.rstrip("\n"),
+        "name: dblocks",
+        "channels:",
+        "  - conda-forge",
+        "  - nodefaults",
+        "dependencies:",
+        f"  - python={conda_python()}",
+        "  - pip",
+        "  - pip:",
+        "      - -e ../..",
+    ]
     lines += [f'      - "{pin}"' if ";" in pin else f"      - {pin}" for pin in export_pins(uv)]
     return "\n".join(lines) + "\n"
 
@@ -154,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         text = conda_env_text(args.uv)
         if args.check:
             if not CONDA_ENV.exists() or CONDA_ENV.read_text() != text:
-                print(f"{CONDA_ENV.relative_to(REPO)} is out of date with uv.lock: run `make conda-env`",
-                      file=sys.stderr)
+                print(
+                    f"{CONDA_ENV.relative_to(REPO)} is out of date with uv.lock: run `make conda-env`", file=sys.stderr
+                )
                 return 1
             return 0
         CONDA_ENV.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,8 +45,9 @@ def state_of(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, data, *, seed: int = 0, batch_size: int = 512,
-                      device: str | torch.device = "cpu", **classify: Any) -> float:
+def evaluate_accuracy(
+    model: nn.Module, data, *, seed: int = 0, batch_size: int = 512, device: str | torch.device = "cpu", **classify: Any
+) -> float:
     """The share of ``data`` (an :class:`dblocks.data.ImageDataset` split) that ``model.classify`` labels
     right. The sampling noise of the stochastic methods comes from one generator seeded with ``seed``, so an
     evaluation is repeatable; ``classify`` options (``steps=...``) are passed through."""

@@ -38,7 +38,7 @@ units' step sizes.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,8 +84,9 @@ class Unit(nn.Module):
 
     def __init__(self, spec: ArchSpec, layers: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(AdaLNZeroLayer(spec.width, spec.heads, spec.mlp_ratio, dropout=spec.dropout)
-                                    for _ in range(layers))
+        self.layers = nn.ModuleList(
+            AdaLNZeroLayer(spec.width, spec.heads, spec.mlp_ratio, dropout=spec.dropout) for _ in range(layers)
+        )
         self.cond = nn.Parameter(torch.zeros(1, spec.width))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -96,15 +97,24 @@ class Unit(nn.Module):
 
 
 class ForwardForwardViT(nn.Module):
-    def __init__(self, spec: str | ArchSpec, image_shape: Sequence[int], num_classes: int,
-                 layers_per_unit: int = 1, threshold: float = THRESHOLD, skip_first: bool = False) -> None:
+    def __init__(
+        self,
+        spec: str | ArchSpec,
+        image_shape: Sequence[int],
+        num_classes: int,
+        layers_per_unit: int = 1,
+        threshold: float = THRESHOLD,
+        skip_first: bool = False,
+    ) -> None:
         super().__init__()
         spec = get_arch(spec) if isinstance(spec, str) else spec
         if spec.family != "vit":
             raise ValueError(f"Forward-Forward runs on a ViT; {spec.family!r} given")
         if num_classes > spec.width:
-            raise ValueError(f"the label token holds the one-hot label: {num_classes} classes need width >= "
-                             f"{num_classes}, got {spec.width}")
+            raise ValueError(
+                f"the label token holds the one-hot label: {num_classes} classes need width >= "
+                f"{num_classes}, got {spec.width}"
+            )
         if layers_per_unit < 1 or spec.depth % layers_per_unit:
             raise ValueError(f"layers_per_unit={layers_per_unit} does not divide depth {spec.depth}")
         self.num_classes, self.threshold, self.skip_first = num_classes, threshold, skip_first
@@ -159,21 +169,48 @@ class ForwardForwardViT(nn.Module):
         return self.class_goodness(images).argmax(dim=-1)
 
 
-def train_forward_forward(arch: str | ArchSpec, data, *, seed: int = 0, device="cpu", layers_per_unit: int = 1,
-                          threshold: float = THRESHOLD, module: ForwardForwardViT | None = None, state_path=None,
-                          on_log=None, **overrides) -> dict[str, torch.Tensor]:
+def train_forward_forward(
+    arch: str | ArchSpec,
+    data,
+    *,
+    seed: int = 0,
+    device="cpu",
+    layers_per_unit: int = 1,
+    threshold: float = THRESHOLD,
+    module: ForwardForwardViT | None = None,
+    state_path=None,
+    on_log=None,
+    **overrides,
+) -> dict[str, torch.Tensor]:
     """Train a Forward-Forward ViT of architecture ``arch`` (a registry name, e.g. ``ViT-tiny``) on ``data``
     and return its state; ``overrides`` are train settings over :data:`FF_TRAIN` (``steps=...``)."""
     if module is None:
         with seeded(seed):
             module = ForwardForwardViT(arch, data.shape, data.num_classes, layers_per_unit, threshold)
-    train(module, Objective(module.loss, module.draw), data, train_config(FF_TRAIN, overrides), seed=seed,
-          device=torch.device(device), state_path=state_path, on_log=on_log, desc="Forward-Forward", progress=False)
+    train(
+        module,
+        Objective(module.loss, module.draw),
+        data,
+        train_config(FF_TRAIN, overrides),
+        seed=seed,
+        device=torch.device(device),
+        state_path=state_path,
+        on_log=on_log,
+        desc="Forward-Forward",
+        progress=False,
+    )
     return state_of(module)
 
 
-def forward_forward(arch: str | ArchSpec, image_shape: Sequence[int], num_classes: int, state, *,
-                    layers_per_unit: int = 1, threshold: float = THRESHOLD) -> ForwardForwardViT:
+def forward_forward(
+    arch: str | ArchSpec,
+    image_shape: Sequence[int],
+    num_classes: int,
+    state,
+    *,
+    layers_per_unit: int = 1,
+    threshold: float = THRESHOLD,
+) -> ForwardForwardViT:
     """A trained Forward-Forward ViT from its state."""
     model = ForwardForwardViT(arch, image_shape, num_classes, layers_per_unit, threshold)
     model.load_state_dict(state)

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
 
-from dblocks.baselines import evaluate_accuracy, load_state, save_state, seeded, state_of
+from dblocks.baselines import evaluate_accuracy, load_state, noprop, save_state, seeded, state_of
 from dblocks.baselines import forward_forward as ff
-from dblocks.baselines import noprop
 from dblocks.checkpoint import load_metadata
 from dblocks.config import LOCAL_METHODS, NOPROP_METHODS, SPLIT_METHODS, check_method, config_hash
 from dblocks.errors import CheckpointError, ConfigError
@@ -71,11 +70,12 @@ def check_part(config: dict, method: str, part: int | str | None) -> None:
     check_method(config, method)
     allowed = parts(method, config["blocks"])
     if part not in allowed:
-        names = (f"--block 1..{config['blocks']} or --head" if method in SPLIT_METHODS
-                 else "neither --block nor --head")
+        names = f"--block 1..{config['blocks']} or --head" if method in SPLIT_METHODS else "neither --block nor --head"
         given = "--head" if part == HEAD else f"--block {part}" if part is not None else "no part"
-        raise ConfigError(f"{given}: {method} trains {len(allowed)} job{'s' * (len(allowed) > 1)} "
-                          f"(blocks={config['blocks']}); allowed: {names}")
+        raise ConfigError(
+            f"{given}: {method} trains {len(allowed)} job{'s' * (len(allowed) > 1)} "
+            f"(blocks={config['blocks']}); allowed: {names}"
+        )
 
 
 def _build(config: dict, method: str, part: int | str | None) -> nn.Module:
@@ -108,18 +108,33 @@ def training_job(exp: Experiment, method: str, part: int | str | None) -> tuple[
     return module, Objective(module.loss, module.draw), steps
 
 
-def save_part(path: Path, module: nn.Module, exp: Experiment, method: str, part: int | str | None, step: int,
-              extra: dict | None = None) -> dict:
+def save_part(
+    path: Path,
+    module: nn.Module,
+    exp: Experiment,
+    method: str,
+    part: int | str | None,
+    step: int,
+    extra: dict | None = None,
+) -> dict:
     """A trained part as a checkpoint (safetensors + JSON record, atomic); returns the record as written."""
     from dblocks.assemble import provenance
 
-    meta = {**provenance(exp), "kind": KIND, "method": method, "part": part_name(part),
-            "block": part if isinstance(part, int) else None, "blocks": exp.config["blocks"], "step": step,
-            **(extra or {})}
+    meta = {
+        **provenance(exp),
+        "kind": KIND,
+        "method": method,
+        "part": part_name(part),
+        "block": part if isinstance(part, int) else None,
+        "blocks": exp.config["blocks"],
+        "step": step,
+        **(extra or {}),
+    }
     return save_state(path, state_of(module), meta)
 
 
 # ------------------------------------------------------------------------------------------ evaluation
+
 
 def read_parts(paths: Sequence[str | Path]) -> tuple[dict, list[tuple[Path, dict]]]:
     """The checkpoints of one trained baseline, checked from their JSON records alone before any tensor is
@@ -129,8 +144,12 @@ def read_parts(paths: Sequence[str | Path]) -> tuple[dict, list[tuple[Path, dict
     for path in map(Path, paths):
         meta = load_metadata(path)
         if meta.get("kind") != KIND or meta.get("method") not in LOCAL_METHODS:
-            raise CheckpointError(path, f"is a {meta.get('kind')!r} checkpoint of method {meta.get('method')!r}, "
-                                        f"not a block-local baseline's ({', '.join(LOCAL_METHODS)})", field="kind")
+            raise CheckpointError(
+                path,
+                f"is a {meta.get('kind')!r} checkpoint of method {meta.get('method')!r}, "
+                f"not a block-local baseline's ({', '.join(LOCAL_METHODS)})",
+                field="kind",
+            )
         records.append((path, meta))
     if not records:
         raise ConfigError("no checkpoints given; allowed: the checkpoints of one trained baseline")
@@ -138,16 +157,22 @@ def read_parts(paths: Sequence[str | Path]) -> tuple[dict, list[tuple[Path, dict
     for path, meta in records[1:]:
         for key in ("method", "config_hash"):
             if meta.get(key) != ref.get(key):
-                raise CheckpointError(path, f"{key} is {meta.get(key)!r} but {ref_path} has {ref.get(key)!r}; the "
-                                            f"parts must come from one experiment, config and method", field=key)
+                raise CheckpointError(
+                    path,
+                    f"{key} is {meta.get(key)!r} but {ref_path} has {ref.get(key)!r}; the "
+                    f"parts must come from one experiment, config and method",
+                    field=key,
+                )
     config, method = ref["config"], ref["method"]
     if config_hash(config) != ref["config_hash"]:
         raise CheckpointError(ref_path, "the recorded config does not hash to config_hash", field="config_hash")
     expected = [part_name(p) for p in parts(method, config["blocks"])]
     given = [meta.get("part") for _, meta in records]
     if sorted(given) != sorted(expected):
-        raise ConfigError(f"checkpoints of {method} ({ref.get('experiment')}): parts {', '.join(map(str, given))} "
-                          f"given; allowed: exactly {', '.join(expected)}")
+        raise ConfigError(
+            f"checkpoints of {method} ({ref.get('experiment')}): parts {', '.join(map(str, given))} "
+            f"given; allowed: exactly {', '.join(expected)}"
+        )
     return config, sorted(records, key=lambda r: expected.index(r[1]["part"]))
 
 
@@ -168,6 +193,7 @@ def training_cost(records: list[tuple[Path, dict]]) -> dict:
     method's trained units (NoProp-DT's blocks; the model's one job otherwise) the mean milliseconds per
     optimizer step and the largest memory of one job (``train_memory_mb``, ``peak_memory_mb``: see
     :class:`dblocks.train.PeakMemory`), and what all jobs (NoProp-DT's head included) took together."""
+
     def per_step(meta: dict) -> float | None:
         if meta.get("seconds_per_step") is not None:  # as the job measured and logged it (MLflow: seconds_per_step)
             return 1000 * meta["seconds_per_step"]
@@ -175,8 +201,10 @@ def training_cost(records: list[tuple[Path, dict]]) -> dict:
         return 1000 * meta["train_seconds"] / ran if meta.get("train_seconds") is not None and ran else None
 
     units_ = [meta for _, meta in records if meta.get("part") != HEAD] or [meta for _, meta in records]
-    out: dict = {"train_jobs": len(records),
-                 "train_seconds_total": round(sum(m.get("train_seconds") or 0.0 for _, m in records), 3)}
+    out: dict = {
+        "train_jobs": len(records),
+        "train_seconds_total": round(sum(m.get("train_seconds") or 0.0 for _, m in records), 3),
+    }
     times = [t for t in map(per_step, units_) if t is not None]
     if times:
         out["train_ms_per_step"] = statistics.fmean(times)

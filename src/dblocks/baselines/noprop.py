@@ -56,8 +56,8 @@ giving its end points; these are our choice.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,8 +98,14 @@ NOPROP_ARCHITECTURES: dict[str, NoPropSpec] = {
 #: the paper's optimizer for NoProp-DT (AdamW, lr 1e-3, weight decay 1e-3, batch 128, no schedule named); no
 #: gradient clipping, which the paper does not use. (CT and FM: the paper's Adam with the same lr and decay;
 #: the project's one training loop has AdamW only, see docs/noprop.md.)
-NOPROP_TRAIN = {"lr": 1e-3, "weight_decay": 1e-3, "batch_size": 128, "warmup": 0, "schedule": "constant",
-                "grad_clip": None}
+NOPROP_TRAIN = {
+    "lr": 1e-3,
+    "weight_decay": 1e-3,
+    "batch_size": 128,
+    "warmup": 0,
+    "schedule": "constant",
+    "grad_clip": None,
+}
 
 #: the paper's loss weight eta on the denoising terms: 0.1 for NoProp-DT, 1 for NoProp-CT (FM has none)
 ETA = 0.1
@@ -112,8 +118,7 @@ def get_noprop(spec: str | NoPropSpec) -> NoPropSpec:
     try:
         return NOPROP_ARCHITECTURES[spec]
     except KeyError:
-        raise ValueError(f"unknown NoProp architecture {spec!r}; allowed: {', '.join(NOPROP_ARCHITECTURES)}") \
-            from None
+        raise ValueError(f"unknown NoProp architecture {spec!r}; allowed: {', '.join(NOPROP_ARCHITECTURES)}") from None
 
 
 # ------------------------------------------------------------------------------------ schedules, losses
@@ -265,8 +270,9 @@ class NoPropNet(nn.Module):
     ``timed`` also drops every batch norm: "batch normalization is not included in the continuous-time model"
     (Figure 6's caption)."""
 
-    def __init__(self, spec: NoPropSpec, image_shape: Sequence[int], label_dim: int, out_dim: int,
-                 timed: bool = False) -> None:
+    def __init__(
+        self, spec: NoPropSpec, image_shape: Sequence[int], label_dim: int, out_dim: int, timed: bool = False
+    ) -> None:
         super().__init__()
         self.label_dim, self.time_dim = label_dim, spec.time_dim
         norm = not timed
@@ -284,12 +290,12 @@ class NoPropNet(nn.Module):
         if height < 1 or width < 1:
             raise ValueError(f"image {tuple(image_shape)} is too small for {sum(spec.pool)} pooling stages")
         features = nn.BatchNorm1d(spec.width) if norm else nn.ReLU()
-        self.image = nn.Sequential(*stages, nn.Flatten(), nn.Linear(channels * height * width, spec.width),
-                                   features)
+        self.image = nn.Sequential(*stages, nn.Flatten(), nn.Linear(channels * height * width, spec.width), features)
         self.label = _dense(label_dim, spec.width, batchnorm=norm)
         # DT's skip connection: label features plus a two-layer residual branch of them
-        self.label_skip = (nn.Sequential(_dense(spec.width, spec.width), _dense(spec.width, spec.width, relu=False))
-                           if norm else None)
+        self.label_skip = (
+            nn.Sequential(_dense(spec.width, spec.width), _dense(spec.width, spec.width, relu=False)) if norm else None
+        )
         self.time = _dense(spec.time_dim, spec.width, batchnorm=False) if timed else None
         fused = spec.width * (3 if timed else 2)
         layers: list[nn.Module] = []
@@ -391,8 +397,13 @@ class NoPropDT(nn.Module):
         return self.head(z).argmax(dim=-1)
 
 
-def noprop_dt(spec: str | NoPropSpec, image_shape: Sequence[int], num_classes: int,
-              blocks: Sequence[Mapping[str, torch.Tensor]], head: Mapping[str, torch.Tensor]) -> NoPropDT:
+def noprop_dt(
+    spec: str | NoPropSpec,
+    image_shape: Sequence[int],
+    num_classes: int,
+    blocks: Sequence[Mapping[str, torch.Tensor]],
+    head: Mapping[str, torch.Tensor],
+) -> NoPropDT:
     """The assembled model from the T block jobs' and the head job's states (blocks in order 1..T)."""
     spec = get_noprop(spec)
     if len(blocks) != spec.steps:
@@ -425,8 +436,12 @@ class NoPropCT(nn.Module):
 
     def draw(self, batch: Batch, gen: torch.Generator) -> Batch:
         n, d, device = len(batch["label"]), self.embeddings.shape[1], batch["label"].device
-        return {**batch, "time": torch.rand(n, generator=gen).to(device),
-                "noise": _standard_normal((n, d), gen, device), "noise_end": _standard_normal((n, d), gen, device)}
+        return {
+            **batch,
+            "time": torch.rand(n, generator=gen).to(device),
+            "noise": _standard_normal((n, d), gen, device),
+            "noise_end": _standard_normal((n, d), gen, device),
+        }
 
     def loss(self, batch: Batch) -> torch.Tensor:
         u = self.embeddings[batch["label"]]
@@ -435,8 +450,11 @@ class NoPropCT(nn.Module):
         z_end = noisy_embedding(u, ends[1], batch["noise_end"])
         z = noisy_embedding(u, self.schedule.alpha_bar(t)[:, None], batch["noise"])
         u_hat = _embedding_prediction(self.net(batch["image"], z, t), self.embeddings)
-        return (F.cross_entropy(self.head(z_end), batch["label"]) + prior_kl(u, ends[0]).mean()
-                + denoising_loss(u_hat, u, self.eta / 2 * self.schedule.snr_derivative(t)))
+        return (
+            F.cross_entropy(self.head(z_end), batch["label"])
+            + prior_kl(u, ends[0]).mean()
+            + denoising_loss(u_hat, u, self.eta / 2 * self.schedule.snr_derivative(t))
+        )
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor, generator: torch.Generator, steps: int | None = None) -> torch.Tensor:
@@ -465,8 +483,11 @@ class NoPropFM(nn.Module):
 
     def draw(self, batch: Batch, gen: torch.Generator) -> Batch:
         n, d, device = len(batch["label"]), self.embeddings.shape[1], batch["label"].device
-        return {**batch, "time": torch.rand(n, generator=gen).to(device),
-                "noise": _standard_normal((n, d), gen, device)}
+        return {
+            **batch,
+            "time": torch.rand(n, generator=gen).to(device),
+            "noise": _standard_normal((n, d), gen, device),
+        }
 
     def loss(self, batch: Batch) -> torch.Tensor:
         u, z0, t = self.embeddings[batch["label"]], batch["noise"], batch["time"]
@@ -488,17 +509,48 @@ CONTINUOUS: dict[str, Callable[..., nn.Module]] = {"ct": NoPropCT, "fm": NoPropF
 # ------------------------------------------------------------------------------------------- training
 
 
-def _train(module: nn.Module, objective: Objective, data, seed: int, device, state_path, on_log, desc: str,
-           overrides: Mapping, steps_factor: int = 1) -> dict[str, torch.Tensor]:
+def _train(
+    module: nn.Module,
+    objective: Objective,
+    data,
+    seed: int,
+    device,
+    state_path,
+    on_log,
+    desc: str,
+    overrides: Mapping,
+    steps_factor: int = 1,
+) -> dict[str, torch.Tensor]:
     cfg = train_config(NOPROP_TRAIN, overrides)
-    train(module, objective, data, cfg, seed=seed, device=torch.device(device), steps=cfg["steps"] * steps_factor,
-          state_path=state_path, on_log=on_log, desc=desc, progress=False)
+    train(
+        module,
+        objective,
+        data,
+        cfg,
+        seed=seed,
+        device=torch.device(device),
+        steps=cfg["steps"] * steps_factor,
+        state_path=state_path,
+        on_log=on_log,
+        desc=desc,
+        progress=False,
+    )
     return state_of(module)
 
 
-def train_noprop_block(spec: str | NoPropSpec, data, block: int, *, seed: int = 0, device="cpu",
-                       eta: float = ETA, module: NoPropNet | None = None, state_path=None, on_log=None,
-                       **overrides) -> dict[str, torch.Tensor]:
+def train_noprop_block(
+    spec: str | NoPropSpec,
+    data,
+    block: int,
+    *,
+    seed: int = 0,
+    device="cpu",
+    eta: float = ETA,
+    module: NoPropNet | None = None,
+    state_path=None,
+    on_log=None,
+    **overrides,
+) -> dict[str, torch.Tensor]:
     """Train NoProp-DT's block ``block`` (1..T) alone on ``data`` and return its state. It builds this block's
     network only (or trains ``module`` in place), from seed ``(seed, block)``; ``overrides`` are train
     settings over :data:`NOPROP_TRAIN` (``steps=...``, ``lr=...``)."""
@@ -506,12 +558,30 @@ def train_noprop_block(spec: str | NoPropSpec, data, block: int, *, seed: int = 
     if module is None:
         with seeded(seed * 1000 + block):
             module = dt_block(spec, data.shape, data.num_classes)
-    return _train(module, dt_block_objective(module, block, spec.steps, eta), data, seed * 1000 + block, device,
-                  state_path, on_log, f"NoProp-DT block {block}", overrides)
+    return _train(
+        module,
+        dt_block_objective(module, block, spec.steps, eta),
+        data,
+        seed * 1000 + block,
+        device,
+        state_path,
+        on_log,
+        f"NoProp-DT block {block}",
+        overrides,
+    )
 
 
-def train_noprop_head(spec: str | NoPropSpec, data, *, seed: int = 0, device="cpu", module: nn.Linear | None = None,
-                      state_path=None, on_log=None, **overrides) -> dict[str, torch.Tensor]:
+def train_noprop_head(
+    spec: str | NoPropSpec,
+    data,
+    *,
+    seed: int = 0,
+    device="cpu",
+    module: nn.Linear | None = None,
+    state_path=None,
+    on_log=None,
+    **overrides,
+) -> dict[str, torch.Tensor]:
     """Train NoProp-DT's head alone (its own job: it reads z_T ~ q(z_T | y), no block) and return its state.
     It takes T x ``steps`` optimizer steps: the paper updates the head at every step of every block's training
     (Algorithm 1), and a linear head at lr 1e-3 needs them (at one block's 150 steps it read 25 % of the
@@ -520,25 +590,58 @@ def train_noprop_head(spec: str | NoPropSpec, data, *, seed: int = 0, device="cp
     if module is None:
         with seeded(seed * 1000):
             module = dt_head(data.num_classes)
-    return _train(module, dt_head_objective(module, spec.steps), data, seed * 1000, device, state_path, on_log,
-                  "NoProp-DT head", overrides, steps_factor=spec.steps)
+    return _train(
+        module,
+        dt_head_objective(module, spec.steps),
+        data,
+        seed * 1000,
+        device,
+        state_path,
+        on_log,
+        "NoProp-DT head",
+        overrides,
+        steps_factor=spec.steps,
+    )
 
 
-def train_noprop_continuous(variant: str, spec: str | NoPropSpec, data, *, seed: int = 0, device="cpu",
-                            module: nn.Module | None = None, state_path=None, on_log=None,
-                            **overrides) -> dict[str, torch.Tensor]:
+def train_noprop_continuous(
+    variant: str,
+    spec: str | NoPropSpec,
+    data,
+    *,
+    seed: int = 0,
+    device="cpu",
+    module: nn.Module | None = None,
+    state_path=None,
+    on_log=None,
+    **overrides,
+) -> dict[str, torch.Tensor]:
     """Train NoProp-CT (``variant="ct"``) or NoProp-FM (``"fm"``), one job, and return the model's state."""
     if variant not in CONTINUOUS:
         raise ValueError(f"unknown NoProp variant {variant!r}; allowed: {', '.join(CONTINUOUS)}")
     if module is None:
         with seeded(seed):
             module = CONTINUOUS[variant](spec, data.shape, data.num_classes)
-    return _train(module, Objective(module.loss, module.draw), data, seed, device, state_path, on_log,
-                  f"NoProp-{variant.upper()}", overrides)
+    return _train(
+        module,
+        Objective(module.loss, module.draw),
+        data,
+        seed,
+        device,
+        state_path,
+        on_log,
+        f"NoProp-{variant.upper()}",
+        overrides,
+    )
 
 
-def noprop_continuous(variant: str, spec: str | NoPropSpec, image_shape: Sequence[int], num_classes: int,
-                      state: Mapping[str, torch.Tensor]) -> nn.Module:
+def noprop_continuous(
+    variant: str,
+    spec: str | NoPropSpec,
+    image_shape: Sequence[int],
+    num_classes: int,
+    state: Mapping[str, torch.Tensor],
+) -> nn.Module:
     """A trained NoProp-CT / FM model from its state."""
     model = CONTINUOUS[variant](spec, image_shape, num_classes)
     model.load_state_dict(state)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from dblocks.config import UNKNOWN_SCALE, WEIGHTS, parse_override, resolve
 from dblocks.errors import UsageError
@@ -25,8 +25,11 @@ def experiment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--experiment", help="which experiment of the params file")
     g.add_argument("--task", help="classification | generation")
     g.add_argument("--arch", help="architecture name (see 'dblocks models')")
-    g.add_argument("--dataset", help="digits (embedded, offline) | digits-latent (prepared only: --data) | cifar10 | "
-                                     "cifar100 | imagenet256 | shakespeare | text8 | lm1b | openwebtext")
+    g.add_argument(
+        "--dataset",
+        help="digits (embedded, offline) | digits-latent (prepared only: --data) | cifar10 | "
+        "cifar100 | imagenet256 | shakespeare | text8 | lm1b | openwebtext",
+    )
     g.add_argument("--data-root", help="local copy of the dataset (Hugging Face parquet layout)")
     g.add_argument("--data", help="prepared dataset directory written by 'dblocks prepare' (else: load the source)")
     g.add_argument("--blocks", type=int, help="number of blocks B")
@@ -38,21 +41,32 @@ def experiment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=finite_float)
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config key, dotted, e.g. --set train.warmup=100 (repeatable)")
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key, dotted, e.g. --set train.warmup=100 (repeatable)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def track_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--track", metavar="RUN_JSON",
-                   help="log this job as a child MLflow run of the parent run named in RUN_JSON "
-                        "(written by 'dblocks track-init'); tracking failures only warn")
+    p.add_argument(
+        "--track",
+        metavar="RUN_JSON",
+        help="log this job as a child MLflow run of the parent run named in RUN_JSON "
+        "(written by 'dblocks track-init'); tracking failures only warn",
+    )
 
 
 def weights_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", choices=WEIGHTS,
-                   help="the trained weights or their average (default: the experiment's sample.weights; auto = "
-                        "the average where training kept one)")
+    p.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        help="the trained weights or their average (default: the experiment's sample.weights; auto = "
+        "the average where training kept one)",
+    )
 
 
 def finite_float(text: str) -> float:
@@ -75,8 +89,14 @@ def experiment_from_args(args: argparse.Namespace):
     from dblocks.experiment import Experiment
 
     direct = {
-        "task": args.task, "arch": args.arch, "dataset": args.dataset, "data_root": args.data_root,
-        "blocks": args.blocks, "partition": args.partition, "overlap": args.overlap, "seed": args.seed,
+        "task": args.task,
+        "arch": args.arch,
+        "dataset": args.dataset,
+        "data_root": args.data_root,
+        "blocks": args.blocks,
+        "partition": args.partition,
+        "overlap": args.overlap,
+        "seed": args.seed,
         "device": args.device,
         "layer_split": _layer_split(args.layer_split) if args.layer_split else None,
     }
@@ -91,8 +111,7 @@ def experiment_from_args(args: argparse.Namespace):
     if args.config:  # the params model: a pipeline file is validated whole, as the workflow saw it
         from dblocks.params import experiment_config, scale_of
 
-        exp = Experiment(experiment_config(args.config, args.experiment, overrides),
-                         scale_of(args.config) or scale)
+        exp = Experiment(experiment_config(args.config, args.experiment, overrides), scale_of(args.config) or scale)
     else:
         exp = Experiment(resolve({}, overrides), scale)
     existing_dir(args.data, "--data")
@@ -100,6 +119,7 @@ def experiment_from_args(args: argparse.Namespace):
     if args.data is not None:
         for split in ("train", "test"):
             from dblocks.data import prepared_path
+
             if not prepared_path(args.data, split).is_file():
                 raise UsageError(f"--data {args.data}: no {split}.safetensors; write it with 'dblocks prepare'")
     return exp

@@ -13,6 +13,7 @@ from dblocks.inputs import existing_dir
 # inside the command functions: the data loaders and models import torch, which 'partition --help' or a tracking job
 # must not pay for.
 
+
 def cmd_partition(args) -> None:
     from dblocks.noise import PARTITION_KINDS, Partition
 
@@ -26,8 +27,10 @@ def cmd_partition(args) -> None:
     if args.json:
         print(json.dumps(part.to_dict(), indent=2))
         return
-    print(f"{args.kind} partition of [{part.dist.sigma_min}, {part.dist.sigma_max}] into B={part.blocks} "
-          f"blocks, overlap gamma={args.overlap}")
+    print(
+        f"{args.kind} partition of [{part.dist.sigma_min}, {part.dist.sigma_max}] into B={part.blocks} "
+        f"blocks, overlap gamma={args.overlap}"
+    )
     print(f"{'block':>5}  {'sigma low':>10}  {'sigma high':>10}  {'train low':>10}  {'train high':>10}")
     for b in range(1, part.blocks + 1):
         lo, hi = part.interval(b)
@@ -45,15 +48,18 @@ def cmd_prepare(args) -> None:
     existing_dir(args.data_root, "--data-root")
     trains_autoencoder = args.dataset in TRAINED_AUTOENCODER_DATASETS
     if args.autoencoder_steps is not None and not trains_autoencoder:
-        raise UsageError(f"--autoencoder-steps: {args.dataset} has no autoencoder to train; allowed with: "
-                         f"{', '.join(TRAINED_AUTOENCODER_DATASETS)}")
+        raise UsageError(
+            f"--autoencoder-steps: {args.dataset} has no autoencoder to train; allowed with: "
+            f"{', '.join(TRAINED_AUTOENCODER_DATASETS)}"
+        )
     if args.autoencoder_steps is not None and args.autoencoder_steps < 1:
         raise UsageError(f"--autoencoder-steps {args.autoencoder_steps}: allowed: an integer >= 1")
     if args.seed < 0:
         raise UsageError(f"--seed {args.seed}: allowed: an integer >= 0")
     if args.autoencoder is not None and args.dataset != "imagenet256":
-        raise UsageError(f"--autoencoder: {args.dataset} is not encoded by a chosen autoencoder; allowed with: "
-                         f"imagenet256")
+        raise UsageError(
+            f"--autoencoder: {args.dataset} is not encoded by a chosen autoencoder; allowed with: imagenet256"
+        )
     if args.dataset == "imagenet256":
         from dblocks.data.latents import IMAGENET_AUTOENCODERS, prepare_imagenet_latents
 
@@ -110,21 +116,38 @@ def register(command: Command) -> None:
     command("models", cmd_models, "list the architecture registry")
 
     p = command("prepare", cmd_prepare, "write a dataset's train and test splits to a directory once")
-    p.add_argument("--dataset", required=True,
-                   help="digits | digits-latent | cifar10 | cifar100 | imagenet256 | shakespeare | text8 | lm1b | "
-                        "openwebtext")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        help="digits | digits-latent | cifar10 | cifar100 | imagenet256 | shakespeare | text8 | lm1b | openwebtext",
+    )
     p.add_argument("--data-root", help="local copy (Hugging Face parquet layout); default: the source")
-    p.add_argument("--out", required=True, help="directory for train.safetensors and test.safetensors (and "
-                                                "digits-latent's autoencoder.safetensors)")
-    p.add_argument("--autoencoder-steps", type=int,
-                   help="digits-latent: training steps of its autoencoder (default: dblocks.data.digits_latent.STEPS)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="directory for train.safetensors and test.safetensors (and digits-latent's autoencoder.safetensors)",
+    )
+    p.add_argument(
+        "--autoencoder-steps",
+        type=int,
+        help="digits-latent: training steps of its autoencoder (default: dblocks.data.digits_latent.STEPS)",
+    )
     p.add_argument("--seed", type=int, default=0, help="digits-latent: seed of its autoencoder's training")
-    p.add_argument("--autoencoder", help="imagenet256: sd-vae-ft-ema (default; diffusers, online once) or "
-                                         "untrained-conv (a stand-in of its geometry, written beside the splits)")
+    p.add_argument(
+        "--autoencoder",
+        help="imagenet256: sd-vae-ft-ema (default; diffusers, online once) or "
+        "untrained-conv (a stand-in of its geometry, written beside the splits)",
+    )
 
-    p = command("smoke-data", cmd_smoke_data, "write generated stand-ins of the paper's datasets in their real "
-                "on-disk formats (for params/smoke.yaml)")
+    p = command(
+        "smoke-data",
+        cmd_smoke_data,
+        "write generated stand-ins of the paper's datasets in their real on-disk formats (for params/smoke.yaml)",
+    )
     p.add_argument("--out", required=True, help="folder; each dataset goes to OUT/<dataset>")
-    p.add_argument("--dataset", action="append", help="only this one (repeatable): cifar10 | cifar100 | imagenet | "
-                                                      "text8 | lm1b | openwebtext; default: all")
+    p.add_argument(
+        "--dataset",
+        action="append",
+        help="only this one (repeatable): cifar10 | cifar100 | imagenet | text8 | lm1b | openwebtext; default: all",
+    )
     p.add_argument("--seed", type=int, default=0)

@@ -10,6 +10,7 @@ from dblocks.inputs import device_for, existing_dir, existing_files, load_model_
 # Every command module is imported to build the parser, so each imports the modules its commands use
 # inside the command functions: the models import torch, which no other command's start-up should pay for.
 
+
 def cmd_assemble(args) -> None:
     from dblocks.assemble import AssemblyError, assemble
 
@@ -36,11 +37,14 @@ def cmd_sample(args) -> None:
     model.to(device_for(exp))
     steps = args.steps or exp.config["sample"]["steps"]
     n = args.num or exp.config["sample"]["num_images"]
-    images, model, _, seconds = class_balanced_samples(model, exp, n, steps, args.seed, args.guidance,
-                                                       progress=not args.no_progress)
+    images, model, _, seconds = class_balanced_samples(
+        model, exp, n, steps, args.seed, args.guidance, progress=not args.no_progress
+    )
     save_class_grid(decode(images) if decode is not None else images, exp, out)
-    print(f"wrote {out}: {n} samples, {steps} steps, {meta['weights']} weights, block calls {model.calls}, "
-          f"{seconds:.1f} s")
+    print(
+        f"wrote {out}: {n} samples, {steps} steps, {meta['weights']} weights, block calls {model.calls}, "
+        f"{seconds:.1f} s"
+    )
 
 
 def register(command: Command) -> None:
@@ -53,8 +57,11 @@ def register(command: Command) -> None:
     p = command("sample", cmd_sample, "generate a PNG grid of class-conditional samples")
     p.add_argument("model", metavar="MODEL", help="assembled or end-to-end generation model (.safetensors)")
     p.add_argument("--out", required=True, help="PNG path")
-    p.add_argument("--num", type=int, help="number of samples (default: sample.num_images); the grid shows up "
-                   "to 10 rows of one sample per class")
+    p.add_argument(
+        "--num",
+        type=int,
+        help="number of samples (default: sample.num_images); the grid shows up to 10 rows of one sample per class",
+    )
     p.add_argument("--steps", type=int, help="Euler steps (default: sample.steps)")
     p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: sample.guidance)")
     weights_option(p)

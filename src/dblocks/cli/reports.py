@@ -12,6 +12,7 @@ from dblocks.io import write_text_atomic
 # Every command module is imported to build the parser, so each imports the modules its commands use
 # inside the command functions: the tables import MLflow and pandas, the pipeline Snakemake.
 
+
 def cmd_tables(args) -> None:
     from dblocks.tables import generate
 
@@ -49,13 +50,17 @@ def cmd_verify(args) -> None:
                 print(f"         set aside as {moved}")
         else:
             remaining += 1
-    print(f"{counts[OK]} intact, {counts[CORRUPT]} corrupt, {counts[MISSING]} missing "
-          f"({len(artefacts)} artefacts of {args.params})")
+    print(
+        f"{counts[OK]} intact, {counts[CORRUPT]} corrupt, {counts[MISSING]} missing "
+        f"({len(artefacts)} artefacts of {args.params})"
+    )
     if counts[CORRUPT] and args.quarantine:
         print("the next 'snakemake' run rebuilds what was set aside, and everything that depends on it")
     if remaining:
-        raise IntegrityFailure(f"{remaining} corrupt artefact(s); rerun with --quarantine to set them aside "
-                               f"so that 'snakemake' rebuilds them")
+        raise IntegrityFailure(
+            f"{remaining} corrupt artefact(s); rerun with --quarantine to set them aside "
+            f"so that 'snakemake' rebuilds them"
+        )
 
 
 def cmd_dvc_yaml(args) -> None:
@@ -67,8 +72,9 @@ def cmd_dvc_yaml(args) -> None:
     out = Path(args.out)
     if args.check:
         if not out.is_file() or out.read_text() != text:
-            raise UsageError(f"{out} is out of date with the Snakemake DAG; run: dblocks dvc-yaml --params "
-                             f"{args.params} --out {out}")
+            raise UsageError(
+                f"{out} is out of date with the Snakemake DAG; run: dblocks dvc-yaml --params {args.params} --out {out}"
+            )
         print(f"{out} is up to date")
         return
     write_text_atomic(out, text)
@@ -82,13 +88,19 @@ def register(command: Command) -> None:
     p.add_argument("--out", required=True, help="output directory (tables/ and figures/ are written in it)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the params file's; env overrides)")
 
-    p = command("verify", cmd_verify,
-                "check every artefact of a params file (data, checkpoints, models) against the sha256 in its "
-                "JSON record; exit 1 if one is corrupt")
+    p = command(
+        "verify",
+        cmd_verify,
+        "check every artefact of a params file (data, checkpoints, models) against the sha256 in its "
+        "JSON record; exit 1 if one is corrupt",
+    )
     p.add_argument("--params", default="params/tiny.yaml")
-    p.add_argument("--quarantine", action="store_true",
-                   help="set corrupt artefacts aside as <name>.corrupt so that the next snakemake run rebuilds "
-                        "exactly them and what depends on them (nothing is deleted)")
+    p.add_argument(
+        "--quarantine",
+        action="store_true",
+        help="set corrupt artefacts aside as <name>.corrupt so that the next snakemake run rebuilds "
+        "exactly them and what depends on them (nothing is deleted)",
+    )
     p.add_argument("--verbose", action="store_true", help="list intact and not-yet-built artefacts too")
 
     p = command("dvc-yaml", cmd_dvc_yaml, "write dvc.yaml from the Snakemake DAG (or --check it is current)")

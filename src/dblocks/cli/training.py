@@ -9,13 +9,14 @@ from pathlib import Path
 from dblocks.cli.common import Command, experiment_from_args, experiment_options, track_option, track_path
 from dblocks.config import UNKNOWN_SCALE
 from dblocks.errors import CheckpointError, UsageError
-from dblocks.io import write_json_atomic
 from dblocks.inputs import device_for, existing_dir, existing_files, output_path
+from dblocks.io import write_json_atomic
 from dblocks.tracking import job_run
 
 # Every command module is imported to build the parser, so each imports the modules its commands use
 # inside the command functions: torch and MLflow load only in the command that runs, never for another command
 # or for --help.
+
 
 def _log_training(run, result, checkpoints: dict[str, tuple[Path, dict]], device, ranks: int = 1) -> None:
     """Metrics, checkpoint hashes and JSON sidecars of a finished training job; ``checkpoints`` maps a
@@ -25,12 +26,19 @@ def _log_training(run, result, checkpoints: dict[str, tuple[Path, dict]], device
     if run is None:
         return
     ran = result.steps - result.resumed_from  # a resumed job ran only the remaining steps
-    run.log_metrics({"train_seconds": result.seconds, "seconds_per_step": result.seconds / ran if ran > 0 else None,
-                     "final_loss": result.losses[-1][1] if result.losses else None,
-                     "steps_run": ran, "resumed_from": result.resumed_from,
-                     # dblocks.train.PeakMemory: the steps' memory on the job's device
-                     "peak_memory_mb": result.peak_memory_mb, "train_memory_mb": result.train_memory_mb},
-                    step=result.steps)
+    run.log_metrics(
+        {
+            "train_seconds": result.seconds,
+            "seconds_per_step": result.seconds / ran if ran > 0 else None,
+            "final_loss": result.losses[-1][1] if result.losses else None,
+            "steps_run": ran,
+            "resumed_from": result.resumed_from,
+            # dblocks.train.PeakMemory: the steps' memory on the job's device
+            "peak_memory_mb": result.peak_memory_mb,
+            "train_memory_mb": result.train_memory_mb,
+        },
+        step=result.steps,
+    )
     # timings are only comparable on the same device and number of ranks (device: rank 0's)
     tags = {"dblocks.device": str(device), "dblocks.ranks": str(ranks)}
     for suffix, (path, meta) in checkpoints.items():
@@ -58,18 +66,23 @@ def _finished(out: Path, exp, force: bool) -> bool:
         if launched().main:
             print(f"{out}: already trained with this config (step {meta.get('step')}); use --force to retrain")
         return True
-    raise UsageError(f"--out {out}: holds a checkpoint of another config (config_hash {meta.get('config_hash')}); "
-                     f"use --force to overwrite it")
+    raise UsageError(
+        f"--out {out}: holds a checkpoint of another config (config_hash {meta.get('config_hash')}); "
+        f"use --force to overwrite it"
+    )
 
 
 def _train_summary(result) -> dict:
-    return {"train_seconds": round(result.seconds, 3), "resumed_from": result.resumed_from,
-            "steps_run": result.steps - result.resumed_from,
-            "seconds_per_step": result.seconds / max(1, result.steps - result.resumed_from),
-            "peak_memory_mb": result.peak_memory_mb,
-            "train_memory_mb": result.train_memory_mb,
-            "final_loss": result.losses[-1][1] if result.losses else None,
-            "losses": [[s, round(v, 6)] for s, v in result.losses]}
+    return {
+        "train_seconds": round(result.seconds, 3),
+        "resumed_from": result.resumed_from,
+        "steps_run": result.steps - result.resumed_from,
+        "seconds_per_step": result.seconds / max(1, result.steps - result.resumed_from),
+        "peak_memory_mb": result.peak_memory_mb,
+        "train_memory_mb": result.train_memory_mb,
+        "final_loss": result.losses[-1][1] if result.losses else None,
+        "losses": [[s, round(v, 6)] for s, v in result.losses],
+    }
 
 
 def _run_training(args, exp, method: str, block: int | None, seed: int, state_path: Path, save):
@@ -86,17 +99,29 @@ def _run_training(args, exp, method: str, block: int | None, seed: int, state_pa
     world, device = distributed.setup(device_for(exp))
     if world.size > 1 and world.main:
         cfg = exp.config["train"]
-        print(f"data parallel: {world.size} ranks, global batch {cfg['batch_size']}"
-              + (f", at most {cfg['batch_per_device']} rows per device pass" if cfg["batch_per_device"] else ""),
-              flush=True)
+        print(
+            f"data parallel: {world.size} ranks, global batch {cfg['batch_size']}"
+            + (f", at most {cfg['batch_per_device']} rows per device pass" if cfg["batch_per_device"] else ""),
+            flush=True,
+        )
     track = track_path(args) if world.main else None
     try:
         with job_run(track, "train", method, block, exp.config) as run:
             data = exp.load_data("train", args.data)
             module, objective, steps = training_job(exp, method, block)
-            result = train(module, objective, data, exp.config["train"], seed=seed, device=device, steps=steps,
-                           state_path=state_path, desc=f"{exp.name} {method}" + (f" block {block}" if block else ""),
-                           on_log=run.log_step if run is not None else None, progress=not args.no_progress)
+            result = train(
+                module,
+                objective,
+                data,
+                exp.config["train"],
+                seed=seed,
+                device=device,
+                steps=steps,
+                state_path=state_path,
+                desc=f"{exp.name} {method}" + (f" block {block}" if block else ""),
+                on_log=run.log_step if run is not None else None,
+                progress=not args.no_progress,
+            )
             if world.main:
                 written = save(module, result)
                 remove_training_state(state_path)  # the resume state, and whatever a killed save of it left
@@ -121,11 +146,22 @@ def cmd_train_block(args) -> None:
         return
 
     def save(model, result):
-        return {"": (out, save_block(out, model, exp, b, "blockwise", result.steps, _train_summary(result),
-                                     result.averaged))}
+        return {
+            "": (
+                out,
+                save_block(out, model, exp, b, "blockwise", result.steps, _train_summary(result), result.averaged),
+            )
+        }
 
-    result = _run_training(args, exp, "blockwise", b, derive_seed(exp.config["seed"], "train-block", b),
-                           out.with_suffix(".state.safetensors"), save)
+    result = _run_training(
+        args,
+        exp,
+        "blockwise",
+        b,
+        derive_seed(exp.config["seed"], "train-block", b),
+        out.with_suffix(".state.safetensors"),
+        save,
+    )
     if result is not None:
         print(f"wrote {out} (block {b}/{exp.partition.blocks}, {result.seconds:.1f} s)")
 
@@ -144,8 +180,15 @@ def cmd_train_baseline(args) -> None:
     def save(model, result):
         return {"": (out, save_e2e(out, model, exp, result.steps, _train_summary(result), result.averaged))}
 
-    result = _run_training(args, exp, "e2e", None, derive_seed(exp.config["seed"], "train-e2e"),
-                           out.with_suffix(".state.safetensors"), save)
+    result = _run_training(
+        args,
+        exp,
+        "e2e",
+        None,
+        derive_seed(exp.config["seed"], "train-e2e"),
+        out.with_suffix(".state.safetensors"),
+        save,
+    )
     if result is not None:
         print(f"wrote {out} (end-to-end baseline, {result.seconds:.1f} s)")
 
@@ -157,20 +200,34 @@ def cmd_train_shared(args) -> None:
     exp = experiment_from_args(args)
     out_dir = Path(args.out_dir)
     if exp.config["task"] == "classification" and exp.config["train"]["ema_decay"]:
-        raise UsageError(f"train.ema_decay={exp.config['train']['ema_decay']}: the shared-stem mode learns the "
-                         f"label table, which the weight average does not cover; allowed: 0")
+        raise UsageError(
+            f"train.ema_decay={exp.config['train']['ema_decay']}: the shared-stem mode learns the "
+            f"label table, which the weight average does not cover; allowed: 0"
+        )
     device_for(exp)
     track_path(args)
 
     def save(model, result):
         averaged = result.averaged.blocks if result.averaged is not None else [None] * len(model.blocks)
-        return {f".block{b}": (out_dir / f"block-{b}.safetensors",
-                               save_block(out_dir / f"block-{b}.safetensors", blk, exp, b, "paper", result.steps,
-                                          _train_summary(result), avg))
-                for b, (blk, avg) in enumerate(zip(model.blocks, averaged), 1)}
+        return {
+            f".block{b}": (
+                out_dir / f"block-{b}.safetensors",
+                save_block(
+                    out_dir / f"block-{b}.safetensors", blk, exp, b, "paper", result.steps, _train_summary(result), avg
+                ),
+            )
+            for b, (blk, avg) in enumerate(zip(model.blocks, averaged), 1)
+        }
 
-    result = _run_training(args, exp, "paper", None, derive_seed(exp.config["seed"], "train-shared"),
-                           out_dir / "shared.state.safetensors", save)
+    result = _run_training(
+        args,
+        exp,
+        "paper",
+        None,
+        derive_seed(exp.config["seed"], "train-shared"),
+        out_dir / "shared.state.safetensors",
+        save,
+    )
     if result is not None:
         print(f"wrote {exp.partition.blocks} blocks (shared stem and head) to {out_dir} ({result.seconds:.1f} s)")
 
@@ -183,8 +240,10 @@ def _local_method(args, exp) -> str:
         raise UsageError(f"--method {args.method!r}: allowed: {', '.join(LOCAL_METHODS)}")
     listed = (exp.config.get("pipeline") or {}).get("methods")
     if listed and args.method not in listed:
-        raise UsageError(f"--method {args.method}: experiment {exp.name} trains {', '.join(listed)}; allowed: "
-                         f"{', '.join(m for m in listed if m in LOCAL_METHODS) or 'none of the block-local methods'}")
+        raise UsageError(
+            f"--method {args.method}: experiment {exp.name} trains {', '.join(listed)}; allowed: "
+            f"{', '.join(m for m in listed if m in LOCAL_METHODS) or 'none of the block-local methods'}"
+        )
     return args.method
 
 
@@ -210,8 +269,15 @@ def cmd_train_local(args) -> None:
     def save(module, result):
         return {"": (out, save_part(out, module, exp, method, part, result.steps, _train_summary(result)))}
 
-    result = _run_training(args, exp, method, part, derive_seed(exp.config["seed"], "train-local", method, part),
-                           out.with_suffix(".state.safetensors"), save)
+    result = _run_training(
+        args,
+        exp,
+        method,
+        part,
+        derive_seed(exp.config["seed"], "train-local", method, part),
+        out.with_suffix(".state.safetensors"),
+        save,
+    )
     if result is not None:
         blocks = exp.config["blocks"]
         what = method if part is None else f"{method} head" if part == HEAD else f"{method} block {part}/{blocks}"
@@ -236,8 +302,10 @@ def cmd_evaluate_local(args) -> None:
     if args.params is not None:
         params = Params.load(args.params)
         if config["name"] not in params.experiments:
-            raise UsageError(f"--params {args.params}: has no experiment {config['name']!r} (the checkpoints'); "
-                             f"allowed: {', '.join(params.experiments)}")
+            raise UsageError(
+                f"--params {args.params}: has no experiment {config['name']!r} (the checkpoints'); "
+                f"allowed: {', '.join(params.experiments)}"
+            )
         scale = args.scale or params.scale
     exp = Experiment(config, scale)
     existing_dir(args.data, "--data")
@@ -252,29 +320,45 @@ def cmd_evaluate_local(args) -> None:
             if args.data is not None:
                 run.log_dataset(args.data, args.split, "evaluation")
         result = {**evaluate(model, exp.load_data(args.split, args.data), args.seed, device), **training_cost(records)}
-        record = {"experiment": exp.name, "method": method, "split": args.split, "scale": scale,
-                  "device": str(device), "models": [str(p) for p, _ in records],
-                  "model_sha256": [m["sha256"] for _, m in records], "config_hash": config_hash(config),
-                  "git_commit": git_commit(), "eval_hash": eval_hash, "evaluation": settings, **result}
+        record = {
+            "experiment": exp.name,
+            "method": method,
+            "split": args.split,
+            "scale": scale,
+            "device": str(device),
+            "models": [str(p) for p, _ in records],
+            "model_sha256": [m["sha256"] for _, m in records],
+            "config_hash": config_hash(config),
+            "git_commit": git_commit(),
+            "eval_hash": eval_hash,
+            "evaluation": settings,
+            **result,
+        }
         write_json_atomic(out, record)
         if run is not None:
-            run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            run.log_metrics(
+                {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            )
             run.log_parent_metrics(headline_metrics(method, result))
-            run.set_tags({"split": args.split, "dblocks.device": str(device),
-                          "model_sha256": ",".join(record["model_sha256"])})
+            run.set_tags(
+                {"split": args.split, "dblocks.device": str(device), "model_sha256": ",".join(record["model_sha256"])}
+            )
             run.log_artifact(out, "evaluation")
-    cost = (f"; training {result['train_ms_per_step']:.1f} ms/step" if "train_ms_per_step" in result else "") + \
-        (f", {result['train_memory_mb']:.1f} MB" if result.get("train_memory_mb") is not None else "")
-    print(f"{exp.name} ({method}): accuracy {100 * result['accuracy']:.2f}% on {result['examples']} {args.split} "
-          f"examples{cost}")
+    cost = (f"; training {result['train_ms_per_step']:.1f} ms/step" if "train_ms_per_step" in result else "") + (
+        f", {result['train_memory_mb']:.1f} MB" if result.get("train_memory_mb") is not None else ""
+    )
+    print(
+        f"{exp.name} ({method}): accuracy {100 * result['accuracy']:.2f}% on {result['examples']} {args.split} "
+        f"examples{cost}"
+    )
 
 
 def cmd_training_compute(args) -> None:
     """Forward layer evaluations per optimizer step, measured by counting layer calls, for each training job."""
     import torch
 
-    from dblocks.layers import counting_layer_calls
     from dblocks.jobs import training_job
+    from dblocks.layers import counting_layer_calls
     from dblocks.train import sample_batch
 
     exp = experiment_from_args(args)
@@ -309,16 +393,22 @@ def register(command: Command) -> None:
     experiment_options(p)
     track_option(p)
 
-    p = command("train-shared", cmd_train_shared,
-                "the paper's single-process mode: shared stem and head, one block sampled per step")
+    p = command(
+        "train-shared",
+        cmd_train_shared,
+        "the paper's single-process mode: shared stem and head, one block sampled per step",
+    )
     p.add_argument("--out-dir", required=True, help="directory for block-<b>.safetensors")
     experiment_options(p)
     track_option(p)
 
-    p = command("train-local", cmd_train_local,
-                "train one job of a block-local baseline: NoProp-DT's block t (--block) or head (--head), NoProp-CT, "
-                "NoProp-FM or Forward-Forward (one job each), with the training loop, resume state and tracking of "
-                "the other training commands")
+    p = command(
+        "train-local",
+        cmd_train_local,
+        "train one job of a block-local baseline: NoProp-DT's block t (--block) or head (--head), NoProp-CT, "
+        "NoProp-FM or Forward-Forward (one job each), with the training loop, resume state and tracking of "
+        "the other training commands",
+    )
     p.add_argument("--method", required=True, help="noprop-dt | noprop-ct | noprop-fm | forward-forward")
     p.add_argument("--block", type=int, help="noprop-dt: block t, 1..T (T = the experiment's blocks)")
     p.add_argument("--head", action="store_true", help="noprop-dt: its classification head")
@@ -327,11 +417,18 @@ def register(command: Command) -> None:
     experiment_options(p)
     track_option(p)
 
-    p = command("evaluate-local", cmd_evaluate_local,
-                "evaluate a trained block-local baseline from all its jobs' checkpoints: test accuracy, and the "
-                "time and memory per training step its jobs recorded")
-    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                   help="every part: noprop-dt's block-1..T and head, else the one model checkpoint")
+    p = command(
+        "evaluate-local",
+        cmd_evaluate_local,
+        "evaluate a trained block-local baseline from all its jobs' checkpoints: test accuracy, and the "
+        "time and memory per training step its jobs recorded",
+    )
+    p.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="every part: noprop-dt's block-1..T and head, else the one model checkpoint",
+    )
     p.add_argument("--out", required=True, help="metrics JSON path")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--seed", type=int, default=0, help="seed of the samplers' noise (NoProp)")
@@ -340,7 +437,10 @@ def register(command: Command) -> None:
     p.add_argument("--data", help="prepared dataset directory (default: load the source)")
     track_option(p)
 
-    p = command("training-compute", cmd_training_compute,
-                "measure forward layer evaluations per training step of every job (block-wise and end-to-end)")
+    p = command(
+        "training-compute",
+        cmd_training_compute,
+        "measure forward layer evaluations per training step of every job (block-wise and end-to-end)",
+    )
     p.add_argument("--repeats", type=int, default=20, help="objective evaluations to average over")
     experiment_options(p)

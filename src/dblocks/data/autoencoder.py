@@ -72,25 +72,39 @@ class ConvAutoencoder(nn.Module):
     """The autoencoder; ``downsample`` is a power of two (one stride-2 convolution per halving). Weights
     are initialised from ``seed`` without touching the global RNG."""
 
-    def __init__(self, image_channels: int = 3, latent_channels: int = 4, downsample: int = 8, width: int = 16,
-                 seed: int = 0):
+    def __init__(
+        self, image_channels: int = 3, latent_channels: int = 4, downsample: int = 8, width: int = 16, seed: int = 0
+    ):
         super().__init__()
         halvings = int(math.log2(downsample))
-        if downsample < 1 or 2 ** halvings != downsample:
+        if downsample < 1 or 2**halvings != downsample:
             raise ValueError(f"downsample must be a power of two, got {downsample}")
         self.geometry = Geometry(image_channels, latent_channels, downsample)
         self.width = width
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             down = [m for _ in range(halvings) for m in (nn.Conv2d(width, width, 4, stride=2, padding=1), nn.SiLU())]
-            up = [m for _ in range(halvings)
-                  for m in (nn.ConvTranspose2d(width, width, 4, stride=2, padding=1), nn.SiLU())]
+            up = [
+                m
+                for _ in range(halvings)
+                for m in (nn.ConvTranspose2d(width, width, 4, stride=2, padding=1), nn.SiLU())
+            ]
             self.encoder = nn.Sequential(
-                nn.Conv2d(image_channels, width, 3, padding=1), nn.SiLU(), *down,
-                nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, 2 * latent_channels, 1))
+                nn.Conv2d(image_channels, width, 3, padding=1),
+                nn.SiLU(),
+                *down,
+                nn.Conv2d(width, width, 3, padding=1),
+                nn.SiLU(),
+                nn.Conv2d(width, 2 * latent_channels, 1),
+            )
             self.decoder = nn.Sequential(
-                nn.Conv2d(latent_channels, width, 3, padding=1), nn.SiLU(), *up,
-                nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, image_channels, 3, padding=1))
+                nn.Conv2d(latent_channels, width, 3, padding=1),
+                nn.SiLU(),
+                *up,
+                nn.Conv2d(width, width, 3, padding=1),
+                nn.SiLU(),
+                nn.Conv2d(width, image_channels, 3, padding=1),
+            )
 
     def encode(self, x: torch.Tensor) -> Encoded:
         return Encoded(Posterior(self.encoder(x)))
@@ -115,8 +129,18 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def train_autoencoder(images: torch.Tensor, *, latent_channels: int, downsample: int, width: int, steps: int,
-                      kl_weight: float, batch_size: int, lr: float, seed: int) -> ConvAutoencoder:
+def train_autoencoder(
+    images: torch.Tensor,
+    *,
+    latent_channels: int,
+    downsample: int,
+    width: int,
+    steps: int,
+    kl_weight: float,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> ConvAutoencoder:
     """Train on ``images`` (N, C, H, W) in [-1, 1]: mean squared reconstruction error of a posterior
     *sample* plus ``kl_weight`` x the KL to N(0, I) per latent element. Decoding samples, not means, teaches
     the decoder a neighbourhood of every latent, so it also decodes the slightly-off latents a diffusion

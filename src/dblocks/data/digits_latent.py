@@ -33,8 +33,14 @@ import os
 from pathlib import Path
 
 from dblocks.config import AUTOENCODER_FILE
-from dblocks.data.autoencoder import (Geometry, latent_scale, one_thread, reconstruction_mse, save_autoencoder,
-                                      train_autoencoder)
+from dblocks.data.autoencoder import (
+    Geometry,
+    latent_scale,
+    one_thread,
+    reconstruction_mse,
+    save_autoencoder,
+    train_autoencoder,
+)
 from dblocks.data.dataset import ImageDataset
 from dblocks.data.images import load_image_dataset
 from dblocks.data.latents import LatentCodec
@@ -57,17 +63,36 @@ def prepare_digits_latent(out: str | os.PathLike, steps: int = STEPS, seed: int 
     out = Path(out)
     digits = {split: load_image_dataset("digits", split) for split in ("train", "test")}
     with one_thread():  # encoding too, so the written bytes do not depend on the machine's core count
-        model = train_autoencoder(digits["train"].images, latent_channels=GEOMETRY.latent_channels,
-                                  downsample=GEOMETRY.downsample, width=WIDTH, steps=steps, kl_weight=KL_WEIGHT,
-                                  batch_size=BATCH_SIZE, lr=LR, seed=seed)
+        model = train_autoencoder(
+            digits["train"].images,
+            latent_channels=GEOMETRY.latent_channels,
+            downsample=GEOMETRY.downsample,
+            width=WIDTH,
+            steps=steps,
+            kl_weight=KL_WEIGHT,
+            batch_size=BATCH_SIZE,
+            lr=LR,
+            seed=seed,
+        )
         # each split is encoded once, unscaled; the scale comes from the train split's latents
         raw = {split: LatentCodec(model, scale=1.0).encode(ds.images) for split, ds in digits.items()}
         scale = latent_scale(raw["train"])
-        latents = {split: ImageDataset(NAME, split, raw[split] * scale, ds.labels, ds.num_classes,
-                                       latent_scale=scale) for split, ds in digits.items()}
+        latents = {
+            split: ImageDataset(NAME, split, raw[split] * scale, ds.labels, ds.num_classes, latent_scale=scale)
+            for split, ds in digits.items()
+        }
         mse = reconstruction_mse(model, digits["test"].images)
-    record = {"dataset": NAME, "trained_on": "digits train", "steps": steps, "seed": seed, "batch_size": BATCH_SIZE,
-              "lr": LR, "kl_weight": KL_WEIGHT, "test_reconstruction_mse": mse}
+    record = {
+        "dataset": NAME,
+        "trained_on": "digits train",
+        "steps": steps,
+        "seed": seed,
+        "batch_size": BATCH_SIZE,
+        "lr": LR,
+        "kl_weight": KL_WEIGHT,
+        "test_reconstruction_mse": mse,
+    }
     meta = save_autoencoder(out / AUTOENCODER_FILE, model, scale, record)
-    return [out / AUTOENCODER_FILE] + [save_prepared(ds, out, provenance={"autoencoder_sha256": meta["sha256"]})
-                                       for ds in latents.values()]
+    return [out / AUTOENCODER_FILE] + [
+        save_prepared(ds, out, provenance={"autoencoder_sha256": meta["sha256"]}) for ds in latents.values()
+    ]

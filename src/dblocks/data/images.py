@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -51,8 +51,10 @@ def load_image_dataset(name: str, split: str, root: str | os.PathLike | None = N
     if name == "imagenet256":
         return load_imagenet_latents(split, root)
     if name == "digits-latent":  # its autoencoder is trained once, by prepare; never silently again here
-        raise DataError("digits-latent exists only as prepared data: 'dblocks prepare --dataset digits-latent "
-                        "--out DIR' trains its autoencoder and encodes the digits; then pass --data DIR")
+        raise DataError(
+            "digits-latent exists only as prepared data: 'dblocks prepare --dataset digits-latent "
+            "--out DIR' trains its autoencoder and encodes the digits; then pass --data DIR"
+        )
     return _load_cifar(name, split, root)
 
 
@@ -64,9 +66,7 @@ def _load_digits(split: str) -> ImageDataset:
     labels = digits.target
     # A fixed random_state makes the split independent of any global RNG state, and stratifying
     # keeps every class in both splits with the same proportions.
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=0.2, random_state=0, stratify=labels
-    )
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0, stratify=labels)
     idx = train_idx if split == "train" else test_idx
     # Pixel values are integers in 0..16.
     images = torch.from_numpy(digits.images[idx]).float().div(16.0).mul(2.0).sub(1.0).unsqueeze(1)
@@ -109,8 +109,7 @@ def _load_cifar(name: str, split: str, root: str | os.PathLike | None) -> ImageD
     missing = {"img", label_column} - set(ds.column_names)
     if missing:
         raise DataError(
-            f"{name!r} data has columns {ds.column_names}, missing {sorted(missing)}; "
-            f"is it a copy of {repo_id}?"
+            f"{name!r} data has columns {ds.column_names}, missing {sorted(missing)}; is it a copy of {repo_id}?"
         )
     # Forcing RGB makes every decoded image (H, W, 3) even if a file holds grayscale or RGBA PNGs.
     ds = ds.select_columns(["img", label_column]).cast_column("img", datasets.Image(mode="RGB"))

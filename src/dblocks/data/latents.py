@@ -23,10 +23,10 @@ latents for a trained autoencoder; :meth:`LatentCodec.decode` undoes it."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -70,15 +70,27 @@ class LatentCodec:
         return next(self.vae.parameters()).device
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, batch_size: int = 64, sample: bool = False,
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+    def encode(
+        self,
+        images: torch.Tensor,
+        batch_size: int = 64,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
         """(N, C, H, W) in [-1, 1] -> (N, latent channels, H/downsample, W/downsample) scaled latents: the
         posterior mean (deterministic, the default) or a sample from it."""
         g = self.geometry
-        if (images.ndim != 4 or images.shape[1] != g.image_channels or images.shape[-1] % g.downsample
-                or images.shape[-2] % g.downsample):
-            raise ValueError(f"expected images (N, {g.image_channels}, H, W) with H, W divisible by {g.downsample}, "
-                             f"got {tuple(images.shape)}")
+        if (
+            images.ndim != 4
+            or images.shape[1] != g.image_channels
+            or images.shape[-1] % g.downsample
+            or images.shape[-2] % g.downsample
+        ):
+            raise ValueError(
+                f"expected images (N, {g.image_channels}, H, W) with H, W divisible by {g.downsample}, "
+                f"got {tuple(images.shape)}"
+            )
         self.vae.eval()
         out = []
         for chunk in tqdm(images.split(batch_size), desc="encode", disable=not progress, mininterval=1.0):
@@ -110,8 +122,9 @@ def load_sd_vae(name: str = SD_VAE, device: str | torch.device | None = None) ->
     try:
         from diffusers.models import AutoencoderKL
     except ImportError as exc:
-        raise RuntimeError(f"the ImageNet latent path needs diffusers to load {name}: "
-                           "pip install 'diffusion-blocks[latents]'") from exc
+        raise RuntimeError(
+            f"the ImageNet latent path needs diffusers to load {name}: pip install 'diffusion-blocks[latents]'"
+        ) from exc
     return LatentCodec(AutoencoderKL.from_pretrained(name).to(device))
 
 
@@ -130,11 +143,17 @@ def center_crop_arr(image, size: int = IMAGE_SIZE):
     image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
     arr = np.array(image.convert("RGB"))
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
+    return arr[top : top + size, left : left + size]
 
 
-def encode_batches(codec: LatentCodec, folder, size: int = IMAGE_SIZE, batch_size: int = 64, progress: bool = False,
-                   mirrored: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+def encode_batches(
+    codec: LatentCodec,
+    folder,
+    size: int = IMAGE_SIZE,
+    batch_size: int = 64,
+    progress: bool = False,
+    mirrored: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """A torchvision ``ImageFolder``'s images in its order, center-cropped (:func:`center_crop_arr`) and encoded
     a batch at a time: (scaled latents, latents of the mirrored images if ``mirrored`` else None) per batch.
 
@@ -144,11 +163,15 @@ def encode_batches(codec: LatentCodec, folder, size: int = IMAGE_SIZE, batch_siz
     is a second encoding and twice the storage of the train split."""
     samples = folder.samples
     for start in tqdm(range(0, len(samples), batch_size), desc="encode", disable=not progress, mininterval=1.0):
-        batch = [torch.from_numpy(center_crop_arr(folder.loader(path), size)).permute(2, 0, 1)
-                 for path, _ in samples[start:start + batch_size]]
+        batch = [
+            torch.from_numpy(center_crop_arr(folder.loader(path), size)).permute(2, 0, 1)
+            for path, _ in samples[start : start + batch_size]
+        ]
         images = torch.stack(batch).float().div(127.5).sub(1.0)
-        yield (codec.encode(images, batch_size=batch_size),
-               codec.encode(images.flip(-1), batch_size=batch_size) if mirrored else None)
+        yield (
+            codec.encode(images, batch_size=batch_size),
+            codec.encode(images.flip(-1), batch_size=batch_size) if mirrored else None,
+        )
 
 
 def image_folder(root: str | os.PathLike):
@@ -162,9 +185,14 @@ def image_folder(root: str | os.PathLike):
     return folder
 
 
-def encode_folder(codec: LatentCodec, root: str | os.PathLike, size: int = IMAGE_SIZE, batch_size: int = 64,
-                  progress: bool = False, mirrored: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]:
+def encode_folder(
+    codec: LatentCodec,
+    root: str | os.PathLike,
+    size: int = IMAGE_SIZE,
+    batch_size: int = 64,
+    progress: bool = False,
+    mirrored: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]:
     """An ImageNet-style folder -> (scaled latents (N, 4, size/8, size/8), labels, class names, latents of the
     mirrored images if ``mirrored`` else None), all in memory (:func:`encode_batches`; ``prepare`` writes
     shards instead, :func:`write_imagenet_split`)."""
@@ -180,28 +208,43 @@ IMAGENET_FOLDERS = {"train": "train", "test": "val"}
 
 def _imagenet_root(root: str | os.PathLike | None) -> Path:
     if root is None:
-        raise ValueError("imagenet256 needs data_root: a local ImageNet copy with train/ and val/ class folders "
-                         "(ImageNet cannot be downloaded automatically)")
+        raise ValueError(
+            "imagenet256 needs data_root: a local ImageNet copy with train/ and val/ class folders "
+            "(ImageNet cannot be downloaded automatically)"
+        )
     return Path(root)
 
 
-def load_imagenet_latents(split: str, root: str | os.PathLike | None, codec: LatentCodec | None = None,
-                          batch_size: int = 64, progress: bool = False):
+def load_imagenet_latents(
+    split: str,
+    root: str | os.PathLike | None,
+    codec: LatentCodec | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+):
     """ImageNet 256 as VAE latents, in memory: ``root/train`` and ``root/val`` in ImageFolder layout, encoded by
     ``codec`` (default: sd-vae-ft-ema through diffusers). Returns an ImageDataset of (4, 32, 32) latents; the
     train split also carries the latents of the mirrored images (``flipped``, for ``train.augment: flip``)."""
     root = _imagenet_root(root)
     codec = codec or load_sd_vae()
-    latents, labels, classes, flipped = encode_folder(codec, root / IMAGENET_FOLDERS[split],
-                                                      batch_size=batch_size, progress=progress,
-                                                      mirrored=split == "train")
-    return ImageDataset("imagenet256", split, latents, labels, max(len(classes), 1000), latent_scale=codec.scale,
-                        flipped=flipped)
+    latents, labels, classes, flipped = encode_folder(
+        codec, root / IMAGENET_FOLDERS[split], batch_size=batch_size, progress=progress, mirrored=split == "train"
+    )
+    return ImageDataset(
+        "imagenet256", split, latents, labels, max(len(classes), 1000), latent_scale=codec.scale, flipped=flipped
+    )
 
 
-def write_imagenet_split(codec: LatentCodec, root: str | os.PathLike | None, split: str, out: str | os.PathLike,
-                         provenance: dict | None = None, shard_size: int | str | None = None, batch_size: int = 64,
-                         progress: bool = False) -> Path:
+def write_imagenet_split(
+    codec: LatentCodec,
+    root: str | os.PathLike | None,
+    split: str,
+    out: str | os.PathLike,
+    provenance: dict | None = None,
+    shard_size: int | str | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> Path:
     """Encode one ImageNet split straight into shards under ``out`` (:class:`dblocks.data.prepared.ShardWriter`,
     ``shard_size`` examples each, default :func:`dblocks.data.prepared.shard_examples`): at most one shard of
     latents is in memory, whatever the split's size. The latents' scale is the codec's own (sd-vae-ft-ema's
@@ -210,15 +253,21 @@ def write_imagenet_split(codec: LatentCodec, root: str | os.PathLike | None, spl
     folder = image_folder(_imagenet_root(root) / IMAGENET_FOLDERS[split])
     meta = dataset_record("imagenet256", split, max(len(folder.classes), 1000), len(folder), codec.scale, provenance)
     writer = ShardWriter(out, meta, shard_size)
-    for latents, flipped in encode_batches(codec, folder, batch_size=batch_size, progress=progress,
-                                           mirrored=split == "train"):
+    for latents, flipped in encode_batches(
+        codec, folder, batch_size=batch_size, progress=progress, mirrored=split == "train"
+    ):
         writer.add({"images": latents} if flipped is None else {"images": latents, "flipped": flipped})
     return writer.finish(torch.tensor([label for _, label in folder.samples], dtype=torch.long))
 
 
-def prepare_imagenet_latents(root: str | os.PathLike | None, out: str | os.PathLike,
-                             autoencoder: str = IMAGENET_AUTOENCODERS[0], batch_size: int = 64,
-                             progress: bool = False, shard_size: int | str | None = None) -> list[Path]:
+def prepare_imagenet_latents(
+    root: str | os.PathLike | None,
+    out: str | os.PathLike,
+    autoencoder: str = IMAGENET_AUTOENCODERS[0],
+    batch_size: int = 64,
+    progress: bool = False,
+    shard_size: int | str | None = None,
+) -> list[Path]:
     """``dblocks prepare --dataset imagenet256``: encode ``root/train`` and ``root/val`` once with
     ``autoencoder`` and write both splits to ``out`` as shards (:func:`write_imagenet_split`; with
     ``untrained-conv``, the autoencoder first, beside them); every split records the autoencoder that encoded
@@ -229,9 +278,18 @@ def prepare_imagenet_latents(root: str | os.PathLike | None, out: str | os.PathL
     written, provenance = [], {"autoencoder": autoencoder}
     if autoencoder == "untrained-conv":  # sd-vae-ft-ema's geometry and scale; weights from seed 0, untrained
         codec = LatentCodec(ConvAutoencoder(seed=0))
-        meta = save_autoencoder(Path(out) / AUTOENCODER_FILE, codec.vae, codec.scale,
-                                {"dataset": "imagenet256", "autoencoder": autoencoder, "trained_on": None,
-                                 "seed": 0, "stands_in_for": SD_VAE})
+        meta = save_autoencoder(
+            Path(out) / AUTOENCODER_FILE,
+            codec.vae,
+            codec.scale,
+            {
+                "dataset": "imagenet256",
+                "autoencoder": autoencoder,
+                "trained_on": None,
+                "seed": 0,
+                "stands_in_for": SD_VAE,
+            },
+        )
         written.append(Path(out) / AUTOENCODER_FILE)
         provenance["autoencoder_sha256"] = meta["sha256"]
     else:
@@ -266,8 +324,10 @@ def decoder_for(dataset: str, data_dir: str | os.PathLike | None = None):
         return None
     if data_dir is None:
         if dataset in TRAINED_AUTOENCODER_DATASETS:
-            raise DataError(f"{dataset} samples are decoded by the autoencoder its prepare step trained: pass the "
-                            f"prepared directory (--data) that holds {AUTOENCODER_FILE}")
+            raise DataError(
+                f"{dataset} samples are decoded by the autoencoder its prepare step trained: pass the "
+                f"prepared directory (--data) that holds {AUTOENCODER_FILE}"
+            )
         return load_sd_vae().decode
     split = prepared_path(data_dir, "train")
     encoded_by = load_metadata(split).get("autoencoder_sha256")
@@ -275,7 +335,10 @@ def decoder_for(dataset: str, data_dir: str | os.PathLike | None = None):
         return load_sd_vae().decode
     codec, meta = load_autoencoder(Path(data_dir) / AUTOENCODER_FILE)
     if encoded_by != meta["sha256"]:
-        raise CheckpointError(split, f"was encoded by autoencoder {encoded_by}, not by the {AUTOENCODER_FILE} "
-                                     f"beside it ({meta['sha256']}); run 'dblocks prepare' again",
-                              field="autoencoder_sha256")
+        raise CheckpointError(
+            split,
+            f"was encoded by autoencoder {encoded_by}, not by the {AUTOENCODER_FILE} "
+            f"beside it ({meta['sha256']}); run 'dblocks prepare' again",
+            field="autoencoder_sha256",
+        )
     return codec.decode

@@ -32,18 +32,19 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from dblocks.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
-from dblocks.errors import CheckpointError
+
 # LATENT_DATASETS: autoencoder latents, stored as float32 with their scale
 from dblocks.config import LATENT_DATASETS, SHARD_DIR
 from dblocks.data.dataset import ImageDataset
 from dblocks.data.text import TextDataset, token_streams
+from dblocks.errors import CheckpointError
 
 #: largest raw pixel value per dataset: digits count ink in 0..16, CIFAR is 8-bit
 PIXEL_MAX = {"digits": 16, "cifar10": 255, "cifar100": 255}
@@ -56,9 +57,18 @@ SHARD_KIND = "dataset-shard"
 #: rows converted at a time when a whole split is written, so no float copy of the split is ever made
 _CHUNK_ROWS = 4096
 #: safetensors' names of the dtypes
-_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-           "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-           "F64": torch.float64}
+_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
 
 
 def prepared_path(directory: str | Path, split: str) -> Path:
@@ -126,8 +136,10 @@ class FileRows:
         while done < len(view):  # a read may return less than asked (very large reads, signals)
             got = os.preadv(self._file.fileno(), [view[done:]], start + done)
             if got == 0:
-                raise CheckpointError(self.path, f"ends inside row {row}: the file changed after it was verified; "
-                                                 f"run 'dblocks prepare' again")
+                raise CheckpointError(
+                    self.path,
+                    f"ends inside row {row}: the file changed after it was verified; run 'dblocks prepare' again",
+                )
             done += got
 
 
@@ -155,14 +167,20 @@ class StoredRows:
     consecutive batches of ``n`` rows as ``Tensor.split`` does, so a loop over batches takes either. ``rows[:]``
     is the whole split in memory: for small data only."""
 
-    def __init__(self, parts: Sequence[FileRows | torch.Tensor], convert: Callable[[torch.Tensor], torch.Tensor],
-                 dtype: torch.dtype):
+    def __init__(
+        self,
+        parts: Sequence[FileRows | torch.Tensor],
+        convert: Callable[[torch.Tensor], torch.Tensor],
+        dtype: torch.dtype,
+    ):
         if not parts:
             raise ValueError("StoredRows needs at least one part")
         layouts = {(_row_shape(p), p.dtype) for p in parts}
         if len(layouts) != 1:
-            raise ValueError(f"the parts of one split must share a row shape and dtype, got {sorted(map(str, layouts))}")
-        (self.row_shape, self.stored_dtype), = layouts
+            raise ValueError(
+                f"the parts of one split must share a row shape and dtype, got {sorted(map(str, layouts))}"
+            )
+        ((self.row_shape, self.stored_dtype),) = layouts
         self.parts, self.convert, self.dtype = list(parts), convert, dtype
         self._starts = torch.tensor([0, *itertools.accumulate(len(p) for p in self.parts)])
 
@@ -178,8 +196,10 @@ class StoredRows:
         return 1 + len(self.row_shape)
 
     def __repr__(self) -> str:
-        return (f"StoredRows({len(self)} rows of {tuple(self.row_shape)} {self.stored_dtype} read as {self.dtype}, "
-                f"{len(self.parts)} part(s))")
+        return (
+            f"StoredRows({len(self)} rows of {tuple(self.row_shape)} {self.stored_dtype} read as {self.dtype}, "
+            f"{len(self.parts)} part(s))"
+        )
 
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(index, tuple):
@@ -200,7 +220,7 @@ class StoredRows:
 
     def split(self, size: int) -> Iterator[torch.Tensor]:
         for start in range(0, len(self), size):
-            yield self[start:start + size]
+            yield self[start : start + size]
 
     def _positions(self, index: torch.Tensor) -> torch.Tensor:
         """``index`` as in-range int64 row positions (negative ones count from the end)."""
@@ -230,7 +250,8 @@ class StoredRows:
 
 def _is_scalar(index) -> bool:
     return (isinstance(index, int) and not isinstance(index, bool)) or (
-        torch.is_tensor(index) and index.ndim == 0 and index.dtype != torch.bool)
+        torch.is_tensor(index) and index.ndim == 0 and index.dtype != torch.bool
+    )
 
 
 def _row_shape(part: FileRows | torch.Tensor) -> tuple[int, ...]:
@@ -255,19 +276,33 @@ def _file_rows(path: Path, tensors: Mapping[str, torch.Tensor], names) -> dict[s
     scalar = sorted(name for name in names if tensors[name].ndim == 0)
     if scalar:
         raise CheckpointError(path, f"holds a scalar {scalar[0]}; allowed: rows (N, ...)", field=f"tensors.{scalar[0]}")
-    return {name: FileRows(path, offsets[name], tensors[name].dtype, tensors[name].shape[1:], tensors[name].shape[0])
-            for name in names}
+    return {
+        name: FileRows(path, offsets[name], tensors[name].dtype, tensors[name].shape[1:], tensors[name].shape[0])
+        for name in names
+    }
 
 
 # ----------------------------------------------------------------------------------- image splits
 
 
-def dataset_record(name: str, split: str, num_classes: int, examples: int, latent_scale: float | None = None,
-                   provenance: Mapping | None = None) -> dict:
+def dataset_record(
+    name: str,
+    split: str,
+    num_classes: int,
+    examples: int,
+    latent_scale: float | None = None,
+    provenance: Mapping | None = None,
+) -> dict:
     """The metadata of a prepared image split; ``provenance`` is recorded too (e.g. the sha256 of the
     autoencoder that encoded a latent dataset)."""
-    meta = {**(provenance or {}), "kind": "dataset", "name": name, "split": split, "num_classes": num_classes,
-            "examples": int(examples)}
+    meta = {
+        **(provenance or {}),
+        "kind": "dataset",
+        "name": name,
+        "split": split,
+        "num_classes": num_classes,
+        "examples": int(examples),
+    }
     if name in LATENT_DATASETS:  # latents are real-valued: stored as they are, with their scale
         if latent_scale is None:
             raise ValueError(f"{name} {split}: a latent dataset needs its latent_scale")
@@ -284,14 +319,16 @@ def _stored_form(images: torch.Tensor | StoredRows, pixel_max: int | None) -> to
         return images.contiguous()
     out = torch.empty(tuple(images.shape), dtype=torch.float32 if pixel_max is None else torch.uint8)
     for start in range(0, len(images), _CHUNK_ROWS):
-        chunk = images[start:start + _CHUNK_ROWS]
-        out[start:start + len(chunk)] = (chunk.float() if pixel_max is None else
-                                         torch.round((chunk + 1) / 2 * pixel_max).to(torch.uint8))
+        chunk = images[start : start + _CHUNK_ROWS]
+        out[start : start + len(chunk)] = (
+            chunk.float() if pixel_max is None else torch.round((chunk + 1) / 2 * pixel_max).to(torch.uint8)
+        )
     return out
 
 
-def save_prepared(ds: ImageDataset, directory: str | Path, provenance: dict | None = None,
-                  shard_size: int | None = None) -> Path:
+def save_prepared(
+    ds: ImageDataset, directory: str | Path, provenance: dict | None = None, shard_size: int | None = None
+) -> Path:
     """Write one split: one file, or with ``shard_size`` shards of that many examples (the layout above).
     ``provenance`` is recorded in its metadata (e.g. the sha256 of the autoencoder that encoded a latent
     dataset). Returns the split file."""
@@ -306,7 +343,7 @@ def save_prepared(ds: ImageDataset, directory: str | Path, provenance: dict | No
         return path
     writer = ShardWriter(directory, meta, shard_size)
     for start in range(0, len(ds), writer.shard_size):
-        writer.add({name: t[start:start + writer.shard_size] for name, t in rows.items()})
+        writer.add({name: t[start : start + writer.shard_size] for name, t in rows.items()})
     return writer.finish(ds.labels)
 
 
@@ -344,7 +381,7 @@ class ShardWriter:
             capacity = len(next(iter(self._buffers.values())))
             take = min(count - done, capacity - self._filled)
             for name, t in rows.items():
-                self._buffers[name][self._filled:self._filled + take] = t[done:done + take]
+                self._buffers[name][self._filled : self._filled + take] = t[done : done + take]
             self._filled, done = self._filled + take, done + take
             if self._filled == capacity:
                 self._write_shard()
@@ -360,11 +397,21 @@ class ShardWriter:
         index = len(self.shards)
         path = shard_path(self.directory, self.split, index)
         examples = self._filled
-        record = save_checkpoint(path, self._buffers, {"kind": SHARD_KIND, "name": self.meta.get("name"),
-                                                       "split": self.split, "shard": index, "first": self._written,
-                                                       "examples": examples})
-        self.shards.append({"file": path.relative_to(self.directory).as_posix(), "examples": examples,
-                            "sha256": record["sha256"]})
+        record = save_checkpoint(
+            path,
+            self._buffers,
+            {
+                "kind": SHARD_KIND,
+                "name": self.meta.get("name"),
+                "split": self.split,
+                "shard": index,
+                "first": self._written,
+                "examples": examples,
+            },
+        )
+        self.shards.append(
+            {"file": path.relative_to(self.directory).as_posix(), "examples": examples, "sha256": record["sha256"]}
+        )
         self._written += examples
         self._buffers, self._filled = None, 0
 
@@ -395,18 +442,27 @@ def _load_split(directory: str | Path, split: str, kind: str, expected_name: str
     if meta.get("kind") != kind:
         raise CheckpointError(path, f"is a {meta.get('kind')!r} file, not a prepared {kind}", field="kind")
     if expected_name is not None and meta["name"] != expected_name:
-        raise CheckpointError(path, f"holds dataset {meta['name']!r}, the config asks for {expected_name!r}",
-                              field="name")
+        raise CheckpointError(
+            path, f"holds dataset {meta['name']!r}, the config asks for {expected_name!r}", field="name"
+        )
     return path, tensors, meta
 
 
 def _listed_shard(directory: Path, split_path: Path, index: int, entry) -> Path:
     """The file of the split's ``index``-th listed shard, checked to be a well-formed entry under shards/."""
     file = entry.get("file") if isinstance(entry, dict) else None
-    if (not isinstance(file, str) or Path(file).parts != (SHARD_DIR, Path(file).name)
-            or not isinstance(entry.get("examples"), int) or not isinstance(entry.get("sha256"), str)):
-        raise CheckpointError(split_path, f"lists shard {index} as {entry!r}; allowed: {{file: '{SHARD_DIR}/NAME"
-                                          f".safetensors', examples: int, sha256: str}}", field="shards")
+    if (
+        not isinstance(file, str)
+        or Path(file).parts != (SHARD_DIR, Path(file).name)
+        or not isinstance(entry.get("examples"), int)
+        or not isinstance(entry.get("sha256"), str)
+    ):
+        raise CheckpointError(
+            split_path,
+            f"lists shard {index} as {entry!r}; allowed: {{file: '{SHARD_DIR}/NAME"
+            f".safetensors', examples: int, sha256: str}}",
+            field="shards",
+        )
     return directory / file
 
 
@@ -421,20 +477,30 @@ def _shard_rows(directory: Path, split_path: Path, meta: Mapping) -> dict[str, l
         path = _listed_shard(directory, split_path, index, entry)
         tensors, record = load_checkpoint(path)
         if record["sha256"] != entry["sha256"]:
-            raise CheckpointError(path, f"is not the shard {split_path.name} lists (sha256 {record['sha256'][:12]}..."
-                                        f", listed {entry['sha256'][:12]}...); run 'dblocks prepare' again",
-                                  field="sha256")
+            raise CheckpointError(
+                path,
+                f"is not the shard {split_path.name} lists (sha256 {record['sha256'][:12]}..."
+                f", listed {entry['sha256'][:12]}...); run 'dblocks prepare' again",
+                field="sha256",
+            )
         names = sorted(tensors)
         if parts and names != sorted(parts):
-            raise CheckpointError(path, f"holds {names}, shard 0 holds {sorted(parts)}; allowed: the same tensors in "
-                                        f"every shard", field="tensors")
+            raise CheckpointError(
+                path,
+                f"holds {names}, shard 0 holds {sorted(parts)}; allowed: the same tensors in every shard",
+                field="tensors",
+            )
         if names not in (["images"], ["flipped", "images"]):
-            raise CheckpointError(path, f"holds tensors {names}; allowed: images (and, for latents, flipped)",
-                                  field="tensors")
+            raise CheckpointError(
+                path, f"holds tensors {names}; allowed: images (and, for latents, flipped)", field="tensors"
+            )
         for name, rows in _file_rows(path, tensors, names).items():
             if len(rows) != entry["examples"]:
-                raise CheckpointError(path, f"holds {len(rows)} rows of {name}, {split_path.name} lists "
-                                            f"{entry['examples']}", field=f"tensors.{name}")
+                raise CheckpointError(
+                    path,
+                    f"holds {len(rows)} rows of {name}, {split_path.name} lists {entry['examples']}",
+                    field=f"tensors.{name}",
+                )
             parts.setdefault(name, []).append(rows)
     return parts
 
@@ -443,26 +509,39 @@ def _split_rows(directory: str | Path, path: Path, tensors: Mapping, meta: Mappi
     """The stored rows of a split (images, and flipped if any) as parts: its shards, or the split file itself."""
     if "shards" in meta:
         if set(tensors) != {"labels"}:
-            raise CheckpointError(path, f"holds tensors {sorted(tensors)}; allowed in a sharded split's file: labels "
-                                        f"(the rows are in its shards)", field="tensors")
+            raise CheckpointError(
+                path,
+                f"holds tensors {sorted(tensors)}; allowed in a sharded split's file: labels "
+                f"(the rows are in its shards)",
+                field="tensors",
+            )
         return _shard_rows(Path(directory), path, meta)
     if not {"images", "labels"} <= set(tensors) <= {"images", "labels", "flipped"}:
-        raise CheckpointError(path, f"holds tensors {sorted(tensors)}; allowed: images and labels (and, for "
-                                    f"latents, flipped)", field="tensors")
+        raise CheckpointError(
+            path,
+            f"holds tensors {sorted(tensors)}; allowed: images and labels (and, for latents, flipped)",
+            field="tensors",
+        )
     return {name: [rows] for name, rows in _file_rows(path, tensors, set(tensors) - {"labels"}).items()}
 
 
 def _check_split(path: Path, images: StoredRows, labels: torch.Tensor, flipped: StoredRows | None, meta) -> None:
     if flipped is not None and ("latent_scale" not in meta or flipped.shape != images.shape):
-        raise CheckpointError(path, f"has mirrored encodings of shape {tuple(flipped.shape)}; allowed: latents of "
-                                    f"the images' shape {tuple(images.shape)}", field="flipped")
+        raise CheckpointError(
+            path,
+            f"has mirrored encodings of shape {tuple(flipped.shape)}; allowed: latents of "
+            f"the images' shape {tuple(images.shape)}",
+            field="flipped",
+        )
     if images.ndim != 4 or labels.shape != (images.shape[0],):
-        raise CheckpointError(path, f"has {labels.shape[0] if labels.ndim else 0} labels for images of shape "
-                                    f"{tuple(images.shape)}; allowed: images (N, C, H, W) with N labels",
-                              field="labels")
+        raise CheckpointError(
+            path,
+            f"has {labels.shape[0] if labels.ndim else 0} labels for images of shape "
+            f"{tuple(images.shape)}; allowed: images (N, C, H, W) with N labels",
+            field="labels",
+        )
     if images.shape[0] == 0:
-        raise CheckpointError(path, "holds no examples; allowed: a split with at least one example",
-                              field="examples")
+        raise CheckpointError(path, "holds no examples; allowed: a split with at least one example", field="examples")
 
 
 def load_prepared(directory: str | Path, split: str, expected_name: str | None = None) -> ImageDataset:
@@ -476,8 +555,15 @@ def load_prepared(directory: str | Path, split: str, expected_name: str | None =
     images = StoredRows(parts["images"], convert, torch.float32)
     flipped = StoredRows(parts["flipped"], as_float32, torch.float32) if "flipped" in parts else None
     _check_split(path, images, labels, flipped, meta)
-    return ImageDataset(meta["name"], meta["split"], images, labels, meta["num_classes"],
-                        latent_scale=meta.get("latent_scale"), flipped=flipped)
+    return ImageDataset(
+        meta["name"],
+        meta["split"],
+        images,
+        labels,
+        meta["num_classes"],
+        latent_scale=meta.get("latent_scale"),
+        flipped=flipped,
+    )
 
 
 # ------------------------------------------------------------------------------------ text splits
@@ -487,22 +573,35 @@ def save_prepared_text(name: str, split: str, directory: str | Path, root=None) 
     """A text split as its token streams (every tokenizer), windowed at load time for any context length."""
     streams = token_streams(name, split, root)
     path = prepared_path(directory, split)
-    save_checkpoint(path, streams, {"kind": "text-dataset", "name": name, "split": split,
-                                    "tokens": {k: int(v.numel()) for k, v in streams.items()}})
+    save_checkpoint(
+        path,
+        streams,
+        {
+            "kind": "text-dataset",
+            "name": name,
+            "split": split,
+            "tokens": {k: int(v.numel()) for k, v in streams.items()},
+        },
+    )
     return path
 
 
-def load_prepared_text(directory: str | Path, split: str, seq_len: int, tokenizer: str,
-                       expected_name: str | None = None) -> TextDataset:
+def load_prepared_text(
+    directory: str | Path, split: str, seq_len: int, tokenizer: str, expected_name: str | None = None
+) -> TextDataset:
     """A prepared text split as windows of ``seq_len`` tokens read from the file when indexed (int64 ids; the
     stream stays stored as uint8 / int16)."""
     path, tensors, meta = _load_split(directory, split, "text-dataset", expected_name)
     if tokenizer not in tensors:
-        raise CheckpointError(path, f"has no {tokenizer!r} tokens; allowed: {', '.join(sorted(tensors))}",
-                              field="tensors")
+        raise CheckpointError(
+            path, f"has no {tokenizer!r} tokens; allowed: {', '.join(sorted(tensors))}", field="tensors"
+        )
     stream = tensors[tokenizer]
     if stream.ndim != 1:
-        raise CheckpointError(path, f"holds {tokenizer} tokens of shape {tuple(stream.shape)}; allowed: one stream",
-                              field=f"tensors.{tokenizer}")
+        raise CheckpointError(
+            path,
+            f"holds {tokenizer} tokens of shape {tuple(stream.shape)}; allowed: one stream",
+            field=f"tensors.{tokenizer}",
+        )
     windows = FileRows(path, _tensor_offsets(path)[tokenizer], stream.dtype, (seq_len,), stream.numel() // seq_len)
     return TextDataset(meta["name"], meta["split"], StoredRows([windows], as_int64, torch.int64), tokenizer)

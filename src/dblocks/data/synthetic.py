@@ -18,6 +18,7 @@ not rewritten (its modification time stays), so a repeated ``dblocks smoke-data`
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import os
@@ -60,8 +61,14 @@ def write_smoke_data(out: str | os.PathLike, datasets=DATASETS, seed: int = 0) -
     from datasets import disable_progress_bars
 
     disable_progress_bars()  # one parquet file per split: a bar each is noise
-    writers = {"cifar10": _cifar, "cifar100": _cifar, "imagenet": _imagenet, "text8": _text8, "lm1b": _lm1b,
-               "openwebtext": _openwebtext}
+    writers = {
+        "cifar10": _cifar,
+        "cifar100": _cifar,
+        "imagenet": _imagenet,
+        "text8": _text8,
+        "lm1b": _lm1b,
+        "openwebtext": _openwebtext,
+    }
     written: list[Path] = []
     for offset, name in enumerate(DATASETS):  # each dataset's own seed, whichever subset is asked for
         if name in datasets:
@@ -103,8 +110,10 @@ def _cifar(name: str, seed: int):
         labels = np.arange(n) % classes
         images = np.stack([_pattern(rng, int(y), classes, 32, 32) for y in labels])
         coarse = labels // 5 if name == "cifar100" else None
-        yield (f"{folder}/{split}-00000-of-00001.parquet",
-               _parquet(lambda path: write_cifar_parquet(path, images, labels, name, coarse)))
+        write = functools.partial(
+            write_cifar_parquet, images_uint8_nhwc=images, labels=labels, name=name, coarse_labels=coarse
+        )
+        yield f"{folder}/{split}-00000-of-00001.parquet", _parquet(write)
 
 
 def _imagenet(name: str, seed: int):
@@ -117,7 +126,8 @@ def _imagenet(name: str, seed: int):
                 width, height = (int(v) for v in rng.integers(260, 520, 2))  # the crop to 256 does real work
                 buffer = io.BytesIO()
                 Image.fromarray(_pattern(rng, label, len(IMAGENET_CLASSES), height, width)).save(
-                    buffer, format="JPEG", quality=90)
+                    buffer, format="JPEG", quality=90
+                )
                 stem = f"{synset}_{i}" if split == "train" else f"ILSVRC2012_val_{label * per_class + i + 1:08d}"
                 yield f"{split}/{synset}/{stem}.JPEG", buffer.getvalue()
 
@@ -162,6 +172,8 @@ def _lm1b(name: str, seed: int):
 
 def _openwebtext(name: str, seed: int):
     rng = random.Random(seed)
-    documents = ["\n\n".join(" ".join(_sentence(rng) for _ in range(rng.randint(3, 8)))
-                             for _ in range(rng.randint(2, 6))) for _ in range(OWT_DOCUMENTS)]
+    documents = [
+        "\n\n".join(" ".join(_sentence(rng) for _ in range(rng.randint(3, 8))) for _ in range(rng.randint(2, 6)))
+        for _ in range(OWT_DOCUMENTS)
+    ]
     yield "plain_text/train-00000-of-00001.parquet", _text_parquet(documents)

@@ -108,8 +108,10 @@ class TextDataset:
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 2 or self.tokens.shape[0] == 0:
-            raise ValueError(f"{self.name} {self.split}: expected windows (N >= 1, seq_len), got "
-                             f"{tuple(self.tokens.shape)}; the split is shorter than one window")
+            raise ValueError(
+                f"{self.name} {self.split}: expected windows (N >= 1, seq_len), got "
+                f"{tuple(self.tokens.shape)}; the split is shorter than one window"
+            )
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -137,7 +139,7 @@ def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
 def split_slice(stream: torch.Tensor, split: str) -> torch.Tensor:
     lo, hi = SPLIT_FRACTIONS[split]
     n = stream.numel()
-    return stream[int(lo * n):int(hi * n)]
+    return stream[int(lo * n) : int(hi * n)]
 
 
 def _shakespeare_documents() -> list[str]:
@@ -167,8 +169,9 @@ def _text8_text(root: str | os.PathLike) -> str:
     if (root / "text8.zip").is_file():
         with zipfile.ZipFile(root / "text8.zip") as z:
             return z.read("text8").decode("ascii")
-    raise FileNotFoundError(f"no text8, text8.txt or text8.zip under {root} (get it from "
-                            f"http://mattmahoney.net/dc/text8.zip)")
+    raise FileNotFoundError(
+        f"no text8, text8.txt or text8.zip under {root} (get it from http://mattmahoney.net/dc/text8.zip)"
+    )
 
 
 def _local_documents(root: str | os.PathLike, split: str | None) -> list[str]:
@@ -176,8 +179,11 @@ def _local_documents(root: str | os.PathLike, split: str | None) -> list[str]:
     import datasets
 
     pattern = f"{split}*" if split else "*"
-    files = sorted(f for ext in ("txt", "jsonl", "json", "parquet")
-                   for f in glob.glob(os.path.join(os.fspath(root), "**", f"{pattern}.{ext}"), recursive=True))
+    files = sorted(
+        f
+        for ext in ("txt", "jsonl", "json", "parquet")
+        for f in glob.glob(os.path.join(os.fspath(root), "**", f"{pattern}.{ext}"), recursive=True)
+    )
     if not files:
         raise FileNotFoundError(f"no {pattern}.txt/.jsonl/.json/.parquet files under {os.fspath(root)}")
     kinds = {Path(f).suffix.lstrip(".").replace("jsonl", "json").replace("txt", "text") for f in files}
@@ -196,8 +202,10 @@ def _hub_documents(name: str, split: str) -> list[str]:
     try:
         ds = datasets.load_dataset(_HF[name], split=split)
     except (ConnectionError, LocalEntryNotFoundError) as exc:
-        raise RuntimeError(f"could not load {name!r} ({_HF[name]}) from the Hugging Face hub: {exc}. "
-                           f"Pass a data root with local text/jsonl/parquet files instead.") from exc
+        raise RuntimeError(
+            f"could not load {name!r} ({_HF[name]}) from the Hugging Face hub: {exc}. "
+            f"Pass a data root with local text/jsonl/parquet files instead."
+        ) from exc
     return list(ds["text"])
 
 
@@ -226,8 +234,9 @@ def _stream(name: str, split: str, tokenizer: str, root) -> torch.Tensor:
     return split_slice(stream, split)
 
 
-def load_text_dataset(name: str, split: str, seq_len: int, tokenizer: str = "char27",
-                      root: str | os.PathLike | None = None) -> TextDataset:
+def load_text_dataset(
+    name: str, split: str, seq_len: int, tokenizer: str = "char27", root: str | os.PathLike | None = None
+) -> TextDataset:
     if name not in TEXT_DATASETS:
         raise ValueError(f"unknown text dataset {name!r}; allowed: {', '.join(TEXT_DATASETS)}")
     if split not in TEXT_SPLITS:
@@ -239,8 +248,11 @@ def load_text_dataset(name: str, split: str, seq_len: int, tokenizer: str = "cha
 
 # --- the prepared on-disk form (what the pipeline's prepare step writes once) ----------------------------
 
+
 def token_streams(name: str, split: str, root=None) -> dict[str, torch.Tensor]:
     """Both tokenizations of one split as flat streams, compactly typed (char27 as uint8, bytes as int16),
     so one prepared directory serves every text task and context length."""
-    return {"char27": _stream(name, split, "char27", root).to(torch.uint8),
-            "bytes": _stream(name, split, "bytes", root).to(torch.int16)}
+    return {
+        "char27": _stream(name, split, "char27", root).to(torch.uint8),
+        "bytes": _stream(name, split, "bytes", root).to(torch.int16),
+    }

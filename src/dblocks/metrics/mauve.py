@@ -46,8 +46,9 @@ def mauve_from_features(p_features: np.ndarray, q_features: np.ndarray, seed: in
 
     if len(p_features) < 2 or len(q_features) < 2:
         raise ValueError(f"MAUVE needs at least 2 samples on each side; got {len(p_features)} and {len(q_features)}")
-    result = mauve.compute_mauve(p_features=np.asarray(p_features), q_features=np.asarray(q_features),
-                                 device_id=-1, verbose=False, seed=seed)
+    result = mauve.compute_mauve(
+        p_features=np.asarray(p_features), q_features=np.asarray(q_features), device_id=-1, verbose=False, seed=seed
+    )
     return float(result.mauve)
 
 
@@ -56,9 +57,15 @@ def mauve_gpt2_large(p_text: list[str], q_text: list[str], max_text_length: int 
     ``transformers``)."""
     import mauve
 
-    result = mauve.compute_mauve(p_text=p_text, q_text=q_text, featurize_model_name="gpt2-large",
-                                 max_text_length=max_text_length, device_id=0 if torch.cuda.is_available() else -1,
-                                 verbose=False, seed=seed)
+    result = mauve.compute_mauve(
+        p_text=p_text,
+        q_text=q_text,
+        featurize_model_name="gpt2-large",
+        max_text_length=max_text_length,
+        device_id=0 if torch.cuda.is_available() else -1,
+        verbose=False,
+        seed=seed,
+    )
     return float(result.mauve)
 
 

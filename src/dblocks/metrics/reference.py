@@ -43,7 +43,7 @@ class FeatureSpace:
     label: str
 
     @classmethod
-    def from_weights(cls, path: str | os.PathLike) -> "FeatureSpace":
+    def from_weights(cls, path: str | os.PathLike) -> FeatureSpace:
         """A digits feature net (domain FID) or converted Inception weights (``dblocks inception-weights``),
         told apart by the checkpoint's record; both are safetensors, loaded without pickle."""
         path = Path(path)
@@ -52,8 +52,10 @@ class FeatureSpace:
             return cls(inception.EXTRACTOR, inception.FEATURE_LAYER, path, INCEPTION_LABEL)
         if kind == fid.FEATURE_NET_KIND:
             return cls(fid.FEATURE_EXTRACTOR_NAME, fid.FEATURE_LAYER, path, fid.FID_LABEL)
-        raise ValueError(f"{path}: FID features must be a digits feature net ('dblocks train-feature-net') or "
-                         f"Inception weights ('dblocks inception-weights'), not a {kind!r} checkpoint")
+        raise ValueError(
+            f"{path}: FID features must be a digits feature net ('dblocks train-feature-net') or "
+            f"Inception weights ('dblocks inception-weights'), not a {kind!r} checkpoint"
+        )
 
     @property
     def kind(self) -> str:
@@ -68,8 +70,15 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def extract_features(images, space: FeatureSpace, batch_size: int = 256, progress: bool = False, *,
-                     rows: torch.Tensor | None = None, decode=None) -> torch.Tensor:
+def extract_features(
+    images,
+    space: FeatureSpace,
+    batch_size: int = 256,
+    progress: bool = False,
+    *,
+    rows: torch.Tensor | None = None,
+    decode=None,
+) -> torch.Tensor:
     """(N, D) features of float images (N, C, H, W) in [-1, 1], by torch-fidelity's extractor and data
     loop (its progress bar with ``progress``). ``images`` is a tensor or a prepared split's rows
     (:class:`dblocks.data.prepared.StoredRows`), read, ``decode``d (latents to images) and converted a batch at a
@@ -83,11 +92,17 @@ def extract_features(images, space: FeatureSpace, batch_size: int = 256, progres
         raise ValueError(f"expected at least 2 images, got rows {rows.tolist()}")
     fid.register_digits_feature_extractor()
     inception.register_inception_feature_extractor()
-    extractor = create_feature_extractor(space.extractor, [space.layer], cuda=_cuda(),
-                                         feature_extractor_weights_path=str(space.weights), verbose=progress)
+    extractor = create_feature_extractor(
+        space.extractor,
+        [space.layer],
+        cuda=_cuda(),
+        feature_extractor_weights_path=str(space.weights),
+        verbose=progress,
+    )
     dataset = fid.RowImageDataset(images, rows, decode, channels=3 if space.kind == "inception" else None)
-    features = get_featuresdict_from_dataset(dataset, extractor, int(batch_size), _cuda(), save_cpu_ram=True,
-                                             verbose=progress)
+    features = get_featuresdict_from_dataset(
+        dataset, extractor, int(batch_size), _cuda(), save_cpu_ram=True, verbose=progress
+    )
     return features[space.layer]
 
 
@@ -105,8 +120,15 @@ def fid_from_statistics(generated: dict[str, np.ndarray], reference: dict[str, n
     return float(fid_statistics_to_metric(generated, reference, False)[KEY_METRIC_FID])
 
 
-def image_statistics(images, space: FeatureSpace, batch_size: int = 256, progress: bool = False, *,
-                     rows: torch.Tensor | None = None, decode=None) -> dict[str, np.ndarray]:
+def image_statistics(
+    images,
+    space: FeatureSpace,
+    batch_size: int = 256,
+    progress: bool = False,
+    *,
+    rows: torch.Tensor | None = None,
+    decode=None,
+) -> dict[str, np.ndarray]:
     """{"mu", "sigma"} of the features of ``images`` (or of their ``rows``, ``decode``d first): see
     :func:`extract_features`."""
     return statistics(extract_features(images, space, batch_size, progress, rows=rows, decode=decode))
@@ -120,9 +142,15 @@ def reference_key(data_dir: str | os.PathLike, split: str, space: FeatureSpace, 
     from dblocks.data import prepared_path
 
     data = load_metadata(prepared_path(data_dir, split))
-    return {"dataset": data["name"], "split": split, "data_sha256": data["sha256"], "extractor": space.extractor,
-            "layer": space.layer, "weights_sha256": space.weights_sha256,
-            "samples": int(samples) if samples is not None else int(data["examples"])}
+    return {
+        "dataset": data["name"],
+        "split": split,
+        "data_sha256": data["sha256"],
+        "extractor": space.extractor,
+        "layer": space.layer,
+        "weights_sha256": space.weights_sha256,
+        "samples": int(samples) if samples is not None else int(data["examples"]),
+    }
 
 
 def key_digest(key: dict) -> str:
@@ -147,9 +175,16 @@ def load_reference_statistics(path: str | os.PathLike) -> tuple[dict[str, np.nda
     return {"mu": tensors["mu"].numpy(), "sigma": tensors["sigma"].numpy()}, meta
 
 
-def reference_statistics(data_dir: str | os.PathLike, split: str, space: FeatureSpace, out: str | os.PathLike,
-                         samples: int | None = None, batch_size: int = 256, progress: bool = False,
-                         decode=None) -> tuple[dict[str, np.ndarray], dict, bool]:
+def reference_statistics(
+    data_dir: str | os.PathLike,
+    split: str,
+    space: FeatureSpace,
+    out: str | os.PathLike,
+    samples: int | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+    decode=None,
+) -> tuple[dict[str, np.ndarray], dict, bool]:
     """Statistics of a prepared split in ``space``, cached at ``out`` (``.safetensors`` + ``.json``).
 
     Returns (statistics, metadata, reused): ``reused`` is True when ``out`` already held statistics
@@ -168,16 +203,32 @@ def reference_statistics(data_dir: str | os.PathLike, split: str, space: Feature
     # the split's rows are read, decoded (a latent dataset's: by the autoencoder that encoded them, so its
     # statistics are those of the reconstructions) and embedded a batch at a time
     data = load_prepared(data_dir, split)
-    stats = image_statistics(data.images, space, batch_size, progress, rows=reference_rows(len(data), split, samples),
-                             decode=decode or decoder_for(data.name, data_dir))
-    meta = save_checkpoint(out, {"mu": torch.from_numpy(np.ascontiguousarray(stats["mu"])),
-                                 "sigma": torch.from_numpy(np.ascontiguousarray(stats["sigma"]))},
-                           {"kind": KIND, "key": key, "key_sha256": digest, "fid_label": space.label})
+    stats = image_statistics(
+        data.images,
+        space,
+        batch_size,
+        progress,
+        rows=reference_rows(len(data), split, samples),
+        decode=decode or decoder_for(data.name, data_dir),
+    )
+    meta = save_checkpoint(
+        out,
+        {
+            "mu": torch.from_numpy(np.ascontiguousarray(stats["mu"])),
+            "sigma": torch.from_numpy(np.ascontiguousarray(stats["sigma"])),
+        },
+        {"kind": KIND, "key": key, "key_sha256": digest, "fid_label": space.label},
+    )
     return stats, meta, False
 
 
-def inception_fid(generated: torch.Tensor, reference: torch.Tensor, weights_path: str | os.PathLike,
-                  batch_size: int = 64, progress: bool = False) -> float:
+def inception_fid(
+    generated: torch.Tensor,
+    reference: torch.Tensor,
+    weights_path: str | os.PathLike,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> float:
     """The standard FID (paper scale): torch-fidelity's ``inception-v3-compat`` features with the offline
     weights written by ``dblocks inception-weights`` (``weights_path``, safetensors, checksum verified). For the
     full protocol (cached reference statistics, train and test FID, best of k) see
@@ -185,8 +236,10 @@ def inception_fid(generated: torch.Tensor, reference: torch.Tensor, weights_path
     space = FeatureSpace.from_weights(weights_path)
     if space.kind != "inception":
         raise ValueError(f"{weights_path}: not Inception weights (from 'dblocks inception-weights')")
-    return fid_from_statistics(image_statistics(generated, space, batch_size, progress),
-                               image_statistics(reference, space, batch_size, progress))
+    return fid_from_statistics(
+        image_statistics(generated, space, batch_size, progress),
+        image_statistics(reference, space, batch_size, progress),
+    )
 
 
 def domain_fid(
@@ -208,5 +261,6 @@ def domain_fid(
         if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 2:
             shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
             raise ValueError(f"{name} must be images (N, C, H, W) with N >= 2, got {shape}")
-    return fid_from_statistics(image_statistics(generated, space, batch_size),
-                               image_statistics(reference, space, batch_size))
+    return fid_from_statistics(
+        image_statistics(generated, space, batch_size), image_statistics(reference, space, batch_size)
+    )

@@ -33,8 +33,10 @@ import re
 
 import numpy as np
 
-NGRAM_LABEL = ("MAUVE (features: bits per byte under byte n-gram models, n = 1..8, of the training split; "
-               "offline, order-sensitive; not GPT-2 large)")
+NGRAM_LABEL = (
+    "MAUVE (features: bits per byte under byte n-gram models, n = 1..8, of the training split; "
+    "offline, order-sensitive; not GPT-2 large)"
+)
 #: the index reads at most this many bytes from the start of the training split (all of tiny Shakespeare's
 #: 4.5 MB; a bound on memory and time at paper scale)
 MAX_TRAIN_BYTES = 1 << 23
@@ -52,7 +54,7 @@ def _grams(ids: np.ndarray, n: int) -> np.ndarray:
     ids = ids.astype(np.uint64)
     codes = np.zeros(len(ids) - n + 1, np.uint64)
     for k in range(n):
-        codes = (codes << np.uint64(8)) | ids[k:len(ids) - n + 1 + k]
+        codes = (codes << np.uint64(8)) | ids[k : len(ids) - n + 1 + k]
     return codes
 
 
@@ -120,14 +122,14 @@ class NgramProfile:
         for n in range(2, self.max_order + 1):
             p = p.copy()
             if len(b) >= n:
-                context = _grams(b[:-1], n - 1)[:len(b) - n + 1] << np.uint64(8)
+                context = _grams(b[:-1], n - 1)[: len(b) - n + 1] << np.uint64(8)
                 keys, cum = self.keys[n - 1], self.cumulative[n - 1]
                 lo = np.searchsorted(keys, context)
                 hi = np.searchsorted(keys, context | np.uint64(255), side="right")
                 seen, kinds = cum[hi] - cum[lo], hi - lo  # the context's count and its distinct continuations
-                hits = self._count(n, context | b[n - 1:].astype(np.uint64))
-                lower = p[n - 1:]
-                p[n - 1:] = np.where(seen > 0, (hits + kinds * lower) / np.maximum(seen + kinds, 1), lower)
+                hits = self._count(n, context | b[n - 1 :].astype(np.uint64))
+                lower = p[n - 1 :]
+                p[n - 1 :] = np.where(seen > 0, (hits + kinds * lower) / np.maximum(seen + kinds, 1), lower)
             orders.append(p)
         return -np.log2(np.stack(orders))
 

@@ -59,19 +59,30 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # layers; depth counts the recurrent block only). Baseline: mean 32 iterations, backprop through 8.
     # Llama layers with rotary positions, as Huginn's own model (with learned absolute positions Huginn-tiny
     # did not get past the byte unigram entropy in its budget)
-    "Huginn-paper": ArchSpec("huginn", depth=4, width=512, heads=8, patch=1, context=512, recurrence=32,
-                             backprop_depth=8, layer_style="llama"),
+    "Huginn-paper": ArchSpec(
+        "huginn",
+        depth=4,
+        width=512,
+        heads=8,
+        patch=1,
+        context=512,
+        recurrence=32,
+        backprop_depth=8,
+        layer_style="llama",
+    ),
     # Huginn-tiny at AR-tiny's width: the baseline runs ~37 layer calls per step, and width 64 trains 1000 steps of
     # batch 32 (next-token 2.74 bits/byte) in the time width 128 took for 300 of batch 16 (4.0)
-    "Huginn-tiny": ArchSpec("huginn", depth=4, width=64, heads=4, patch=1, context=64, recurrence=8,
-                            backprop_depth=2, layer_style="llama"),
+    "Huginn-tiny": ArchSpec(
+        "huginn", depth=4, width=64, heads=4, patch=1, context=64, recurrence=8, backprop_depth=2, layer_style="llama"
+    ),
     # the smallest sizes, for tests
     "ViT-micro": ArchSpec("vit", depth=3, width=32, heads=2, patch=4),
     "DiT-micro": ArchSpec("dit", depth=3, width=32, heads=2, patch=4),
     "MDM-micro": ArchSpec("mdm", depth=3, width=32, heads=2, patch=1, context=16, layer_style="llama"),
     "AR-micro": ArchSpec("ar", depth=4, width=32, heads=2, patch=1, context=24, layer_style="llama"),
-    "Huginn-micro": ArchSpec("huginn", depth=4, width=32, heads=2, patch=1, context=24, recurrence=3,
-                             backprop_depth=2, layer_style="llama"),
+    "Huginn-micro": ArchSpec(
+        "huginn", depth=4, width=32, heads=2, patch=1, context=24, recurrence=3, backprop_depth=2, layer_style="llama"
+    ),
 }
 
 

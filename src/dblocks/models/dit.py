@@ -17,8 +17,9 @@ def sincos_2d(width: int, grid: int) -> torch.Tensor:
         raise ValueError(f"width {width} must be divisible by 4 for 2-D sin-cos positions")
     quarter = width // 4
     omega = 1.0 / 10_000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
     parts = []
     for coord in (ys.reshape(-1), xs.reshape(-1)):
         angles = coord[:, None] * omega[None]

@@ -29,16 +29,25 @@ from dblocks.layers import AdaLNZeroLayer, FinalLayer, KVCache, NoiseEmbedding
 def _causal_layers(count: int, width: int, heads: int, mlp_ratio: float, context: int, style: str) -> nn.ModuleList:
     mask = torch.ones(context, context, dtype=torch.bool).tril()
     rope = context if style == "llama" else None
-    layers = nn.ModuleList(AdaLNZeroLayer(width, heads, mlp_ratio, style=style, rope_period=rope)
-                           for _ in range(count))
+    layers = nn.ModuleList(AdaLNZeroLayer(width, heads, mlp_ratio, style=style, rope_period=rope) for _ in range(count))
     for layer in layers:
         layer.attn_mask = mask
     return layers
 
 
 class HuginnStem(nn.Module):
-    def __init__(self, vocab_size: int, context: int, width: int, heads: int, target_dim: int,
-                 noisy_target: bool, prelude: int = 2, mlp_ratio: float = 4.0, style: str = "dit") -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        context: int,
+        width: int,
+        heads: int,
+        target_dim: int,
+        noisy_target: bool,
+        prelude: int = 2,
+        mlp_ratio: float = 4.0,
+        style: str = "dit",
+    ) -> None:
         super().__init__()
         self.token_embed = nn.Embedding(vocab_size, width)
         nn.init.normal_(self.token_embed.weight, std=0.02)
@@ -83,8 +92,16 @@ class HuginnStem(nn.Module):
 
 
 class HuginnHead(nn.Module):
-    def __init__(self, vocab_size: int, context: int, width: int, heads: int, coda: int = 2,
-                 mlp_ratio: float = 4.0, style: str = "dit") -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        context: int,
+        width: int,
+        heads: int,
+        coda: int = 2,
+        mlp_ratio: float = 4.0,
+        style: str = "dit",
+    ) -> None:
         super().__init__()
         self.coda = _causal_layers(coda, width, heads, mlp_ratio, context, style)
         self.final = FinalLayer(width, vocab_size)
@@ -103,9 +120,15 @@ def sample_recurrence(mean: int, generator: torch.Generator, sigma: float = 0.5)
     return 1 + int(torch.poisson(torch.tensor([math.exp(tau)]), generator=generator).item())
 
 
-def recurrent_logits(model, tokens: torch.Tensor, recurrence: int, backprop_depth: int | None = None,
-                     generator: torch.Generator | None = None, state: torch.Tensor | None = None,
-                     cache: KVCache | None = None) -> torch.Tensor:
+def recurrent_logits(
+    model,
+    tokens: torch.Tensor,
+    recurrence: int,
+    backprop_depth: int | None = None,
+    generator: torch.Generator | None = None,
+    state: torch.Tensor | None = None,
+    cache: KVCache | None = None,
+) -> torch.Tensor:
     """End-to-end Huginn: prelude once, the recurrent block ``recurrence`` times from a random state (``state``,
     else drawn from ``generator``), coda. Only the last ``backprop_depth`` iterations are differentiated
     (truncated BPTT; None: all). With a KV cache (generation), ``tokens`` and ``state`` are its current rows:

@@ -35,11 +35,25 @@ class Architecture:
         if s.family == "mdm":
             return MDMStem(self.num_classes, s.context, s.width, absolute_positions=s.layer_style != "llama")
         if s.family == "ar":
-            return ARStem(self.num_classes, s.context, s.width, self.target_dim, noisy_target,
-                          absolute_positions=s.layer_style != "llama")
+            return ARStem(
+                self.num_classes,
+                s.context,
+                s.width,
+                self.target_dim,
+                noisy_target,
+                absolute_positions=s.layer_style != "llama",
+            )
         if s.family == "huginn":
-            return HuginnStem(self.num_classes, s.context, s.width, s.heads, self.target_dim, noisy_target,
-                              mlp_ratio=s.mlp_ratio, style=s.layer_style)
+            return HuginnStem(
+                self.num_classes,
+                s.context,
+                s.width,
+                s.heads,
+                self.target_dim,
+                noisy_target,
+                mlp_ratio=s.mlp_ratio,
+                style=s.layer_style,
+            )
         return DiTStem(self.image_shape, s.patch, s.width, self.num_classes)
 
     def layers(self, count: int) -> list[nn.Module]:
@@ -47,8 +61,10 @@ class Architecture:
         # Llama-style layers carry rotary positions with the context as period: the noisy half of an AR
         # [clean; noisy] sequence shares the clean half's positions
         rope = s.context if s.layer_style == "llama" else None
-        layers = [AdaLNZeroLayer(s.width, s.heads, s.mlp_ratio, style=s.layer_style, rope_period=rope,
-                                 dropout=s.dropout) for _ in range(count)]
+        layers = [
+            AdaLNZeroLayer(s.width, s.heads, s.mlp_ratio, style=s.layer_style, rope_period=rope, dropout=s.dropout)
+            for _ in range(count)
+        ]
         if s.family in ("ar", "huginn"):
             # its causal corner serves the clean-only baseline and the single causal stream of Huginn
             mask = clean_noisy_mask(s.context)
@@ -65,6 +81,5 @@ class Architecture:
         if s.family == "ar":
             return LastPositionsHead(s.width, self.num_classes, s.context)
         if s.family == "huginn":
-            return HuginnHead(self.num_classes, s.context, s.width, s.heads, mlp_ratio=s.mlp_ratio,
-                              style=s.layer_style)
+            return HuginnHead(self.num_classes, s.context, s.width, s.heads, mlp_ratio=s.mlp_ratio, style=s.layer_style)
         return DiTHead(self.image_shape, s.patch, s.width)

@@ -55,8 +55,15 @@ class ARStem(nn.Module):
     constant c, the ordinary next-token transformer. Positions are learned and added here, or, with
     ``absolute_positions=False``, left to the layers' rotary embedding (Llama style)."""
 
-    def __init__(self, vocab_size: int, seq_len: int, width: int, target_dim: int, noisy_target: bool = True,
-                 absolute_positions: bool = True) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int,
+        width: int,
+        target_dim: int,
+        noisy_target: bool = True,
+        absolute_positions: bool = True,
+    ) -> None:
         super().__init__()
         self.context = seq_len
         self.token_embed = nn.Embedding(vocab_size, width)
@@ -91,8 +98,9 @@ class ARStem(nn.Module):
             return clean, self.constant_cond.expand(tokens.shape[0], -1)
         if cache is None and (z_in.shape[1] != self.context or t != z_in.shape[1]):
             # the clean/noisy mask is built for the full context: block-wise runs always use all of it
-            raise ValueError(f"block-wise AR runs need {self.context} clean and noisy positions, "
-                             f"got {t} and {z_in.shape[1]}")
+            raise ValueError(
+                f"block-wise AR runs need {self.context} clean and noisy positions, got {t} and {z_in.shape[1]}"
+            )
         noisy = self.target_embed(z_in) + self._positions(noisy_at) + self.noisy_marker
         return torch.cat([clean, noisy], dim=1), self.noise_embed(c_noise)
 

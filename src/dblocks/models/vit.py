@@ -20,8 +20,9 @@ def patch_count(image_shape: tuple[int, int, int], patch: int) -> int:
 
 
 class ViTStem(nn.Module):
-    def __init__(self, image_shape: tuple[int, int, int], patch: int, width: int,
-                 target_dim: int, noisy_target: bool = True) -> None:
+    def __init__(
+        self, image_shape: tuple[int, int, int], patch: int, width: int, target_dim: int, noisy_target: bool = True
+    ) -> None:
         super().__init__()
         channels = image_shape[0]
         self.patch_embed = nn.Conv2d(channels, width, kernel_size=patch, stride=patch)

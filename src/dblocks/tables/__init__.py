@@ -41,6 +41,7 @@ provenance), ``ours`` (a cell of ours read from the runs), ``table`` (columns, r
 ``render`` (Markdown, CSV, LaTeX and the index page), ``figures``, ``samples`` (artifacts fetched beside the
 figures), ``files`` (atomic writes) and ``driver`` (:func:`generate`, which ``dblocks tables`` runs)."""
 
+from dblocks.io import flatten
 from dblocks.tables.builders import BUILDERS, build_table
 from dblocks.tables.cells import DASH, NA, Cell, fmt, missing, number, over_seeds
 from dblocks.tables.context import Context
@@ -48,11 +49,36 @@ from dblocks.tables.driver import generate
 from dblocks.tables.experiments import ExperimentSpec, ParamsInfo, read_params
 from dblocks.tables.ours import ONLINE_METRICS, metric_cell, train_cost_cell
 from dblocks.tables.render import render_csv, render_index, render_md, render_tex
-from dblocks.io import flatten
 from dblocks.tables.runs import RunIndex, RunInfo, parse_param, tracking_uri_for
 from dblocks.tables.table import Column, Table
 
-__all__ = ["BUILDERS", "DASH", "NA", "ONLINE_METRICS", "Cell", "Column", "Context", "ExperimentSpec", "ParamsInfo",
-           "RunIndex", "RunInfo", "Table", "build_table", "flatten", "fmt", "generate", "metric_cell", "missing",
-           "number", "over_seeds", "parse_param", "read_params", "render_csv", "render_index", "render_md",
-           "render_tex", "tracking_uri_for", "train_cost_cell"]
+__all__ = [
+    "BUILDERS",
+    "DASH",
+    "NA",
+    "ONLINE_METRICS",
+    "Cell",
+    "Column",
+    "Context",
+    "ExperimentSpec",
+    "ParamsInfo",
+    "RunIndex",
+    "RunInfo",
+    "Table",
+    "build_table",
+    "flatten",
+    "fmt",
+    "generate",
+    "metric_cell",
+    "missing",
+    "number",
+    "over_seeds",
+    "parse_param",
+    "read_params",
+    "render_csv",
+    "render_index",
+    "render_md",
+    "render_tex",
+    "tracking_uri_for",
+    "train_cost_cell",
+]

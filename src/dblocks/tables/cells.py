@@ -57,6 +57,13 @@ def over_seeds(cells: list[Cell], decimals: int = 2) -> Cell:
     # no spread (a cost that does not depend on the seed, e.g. layer evaluations per sample): the value alone
     text = f"{fmt(mean, decimals)} ± {fmt(std, decimals)}" if std else fmt(mean, decimals)
     lacking = [c.note or c.text for c in cells if c.value is None]
-    note = (f"{len(values)} of {len(cells)} seeds; missing: {'; '.join(lacking)}" if lacking else "")
-    return Cell(text=text, value=mean, note=note, run=valued[0].run, std=std, n=len(values),
-                runs=[r for c in valued for r in c.sources])
+    note = f"{len(values)} of {len(cells)} seeds; missing: {'; '.join(lacking)}" if lacking else ""
+    return Cell(
+        text=text,
+        value=mean,
+        note=note,
+        run=valued[0].run,
+        std=std,
+        n=len(values),
+        runs=[r for c in valued for r in c.sources],
+    )

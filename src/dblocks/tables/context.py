@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from dblocks.tables.experiments import ExperimentSpec, ParamsInfo
 from dblocks.io import flatten
+from dblocks.tables.experiments import ExperimentSpec, ParamsInfo
 from dblocks.tables.runs import RunIndex, RunInfo, parse_param
 
 
@@ -20,7 +20,7 @@ class Context:
     index: RunIndex
 
     def device(self, exp: ExperimentSpec) -> str:
-        """"GPU" or "CPU": the experiment's device, else (auto) whether the params file's resources have a GPU."""
+        """ "GPU" or "CPU": the experiment's device, else (auto) whether the params file's resources have a GPU."""
         device = str(exp.config.get("device") or "auto").lower()
         if device.startswith("cuda") or device == "gpu":
             return "GPU"
@@ -29,7 +29,7 @@ class Context:
         return "GPU" if int(self.params.resources.get("gpu") or 0) > 0 else "CPU"
 
     def describe(self, exps: list[ExperimentSpec]) -> str:
-        """"tiny: ViT-tiny on digits, CPU" from the params file."""
+        """ "tiny: ViT-tiny on digits, CPU" from the params file."""
         combos = unique(f"{e.config.get('arch')} on {e.config.get('dataset')}" for e in exps)
         devices = unique(self.device(e) for e in exps)
         return f"{self.params.scale}: {' / '.join(combos) or '?'}, {'/'.join(devices) or '?'}"
@@ -41,8 +41,10 @@ class Context:
         notes = []
         for key in ("partition", "layer_split", "blocks", "overlap", "arch", "dataset"):
             if key in logged and key in fallback and not same(logged[key], fallback[key]):
-                notes.append(f"{exp.name}: the run logged {key}={logged[key]!r} but {self.params.path.name} now "
-                             f"has {fallback[key]!r}; placed by the logged value")
+                notes.append(
+                    f"{exp.name}: the run logged {key}={logged[key]!r} but {self.params.path.name} now "
+                    f"has {fallback[key]!r}; placed by the logged value"
+                )
         return {**fallback, **logged}, notes
 
     def caption(self, table_id: str, paper: dict | None, exps: list[ExperimentSpec]) -> list[str]:
@@ -50,18 +52,29 @@ class Context:
         lines = []
         if paper:
             lines.append(f"Paper: {paper['setting']}.")
-        lines.append(f"Ours ({self.describe(exps)}): experiments {', '.join(e.name for e in exps)}, "
-                     f"MLflow experiment `{self.params.mlflow_experiment}`.")
+        lines.append(
+            f"Ours ({self.describe(exps)}): experiments {', '.join(e.name for e in exps)}, "
+            f"MLflow experiment `{self.params.mlflow_experiment}`."
+        )
         if self.params.scale != "paper":
             lines.append(f"{self.params.scale.capitalize()}-scale numbers are not comparable to the paper's.")
-        seeded = [f"{e.name} ({len(e.replicates) + 1} seeds: {', '.join([e.name, *e.replicates])})"
-                  for e in exps if e.replicates]
+        seeded = [
+            f"{e.name} ({len(e.replicates) + 1} seeds: {', '.join([e.name, *e.replicates])})"
+            for e in exps
+            if e.replicates
+        ]
         if seeded:
-            lines.append(f"Ours over seeds: mean ± sample standard deviation over the seeds of {'; '.join(seeded)}; "
-                         f"one value where a single seed was run.")
+            lines.append(
+                f"Ours over seeds: mean ± sample standard deviation over the seeds of {'; '.join(seeded)}; "
+                f"one value where a single seed was run."
+            )
         # Say which FID ours is: at the tiny scale it is measured in a digits classifier's features
-        fid_kinds = unique(run.tags["fid_label"] for e in exps for run in self.index.matching(e.name, "evaluate")
-                           if run.tags.get("fid_label"))
+        fid_kinds = unique(
+            run.tags["fid_label"]
+            for e in exps
+            for run in self.index.matching(e.name, "evaluate")
+            if run.tags.get("fid_label")
+        )
         if fid_kinds:
             lines.append(f"Our FID: {'; '.join(fid_kinds)}.")
         return lines

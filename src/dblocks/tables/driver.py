@@ -6,12 +6,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dblocks.io import write_text_atomic
 from dblocks.paper import PAPER_TABLES
 from dblocks.tables.builders import build_table
 from dblocks.tables.context import Context
 from dblocks.tables.experiments import read_params
 from dblocks.tables.figures import figure_curves, figure_grid, figure_sweep
-from dblocks.io import write_text_atomic
 from dblocks.tables.files import safe_name
 from dblocks.tables.render import render_csv, render_index, render_md, render_tex
 from dblocks.tables.runs import RunIndex, tracking_uri_for
@@ -52,8 +52,10 @@ def generate(params_path: str | Path, out_dir: str | Path, tracking_uri: str | N
     out = _Outputs()
     warnings: list[str] = []
     if not index.runs:
-        warnings.append(f"MLflow experiment `{params.mlflow_experiment}` has no runs of scale {params.scale!r}: "
-                        "every value of ours is missing")
+        warnings.append(
+            f"MLflow experiment `{params.mlflow_experiment}` has no runs of scale {params.scale!r}: "
+            "every value of ours is missing"
+        )
         print(f"dblocks.tables: warning: {warnings[-1]}", file=sys.stderr)
     stale = index.stale()
     experiment = client.get_experiment_by_name(params.mlflow_experiment)
@@ -70,9 +72,21 @@ def generate(params_path: str | Path, out_dir: str | Path, tracking_uri: str | N
         out.written += [_written(stem.with_suffix(suffix), render(table)) for suffix, render in RENDERERS.items()]
     _draw_figures(ctx, client, tables, figures_dir, out)
 
-    out.written.append(_written(tables_dir / "index.md", render_index(
-        params, tables, out.figures, out.skipped, warnings, out_dir, stale,
-        experiment.experiment_id if experiment else None)))
+    out.written.append(
+        _written(
+            tables_dir / "index.md",
+            render_index(
+                params,
+                tables,
+                out.figures,
+                out.skipped,
+                warnings,
+                out_dir,
+                stale,
+                experiment.experiment_id if experiment else None,
+            ),
+        )
+    )
     return out.written
 
 
@@ -96,20 +110,27 @@ def _draw_figures(ctx: Context, client, tables: list[Table], figures_dir: Path, 
     """Training curves per experiment, then a figure per sweep and grid table."""
     for exp in ctx.params.experiments.values():
         name = f"curves-{safe_name(exp.name)}.png"
-        out.figure(name, figure_curves(ctx, client, exp, figures_dir / name),
-                   f"training loss per block and end-to-end, {exp.name}")
+        out.figure(
+            name,
+            figure_curves(ctx, client, exp, figures_dir / name),
+            f"training loss per block and end-to-end, {exp.name}",
+        )
     for table in tables:
         paper = PAPER_TABLES.get(table.id)
         if paper is None:
             continue
         if paper["kind"] == "sweep":
             name = f"table{safe_name(table.id)}-{table.metric}-vs-{paper['param']}.png"
-            out.figure(name, figure_sweep(ctx, table, paper, figures_dir / name),
-                       f"Table {table.id}: {table.metric} vs {paper.get('param_label', paper['param'])}")
+            out.figure(
+                name,
+                figure_sweep(ctx, table, paper, figures_dir / name),
+                f"Table {table.id}: {table.metric} vs {paper.get('param_label', paper['param'])}",
+            )
         elif paper["kind"] == "grid":
             name = f"table{safe_name(table.id)}-partition.png"
-            out.figure(name, figure_grid(ctx, table, paper, figures_dir / name),
-                       f"Table {table.id}: partition x layer split")
+            out.figure(
+                name, figure_grid(ctx, table, paper, figures_dir / name), f"Table {table.id}: partition x layer split"
+            )
 
 
 def _written(path: Path, text: str) -> Path:

@@ -48,8 +48,11 @@ class ParamsInfo:
     def hashes(self) -> dict[str, tuple[str | None, str | None]]:
         """{experiment: (config hash, evaluation hash)} that its runs must carry to be this file's (the
         experiments that repeat another with other seeds included)."""
-        return {name: hashes for e in self.experiments.values()
-                for name, hashes in {e.name: (e.config_hash, e.eval_hash), **e.replicates}.items()}
+        return {
+            name: hashes
+            for e in self.experiments.values()
+            for name, hashes in {e.name: (e.config_hash, e.eval_hash), **e.replicates}.items()
+        }
 
     def seeds(self) -> dict[str, list[str]]:
         """{experiment: itself and its repeats with other seeds}, for the experiments that have repeats."""
@@ -62,12 +65,25 @@ def read_params(path: str | Path) -> ParamsInfo:
     from dblocks.params import Params
 
     params = Params.load(path)
-    experiments = {name: ExperimentSpec(name=name, config=config, tables=params.tables(name),
-                                        methods=params.methods(name), baseline=params.baseline(name),
-                                        config_hash=params.hash(name), eval_hash=params.eval_hash(name),
-                                        replicates={r: (params.hash(r), params.eval_hash(r))
-                                                    for r in params.replicates(name) if r != name})
-                   for name, config in params.experiments.items() if params.replicate_of(name) == name}
-    return ParamsInfo(path=params.path, scale=params.scale, tracking_uri=params.tracking_uri,
-                      mlflow_experiment=params.mlflow_experiment, resources=params.resources,
-                      experiments=experiments)
+    experiments = {
+        name: ExperimentSpec(
+            name=name,
+            config=config,
+            tables=params.tables(name),
+            methods=params.methods(name),
+            baseline=params.baseline(name),
+            config_hash=params.hash(name),
+            eval_hash=params.eval_hash(name),
+            replicates={r: (params.hash(r), params.eval_hash(r)) for r in params.replicates(name) if r != name},
+        )
+        for name, config in params.experiments.items()
+        if params.replicate_of(name) == name
+    }
+    return ParamsInfo(
+        path=params.path,
+        scale=params.scale,
+        tracking_uri=params.tracking_uri,
+        mlflow_experiment=params.mlflow_experiment,
+        resources=params.resources,
+        experiments=experiments,
+    )

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dblocks.io import write_atomic
 from dblocks.tables.cells import NA
 from dblocks.tables.columns import method_label
 from dblocks.tables.context import Context, unique
 from dblocks.tables.experiments import ExperimentSpec
-from dblocks.io import write_atomic
 from dblocks.tables.table import Table
 
 
@@ -53,8 +53,14 @@ def figure_curves(ctx: Context, client, exp: ExperimentSpec, path: Path) -> tupl
                 continue
             history = sorted(client.get_metric_history(run.run_id, "train_loss"), key=lambda m: (m.step, m.timestamp))
             if history:
-                label = (f"block {block}" if block.isdigit() else block if block else  # NoProp-DT's "head"
-                         {"e2e": "end-to-end"}.get(method, method_label(method)))
+                label = (
+                    f"block {block}"
+                    if block.isdigit()
+                    else block
+                    if block
+                    # NoProp-DT's "head"
+                    else {"e2e": "end-to-end"}.get(method, method_label(method))
+                )
                 series.append((label, [m.step for m in history], [m.value for m in history]))
     if not series:
         return None, "no finished train run of this configuration with a train_loss history"
@@ -103,8 +109,10 @@ def figure_grid(ctx: Context, table: Table, paper: dict, path: Path) -> tuple[Pa
     labels = [row["layer_split"].text for row in table.rows]
     fig, axes = _new_figure(2, 5.0, 3.6)
     width = 0.8 / max(1, len(partitions))
-    for ax, role, name in ((axes[0], "paper", "paper: " + paper["setting"]),
-                           (axes[1], "ours", f"ours ({_ours_described(ctx, table)})")):
+    for ax, role, name in (
+        (axes[0], "paper", "paper: " + paper["setting"]),
+        (axes[1], "ours", f"ours ({_ours_described(ctx, table)})"),
+    ):
         for j, p in enumerate(partitions):
             values = [row[f"{role}:{p}"].value for row in table.rows]
             xs = [i + (j - (len(partitions) - 1) / 2) * width for i in range(len(labels))]

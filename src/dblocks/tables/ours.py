@@ -21,25 +21,50 @@ DATASET_METRICS: dict[str, tuple[str, ...]] = {"class_agreement": JUDGED_DATASET
 #: value that asks); a finished run whose logged settings leave it out was not asked, so "not run here" too
 #: (e.g. a smoke run's mauve_features: [reference-lm] has no MiniLM MAUVE)
 OPTIONAL_METRICS: dict[str, tuple[str, str]] = {
-    "mauve_gpt2_large": ("mauve_features", "gpt2-large"), "mauve_minilm": ("mauve_features", "minilm"),
-    "mauve_reference": ("mauve_features", "reference-lm"), "mauve_ngram": ("mauve_features", "ngram"),
-    "train_word_rate": ("mauve_features", "ngram"), "gen_ppl_llama2": ("hf_judges", "llama2"),
-    "gen_ppl_gpt2xl": ("hf_judges", "gpt2-xl")}
+    "mauve_gpt2_large": ("mauve_features", "gpt2-large"),
+    "mauve_minilm": ("mauve_features", "minilm"),
+    "mauve_reference": ("mauve_features", "reference-lm"),
+    "mauve_ngram": ("mauve_features", "ngram"),
+    "train_word_rate": ("mauve_features", "ngram"),
+    "gen_ppl_llama2": ("hf_judges", "llama2"),
+    "gen_ppl_gpt2xl": ("hf_judges", "gpt2-xl"),
+}
 #: methods trained as one job per block (DiffusionBlocks' B, NoProp-DT's T = ``blocks``) beside other jobs
 BLOCK_JOB_METHODS = ("blockwise", "noprop-dt")
 
 
-def metric_cell(index: RunIndex, experiment: str, method: str, metric: str, multiplier: float = 1.0,
-                decimals: int = 2, job: str = "evaluate", block: str | None = None,
-                expected: bool = True) -> Cell:
+def metric_cell(
+    index: RunIndex,
+    experiment: str,
+    method: str,
+    metric: str,
+    multiplier: float = 1.0,
+    decimals: int = 2,
+    job: str = "evaluate",
+    block: str | None = None,
+    expected: bool = True,
+) -> Cell:
     """The metric of ``experiment``'s latest current run of this job; for an experiment trained with several
     seeds (pipeline.seeds), :func:`over_seeds` of each seed's."""
-    return _over_seeds_of(index, experiment, decimals, lambda name: _run_cell(
-        index, name, method, metric, multiplier, decimals, job, block, expected))
+    return _over_seeds_of(
+        index,
+        experiment,
+        decimals,
+        lambda name: _run_cell(index, name, method, metric, multiplier, decimals, job, block, expected),
+    )
 
 
-def train_cost_cell(index: RunIndex, experiment: str, method: str, blocks: int, metric: str,
-                    multiplier: float = 1.0, decimals: int = 2, reduce: str = "mean", expected: bool = True) -> Cell:
+def train_cost_cell(
+    index: RunIndex,
+    experiment: str,
+    method: str,
+    blocks: int,
+    metric: str,
+    multiplier: float = 1.0,
+    decimals: int = 2,
+    reduce: str = "mean",
+    expected: bool = True,
+) -> Cell:
     """A training-cost metric of ``experiment``'s ``method`` from its latest current train runs: one job's, or
     for a method of one job per block (:data:`BLOCK_JOB_METHODS`) the mean (``reduce="mean"``) or the largest
     (``"max"``) over blocks 1..``blocks`` (a block without it makes the cell n/a, named in the note); over
@@ -47,15 +72,17 @@ def train_cost_cell(index: RunIndex, experiment: str, method: str, blocks: int, 
     parts = [str(b) for b in range(1, blocks + 1)] if method in BLOCK_JOB_METHODS else [None]
 
     def one_seed(name: str) -> Cell:
-        per_job = [_run_cell(index, name, method, metric, multiplier, decimals, "train", part, expected)
-                   for part in parts]
+        per_job = [
+            _run_cell(index, name, method, metric, multiplier, decimals, "train", part, expected) for part in parts
+        ]
         lacking = next((c for c in per_job if c.value is None), None)
         if lacking is not None or len(per_job) == 1:
             return lacking or per_job[0]
         values = [c.value for c in per_job]
         value = statistics.fmean(values) if reduce == "mean" else max(values)
-        return Cell(text=fmt(value, decimals), value=value, run=per_job[0].run,
-                    runs=[r for c in per_job for r in c.sources])
+        return Cell(
+            text=fmt(value, decimals), value=value, run=per_job[0].run, runs=[r for c in per_job for r in c.sources]
+        )
 
     return _over_seeds_of(index, experiment, decimals, one_seed)
 
@@ -65,8 +92,17 @@ def _over_seeds_of(index: RunIndex, experiment: str, decimals: int, one_seed: Ca
     return over_seeds([one_seed(name) for name in index.seeds.get(experiment, [experiment])], decimals)
 
 
-def _run_cell(index: RunIndex, experiment: str, method: str, metric: str, multiplier: float, decimals: int,
-              job: str, block: str | None, expected: bool) -> Cell:
+def _run_cell(
+    index: RunIndex,
+    experiment: str,
+    method: str,
+    metric: str,
+    multiplier: float,
+    decimals: int,
+    job: str,
+    block: str | None,
+    expected: bool,
+) -> Cell:
     """The metric of one experiment's (one seed's) latest current run of this job, or why there is none."""
     run, why = index.latest(experiment, job, method, block)
     what = f"{experiment}, {method}" + (f", block {block}" if block else "")
@@ -75,9 +111,11 @@ def _run_cell(index: RunIndex, experiment: str, method: str, metric: str, multip
             return Cell(text=DASH)
         return missing(f"{why} ({what})")
     if metric not in run.metrics or run.metrics[metric] is None or math.isnan(run.metrics[metric]):
-        if metric not in run.metrics and (metric in ONLINE_METRICS or not _asked_for(run, metric)
-                                          or (metric in DATASET_METRICS
-                                              and run.params.get("dataset") not in DATASET_METRICS[metric])):
+        if metric not in run.metrics and (
+            metric in ONLINE_METRICS
+            or not _asked_for(run, metric)
+            or (metric in DATASET_METRICS and run.params.get("dataset") not in DATASET_METRICS[metric])
+        ):
             return Cell(text=DASH)
         return missing(f"{metric} not logged (run {run.short}: {what})", run)
     return Cell(text=fmt(run.metrics[metric] * multiplier, decimals), value=run.metrics[metric] * multiplier, run=run)

@@ -52,8 +52,15 @@ class RunInfo:
 
     @classmethod
     def from_mlflow(cls, run) -> RunInfo:
-        return cls(run.info.run_id, run.info.status, run.info.start_time or 0, run.info.end_time or 0,
-                   dict(run.data.tags), dict(run.data.params), dict(run.data.metrics))
+        return cls(
+            run.info.run_id,
+            run.info.status,
+            run.info.start_time or 0,
+            run.info.end_time or 0,
+            dict(run.data.tags),
+            dict(run.data.params),
+            dict(run.data.metrics),
+        )
 
     def tag(self, name: str) -> str:
         return str(self.tags.get(TAG + name, "") or "")
@@ -74,9 +81,13 @@ class RunIndex:
     (:meth:`ParamsInfo.hashes`); look-ups see only those runs, and say why when they find none. An
     experiment it does not name (or a None hash) accepts any run."""
 
-    def __init__(self, runs: Iterable[RunInfo], scale: str | None = None,
-                 hashes: dict[str, tuple[str | None, str | None]] | None = None,
-                 seeds: dict[str, list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        runs: Iterable[RunInfo],
+        scale: str | None = None,
+        hashes: dict[str, tuple[str | None, str | None]] | None = None,
+        seeds: dict[str, list[str]] | None = None,
+    ) -> None:
         # exactly this scale: a run without the label (or with another) never fills a cell of this table
         self.runs = [r for r in runs if scale is None or r.tag("scale") == scale]
         self.by_id = {r.run_id: r for r in self.runs}
@@ -85,9 +96,14 @@ class RunIndex:
         self.seeds = dict(seeds or {})
 
     @classmethod
-    def from_mlflow(cls, client, experiment_name: str, scale: str | None = None,
-                    hashes: dict[str, tuple[str | None, str | None]] | None = None,
-                    seeds: dict[str, list[str]] | None = None) -> RunIndex:
+    def from_mlflow(
+        cls,
+        client,
+        experiment_name: str,
+        scale: str | None = None,
+        hashes: dict[str, tuple[str | None, str | None]] | None = None,
+        seeds: dict[str, list[str]] | None = None,
+    ) -> RunIndex:
         from mlflow.entities import ViewType
 
         experiment = client.get_experiment_by_name(experiment_name)
@@ -95,8 +111,9 @@ class RunIndex:
             return cls([], scale, hashes, seeds)
         runs, token = [], None
         while True:
-            page = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ACTIVE_ONLY,
-                                      max_results=1000, page_token=token)
+            page = client.search_runs(
+                [experiment.experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
+            )
             runs.extend(RunInfo.from_mlflow(r) for r in page)
             token = page.token
             if not token:
@@ -111,25 +128,34 @@ class RunIndex:
             return False
         return not (eval_hash and run.tag("job") == "evaluate" and run.tag("eval_hash") != eval_hash)
 
-    def matching(self, experiment: str, job: str, method: str | None = None, block: str | None = None,
-                 current: bool = True) -> list[RunInfo]:
+    def matching(
+        self, experiment: str, job: str, method: str | None = None, block: str | None = None, current: bool = True
+    ) -> list[RunInfo]:
         """The runs of ``experiment`` of this job (method, block), newest first; with ``current`` (the default)
         only those of the experiment's current configuration and evaluation settings."""
-        out = [r for r in self.runs if r.tag("experiment") == experiment and r.tag("job") == job
-               and (method is None or r.tag("method") == method) and (block is None or r.tag("block") == block)
-               and (not current or self.is_current(r, experiment))]
+        out = [
+            r
+            for r in self.runs
+            if r.tag("experiment") == experiment
+            and r.tag("job") == job
+            and (method is None or r.tag("method") == method)
+            and (block is None or r.tag("block") == block)
+            and (not current or self.is_current(r, experiment))
+        ]
         return sorted(out, key=lambda r: r.order, reverse=True)
 
-    def latest(self, experiment: str, job: str, method: str | None = None,
-               block: str | None = None) -> tuple[RunInfo | None, str]:
+    def latest(
+        self, experiment: str, job: str, method: str | None = None, block: str | None = None
+    ) -> tuple[RunInfo | None, str]:
         """The most recent FINISHED run of the current configuration, or None and why not."""
         current = self.matching(experiment, job, method, block)
         for run in current:
             if run.status == "FINISHED":
                 return run, ""
         if current:
-            return None, (f"no FINISHED {job} run of this configuration (latest is {current[0].status}, "
-                          f"run {current[0].short})")
+            return None, (
+                f"no FINISHED {job} run of this configuration (latest is {current[0].status}, run {current[0].short})"
+            )
         others = self.matching(experiment, job, method, block, current=False)
         if not others:
             return None, f"no {job} run logged"
@@ -137,19 +163,31 @@ class RunIndex:
         same_config = [r for r in others if not config_hash or r.tag("config_hash") == config_hash]
         if same_config:  # evaluate runs of this configuration, made with other evaluation settings
             latest = same_config[0]
-            recorded = (f"eval_hash {latest.tag('eval_hash')}" if latest.tag("eval_hash") else
-                        "no eval_hash: logged before evaluation settings were recorded; rerun the evaluation")
-            return None, (f"no {job} run with this file's evaluation settings (eval_hash {eval_hash}); "
-                          f"{runs_text(len(same_config))} of this configuration with other evaluation settings "
-                          f"{exist_text(len(same_config))} (latest: run {latest.short}, {recorded})")
-        return None, (f"no {job} run of this configuration (config_hash {config_hash}); {runs_text(len(others))} of "
-                      f"other configurations {exist_text(len(others))} (latest: run {others[0].short}, "
-                      f"config_hash {others[0].tag('config_hash') or 'none'})")
+            recorded = (
+                f"eval_hash {latest.tag('eval_hash')}"
+                if latest.tag("eval_hash")
+                else "no eval_hash: logged before evaluation settings were recorded; rerun the evaluation"
+            )
+            return None, (
+                f"no {job} run with this file's evaluation settings (eval_hash {eval_hash}); "
+                f"{runs_text(len(same_config))} of this configuration with other evaluation settings "
+                f"{exist_text(len(same_config))} (latest: run {latest.short}, {recorded})"
+            )
+        return None, (
+            f"no {job} run of this configuration (config_hash {config_hash}); {runs_text(len(others))} of "
+            f"other configurations {exist_text(len(others))} (latest: run {others[0].short}, "
+            f"config_hash {others[0].tag('config_hash') or 'none'})"
+        )
 
     def stale(self) -> int:
         """How many runs of the experiments in :attr:`hashes` are of other configurations or settings."""
-        return sum(1 for r in self.runs if r.tag("experiment") in self.hashes and r.tag("job") != "parent"
-                   and not self.is_current(r, r.tag("experiment")))
+        return sum(
+            1
+            for r in self.runs
+            if r.tag("experiment") in self.hashes
+            and r.tag("job") != "parent"
+            and not self.is_current(r, r.tag("experiment"))
+        )
 
     def methods(self, experiment: str, job: str) -> list[str]:
         return sorted({r.tag("method") for r in self.matching(experiment, job) if r.tag("method")})
@@ -167,8 +205,9 @@ class RunIndex:
         if parent is not None and parent.params:
             return parent.params
         for job in ("train", "parent"):
-            candidates = sorted(self.matching(experiment, job), key=lambda r: (r.status == "FINISHED", r.order),
-                                reverse=True)
+            candidates = sorted(
+                self.matching(experiment, job), key=lambda r: (r.status == "FINISHED", r.order), reverse=True
+            )
             for candidate in candidates:
                 if candidate.params:
                     return candidate.params
@@ -176,7 +215,7 @@ class RunIndex:
 
 
 def runs_text(n: int) -> str:
-    """"1 run", "2 runs"."""
+    """ "1 run", "2 runs"."""
     return f"{n} run{'s' if n != 1 else ''}"
 
 

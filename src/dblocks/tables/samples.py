@@ -9,14 +9,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from dblocks.io import one_line, write_atomic
 from dblocks.tables.context import Context
 from dblocks.tables.experiments import ExperimentSpec
-from dblocks.io import one_line, write_atomic
 from dblocks.tables.files import safe_name
 
 #: the samples artifact an evaluate run logs, by task: a PNG grid of images, or Markdown text samples
-SAMPLES_ARTIFACT = {"generation": "samples.png", "masked_text": "samples.md", "ar_text": "samples.md",
-                    "recurrent_text": "samples.md"}
+SAMPLES_ARTIFACT = {
+    "generation": "samples.png",
+    "masked_text": "samples.md",
+    "ar_text": "samples.md",
+    "recurrent_text": "samples.md",
+}
 
 
 def samples_file_name(exp: ExperimentSpec, method: str) -> str:
@@ -60,8 +64,11 @@ def find_artifact(client, run_id: str, name: str, max_depth: int = 3) -> str | N
 
 def links_note(feeders: list[str], text_samples: dict[str, list[tuple[str, Path]]], tables_dir: Path) -> str | None:
     """The note that links a table to the text samples of the experiments feeding it (None: it has none)."""
-    links = [f"[{exp} {method}]({os.path.relpath(path, tables_dir)})"
-             for exp in feeders for method, path in text_samples.get(exp, [])]
+    links = [
+        f"[{exp} {method}]({os.path.relpath(path, tables_dir)})"
+        for exp in feeders
+        for method, path in text_samples.get(exp, [])
+    ]
     if not links:
         return None
     return "Samples behind these numbers (prompt, generated and real continuation): " + ", ".join(links)

@@ -64,6 +64,8 @@ class Table:
             commit = f", git {run.tag('git_commit')[:10]}" if run.tag("git_commit") else ""
             hashes = f", config {run.tag('config_hash')}" if run.tag("config_hash") else ""
             hashes += f", evaluation {run.tag('eval_hash')}" if run.tag("eval_hash") else ""
-            out.append(f"run {run.run_id}: {run.tag('experiment')}, {run.tag('method')}{block}, "
-                       f"{run.tag('job')}{commit}{hashes}")
+            out.append(
+                f"run {run.run_id}: {run.tag('experiment')}, {run.tag('method')}{block}, "
+                f"{run.tag('job')}{commit}{hashes}"
+            )
         return out

@@ -13,4 +13,11 @@ from dblocks.tasks.base import Task
 from dblocks.tasks.classification import ClassificationTask, label_embeddings
 from dblocks.tasks.images import ImageGenerationTask
 
-__all__ = ["ARTextTask", "NextTokenEmbeddingTask", "Task", "ClassificationTask", "ImageGenerationTask", "label_embeddings"]
+__all__ = [
+    "ARTextTask",
+    "NextTokenEmbeddingTask",
+    "Task",
+    "ClassificationTask",
+    "ImageGenerationTask",
+    "label_embeddings",
+]

@@ -28,8 +28,9 @@ class Task(ABC):
     def denoise(self, raw: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor: ...
 
     @abstractmethod
-    def loss(self, raw: torch.Tensor, denoised: torch.Tensor, batch: dict[str, torch.Tensor],
-             weight: torch.Tensor) -> torch.Tensor: ...
+    def loss(
+        self, raw: torch.Tensor, denoised: torch.Tensor, batch: dict[str, torch.Tensor], weight: torch.Tensor
+    ) -> torch.Tensor: ...
 
     @property
     @abstractmethod
@@ -41,8 +42,9 @@ class Task(ABC):
         """z from the clean target y at noise level sigma (EDM: y + sigma * eps)."""
         return self.apply_noise(y, sigma, self.draw_noise(y.shape, generator, y.device))
 
-    def draw_noise(self, shape: torch.Size, generator: torch.Generator | None,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
+    def draw_noise(
+        self, shape: torch.Size, generator: torch.Generator | None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """The random draw behind :meth:`corrupt` for targets of ``shape`` (EDM: eps ~ N(0, I)), on the
         generator's device, so that training can draw it for a whole global batch and corrupt any rows of it."""
         return torch.randn(shape, generator=generator, device=generator.device if generator is not None else device)
@@ -63,6 +65,6 @@ class Task(ABC):
         """Fixed tensors that define the target space; stored in every checkpoint and compared at assembly."""
         return {}
 
-    def load_buffers(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_buffers(self, tensors: dict[str, torch.Tensor]) -> None:  # noqa: B027 - optional: most tasks keep nothing
         """Take the target space from a checkpoint's ``buffers()`` tensors. Tasks whose space is always
         derived from the seed (and checked equal at assembly) need nothing here."""

@@ -9,8 +9,9 @@ from dblocks.tasks.base import Task
 
 
 class ImageGenerationTask(Task):
-    def __init__(self, image_shape: tuple[int, int, int], num_classes: int, sigma_data: float = 0.5,
-                 class_dropout: float = 0.0) -> None:
+    def __init__(
+        self, image_shape: tuple[int, int, int], num_classes: int, sigma_data: float = 0.5, class_dropout: float = 0.0
+    ) -> None:
         self.image_shape = tuple(image_shape)
         self.num_classes = num_classes
         self.sigma_data = sigma_data

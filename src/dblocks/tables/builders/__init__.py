@@ -12,8 +12,12 @@ from dblocks.tables.builders.timing import build_timing_table
 from dblocks.tables.context import Context
 from dblocks.tables.table import Table
 
-BUILDERS = {"methods": build_methods_table, "grid": build_grid_table, "sweep": build_sweep_table,
-            "timing": build_timing_table}
+BUILDERS = {
+    "methods": build_methods_table,
+    "grid": build_grid_table,
+    "sweep": build_sweep_table,
+    "timing": build_timing_table,
+}
 
 
 def build_table(ctx: Context, table_id: str) -> Table:

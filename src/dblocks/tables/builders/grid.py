@@ -41,24 +41,36 @@ def build_grid_table(ctx: Context, table_id: str, paper: dict, exps: list[Experi
             rows.append({"_key": split, "label": str(list(split)), "values": {}})
             i = len(rows) - 1
         elif proportional:
-            notes.append(f"{exp.name}: our split {list(split)} placed in the paper's {rows[i]['label']} row "
-                         "(same proportions of the depth)")
+            notes.append(
+                f"{exp.name}: our split {list(split)} placed in the paper's {rows[i]['label']} row "
+                "(same proportions of the depth)"
+            )
         place(slots, (i, partition), exp, cell, notes)
     columns = [label_column("layer_split", "layer split")]
     columns += [Column(f"paper:{p}", f"paper {label}", f"paper_{p}", "paper") for p, label in partitions.items()]
-    columns += [Column(f"ours:{p}", f"ours {label} ({ctx.params.scale})", f"ours_{p}", "ours")
-                for p, label in partitions.items()]
+    columns += [
+        Column(f"ours:{p}", f"ours {label} ({ctx.params.scale})", f"ours_{p}", "ours")
+        for p, label in partitions.items()
+    ]
     with_agreement = judged(exps)
     if with_agreement:
-        columns += [Column(f"agree:{p}", f"ours {label}: class agreement", f"agreement_{p}", "ours")
-                    for p, label in partitions.items()]
+        columns += [
+            Column(f"agree:{p}", f"ours {label}: class agreement", f"agreement_{p}", "ours")
+            for p, label in partitions.items()
+        ]
     cost = is_fid_table(paper)
     if cost:
         for p, label in partitions.items():
             columns += cost_columns(f"cost:{p}:", f"ours {label}", ctx.params.scale)
         notes.append(COST_NOTE)
-    table = Table(table_id, paper["title"], ctx.caption(table_id, paper, exps), columns, notes=notes,
-                  feeders=[e.name for e in exps])
+    table = Table(
+        table_id,
+        paper["title"],
+        ctx.caption(table_id, paper, exps),
+        columns,
+        notes=notes,
+        feeders=[e.name for e in exps],
+    )
     for i, r in enumerate(rows):
         row = {"layer_split": Cell(r["label"])}
         for p in partitions:

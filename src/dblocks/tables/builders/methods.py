@@ -42,10 +42,17 @@ def build_methods_table(ctx: Context, table_id: str, paper: dict, exps: list[Exp
     train_cost = table_id in TRAIN_COST_TABLES
     if train_cost:
         columns += cost_columns("train:", "ours", ctx.params.scale, TRAIN_COST_METRICS)
-    table = Table(table_id, paper["title"], ctx.caption(table_id, paper, exps), columns,
-                  notes=list(paper.get("notes", [])) + OURS_NOTES.get(table_id, []) + ([COST_NOTE] if cost else [])
-                  + ([TRAIN_COST_NOTE] if train_cost else []),
-                  feeders=[e.name for e in exps])
+    table = Table(
+        table_id,
+        paper["title"],
+        ctx.caption(table_id, paper, exps),
+        columns,
+        notes=list(paper.get("notes", []))
+        + OURS_NOTES.get(table_id, [])
+        + ([COST_NOTE] if cost else [])
+        + ([TRAIN_COST_NOTE] if train_cost else []),
+        feeders=[e.name for e in exps],
+    )
 
     by_setting: dict[str | None, list[ExperimentSpec]] = {}
     for exp in exps:
@@ -53,12 +60,20 @@ def build_methods_table(ctx: Context, table_id: str, paper: dict, exps: list[Exp
         if settings:
             key, guessed = _match_setting(settings, exp)
             if guessed:
-                table.notes.append(f"{exp.name} (dataset {exp.config.get('dataset')}) matches no paper setting; "
-                                   f"shown as a stand-in for {settings[key]['label']}")
+                table.notes.append(
+                    f"{exp.name} (dataset {exp.config.get('dataset')}) matches no paper setting; "
+                    f"shown as a stand-in for {settings[key]['label']}"
+                )
         by_setting.setdefault(key, []).append(exp)
 
-    def add_row(label: str, setting: str | None, paper_values: dict, exp: ExperimentSpec | None,
-                method: str | None, expected: bool) -> None:
+    def add_row(
+        label: str,
+        setting: str | None,
+        paper_values: dict,
+        exp: ExperimentSpec | None,
+        method: str | None,
+        expected: bool,
+    ) -> None:
         """A row: the paper's values, and ours read from ``exp``'s ``method`` runs (None: "—", not run here)."""
         row = {"method": Cell(label)}
         if settings:
@@ -66,16 +81,30 @@ def build_methods_table(ctx: Context, table_id: str, paper: dict, exps: list[Exp
         for key in paper["columns"]:
             row[f"paper:{key}"] = number(paper_values.get(key), decimals)
         for key, (metric, multiplier, _) in ours.items():
-            row[f"ours:{key}"] = (Cell(DASH) if exp is None or method is None else
-                                  metric_cell(ctx.index, exp.name, method, metric, multiplier, decimals,
-                                              expected=expected))
+            row[f"ours:{key}"] = (
+                Cell(DASH)
+                if exp is None or method is None
+                else metric_cell(ctx.index, exp.name, method, metric, multiplier, decimals, expected=expected)
+            )
         if cost:
             row.update(cost_cells(ctx, "cost:", exp, method, expected))
         if train_cost:
             for m, (mult, _, dec, reduce) in TRAIN_COST_METRICS.items():
-                row[f"train:{m}"] = (Cell(DASH) if exp is None or method is None else
-                                     train_cost_cell(ctx.index, exp.name, method, int(exp.config.get("blocks") or 1),
-                                                     m, mult, dec, reduce, expected=expected))
+                row[f"train:{m}"] = (
+                    Cell(DASH)
+                    if exp is None or method is None
+                    else train_cost_cell(
+                        ctx.index,
+                        exp.name,
+                        method,
+                        int(exp.config.get("blocks") or 1),
+                        m,
+                        mult,
+                        dec,
+                        reduce,
+                        expected=expected,
+                    )
+                )
         table.rows.append(row)
 
     setting_keys = list(settings) if settings else [None]
@@ -98,9 +127,11 @@ def build_methods_table(ctx: Context, table_id: str, paper: dict, exps: list[Exp
                 source = ctx.baseline_source(exp, method)
                 add_row(label, setting, prow["values"], source, method, method in ctx.run_methods(source))
                 if source is not exp:
-                    table.notes.append(f"{label}: the end-to-end run of {source.name}, which {exp.name} shares "
-                                       "(they differ only in block-wise settings, which end-to-end training "
-                                       "does not read)")
+                    table.notes.append(
+                        f"{label}: the end-to-end run of {source.name}, which {exp.name} shares "
+                        "(they differ only in block-wise settings, which end-to-end training "
+                        "does not read)"
+                    )
         covered = {r["key"].get("method") for r in paper_rows}
         for exp in feeding:
             for method in ctx.run_methods(exp):
@@ -111,8 +142,10 @@ def build_methods_table(ctx: Context, table_id: str, paper: dict, exps: list[Exp
                 label += experiment_suffix(exp, len(feeding))
                 add_row(label, setting, prow["values"] if prow else {}, exp, method, True)
                 if prow is not None:
-                    table.notes.append(f"{label}: the paper's number beside it is its DiffusionBlocks result, "
-                                       "which the paper obtained in this shared-stem mode")
+                    table.notes.append(
+                        f"{label}: the paper's number beside it is its DiffusionBlocks result, "
+                        "which the paper obtained in this shared-stem mode"
+                    )
     return table
 
 

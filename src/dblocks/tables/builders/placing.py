@@ -61,8 +61,9 @@ class Placed:
     cell: Cell
 
 
-def ablation_cells(ctx: Context, exps: list[ExperimentSpec], metric: str, multiplier: float, decimals: int,
-                   notes: list[str]) -> Iterator[tuple[ExperimentSpec, Cell, dict]]:
+def ablation_cells(
+    ctx: Context, exps: list[ExperimentSpec], metric: str, multiplier: float, decimals: int, notes: list[str]
+) -> Iterator[tuple[ExperimentSpec, Cell, dict]]:
     """(experiment, its metric cell, the params that place it) for the ablation tables; notes collect
     any mismatch between the params a run logged and the current params file."""
     for exp in exps:
@@ -84,8 +85,10 @@ def place(slot: dict, key: Any, exp: ExperimentSpec, cell: Cell, notes: list[str
 
     winner, loser = (prev, Placed(exp, cell)) if rank(prev) >= rank(Placed(exp, cell)) else (Placed(exp, cell), prev)
     slot[key] = winner
-    notes.append(f"{winner.exp.name} and {loser.exp.name} both fall in one cell; showing {winner.exp.name} "
-                 "(the most recent finished run)")
+    notes.append(
+        f"{winner.exp.name} and {loser.exp.name} both fall in one cell; showing {winner.exp.name} "
+        "(the most recent finished run)"
+    )
 
 
 def judged(exps: list[ExperimentSpec]) -> bool:

@@ -27,8 +27,9 @@ def build_sweep_table(ctx: Context, table_id: str, paper: dict, exps: list[Exper
     param, param_label = paper["param"], paper.get("param_label", paper["param"])
     candidates = ablation_metrics(table_id)
     paper_col = next(iter(paper["columns"]))
-    rows = {sweep_key(r["key"][param]): {"label": r["label"], "value": r["values"].get(paper_col)}
-            for r in paper["rows"]}
+    rows = {
+        sweep_key(r["key"][param]): {"label": r["label"], "value": r["values"].get(paper_col)} for r in paper["rows"]
+    }
     notes: list[str] = list(paper.get("notes", []))
     # One metric for the whole column: the first candidate that any run logged (Table 11: GPT-2 large
     # MAUVE online, else the offline reference-LM features), never a mix of feature spaces across rows.
@@ -44,7 +45,7 @@ def build_sweep_table(ctx: Context, table_id: str, paper: dict, exps: list[Exper
         chosen, cells, placement_notes = tried[0]
     metric, _, metric_label = chosen
     notes += placement_notes
-    skipped = [c[2] for c in candidates[:candidates.index(chosen)]]
+    skipped = [c[2] for c in candidates[: candidates.index(chosen)]]
     if skipped:
         notes.append(f"ours: {metric_label}; not logged by any run here: {', '.join(skipped)}")
     slots: dict[float, Placed] = {}
@@ -57,10 +58,17 @@ def build_sweep_table(ctx: Context, table_id: str, paper: dict, exps: list[Exper
             label = str(int(key)) if param == "blocks" else f"{key:g}"
             rows[key] = {"label": label, "value": None}
         place(slots, key, exp, cell, notes)
-    columns = [label_column(param, param_label), Column("paper", "paper", "paper", "paper"),
-               Column("ours", ours_header(ctx, exps) if len(candidates) == 1 else
-                      f"ours {metric_label} ({ctx.describe(exps)})", "ours", "ours"),
-               Column("experiment", "experiment", "experiment", "info")]
+    columns = [
+        label_column(param, param_label),
+        Column("paper", "paper", "paper", "paper"),
+        Column(
+            "ours",
+            ours_header(ctx, exps) if len(candidates) == 1 else f"ours {metric_label} ({ctx.describe(exps)})",
+            "ours",
+            "ours",
+        ),
+        Column("experiment", "experiment", "experiment", "info"),
+    ]
     cost = is_fid_table(paper)
     with_agreement = cost and judged(exps)
     if with_agreement:
@@ -68,14 +76,25 @@ def build_sweep_table(ctx: Context, table_id: str, paper: dict, exps: list[Exper
     if cost:
         columns += cost_columns("cost:", "ours", ctx.params.scale)
         notes.append(COST_NOTE)
-    table = Table(table_id, paper["title"], ctx.caption(table_id, paper, exps), columns, notes=notes,
-                  feeders=[e.name for e in exps], metric=metric)
+    table = Table(
+        table_id,
+        paper["title"],
+        ctx.caption(table_id, paper, exps),
+        columns,
+        notes=notes,
+        feeders=[e.name for e in exps],
+        metric=metric,
+    )
     for key in sorted(rows):
         placed = slots.get(key)
         # "_key" (no column shows it): the swept value as a number, for the figure's x axis
-        row = {param: Cell(rows[key]["label"]), "paper": number(rows[key]["value"], decimals),
-               "ours": placed.cell if placed else Cell(DASH),
-               "experiment": Cell(placed.exp.name if placed else DASH), "_key": Cell(str(key), key)}
+        row = {
+            param: Cell(rows[key]["label"]),
+            "paper": number(rows[key]["value"], decimals),
+            "ours": placed.cell if placed else Cell(DASH),
+            "experiment": Cell(placed.exp.name if placed else DASH),
+            "_key": Cell(str(key), key),
+        }
         if with_agreement:
             row["agreement"] = agreement_cell(ctx, placed)
         if cost:

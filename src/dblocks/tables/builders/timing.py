@@ -16,25 +16,43 @@ def build_timing_table(ctx: Context, table_id: str, paper: dict, exps: list[Expe
     """Table 12: seconds per step of the end-to-end run vs each block's, their sum and the ratio."""
     decimals = DECIMALS.get(table_id, 4)
     pv = {r["key"]["row"]: r["values"]["seconds"] for r in paper["rows"]}
-    columns = [label_column("row", "row"), Column("paper", "paper (s / iteration)", "paper", "paper"),
-               Column("ours", f"ours ({ctx.describe(exps)}) s / step", "ours", "ours"),
-               Column("device", "ours: device", "device", "info")]
+    columns = [
+        label_column("row", "row"),
+        Column("paper", "paper (s / iteration)", "paper", "paper"),
+        Column("ours", f"ours ({ctx.describe(exps)}) s / step", "ours", "ours"),
+        Column("device", "ours: device", "device", "info"),
+    ]
     notes = list(paper.get("notes", []))
-    notes.append("Our timings are seconds_per_step as each training job measured it, on the device where that job "
-                 "ran (column 'ours: device', from the run tag dblocks.device; 'unknown' where not tagged). Blocks "
-                 "train as independent jobs, so the sum is total compute, not elapsed time.")
-    table = Table(table_id, paper["title"], ctx.caption(table_id, paper, exps), columns, notes=notes,
-                  feeders=[e.name for e in exps])
+    notes.append(
+        "Our timings are seconds_per_step as each training job measured it, on the device where that job "
+        "ran (column 'ours: device', from the run tag dblocks.device; 'unknown' where not tagged). Blocks "
+        "train as independent jobs, so the sum is total compute, not elapsed time."
+    )
+    table = Table(
+        table_id,
+        paper["title"],
+        ctx.caption(table_id, paper, exps),
+        columns,
+        notes=notes,
+        feeders=[e.name for e in exps],
+    )
 
     def device(cell: Cell) -> Cell:
         return Cell(cell.run.tag("device") or "unknown") if cell.run is not None else Cell(DASH)
 
     for exp in exps:
         suffix = experiment_suffix(exp, len(exps))
-        e2e = metric_cell(ctx.index, exp.name, "e2e", "seconds_per_step", 1.0, decimals, job="train",
-                          expected="e2e" in exp.methods)
-        table.rows.append({"row": Cell("End-to-end" + suffix), "paper": number(pv["e2e"], decimals),
-                           "ours": e2e, "device": device(e2e)})
+        e2e = metric_cell(
+            ctx.index, exp.name, "e2e", "seconds_per_step", 1.0, decimals, job="train", expected="e2e" in exp.methods
+        )
+        table.rows.append(
+            {
+                "row": Cell("End-to-end" + suffix),
+                "paper": number(pv["e2e"], decimals),
+                "ours": e2e,
+                "device": device(e2e),
+            }
+        )
         first_train, _ = ctx.index.latest(exp.name, "train", "blockwise")
         values, mismatch = ctx.placement(exp, first_train)
         table.notes.extend(mismatch)
@@ -48,13 +66,21 @@ def build_timing_table(ctx: Context, table_id: str, paper: dict, exps: list[Expe
         count = max([count] + [int(b) for b in logged])
         block_cells = []
         for b in range(1, count + 1):
-            cell = metric_cell(ctx.index, exp.name, "blockwise", "seconds_per_step", 1.0, decimals, job="train",
-                               block=str(b))
+            cell = metric_cell(
+                ctx.index, exp.name, "blockwise", "seconds_per_step", 1.0, decimals, job="train", block=str(b)
+            )
             block_cells.append(cell)
-            layers = (f" ({split[b - 1]} layer{'s' if split[b - 1] != 1 else ''})"
-                      if split and len(split) == count else "")
-            table.rows.append({"row": Cell(f"block {b}{layers}{suffix}"), "paper": number(pv["block"], decimals),
-                               "ours": cell, "device": device(cell)})
+            layers = (
+                f" ({split[b - 1]} layer{'s' if split[b - 1] != 1 else ''})" if split and len(split) == count else ""
+            )
+            table.rows.append(
+                {
+                    "row": Cell(f"block {b}{layers}{suffix}"),
+                    "paper": number(pv["block"], decimals),
+                    "ours": cell,
+                    "device": device(cell),
+                }
+            )
         if block_cells and all(c.value is not None for c in block_cells):
             total = Cell(fmt(sum(c.value for c in block_cells), decimals), sum(c.value for c in block_cells))
         else:
@@ -64,8 +90,20 @@ def build_timing_table(ctx: Context, table_id: str, paper: dict, exps: list[Expe
         else:
             ratio = missing("needs the end-to-end time and the sum over blocks")
         devices = unique(c.run.tag("device") or "unknown" for c in block_cells if c.run is not None)
-        table.rows.append({"row": Cell(f"sum over {count} blocks{suffix}"), "paper": number(pv["sum"], decimals),
-                           "ours": total, "device": Cell(", ".join(devices) or DASH)})
-        table.rows.append({"row": Cell(f"ratio sum / end-to-end{suffix}"),
-                           "paper": number(pv["ratio"], RATIO_DECIMALS), "ours": ratio, "device": Cell(DASH)})
+        table.rows.append(
+            {
+                "row": Cell(f"sum over {count} blocks{suffix}"),
+                "paper": number(pv["sum"], decimals),
+                "ours": total,
+                "device": Cell(", ".join(devices) or DASH),
+            }
+        )
+        table.rows.append(
+            {
+                "row": Cell(f"ratio sum / end-to-end{suffix}"),
+                "paper": number(pv["ratio"], RATIO_DECIMALS),
+                "ours": ratio,
+                "device": Cell(DASH),
+            }
+        )
     return table
