@@ -16,23 +16,10 @@ from dblocks.blocks import AssembledModel
 from dblocks.checkpoint import load_metadata, save_checkpoint
 from dblocks.cli import main
 
-MICRO = [
-    "--arch",
-    "ViT-micro",
-    "--blocks",
-    "3",
-    "--steps",
-    "6",
-    "--batch-size",
-    "16",
-    "--no-progress",
-    "--device",
-    "cpu",
-    "--set",
-    "train.log_every=3",
-    "--set",
-    "train.warmup=1",
-]
+MICRO = (
+    "--arch ViT-micro --blocks 3 --steps 6 --batch-size 16 --no-progress --device cpu "
+    "--set train.log_every=3 --set train.warmup=1"
+).split()
 DIT_MICRO = ["--task", "generation", "--arch", "DiT-micro", *MICRO[2:]]
 
 
@@ -127,16 +114,7 @@ def test_jobs_that_need_no_fid_do_not_import_it(vit_blocks, tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    [
-        "missing",
-        "duplicate",
-        "wrong_b",
-        "other_config",
-        "other_partition",
-        "other_experiment",
-        "not_a_block",
-        "other_target_space",
-    ],
+    ("missing duplicate wrong_b other_config other_partition other_experiment not_a_block other_target_space").split(),
 )
 def test_assembly_refuses_mismatches(case, vit_blocks, tmp_path):
     paths = _copy(vit_blocks, tmp_path, ["block-1", "block-2", "block-3"])

@@ -21,44 +21,16 @@ import pytest
 from dblocks.checkpoint import load_checkpoint, load_metadata, save_checkpoint
 from dblocks.cli import main
 
-MICRO = [
-    "--arch",
-    "ViT-micro",
-    "--blocks",
-    "3",
-    "--steps",
-    "4",
-    "--batch-size",
-    "8",
-    "--no-progress",
-    "--device",
-    "cpu",
-    "--set",
-    "train.warmup=1",
-    "--set",
-    "train.log_every=2",
-    "--set",
-    "train.checkpoint_every=2",
-]
+MICRO = (
+    "--arch ViT-micro --blocks 3 --steps 4 --batch-size 8 --no-progress --device cpu "
+    "--set train.warmup=1 --set train.log_every=2 --set train.checkpoint_every=2"
+).split()
 TRAIN = ["train-block", *MICRO, "--block", "1", "--out", "out.safetensors"]
 #: NoProp-DT by hand: T = 2 blocks and a head (dblocks.baselines.jobs)
-NOPROP = [
-    "--arch",
-    "NoProp-tiny",
-    "--blocks",
-    "2",
-    "--steps",
-    "2",
-    "--batch-size",
-    "8",
-    "--no-progress",
-    "--device",
-    "cpu",
-    "--set",
-    "train.warmup=0",
-    "--set",
-    "train.grad_clip=null",
-]
+NOPROP = (
+    "--arch NoProp-tiny --blocks 2 --steps 2 --batch-size 8 --no-progress --device "
+    "cpu --set train.warmup=0 --set train.grad_clip=null"
+).split()
 
 PARAMS = """\
 scale: tiny

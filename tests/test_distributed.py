@@ -106,32 +106,11 @@ def test_text_continuations_dealt_over_two_ranks_are_one_process_continuations(t
 
 # --------------------------------------------------------------------------- killed with 2 ranks, resumed with 1
 
-JOB = [
-    "train-block",
-    "--arch",
-    "ViT-micro",
-    "--blocks",
-    "3",
-    "--block",
-    "2",
-    "--steps",
-    "60",
-    "--batch-size",
-    "16",
-    "--device",
-    "cpu",
-    "--no-progress",
-    "--set",
-    "train.warmup=5",
-    "--set",
-    "train.log_every=5",
-    "--set",
-    "train.checkpoint_every=3",
-    "--set",
-    "train.ema_decay=0.9",
-    "--set",
-    "train.augment=crop_flip",
-]
+JOB = (
+    "train-block --arch ViT-micro --blocks 3 --block 2 --steps 60 --batch-size 16 "
+    "--device cpu --no-progress --set train.warmup=5 --set train.log_every=5 --set "
+    "train.checkpoint_every=3 --set train.ema_decay=0.9 --set train.augment=crop_flip"
+).split()
 
 # Every file under the test's directory that a rank other than 0 opens for writing, recorded from inside it
 # (Python's audit hook on open; libraries probing /dev/null or the temp dir at import are not the job's files)

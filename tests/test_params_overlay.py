@@ -109,10 +109,7 @@ def test_an_overlay_can_build_on_an_overlay(base, tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        (
-            "base: missing.yaml\n",
-            "over.yaml: base=",
-        ),
+        ("base: missing.yaml\n", "over.yaml: base="),
         ("base: over.yaml\n", "base='over.yaml' leads back to"),
         ("base: 3\n", "base=3 has the wrong type"),
         ("base: base.yaml\nscale: huge\n", "over.yaml: scale='huge' is not allowed; allowed: tiny, paper, smoke"),

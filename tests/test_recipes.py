@@ -81,11 +81,7 @@ def test_randaugment_ops_on_a_group_equal_the_ops_image_by_image():
 
         def apply(x, name=name, magnitude=magnitude):
             return transform._apply_image_or_video_transform(
-                x,
-                name,
-                magnitude,
-                interpolation=transform.interpolation,
-                fill=transform._fill,
+                x, name, magnitude, interpolation=transform.interpolation, fill=transform._fill
             )
 
         assert torch.equal(apply(pixels), torch.stack([apply(p[None])[0] for p in pixels])), name
@@ -218,23 +214,10 @@ def _run(*argv) -> int:
 
 
 def test_checkpoints_carry_both_weights_and_evaluation_names_the_ones_it_read(tmp_path, capsys):
-    common = [
-        "--arch",
-        "ViT-micro",
-        "--blocks",
-        "2",
-        "--steps",
-        "4",
-        "--batch-size",
-        "8",
-        "--no-progress",
-        "--device",
-        "cpu",
-        "--set",
-        "train.warmup=1",
-        "--set",
-        "train.ema_decay=0.5",
-    ]
+    common = (
+        "--arch ViT-micro --blocks 2 --steps 4 --batch-size 8 --no-progress --device cpu "
+        "--set train.warmup=1 --set train.ema_decay=0.5"
+    ).split()
     blocks = [tmp_path / f"block-{b}.safetensors" for b in (1, 2)]
     for b, out in enumerate(blocks, 1):
         assert _run("train-block", *common, "--block", b, "--out", out) == 0

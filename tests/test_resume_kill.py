@@ -17,33 +17,13 @@ import torch
 from dblocks.checkpoint import load_checkpoint
 
 DBLOCKS = str(Path(sys.executable).parent / "dblocks")
-JOB = [
-    "train-block",
-    "--arch",
-    "ViT-micro",
-    "--blocks",
-    "3",
-    "--block",
-    "2",
-    "--steps",
-    "60",
-    "--batch-size",
-    "16",
-    "--device",
-    "cpu",
-    "--no-progress",
-    "--set",
-    "train.warmup=5",
-    "--set",
-    "train.log_every=5",
-    "--set",
-    "train.checkpoint_every=3",
-    # the paper recipes' state rides along: per-batch augmentation draws and the weight average
-    "--set",
-    "train.augment=randaugment",
-    "--set",
-    "train.ema_decay=0.9",
-]
+# the paper recipes' state rides along (augment, ema_decay): per-batch augmentation draws and the weight average
+JOB = (
+    "train-block --arch ViT-micro --blocks 3 --block 2 --steps 60 --batch-size 16 "
+    "--device cpu --no-progress --set train.warmup=5 --set train.log_every=5 --set "
+    "train.checkpoint_every=3 --set train.augment=randaugment --set "
+    "train.ema_decay=0.9"
+).split()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -105,32 +85,11 @@ def test_sigkill_at_random_steps_then_rerun_is_bit_identical(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["block-2.json", "block-2.safetensors"]
 
 
-LOCAL_JOB = [
-    "train-local",
-    "--method",
-    "noprop-dt",
-    "--arch",
-    "NoProp-tiny",
-    "--blocks",
-    "10",
-    "--block",
-    "4",
-    "--steps",
-    "60",
-    "--batch-size",
-    "16",
-    "--device",
-    "cpu",
-    "--no-progress",
-    "--set",
-    "train.warmup=0",
-    "--set",
-    "train.grad_clip=null",
-    "--set",
-    "train.log_every=5",
-    "--set",
-    "train.checkpoint_every=3",
-]
+LOCAL_JOB = (
+    "train-local --method noprop-dt --arch NoProp-tiny --blocks 10 --block 4 --steps "
+    "60 --batch-size 16 --device cpu --no-progress --set train.warmup=0 --set "
+    "train.grad_clip=null --set train.log_every=5 --set train.checkpoint_every=3"
+).split()
 
 
 def test_a_killed_noprop_block_job_resumes_bit_identically(tmp_path, monkeypatch):

@@ -62,21 +62,9 @@ experiments:
     overlap: 0.1
     pipeline: {tables: ["6"], methods: [blockwise]}
 """
-MICRO = [
-    "--arch",
-    "ViT-micro",
-    "--blocks",
-    "3",
-    "--steps",
-    "4",
-    "--batch-size",
-    "8",
-    "--device",
-    "cpu",
-    "--no-progress",
-    "--set",
-    "train.log_every=2",
-]
+MICRO = (
+    "--arch ViT-micro --blocks 3 --steps 4 --batch-size 8 --device cpu --no-progress --set train.log_every=2"
+).split()
 
 
 def run_cli(*argv) -> int:

@@ -1,11 +1,7 @@
 """Datasets for the DiffusionBlocks pipeline."""
 
 from dblocks.data.dataset import ImageDataset
-from dblocks.data.images import (
-    IMAGE_DATASETS,
-    load_image_dataset,
-    write_cifar_parquet,
-)
+from dblocks.data.images import IMAGE_DATASETS, load_image_dataset, write_cifar_parquet
 from dblocks.data.prepared import (
     StoredRows,
     load_prepared,

@@ -29,10 +29,7 @@ IMAGE_DATASETS = ("digits", "digits-latent", "cifar10", "cifar100", "imagenet256
 SPLITS = ("train", "test")
 
 # Per CIFAR variant: Hugging Face repo, label column used as the class, number of classes.
-_CIFAR = {
-    "cifar10": ("uoft-cs/cifar10", "label", 10),
-    "cifar100": ("uoft-cs/cifar100", "fine_label", 100),
-}
+_CIFAR = {"cifar10": ("uoft-cs/cifar10", "label", 10), "cifar100": ("uoft-cs/cifar100", "fine_label", 100)}
 _CIFAR100_COARSE_CLASSES = 20
 
 

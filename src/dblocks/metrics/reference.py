@@ -243,10 +243,7 @@ def inception_fid(
 
 
 def domain_fid(
-    generated: torch.Tensor,
-    reference: torch.Tensor,
-    feature_net_path: str | os.PathLike,
-    batch_size: int = 256,
+    generated: torch.Tensor, reference: torch.Tensor, feature_net_path: str | os.PathLike, batch_size: int = 256
 ) -> float:
     """Domain FID (:data:`FID_LABEL`) between ``generated`` and ``reference`` (float images
     (N, C, H, W) in [-1, 1], N >= 2 each): torch-fidelity's features, statistics and distance in the
