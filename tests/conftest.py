@@ -76,3 +76,21 @@ def run_record(runs_dir, params, exp):
     from dblocks.pipeline import Pipeline
 
     return Path(runs_dir) / Path(Pipeline.load(params).run_json(exp)).name
+
+
+#: steps of the shared digits feature net: ~97 % held-out accuracy in 1-2 s (the pipeline's default is 600)
+FEATURE_NET_STEPS = 150
+
+
+@pytest.fixture(scope="session")
+def digits_feature_net(tmp_path_factory):
+    """The digits feature net (FID features at tiny scale), trained once per test process and saved with its
+    record; tests that need a working feature net share it instead of training their own."""
+    from dblocks.data import load_image_dataset
+    from dblocks.metrics.fid import save_feature_net, train_feature_net
+
+    train = load_image_dataset("digits", "train")
+    path = tmp_path_factory.mktemp("featnet") / "digits_net.safetensors"
+    net = train_feature_net(train.images, train.labels, steps=FEATURE_NET_STEPS, seed=0)
+    save_feature_net(net, path, {"steps": FEATURE_NET_STEPS})
+    return path

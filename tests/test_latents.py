@@ -94,7 +94,7 @@ def test_center_crop_and_folder_encoding(codec, imagenet_root):
     assert not torch.allclose(flipped, latents.flip(-1))
 
 
-def test_latent_dataset_prepares_trains_samples_and_scores(codec, imagenet_root, tmp_path):
+def test_latent_dataset_prepares_trains_samples_and_scores(codec, imagenet_root, tmp_path, digits_feature_net):
     prepared = tmp_path / "imagenet256"
     for split in ("train", "test"):
         ds = load_imagenet_latents(split, imagenet_root, codec=codec)
@@ -108,9 +108,7 @@ def test_latent_dataset_prepares_trains_samples_and_scores(codec, imagenet_root,
     with pytest.raises(ValueError, match="data_root"):
         load_image_dataset("imagenet256", "train")
 
-    digits = load_image_dataset("digits", "train")
-    net = tmp_path / "net.safetensors"
-    save_feature_net(train_feature_net(digits.images, digits.labels, steps=5, seed=0), net)
+    net = digits_feature_net
     space = FeatureSpace.from_weights(net)
     stats = {split: tmp_path / f"{split}.safetensors" for split in ("train", "test")}
     for split, out in stats.items():  # reference statistics of the decoded latents
