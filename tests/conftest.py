@@ -22,6 +22,19 @@ from dblocks.config import resolve  # noqa: E402
 from dblocks.experiment import Experiment  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def fixed_seeds():
+    """Every test starts from the same global random state, whatever ran before it on its worker: a test that
+    draws without its own generator draws the same numbers on every run."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def one_thread():
     """Torch on one thread for the test: small models gain nothing from a second, and torch's threads spin-wait
