@@ -10,7 +10,7 @@ from dblocks.errors import IntegrityFailure, UsageError
 from dblocks.io import write_text_atomic
 
 # Every command module is imported to build the parser, so each imports the modules its commands use
-# inside the command functions: the tables import MLflow and pandas, the pipeline Snakemake.
+# inside the command functions: the tables import MLflow and matplotlib, the pipeline Snakemake.
 
 
 def cmd_tables(args) -> None:
