@@ -32,7 +32,7 @@ from dblocks.checkpoint import load_metadata
 from dblocks.pipeline import Pipeline
 from tests.slurm.cluster import PARTITION, LocalCluster, die_with_parent, require_cluster
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

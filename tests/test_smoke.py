@@ -26,6 +26,8 @@ from dblocks.errors import CheckpointError
 from dblocks.params import Params
 from dblocks.pipeline import Pipeline
 
+pytestmark = pytest.mark.slow  # whole pipelines: `pytest -m 'not slow'` leaves them out
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

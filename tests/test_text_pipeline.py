@@ -12,6 +12,8 @@ from dblocks.dvcgen import snakemake_jobs
 from dblocks.errors import ConfigError
 from dblocks.pipeline import Pipeline
 
+pytestmark = pytest.mark.slow  # whole pipelines: `pytest -m 'not slow'` leaves them out
+
 REPO = Path(__file__).resolve().parents[1]
 
 
