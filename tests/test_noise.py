@@ -18,6 +18,12 @@ def _sig4(values) -> list[str]:
     return [f"{x:.4g}" for x in values]
 
 
+def _cdf(sigma: float) -> float:
+    """The spec's log-normal CDF, written from the textbook closed form with the spec's constants (ln sigma ~
+    N(-1.2, 1.2^2)), independent of NoiseDistribution.cdf: Phi(x) = erfc(-x / sqrt 2) / 2."""
+    return 0.5 * math.erfc(-(math.log(sigma) + 1.2) / (1.2 * math.sqrt(2.0)))
+
+
 # ----------------------------------------------------------------------------- boundaries (docs/method.md §3 values)
 
 
@@ -47,13 +53,13 @@ def test_defaults_match_spec():
 @pytest.mark.parametrize("blocks", [1, 2, 3, 4, 6, 8])
 def test_equiprobable_intervals_hold_equal_truncated_mass(blocks):
     p = Partition.make(blocks)
-    total = DIST.cdf(SMAX) - DIST.cdf(SMIN)
-    masses = [(DIST.cdf(p.boundaries[i + 1]) - DIST.cdf(p.boundaries[i])) / total for i in range(blocks)]
+    total = _cdf(SMAX) - _cdf(SMIN)
+    masses = [(_cdf(p.boundaries[i + 1]) - _cdf(p.boundaries[i])) / total for i in range(blocks)]
     assert masses == pytest.approx([1.0 / blocks] * blocks, abs=1e-12)
     # and via the public interval() of each block
     for b in range(1, blocks + 1):
         lo, hi = p.interval(b)
-        assert (DIST.cdf(hi) - DIST.cdf(lo)) / total == pytest.approx(1.0 / blocks, abs=1e-12)
+        assert (_cdf(hi) - _cdf(lo)) / total == pytest.approx(1.0 / blocks, abs=1e-12)
 
 
 @pytest.mark.parametrize("blocks", [2, 3, 5])
@@ -134,18 +140,47 @@ def test_interval_rejects_bad_block_index():
 # ----------------------------------------------------------------------------- overlap
 
 
+#: B = 3 equiprobable train intervals (blocks 1, 2, 3) by overlap gamma, worked from the boundaries
+#: 0.002 < 0.1796325 < 0.5050415 < 80 (test_boundaries_match_spec_check_values) with a = (hi / lo)^gamma:
+#:   gamma 0.05, block 2: 0.5050415 / 0.1796325 = 2.811526, ln = 1.033728, * 0.05 = 0.0516864, a = e^that = 1.053045;
+#:     lo / a = 0.1796325 / 1.053045 = 0.1705838, hi * a = 0.5050415 * 1.053045 = 0.5318316
+#:   gamma 0.05, block 1: a = (80 / 0.5050415)^0.05 = 158.403^0.05 = e^(5.06514 * 0.05) = 1.288214, lo / a = 0.3920477
+#:   gamma 0.05, block 3: a = (0.1796325 / 0.002)^0.05 = 89.8162^0.05 = e^(4.49776 * 0.05) = 1.252183, hi * a = 0.2249327
+#:   gamma 0.1 and 0.3 alike: a^2 and a^6 of the gamma 0.05 factors (e.g. block 2: 1.053045^2 = 1.108904)
+#: the outer ends (80 for block 1, 0.002 for block 3) are clipped to the range
+OVERLAP_B3 = {
+    0.05: [(0.3920477, 80.0), (0.1705838, 0.5318316), (0.002, 0.2249327)],
+    0.1: [(0.3043342, 80.0), (0.1619909, 0.5600428), (0.002, 0.2816569)],
+    0.3: [(0.1105091, 80.0), (0.1317353, 0.6886677), (0.002, 0.6924546)],
+}
+
+
+@pytest.mark.parametrize("gamma", sorted(OVERLAP_B3))
+def test_overlap_train_intervals_by_hand(gamma):
+    p = Partition.make(3, overlap=gamma)
+    for b, want in enumerate(OVERLAP_B3[gamma], start=1):
+        assert p.train_interval(b) == pytest.approx(want, rel=1e-6), b
+    assert p.train_interval(1)[1] == SMAX and p.train_interval(3)[0] == SMIN  # exactly, not round-off copies
+
+
 @pytest.mark.parametrize("kind", ["equiprobable", "uniform"])
 @pytest.mark.parametrize("gamma", [0.05, 0.1, 0.3])
-def test_overlap_widening_formula(kind, gamma):
+def test_overlap_widens_each_inner_edge_by_gamma_of_the_log_width(kind, gamma):
+    """Properties of the widening, whatever the partition: the train interval contains the raw one, the outer
+    ends stay at the range's ends, and each inner edge moves out by gamma times the block's log width, so the
+    log width grows by a factor 1 + gamma per widened edge (1 + 2 gamma for a middle block)."""
     blocks = 3
     p = Partition.make(blocks, kind, overlap=gamma)
     for b in range(1, blocks + 1):
         lo, hi = p.interval(b)
-        a = (hi / lo) ** gamma
-        want = (max(lo / a, SMIN), min(hi * a, SMAX))
-        got = p.train_interval(b)
-        assert got == pytest.approx(want, rel=1e-12)
-        assert got[0] <= lo and got[1] >= hi
+        t_lo, t_hi = p.train_interval(b)
+        assert t_lo <= lo and t_hi >= hi
+        width = math.log(hi) - math.log(lo)
+        moved_down, moved_up = math.log(lo) - math.log(t_lo), math.log(t_hi) - math.log(hi)
+        assert moved_up == (0.0 if b == 1 else pytest.approx(gamma * width, rel=1e-9))
+        assert moved_down == (0.0 if b == blocks else pytest.approx(gamma * width, rel=1e-9))
+        inner_edges = (b > 1) + (b < blocks)
+        assert math.log(t_hi / t_lo) == pytest.approx((1 + inner_edges * gamma) * width, rel=1e-9)
     assert p.train_interval(1)[1] == SMAX
     assert p.train_interval(blocks)[0] == SMIN
     # interior edges really widen
@@ -158,8 +193,8 @@ def test_overlap_block2_by_hand():
     p = Partition.make(3, overlap=0.05)
     lo, hi = p.interval(2)
     assert _sig4([lo, hi]) == ["0.1796", "0.505"]
-    a = (hi / lo) ** 0.05
-    assert p.train_interval(2) == pytest.approx((lo / a, hi * a), rel=1e-12)
+    # OVERLAP_B3's arithmetic: a = 2.811526^0.05 = 1.053045
+    assert p.train_interval(2) == pytest.approx((0.1796325 / 1.053045, 0.5050415 * 1.053045), rel=2e-6)
 
 
 def test_zero_overlap_gives_raw_interval():
@@ -220,14 +255,14 @@ def test_sample_sigma_matches_truncated_lognormal(block, overlap):
     else:
         lo, hi = p.train_interval(block)
         s = p.sample_sigma(block, n, generator=g)
-    q_lo, q_hi = DIST.cdf(lo), DIST.cdf(hi)
-    u = torch.tensor([(DIST.cdf(float(x)) - q_lo) / (q_hi - q_lo) for x in s.tolist()])
+    q_lo, q_hi = _cdf(lo), _cdf(hi)
+    u = torch.tensor([(_cdf(float(x)) - q_lo) / (q_hi - q_lo) for x in s.tolist()])
     assert _ks_uniform(u) < 0.02
     # and the untruncated mean check of log sigma for the full range: truncated normal mean
     if block is None:
         a, b = (math.log(lo) + 1.2) / 1.2, (math.log(hi) + 1.2) / 1.2
         pdf = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
-        mass = DIST.cdf(hi) - DIST.cdf(lo)
+        mass = _cdf(hi) - _cdf(lo)
         want = -1.2 + 1.2 * (pdf(a) - pdf(b)) / mass
         assert s.log().mean().item() == pytest.approx(want, abs=0.03)
 
@@ -307,8 +342,8 @@ def test_quantile_grid(steps):
     assert len(grid) == steps + 1
     assert grid[0] == SMAX and grid[-1] == SMIN
     assert all(grid[i] > grid[i + 1] for i in range(steps))
-    q = [DIST.cdf(x) for x in grid]
-    span = DIST.cdf(SMAX) - DIST.cdf(SMIN)
+    q = [_cdf(x) for x in grid]
+    span = _cdf(SMAX) - _cdf(SMIN)
     gaps = [(q[i] - q[i + 1]) / span for i in range(steps)]
     assert gaps == pytest.approx([1.0 / steps] * steps, abs=1e-12)
 
