@@ -17,25 +17,44 @@ SIGMAS = torch.tensor([0.002, 0.01, 0.1, 0.5, 1.0, 3.0, 20.0, 80.0], dtype=torch
 # ----------------------------------------------------------------------------- preconditioning
 
 
-def test_preconditioning_matches_formulas():
+#: sigma -> (c_in, c_skip, c_out, c_noise) at sigma_data = 0.5, worked by hand at sigmas where
+#: sqrt(sigma^2 + 0.25) is exact or simple:
+#:   0.375: sqrt(0.140625 + 0.25) = 0.625 -> c_in = 1 / 0.625 = 1.6, c_skip = 0.25 / 0.390625 = 0.64,
+#:          c_out = 0.375 * 0.5 / 0.625 = 0.3, c_noise = ln(0.375) / 4 = -0.98083 / 4 = -0.2452073
+#:   0.5:   sqrt(0.5) = 0.7071068 -> c_in = 1.4142136, c_skip = 0.25 / 0.5 = 0.5, c_out = 0.25 / 0.7071068 = 0.3535534,
+#:          c_noise = ln(0.5) / 4 = -0.6931472 / 4 = -0.1732868
+#:   1.2:   sqrt(1.44 + 0.25) = 1.3 -> c_in = 1 / 1.3 = 0.7692308, c_skip = 0.25 / 1.69 = 0.1479290,
+#:          c_out = 0.6 / 1.3 = 0.4615385, c_noise = ln(1.2) / 4 = 0.1823216 / 4 = 0.0455804
+PRECOND_BY_HAND = {
+    0.375: (1.6, 0.64, 0.3, math.log(0.375) / 4),
+    0.5: (math.sqrt(2), 0.5, math.sqrt(2) / 4, math.log(0.5) / 4),
+    1.2: (1 / 1.3, 0.25 / 1.69, 0.6 / 1.3, math.log(1.2) / 4),
+}
+
+
+def test_preconditioning_by_hand():
+    sigmas = torch.tensor(list(PRECOND_BY_HAND), dtype=torch.float64)
+    p = edm.preconditioning(sigmas, SD)
+    for i, want in enumerate(PRECOND_BY_HAND.values()):
+        got = (p.c_in[i].item(), p.c_skip[i].item(), p.c_out[i].item(), p.c_noise[i].item())
+        assert got == pytest.approx(want, rel=1e-12), sigmas[i].item()
+    # over the whole range: positive scales, a skip weight strictly between 0 and 1 (which, with the identities
+    # below, leaves exactly one solution for c_skip and c_out)
     p = edm.preconditioning(SIGMAS, SD)
-    for i, s in enumerate(SIGMAS.tolist()):
-        assert p.c_in[i].item() == pytest.approx(1 / math.sqrt(s * s + SD * SD), rel=1e-12)
-        assert p.c_skip[i].item() == pytest.approx(SD * SD / (s * s + SD * SD), rel=1e-12)
-        assert p.c_out[i].item() == pytest.approx(s * SD / math.sqrt(s * s + SD * SD), rel=1e-12)
-        assert p.c_noise[i].item() == pytest.approx(math.log(s) / 4, rel=1e-12, abs=1e-15)
+    assert (p.c_in > 0).all() and (p.c_out > 0).all()
+    assert ((p.c_skip > 0) & (p.c_skip < 1)).all()
 
 
 def test_preconditioning_identities():
     p = edm.preconditioning(SIGMAS, SD)
     # unit-variance network input: c_in * sqrt(sigma^2 + sd^2) = 1
-    torch.testing.assert_close(p.c_in * torch.sqrt(SIGMAS**2 + SD**2), torch.ones_like(SIGMAS))
-    torch.testing.assert_close(p.c_noise, torch.log(SIGMAS) / 4)
+    torch.testing.assert_close(p.c_in * torch.sqrt(SIGMAS**2 + SD**2), torch.ones_like(SIGMAS), rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.exp(4 * p.c_noise), SIGMAS, rtol=1e-12, atol=0)  # c_noise = ln(sigma) / 4
     # EDM: the effective training target has unit variance, i.e. c_skip^2 sigma^2 + (1-c_skip)^2 sd^2 = c_out^2
     lhs = p.c_skip**2 * SIGMAS**2 + (1 - p.c_skip) ** 2 * SD**2
-    torch.testing.assert_close(lhs, p.c_out**2)
+    torch.testing.assert_close(lhs, p.c_out**2, rtol=1e-12, atol=0)
     # and c_out^2 = sigma^2 sd^2 / (sigma^2 + sd^2) = c_skip * sigma^2
-    torch.testing.assert_close(p.c_out**2, p.c_skip * SIGMAS**2)
+    torch.testing.assert_close(p.c_out**2, p.c_skip * SIGMAS**2, rtol=1e-12, atol=0)
     # loss weight = 1 / c_out^2
     torch.testing.assert_close(edm.loss_weight(SIGMAS, SD), 1 / p.c_out**2)
 
@@ -69,12 +88,10 @@ def test_skip_combine_limits_and_formula():
     # sigma large: D -> sd * F (skip path vanishes)
     dl = edm.skip_combine(z, raw, torch.full((3,), 1e6, dtype=torch.float64), SD)
     torch.testing.assert_close(dl, SD * raw, atol=1e-5, rtol=1e-5)
-    # per-example sigmas broadcast over the example's elements
-    sig = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
+    # per-example sigmas broadcast over the example's elements; c_skip, c_out from PRECOND_BY_HAND
+    sig = torch.tensor(list(PRECOND_BY_HAND), dtype=torch.float64)
     d = edm.skip_combine(z, raw, sig, SD)
-    for i, s in enumerate(sig.tolist()):
-        c_skip = SD**2 / (s**2 + SD**2)
-        c_out = s * SD / math.sqrt(s**2 + SD**2)
+    for i, (_, c_skip, c_out, _) in enumerate(PRECOND_BY_HAND.values()):
         torch.testing.assert_close(d[i], c_skip * z[i] + c_out * raw[i])
 
 
@@ -90,13 +107,18 @@ def test_per_example_reshapes():
 # ----------------------------------------------------------------------------- loss weight
 
 
-def test_loss_weight_formula():
+def test_loss_weight_by_hand():
     w = edm.loss_weight(SIGMAS, SD)
-    want = (SIGMAS**2 + SD**2) / (SIGMAS * SD) ** 2
-    torch.testing.assert_close(w, want)
+    # (sigma^2 + 0.25) / (0.25 sigma^2) = 4 + 1 / sigma^2 at each of SIGMAS:
+    #   0.002: 4 + 250000 | 0.01: 4 + 10000 | 0.1: 4 + 100 | 0.5: 4 + 4 | 1: 4 + 1 | 3: 4 + 1/9 | 20: 4 + 1/400
+    #   80: 4 + 1/6400
+    want = [250004.0, 10004.0, 104.0, 8.0, 5.0, 4.1111111, 4.0025, 4.00015625]
+    assert w.tolist() == pytest.approx(want, rel=1e-7)
     assert edm.loss_weight(torch.tensor([1.0]), SD).item() == pytest.approx(1.25 / 0.25)
-    # equivalent form 1/sd^2 + 1/sigma^2: decreasing in sigma
-    torch.testing.assert_close(w, 1 / SD**2 + 1 / SIGMAS**2)
+    # 1 / c_out^2 of PRECOND_BY_HAND: 1 / 0.09 = 11.111111 at 0.375, 1 / 0.2130178 = 4.6944444 at 1.2
+    got = edm.loss_weight(torch.tensor([0.375, 1.2], dtype=torch.float64), SD)
+    assert got.tolist() == pytest.approx([11.111111, 4.6944444], rel=1e-7)
+    # decreasing in sigma
     assert (w[1:] < w[:-1]).all()
 
 
@@ -196,8 +218,7 @@ def test_euler_step_formula_and_sign():
     D = torch.randn(5, 7, generator=g, dtype=torch.float64)
     sigma, sigma_next = 2.0, 1.25
     got = edm.euler_step(z, D, sigma, sigma_next)
-    torch.testing.assert_close(got, z + (sigma_next - sigma) * (z - D) / sigma)
-    # explicit sign: stepping down moves z toward D by a fraction (sigma - sigma_next)/sigma
+    # dz/dsigma = (z - D) / sigma; a step of -0.75 from sigma = 2 moves z toward D by 0.75 / 2 of the gap
     torch.testing.assert_close(got, z - (0.75 / 2.0) * (z - D))
 
 
