@@ -3,6 +3,7 @@ them), and bit-identical resumption of training from a saved training state."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -85,13 +86,18 @@ def test_round_trip_tensors_and_metadata(tmp_path):
     assert {k: metadata[k] for k in _metadata()} == _metadata()
 
 
-def test_json_sidecar_records_format_hash_and_tensor_table(tmp_path):
+def test_json_sidecar_records_format_hash_and_tensor_table(tmp_path, monkeypatch):
     path, json_path = _save(tmp_path)
 
     on_disk = json.loads(json_path.read_text())
 
     assert on_disk["format_version"] == FORMAT_VERSION
-    assert on_disk["sha256"] == sha256_file(path)
+    # the file's sha256 by hashlib in one read, not by the module's own chunked helper
+    assert on_disk["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    # and the helper, reading in chunks that do not divide the file, agrees with it
+    assert path.stat().st_size % 7 != 0
+    monkeypatch.setattr(ckpt, "_HASH_CHUNK_BYTES", 7)
+    assert sha256_file(path) == on_disk["sha256"]
     assert on_disk["tensors"]["block.weight"] == {"shape": [6, 4], "dtype": "float32"}
     assert on_disk["tensors"]["block.weight_t"] == {"shape": [4, 6], "dtype": "float32"}
     assert on_disk["tensors"]["block.bias"] == {"shape": [6], "dtype": "bfloat16"}
