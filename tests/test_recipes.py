@@ -367,7 +367,9 @@ def test_a_job_of_k_times_the_steps_stretches_the_warm_up_too(vit_exp):
         on_log=lambda step, loss, lr: lrs.append(lr),
         progress=False,
     )
-    assert lrs[:7] == pytest.approx([cfg["lr"] * min(1.0, (k + 2) / 6) for k in range(7)])
+    # warm-up over 3 x 2 = 6 steps; the rate logged after the k-th step (k = 1, 2, ...) is the next step's,
+    # (k + 1) / 6 of train.lr: 2/6, 3/6, 4/6, 5/6, then the full rate (a 2-step warm-up would reach it at once)
+    assert lrs[:7] == pytest.approx([cfg["lr"] * f for f in (2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, 1.0, 1.0)])
 
 
 def test_checkpoints_carry_the_scale_of_the_params_file_they_were_trained_from(tmp_path):
