@@ -92,8 +92,10 @@ def test_surprisal_of_a_toy_corpus():
     assert bits.shape == (3, 4)
     # unigrams: add-one over 256 byte values, 100 of 200 bytes are 'a'
     assert bits[0, 0] == pytest.approx(-np.log2(101 / 456))
-    # bigram 'ab': the context 'a' was seen 100 times, always before 'b' (one kind of continuation)
-    assert bits[1, 1] == pytest.approx(-np.log2((100 + 2 ** -bits[0, 1]) / 101))
+    # bigram 'ab': the context 'a' was seen 100 times, always before 'b' (one kind of continuation); Witten-Bell:
+    # (100 hits + 1 kind x unigram p('b') = 101/456) / (100 seen + 1 kind)
+    assert bits[0, 1] == pytest.approx(-np.log2(101 / 456))
+    assert bits[1, 1] == pytest.approx(-np.log2((100 + 101 / 456) / 101))
     assert bits[1, 0] == bits[0, 0] and bits[2, 1] == bits[1, 1]  # too little context: the order below's bits
     assert np.all(profile.surprisal("abba")[:, 3] > bits[:, 3] - 1e-12)  # 'ba' then 'a' fits, 'bb' does not
     assert profile.profile("").tolist() == [EMPTY_BITS] * 3
