@@ -198,11 +198,18 @@ def test_network_is_figure_6():
     assert [(m.in_features, m.out_features) for m in image_fc] == [(128 * 8 * 8, 256)]
     dense = [(m.in_features, m.out_features) for m in block.fuse.modules() if isinstance(m, torch.nn.Linear)]
     assert dense == [(512, 256), (256, 128), (128, 100)]
-    # the skip connection: label features h, output h + branch(h)
+    # the skip connection: the label features h reach the dense layers as h + branch(h), beside the 256 image
+    # features (the input the first dense layer sees, caught by a hook)
     block.eval()
     z = torch.randn(4, 100)
-    h = block.label(z)
-    torch.testing.assert_close(h + block.label_skip(h), (h + block.label_skip(h)))
+    seen = []
+    block.fuse.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        block(torch.randn(4, 3, 32, 32), z)
+        h = block.label(z)
+        branch = block.label_skip(h)
+    assert seen[0].shape == (4, 512) and branch.abs().max() > 0
+    torch.testing.assert_close(seen[0][:, 256:], h + branch)
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in block.modules())
     for variant in ("ct", "fm"):
         model = npm.CONTINUOUS[variant]("NoProp-paper", (3, 32, 32), 100)
