@@ -256,12 +256,15 @@ def test_block_denoiser_matches_edm_composition():
     _perturb(head)
     block = convert_stack(layers, Partition.make(1), stem, head, VectorTask(), split=[6])[0]
     z = torch.randn(3, 4)
-    sigma = torch.tensor([0.1, 1.0, 10.0])
+    sigma = torch.tensor([0.375, 0.5, 1.2])
     out = block(z, sigma, None)
-    s = sigma[:, None]
-    c_in, c_skip = 1 / torch.sqrt(s**2 + 0.25), 0.25 / (s**2 + 0.25)
-    c_out = s * 0.5 / torch.sqrt(s**2 + 0.25)
-    raw = block.network(c_in * z, None, sigma.log() / 4)
+    # EDM preconditioning at sigma_data 0.5, by hand (tests/test_edm.py PRECOND_BY_HAND): sqrt(sigma^2 + 0.25) is
+    # 0.625, sqrt(0.5), 1.3, so c_in = 1 / that, c_skip = 0.25 / (sigma^2 + 0.25), c_out = 0.5 sigma / sqrt(...)
+    c_in = torch.tensor([[1.6], [2**0.5], [1 / 1.3]])
+    c_skip = torch.tensor([[0.64], [0.5], [0.25 / 1.69]])
+    c_out = torch.tensor([[0.3], [2**0.5 / 4], [0.6 / 1.3]])
+    c_noise = torch.tensor([-0.98082925, -0.69314718, 0.18232156]) / 4  # ln(sigma) / 4
+    raw = block.network(c_in * z, None, c_noise)
     torch.testing.assert_close(out.raw, raw)
     torch.testing.assert_close(out.denoised, c_skip * z + c_out * raw)
     # a scalar sigma is broadcast to the batch
