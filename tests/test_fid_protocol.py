@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -128,7 +127,8 @@ def test_reference_statistics_are_computed_once_then_reused(digits_setup, monkey
     assert meta["key"]["weights_sha256"] == space.weights_sha256 and len(meta["key_sha256"]) == 64
     assert out.is_file() and out.with_suffix(".json").is_file()
 
-    # the second call reads the cache: no feature extractor is built, no pickle is read, and it is fast
+    # the second call reads the cache: no feature extractor is built and no pickle is read (what makes it fast;
+    # the suite asserts the behaviour, not a wall-clock time)
     import torch_fidelity.utils
 
     def forbidden(*args, **kwargs):
@@ -137,9 +137,8 @@ def test_reference_statistics_are_computed_once_then_reused(digits_setup, monkey
     with monkeypatch.context() as m:
         m.setattr(torch_fidelity.utils, "create_feature_extractor", forbidden)
         m.setattr(torch, "load", forbidden)
-        t0 = time.perf_counter()
         again, _, reused = reference_statistics(root / "digits", "test", space, out)
-        assert reused and time.perf_counter() - t0 < 1.0
+        assert reused
     np.testing.assert_array_equal(again["mu"], stats["mu"])
     np.testing.assert_array_equal(again["sigma"], stats["sigma"])
 
