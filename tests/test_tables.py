@@ -473,6 +473,33 @@ def test_table11_shows_one_feature_space_the_first_any_run_logged(generated, tmp
     assert _md_row(text, "4")[1:] == ["0.67", "—", "ar-lm1b"]
 
 
+def test_table11_shows_the_known_word_rate_and_next_token_loss_beside_mauve(generated, tmp_path):
+    """Where the runs logged them, Table 11 shows the known-word rate and the next-token loss of the same runs
+    beside its MAUVE column (at tiny scale MAUVE sits at its floor for every B); the figure keeps to MAUVE."""
+    text = (generated["out"] / "tables" / "table11.md").read_text()
+    assert "known-word rate" not in text  # no run logged it: no empty column
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(Path(generated["uri"].removeprefix("sqlite:///")).read_bytes())
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    eid = client.get_experiment_by_name(MLFLOW_EXPERIMENT).experiment_id
+    _log(
+        client,
+        eid,
+        "ar-t11-b2",
+        "evaluate",
+        "blockwise",
+        metrics={"mauve_reference": 0.97, "train_word_rate": 0.326, "next_token_bits": 3.386},
+    )
+    tables.generate(generated["params"], tmp_path / "out", tracking_uri=f"sqlite:///{db}")
+    text = (tmp_path / "out" / "tables" / "table11.md").read_text()
+    assert "| ours: known-word rate | ours: next-token bits/byte |" in text
+    assert _md_row(text, "2")[1:] == ["0.61", "0.97", "ar-t11-b2", "0.33", "3.39"]
+    assert _md_row(text, "6")[1:4] == ["0.62", "—", "—"]
+    df = pd.read_csv(tmp_path / "out" / "tables" / "table11.csv")
+    assert df.loc[df["b"] == 2, "train_word_rate"].item() == pytest.approx(0.326)  # the CSV keeps the value
+
+
 def test_text_tables_link_the_samples_behind_their_numbers(generated):
     """A text evaluation's samples.md artifact is fetched beside the figures, and the table links it."""
     fetched = generated["out"] / "figures" / "samples-ar-lm1b-blockwise.md"

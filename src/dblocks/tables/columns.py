@@ -51,6 +51,12 @@ OURS_METRICS: dict[str, dict[str, tuple[str, float, str]]] = {
 }
 OURS_METRICS["5"] = OURS_METRICS["4"]
 
+#: metrics shown beside a sweep table's one metric, from the same runs, where any run logged them: at tiny scale
+#: Table 11's MAUVE sits at its floor for every B, and these still tell the rows apart
+SWEEP_COMPANIONS: dict[str, list[tuple[str, float, str]]] = {
+    "11": [("train_word_rate", 1.0, "known-word rate"), ("next_token_bits", 1.0, "next-token bits/byte")]
+}
+
 #: inference cost that every generator evaluation logs, shown beside each FID of ours:
 #: MLflow metric -> (multiplier, header, decimals)
 COST_METRICS: dict[str, tuple[float, str, int]] = {

@@ -96,11 +96,18 @@ def judged(exps: list[ExperimentSpec]) -> bool:
     return any(e.config.get("dataset") in JUDGED_DATASETS for e in exps)
 
 
-def agreement_cell(ctx: Context, placed: Placed | None) -> Cell:
-    """The class agreement of the run behind a placed FID cell (dblocks.metrics.class_agreement)."""
+def placed_metric_cell(
+    ctx: Context, placed: Placed | None, metric: str, multiplier: float = 1.0, decimals: int = 3
+) -> Cell:
+    """Another metric of the runs behind a placed cell ("—" for an empty slot)."""
     if placed is None:
         return Cell(DASH)
-    return metric_cell(ctx.index, placed.exp.name, ctx.denoiser_method(placed.exp), "class_agreement", 1.0, 3)
+    return metric_cell(ctx.index, placed.exp.name, ctx.denoiser_method(placed.exp), metric, multiplier, decimals)
+
+
+def agreement_cell(ctx: Context, placed: Placed | None) -> Cell:
+    """The class agreement of the run behind a placed FID cell (dblocks.metrics.class_agreement)."""
+    return placed_metric_cell(ctx, placed, "class_agreement")
 
 
 def placed_cost_cells(ctx: Context, prefix: str, placed: Placed | None) -> dict[str, Cell]:

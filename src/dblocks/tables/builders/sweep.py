@@ -13,9 +13,18 @@ from dblocks.tables.builders.placing import (
     judged,
     place,
     placed_cost_cells,
+    placed_metric_cell,
 )
 from dblocks.tables.cells import DASH, Cell, number
-from dblocks.tables.columns import COST_NOTE, DECIMALS, cost_columns, is_fid_table, label_column, ours_header
+from dblocks.tables.columns import (
+    COST_NOTE,
+    DECIMALS,
+    SWEEP_COMPANIONS,
+    cost_columns,
+    is_fid_table,
+    label_column,
+    ours_header,
+)
 from dblocks.tables.context import Context
 from dblocks.tables.experiments import ExperimentSpec
 from dblocks.tables.table import Column, Table
@@ -69,6 +78,12 @@ def build_sweep_table(ctx: Context, table_id: str, paper: dict, exps: list[Exper
         ),
         Column("experiment", "experiment", "experiment", "info"),
     ]
+    companions = [
+        (metric, multiplier, label)
+        for metric, multiplier, label in SWEEP_COMPANIONS.get(table_id, [])
+        if any(placed_metric_cell(ctx, placed, metric, multiplier).value is not None for placed in slots.values())
+    ]
+    columns += [Column(f"also:{metric}", f"ours: {label}", metric, "ours") for metric, _, label in companions]
     cost = is_fid_table(paper)
     with_agreement = cost and judged(exps)
     if with_agreement:
@@ -95,6 +110,8 @@ def build_sweep_table(ctx: Context, table_id: str, paper: dict, exps: list[Exper
             "experiment": Cell(placed.exp.name if placed else DASH),
             "_key": Cell(str(key), key),
         }
+        for metric, multiplier, _ in companions:
+            row[f"also:{metric}"] = placed_metric_cell(ctx, placed, metric, multiplier, decimals)
         if with_agreement:
             row["agreement"] = agreement_cell(ctx, placed)
         if cost:
