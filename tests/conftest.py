@@ -107,3 +107,24 @@ def digits_feature_net(tmp_path_factory):
     net = train_feature_net(train.images, train.labels, steps=FEATURE_NET_STEPS, seed=0)
     save_feature_net(net, path, {"steps": FEATURE_NET_STEPS})
     return path
+
+
+#: the command-line options of the shared ViT-micro blocks (and of the tests that train more of the same kind)
+VIT_MICRO_ARGS = (
+    "--arch ViT-micro --blocks 3 --steps 6 --batch-size 16 --no-progress --device cpu "
+    "--set train.log_every=3 --set train.warmup=1"
+).split()
+
+
+@pytest.fixture(scope="session")
+def vit_micro_blocks(tmp_path_factory):
+    """Three ViT-micro blocks trained by `dblocks train-block` once per test process (block-<b>.safetensors and
+    their records in one folder), for the tests that assemble, evaluate or refuse them. Tests copy what they
+    change; they never modify this folder."""
+    from dblocks.cli import main
+
+    folder = tmp_path_factory.mktemp("vit-micro-blocks")
+    for block in (1, 2, 3):
+        out = folder / f"block-{block}.safetensors"
+        assert main(["train-block", *VIT_MICRO_ARGS, "--block", str(block), "--out", str(out)]) == 0
+    return folder

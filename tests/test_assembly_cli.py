@@ -15,11 +15,9 @@ from dblocks.assemble import AssemblyError, assemble, check_blocks, load_model
 from dblocks.blocks import AssembledModel
 from dblocks.checkpoint import load_metadata, save_checkpoint
 from dblocks.cli import main
+from tests.conftest import VIT_MICRO_ARGS
 
-MICRO = (
-    "--arch ViT-micro --blocks 3 --steps 6 --batch-size 16 --no-progress --device cpu "
-    "--set train.log_every=3 --set train.warmup=1"
-).split()
+MICRO = VIT_MICRO_ARGS
 DIT_MICRO = ["--task", "generation", "--arch", "DiT-micro", *MICRO[2:]]
 
 
@@ -28,10 +26,10 @@ def run(*argv) -> int:
 
 
 @pytest.fixture(scope="module")
-def vit_blocks(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("vit")
-    for b in (1, 2, 3):
-        assert run("train-block", *MICRO, "--block", b, "--out", d / f"block-{b}.safetensors") == 0
+def vit_blocks(vit_micro_blocks, tmp_path_factory) -> Path:
+    """A copy of the shared blocks: tests here rerun jobs on them."""
+    d = tmp_path_factory.mktemp("vit") / "blocks"
+    shutil.copytree(vit_micro_blocks, d)
     return d
 
 

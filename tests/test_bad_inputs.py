@@ -20,6 +20,7 @@ import pytest
 
 from dblocks.checkpoint import load_checkpoint, load_metadata, save_checkpoint
 from dblocks.cli import main
+from tests.conftest import VIT_MICRO_ARGS
 
 MICRO = (
     "--arch ViT-micro --blocks 3 --steps 4 --batch-size 8 --no-progress --device cpu "
@@ -53,12 +54,12 @@ def run(*argv) -> int:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """Three ViT-micro blocks, a prepared digits directory and a block of another experiment."""
-    d = tmp_path_factory.mktemp("trained")
-    for b in (1, 2, 3):
-        assert run("train-block", *MICRO, "--block", b, "--out", d / f"block-{b}.safetensors") == 0
-    assert run("train-block", *MICRO, "--overlap", "0.1", "--block", 3, "--out", d / "other-3.safetensors") == 0
+def trained(vit_micro_blocks, tmp_path_factory) -> Path:
+    """Three ViT-micro blocks (conftest's), a prepared digits directory and a block of another experiment."""
+    d = tmp_path_factory.mktemp("trained") / "files"
+    shutil.copytree(vit_micro_blocks, d)
+    other = d / "other-3.safetensors"
+    assert run("train-block", *VIT_MICRO_ARGS, "--overlap", "0.1", "--block", 3, "--out", other) == 0
     assert run("prepare", "--dataset", "digits", "--out", d / "digits") == 0
     for part in (["--block", 1], ["--block", 2], ["--head"]):
         name = "dt-head" if part == ["--head"] else f"dt-{part[1]}"
