@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,8 +85,6 @@ def dit_exp() -> Experiment:
 def run_record(runs_dir, params, exp):
     """Where ``dblocks track-init --out-dir runs_dir`` writes ``exp``'s run record: the file name of
     Pipeline.run_json (the experiment's name and config hash)."""
-    from pathlib import Path
-
     from dblocks.pipeline import Pipeline
 
     return Path(runs_dir) / Path(Pipeline.load(params).run_json(exp)).name
@@ -128,3 +127,19 @@ def vit_micro_blocks(tmp_path_factory):
         out = folder / f"block-{block}.safetensors"
         assert main(["train-block", *VIT_MICRO_ARGS, "--block", str(block), "--out", str(out)]) == 0
     return folder
+
+
+def train_and_assemble_by_cli(config, folder, blocks: int) -> None:
+    """What the pipeline does for one experiment, by the `dblocks` command: its ``blocks`` block jobs, its
+    end-to-end baseline and the assembly, from the config file ``config``, into ``folder`` (block-<b>,
+    e2e and model .safetensors)."""
+    from dblocks.cli import main
+
+    folder = Path(folder)
+    common = ["--config", str(config), "--no-progress"]
+    for b in range(1, blocks + 1):
+        out = folder / f"block-{b}.safetensors"
+        assert main(["train-block", *common, "--block", str(b), "--out", str(out)]) == 0
+    assert main(["train-baseline", *common, "--out", str(folder / "e2e.safetensors")]) == 0
+    parts = [str(folder / f"block-{b}.safetensors") for b in range(1, blocks + 1)]
+    assert main(["assemble", *parts, "--out", str(folder / "model.safetensors")]) == 0

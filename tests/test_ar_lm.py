@@ -24,6 +24,7 @@ from dblocks.text_generation import (
     top_p_filter,
 )
 from dblocks.train import train
+from tests.conftest import train_and_assemble_by_cli
 
 MICRO = {
     "task": "ar_text",
@@ -219,36 +220,7 @@ def test_mauve_is_near_one_against_itself_and_near_zero_against_shuffled_charact
 def test_cli_trains_assembles_and_evaluates_mauve_and_gen_ppl(tmp_path):
     cfg = tmp_path / "ar.yaml"
     cfg.write_text(json.dumps({**MICRO, "name": "ar-micro"}))
-    for b in (1, 2, 3, 4):
-        assert (
-            main(
-                [
-                    "train-block",
-                    "--config",
-                    str(cfg),
-                    "--block",
-                    str(b),
-                    "--no-progress",
-                    "--out",
-                    str(tmp_path / f"block-{b}.safetensors"),
-                ]
-            )
-            == 0
-        )
-    assert (
-        main(["train-baseline", "--config", str(cfg), "--no-progress", "--out", str(tmp_path / "e2e.safetensors")]) == 0
-    )
-    assert (
-        main(
-            [
-                "assemble",
-                *(str(tmp_path / f"block-{b}.safetensors") for b in (1, 2, 3, 4)),
-                "--out",
-                str(tmp_path / "model.safetensors"),
-            ]
-        )
-        == 0
-    )
+    train_and_assemble_by_cli(cfg, tmp_path, 4)
     common = [
         "--judge",
         str(tmp_path / "e2e.safetensors"),

@@ -17,6 +17,7 @@ from dblocks.layers import counting_layer_calls
 from dblocks.models.huginn import sample_recurrence
 from dblocks.text_generation import recurrent_depth_logits, recurrent_next_token_quality
 from dblocks.train import sample_batch, train
+from tests.conftest import train_and_assemble_by_cli
 
 MICRO = {
     "task": "recurrent_text",
@@ -102,25 +103,7 @@ def pytest_approx_log2_257():
 def test_cli_round_trip_and_training_compute(tmp_path, capsys):
     cfg = tmp_path / "huginn.yaml"
     cfg.write_text(json.dumps({**MICRO, "name": "huginn-micro"}))
-    assert (
-        main(
-            [
-                "train-block",
-                "--config",
-                str(cfg),
-                "--block",
-                "1",
-                "--no-progress",
-                "--out",
-                str(tmp_path / "block-1.safetensors"),
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(["train-baseline", "--config", str(cfg), "--no-progress", "--out", str(tmp_path / "e2e.safetensors")]) == 0
-    )
-    assert main(["assemble", str(tmp_path / "block-1.safetensors"), "--out", str(tmp_path / "model.safetensors")]) == 0
+    train_and_assemble_by_cli(cfg, tmp_path, 1)
     for name in ("model", "e2e"):
         assert (
             main(

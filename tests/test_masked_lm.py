@@ -17,6 +17,7 @@ from dblocks.experiment import Experiment
 from dblocks.jobs import training_job
 from dblocks.masked_diffusion import MaskingPartition, bits_per_token, mask_tokens, sample_text
 from dblocks.train import train
+from tests.conftest import train_and_assemble_by_cli
 
 MICRO = {
     "task": "masked_text",
@@ -104,36 +105,7 @@ def test_tiny_masked_lm_learns_real_text():
 def test_cli_trains_blocks_assembles_and_reports_bpc(tmp_path):
     cfg = tmp_path / "mdm.yaml"
     cfg.write_text(json.dumps({**MICRO, "name": "mdm-micro"}))
-    for b in (1, 2, 3):
-        assert (
-            main(
-                [
-                    "train-block",
-                    "--config",
-                    str(cfg),
-                    "--block",
-                    str(b),
-                    "--no-progress",
-                    "--out",
-                    str(tmp_path / f"block-{b}.safetensors"),
-                ]
-            )
-            == 0
-        )
-    assert (
-        main(["train-baseline", "--config", str(cfg), "--no-progress", "--out", str(tmp_path / "e2e.safetensors")]) == 0
-    )
-    assert (
-        main(
-            [
-                "assemble",
-                *(str(tmp_path / f"block-{b}.safetensors") for b in (1, 2, 3)),
-                "--out",
-                str(tmp_path / "model.safetensors"),
-            ]
-        )
-        == 0
-    )
+    train_and_assemble_by_cli(cfg, tmp_path, 3)
     for name in ("model", "e2e"):
         assert (
             main(
