@@ -143,3 +143,30 @@ def train_and_assemble_by_cli(config, folder, blocks: int) -> None:
     assert main(["train-baseline", *common, "--out", str(folder / "e2e.safetensors")]) == 0
     parts = [str(folder / f"block-{b}.safetensors") for b in range(1, blocks + 1)]
     assert main(["assemble", *parts, "--out", str(folder / "model.safetensors")]) == 0
+
+
+def train_killed_at_loss(module, objective, data, cfg: dict, state_path, at: int = 6, seed: int = 5) -> None:
+    """Train ``module`` with resume state at ``state_path`` until the ``at``-th loss it computes, where a
+    KeyboardInterrupt stands in for a kill (with checkpoint_every=4 and at=6: between two checkpoints)."""
+    from dblocks.train import Objective, train
+
+    calls = 0
+
+    def dies(batch):
+        nonlocal calls
+        calls += 1
+        if calls == at:
+            raise KeyboardInterrupt
+        return objective.loss(batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            module,
+            Objective(dies, objective.draw),
+            data,
+            cfg,
+            seed=seed,
+            device=torch.device("cpu"),
+            state_path=state_path,
+            progress=False,
+        )

@@ -21,7 +21,7 @@ from dblocks.errors import ConfigError, TrainingError
 from dblocks.experiment import Experiment
 from dblocks.params import Params
 from dblocks.train import Objective, block_objective, cross_entropy_objective, lr_lambda, paper_mode_objective, train
-from tests.conftest import micro_config
+from tests.conftest import micro_config, train_killed_at_loss
 
 CPU = torch.device("cpu")
 
@@ -134,26 +134,8 @@ def test_resume_with_augmentation_and_ema_is_bit_identical(tmp_path):
     reference = train(
         ref_model, block_objective(ref_model, exp.partition, 1), data, cfg, seed=5, device=CPU, progress=False
     )
-    state, m, calls = tmp_path / "block-1.state.safetensors", exp.block(1), {"n": 0}
-    objective = block_objective(m, exp.partition, 1)
-
-    def dies_at_step_6(batch):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt  # after the state of step 4 (checkpoint_every=4)
-        return objective.loss(batch)
-
-    with pytest.raises(KeyboardInterrupt):
-        train(
-            m,
-            Objective(dies_at_step_6, objective.draw),
-            data,
-            cfg,
-            seed=5,
-            device=CPU,
-            state_path=state,
-            progress=False,
-        )
+    state, m = tmp_path / "block-1.state.safetensors", exp.block(1)
+    train_killed_at_loss(m, block_objective(m, exp.partition, 1), data, cfg, state)  # after the state of step 4
     resumed = exp.block(1)
     result = train(
         resumed,

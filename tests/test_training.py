@@ -10,7 +10,7 @@ from dblocks.errors import TrainingError
 from dblocks.experiment import Experiment
 from dblocks.sample import classify
 from dblocks.train import Objective, block_objective, paper_mode_objective, train
-from tests.conftest import micro_config
+from tests.conftest import micro_config, train_killed_at_loss
 
 CPU = torch.device("cpu")
 
@@ -111,26 +111,7 @@ def test_resume_after_interruption_is_bit_identical(vit_exp, tmp_path):
 
     state = tmp_path / "block-1.state.safetensors"
     m = vit_exp.block(1)
-    calls = {"n": 0}
-    objective = block_objective(m, vit_exp.partition, 1)
-
-    def dies_at_step_6(batch):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt  # a kill between two checkpoints (checkpoint_every=4)
-        return objective.loss(batch)
-
-    with pytest.raises(KeyboardInterrupt):
-        train(
-            m,
-            Objective(dies_at_step_6, objective.draw),
-            data,
-            cfg,
-            seed=5,
-            device=CPU,
-            state_path=state,
-            progress=False,
-        )
+    train_killed_at_loss(m, block_objective(m, vit_exp.partition, 1), data, cfg, state)
     assert state.exists()
 
     resumed = vit_exp.block(1)
