@@ -170,3 +170,24 @@ def train_killed_at_loss(module, objective, data, cfg: dict, state_path, at: int
             state_path=state_path,
             progress=False,
         )
+
+
+def train_job_in_process(exp: Experiment, method: str, block: int | None = None, seed: int = 0):
+    """(module, training result) of one of ``exp``'s training jobs run in this process on the CPU, for its
+    configured number of steps: what `dblocks train-block` / `train-baseline` do, without the files."""
+    from dblocks.jobs import training_job
+    from dblocks.train import train
+
+    args = (exp, method) if block is None else (exp, method, block)
+    module, objective, steps = training_job(*args)
+    result = train(
+        module,
+        objective,
+        exp.load_data("train"),
+        exp.config["train"],
+        seed=seed,
+        device=torch.device("cpu"),
+        steps=steps,
+        progress=False,
+    )
+    return module, result

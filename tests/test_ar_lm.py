@@ -24,7 +24,7 @@ from dblocks.text_generation import (
     top_p_filter,
 )
 from dblocks.train import train
-from tests.conftest import train_and_assemble_by_cli
+from tests.conftest import train_and_assemble_by_cli, train_job_in_process
 
 MICRO = {
     "task": "ar_text",
@@ -45,17 +45,7 @@ def micro_ar_exp(**overrides) -> Experiment:
 def trained_baseline():
     """The end-to-end next-token model, trained briefly once for the tests of this module."""
     exp = micro_ar_exp(train={"steps": 100, "batch_size": 16, "lr": 5e-3, "warmup": 10, "log_every": 25})
-    model, objective, steps = training_job(exp, "e2e")
-    result = train(
-        model,
-        objective,
-        exp.load_data("train"),
-        exp.config["train"],
-        seed=0,
-        device=torch.device("cpu"),
-        steps=steps,
-        progress=False,
-    )
+    model, result = train_job_in_process(exp, "e2e")
     return exp, model.eval(), result
 
 

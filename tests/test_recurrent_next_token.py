@@ -11,9 +11,8 @@ import torch
 from dblocks.blocks import AssembledModel
 from dblocks.config import resolve
 from dblocks.experiment import Experiment
-from dblocks.jobs import training_job
 from dblocks.text_generation import recurrent_next_token_quality
-from dblocks.train import train
+from tests.conftest import train_job_in_process
 
 MICRO = {
     "task": "recurrent_text",
@@ -27,17 +26,7 @@ MICRO = {
 
 def test_blockwise_recurrent_next_token_bits_are_the_sigma_max_prediction():
     exp = Experiment(resolve(MICRO, []))
-    denoiser, objective, steps = training_job(exp, "blockwise", 1)
-    train(
-        denoiser,
-        objective,
-        exp.load_data("train"),
-        exp.config["train"],
-        seed=0,
-        device=torch.device("cpu"),
-        steps=steps,
-        progress=False,
-    )
+    denoiser, _ = train_job_in_process(exp, "blockwise", 1)
     model = AssembledModel([denoiser], exp.partition).eval()
     val = exp.load_data("validation").tokens[:24]
     quality = recurrent_next_token_quality(model, val, 3, torch.Generator().manual_seed(0))

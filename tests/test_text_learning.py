@@ -14,6 +14,7 @@ from dblocks.config import resolve
 from dblocks.data.text import unigram_bits
 from dblocks.experiment import Experiment
 from dblocks.masked_diffusion import bits_per_token
+from tests.conftest import train_job_in_process
 
 MICRO = {"task": "masked_text", "arch": "MDM-micro", "dataset": "shakespeare", "blocks": 3, "device": "cpu"}
 
@@ -60,9 +61,7 @@ def test_a_short_training_run_gets_below_the_splits_unigram_entropy(task):
     """Learning beyond letter statistics: after a short run each model's held-out bits (the masked LM's bound per
     character; next-token bits per byte) are clearly below what the best context-free model reaches."""
     from dblocks.evaluate import as_assembled
-    from dblocks.jobs import training_job
     from dblocks.text_generation import next_token_quality, recurrent_next_token_quality
-    from dblocks.train import train
 
     torch.manual_seed(0)
     arch, steps, lr = SHORT_RUNS[task]
@@ -87,17 +86,7 @@ def test_a_short_training_run_gets_below_the_splits_unigram_entropy(task):
             }
         )
     )
-    model, objective, steps = training_job(exp, "e2e")
-    train(
-        model,
-        objective,
-        exp.load_data("train"),
-        exp.config["train"],
-        seed=0,
-        device=torch.device("cpu"),
-        steps=steps,
-        progress=False,
-    )
+    model, _ = train_job_in_process(exp, "e2e")
     held_out, gen = exp.load_data("validation").tokens[:200], torch.Generator().manual_seed(1)
     model.eval()
     if task == "masked_text":
