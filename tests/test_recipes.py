@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from dblocks.config import resolve
 from dblocks.ema import EMA, beta, half_life
 from dblocks.errors import ConfigError, TrainingError
 from dblocks.experiment import Experiment
+from dblocks.layers import Attention
 from dblocks.params import Params
 from dblocks.train import Objective, block_objective, cross_entropy_objective, lr_lambda, paper_mode_objective, train
 from tests.conftest import micro_config, train_killed_at_loss
@@ -280,6 +282,28 @@ def test_bf16_autocast_learns_digits_and_keeps_float32_weights(tmp_path):
     save_e2e(path, model, exp, 150)
     tensors, _ = load_checkpoint(path)
     assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_bf16_autocast_on_cpu_runs_attention_in_float32_and_matches_it():
+    # the matmuls around attention run in bf16; attention itself in float32 (its CPU bf16 backward is slow)
+    torch.manual_seed(0)
+    attn = Attention(32, 4, rope_period=16)
+    x = torch.randn(3, 16, 32, requires_grad=True)
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, attn_mask=attn_mask)
+
+    reference = attn(x)
+    with mock.patch("torch.nn.functional.scaled_dot_product_attention", spy), torch.autocast("cpu", torch.bfloat16):
+        out = attn(x)
+    assert seen == [(torch.float32, False)]
+    assert out.dtype == torch.bfloat16
+    # bf16 keeps 8 bits of mantissa: agreement to a few parts in a hundred, not to float32's
+    assert torch.allclose(out.float(), reference, atol=0.05 * reference.abs().max().item())
+    out.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_bf16_still_stops_a_diverging_job():
