@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from dblocks.noise import NoiseDistribution, Partition, layer_ranges, layer_split, partition_boundaries
+from dblocks.masked_diffusion import MaskingPartition
+from dblocks.noise import NoiseDistribution, Partition, layer_ranges, layer_split, partition_boundaries, uniform_draws
 
 DIST = NoiseDistribution()
 SMIN, SMAX = 0.002, 80.0
@@ -423,3 +424,35 @@ def test_partition_to_dict():
     assert d["blocks"] == 3 and d["kind"] == "equiprobable" and d["overlap"] == 0.05
     assert d["boundaries"] == list(p.boundaries)
     assert d["train_intervals"] == [list(p.train_interval(b)) for b in (1, 2, 3)]
+
+
+# ----------------------------------------------------------------------- stratified times (train.time_sampling)
+
+
+def test_stratified_draws_put_one_draw_in_each_stratum_and_iid_draws_are_torch_s():
+    n = 16
+    u = uniform_draws(n, torch.Generator().manual_seed(3), stratified=True)
+    assert sorted(int(x * n) for x in u) == list(range(n))  # exactly one in each [i/n, (i+1)/n)
+    # the common shift is uniform: over many batches the draws' mean is 1/2 and each stratum's draw uniform in it
+    gen = torch.Generator().manual_seed(4)
+    many = torch.stack([uniform_draws(4, gen, stratified=True) for _ in range(4000)])
+    assert abs(many.mean().item() - 0.5) < 0.01
+    assert abs((many * 4 % 1).mean().item() - 0.5) < 0.02
+    # iid: what the samplers drew before the option existed, bit for bit
+    assert torch.equal(
+        uniform_draws(n, torch.Generator().manual_seed(3)),
+        torch.rand(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64),
+    )
+
+
+@pytest.mark.parametrize("partition", [Partition.make(3, "equiprobable", 0.1), MaskingPartition.make(3, overlap=0.05)])
+def test_stratified_noise_levels_stay_in_the_block_s_interval_and_cover_it(partition):
+    lo, hi = partition.train_interval(2)
+    sigma = partition.sample_sigma(2, 64, torch.Generator().manual_seed(0), stratified=True).tolist()
+    assert lo <= min(sigma) and max(sigma) <= hi
+    # even coverage: one draw per stratum of the interval's probability mass (log-normal sigma; uniform t)
+    if isinstance(partition, MaskingPartition):
+        mass = [(s - lo) / (hi - lo) for s in sigma]
+    else:
+        mass = [(_cdf(s) - _cdf(lo)) / (_cdf(hi) - _cdf(lo)) for s in sigma]
+    assert sorted(int(min(m, 1 - 1e-9) * 64) for m in mass) == list(range(64))

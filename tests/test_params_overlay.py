@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dblocks.config import config_hash, resolve
 from dblocks.errors import ConfigError
 from dblocks.params import Params, experiment_config
 from dblocks.pipeline import Pipeline
@@ -313,3 +314,14 @@ def test_per_experiment_resources_errors_name_the_key_and_allowed_values(base, t
     with pytest.raises(ConfigError) as err:
         Params.load(write(base.parent, "over.yaml", "base: base.yaml\n" + text))
     assert message in str(err.value)
+
+
+def test_an_option_added_later_keeps_the_hash_of_configs_that_leave_it_at_its_former_behaviour():
+    """train.time_sampling came after checkpoints existed: at "iid" (what training did before) it is left out
+    of the config hash, so finished blocks are not retrained; "stratified" changes what a block learns."""
+    config = resolve({"name": "m", "task": "masked_text", "arch": "MDM-micro", "dataset": "shakespeare"})
+    assert config["train"]["time_sampling"] == "iid"
+    without = {**config, "train": {k: v for k, v in config["train"].items() if k != "time_sampling"}}
+    assert config_hash(config) == config_hash(without)
+    stratified = {**config, "train": {**config["train"], "time_sampling": "stratified"}}
+    assert config_hash(stratified) != config_hash(config)

@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
         "tf32": True,
         "grad_clip": 1.0,
         "max_loss_weight": None,
+        "time_sampling": "iid",
         "checkpoint_every": 250,
         "log_every": 25,
     },
@@ -360,9 +361,18 @@ def resolve(params: dict | None = None, overrides: list[dict] | None = None) -> 
 #: so a finished block is not retrained because its job now splits the global batch differently
 UNHASHED_TRAIN_KEYS = ("batch_per_device",)
 
+#: train settings added after checkpoints were first written, left out of the hash while they hold the value
+#: that does what the code did before them: a workspace's finished blocks keep their hashes (and are not
+#: retrained) when the code gains an option they do not use
+LATER_TRAIN_DEFAULTS = {"time_sampling": "iid"}
+
 
 def config_hash(config: dict) -> str:
     hashed = {k: v for k, v in config.items() if k not in UNHASHED_KEYS}
     if isinstance(hashed.get("train"), dict):
-        hashed["train"] = {k: v for k, v in hashed["train"].items() if k not in UNHASHED_TRAIN_KEYS}
+        hashed["train"] = {
+            k: v
+            for k, v in hashed["train"].items()
+            if k not in UNHASHED_TRAIN_KEYS and LATER_TRAIN_DEFAULTS.get(k, object()) != v
+        }
     return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]

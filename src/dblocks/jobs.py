@@ -26,12 +26,13 @@ def training_job(exp, method: str, block: int | None = None) -> tuple[nn.Module,
     samples one block per step and so takes B x the steps to give every block the baseline's updates."""
     cfg = exp.config["train"]
     max_w = cfg["max_loss_weight"]
+    stratified = cfg["time_sampling"] == "stratified"
     if method == "blockwise":
         model = exp.block(block)  # this block only: no other block is built, loaded or touched
-        return model, block_objective(model, exp.partition, block, max_w), cfg["steps"]
+        return model, block_objective(model, exp.partition, block, max_w, stratified), cfg["steps"]
     if method == "paper":
         model = exp.shared_blocks()
-        return model, paper_mode_objective(model, max_w), cfg["steps"] * exp.partition.blocks
+        return model, paper_mode_objective(model, max_w, stratified), cfg["steps"] * exp.partition.blocks
     if method == "e2e":
         model = exp.e2e()
         if exp.config["task"] == "classification":
@@ -42,7 +43,11 @@ def training_job(exp, method: str, block: int | None = None) -> tuple[nn.Module,
             spec = exp.arch.spec
             return model, recurrent_objective(model, spec.recurrence, spec.backprop_depth, spec.width), cfg["steps"]
         full = exp.full_range
-        return model, denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g), max_w), cfg["steps"]
+        return (
+            model,
+            denoising_objective(model, lambda n, g: full.sample_sigma(1, n, generator=g, stratified=stratified), max_w),
+            cfg["steps"],
+        )
     if method in LOCAL_METHODS:  # the paper's block-local baselines: NoProp-DT's block or head, CT, FM, FF
         return local_job(exp, method, block)
     raise ValueError(f"unknown method {method!r}; allowed: blockwise, e2e, paper, {', '.join(LOCAL_METHODS)}")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dblocks.noise import Partition
+from dblocks.noise import Partition, uniform_draws
 from dblocks.tasks.base import Task
 
 
@@ -53,11 +53,16 @@ class MaskingPartition(Partition):
         return max(lo - pad, 0.0), min(hi + pad, 1.0)
 
     def sample_sigma(
-        self, block: int, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+        self,
+        block: int,
+        n: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        stratified: bool = False,
     ) -> torch.Tensor:
         """n masking times t ~ U(the block's widened interval); never exactly 0 (w(t) = 1/t)."""
         lo, hi = self.train_interval(block)
-        u = 1.0 - torch.rand(n, generator=generator, dtype=torch.float64)  # in (0, 1]
+        u = 1.0 - uniform_draws(n, generator, stratified)  # in (0, 1]
         return (lo + u * (hi - lo)).clamp(min=1e-6).to(device=device, dtype=torch.float32)
 
     def to_dict(self) -> dict:

@@ -25,6 +25,20 @@ PARTITION_KINDS = ("equiprobable", "uniform")
 _STD_NORMAL = NormalDist()
 
 
+def uniform_draws(n: int, generator: torch.Generator | None = None, stratified: bool = False) -> torch.Tensor:
+    """n float64 draws in [0, 1): independent, or ``stratified``: one in each of the n equal strata, all
+    shifted by one common draw, u_i = (u_0 + i/n) mod 1 (``train.time_sampling``; MD4's antithetic time
+    sampling, MDLM's low-discrepancy sampler). Each u_i is still uniform, so the loss stays unbiased, while a
+    batch covers the noise range evenly: the masked LM's 1/t-weighted loss no longer swings with how many
+    small times a batch happened to draw."""
+    import torch  # here, not at the top: params validation (config, the Snakefile) imports this module
+
+    if not stratified:
+        return torch.rand(n, generator=generator, dtype=torch.float64)
+    offset = torch.rand(1, generator=generator, dtype=torch.float64)
+    return torch.remainder(offset + torch.arange(n, dtype=torch.float64) / n, 1.0)
+
+
 @dataclass(frozen=True)
 class NoiseDistribution:
     """log(sigma) ~ Normal(p_mean, p_std), truncated to [sigma_min, sigma_max] (EDM defaults)."""
@@ -54,14 +68,16 @@ class NoiseDistribution:
         high: float | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
+        stratified: bool = False,
     ) -> torch.Tensor:
-        """Inverse-CDF sampling of n sigmas from the log-normal truncated to [low, high]."""
+        """Inverse-CDF sampling of n sigmas from the log-normal truncated to [low, high] (``stratified``:
+        :func:`uniform_draws`)."""
         import torch  # here, not at the top: params validation (config, the Snakefile) imports this module
 
         low = self.sigma_min if low is None else low
         high = self.sigma_max if high is None else high
         q_lo, q_hi = self.cdf(low), self.cdf(high)
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        u = uniform_draws(n, generator, stratified)
         q = q_lo + u * (q_hi - q_lo)
         log_sigma = self.p_mean + self.p_std * torch.special.ndtri(q)
         # Clamp: float64 round-off at the tails may step a hair outside the interval.
@@ -135,10 +151,15 @@ class Partition:
         return max(lo / a, self.dist.sigma_min), min(hi * a, self.dist.sigma_max)
 
     def sample_sigma(
-        self, block: int, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+        self,
+        block: int,
+        n: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        stratified: bool = False,
     ) -> torch.Tensor:
         lo, hi = self.train_interval(block)
-        return self.dist.sample(n, lo, hi, generator=generator, device=device)
+        return self.dist.sample(n, lo, hi, generator=generator, device=device, stratified=stratified)
 
     def route(self, sigma: float | torch.Tensor) -> int | torch.Tensor:
         """The block owning each sigma: block b owns (low, high]; sigma_min belongs to block B."""

@@ -86,16 +86,27 @@ def denoising_objective(
 
 
 def block_objective(
-    model: BlockDenoiser, partition: Partition, block: int, max_loss_weight: float | None = None
+    model: BlockDenoiser,
+    partition: Partition,
+    block: int,
+    max_loss_weight: float | None = None,
+    stratified: bool = False,
 ) -> Objective:
-    """Independent block training: sigma from block b's (widened) interval only."""
-    return denoising_objective(model, lambda n, g: partition.sample_sigma(block, n, generator=g), max_loss_weight)
+    """Independent block training: sigma from block b's (widened) interval only (``stratified``:
+    :func:`dblocks.noise.uniform_draws`)."""
+    return denoising_objective(
+        model, lambda n, g: partition.sample_sigma(block, n, generator=g, stratified=stratified), max_loss_weight
+    )
 
 
-def paper_mode_objective(model: AssembledModel, max_loss_weight: float | None = None) -> Objective:
+def paper_mode_objective(
+    model: AssembledModel, max_loss_weight: float | None = None, stratified: bool = False
+) -> Objective:
     """The paper's single process: each step picks one block uniformly and trains it (and the shared parts)."""
     partition = model.partition
-    per_block = [block_objective(blk, partition, b, max_loss_weight) for b, blk in enumerate(model.blocks, 1)]
+    per_block = [
+        block_objective(blk, partition, b, max_loss_weight, stratified) for b, blk in enumerate(model.blocks, 1)
+    ]
 
     def draw(batch: Batch, gen: torch.Generator) -> Batch:
         b = int(torch.randint(partition.blocks, (1,), generator=gen))
