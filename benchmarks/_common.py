@@ -25,7 +25,7 @@ from dblocks.io import write_json_atomic
 from dblocks.jobs import training_job
 from dblocks.models import ARCHITECTURES, get_arch
 from dblocks.optim import adamw
-from dblocks.train import clip_and_step, sample_batch
+from dblocks.train import clip_and_step, precision_context, sample_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "bench"
@@ -219,8 +219,8 @@ def largest_block(exp: Experiment) -> int:
 
 
 class Trainer:
-    """Optimizer steps of one job, with the training loop's own pieces (``sample_batch``,
-    ``clip_and_step`` at the default train.grad_clip, AdamW) but without its LR schedule, logging and
+    """Optimizer steps of one job, with the training loop's own pieces (``sample_batch``, the forward pass
+    under ``precision_context``, ``clip_and_step`` at the default train.grad_clip, AdamW) but without its LR schedule, logging and
     checkpointing. ``step()`` runs one step and returns the loss."""
 
     def __init__(
@@ -231,8 +231,10 @@ class Trainer:
         batch_size: int,
         device: torch.device,
         seed: int = 0,
+        precision: str = "fp32",
     ) -> None:
         cfg = resolve()["train"]
+        self.precision = precision
         self.module = module.to(device).train()
         self.objective, self.data, self.batch_size, self.device = objective, data, batch_size, device
         self.grad_clip = cfg["grad_clip"]
@@ -244,7 +246,8 @@ class Trainer:
 
     def step(self) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.objective(self.batch(), self.gen)
+        with precision_context(self.device, self.precision):
+            loss = self.objective(self.batch(), self.gen)
         loss.backward()
         clip_and_step(self.module, self.optimizer, self.grad_clip)
         return loss.detach()
