@@ -89,7 +89,8 @@ def test_assemble_and_evaluate_classifier(vit_blocks, tmp_path, capsys):
     assert run("evaluate", model_path, "--out", metrics) == 0
     record = json.loads(metrics.read_text())
     assert 0.0 <= record["accuracy"] <= 1.0 and record["examples"] == 360 and record["method"] == "blockwise"
-    assert "accuracy" in capsys.readouterr().out
+    assert 0.0 <= record["accuracy_mean_start"] <= 1.0  # the same blocks' chain from the noise's mean
+    assert "from the noise mean" in capsys.readouterr().out
 
 
 def test_jobs_that_need_no_fid_do_not_import_it(vit_blocks, tmp_path):

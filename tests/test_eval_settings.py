@@ -92,6 +92,7 @@ def test_settings_are_normalised_and_only_the_tasks_own():
     assert evaluation_hash(g) == evaluation_hash(evaluation_settings("generation", {"guidance": 1.0, "samples": 8}))
     assert evaluation_settings("classification", {"seed": 3, "samples": 9}) == {
         "task": "classification",
+        "protocol": 2,
         "split": "test",
         "seed": 3,
         "weights": None,

@@ -480,6 +480,26 @@ def test_classify_calls_each_block_once_per_batch():
     assert model.calls == [1, 1, 1]
 
 
+def test_classify_from_the_noise_mean_is_deterministic_and_starts_at_zero():
+    exp = _vit_experiment()
+    blocks = exp.empty_blocks()
+    for i, b in enumerate(blocks):
+        _perturb(b, seed=i)
+    model = AssembledModel(blocks, exp.partition)
+    images = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
+    a = sample.classify(model, images, torch.Generator().manual_seed(1), start="mean")
+    b = sample.classify(model, images, torch.Generator().manual_seed(2), start="mean")
+    assert torch.equal(a, b)  # no draw enters the chain
+    assert all(torch.equal(z, torch.zeros_like(z)) for z in seen)  # the first block reads z = 0 at sigma_max
+    seen.clear()
+    sample.classify(model, images, torch.Generator().manual_seed(1))  # the paper's start: a noise draw
+    assert seen[0].std() > 0.5 * model.partition.boundaries[-1]
+    with pytest.raises(ValueError, match="allowed: noise, mean"):
+        sample.classify(model, images, torch.Generator(), start="zero")
+
+
 def test_euler_sample_uses_last_output_of_lowest_noise_block():
     exp = _vit_experiment()
     model = AssembledModel(exp.empty_blocks(), exp.partition)

@@ -234,7 +234,15 @@ def generated(tmp_path_factory):
     )
     _log(client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.50})
     _log(client, eid, "vit-cifar100", "evaluate", "e2e", parent=parent, metrics={"accuracy": 0.9012})
-    _log(client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.8731})
+    _log(
+        client,
+        eid,
+        "vit-cifar100",
+        "evaluate",
+        "blockwise",
+        parent=parent,
+        metrics={"accuracy": 0.8731, "accuracy_mean_start": 0.95},
+    )
     _log(
         client, eid, "vit-cifar100", "evaluate", "blockwise", parent=parent, metrics={"accuracy": 0.10}, status="FAILED"
     )
@@ -381,33 +389,40 @@ def test_table1_ours_beside_paper_and_latest_finished_run_wins(generated):
     text = (generated["out"] / "tables" / "table1.md").read_text()
     header = _md_row(text, "method")
     assert header[1] == "paper"
-    assert header[2] == "ours (tiny: ViT-micro on digits, CPU)"
+    assert header[2:4] == ["ours accuracy (%) (tiny)", "ours accuracy, chain from the noise mean (%) (tiny)"]
     # not 50.00 (older), 10.00 (FAILED), 99.00 (another config) or 98.00 (other evaluation settings); beside
     # the accuracy, the training cost: ms per step (the mean over the blocks' jobs) and memory (the largest job)
-    assert header[3:] == ["ours ms / training step (tiny)", "ours training memory (MB) (tiny)"]
-    assert _md_row(text, "DiffusionBlocks")[1:] == ["59.30", "87.31", "11.0", "23.0"]
-    assert _md_row(text, "End-to-end backprop")[1:] == ["60.25", "90.12", "30.0", "40.0"]
+    assert header[4:] == ["ours ms / training step (tiny)", "ours training memory (MB) (tiny)"]
+    assert _md_row(text, "DiffusionBlocks")[1:] == ["59.30", "87.31", "95.00", "11.0", "23.0"]
+    # the chain's start is DiffusionBlocks' own: "—" for the methods without a chain, not "n/a"
+    assert _md_row(text, "End-to-end backprop")[1:] == ["60.25", "90.12", "—", "30.0", "40.0"]
     # Forward-Forward measured, not quoted: mean ± std over its two seeds, its one job's cost
-    assert _md_row(text, "Forward-Forward")[1:] == ["7.85", "72.00 ± 2.83", "21.0 ± 1.4", "31.0 ± 1.4"]
+    assert _md_row(text, "Forward-Forward")[1:] == ["7.85", "72.00 ± 2.83", "—", "21.0 ± 1.4", "31.0 ± 1.4"]
     assert "not comparable" in text and "ff-cifar100 (2 seeds: ff-cifar100, ff-cifar100-seed1)" in text
 
     df = pd.read_csv(generated["out"] / "tables" / "table1.csv")
-    assert {"method", "paper", "ours"} <= set(df.columns)
+    assert {"method", "paper", "ours_accuracy", "ours_accuracy_mean_start"} <= set(df.columns)
     row = df.set_index("method").loc["DiffusionBlocks"]
-    assert row["paper"] == pytest.approx(59.30) and row["ours"] == pytest.approx(87.31)
+    assert row["paper"] == pytest.approx(59.30) and row["ours_accuracy"] == pytest.approx(87.31)
+    assert row["ours_accuracy_mean_start"] == pytest.approx(95.0)
     assert row["ours_ms_training_step"] == pytest.approx(11.0) and row["ours_training_memory_mb"] == pytest.approx(23.0)
     ff = df.set_index("method").loc["Forward-Forward"]
-    assert (ff["ours"], ff["ours_std"], ff["ours_n"]) == (pytest.approx(72.0), pytest.approx(2.828, abs=1e-3), 2)
+    assert (ff["ours_accuracy"], ff["ours_accuracy_std"], ff["ours_accuracy_n"]) == (
+        pytest.approx(72.0),
+        pytest.approx(2.828, abs=1e-3),
+        2,
+    )
 
 
 def test_table6_noprop_rows_are_measured_with_their_training_cost(generated):
     text = (generated["out"] / "tables" / "table6.md").read_text()
     # NoProp-DT: its evaluation; ms per step the mean over its 3 block jobs (4, 5, 6 ms), memory the largest
     # block job's (23 MB): the head job (1 ms, 99 MB) is not a block
-    assert _md_row(text, "NoProp-DT")[1:] == ["46.06", "96.11", "5.0", "23.0"]
-    assert _md_row(text, "NoProp-CT")[1:] == ["21.31", "n/a", "15.0", "25.0"]  # trained, not evaluated yet
-    assert _md_row(text, "NoProp-FM")[1:] == ["37.57", "—", "—", "—"]  # no experiment runs it
-    assert _md_row(text, "DiffusionBlocks")[1:] == ["46.88", "85.55", "11.0", "23.0"]
+    assert _md_row(text, "NoProp-DT")[1:] == ["46.06", "96.11", "—", "5.0", "23.0"]
+    assert _md_row(text, "NoProp-CT")[1:] == ["21.31", "n/a", "—", "15.0", "25.0"]  # trained, not evaluated yet
+    assert _md_row(text, "NoProp-FM")[1:] == ["37.57", "—", "—", "—", "—"]  # no experiment runs it
+    # an evaluation logged before the chain-start column: n/a, expected and missing
+    assert _md_row(text, "DiffusionBlocks")[1:] == ["46.88", "85.55", "n/a", "11.0", "23.0"]
     assert "n/a in row 'NoProp-CT'" in text and "no evaluate run logged (noprop-ct-cifar100, noprop-ct)" in text
     assert "NoProp-tiny on digits" in text
 
@@ -415,7 +430,7 @@ def test_table6_noprop_rows_are_measured_with_their_training_cost(generated):
 def test_table6_backprop_row_comes_from_the_shared_baseline(generated):
     text = (generated["out"] / "tables" / "table6.md").read_text()
     assert _md_row(text, "DiffusionBlocks")[1:3] == ["46.88", "85.55"]
-    assert _md_row(text, "Backprop")[1:] == ["47.80", "90.12", "30.0", "40.0"]  # vit-cifar100's e2e runs
+    assert _md_row(text, "Backprop")[1:] == ["47.80", "90.12", "—", "30.0", "40.0"]  # vit-cifar100's e2e runs
     assert "the end-to-end run of vit-cifar100, which noprop-cifar100 shares" in text
 
 
@@ -604,7 +619,7 @@ def test_no_runs_gives_na_tables(generated, tmp_path):
     params_path.write_text(yaml.safe_dump(params))
     written = tables.generate(params_path, tmp_path / "out", tracking_uri=generated["uri"])
     text = (tmp_path / "out" / "tables" / "table1.md").read_text()
-    assert _md_row(text, "DiffusionBlocks")[1:] == ["59.30", "n/a", "n/a", "n/a"]
+    assert _md_row(text, "DiffusionBlocks")[1:] == ["59.30", "n/a", "n/a", "n/a", "n/a"]
     assert "no evaluate run logged" in text and "no train run logged" in text
     assert not [p for p in written if p.suffix == ".png"]
     index = (tmp_path / "out" / "tables" / "index.md").read_text()

@@ -37,16 +37,22 @@ def layer_evaluations(model: AssembledModel, grid: list[float], guided: bool) ->
 
 def evaluate_classifier(model, exp: Experiment, data: ImageDataset, seed: int = 0) -> dict:
     """Accuracy on ``data``; its images are classified a batch at a time (``images.split``), so a prepared
-    split is read from its files batch by batch, never held whole."""
+    split is read from its files batch by batch, never held whole. Block-wise: ``accuracy`` from the paper's
+    chain started at a noise draw, and ``accuracy_mean_start`` from the chain started at the noise's mean
+    (:func:`dblocks.sample.classify`)."""
     t0 = time.perf_counter()
+    record = {}
     if isinstance(model, AssembledModel):
         preds = classify(model, data.images, torch.Generator().manual_seed(seed))
         evals = layer_evaluations(model, list(reversed(model.partition.boundaries)), guided=False)
+        mean_start = classify(model, data.images, torch.Generator().manual_seed(seed), start="mean")
+        record["accuracy_mean_start"] = (mean_start == data.labels).float().mean().item()
     else:  # the end-to-end baseline: a plain forward pass
         preds = classify_direct(model, data.images)
         evals = len(model.layers)
     return {
         "accuracy": (preds == data.labels).float().mean().item(),
+        **record,
         "examples": len(data),
         "eval_seconds": round(time.perf_counter() - t0, 3),
         "layer_evals_per_sample": evals,

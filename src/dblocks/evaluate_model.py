@@ -377,7 +377,11 @@ def _evaluate_task(request: EvaluationRequest, job: _Job) -> tuple[dict, str] | 
             + (f"; class agreement {result['class_agreement']:.3f}" if "class_agreement" in result else "")
         )
     result = evaluate_classifier(model, exp, data, seed=request.seed)
-    return result, f"accuracy {100 * result['accuracy']:.2f}% on {len(data)} {request.split} examples"
+    mean_start = result.get("accuracy_mean_start")
+    return result, (
+        f"accuracy {100 * result['accuracy']:.2f}% on {len(data)} {request.split} examples"
+        + (f" ({100 * mean_start:.2f}% from the noise mean)" if mean_start is not None else "")
+    )
 
 
 def _log_inputs(run, request: EvaluationRequest, job: _Job, settings: dict, eval_hash: str) -> None:

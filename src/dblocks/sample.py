@@ -44,6 +44,10 @@ def euler_sample(
     return z, out
 
 
+#: where a classifier's chain starts at sigma_max (:func:`classify`)
+CLASSIFY_STARTS = ("noise", "mean")
+
+
 def initial_noise(
     shape: tuple[int, ...], sigma_max: float, generator: torch.Generator, device: torch.device
 ) -> torch.Tensor:
@@ -52,17 +56,25 @@ def initial_noise(
 
 @torch.no_grad()
 def classify(
-    model: AssembledModel, images: torch.Tensor, generator: torch.Generator, batch_size: int = 512
+    model: AssembledModel, images: torch.Tensor, generator: torch.Generator, batch_size: int = 512, start: str = "noise"
 ) -> torch.Tensor:
-    """Predicted labels: start from pure noise at sigma_max and take one Euler step per block over the
-    partition's boundaries (the equi-quantile grid for an equi-probability partition), so each block runs
-    exactly once; the prediction is the argmax of the last block's logits."""
+    """Predicted labels: start at sigma_max and take one Euler step per block over the partition's
+    boundaries (the equi-quantile grid for an equi-probability partition), so each block runs exactly once;
+    the prediction is the argmax of the last block's logits.
+
+    ``start``: ``"noise"``, a draw of the sigma_max noise (the paper's sampler: the chain then draws a label
+    from the model's predictive distribution, and a label embedding pushed by the noise towards a wrong class
+    can be committed to), or ``"mean"``, the noise's mean z = 0, which makes the chain deterministic: the
+    first block's posterior-mean embedding reaches the later blocks without noise (CLASSIFY_STARTS)."""
+    if start not in CLASSIFY_STARTS:
+        raise ValueError(f"unknown start {start!r}; allowed: {', '.join(CLASSIFY_STARTS)}")
     model.eval()
     grid = list(reversed(model.partition.boundaries))
     device = next(model.parameters()).device
     preds = []
     for chunk in images.split(batch_size):
-        z = initial_noise((chunk.shape[0], *model.task.target_shape), grid[0], generator, device)
+        shape = (chunk.shape[0], *model.task.target_shape)
+        z = initial_noise(shape, grid[0], generator, device) if start == "noise" else torch.zeros(shape, device=device)
         _, out = euler_sample(model, z, grid, chunk.to(device))
         preds.append(out.raw.argmax(dim=-1).cpu())
     return torch.cat(preds)

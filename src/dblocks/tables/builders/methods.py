@@ -19,6 +19,7 @@ from dblocks.tables.columns import (
     experiment_suffix,
     is_fid_table,
     label_column,
+    logs_metric,
     method_label,
     ours_columns,
     paper_columns,
@@ -83,7 +84,7 @@ def build_methods_table(ctx: Context, table_id: str, paper: dict, exps: list[Exp
         for key, (metric, multiplier, _) in ours.items():
             row[f"ours:{key}"] = (
                 Cell(DASH)
-                if exp is None or method is None
+                if exp is None or not logs_metric(method, metric)
                 else metric_cell(ctx.index, exp.name, method, metric, multiplier, decimals, expected=expected)
             )
         if cost:
