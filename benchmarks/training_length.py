@@ -6,7 +6,8 @@ Each point is a whole training run at that budget (warm-up and cosine schedule o
 pipeline job with ``train.steps`` set to it would run), not an intermediate checkpoint of a longer run: a
 checkpoint halfway through a cosine schedule is not what a shorter job makes. Block-wise: the B blocks trained
 independently, each for that many steps, assembled and evaluated as the pipeline does (B Euler steps from pure
-noise, ``dblocks.evaluate.evaluate_classifier``); end-to-end: the plain ViT with cross-entropy, the same steps.
+noise, ``dblocks.evaluate.evaluate_classifier``, and the same blocks' chain started at the noise's mean);
+end-to-end: the plain ViT with cross-entropy, the same steps.
 Everything else is the params file's experiment (its seed offset by the seed index, as ``pipeline.seeds`` does).
 Runs are spread over ``--workers`` processes of one torch thread each.
 
@@ -83,19 +84,30 @@ def one_run(params: str, experiment: str, method: str, steps: int, seed: int, da
         model = module.eval()
     seconds = time.perf_counter() - t0
     with torch.no_grad():
-        accuracy = evaluate_classifier(model, exp, test_split)["accuracy"]
-    return {"method": method, "steps": steps, "seed": seed, "accuracy": 100 * accuracy, "train_seconds": seconds}
+        record = evaluate_classifier(model, exp, test_split)
+    run = {"method": method, "steps": steps, "seed": seed, "accuracy": 100 * record["accuracy"]}
+    if "accuracy_mean_start" in record:  # block-wise: the same blocks' chain from the noise's mean
+        run["accuracy_mean_start"] = 100 * record["accuracy_mean_start"]
+    return {**run, "train_seconds": seconds}
+
+
+#: the curves: (row label, method, accuracy key of the runs)
+CURVES = (
+    ("e2e", "e2e", "accuracy"),
+    ("blockwise", "blockwise", "accuracy"),
+    ("blockwise, chain from the noise mean", "blockwise", "accuracy_mean_start"),
+)
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
     rows = []
-    for method in ("e2e", "blockwise"):
+    for label, method, key in CURVES:
         for steps in sorted({r["steps"] for r in runs}):
-            acc = [r["accuracy"] for r in runs if r["method"] == method and r["steps"] == steps]
+            acc = [r[key] for r in runs if r["method"] == method and r["steps"] == steps and key in r]
             if acc:
                 rows.append(
                     {
-                        "method": method,
+                        "method": label,
                         "steps": steps,
                         "mean": statistics.mean(acc),
                         "std": statistics.stdev(acc) if len(acc) > 1 else None,
@@ -120,7 +132,11 @@ def plot(record: dict) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    labels = {"e2e": "end-to-end backprop", "blockwise": "DiffusionBlocks (independent blocks)"}
+    labels = {
+        "e2e": "end-to-end backprop",
+        "blockwise": "DiffusionBlocks (independent blocks)",
+        "blockwise, chain from the noise mean": "DiffusionBlocks, chain from the noise mean",
+    }
     for method, label in labels.items():
         rows = [r for r in record["rows"] if r["method"] == method]
         ax.errorbar(
