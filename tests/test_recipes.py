@@ -22,7 +22,16 @@ from dblocks.errors import ConfigError, TrainingError
 from dblocks.experiment import Experiment
 from dblocks.layers import Attention
 from dblocks.params import Params
-from dblocks.train import Objective, block_objective, cross_entropy_objective, lr_lambda, paper_mode_objective, train
+from dblocks.train import (
+    Objective,
+    block_objective,
+    cross_entropy_objective,
+    lr_lambda,
+    paper_mode_objective,
+    precision_context,
+    resolve_precision,
+    train,
+)
 from tests.conftest import micro_config, train_killed_at_loss
 
 CPU = torch.device("cpu")
@@ -304,6 +313,33 @@ def test_bf16_autocast_on_cpu_runs_attention_in_float32_and_matches_it():
     assert torch.allclose(out.float(), reference, atol=0.05 * reference.abs().max().item())
     out.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_auto_precision_is_bf16_only_where_the_device_multiplies_it_natively(monkeypatch):
+    cpu = torch.device("cpu")
+    assert (resolve_precision(cpu, "fp32"), resolve_precision(cpu, "bf16")) == ("fp32", "bf16")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert resolve_precision(cpu, "auto") == "bf16"
+    exp = Experiment(micro_config(train={**micro_config()["train"], "steps": 2, "precision": "auto"}))
+    model = exp.block(1)
+    result = train(
+        model,
+        block_objective(model, exp.partition, 1),
+        exp.load_data("train"),
+        exp.config["train"],
+        seed=0,
+        device=CPU,
+        progress=False,
+    )
+    assert result.precision == "bf16"  # what the steps ran in, for the run's record
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert resolve_precision(cpu, "auto") == "fp32"  # emulated bf16 would be slower than float32
+    with precision_context(cpu, "auto"):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert resolve_precision(cpu, "auto") == "fp32"  # a torch without the probes: float32
 
 
 def test_bf16_still_stops_a_diverging_job():

@@ -257,10 +257,31 @@ def lr_lambda(warmup: int, total: int, schedule: str, floor: float = 0.0) -> Cal
     return factor
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 natively: a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX
+    (where its matmuls run at twice the float32 rate; without them bf16 is emulated and slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # torch.cpu names these probes with a leading underscore: absent, say no
+        return any(
+            getattr(torch.cpu, probe, lambda: False)()
+            for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        )
+    return False
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``train.precision`` as the steps run it: ``auto`` is bf16 where :func:`native_bf16`, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def precision_context(device: torch.device, precision: str):
     """The forward pass and loss of one step under ``train.precision``: bf16 autocast (weights, gradients and
-    optimizer state stay float32, so there is no loss scaling to manage) or plain float32."""
-    if precision == "bf16":
+    optimizer state stay float32, so there is no loss scaling to manage) or plain float32; ``auto``: as
+    :func:`resolve_precision` decides on ``device``."""
+    if resolve_precision(device, precision) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -280,6 +301,8 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since last log)
     resumed_from: int = 0
     averaged: nn.Module | None = None  # a copy of the module holding the EMA weights (train.ema_decay > 0)
+    #: the precision the steps ran in (``train.precision`` with ``auto`` resolved on the job's device)
+    precision: str = "fp32"
     #: the memory of the training steps (:class:`PeakMemory`), MB; None where the platform cannot say
     peak_memory_mb: float | None = None
     train_memory_mb: float | None = None
@@ -375,7 +398,8 @@ def train(
     start = 0
     if state_path is not None and Path(state_path).exists():
         start = load_training_state(state_path, module, optimizer, scheduler, {"data": gen}, average)["step"]
-    result = TrainResult(steps=total, seconds=0.0, resumed_from=start)
+    precision = resolve_precision(device, cfg["precision"])
+    result = TrainResult(steps=total, seconds=0.0, resumed_from=start, precision=precision)
     memory = PeakMemory(device)
     running, count, t0 = 0.0, 0, time.perf_counter()
     runner: nn.Module = _Loss(module, objective.loss)
@@ -399,7 +423,7 @@ def train(
         # computes its rows: the run is the same whatever the number of ranks (up to reduction order)
         batch = objective.draw(sample_batch(data, cfg["batch_size"], gen, device, cfg["augment"]), gen)
         optimizer.zero_grad(set_to_none=True)
-        loss = backward_step(runner, batch, device, cfg["precision"], cfg.get("batch_per_device"))
+        loss = backward_step(runner, batch, device, precision, cfg.get("batch_per_device"))
         if not torch.isfinite(loss):  # the mean over all ranks: every rank stops here together
             raise TrainingError(f"{desc}: loss is {loss.item()} at step {step + 1}; {_STOPPED}")
         try:

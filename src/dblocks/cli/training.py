@@ -40,7 +40,7 @@ def _log_training(run, result, checkpoints: dict[str, tuple[Path, dict]], device
         step=result.steps,
     )
     # timings are only comparable on the same device and number of ranks (device: rank 0's)
-    tags = {"dblocks.device": str(device), "dblocks.ranks": str(ranks)}
+    tags = {"dblocks.device": str(device), "dblocks.ranks": str(ranks), "dblocks.precision": result.precision}
     for suffix, (path, meta) in checkpoints.items():
         tags[f"checkpoint_sha256{suffix}"] = meta["sha256"]
         tags[f"checkpoint_path{suffix}"] = str(path)
@@ -78,6 +78,7 @@ def _train_summary(result) -> dict:
         "resumed_from": result.resumed_from,
         "steps_run": result.steps - result.resumed_from,
         "seconds_per_step": result.seconds / max(1, result.steps - result.resumed_from),
+        "precision": result.precision,
         "peak_memory_mb": result.peak_memory_mb,
         "train_memory_mb": result.train_memory_mb,
         "final_loss": result.losses[-1][1] if result.losses else None,
