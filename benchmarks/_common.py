@@ -87,6 +87,21 @@ def write_json(name: str, record: dict, path: Path | None = None) -> Path:
     return path
 
 
+def timing_arguments(parser, reps: int, warmup: int) -> None:
+    """The options every timing benchmark takes: --reps and --warmup (rounds), --threads (torch's, per
+    process) and --device."""
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+
+
+def timing_device(args) -> torch.device:
+    """The device of :func:`timing_arguments`, with torch's thread count set from them."""
+    torch.set_num_threads(args.threads)
+    return pick_device(args.device)
+
+
 def start_record(name: str, device: torch.device, argv: Sequence[str] | None) -> dict:
     """The head of every benchmark's record: its name, the machine, and the command that reproduces it."""
     args = list(argv) if argv is not None else sys.argv[1:]

@@ -409,12 +409,17 @@ def test_assembled_model_rejects_mismatched_block_count():
 # ----------------------------------------------------------------------------- samplers
 
 
-def _dit_model() -> tuple[Experiment, AssembledModel]:
-    exp = _dit_experiment()
+def _perturbed_model(exp: Experiment) -> AssembledModel:
+    """``exp``'s blocks with random weights (each its own seed), assembled."""
     blocks = exp.empty_blocks()
     for i, b in enumerate(blocks):
         _perturb(b, seed=i)
-    return exp, AssembledModel(blocks, exp.partition)
+    return AssembledModel(blocks, exp.partition)
+
+
+def _dit_model() -> tuple[Experiment, AssembledModel]:
+    exp = _dit_experiment()
+    return exp, _perturbed_model(exp)
 
 
 def test_generate_calls_one_block_per_step():
@@ -464,11 +469,7 @@ def test_generate_deterministic_and_batched():
 
 
 def test_classify_calls_each_block_once_per_batch():
-    exp = _vit_experiment()
-    blocks = exp.empty_blocks()
-    for i, b in enumerate(blocks):
-        _perturb(b, seed=i)
-    model = AssembledModel(blocks, exp.partition)
+    model = _perturbed_model(_vit_experiment())
     images = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     preds = sample.classify(model, images, torch.Generator().manual_seed(0), batch_size=2)
     assert preds.shape == (5,)
@@ -481,11 +482,7 @@ def test_classify_calls_each_block_once_per_batch():
 
 
 def test_classify_from_the_noise_mean_is_deterministic_and_starts_at_zero():
-    exp = _vit_experiment()
-    blocks = exp.empty_blocks()
-    for i, b in enumerate(blocks):
-        _perturb(b, seed=i)
-    model = AssembledModel(blocks, exp.partition)
+    model = _perturbed_model(_vit_experiment())
     images = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     seen = []
     model.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
