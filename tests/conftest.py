@@ -145,9 +145,12 @@ def train_and_assemble_by_cli(config, folder, blocks: int) -> None:
     assert main(["assemble", *parts, "--out", str(folder / "model.safetensors")]) == 0
 
 
-def train_killed_at_loss(module, objective, data, cfg: dict, state_path, at: int = 6, seed: int = 5) -> None:
-    """Train ``module`` with resume state at ``state_path`` until the ``at``-th loss it computes, where a
-    KeyboardInterrupt stands in for a kill (with checkpoint_every=4 and at=6: between two checkpoints)."""
+def train_killed_at_loss(
+    module, objective, data, cfg: dict, state_path, at: int = 6, seed: int = 5, tag: str | None = None
+) -> None:
+    """Train ``module`` with resume state at ``state_path`` (saved under ``tag``) until the ``at``-th loss it
+    computes, where a KeyboardInterrupt stands in for a kill (with checkpoint_every=4 and at=6: between two
+    checkpoints)."""
     from dblocks.train import Objective, train
 
     calls = 0
@@ -169,6 +172,7 @@ def train_killed_at_loss(module, objective, data, cfg: dict, state_path, at: int
             device=torch.device("cpu"),
             state_path=state_path,
             progress=False,
+            state_tag=tag,
         )
 
 

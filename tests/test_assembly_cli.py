@@ -74,6 +74,14 @@ def test_finished_block_is_not_retrained(vit_blocks, capsys):
     # a different config in the same place is refused rather than silently overwritten
     assert run("train-block", *MICRO, "--seed", 1, "--block", 1, "--out", vit_blocks / "block-1.safetensors") == 2
     assert "another config" in capsys.readouterr().err
+    # --replace-stale (the workflow's call, its experiment having changed): the other config is retrained, and
+    # this config's checkpoint is still kept
+    assert run("train-block", *MICRO, "--replace-stale", "--block", 1, "--out", vit_blocks / "block-1.safetensors") == 0
+    assert "already trained" in capsys.readouterr().out
+    (out,) = _copy(vit_blocks, vit_blocks.parent / "stale", ["block-1"])
+    assert run("train-block", *MICRO, "--seed", 1, "--replace-stale", "--block", 1, "--out", out) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert load_metadata(out)["seed"] == 1
 
 
 def test_assemble_and_evaluate_classifier(vit_blocks, tmp_path, capsys):

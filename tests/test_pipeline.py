@@ -334,8 +334,17 @@ def test_dvc_and_snakemake_describe_the_same_jobs():
         stage = stages[job.name]
         assert stage["cmd"].endswith(job.command)
         assert stage.get("deps", []) == job.inputs
-        outs = stage.get("outs", []) + [next(iter(m)) for m in stage.get("metrics", [])]
+        named = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])]
+        outs = named + [next(iter(m)) for m in stage.get("metrics", [])]
         assert sorted(outs) == sorted(job.outputs)
+        # trained weights and their records stay in place when either tool reruns the job (Snakemake's
+        # `update`, DVC's `persist`), so that the job can keep a block already trained with this config
+        persisted = [
+            next(iter(o)) for o in stage.get("outs", []) if isinstance(o, dict) and o[next(iter(o))]["persist"]
+        ]
+        assert persisted == job.kept
+        if job.rule.startswith("train"):
+            assert persisted == job.outputs and "--replace-stale" in job.command
     # DVC itself accepts the file
     proc = subprocess.run([str(BIN / "dvc"), "stage", "list"], cwd=REPO, capture_output=True, text=True, env=ENV)
     assert proc.returncode == 0, proc.stderr
@@ -592,6 +601,23 @@ def test_a_changed_experiment_is_retrained_in_the_first_call(micro_run):
     finally:
         params.write_text(original)
     assert planned(micro_run, params) == []
+
+
+def test_a_training_job_rerun_for_another_reason_keeps_its_finished_block(micro_run):
+    """Snakemake reruns a training job when something other than its experiment changed (a new rule command, a
+    regenerated run record; forced here). It leaves the checkpoint in place (`update` outputs, where it deletes
+    a plain output first), and the job keeps it: the same bytes, no training step, and the log says why."""
+    params = micro_run / "micro.yaml"
+    pipe = Pipeline.load(params)
+    target = pipe.block_checkpoint("vit-cifar100", 1)
+    block = micro_run / target
+    before = block.read_bytes()
+    snakemake(target, "--forcerun", "train_block", "--cores", 1, "--config", f"params={params}", cwd=micro_run)
+    assert block.read_bytes() == before
+    log = (micro_run / pipe.log("vit-cifar100", "train-block-1")).read_text()
+    assert "already trained with this config" in log and "wrote" not in log
+    snakemake("--cores", 2, "--config", f"params={params}", cwd=micro_run)  # its assembly and evaluation follow
+    assert block.read_bytes() == before and planned(micro_run, params) == []
 
 
 def test_training_on_another_number_of_gpus_reruns_no_job(micro_run):

@@ -130,6 +130,27 @@ def test_resume_after_interruption_is_bit_identical(vit_exp, tmp_path):
     assert all(torch.equal(reference[k], after[k]) for k in after)
 
 
+def test_a_training_state_of_another_config_is_dropped_not_resumed(vit_exp, tmp_path, capsys):
+    """A job killed under one config and started again under another (the workflow reruns it: its experiment
+    changed) must not resume the former's state, whose shapes match and whose optimizer holds the former
+    learning rate; the same config still resumes."""
+    data, cfg = vit_exp.load_data("train"), vit_exp.config["train"]
+    state = tmp_path / "block-1.state.safetensors"
+
+    def run(config, tag):
+        m = vit_exp.block(1)
+        objective = block_objective(m, vit_exp.partition, 1)
+        return train(m, objective, data, config, seed=5, device=CPU, state_path=state, progress=False, state_tag=tag)
+
+    m = vit_exp.block(1)
+    train_killed_at_loss(m, block_objective(m, vit_exp.partition, 1), data, cfg, state, tag="a" * 16)
+    assert run({**cfg, "lr": 2 * cfg["lr"]}, "b" * 16).resumed_from == 0
+    assert "interrupted run of another config (aaaaaaaaaaaaaaaa)" in capsys.readouterr().err
+    m = vit_exp.block(1)
+    train_killed_at_loss(m, block_objective(m, vit_exp.partition, 1), data, cfg, state, tag="a" * 16)
+    assert run(cfg, "a" * 16).resumed_from == 4
+
+
 def test_nan_loss_stops_training(vit_exp):
     m = vit_exp.block(1)
     with pytest.raises(TrainingError, match="loss is nan"):

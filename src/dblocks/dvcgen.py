@@ -3,7 +3,8 @@
 Snakemake is asked for its full plan (``snakemake -n -p --forceall``); each job becomes one DVC stage
 named ``<rule>.<wildcard values>`` (e.g. one ``train_block.<experiment>.<block>`` per experiment x block)
 with the same command, the same inputs as deps and the same outputs as outs (a directory output, such as a
-sharded dataset's ``shards/`` folder, is one out that DVC versions as a folder). Evaluation JSON files become
+sharded dataset's ``shards/`` folder, is one out that DVC versions as a folder; trained weights, which
+Snakemake leaves in place on a rerun, are ``persist`` outs, which DVC leaves in place too). Evaluation JSON files become
 DVC metrics, the figures directory DVC plots, and every stage depends on exactly the params keys its
 command reads (``Pipeline.reads``), so DVC, like Snakemake, reruns only what a changed setting touches.
 A job without a shell command has no stage: ``all`` (a list of targets) and ``provenance``, the script that
@@ -41,6 +42,8 @@ class Job:
     log: list[str] = field(default_factory=list)
     wildcards: dict[str, str] = field(default_factory=dict)
     command: str = ""
+    #: outputs Snakemake leaves in place when it reruns the job (``update``: trained weights and their records)
+    kept: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -51,7 +54,12 @@ class Job:
 
 
 def _split(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+    """The paths of a dry run's input or output line, without the flags it prints after them ("(update)")."""
+    return [_FLAG.sub("", v.strip()) for v in value.split(",") if v.strip()]
+
+
+#: a flag that ``snakemake -n`` prints after a path, e.g. ``checkpoints/x/block-1.safetensors (update)``
+_FLAG = re.compile(r"\s+\([a-z ]+\)$")
 
 
 def parse_dry_run(text: str) -> list[Job]:
@@ -70,6 +78,9 @@ def parse_dry_run(text: str) -> list[Job]:
             key, value = field_match.groups()
             if key == "wildcards":
                 job.wildcards = dict(item.split("=", 1) for item in _split(value))
+            elif key == "output":
+                job.outputs = _split(value)
+                job.kept = [_FLAG.sub("", v.strip()) for v in value.split(",") if v.strip().endswith("(update)")]
             else:
                 setattr(job, {"input": "inputs", "output": "outputs", "log": "log"}[key], _split(value))
         elif line.startswith("Shell command: "):
@@ -103,7 +114,9 @@ def stage(job: Job, params: str, pipe, cwd: str | Path = ".") -> dict:
     if reads is None or reads:  # None: every value of the file (of every file an overlay builds on)
         out["params"] = [{os.path.relpath(path, cwd): keys} for path, keys in pipe.param_sources(reads).items()]
     metrics = [p for p in job.outputs if p.startswith("metrics/") and p.endswith(".json")]
-    outs = [p for p in job.outputs if p not in metrics]
+    # trained weights persist as in Snakemake (``update``): DVC would delete them before rerunning the stage, and
+    # the job could no longer see that its block is already trained with this config
+    outs = [{p: {"persist": True}} if p in job.kept else p for p in job.outputs if p not in metrics]
     if outs:
         out["outs"] = outs
     if metrics:

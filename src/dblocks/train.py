@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,10 +24,10 @@ from dblocks.blocks import AssembledModel, BlockDenoiser
 from dblocks.data import ImageDataset
 from dblocks.data.text import TextDataset
 from dblocks.ema import EMA
-from dblocks.errors import TrainingError
+from dblocks.errors import CheckpointError, TrainingError
 from dblocks.noise import Partition
 from dblocks.optim import adamw
-from dblocks.training_state import load_training_state, save_training_state
+from dblocks.training_state import load_training_state, remove_training_state, save_training_state
 
 Batch = dict[str, torch.Tensor]
 
@@ -357,6 +358,26 @@ class PeakMemory:
         return (None if peak is None else round(peak, 2)), (None if grown is None else round(grown, 2))
 
 
+def _state_of_another_config(state_path: Path, tag: str | None, desc: str) -> bool:
+    """Whether the training state at ``state_path`` was saved under a tag other than ``tag`` (states without
+    one, and unreadable ones, are left to :func:`load_training_state` and its checks)."""
+    from dblocks.checkpoint import load_metadata
+
+    try:
+        saved = load_metadata(state_path).get("extra", {}).get("tag")
+    except CheckpointError:
+        return False
+    if tag is None or saved is None or saved == tag:
+        return False
+    print(
+        f"{desc}: the training state {state_path} is an interrupted run of another config ({saved}); "
+        f"starting this one afresh",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
+
+
 def train(
     module: nn.Module,
     objective: Objective,
@@ -370,12 +391,16 @@ def train(
     on_log: Callable[[int, float, float], None] | None = None,
     desc: str = "train",
     progress: bool = True,
+    state_tag: str | None = None,
 ) -> TrainResult:
     """Run ``steps`` (default cfg['steps']) optimizer steps on the parameters of ``module``.
 
     If ``state_path`` holds a training state from an interrupted run it is resumed exactly (model,
     optimizer, schedule, weight average, RNG and data-sampling state); the state is refreshed every
-    cfg['checkpoint_every'] steps. With cfg['ema_decay'] > 0 the result carries the averaged weights."""
+    cfg['checkpoint_every'] steps. With cfg['ema_decay'] > 0 the result carries the averaged weights.
+    ``state_tag`` (the CLI: the experiment's config hash) is kept in the state: a state of another tag is an
+    interrupted run of another config, and is dropped rather than resumed (its shapes may well match, and its
+    optimizer would bring back the former learning rate)."""
     world = distributed.world()
     if cfg["batch_size"] < world.size:  # before any work: every rank needs a row of the global batch
         raise TrainingError(
@@ -396,6 +421,8 @@ def train(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)  # data order, augmentation, sigma and noise draws
     start = 0
+    if state_path is not None and Path(state_path).exists() and _state_of_another_config(state_path, state_tag, desc):
+        remove_training_state(state_path)
     if state_path is not None and Path(state_path).exists():
         start = load_training_state(state_path, module, optimizer, scheduler, {"data": gen}, average)["step"]
     precision = resolve_precision(device, cfg["precision"])
@@ -443,7 +470,9 @@ def train(
                 on_log(done, mean, scheduler.get_last_lr()[0])
             running, count = 0.0, 0
         if state_path is not None and done % cfg["checkpoint_every"] == 0 and done < total and world.main:
-            save_training_state(state_path, module, optimizer, scheduler, done, {"data": gen}, average=average)
+            save_training_state(
+                state_path, module, optimizer, scheduler, done, {"data": gen}, {"tag": state_tag}, average
+            )
     bar.close()
     result.peak_memory_mb, result.train_memory_mb = memory.read()  # the steps' memory, not the average's copy
     result.averaged = ema.averaged(module) if ema is not None else None

@@ -49,10 +49,18 @@ envvars:
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
 
+def trained(path):
+    """A file a training job writes. Snakemake deletes a job's outputs before it reruns the job; these it
+    leaves in place (`update`), so that a job rerun because something other than its experiment changed (the
+    rule's command, a regenerated run record) finds its block trained with this config and keeps it instead
+    of training it again. A rerun that fails gets the former file back."""
+    return update(path)
+
+
 def weights(path):
-    """A file of trained weights: kept, or with `keep_weights: false` (a smoke run) deleted by Snakemake once
-    every job that reads it has run (its JSON record stays)."""
-    return path if PIPE.keep_weights else temp(path)
+    """A file of trained weights (:func:`trained`), or with `keep_weights: false` (a smoke run) deleted by
+    Snakemake once every job that reads it has run (its JSON record stays)."""
+    return trained(path) if PIPE.keep_weights else temp(path)
 
 
 # The software environment of every job (Snakemake resolves it relative to the rules files): used with

@@ -14,7 +14,7 @@
 use rule train_block as train_local_block with:
     output:
         checkpoint=weights(PIPE.local_checkpoint("{exp}", "{local}", "{block}")),
-        metadata=PIPE.record(PIPE.local_checkpoint("{exp}", "{local}", "{block}")),
+        metadata=trained(PIPE.record(PIPE.local_checkpoint("{exp}", "{local}", "{block}"))),
     log:
         PIPE.log("{exp}", "train-{local}-block-{block}"),
     benchmark:
@@ -33,7 +33,7 @@ use rule train_block as train_local_block with:
 use rule train_local_block as train_local_head with:
     output:
         checkpoint=weights(PIPE.local_checkpoint("{exp}", "{local}", HEAD)),
-        metadata=PIPE.record(PIPE.local_checkpoint("{exp}", "{local}", HEAD)),
+        metadata=trained(PIPE.record(PIPE.local_checkpoint("{exp}", "{local}", HEAD))),
     log:
         PIPE.log("{exp}", "train-{local}-head"),
     benchmark:
@@ -47,7 +47,7 @@ use rule train_local_block as train_local_head with:
 use rule train_local_block as train_local with:
     output:
         checkpoint=weights(PIPE.local_checkpoint("{exp}", "{local}")),
-        metadata=PIPE.record(PIPE.local_checkpoint("{exp}", "{local}")),
+        metadata=trained(PIPE.record(PIPE.local_checkpoint("{exp}", "{local}"))),
     log:
         PIPE.log("{exp}", "train-{local}"),
     benchmark:

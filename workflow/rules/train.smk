@@ -1,6 +1,8 @@
 # One job per (experiment, block): each trains only its own block and never sees another block.
 # `params.config_hash` makes Snakemake rerun exactly the jobs whose experiment changed; the MLflow run record
-# only says where to log, so rewriting it (a changed `tracking:` section) never retrains a block.
+# only says where to log, so rewriting it (a changed `tracking:` section) never retrains a block. The outputs
+# stay in place when a job reruns (common.smk: trained): the job keeps a block already trained with this config,
+# and `--replace-stale` lets it retrain one of another config, the experiment having changed.
 # A job's threads and resources are its experiment's (common.smk: train_resources); `params.launch` starts the
 # command in one process, or under torchrun with one data-parallel rank per GPU when the job has N > 1.
 #
@@ -15,7 +17,7 @@ rule train_block:
         run=training_run_record,
     output:
         checkpoint=weights(PIPE.block_checkpoint("{exp}", "{block}")),
-        metadata=PIPE.record(PIPE.block_checkpoint("{exp}", "{block}")),
+        metadata=trained(PIPE.record(PIPE.block_checkpoint("{exp}", "{block}"))),
     log:
         PIPE.log("{exp}", "train-block-{block}"),
     benchmark:
@@ -37,14 +39,14 @@ rule train_block:
         out=lambda w, output: f"--out {output.checkpoint}",
     shell:
         "{params.launch} {params.command} --config {params.file} --experiment {wildcards.exp}{params.part} "
-        "--data {params.data} --track {input.run} {params.out} --no-progress > {log} 2>&1"
+        "--data {params.data} --track {input.run} {params.out} --replace-stale --no-progress > {log} 2>&1"
 
 
 # The end-to-end baseline: the whole network, by backpropagation, on the same data and budget.
 use rule train_block as train_baseline with:
     output:
         checkpoint=weights(PIPE.e2e_checkpoint("{exp}")),
-        metadata=PIPE.record(PIPE.e2e_checkpoint("{exp}")),
+        metadata=trained(PIPE.record(PIPE.e2e_checkpoint("{exp}"))),
     log:
         PIPE.log("{exp}", "train-e2e"),
     benchmark:

@@ -49,27 +49,38 @@ def _log_training(run, result, checkpoints: dict[str, tuple[Path, dict]], device
         run.log_artifact(sidecar_path(path), "checkpoints")
 
 
-def _finished(out: Path, exp, force: bool) -> bool:
-    """A finished checkpoint is never retrained by accident: same config -> skip; other config -> refuse."""
+def _finished(args, exp, *outs: Path) -> bool:
+    """A finished checkpoint is never retrained by accident: if every one of ``outs`` holds this config's
+    checkpoint, skip; a checkpoint of another config is refused, unless ``--replace-stale`` says it is stale
+    (the workflow's call: it reruns a job when the experiment's config changed, and leaves the files in place,
+    so that a job rerun for any other reason finds its block trained and keeps it)."""
     from dblocks.checkpoint import load_metadata
     from dblocks.config import config_hash
 
-    if force or not out.exists():
+    if args.force:
         return False
-    try:
-        meta = load_metadata(out)
-    except CheckpointError:
-        return False  # incomplete or corrupt: retrain it
-    if meta.get("config_hash") == config_hash(exp.config):
-        from dblocks.distributed import launched
+    wanted, finished = config_hash(exp.config), []
+    for out in outs:
+        try:
+            meta = load_metadata(out) if out.exists() else None
+        except CheckpointError:
+            meta = None  # incomplete or corrupt: retrain it
+        if meta is None:
+            return False
+        if meta.get("config_hash") != wanted:
+            if args.replace_stale:
+                return False
+            raise UsageError(
+                f"--out {out}: holds a checkpoint of another config (config_hash {meta.get('config_hash')}); "
+                f"use --force to overwrite it"
+            )
+        finished.append((out, meta))
+    from dblocks.distributed import launched
 
-        if launched().main:
+    if launched().main:
+        for out, meta in finished:
             print(f"{out}: already trained with this config (step {meta.get('step')}); use --force to retrain")
-        return True
-    raise UsageError(
-        f"--out {out}: holds a checkpoint of another config (config_hash {meta.get('config_hash')}); "
-        f"use --force to overwrite it"
-    )
+    return True
 
 
 def _train_summary(result) -> dict:
@@ -93,6 +104,7 @@ def _run_training(args, exp, method: str, block: int | None, seed: int, state_pa
     Started by torchrun with N processes, it trains data-parallel (dblocks.distributed): every rank trains,
     only rank 0 tracks, writes and prints; the others never write a file."""
     from dblocks import distributed
+    from dblocks.config import config_hash
     from dblocks.jobs import training_job
     from dblocks.train import train
     from dblocks.training_state import remove_training_state
@@ -119,6 +131,7 @@ def _run_training(args, exp, method: str, block: int | None, seed: int, state_pa
                 device=device,
                 steps=steps,
                 state_path=state_path,
+                state_tag=config_hash(exp.config),
                 desc=f"{exp.name} {method}" + (f" block {block}" if block else ""),
                 on_log=run.log_step if run is not None else None,
                 progress=not args.no_progress,
@@ -143,7 +156,7 @@ def cmd_train_block(args) -> None:
         raise UsageError(f"--block {b}: allowed: 1..{exp.partition.blocks} (B={exp.partition.blocks})")
     device_for(exp)
     track_path(args)
-    if _finished(out, exp, args.force):
+    if _finished(args, exp, out):
         return
 
     def save(model, result):
@@ -175,7 +188,7 @@ def cmd_train_baseline(args) -> None:
     out = output_path(args.out, ".safetensors")
     device_for(exp)
     track_path(args)
-    if _finished(out, exp, args.force):
+    if _finished(args, exp, out):
         return
 
     def save(model, result):
@@ -207,17 +220,15 @@ def cmd_train_shared(args) -> None:
         )
     device_for(exp)
     track_path(args)
+    blocks = [out_dir / f"block-{b}.safetensors" for b in range(1, exp.partition.blocks + 1)]
+    if _finished(args, exp, *blocks):
+        return
 
     def save(model, result):
         averaged = result.averaged.blocks if result.averaged is not None else [None] * len(model.blocks)
         return {
-            f".block{b}": (
-                out_dir / f"block-{b}.safetensors",
-                save_block(
-                    out_dir / f"block-{b}.safetensors", blk, exp, b, "paper", result.steps, _train_summary(result), avg
-                ),
-            )
-            for b, (blk, avg) in enumerate(zip(model.blocks, averaged), 1)
+            f".block{b}": (out, save_block(out, blk, exp, b, "paper", result.steps, _train_summary(result), avg))
+            for b, (out, blk, avg) in enumerate(zip(blocks, model.blocks, averaged), 1)
         }
 
     result = _run_training(
@@ -264,7 +275,7 @@ def cmd_train_local(args) -> None:
     check_part(exp.config, method, part)
     device_for(exp)
     track_path(args)
-    if _finished(out, exp, args.force):
+    if _finished(args, exp, out):
         return
 
     def save(module, result):
@@ -379,18 +390,29 @@ def cmd_training_compute(args) -> None:
     print(json.dumps(record, indent=2))
 
 
+def retrain_options(p) -> None:
+    p.add_argument(
+        "--replace-stale",
+        action="store_true",
+        help="retrain when the output holds a checkpoint of another config instead of refusing (the workflow's "
+        "call); a checkpoint of this config is still kept",
+    )
+
+
 def register(command: Command) -> None:
     """Add the training commands, evaluate-local and training-compute to the ``dblocks`` parser, in the order its help lists them."""
     p = command("train-block", cmd_train_block, "train one block denoiser on its own noise interval")
     p.add_argument("--block", type=int, required=True, help="block index, 1 = highest noise")
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors; metadata goes to .json)")
     p.add_argument("--force", action="store_true", help="retrain even if --out already holds this block")
+    retrain_options(p)
     experiment_options(p)
     track_option(p)
 
     p = command("train-baseline", cmd_train_baseline, "train the end-to-end baseline on the same architecture")
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
     p.add_argument("--force", action="store_true")
+    retrain_options(p)
     experiment_options(p)
     track_option(p)
 
@@ -400,6 +422,8 @@ def register(command: Command) -> None:
         "the paper's single-process mode: shared stem and head, one block sampled per step",
     )
     p.add_argument("--out-dir", required=True, help="directory for block-<b>.safetensors")
+    p.add_argument("--force", action="store_true", help="retrain even if --out-dir already holds these blocks")
+    retrain_options(p)
     experiment_options(p)
     track_option(p)
 
@@ -415,6 +439,7 @@ def register(command: Command) -> None:
     p.add_argument("--head", action="store_true", help="noprop-dt: its classification head")
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors; its record goes to .json)")
     p.add_argument("--force", action="store_true", help="retrain even if --out already holds this part")
+    retrain_options(p)
     experiment_options(p)
     track_option(p)
 
