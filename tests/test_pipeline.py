@@ -802,15 +802,22 @@ def test_baselines_fill_tables_1_and_6_from_real_runs(local_run):
         cells = row(6, label)
         record = metrics(exp, method)
         assert cells[1] == f"{100 * record['accuracy']:.2f}", label
-        assert cells[2] == f"{record['train_ms_per_step']:.1f}" and cells[3] == f"{record['train_memory_mb']:.1f}"
-    assert row(6, "DiffusionBlocks")[1] == f"{100 * metrics('noprop-cifar100', 'blockwise')['accuracy']:.2f}"
+        assert cells[2] == "—"  # no chain to start: the noise-mean column is DiffusionBlocks' own
+        assert cells[3] == f"{record['train_ms_per_step']:.1f}" and cells[4] == f"{record['train_memory_mb']:.1f}"
+    blockwise = metrics("noprop-cifar100", "blockwise")
+    assert row(6, "DiffusionBlocks")[1:3] == [
+        f"{100 * blockwise['accuracy']:.2f}",
+        f"{100 * blockwise['accuracy_mean_start']:.2f}",
+    ]
     ff = [100 * metrics(e, "forward-forward")["accuracy"] for e in ("ff-cifar100", "ff-cifar100-seed1")]
     import statistics
 
     mean, std = statistics.mean(ff), statistics.stdev(ff)
     assert row(1, "Forward-Forward")[1] == (f"{mean:.2f} ± {std:.2f}" if f"{std:.2f}" != "0.00" else f"{mean:.2f}")
     for table, label in ((1, "End-to-end backprop"), (1, "DiffusionBlocks"), (1, "Forward-Forward"), (6, "Backprop")):
-        assert "n/a" not in row(table, label) and "—" not in row(table, label)[1:], (table, label)
+        cells = row(table, label)
+        assert "n/a" not in cells and "—" not in cells[1:2] + cells[3:], (table, label)
+    assert row(1, "DiffusionBlocks")[2] != "—"
 
     # MLflow holds a run per job: NoProp-DT's blocks "1".."3" and "head", one evaluation per method
     import mlflow

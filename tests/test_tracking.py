@@ -288,7 +288,7 @@ def test_tracked_cli_jobs_are_child_runs(store, tmp_path, capsys):
     assert (
         record["evaluation"]
         == params.evaluation_settings("micro-a")
-        == {"task": "classification", "split": "test", "seed": 0, "weights": "auto"}
+        == {"task": "classification", "protocol": 2, "split": "test", "seed": 0, "weights": "auto"}
     )
     assert ev.data.params["evaluation.split"] == "test" and ev.data.params["evaluation.seed"] == "0"
     assert record["weights"] == ev.data.tags["dblocks.weights"] == "raw"  # auto, and no average was kept
