@@ -194,11 +194,17 @@ def test_baseline_and_evaluate(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text())["method"] == "e2e"
 
 
-def test_paper_mode_writes_assemblable_blocks(tmp_path):
+def test_paper_mode_writes_assemblable_blocks(tmp_path, capsys):
     out = tmp_path / "paper"
     assert run("train-shared", *MICRO, "--out-dir", out) == 0
     metas = [load_metadata(out / f"block-{b}.safetensors") for b in (1, 2, 3)]
     assert {m["method"] for m in metas} == {"paper"} and metas[0]["step"] == 18  # B x steps
+    # like the block jobs, a finished shared-stem run is kept, not retrained
+    before = [(out / f"block-{b}.safetensors").read_bytes() for b in (1, 2, 3)]
+    capsys.readouterr()
+    assert run("train-shared", *MICRO, "--out-dir", out, "--replace-stale") == 0
+    assert capsys.readouterr().out.count("already trained with this config") == 3
+    assert [(out / f"block-{b}.safetensors").read_bytes() for b in (1, 2, 3)] == before
     assert (
         run("assemble", *[out / f"block-{b}.safetensors" for b in (1, 2, 3)], "--out", tmp_path / "m.safetensors") == 0
     )
