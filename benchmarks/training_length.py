@@ -91,17 +91,22 @@ def one_run(params: str, experiment: str, method: str, steps: int, seed: int, da
     return {**run, "train_seconds": seconds}
 
 
-#: the curves: (row label, method, accuracy key of the runs)
+#: the curves: (row label, legend, method, accuracy key of the runs)
 CURVES = (
-    ("e2e", "e2e", "accuracy"),
-    ("blockwise", "blockwise", "accuracy"),
-    ("blockwise, chain from the noise mean", "blockwise", "accuracy_mean_start"),
+    ("e2e", "end-to-end backprop", "e2e", "accuracy"),
+    ("blockwise", "DiffusionBlocks (independent blocks)", "blockwise", "accuracy"),
+    (
+        "blockwise, chain from the noise mean",
+        "DiffusionBlocks, chain from the noise mean",
+        "blockwise",
+        "accuracy_mean_start",
+    ),
 )
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
     rows = []
-    for label, method, key in CURVES:
+    for label, _, method, key in CURVES:
         for steps in sorted({r["steps"] for r in runs}):
             acc = [r[key] for r in runs if r["method"] == method and r["steps"] == steps and key in r]
             if acc:
@@ -132,12 +137,7 @@ def plot(record: dict) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    labels = {
-        "e2e": "end-to-end backprop",
-        "blockwise": "DiffusionBlocks (independent blocks)",
-        "blockwise, chain from the noise mean": "DiffusionBlocks, chain from the noise mean",
-    }
-    for method, label in labels.items():
+    for method, label, _, _ in CURVES:
         rows = [r for r in record["rows"] if r["method"] == method]
         ax.errorbar(
             [r["steps"] for r in rows],

@@ -53,9 +53,11 @@ class Job:
         return ".".join([self.rule, *(v for k, v in self.wildcards.items() if k != "chash")])
 
 
-def _split(value: str) -> list[str]:
-    """The paths of a dry run's input or output line, without the flags it prints after them ("(update)")."""
-    return [_FLAG.sub("", v.strip()) for v in value.split(",") if v.strip()]
+def _split(value: str, flag: str | None = None) -> list[str]:
+    """The paths of a dry run's input or output line, without the flags it prints after them ("(update)");
+    with ``flag``, only the paths it printed that flag after."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return [_FLAG.sub("", v) for v in items if flag is None or v.endswith(f"({flag})")]
 
 
 #: a flag that ``snakemake -n`` prints after a path, e.g. ``checkpoints/x/block-1.safetensors (update)``
@@ -80,7 +82,7 @@ def parse_dry_run(text: str) -> list[Job]:
                 job.wildcards = dict(item.split("=", 1) for item in _split(value))
             elif key == "output":
                 job.outputs = _split(value)
-                job.kept = [_FLAG.sub("", v.strip()) for v in value.split(",") if v.strip().endswith("(update)")]
+                job.kept = _split(value, "update")
             else:
                 setattr(job, {"input": "inputs", "output": "outputs", "log": "log"}[key], _split(value))
         elif line.startswith("Shell command: "):
