@@ -15,7 +15,7 @@ from dblocks.errors import ConfigError
 from dblocks.evaluate import as_assembled
 from dblocks.experiment import Experiment
 from dblocks.jobs import training_job
-from dblocks.masked_diffusion import MaskingPartition, bits_per_token, mask_tokens, sample_text
+from dblocks.masked_diffusion import MaskingPartition, bits_by_block, bits_per_token, mask_tokens, sample_text
 from dblocks.train import train
 from tests.conftest import train_and_assemble_by_cli
 
@@ -66,6 +66,11 @@ def test_bpc_of_a_uniform_model_is_log2_27():
     assert torch.allclose(logits, torch.zeros_like(logits))
     bpc = bits_per_token(model, data.tokens[:1500], torch.Generator().manual_seed(0), samples_per_block=2)
     assert bpc == pytest.approx(math.log2(27), rel=0.01)
+    # every stretch of masking times alone: the integrand is log2(27) at any t; the bound is the terms' mean
+    terms = bits_by_block(model, data.tokens[:1500], torch.Generator().manual_seed(0), samples_per_block=2)
+    assert len(terms) == exp.partition.blocks
+    assert terms == pytest.approx([math.log2(27)] * len(terms), rel=0.02)
+    assert sum(terms) / len(terms) == pytest.approx(bpc, rel=1e-9)
 
 
 def _assembled(exp):

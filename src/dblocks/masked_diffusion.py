@@ -139,17 +139,28 @@ class MaskedTextTask(Task):
 def bits_per_token(
     model, tokens: torch.Tensor, generator: torch.Generator, samples_per_block: int = 1, batch_size: int = 256
 ) -> float:
-    """The negative ELBO in bits per token on ``tokens`` (N, T), an AssembledModel over a MaskingPartition.
+    """The negative ELBO in bits per token on ``tokens`` (N, T), an AssembledModel over a MaskingPartition:
+    the mean of its blocks' terms (``bits_by_block``)."""
+    terms = bits_by_block(model, tokens, generator, samples_per_block, batch_size)
+    return sum(terms) / len(terms)
 
-    For each window and each block, ``samples_per_block`` times t ~ U(the block's interval) (stratified over a
-    batch of windows) are drawn and the
-    block owning them evaluates ``w(t) * sum_masked CE``; the mean over blocks is the bound (see the module
-    docstring). The last block's interval ends at t = 0, where w(t) = 1/t is unbounded but the expected
-    number of masked tokens (t * T) cancels it."""
+
+def bits_by_block(
+    model, tokens: torch.Tensor, generator: torch.Generator, samples_per_block: int = 1, batch_size: int = 256
+) -> list[float]:
+    """Each block's term of the negative ELBO in bits per token: the mean of ``w(t) * sum_masked CE`` over
+    t ~ U(the block's interval), which is the bound's integrand averaged over that stretch of masking times
+    (so the bound is the terms' mean, and an end-to-end model wrapped in the same partition gives terms that
+    compare with a block-wise model's stretch by stretch).
+
+    For each window and each block, ``samples_per_block`` times t (stratified over a batch of windows) are
+    drawn and the block owning them evaluates the weighted CE (see the module docstring). The last block's
+    interval ends at t = 0, where w(t) = 1/t is unbounded but the expected number of masked tokens (t * T)
+    cancels it."""
     partition = model.partition
     task = model.task
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    totals, count = [0.0] * partition.blocks, 0
     for chunk in tokens.split(batch_size):
         chunk = chunk.to(device)
         for b in range(1, partition.blocks + 1):
@@ -164,9 +175,9 @@ def bits_per_token(
                 z = task.corrupt(chunk, t, generator)
                 out = block(z, t, None)
                 nats = task.loss(out.raw, out.denoised, {"tokens": chunk, "noisy": z}, task.loss_weight(t))
-                total += nats.item() * chunk.shape[0]
-                count += chunk.shape[0]
-    return total / count / math.log(2)
+                totals[b - 1] += nats.item() * n
+        count += chunk.shape[0] * samples_per_block
+    return [total / count / math.log(2) for total in totals]
 
 
 @torch.no_grad()
