@@ -200,11 +200,16 @@ def evaluate_masked_lm(
     unconditional samples (decoded text) with the cost of drawing them."""
     from dblocks.masked_diffusion import bits_by_block, sample_text
 
-    model = as_assembled(model, exp)
+    # an end-to-end model is estimated through the experiment's partition too (the same network in every
+    # stretch): the same draws of t as a block-wise model's, and terms that compare stretch by stretch
+    bounded = (
+        model if isinstance(model, AssembledModel) else AssembledModel([model] * exp.partition.blocks, exp.partition)
+    )
+    model = as_assembled(model, exp)  # samples: an end-to-end model is one block that owns every t
     tokens = data.tokens[:max_windows]  # read (a prepared split's from its file) as one int64 tensor
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    terms = bits_by_block(model, tokens, gen, samples_per_block)
+    terms = bits_by_block(bounded, tokens, gen, samples_per_block)
     eval_seconds = time.perf_counter() - t0
     steps = sample_steps or exp.config["sample"]["steps"]
     model.calls = [0] * len(model.blocks)
@@ -212,8 +217,7 @@ def evaluate_masked_lm(
     depth = [len(b.layers) for b in model.blocks]
     return {
         "bpc": sum(terms) / len(terms),
-        # where along the masking times the bits go: block b owns t in [(B-b)/B, (B-b+1)/B] (an end-to-end model
-        # is routed through the same partition, so the two methods compare stretch by stretch)
+        # where along the masking times the bits go: block b owns t in [(B-b)/B, (B-b+1)/B]
         **{f"bpc_block{b}": term for b, term in enumerate(terms, 1)},
         "unigram_bits": unigram_bits(tokens, data.vocab_size),  # the context-free floor
         "tokens": tokens.numel(),

@@ -91,8 +91,10 @@ EVALUATION_KEYS["recurrent_text"] = EVALUATION_KEYS["ar_text"]
 #: filling a cell): 2 = block-wise next-token bits from the model's next-token distribution (the highest-noise
 #: block at sigma_max), no longer the chain's last logits (docs/ar-text.md); 3 = prompts spread evenly over the
 #: split instead of its first windows (one passage). classification 2 = block-wise models also classified by the
-#: chain started at the noise's mean (``accuracy_mean_start``), so Tables 1 and 6 fill that column
-PROTOCOLS: dict[str, int] = {"ar_text": 3, "recurrent_text": 3, "classification": 2}
+#: chain started at the noise's mean (``accuracy_mean_start``), so Tables 1 and 6 fill that column. masked_text
+#: 2 = the bound of an end-to-end model estimated through the experiment's partition as a block-wise model's
+#: (the same draws of t per stretch), with each stretch's term logged (``bpc_block1`` ...)
+PROTOCOLS: dict[str, int] = {"ar_text": 3, "recurrent_text": 3, "classification": 2, "masked_text": 2}
 
 
 def evaluation_settings(task: str, values: dict) -> dict:
