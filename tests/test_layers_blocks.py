@@ -487,14 +487,16 @@ def test_classify_from_the_noise_mean_is_deterministic_and_starts_at_zero():
     seen = []
     model.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
     a = sample.classify(model, images, torch.Generator().manual_seed(1), start="mean")
-    b = sample.classify(model, images, torch.Generator().manual_seed(2), start="mean")
-    assert torch.equal(a, b)  # no draw enters the chain
+    b = sample.classify(model, images, start="mean")
+    assert torch.equal(a, b)  # no draw enters the chain: it needs no generator
     assert all(torch.equal(z, torch.zeros_like(z)) for z in seen)  # the first block reads z = 0 at sigma_max
     seen.clear()
     sample.classify(model, images, torch.Generator().manual_seed(1))  # the paper's start: a noise draw
     assert seen[0].std() > 0.5 * model.partition.boundaries[-1]
     with pytest.raises(ValueError, match="allowed: noise, mean"):
         sample.classify(model, images, torch.Generator(), start="zero")
+    with pytest.raises(ValueError, match="pass a generator"):
+        sample.classify(model, images)
 
 
 def test_euler_sample_uses_last_output_of_lowest_noise_block():

@@ -45,7 +45,7 @@ def evaluate_classifier(model, exp: Experiment, data: ImageDataset, seed: int = 
     if isinstance(model, AssembledModel):
         preds = classify(model, data.images, torch.Generator().manual_seed(seed))
         evals = layer_evaluations(model, list(reversed(model.partition.boundaries)), guided=False)
-        mean_start = classify(model, data.images, torch.Generator().manual_seed(seed), start="mean")
+        mean_start = classify(model, data.images, start="mean")
         record["accuracy_mean_start"] = (mean_start == data.labels).float().mean().item()
     else:  # the end-to-end baseline: a plain forward pass
         preds = classify_direct(model, data.images)

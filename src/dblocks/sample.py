@@ -56,7 +56,11 @@ def initial_noise(
 
 @torch.no_grad()
 def classify(
-    model: AssembledModel, images: torch.Tensor, generator: torch.Generator, batch_size: int = 512, start: str = "noise"
+    model: AssembledModel,
+    images: torch.Tensor,
+    generator: torch.Generator | None = None,
+    batch_size: int = 512,
+    start: str = "noise",
 ) -> torch.Tensor:
     """Predicted labels: start at sigma_max and take one Euler step per block over the partition's
     boundaries (the equi-quantile grid for an equi-probability partition), so each block runs exactly once;
@@ -65,9 +69,12 @@ def classify(
     ``start``: ``"noise"``, a draw of the sigma_max noise (the paper's sampler: the chain then draws a label
     from the model's predictive distribution, and a label embedding pushed by the noise towards a wrong class
     can be committed to), or ``"mean"``, the noise's mean z = 0, which makes the chain deterministic: the
-    first block's posterior-mean embedding reaches the later blocks without noise (CLASSIFY_STARTS)."""
+    first block's posterior-mean embedding reaches the later blocks without noise (CLASSIFY_STARTS). Only the
+    noise start draws from ``generator``."""
     if start not in CLASSIFY_STARTS:
         raise ValueError(f"unknown start {start!r}; allowed: {', '.join(CLASSIFY_STARTS)}")
+    if start == "noise" and generator is None:
+        raise ValueError("start='noise' draws the chain's start: pass a generator")
     model.eval()
     grid = list(reversed(model.partition.boundaries))
     device = next(model.parameters()).device
