@@ -17,15 +17,22 @@ from dblocks.data import ImageDataset
 from dblocks.data.text import unigram_bits
 from dblocks.experiment import Experiment, derive_seed
 from dblocks.metrics.class_agreement import class_agreement
+from dblocks.noise import Partition
 from dblocks.sample import classify, classify_direct, generate, save_grid
 
 #: prompt / continuation pairs an AR text evaluation keeps for readers (the paper's tables come with none)
 SHOWN_SAMPLES = 5
 
 
-def as_assembled(model: AssembledModel | BlockDenoiser, exp: Experiment) -> AssembledModel:
-    """An end-to-end denoiser is one block that owns the whole sigma range."""
-    return model if isinstance(model, AssembledModel) else AssembledModel([model], exp.full_range)
+def as_assembled(
+    model: AssembledModel | BlockDenoiser, exp: Experiment, partition: Partition | None = None
+) -> AssembledModel:
+    """An end-to-end denoiser is one block that owns the whole sigma range, or with ``partition`` the one
+    network in each of its blocks (so that an estimate over the partition's stretches covers both methods)."""
+    if isinstance(model, AssembledModel):
+        return model
+    over = partition or exp.full_range
+    return AssembledModel([model] * over.blocks, over)
 
 
 def layer_evaluations(model: AssembledModel, grid: list[float], guided: bool) -> int:
@@ -202,9 +209,7 @@ def evaluate_masked_lm(
 
     # an end-to-end model is estimated through the experiment's partition too (the same network in every
     # stretch): the same draws of t as a block-wise model's, and terms that compare stretch by stretch
-    bounded = (
-        model if isinstance(model, AssembledModel) else AssembledModel([model] * exp.partition.blocks, exp.partition)
-    )
+    bounded = as_assembled(model, exp, exp.partition)
     model = as_assembled(model, exp)  # samples: an end-to-end model is one block that owns every t
     tokens = data.tokens[:max_windows]  # read (a prepared split's from its file) as one int64 tensor
     gen = torch.Generator().manual_seed(seed)
