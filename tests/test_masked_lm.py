@@ -133,6 +133,11 @@ def test_cli_trains_blocks_assembles_and_reports_bpc(tmp_path):
     assert 3.8 < record["unigram_bits"] < 4.3  # the floor the bound is read against (the scored windows' letters)
     assert record["layer_evals_per_sample"] == 6  # one layer per block, one block per step
     assert len(record["sample_text"]) == 5 and set(record["sample_text"][0]) <= set("abcdefghijklmnopqrstuvwxyz ")
+    # the samples' known-word rate beside held-out text's: an untrained model writes few training-split words
+    assert (
+        record["train_word_rate_reference"] > 0.8
+        and 0 <= record["train_word_rate"] < record["train_word_rate_reference"]
+    )
     e2e = json.loads((tmp_path / "e2e.json").read_text())
     assert e2e["block_calls"] == [6] and e2e["layer_evals_per_sample"] == 18
     assert (

@@ -202,9 +202,11 @@ def evaluate_masked_lm(
     max_windows: int | None = None,
     sample_num: int = 5,
     sample_steps: int | None = None,
+    train_data=None,
 ) -> dict:
     """Bits per character (the negative ELBO, dblocks.masked_diffusion.bits_by_block) on ``data`` and a few
-    unconditional samples (decoded text) with the cost of drawing them."""
+    unconditional samples (decoded text) with the cost of drawing them. With ``train_data`` (the training
+    split) also the samples' known-word rate, beside that of as many held-out windows spread over ``data``."""
     from dblocks.masked_diffusion import bits_by_block, sample_text
 
     # an end-to-end model is estimated through the experiment's partition too (the same network in every
@@ -220,7 +222,15 @@ def evaluate_masked_lm(
     model.calls = [0] * len(model.blocks)
     samples = sample_text(model, sample_num, steps, gen)
     depth = [len(b.layers) for b in model.blocks]
-    return {
+    record = {}
+    if train_data is not None:  # a number that says whether the samples are words, beside the bound
+        from dblocks.metrics.text_features import NgramProfile
+
+        ngrams = NgramProfile.from_dataset(train_data)
+        real = data.tokens[torch.linspace(0, len(data) - 1, sample_num).long()]
+        record["train_word_rate"] = ngrams.word_rate([data.decode(s) for s in samples])
+        record["train_word_rate_reference"] = ngrams.word_rate([data.decode(w) for w in real])
+    return record | {
         "bpc": sum(terms) / len(terms),
         # where along the masking times the bits go: block b owns t in [(B-b)/B, (B-b+1)/B]
         **{f"bpc_block{b}": term for b, term in enumerate(terms, 1)},

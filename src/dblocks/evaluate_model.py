@@ -344,6 +344,7 @@ def _evaluate_task(request: EvaluationRequest, job: _Job) -> tuple[dict, str] | 
             samples_per_block=request.bound_samples,
             max_windows=request.max_windows,
             sample_steps=request.sample_steps,
+            train_data=exp.load_data("train", request.data),  # the known-word rate's vocabulary (offline, cheap)
         )
         return result, f"BPC {result['bpc']:.4f} on {result['tokens']} {request.split} characters of {data.name}"
     if job.generation:
