@@ -110,9 +110,9 @@ def dataset_of(wildcards):
     return PIPE.dataset(wildcards.exp)
 
 
-def prepared_split(split):
-    """A prepared split of the job's experiment: the tensors and the JSON record that holds their checksum."""
-    return lambda wildcards: PIPE.split_files(dataset_of(wildcards), split)
+def prepared_split(*splits):
+    """Prepared splits of the job's experiment: the tensors and the JSON record that holds their checksum."""
+    return lambda wildcards: PIPE.split_files(dataset_of(wildcards), *splits)
 
 
 def prepared_dir(wildcards):

@@ -167,7 +167,8 @@ rule evaluate_text:
     input:
         model=model_of,
         run=run_record,
-        data=prepared_split("test"),
+        # train: the vocabulary of the known-word rate and the n-gram MAUVE features
+        data=prepared_split("test", "train"),
         judge=lambda w: PIPE.judge_checkpoint(w.exp),
     output:
         metrics=PIPE.metrics("{exp}", "{method}"),
