@@ -226,7 +226,8 @@ def evaluate_masked_lm(
     if train_data is not None:  # a number that says whether the samples are words, beside the bound
         from dblocks.metrics.text_features import NgramProfile
 
-        ngrams = NgramProfile.from_dataset(train_data)
+        # only the vocabulary is read: unigram counts, not the 8 orders that MAUVE's profiles need
+        ngrams = NgramProfile.from_dataset(train_data, max_order=1)
         real = data.tokens[torch.linspace(0, len(data) - 1, sample_num).long()]
         record["train_word_rate"] = ngrams.word_rate([data.decode(s) for s in samples])
         record["train_word_rate_reference"] = ngrams.word_rate([data.decode(w) for w in real])
